@@ -1,0 +1,347 @@
+"""YAML -> nested dataclasses, dotted ``key=value`` overrides, validation at load time.
+
+Every section is a dataclass; unknown keys and wrong types fail at load with the dotted
+path and the allowed keys. The ``method`` section is parsed with the chosen method's own
+``Config`` class (from the registry), so each method validates its own fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class VisionConfig:
+    # timm model name ("vit_base_patch32_clip_224", "vit_base_patch16_clip_224", "resnet50_clip")
+    # or one of our tiny CPU flavours ("vit_tiny", "vit_custom" with the fields below).
+    name: str = "vit_tiny"
+    image_size: int = 64
+    patch_size: int = 8  # vit_custom / vit_tiny only
+    width: int = 128  # vit_custom / vit_tiny only
+    layers: int = 4  # vit_custom / vit_tiny only
+    heads: int = 4  # vit_custom / vit_tiny only
+    freeze_patch_embed: bool = False  # the reference code's frozen conv1 (MoCo-v3 trick)
+    drop_path: float = 0.0
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 77
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    # vocabulary follows the tokenizer: 49,408 (OpenAI) or 49,409 with DeCLIP's <|mask|>
+    mask_token: bool = False
+    proj_bias: bool = False  # DeCLIP reference: text_projection is nn.Linear with bias
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 128
+    token_dim: int = 0  # FILIP token projection width (256 in the papers); 0 = no token heads
+    logit_scale_init: float = math.log(1 / 0.07)
+    # the parameter is clamped to these bounds after every step (open_clip: [0, ln 100];
+    # DeCLIP reference: [3, 6], also before the first step)
+    logit_scale_bounds: list[float] = field(default_factory=lambda: [0.0, math.log(100.0)])
+    logit_scale_exp_cap: float = 0.0  # cap on exp(logit_scale) in the forward; 0 = none (reference: 100)
+    grad_checkpointing: bool = False
+
+    @property
+    def vocab_size(self) -> int:
+        return 49409 if self.text.mask_token else 49408
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's Config; each method subclasses it with its own fields."""
+
+    name: str = "clip"
+
+
+@dataclass
+class SyntheticConfig:
+    generate_if_missing: bool = True  # write the synthetic shapes shards when data.root has none
+    num_samples: int = 8192
+    shard_size: int = 512
+    eval_samples_per_class: int = 8
+    noise: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # brace patterns ("data/shapes/train/{00000..00015}.tar"); several sources joined with "::"
+    # or given as a list; weights apply in resampled mode.
+    # "synthetic" = the generated shapes shards under data.synthetic_root (made on first use)
+    train_shards: list[str] = field(default_factory=lambda: ["synthetic"])
+    train_weights: list[float] = field(default_factory=list)
+    num_samples: int = 0  # 0 = read sizes.json next to the shards
+    mode: str = "resampled"  # resampled | epoch
+    shuffle_buffer: int = 1000
+    workers: int = 2
+    strict: bool = False  # raise on a corrupt sample instead of skipping it
+    normalize: str = "imagenet"  # imagenet | openai
+    rrc_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    synthetic_root: str = "data/shapes"  # where the demo shards live (train/ and eval/)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    steps: int = 1000
+    batch_size: int = 64  # per rank, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    warmup_init_lr: float = 0.0
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # 0 = off
+    # auto = what the DeepSpeed JSON enables (bf16/fp16), else fp32; an explicit value that the
+    # JSON contradicts is an error
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    eval_every: int = 0  # 0 = only at the end
+    no_decay_embeddings: bool = True  # no weight decay on token/positional embeddings
+    wandb: bool = False
+    wandb_project: str = "declip_ds"
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["shape", "color", "shape_color"])
+    data_root: str = ""  # "" = <data.synthetic_root>/eval
+    templates: str = "synthetic"  # synthetic | simple | imagenet80 | path to a file
+    batch_size: int = 128
+    at_end: bool = True
+
+
+@dataclass
+class LossConfig:
+    impl: str = "auto"  # auto | torch | triton (auto = triton on CUDA, torch elsewhere)
+    chunk_size: int = 4096  # row chunk of the torch references
+
+
+@dataclass
+class Experiment:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, path: str):
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for section '{path}', got {type(value).__name__} {value!r}.")
+        return _build(tp, value, path)
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, (str, int, float)) and item_tp is str:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list of {_type_name(item_tp)}, got {value!r}.")
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arm, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: {value!r} matches none of {_type_name(tp)}.")
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}.")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}.")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}.")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}.")
+        return value
+    raise ConfigError(f"{path}: unsupported annotation {tp!r}")  # a bug in a Config class
+
+
+def _build(cls, data: dict, path: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(
+            f"Unknown config key '{where}'. Allowed keys{' in ' + path if path else ''}: {', '.join(names)}."
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _method_class(name: str):
+    from declip_ds.registry import get_method
+
+    try:
+        return get_method(name)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+
+
+def from_dict(data: dict) -> Experiment:
+    """Build and validate an Experiment from a plain (YAML-loaded) dict."""
+    data = dict(data or {})
+    method = dict(data.pop("method", None) or {})
+    exp = _build(Experiment, data, "")
+    mcls = _method_class(method.get("name", "clip"))
+    exp.method = _build(mcls.Config, method, "method")
+    validate(exp)
+    return exp
+
+
+def parse_value(text: str):
+    """A CLI override value: YAML scalars and lists (``3e-4``, ``true``, ``[0.9,0.98]``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # yaml reads "3e-4" as a string; accept it as a float
+        try:
+            return float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place, returned)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' is not of the form key=value (e.g. train.lr=3e-4).")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override '{key}': '{p}' is a value, not a section.")
+        node[parts[-1]] = parse_value(text)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Experiment:
+    """Read a YAML file (or start from defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file '{p}' does not exist. Pass --config with a YAML from experiments/.")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"Config file '{p}' must hold a mapping at the top level.")
+    apply_overrides(data, overrides or [])
+    return from_dict(data)
+
+
+def to_dict(exp: Experiment) -> dict:
+    return dataclasses.asdict(exp)
+
+
+def config_hash(exp: Experiment) -> str:
+    return hashlib.sha256(json.dumps(to_dict(exp), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def save_config(exp: Experiment, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(exp), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _choice(value, allowed, key):
+    if value not in allowed:
+        raise ConfigError(f"{key}: '{value}' is not allowed. Choose one of: {', '.join(map(str, allowed))}.")
+
+
+def _positive(value, key, allow_zero=False):
+    if not (value > 0 or (allow_zero and value == 0)):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+def validate(exp: Experiment) -> None:
+    """Cross-field checks that need no files, process groups or loaders."""
+    m, t, d = exp.model, exp.train, exp.data
+    for k in ("logit_scale_init",):
+        if not math.isfinite(getattr(m, k)):
+            raise ConfigError(f"model.{k}: must be finite, got {getattr(m, k)}.")
+    b = m.logit_scale_bounds
+    if len(b) != 2 or not all(math.isfinite(x) for x in b) or b[0] > b[1]:
+        raise ConfigError(f"model.logit_scale_bounds: need [low, high] finite with low <= high, got {b}.")
+    _positive(m.logit_scale_exp_cap, "model.logit_scale_exp_cap", allow_zero=True)
+    _positive(m.embed_dim, "model.embed_dim")
+    _positive(m.token_dim, "model.token_dim", allow_zero=True)
+    if m.text.width % m.text.heads:
+        raise ConfigError(f"model.text.width ({m.text.width}) must be divisible by model.text.heads ({m.text.heads}).")
+    _choice(t.precision, ("auto", "fp32", "bf16", "fp16"), "train.precision")
+    for k in ("steps", "batch_size", "grad_accum", "log_every", "save_every"):
+        _positive(getattr(t, k), f"train.{k}")
+    _positive(t.lr, "train.lr")
+    _positive(t.warmup_steps, "train.warmup_steps", allow_zero=True)
+    _positive(t.keep_last, "train.keep_last", allow_zero=True)
+    if len(t.betas) != 2 or not all(0 <= x < 1 for x in t.betas):
+        raise ConfigError(f"train.betas: need two values in [0, 1), got {t.betas}.")
+    _choice(d.mode, ("resampled", "epoch"), "data.mode")
+    _choice(d.normalize, ("imagenet", "openai"), "data.normalize")
+    _positive(d.workers, "data.workers", allow_zero=True)
+    if len(d.rrc_scale) != 2 or not 0 < d.rrc_scale[0] <= d.rrc_scale[1] <= 1:
+        raise ConfigError(f"data.rrc_scale: need [low, high] with 0 < low <= high <= 1, got {d.rrc_scale}.")
+    if d.train_weights and len(d.train_weights) != len(d.train_shards):
+        raise ConfigError(
+            f"data.train_weights has {len(d.train_weights)} entries but data.train_shards has "
+            f"{len(d.train_shards)} sources; give one weight per source or none."
+        )
+    _choice(exp.loss.impl, ("auto", "torch", "triton"), "loss.impl")
+    validate_method = getattr(exp.method, "validate", None)
+    if validate_method is not None:
+        validate_method(exp)

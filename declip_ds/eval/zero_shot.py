@@ -1,0 +1,145 @@
+"""Zero-shot classification the CLIP way: a classifier from prompt embeddings, cosine logits.
+
+Distributed evaluation is exact: each rank scores its own shards, per-class counts are summed over
+ranks, and ranks without a batch keep step with a dummy forward (ZeRO-3 gathers parameters in
+every forward, so all ranks must run the same number of them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _param(model) -> torch.Tensor:
+    return next(model.parameters())
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: list[str], *, class_batch: int = 64) -> torch.Tensor:
+    """(E, C) classifier: per class, the mean of the L2-normalised prompt embeddings, renormalised.
+
+    ``templates`` are format strings with one "{}" (e.g. "a photo of a {}.").
+    """
+    if not classnames or not templates:
+        raise ValueError("zero_shot_classifier needs at least one class name and one template.")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"Templates must contain '{{}}' where the class name goes; these do not: {bad[:3]}")
+    device = _param(model).device
+    columns = []
+    for start in range(0, len(classnames), class_batch):
+        names = classnames[start : start + class_batch]
+        prompts = [t.format(c) for c in names for t in templates]  # (c*T,) class-major
+        tokens = tokenizer(prompts).to(device)
+        emb = F.normalize(model.encode_text(tokens).float(), dim=-1)  # (c*T, E)
+        emb = emb.view(len(names), len(templates), -1).mean(dim=1)  # (c, E)
+        columns.append(F.normalize(emb, dim=-1))
+    return torch.cat(columns).t().contiguous()  # (E, C)
+
+
+def _synced(loader, group, device):
+    """Yield the loader's batches; under a group, keep yielding ``None`` until every rank is done."""
+    it = iter(loader)
+    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    while True:
+        batch = next(it, None)
+        if world > 1:
+            flag = torch.tensor([0 if batch is None else 1], device=device)
+            dist.all_reduce(flag, group=group)
+            if flag.item() == 0:
+                return
+        elif batch is None:
+            return
+        yield batch
+
+
+@torch.no_grad()
+def zero_shot_evaluate(model, W: torch.Tensor, loader, *, group=None, image_size: int | None = None) -> dict:
+    """Top-1, top-5 (with >= 5 classes) and mean per-class recall of ``images @ W``.
+
+    ``loader`` yields ``(images, labels)`` or ``(images, labels, keys)``. With ``group``, the counts of
+    all ranks are summed, so the result equals a single-process run over the union of their data.
+    """
+    p = _param(model)
+    dev = p.device if p.device.type == "cuda" else torch.device("cpu")  # where the counts live
+    C = W.shape[1]
+    correct1 = torch.zeros(C, dtype=torch.long, device=dev)
+    total = torch.zeros(C, dtype=torch.long, device=dev)
+    correct5 = torch.zeros((), dtype=torch.long, device=dev)
+    for batch in _synced(loader, group, dev):
+        if batch is None:  # this rank is out of data; others are not: run a throwaway forward
+            size = image_size or getattr(model, "image_size", 224)
+            model.encode_image(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+            continue
+        images, labels = batch[0].to(p.device, p.dtype), batch[1].to(dev).long()
+        logits = F.normalize(model.encode_image(images).float(), dim=-1) @ W.to(dev).float()  # (B, C)
+        top = logits.topk(min(5, C), dim=-1).indices  # (B, k)
+        hit1 = top[:, 0] == labels
+        total += torch.bincount(labels, minlength=C)
+        correct1 += torch.bincount(labels[hit1], minlength=C)
+        correct5 += (top == labels[:, None]).any(dim=-1).sum()
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        for t in (correct1, total, correct5):
+            dist.all_reduce(t, group=group)
+    n = int(total.sum())
+    seen = total > 0
+    return {
+        "acc1": float(correct1.sum()) / max(n, 1),
+        "acc5": float(correct5) / max(n, 1) if C >= 5 else None,
+        "mean_per_class_recall": float((correct1[seen].float() / total[seen].float()).mean()) if n else 0.0,
+        "n": n,
+    }
+
+
+# ----------------------------------------------------------------------------- synthetic eval splits
+
+
+def read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def load_templates(spec: str, task_dir: Path | None = None) -> list[str]:
+    """``synthetic`` (the task's templates.txt), ``simple``, ``imagenet80`` or a file, one per line."""
+    from declip_ds.eval import templates as T
+
+    if spec == "synthetic":
+        if task_dir is None or not (task_dir / "templates.txt").is_file():
+            raise FileNotFoundError(f"templates 'synthetic' need {task_dir}/templates.txt; pass eval.templates=simple or a file.")
+        return read_lines(task_dir / "templates.txt")
+    if spec == "simple":
+        return list(T.SIMPLE_TEMPLATES)
+    if spec == "imagenet80":
+        return list(T.IMAGENET_TEMPLATES)
+    if Path(spec).is_file():
+        return read_lines(Path(spec))
+    raise FileNotFoundError(f"Unknown templates '{spec}': use synthetic, simple, imagenet80 or a path to a file.")
+
+
+def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image_size: int, normalize: str,
+                      batch_size: int = 128, rank: int = 0, world_size: int = 1, group=None, workers: int = 0) -> dict:
+    """Zero-shot on one labelled shard directory (classnames.txt, *.tar with a ``cls`` key)."""
+    from declip_ds.data.transforms import eval_transform
+    from declip_ds.data.wds import build_eval_loader
+
+    task_dir = Path(task_dir)
+    classnames = read_lines(task_dir / "classnames.txt")
+    W = zero_shot_classifier(model, tokenizer, classnames, load_templates(templates, task_dir))
+    urls = sorted(str(p) for p in task_dir.glob("*.tar"))
+    if not urls:
+        raise FileNotFoundError(f"No .tar shards in {task_dir}.")
+    loader = build_eval_loader(urls, eval_transform(image_size, normalize=normalize), batch_size,
+                               rank=rank, world_size=world_size, workers=workers)
+    return zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A plain table: task, acc1, acc5, mean per-class recall, n."""
+    rows = [f"{'task':<14}{'acc1':>8}{'acc5':>8}{'mpcr':>8}{'n':>7}"]
+    for task, r in results.items():
+        acc5 = f"{100 * r['acc5']:8.2f}" if r.get("acc5") is not None else f"{'-':>8}"
+        rows.append(f"{task:<14}{100 * r['acc1']:8.2f}{acc5}{100 * r['mean_per_class_recall']:8.2f}{r['n']:>7}")
+    return "\n".join(rows)

@@ -1,0 +1,41 @@
+"""CLIP (Radford et al. 2021) as the DeCLIP-repo benchmark runs it: METHODS.md §1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from declip_ds.config import MethodConfig
+from declip_ds.losses import clip_loss
+from declip_ds.methods.base import Method
+from declip_ds.registry import register_method
+
+
+@dataclass
+class CLIPConfig(MethodConfig):
+    name: str = "clip"
+    clip_weight: float = 1.0
+
+
+@register_method("clip")
+class CLIP(Method):
+    """One image view (RandomResizedCrop, scale data.rrc_scale, no flip), one caption, InfoNCE."""
+
+    Config = CLIPConfig
+
+    def sample_transform(self):
+        from declip_ds.data.transforms import SampleTransform, clip_train_transform
+
+        d, tok = self.exp.data, self.tokenizer()
+        image = clip_train_transform(self.exp.model.vision.image_size, scale=tuple(d.rrc_scale), normalize=d.normalize)
+        return SampleTransform(image_views={"image": image}, text_views={"text": lambda s: tok([s])[0]})
+
+    def loss_weights(self):
+        return {"clip_loss": self.cfg.clip_weight}
+
+    def forward(self, batch):
+        image = F.normalize(self.model.encode_image(batch["image"]), dim=-1)  # (b, E)
+        text = F.normalize(self.model.encode_text(batch["text"]), dim=-1)  # (b, E)
+        scale = self.model.scale()  # 0-d
+        return {"clip_loss": clip_loss(image, text, scale, group=self.group), "logit_scale": scale.detach()}

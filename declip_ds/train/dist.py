@@ -1,0 +1,69 @@
+"""Process-group setup shared by `python train.py` (one process) and the `deepspeed` launcher."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def use_cpu_accelerator_if_no_gpu() -> None:
+    """DeepSpeed picks its accelerator at import: make it the CPU one (gloo) on a machine without CUDA."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def env_world_size() -> int:
+    """World size announced by the launcher (1 for a plain ``python train.py``), before any init."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed; a lone process becomes a world of one."""
+    use_cpu_accelerator_if_no_gpu()
+    if "RANK" not in os.environ:  # plain `python train.py`: a world of one on loopback
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_int(value: int, op=dist.ReduceOp.SUM) -> int:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device())
+    dist.all_reduce(t, op=op)
+    return int(t.item())

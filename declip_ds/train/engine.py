@@ -1,0 +1,367 @@
+"""The training loop: one code path for `python train.py` (a world of one) and `deepspeed ... train.py`.
+
+Read top to bottom: checks that need no processes -> process group -> data -> method + DeepSpeed
+engine -> resume -> steps (forward, named losses, backward, step, clamp the temperature) with
+logging, checkpoints and zero-shot evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from declip_ds.config import ConfigError, Experiment, config_hash, save_config, to_dict
+from declip_ds.train import checkpoint as C
+from declip_ds.train import dist as D
+from declip_ds.train.ds_config import build_ds_config, read_ds_config, resolve_precision
+
+log = logging.getLogger("declip_ds")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NO_DECAY_NAMES = ("token_embedding", "positional_embedding", "pos_embed", "cls_token", "class_embedding")
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.getLogger("declip_ds").setLevel(level)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def resolve_sources(exp: Experiment) -> list[list[str]] | None:
+    """Shard urls per source, checked before any process starts; None = the synthetic shards,
+    which are generated (if missing) once the process group exists."""
+    from declip_ds.data.wds import check_epoch_shards, expand_urls
+
+    specs = exp.data.train_shards
+    if specs == ["synthetic"]:
+        return None
+    if "synthetic" in specs:
+        raise ConfigError("data.train_shards: 'synthetic' cannot be mixed with other sources.")
+    sources = expand_urls(specs)
+    if exp.data.mode == "epoch":
+        check_epoch_shards(sum(len(s) for s in sources), D.env_world_size(), max(1, exp.data.workers))
+    return sources
+
+
+def synthetic_sources(exp: Experiment) -> list[list[str]]:
+    """Generate the synthetic shards on rank 0 if needed (others wait), return their urls."""
+    from declip_ds.data.synthetic import ensure_dataset
+
+    s, root = exp.data.synthetic, Path(exp.data.synthetic_root)
+    if D.rank() == 0:
+        if s.generate_if_missing:
+            ensure_dataset(root, num_samples=s.num_samples, shard_size=s.shard_size, seed=s.seed,
+                           image_size=exp.model.vision.image_size, noise=s.noise,
+                           eval_per_class=s.eval_samples_per_class, progress=True)
+    D.barrier()
+    urls = sorted(str(p) for p in (root / "train").glob("*.tar"))
+    if not urls:
+        raise ConfigError(f"No synthetic shards in {root / 'train'}; set data.synthetic.generate_if_missing=true "
+                          f"or run python -m declip_ds.data.synthetic --out {root}.")
+    return [urls]
+
+
+def build_loader(exp: Experiment, method, sources, epoch: int):
+    from declip_ds.data.wds import build_train_loader, read_num_samples
+
+    d = exp.data
+    num_samples = d.num_samples or read_num_samples([u for s in sources for u in s])
+    return build_train_loader(
+        sources, method.sample_transform(), exp.train.batch_size, rank=D.rank(), world_size=D.world_size(),
+        seed=exp.train.seed, mode=d.mode, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
+        weights=d.train_weights or None, strict=d.strict, epoch=epoch, num_samples=num_samples,
+        drop_last=True,
+    )
+
+
+def to_device(batch: dict, device, dtype) -> dict:
+    """Float tensors to the compute dtype, integer tensors as they are; metadata stays on the host."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+        else:
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float, no_decay_embeddings: bool) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms (every <2-D tensor), the temperatures and,
+    if asked, embeddings; frozen parameters are left out."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "logit_scale" in name or (no_decay_embeddings and any(n in name for n in NO_DECAY_NAMES))
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def clamp_scales(engine, method, bounds) -> None:
+    """Clamp the temperature parameters, including the optimizer's fp32 master copies (bf16, ZeRO):
+    clamping only the module's copy would be undone by the next step."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    lo, hi = bounds
+    for p in method.scale_parameters():
+        master = safe_get_full_fp32_param(p)  # collective under ZeRO-3; None when DeepSpeed keeps no copy
+        if master is not None and not (lo <= float(master) <= hi):
+            safe_set_full_fp32_param(p, master.clamp(lo, hi))
+        if p.numel() > 0:  # ZeRO-3 partitions leave an empty local tensor
+            p.data.clamp_(lo, hi)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+@dataclass
+class Meter:
+    """Running sums between two log lines."""
+
+    sums: dict = field(default_factory=dict)
+    count: int = 0
+    data_time: float = 0.0
+    step_time: float = 0.0
+    samples: int = 0
+    skips: dict = field(default_factory=dict)
+
+    def add(self, out: dict) -> None:
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def add_skips(self, skips: dict | None) -> None:
+        for k, v in (skips or {}).items():
+            self.skips[k] = self.skips.get(k, 0) + int(v)
+
+
+class Logger:
+    def __init__(self, exp: Experiment, run_dir: Path, rank: int):
+        self.rank, self.tb, self.wandb = rank, None, None
+        if rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+        if exp.train.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=exp.train.wandb_project, dir=str(run_dir), config=to_dict(exp))
+
+    def scalars(self, values: dict, step: int) -> None:
+        if self.rank != 0:
+            return
+        for k, v in values.items():
+            if v is not None and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    if D.world_size() == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=D.device())
+    dist.all_reduce(t)
+    return {k: float(v) / D.world_size() for k, v in zip(keys, t.tolist())}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) -> dict:
+    """Zero-shot on the configured eval tasks, every rank scoring its shards; the sums are exact."""
+    from declip_ds.eval.zero_shot import evaluate_task_dir, format_table
+
+    root = Path(exp.eval.data_root or Path(exp.data.synthetic_root) / "eval")
+    tok = method.tokenizer()
+    group = dist.group.WORLD if D.world_size() > 1 else None
+    results = {}
+    method.eval()
+    try:
+        for task in exp.eval.tasks:
+            task_dir = root / task
+            if not (task_dir / "classnames.txt").is_file():
+                log.warning("zero-shot task '%s' skipped: %s/classnames.txt not found", task, task_dir)
+                continue
+            results[task] = evaluate_task_dir(
+                method.model, tok, task_dir, templates=exp.eval.templates, image_size=exp.model.vision.image_size,
+                normalize=exp.data.normalize, batch_size=exp.eval.batch_size, rank=D.rank(),
+                world_size=D.world_size(), group=group,
+            )
+    finally:
+        method.train()
+    if D.rank() == 0 and results:
+        log.info("zero-shot at step %d:\n%s", step, format_table(results))
+        logger.scalars({f"zeroshot/{t}/{m}": v for t, r in results.items() for m, v in r.items() if m != "n"}, step)
+        (run_dir / "eval").mkdir(exist_ok=True)
+        record = {"step": step, "config_hash": config_hash(exp), "method": exp.method.name, "results": results}
+        (run_dir / "eval" / f"zeroshot_step_{step:08d}.json").write_text(json.dumps(record, indent=2))
+    return results
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto") -> dict:
+    """Train ``exp``; returns the last logged losses and the final zero-shot results."""
+    # 1. everything that can fail without a process group or a loader
+    src = ds_config or "the default DeepSpeed config (ZeRO 0)"
+    ds_user = read_ds_config(ds_config)
+    ds_cfg = build_ds_config(exp, ds_user, D.env_world_size(), src)
+    precision = resolve_precision(exp, ds_user, src)
+    sources = resolve_sources(exp)
+
+    # 2. processes
+    rank, world = D.init_distributed()
+    setup_logging(rank)
+    import deepspeed
+
+    from declip_ds.registry import get_method
+
+    run_dir = Path(exp.train.output_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(exp, run_dir / "config.yaml")
+    if sources is None:
+        sources = synthetic_sources(exp)
+
+    # 3. method (towers + heads) and engine; identical initial weights on every rank
+    torch.manual_seed(exp.train.seed)
+    group = dist.group.WORLD if world > 1 else None
+    method = get_method(exp.method.name)(exp, group=group)
+    if exp.model.grad_checkpointing:
+        method.model.set_grad_checkpointing(True)
+    from declip_ds.train.schedule import lr_lambda
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=method, model_parameters=param_groups(method, exp.train.weight_decay, exp.train.no_decay_embeddings),
+        config=ds_cfg, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(exp.train)),
+    )
+    dtype, device = DTYPES[precision], engine.device
+
+    # 4. resume
+    step, samples_seen, epoch = 0, 0, 0
+    found = C.resolve_resume(resume, run_dir)
+    if found is None:
+        log.info("no checkpoint to resume from (--resume %s, %s): starting at step 0", resume, run_dir / "checkpoints")
+    else:
+        client = C.load(engine, method, *found)
+        step, samples_seen, epoch = client["step"], client["samples_seen"], client.get("epoch", 0)
+        log.info("resumed from %s at step %d (%d samples seen)", found[0] / found[1], step, samples_seen)
+    torch.manual_seed(exp.train.seed * 1000 + rank + 7919 * step)  # per-rank randomness from here on
+    clamp_scales(engine, method, exp.model.logit_scale_bounds)  # the reference raises the init into bounds
+
+    # 5. steps
+    config_yaml = yaml.safe_dump(to_dict(exp), sort_keys=False)
+    # a resumed resampled stream starts a fresh epoch of shard draws rather than replaying the first batches
+    loader = build_loader(exp, method, sources, epoch=epoch if exp.data.mode == "epoch" else step)
+    data_iter = iter(loader)
+    logger, meter = Logger(exp, run_dir, rank), Meter()
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=exp.train.steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout)
+    last, results = {}, {}
+
+    def next_batch():
+        nonlocal data_iter, epoch
+        batch = next(data_iter, None)
+        if exp.data.mode == "epoch":  # ranks may run dry at different batches: start the next epoch together
+            if D.all_reduce_int(0 if batch is None else 1, op=dist.ReduceOp.MIN) == 0:
+                epoch += 1
+                data_iter = iter(build_loader(exp, method, sources, epoch))
+                batch = next(data_iter)
+        if batch is None:
+            raise RuntimeError("the training data loader ended in resampled mode; check data.train_shards")
+        return batch
+
+    t_last = time.perf_counter()
+    while step < exp.train.steps:
+        for _ in range(exp.train.grad_accum):
+            t0 = time.perf_counter()
+            batch = next_batch()
+            meter.data_time += time.perf_counter() - t0
+            meter.add_skips(batch.pop("_skips", None))
+            batch.pop("__key__", None)
+            out = engine(to_device(batch, device, dtype))
+            loss = method.total_loss(out)
+            engine.backward(loss)
+            engine.step()
+            meter.add({**out, "loss": loss.detach()})
+            samples_seen += exp.train.batch_size * world
+        step += 1
+        clamp_scales(engine, method, exp.model.logit_scale_bounds)
+        if bar is not None:
+            bar.update(1)
+        if step % exp.train.log_every == 0 or step == exp.train.steps:
+            now = time.perf_counter()
+            values = mean_over_ranks({k: v / meter.count for k, v in meter.sums.items()})
+            if not all(math.isfinite(v) for v in values.values()):
+                log.warning("non-finite loss at step %d: %s", step, values)
+            elapsed = now - t_last
+            values.update(
+                lr=scheduler.get_last_lr()[0], samples_per_s_per_rank=meter.count * exp.train.batch_size / elapsed,
+                data_wait=meter.data_time / elapsed, epoch=epoch,
+            )
+            gn = engine.get_global_grad_norm()
+            if gn is not None:
+                values["grad_norm"] = float(gn)
+            skipped = {f"skipped/{k}": D.all_reduce_int(v) for k, v in sorted(meter.skips.items())}
+            last = values
+            logger.scalars({**values, **skipped}, step)
+            if rank == 0:
+                parts = " ".join(f"{k}={v:.4g}" for k, v in values.items() if k.endswith("loss") or k == "loss")
+                msg = (f"step {step}/{exp.train.steps} {parts} lr={values['lr']:.3g} scale={values.get('logit_scale', 0):.3g} "
+                       f"{values['samples_per_s_per_rank']:.1f} samples/s/rank data_wait={100 * values['data_wait']:.0f}%")
+                if skipped:
+                    msg += " " + " ".join(f"{k}={v}" for k, v in skipped.items())
+                (bar.write if bar is not None else log.info)(msg)
+            meter, t_last = Meter(), time.perf_counter()
+        if step % exp.train.save_every == 0 or step == exp.train.steps:
+            client = {"step": step, "samples_seen": samples_seen, "epoch": epoch, "config": to_dict(exp),
+                      "config_hash": config_hash(exp), "world_size": world,
+                      "zero_stage": engine.zero_optimization_stage(), "precision": precision,
+                      "versions": _versions()}
+            C.save(engine, method, run_dir / "checkpoints", step, client, config_yaml, exp.train.keep_last)
+        if exp.train.eval_every and step % exp.train.eval_every == 0 and step != exp.train.steps:
+            evaluate(exp, method, step, logger, run_dir)
+    if bar is not None:
+        bar.close()
+    if exp.eval.at_end:
+        results = evaluate(exp, method, step, logger, run_dir)
+    logger.close()
+    return {"last": last, "zeroshot": results, "step": step}
+
+
+def _versions() -> dict:
+    import deepspeed
+
+    import declip_ds
+
+    return {"declip_ds": declip_ds.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__}

@@ -1,0 +1,113 @@
+"""Config loading: YAML, overrides, unknown keys, wrong types, DeepSpeed contradictions."""
+
+import json
+import math
+
+import pytest
+
+from declip_ds.config import ConfigError, from_dict, load_config
+from declip_ds.train.ds_config import build_ds_config, read_ds_config, resolve_precision
+from declip_ds.train.schedule import lr_at
+
+DEMO = "experiments/demo_shapes.yaml"
+
+
+def test_demo_config_loads_and_overrides_are_typed():
+    exp = load_config(DEMO, ["train.lr=3e-4", "train.steps=7", "model.vision.freeze_patch_embed=true",
+                             "train.betas=[0.9,0.95]"])
+    assert exp.train.lr == 3e-4 and isinstance(exp.train.lr, float)
+    assert exp.train.steps == 7 and exp.model.vision.freeze_patch_embed is True
+    assert exp.train.betas == [0.9, 0.95]
+    assert type(exp.method).__name__ == "CLIPConfig"
+
+
+@pytest.mark.parametrize("override,match", [
+    (["train.lrr=1"], r"Unknown config key 'train.lrr'.*Allowed keys in train: .*\blr\b"),
+    (["bogus.x=1"], r"Unknown config key 'bogus'"),
+    (["model.vision.nam=vit"], r"'model.vision.nam'"),
+    (["train.steps=abc"], r"train.steps: expected an integer"),
+    (["train.steps=1.5"], r"train.steps: expected an integer"),
+    (["train.lr=fast"], r"train.lr: expected a number"),
+    (["model.grad_checkpointing=3"], r"expected true or false"),
+    (["method.name=de-clip"], r"Unknown method 'de-clip'. Known: .*clip"),
+    (["method.clip_weigth=1"], r"'method.clip_weigth'"),
+    (["train.precision=fp8"], r"train.precision: 'fp8' is not allowed"),
+    (["data.mode=stream"], r"data.mode"),
+    (["model.logit_scale_init=.nan"], r"model.logit_scale_init: must be finite"),
+    (["model.logit_scale_bounds=[6,3]"], r"logit_scale_bounds"),
+    (["train.batch_size=0"], r"train.batch_size: must be > 0"),
+    (["data.train_weights=[1,2]"], r"data.train_weights has 2 entries"),
+    (["model.text.heads=3"], r"divisible"),
+    (["noequals"], r"key=value"),
+])
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(DEMO, override)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def write(tmp_path, data):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(data))
+    return str(p)
+
+
+def test_ds_config_is_filled(tmp_path):
+    exp = from_dict({"train": {"batch_size": 8, "grad_accum": 2, "grad_clip": 1.0}})
+    out = build_ds_config(exp, read_ds_config("ds_configs/zero2.json"), world_size=4)
+    assert out["train_batch_size"] == 64 and out["train_micro_batch_size_per_gpu"] == 8
+    assert out["gradient_accumulation_steps"] == 2 and out["gradient_clipping"] == 1.0
+    assert out["bf16"]["enabled"] and not out["fp16"]["enabled"]
+    assert out["optimizer"]["type"] == "AdamW" and out["optimizer"]["params"]["lr"] == exp.train.lr
+    assert out["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("ds,overrides,match", [
+    ({"train_batch_size": 100}, [], r"train_batch_size=100 but train.batch_size \(8\) x train.grad_accum \(1\) x world size \(2\) = 16"),
+    ({"train_micro_batch_size_per_gpu": 4}, [], r"train_micro_batch_size_per_gpu=4 contradicts"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, [], r"both true"),
+    ({"bf16": {"enabled": True}}, ["train.precision=fp32"], r"train.precision=fp32 contradicts"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": 0.5}}}, [], r"optimizer.params.lr=0.5 contradicts"),
+    ({"optimizer": {"type": "SGD"}}, [], r"AdamW"),
+    ({"scheduler": {"type": "WarmupLR"}}, [], r"'scheduler' section"),
+    ({"gradient_clipping": 1.0}, [], r"train.grad_clip is 0"),
+    ({"zero_optimisation": {"stage": 2}}, [], r"unknown top-level key"),
+])
+def test_ds_contradictions_are_errors(tmp_path, ds, overrides, match):
+    exp = from_dict({"train": {"batch_size": 8}})
+    for o in overrides:
+        k, v = o.split("=")
+        setattr(exp.train, k.split(".")[1], v)
+    with pytest.raises(ConfigError, match=match):
+        build_ds_config(exp, read_ds_config(write(tmp_path, ds)), world_size=2)
+
+
+def test_precision_auto_follows_the_json():
+    exp = from_dict({})
+    assert resolve_precision(exp, {"bf16": {"enabled": True}}) == "bf16"
+    assert resolve_precision(exp, {}) == "fp32"
+
+
+def test_missing_ds_config_file():
+    with pytest.raises(ConfigError, match="file not found"):
+        read_ds_config("ds_configs/nope.json")
+
+
+def test_schedule_warmup_then_cosine():
+    kw = dict(lr=1e-3, steps=1000, warmup_steps=100, warmup_init_lr=1e-4, min_lr=0.0)
+    assert lr_at(0, **kw) == pytest.approx(1e-4)
+    assert lr_at(50, **kw) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert lr_at(100, **kw) == pytest.approx(1e-3)
+    assert lr_at(550, **kw) == pytest.approx(0.5e-3)
+    assert lr_at(1000, **kw) == pytest.approx(0.0, abs=1e-12)
+    vals = [lr_at(s, **kw) for s in range(100, 1001)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    assert math.isclose(lr_at(0, lr=1.0, steps=10, warmup_steps=0), 1.0)

@@ -1,0 +1,41 @@
+"""Train a CLIP-family model.
+
+    python train.py --config experiments/demo_shapes.yaml [key=value ...]
+    deepspeed --num_gpus 8 train.py --ds_config ds_configs/zero2.json --config experiments/X.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="experiment YAML (see experiments/)")
+    p.add_argument("--ds_config", default=None, help="DeepSpeed JSON (see ds_configs/); default: ZeRO 0")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest complete checkpoint in train.output_dir, else start fresh), none, or a path")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 method.name=declip")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from declip_ds.config import ConfigError, load_config
+    from declip_ds.train.checkpoint import CheckpointError
+
+    try:
+        exp = load_config(args.config, args.overrides)
+        from declip_ds.train.engine import train
+
+        train(exp, ds_config=args.ds_config, resume=args.resume)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
