@@ -1,0 +1,151 @@
+"""Image towers built from timm (never downloading weights).
+
+A tower's ``forward(images)`` returns, from ONE pass through the trunk, a dict
+
+    pooled     (B, pooled_dim)  before the image projection
+                                ViT: CLS token after ln_post; RN50: the attention-pool output
+    tokens     (B, T, token_dim) the token outputs FILIP uses
+                                ViT: patch tokens without CLS, taken BEFORE ln_post (as the DeCLIP
+                                reference does); RN50: the final 7x7 map flattened to (B, 49, 2048)
+    embedding  (B, embed_dim)   pooled @ proj (ViT) or pooled itself (RN50, whose attention pool's
+                                c_proj already maps to embed_dim; there is no separate visual proj)
+
+Every parameter is owned by a module whose ``forward`` runs (the tower, timm's trunk, the
+attention-pool head), so DeepSpeed ZeRO-3's per-module gathering sees all of them.
+
+Names, for a checkpoint converter (OpenAI ``visual.*`` -> ours ``visual.*``):
+  ViT: conv1 -> trunk.patch_embed.proj (no bias), class_embedding -> trunk.cls_token,
+       positional_embedding -> trunk.pos_embed, ln_pre -> trunk.norm_pre,
+       transformer.resblocks.{i} -> trunk.blocks.{i} (ln_1 -> norm1, attn.in_proj_* -> attn.qkv,
+       attn.out_proj -> attn.proj, ln_2 -> norm2, mlp.c_fc -> mlp.fc1, mlp.c_proj -> mlp.fc2),
+       ln_post -> ln_post, proj -> proj (same (width, embed_dim) layout).
+  RN50: timm's ByobNet CLIP layout (trunk.stem.*, trunk.stages.*, trunk.head = attention pool
+       with q/k/v/proj/pos_embed).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from declip_ds.config import VisionConfig
+
+# our name -> timm model name (the OpenAI CLIP ViTs use QuickGELU, as does the DeCLIP reference)
+TIMM_VITS = {
+    "vit_base_patch32_clip_224": "vit_base_patch32_clip_quickgelu_224",
+    "vit_base_patch16_clip_224": "vit_base_patch16_clip_quickgelu_224",
+}
+TIMM_RESNETS = {"resnet50_clip": "resnet50_clip"}
+CUSTOM_VITS = ("vit_tiny", "vit_custom")  # architecture read from the VisionConfig fields
+SUPPORTED = tuple(sorted([*TIMM_VITS, *TIMM_RESNETS, *CUSTOM_VITS]))
+
+
+class ViTTower(nn.Module):
+    """A pre-norm CLIP ViT: timm trunk (patch embed, CLS, pos embed, ln_pre, blocks) + ln_post + proj."""
+
+    def __init__(self, trunk: VisionTransformer, embed_dim: int, freeze_patch_embed: bool = False):
+        super().__init__()
+        width = trunk.embed_dim
+        # ln_post is moved out of the trunk so the trunk's own forward returns the pre-ln_post
+        # tokens (B, 1 + N, width) and one pass gives both FILIP tokens and the pooled CLS.
+        self.ln_post = trunk.norm
+        trunk.norm = nn.Identity()
+        trunk.reset_classifier(0, global_pool="")  # trunk(x) -> all tokens, no pooling, no head
+        self.trunk = trunk
+        self.proj = nn.Parameter(width**-0.5 * torch.randn(width, embed_dim))  # OpenAI visual.proj
+        self.pooled_dim = width
+        self.token_dim = width
+        self.embed_dim = embed_dim
+        self.num_prefix_tokens = trunk.num_prefix_tokens
+        if freeze_patch_embed:  # the reference's frozen conv1 (MoCo-v3 trick): stays at its random init
+            self.trunk.patch_embed.proj.requires_grad_(False)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.trunk(images)  # (B, 1 + N, W), after the blocks, before ln_post
+        tokens = x[:, self.num_prefix_tokens :]  # (B, N, W) patch tokens, no CLS
+        pooled = self.ln_post(x[:, 0])  # (B, W) CLS after ln_post
+        return {"pooled": pooled, "tokens": tokens, "embedding": pooled @ self.proj}  # embedding (B, E)
+
+
+class ResNetTower(nn.Module):
+    """OpenAI's ModifiedResNet (timm ``resnet50_clip``); the attention pool outputs embed_dim."""
+
+    def __init__(self, trunk: nn.Module, embed_dim: int):
+        super().__init__()
+        self.trunk = trunk
+        self.pooled_dim = embed_dim  # attention-pool c_proj output = the embedding
+        self.token_dim = trunk.num_features  # 2048 channels of the last stage
+        self.embed_dim = embed_dim
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        fmap = self.trunk.forward_features(images)  # (B, C, h, w), C = 2048, h = w = 7 at 224 px
+        tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        pooled = self.trunk.head(fmap)  # (B, E): attention pool, mean-token query, then c_proj
+        return {"pooled": pooled, "tokens": tokens, "embedding": pooled}
+
+
+def _check_divisible(cfg: VisionConfig, stride: int) -> None:
+    if cfg.image_size % stride:
+        raise ValueError(
+            f"model.vision.image_size={cfg.image_size} is not divisible by {stride} (the "
+            f"{'patch size' if cfg.name != 'resnet50_clip' else 'total stride'} of '{cfg.name}'); "
+            f"choose a multiple of {stride}, e.g. {max(stride, cfg.image_size // stride * stride)}."
+        )
+
+
+def _custom_vit(cfg: VisionConfig) -> VisionTransformer:
+    """OpenAI-style ViT from the config fields: pre-norm (ln_pre), QuickGELU, CLS, bias-free conv."""
+    if cfg.width % cfg.heads:
+        raise ValueError(f"model.vision.width ({cfg.width}) must be divisible by model.vision.heads ({cfg.heads}).")
+    return VisionTransformer(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.width,
+        depth=cfg.layers,
+        num_heads=cfg.heads,
+        pre_norm=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-5),
+        act_layer="quick_gelu",
+        num_classes=0,
+        drop_path_rate=cfg.drop_path,
+    )
+
+
+def build_vision_tower(cfg: VisionConfig, embed_dim: int) -> ViTTower | ResNetTower:
+    """The image tower named by ``cfg.name`` (see ``SUPPORTED``), randomly initialised."""
+    if cfg.name in CUSTOM_VITS:
+        _check_divisible(cfg, cfg.patch_size)
+        return ViTTower(_custom_vit(cfg), embed_dim, cfg.freeze_patch_embed)
+    if cfg.name in TIMM_VITS:
+        trunk = timm.create_model(
+            TIMM_VITS[cfg.name], pretrained=False, num_classes=0, img_size=cfg.image_size, drop_path_rate=cfg.drop_path
+        )
+        _check_divisible(cfg, trunk.patch_embed.patch_size[0])
+        return ViTTower(trunk, embed_dim, cfg.freeze_patch_embed)
+    if cfg.name in TIMM_RESNETS:
+        if cfg.freeze_patch_embed:
+            raise ValueError(
+                f"model.vision.freeze_patch_embed=true is only defined for ViTs (it freezes the patch-embedding "
+                f"conv); '{cfg.name}' has none. Set model.vision.freeze_patch_embed=false."
+            )
+        _check_divisible(cfg, 32)
+        # num_classes sets the attention pool's output projection (OpenAI attnpool.c_proj) to embed_dim
+        trunk = timm.create_model(
+            TIMM_RESNETS[cfg.name],
+            pretrained=False,
+            num_classes=embed_dim,
+            img_size=cfg.image_size,
+            drop_path_rate=cfg.drop_path,
+        )
+        return ResNetTower(trunk, embed_dim)
+    raise ValueError(f"Unknown vision tower '{cfg.name}'. Known: {', '.join(SUPPORTED)}. Set model.vision.name.")
