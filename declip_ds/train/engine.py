@@ -72,7 +72,10 @@ def synthetic_sources(exp: Experiment) -> list[list[str]]:
     return [urls]
 
 
-def build_loader(exp: Experiment, method, sources, epoch: int):
+def build_loader(exp: Experiment, method, sources, epoch: int, start_batch: int = 0):
+    """The loader of one (virtual) epoch. Resampled mode is a pure function of (seed, epoch, rank,
+    worker), so ``start_batch`` resumes exactly where a checkpoint left off; epoch mode restarts
+    the epoch."""
     from declip_ds.data.wds import build_train_loader, read_num_samples
 
     d = exp.data
@@ -81,7 +84,7 @@ def build_loader(exp: Experiment, method, sources, epoch: int):
         sources, method.sample_transform(), exp.train.batch_size, rank=D.rank(), world_size=D.world_size(),
         seed=exp.train.seed, mode=d.mode, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
         weights=d.train_weights or None, strict=d.strict, epoch=epoch, num_samples=num_samples,
-        drop_last=True,
+        drop_last=True, start_batch=start_batch if d.mode == "resampled" else 0,
     )
 
 
@@ -265,22 +268,25 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     dtype, device = DTYPES[precision], engine.device
 
     # 4. resume
-    step, samples_seen, epoch = 0, 0, 0
+    step, samples_seen, epoch, epoch_batches = 0, 0, 0, 0
+    torch.manual_seed(exp.train.seed * 1000 + rank)  # per-rank randomness (dropout, ...) from here on
     found = C.resolve_resume(resume, run_dir)
     if found is None:
         log.info("no checkpoint to resume from (--resume %s, %s): starting at step 0", resume, run_dir / "checkpoints")
     else:
-        client = C.load(engine, method, *found)
-        step, samples_seen, epoch = client["step"], client["samples_seen"], client.get("epoch", 0)
+        client = C.load(engine, method, *found)  # also restores every rank's RNG states
+        step, samples_seen = client["step"], client["samples_seen"]
+        epoch, epoch_batches = client.get("epoch", 0), client.get("epoch_batches", 0)
         log.info("resumed from %s at step %d (%d samples seen)", found[0] / found[1], step, samples_seen)
-    torch.manual_seed(exp.train.seed * 1000 + rank + 7919 * step)  # per-rank randomness from here on
+        if exp.data.mode == "epoch" and epoch_batches:
+            log.warning("data.mode=epoch resumes at the start of epoch %d (%d batches of it are seen again); "
+                        "data.mode=resampled resumes at the exact batch", epoch, epoch_batches)
+            epoch_batches = 0
     clamp_scales(engine, method, exp.model.logit_scale_bounds)  # the reference raises the init into bounds
 
     # 5. steps
     config_yaml = yaml.safe_dump(to_dict(exp), sort_keys=False)
-    # a resumed resampled stream starts a fresh epoch of shard draws rather than replaying the first batches
-    loader = build_loader(exp, method, sources, epoch=epoch if exp.data.mode == "epoch" else step)
-    data_iter = iter(loader)
+    data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches))
     logger, meter = Logger(exp, run_dir, rank), Meter()
     bar = None
     if rank == 0:
@@ -290,15 +296,17 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     last, results = {}, {}
 
     def next_batch():
-        nonlocal data_iter, epoch
+        """The next micro-batch; when any rank's (virtual) epoch is over, all ranks start the next one
+        together (ranks can run dry at different batches in epoch mode; a collective would hang)."""
+        nonlocal data_iter, epoch, epoch_batches
         batch = next(data_iter, None)
-        if exp.data.mode == "epoch":  # ranks may run dry at different batches: start the next epoch together
-            if D.all_reduce_int(0 if batch is None else 1, op=dist.ReduceOp.MIN) == 0:
-                epoch += 1
-                data_iter = iter(build_loader(exp, method, sources, epoch))
-                batch = next(data_iter)
-        if batch is None:
-            raise RuntimeError("the training data loader ended in resampled mode; check data.train_shards")
+        if D.all_reduce_int(0 if batch is None else 1, op=dist.ReduceOp.MIN) == 0:
+            epoch, epoch_batches = epoch + 1, 0
+            data_iter = iter(build_loader(exp, method, sources, epoch))
+            batch = next(data_iter, None)
+            if batch is None:
+                raise RuntimeError(f"epoch {epoch} of the training data is empty on rank {rank}; check data.train_shards")
+        epoch_batches += 1
         return batch
 
     t_last = time.perf_counter()
@@ -308,7 +316,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             batch = next_batch()
             meter.data_time += time.perf_counter() - t0
             meter.add_skips(batch.pop("_skips", None))
-            batch.pop("__key__", None)
+            batch.pop("__key__", None), batch.pop("__url__", None)
             out = engine(to_device(batch, device, dtype))
             loss = method.total_loss(out)
             engine.backward(loss)
@@ -344,7 +352,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                 (bar.write if bar is not None else log.info)(msg)
             meter, t_last = Meter(), time.perf_counter()
         if step % exp.train.save_every == 0 or step == exp.train.steps:
-            client = {"step": step, "samples_seen": samples_seen, "epoch": epoch, "config": to_dict(exp),
+            client = {"step": step, "samples_seen": samples_seen, "epoch": epoch, "epoch_batches": epoch_batches,
+                      "config": to_dict(exp),
                       "config_hash": config_hash(exp), "world_size": world,
                       "zero_stage": engine.zero_optimization_stage(), "precision": precision,
                       "versions": _versions()}

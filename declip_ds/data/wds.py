@@ -1,0 +1,712 @@
+"""Webdataset shards -> batches of per-method views, tolerant of bad data, deterministic.
+
+Shards are tar files in webdataset layout: each sample is the members ``key.jpg`` (or
+png / jpeg / webp) + ``key.txt`` caption (+ an optional ``key.json``); evaluation shards
+carry ``key.cls`` (an integer label). ``sizes.json`` next to the shards maps shard
+basename -> sample count.
+
+Per DataLoader worker, ``build_train_loader`` runs (top to bottom in ``_TrainStream``):
+
+    shard urls    resampled: drawn forever, with source weights, by an RNG seeded from
+                  worker_seed(seed, rank, worker, epoch); epoch: shuffled by (seed, epoch),
+                  split by rank, then by worker, each shard read once
+    tar members   webdataset's tar iterator, grouped into samples by key
+    filter        image + caption present, non-empty, key not seen before in the shard
+                  (raw bytes only: nothing is decoded yet)
+    shuffle       a buffer of raw samples, seeded like the shard RNG
+    decode        PIL -> RGB (JPEGs drafted to the size the transform needs)
+    transform     SampleTransform(image, caption) -> dict of tensors, under a private
+                  torch RNG seeded per worker (the main process's RNG is untouched)
+    batch         stacked tensors + "__key__" / "__url__" lists + "_skips" counts
+
+Bad data is skipped, counted per kind and logged (rate-limited, no sleeps), or with
+``strict=True`` raises ``DataError`` naming the shard and key. The library's handlers are
+not used: they sleep 0.5 s per error, and their counts never reach the trainer.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls as _wds_expand
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# one count per skipped sample
+SAMPLE_SKIP_KINDS = ("decode_error", "missing_image", "missing_text", "empty_member",
+                     "duplicate_key", "transform_error")
+# one count per shard: a truncated shard loses its tail, a missing one all of it
+SHARD_SKIP_KINDS = ("truncated_shard", "missing_shard")
+SKIP_KINDS = SAMPLE_SKIP_KINDS + SHARD_SKIP_KINDS
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://", "sftp://", "scp://")
+_LOG_FIRST = 5  # per kind and worker, each skip is logged with its url and key ...
+_LOG_EVERY = 1000  # ... after that, a summary every this many skips
+
+
+class DataError(ValueError):
+    """Bad shard or sample under ``strict=True``, or a data source that yields nothing."""
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def worker_seed(seed: int, rank: int, worker: int, epoch: int = 0) -> int:
+    """A 63-bit seed that is a pure function of (seed, rank, worker, epoch).
+
+    Stable across processes and Python versions (BLAKE2b, not ``hash()``), different for
+    any change of an argument. The loaders derive every RNG of a DataLoader worker from it:
+    shard draws, the shuffle buffer and the torch RNG of the augmentations.
+    """
+    return _mix(f"{seed}/{rank}/{worker}/{epoch}")
+
+
+def _mix(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _sub_seed(seed: int, stream: str) -> int:
+    """Independent seeds for the different RNGs of one worker."""
+    return _mix(f"{seed}:{stream}")
+
+
+# ----------------------------------------------------------------------------- urls
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith(_REMOTE_PREFIXES)
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def _expand_source(source: str) -> list[str]:
+    source = source.strip()
+    if not source:
+        raise ValueError("Empty shard source (a stray '::' or an empty string in data.train_shards?).")
+    if not _is_remote(source) and any(c in source for c in "*?["):
+        urls = sorted(glob.glob(os.path.expanduser(_local_path(source))))
+    else:
+        urls = _wds_expand(source)  # WDS_ env substitution + brace expansion
+    if _is_remote(source):
+        return urls
+    missing = [u for u in urls if not os.path.isfile(os.path.expanduser(_local_path(u)))]
+    if not urls or len(missing) == len(urls):
+        shown = ", ".join(missing[:3]) + (f" ... ({len(missing)} in all)" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"Shard pattern {source!r} matches no existing file (missing: "
+                                f"{shown or 'nothing matched'}). Check data.train_shards (or the eval "
+                                "shard path) and the working directory.")
+    if missing:
+        log.warning("Shard pattern %r: %d of %d files missing (first: %s); they will be counted as "
+                    "missing_shard when drawn.", source, len(missing), len(urls), missing[0])
+    return [os.path.expanduser(u) for u in urls]
+
+
+def expand_urls(spec: str | Sequence[str]) -> list[list[str]]:
+    """Brace/glob patterns -> one url list per source.
+
+    ``spec``: ``"a/{00000..00015}.tar::b/{000..009}.tar"`` or a list of such strings (a list
+    item may itself hold "::"). Local sources must match at least one existing file, else
+    ``FileNotFoundError`` naming the pattern; urls starting with pipe:, http(s)://, s3://
+    (and other webdataset schemes) are passed through unchecked.
+    """
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if not items:
+        raise ValueError("No shard source given: data.train_shards is empty.")
+    return [_expand_source(src) for item in items for src in str(item).split("::")]
+
+
+def _flatten_urls(urls) -> list[str]:
+    """A spec, a flat url list or expand_urls' nested lists -> a flat url list."""
+    if isinstance(urls, str):
+        return [u for src in expand_urls(urls) for u in src]
+    urls = list(urls)
+    if urls and all(isinstance(u, (list, tuple)) for u in urls):
+        return [u for src in urls for u in src]
+    if any(_needs_expansion(u) for u in urls):
+        return [u for src in expand_urls(urls) for u in src]
+    return urls
+
+
+def _needs_expansion(url: str) -> bool:
+    return "::" in url or "{" in url or (not _is_remote(url) and any(c in url for c in "*?["))
+
+
+def _load_sizes(directory: str) -> dict[str, int]:
+    path = os.path.join(directory, "sizes.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_num_samples(urls) -> int:
+    """Total sample count of the shards, from ``sizes.json`` in each shard's directory.
+
+    ``urls``: a spec string, a url list or expand_urls' nested lists. Raises ``DataError``
+    (a ValueError) when a sizes.json is missing or lacks a shard, saying how to fix it.
+    """
+    flat = _flatten_urls(urls)
+    by_dir: dict[str, list[str]] = collections.defaultdict(list)
+    for url in flat:
+        by_dir[os.path.dirname(_local_path(url))].append(os.path.basename(url))
+    total = 0
+    for directory, names in by_dir.items():
+        path = os.path.join(directory or ".", "sizes.json")
+        try:
+            sizes = _load_sizes(directory or ".")
+        except (OSError, ValueError) as e:
+            raise DataError(f"Cannot read the sample count from {path} ({e}). Set data.num_samples, or "
+                            "write sizes.json mapping each shard basename to its sample count.") from None
+        missing = [n for n in names if n not in sizes]
+        if missing:
+            raise DataError(f"{path} has no entry for {len(missing)} shard(s), e.g. {missing[:3]}. Set "
+                            "data.num_samples, or add the shards to sizes.json.")
+        total += sum(int(sizes[n]) for n in names)
+    return total
+
+
+def _expected_size(url: str) -> int | None:
+    """sizes.json's count for one shard, or None (only used to report a lost tail)."""
+    try:
+        return int(_load_sizes(os.path.dirname(_local_path(url)) or ".")[os.path.basename(url)])
+    except Exception:
+        return None
+
+
+def check_epoch_shards(num_shards: int, world_size: int, workers: int) -> None:
+    """Epoch mode reads each shard once on one (rank, worker): every reader needs a shard.
+
+    Raises ``ValueError`` before training when ``num_shards < world_size * max(workers, 1)``
+    (a reader without shards would leave its rank short of batches and hang the collectives).
+    """
+    readers = world_size * max(workers, 1)
+    if num_shards >= readers:
+        return
+    fit = max(num_shards // world_size, 0)
+    raise ValueError(
+        f"Epoch mode needs at least one shard per rank and worker: got {num_shards} shards for "
+        f"{world_size} ranks x {max(workers, 1)} workers = {readers} readers. Fix: write at least "
+        f"{readers} shards, or lower data.workers" + (f" to {fit}" if fit else "")
+        + ", or set data.mode=resampled.")
+
+
+# ----------------------------------------------------------------------------- skips
+
+
+class _Skips:
+    """Per-worker skip counts: ``take()`` returns the counts since the previous call.
+
+    Logs the first few skips of each kind with shard url and key, then a summary every
+    ``_LOG_EVERY`` skips; never sleeps. Under strict mode every skip raises ``DataError``.
+    """
+
+    def __init__(self, strict: bool, where: str):
+        self.strict, self.where = strict, where
+        self.total = dict.fromkeys(SKIP_KINDS, 0)
+        self.pending = dict.fromkeys(SKIP_KINDS, 0)
+
+    def __call__(self, kind: str, url: str, key: str | None = None, detail: Any = "") -> None:
+        what = f"shard {url}" + (f", key {key!r}" if key is not None else "")
+        if self.strict:
+            raise DataError(f"{kind} in {what}: {detail}. Set data.strict=false to skip and count such "
+                            "samples instead.")
+        self.total[kind] += 1
+        self.pending[kind] += 1
+        n = sum(self.total.values())
+        if self.total[kind] <= _LOG_FIRST:
+            log.warning("[data %s] skipped %s in %s: %s", self.where, kind, what, detail)
+        elif n % _LOG_EVERY == 0:
+            log.warning("[data %s] %d skips so far: %s", self.where, n, self.summary())
+
+    def take(self) -> dict[str, int]:
+        out, self.pending = self.pending, dict.fromkeys(SKIP_KINDS, 0)
+        return out
+
+    def summary(self) -> dict[str, int]:
+        return {k: v for k, v in self.total.items() if v}
+
+
+# ----------------------------------------------------------------------------- shard reading
+
+
+class _TailWatch:
+    """File wrapper remembering the first bytes and the last 512 bytes read.
+
+    Python's streaming tar reader ends *silently* when a file is cut at a member boundary;
+    an intact uncompressed tar always ends with a zero block, so a non-zero tail tells.
+    """
+
+    def __init__(self, f):
+        self.f, self.head, self.tail = f, b"", b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        if data:
+            if len(self.head) < 8:
+                self.head += data[:8]
+            self.tail = (self.tail + data)[-512:]
+        return data
+
+    def close(self) -> None:
+        try:  # a pipe: stream raises here on a non-zero exit status; the read already told
+            self.f.close()
+        except Exception as e:
+            log.warning("closing shard stream %s: %r", getattr(self.f, "name", self.f), e)
+
+    def cut_short(self) -> bool:
+        compressed = self.head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
+        return not compressed and self.tail.count(0) != len(self.tail)
+
+
+def _raise(exn: Exception) -> bool:
+    raise exn
+
+
+def _member_groups(stream, read: list[int]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Consecutive tar members sharing a key -> (key, {ext: bytes}); ``read[0]`` counts members.
+
+    A repeated extension starts a new group, so a duplicated key surfaces as a second group.
+    Truncation errors propagate; the group being read when they occur is lost.
+    """
+    key, members = None, {}
+    for m in tar_file_iterator(stream, handler=_raise):
+        read[0] += 1
+        k, ext = base_plus_ext(m["fname"])
+        if k is None:
+            continue
+        ext = ext.lower()
+        if k != key or ext in members:
+            if key is not None:
+                yield key, members
+            key, members = k, {}
+        members[ext] = m["data"]
+    if key is not None:
+        if stream.cut_short():  # cut at a member boundary: the last group may be incomplete
+            raise _CutShort("the file ends without the tar end marker")
+        yield key, members
+
+
+class _CutShort(Exception):
+    pass
+
+
+def _problem(key: str, members: dict[str, bytes], seen: set, text_ext: str) -> tuple[str, str] | None:
+    """The skip kind and detail for a raw sample, or None if it may be decoded."""
+    if key in seen:
+        return "duplicate_key", "key already seen earlier in this shard"
+    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if image_ext is None:
+        return "missing_image", f"no image member ({'/'.join(IMAGE_EXTS)}); members: {sorted(members)}"
+    if text_ext not in members:
+        return "missing_text", f"no .{text_ext} member; members: {sorted(members)}"
+    if not members[image_ext]:
+        return "empty_member", f"member {key}.{image_ext} is empty"
+    if not members[text_ext].strip():
+        return "empty_member", f"member {key}.{text_ext} is empty"
+    return None
+
+
+@dataclass
+class _Raw:
+    key: str
+    url: str
+    image: bytes
+    image_ext: str
+    text: bytes
+
+
+def _shard_samples(url: str, skips: _Skips, text_ext: str) -> Iterator[_Raw]:
+    """Filtered raw samples of one shard; a missing, unreadable or truncated shard is counted."""
+    try:
+        stream = _TailWatch(gopen(url))
+    except Exception as e:
+        skips("missing_shard", url, None, f"cannot open: {e!r}")
+        return
+    seen: set[str] = set()
+    groups, members_read = 0, [0]
+    try:
+        for key, members in _member_groups(stream, members_read):
+            groups += 1
+            problem = _problem(key, members, seen, text_ext)
+            seen.add(key)
+            if problem:
+                skips(problem[0], url, key, problem[1])
+                continue
+            ext = next(e for e in IMAGE_EXTS if e in members)
+            yield _Raw(key, url, members[ext], ext, members[text_ext])
+        return
+    except DataError:
+        raise
+    except Exception as e:
+        error = e
+    finally:
+        stream.close()
+    # tarfile appends " @ <file object>" to its messages; keep the useful part
+    reason = str(error) if isinstance(error, _CutShort) else \
+        f"{type(error).__name__}: {str(error.args[0] if error.args else '').split(' @ ')[0]}"
+    if members_read[0] == 0:  # not a tar at all (or empty, or cut inside its first member)
+        skips("missing_shard", url, None, f"unreadable ({reason})")
+        return
+    expected = _expected_size(url)
+    lost = f" (sizes.json: {expected})" if expected is not None else ""
+    skips("truncated_shard", url, None, f"{reason}; read {groups} samples{lost}, the rest of the shard "
+                                        "is lost")
+
+
+def decode_image(data: bytes, ext: str = "jpg", draft_size: int | None = None) -> Image.Image:
+    """Bytes -> PIL RGB image. JPEGs are DCT-downscaled (``Image.draft``, by a power of two)
+    while the shorter side stays >= draft_size, which is much faster than a full decode."""
+    image = Image.open(io.BytesIO(data))
+    if draft_size and ext in ("jpg", "jpeg") and image.format == "JPEG":
+        image.draft("RGB", (draft_size, draft_size))
+    return image.convert("RGB")
+
+
+def _shuffled(items: Iterable, bufsize: int, rng: random.Random) -> Iterator:
+    """Shuffle buffer: keep ``bufsize`` items, emit a random one per new item, drain at the end."""
+    if bufsize <= 1:
+        yield from items
+        return
+    buf = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        i = rng.randrange(bufsize)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class _PrivateTorchRNG:
+    """Run callables under a worker-private torch RNG stream, restoring the caller's state.
+
+    With workers=0 the pipeline runs in the trainer's process; augmentations must neither
+    consume nor depend on the trainer's RNG (dropout masks, init).
+    """
+
+    def __init__(self, seed: int):
+        outer = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.state = torch.get_rng_state()
+        torch.set_rng_state(outer)
+
+    def __call__(self, fn: Callable, *args):
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.state)
+        try:
+            return fn(*args)
+        finally:
+            self.state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+class _TransformFailed(Exception):
+    """Internal: the sample transform raised (already counted); the cause is chained."""
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _collate(items: list[tuple[_Raw, dict]]) -> dict[str, Any]:
+    names = list(items[0][1])
+    batch: dict[str, Any] = {}
+    for name in names:
+        values = [out[name] for _, out in items]
+        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    batch["__key__"] = [raw.key for raw, _ in items]
+    batch["__url__"] = [raw.url for raw, _ in items]
+    return batch
+
+
+# ----------------------------------------------------------------------------- train stream
+
+
+@dataclass(eq=False)
+class _TrainStream(IterableDataset):
+    sources: list[list[str]]
+    sample_transform: Callable
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    epoch: int
+    mode: str
+    shuffle_buffer: int
+    weights: list[float] | None
+    strict: bool
+    drop_last: bool
+    worker_batches: int | None  # resampled: batches per worker per (virtual) epoch; None = forever
+    start_batch: int
+    draft_size: int | None
+    _progress: dict = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        physical, num_workers = _worker()
+        # The DataLoader fetches batch g from physical worker g % num_workers, starting at 0.
+        # After start_batch batches the next one belongs to stream start_batch % num_workers,
+        # so physical worker p plays stream (p + start_batch) % num_workers.
+        worker = (physical + self.start_batch) % num_workers
+        wseed = worker_seed(self.seed, self.rank, worker, self.epoch)
+        skips = _Skips(self.strict, f"rank {self.rank} worker {worker}")
+        self._progress = {"shards": 0, "last_good": 0}
+        urls = self._resampled(wseed) if self.mode == "resampled" else self._epoch_urls(worker, num_workers)
+        raws = (raw for url in urls for raw in self._counted(url, skips))
+        raws = _shuffled(raws, self.shuffle_buffer, random.Random(_sub_seed(wseed, "shuffle")))
+        samples = self._transformed(raws, skips, _PrivateTorchRNG(_sub_seed(wseed, "torch")))
+        discard = self._discard(worker, num_workers)
+        yield from _batches(samples, self.batch_size, skips, self.drop_last, self.worker_batches, discard)
+        if skips.summary():
+            log.info("[data rank %d worker %d] epoch %d done; skips: %s", self.rank, worker, self.epoch,
+                     skips.summary())
+
+    def _resampled(self, wseed: int) -> Iterator[str]:
+        rng = random.Random(_sub_seed(wseed, "shards"))
+        weights = self.weights or [len(src) for src in self.sources]
+        limit = max(64, 4 * sum(len(src) for src in self.sources))
+        while True:
+            if self._progress["shards"] - self._progress["last_good"] > limit:
+                raise DataError(f"No usable sample in the last {limit} shards drawn on rank {self.rank} "
+                                f"(sources: {[src[0] for src in self.sources]} ...). Check "
+                                "data.train_shards: missing, empty or corrupt shards?")
+            source = rng.choices(self.sources, weights=weights)[0]
+            yield rng.choice(source)
+
+    def _epoch_urls(self, worker: int, num_workers: int) -> list[str]:
+        order = [u for src in self.sources for u in src]
+        random.Random(_mix(f"{self.seed}/epoch-shards/{self.epoch}")).shuffle(order)
+        return order[self.rank::self.world_size][worker::num_workers]
+
+    def _counted(self, url: str, skips: _Skips) -> Iterator[_Raw]:
+        self._progress["shards"] += 1
+        for raw in _shard_samples(url, skips, "txt"):
+            self._progress["last_good"] = self._progress["shards"]
+            yield raw
+
+    def _transformed(self, raws: Iterable[_Raw], skips: _Skips, rng: _PrivateTorchRNG):
+        # Tolerance must not hide a broken pipeline: a transform that fails on the first 100
+        # decodable samples is a bug, and a resampled stream that yields nothing never ends.
+        good, failed_transforms, in_a_row = 0, 0, 0
+        for raw in raws:
+            try:
+                out = self._one(raw, skips, rng)
+            except DataError:
+                raise
+            except _TransformFailed as e:
+                failed_transforms, in_a_row = failed_transforms + 1, in_a_row + 1
+                if good == 0 and failed_transforms >= 100:
+                    raise DataError(f"The sample transform failed on the first {failed_transforms} "
+                                    f"samples (last: {e.__cause__!r} on {raw.url}, key {raw.key!r}); "
+                                    "a bug in the transform?") from e.__cause__
+            except Exception:
+                in_a_row += 1
+            else:
+                good, in_a_row = good + 1, 0
+                yield raw, out
+            if self.mode == "resampled" and in_a_row >= 100_000:
+                raise DataError(f"{in_a_row} samples in a row failed to decode or transform on rank "
+                                f"{self.rank} (last: {raw.url}, key {raw.key!r}); check the data.")
+
+    def _one(self, raw: _Raw, skips: _Skips, rng: _PrivateTorchRNG) -> dict:
+        try:
+            image = decode_image(raw.image, raw.image_ext, self.draft_size)
+            text = raw.text.decode("utf-8").strip()
+        except Exception as e:
+            skips("decode_error", raw.url, raw.key, f"{raw.key}.{raw.image_ext}: {e!r}")
+            raise
+        try:
+            return rng(self.sample_transform, image, text)
+        except Exception as e:
+            skips("transform_error", raw.url, raw.key, repr(e))
+            raise _TransformFailed() from e
+
+    def _discard(self, worker: int, num_workers: int) -> int:
+        # stream `worker` made batches worker, worker + W, ... of the start_batch already used
+        return max(0, (self.start_batch - worker + num_workers - 1) // num_workers)
+
+
+def _batches(samples: Iterable, batch_size: int, skips: _Skips, drop_last: bool,
+             max_batches: int | None, discard: int) -> Iterator[dict[str, Any]]:
+    """Group into batches; ``_skips`` of a batch = skips since the previous batch.
+
+    One batch is held back until the next is complete (or the stream ends), so skips that
+    happen after a worker's last batch, or in a dropped partial batch, still reach the
+    trainer: summed over all batches of an epoch, ``_skips`` equals the worker's total.
+    The first ``discard`` batches are built (same RNG use) but not collated or yielded.
+    """
+    made, held, items = 0, None, []
+    for item in samples:
+        items.append(item)
+        if len(items) < batch_size:
+            continue
+        made += 1
+        batch, items = (None if made <= discard else _collate(items)), []
+        if batch is not None:
+            if held is not None:
+                held["_skips"] = skips.take()
+                yield held
+            held = batch
+        else:
+            skips.take()  # skips of replayed batches were reported before the resume
+        if max_batches is not None and made >= max_batches:
+            break
+    last = _collate(items) if items and not drop_last and made >= discard else None
+    if held is not None:
+        held["_skips"] = skips.take()
+        yield held
+    if last is not None:
+        last["_skips"] = skips.take()
+        yield last
+
+
+def _identity(x):
+    return x
+
+
+def _loader_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
+    # DataLoader draws its workers' base seed from this generator on every iter(); without
+    # one it would consume (and depend on) the trainer's global torch RNG.
+    return torch.Generator().manual_seed(_sub_seed(worker_seed(seed, rank, -1, epoch), "loader"))
+
+
+def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, rank: int, world_size: int,
+                       seed: int, mode: str = "resampled", workers: int = 2, shuffle_buffer: int = 1000,
+                       weights: Sequence[float] | None = None, strict: bool = False, epoch: int = 0,
+                       num_samples: int | None = None, drop_last: bool = False, start_batch: int = 0,
+                       pin_memory: bool = False) -> DataLoader:
+    """Training batches for one rank: dicts of stacked views + "__key__", "__url__", "_skips".
+
+    sources: a spec ("a/{00000..00015}.tar::b/{0..9}.tar"), a list of specs, or expand_urls'
+        output. weights (resampled only): probability of each source; default proportional to
+        its shard count, i.e. every shard equally likely.
+    mode: "resampled" draws shards forever (a pure function of seed, epoch, rank, worker);
+        with num_samples, each worker stops after its share of a virtual epoch of
+        num_samples samples (ceil(num_samples / (world_size * batch_size * workers)) batches).
+        "epoch" reads each shard once (shards shuffled by seed+epoch, split by rank then
+        worker); fails fast via check_epoch_shards when there are fewer shards than readers.
+    start_batch (resampled only): batches of this loader already consumed in this epoch;
+        each worker replays its share (decoded and transformed, not yielded) so the batches
+        that follow are those an uninterrupted run would have produced.
+    Rebuild the loader with the next ``epoch`` for a new epoch / virtual epoch.
+    """
+    if mode not in ("resampled", "epoch"):
+        raise ValueError(f"Unknown data mode {mode!r}. Known: epoch, resampled.")
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"Bad loader geometry: batch_size={batch_size}, rank={rank}, "
+                         f"world_size={world_size}.")
+    srcs = sources if _is_expanded(sources) else expand_urls(sources)
+    weights = _check_weights(weights, srcs, mode)
+    if mode == "epoch":
+        check_epoch_shards(sum(len(s) for s in srcs), world_size, workers)
+        if start_batch:
+            raise ValueError("start_batch needs mode='resampled'; epoch mode resumes at epoch boundaries.")
+    readers = world_size * max(workers, 1)
+    worker_batches = None
+    if mode == "resampled" and num_samples:
+        worker_batches = math.ceil(num_samples / (readers * batch_size))
+    dataset = _TrainStream(srcs, sample_transform, batch_size, rank, world_size, seed, epoch, mode,
+                           shuffle_buffer, weights, strict, drop_last, worker_batches, start_batch,
+                           getattr(sample_transform, "draft_size", None))
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
+                        pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+                        generator=_loader_generator(seed, rank, epoch))
+    loader.num_samples = num_samples
+    if worker_batches is not None:
+        loader.num_batches = worker_batches * max(workers, 1)
+    elif num_samples:
+        loader.num_batches = num_samples // (world_size * batch_size)  # an estimate in epoch mode
+    else:
+        loader.num_batches = None
+    return loader
+
+
+def _is_expanded(sources) -> bool:
+    return (not isinstance(sources, str) and len(sources) > 0
+            and all(isinstance(s, (list, tuple)) for s in sources))
+
+
+def _check_weights(weights, sources: list[list[str]], mode: str) -> list[float] | None:
+    if not weights:
+        return None
+    if mode != "resampled":
+        raise ValueError("data.train_weights only apply in resampled mode; epoch mode reads every shard "
+                         "once. Remove the weights or set data.mode=resampled.")
+    weights = [float(w) for w in weights]
+    if len(weights) != len(sources) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"data.train_weights {weights}: need {len(sources)} non-negative weights (one per "
+                         "'::'-separated source), not all zero.")
+    return weights
+
+
+# ----------------------------------------------------------------------------- eval stream
+
+
+@dataclass(eq=False)
+class _EvalStream(IterableDataset):
+    urls: list[str]
+    transform: Callable
+    batch_size: int
+    rank: int
+    world_size: int
+    label_key: str
+    strict: bool
+    draft_size: int | None
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        skips = _Skips(self.strict, f"eval rank {self.rank} worker {worker}")
+        mine = self.urls[self.rank::self.world_size][worker::num_workers]
+        items: list = []
+        for raw in (raw for url in mine for raw in _shard_samples(url, skips, self.label_key)):
+            try:
+                label = int(raw.text.decode("utf-8").strip())
+                image = self.transform(decode_image(raw.image, raw.image_ext, self.draft_size))
+            except Exception as e:
+                skips("decode_error", raw.url, raw.key, repr(e))
+                continue
+            items.append((image, label, raw.key))
+            if len(items) == self.batch_size:
+                yield _eval_batch(items)
+                items = []
+        if items:
+            yield _eval_batch(items)
+        if skips.summary():
+            log.warning("[data eval rank %d worker %d] skipped: %s", self.rank, worker, skips.summary())
+
+
+def _eval_batch(items):
+    images, labels, keys = zip(*items)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys)
+
+
+def build_eval_loader(urls, transform: Callable, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                      label_key: str = "cls", workers: int = 0, strict: bool = False) -> DataLoader:
+    """Evaluation batches ``(images (B, 3, H, W), labels (B,) long, keys list[str])``.
+
+    No shuffling; shards (in sorted spec order) are split by rank, then by worker, so across
+    ranks every sample is seen once. Ranks may get different batch counts, and a rank
+    without shards yields nothing: gather the results after the loop, not per batch.
+    """
+    flat = _flatten_urls(urls)
+    dataset = _EvalStream(flat, transform, batch_size, rank, world_size, label_key, strict,
+                          getattr(transform, "draft_size", None))
+    return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
+                      prefetch_factor=2 if workers else None, generator=_loader_generator(0, rank, 0))

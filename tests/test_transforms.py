@@ -1,0 +1,102 @@
+"""Image transforms and the multi-view SampleTransform (CPU, tiny images)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from declip_ds.data.transforms import (
+    NORMALIZE,
+    SampleTransform,
+    clip_train_transform,
+    eval_transform,
+    moco_v2_transform,
+    simclr_transform,
+)
+
+
+def _image(w=48, h=40):
+    # a gradient so crops, flips and jitter all change the pixels
+    img = Image.new("RGB", (w, h))
+    img.putdata([(x * 5 % 256, y * 6 % 256, (x * y) % 256) for y in range(h) for x in range(w)])
+    return img
+
+
+@pytest.mark.parametrize("make", [clip_train_transform, moco_v2_transform, simclr_transform, eval_transform])
+def test_shapes_and_dtype(make):
+    out = make(32)(_image())
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_normalize_constants_and_errors():
+    assert NORMALIZE["openai"] == ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    white = Image.new("RGB", (40, 40), (255, 255, 255))
+    for name, (mean, std) in NORMALIZE.items():
+        out = eval_transform(16, normalize=name)(white)
+        expected = (1 - torch.tensor(mean)) / torch.tensor(std)
+        torch.testing.assert_close(out[:, 0, 0], expected)
+    with pytest.raises(ValueError, match="imagenet, openai"):
+        clip_train_transform(16, normalize="cifar")
+    with pytest.raises(ValueError, match="bicubic"):
+        eval_transform(16, interpolation="lanczos9")
+
+
+def test_eval_transform_is_deterministic_center_crop():
+    t = eval_transform(32)
+    assert t.transforms[0].size == round(32 / (224 / 256))  # 37
+    a, b = t(_image()), t(_image())
+    assert torch.equal(a, b)
+    assert t.draft_size == 37
+
+
+def test_moco_views_differ_between_calls_and_follow_torch_seed():
+    t = moco_v2_transform(24)
+    torch.manual_seed(0)
+    a, b = t(_image()), t(_image())
+    assert not torch.equal(a, b)
+    torch.manual_seed(0)
+    a2 = t(_image())
+    assert torch.equal(a, a2)  # all randomness comes from torch's RNG
+
+
+def test_moco_recipe():
+    t = moco_v2_transform(224)
+    names = [type(x).__name__ for x in t.transforms]
+    assert names == ["RandomResizedCrop", "RandomApply", "RandomGrayscale", "RandomApply",
+                     "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert t.transforms[0].scale == (0.2, 1.0)
+    blur = t.transforms[3].transforms[0]
+    assert blur.kernel_size[0] % 2 == 1 and 21 <= blur.kernel_size[0] <= 23
+    assert blur.sigma == (0.1, 2.0) and t.transforms[3].p == 0.5
+    assert simclr_transform(224).transforms[0].scale == (0.08, 1.0)
+    clip = clip_train_transform(224)
+    assert [type(x).__name__ for x in clip.transforms] == ["RandomResizedCrop", "ToTensor", "Normalize"]
+    assert clip.transforms[0].interpolation.value == "bicubic"
+
+
+def test_sample_transform_two_image_and_two_text_views():
+    def tokens(s):
+        return torch.tensor([len(w) for w in s.split()][:4] + [0] * (4 - min(4, len(s.split()))))
+
+    def masked(s):
+        t = tokens(s)
+        return {"text_masked": t.clone().fill_(9), "mlm_labels": t}
+
+    st = SampleTransform({"image1": moco_v2_transform(16), "image2": moco_v2_transform(16)},
+                         {"text": tokens, "masked": masked})
+    torch.manual_seed(1)
+    out = st(_image(), "a small red square")
+    assert set(out) == {"image1", "image2", "text", "text_masked", "mlm_labels"}
+    assert out["image1"].shape == out["image2"].shape == (3, 16, 16)
+    assert not torch.equal(out["image1"], out["image2"])
+    assert out["text"].tolist() == [1, 5, 3, 6] and out["mlm_labels"].tolist() == [1, 5, 3, 6]
+    assert st.draft_size == moco_v2_transform(16).draft_size
+
+
+def test_sample_transform_name_clashes():
+    with pytest.raises(ValueError, match="both"):
+        SampleTransform({"x": eval_transform(8)}, {"x": len})
+    st = SampleTransform({"image": eval_transform(8)}, {"t": lambda s: {"image": torch.zeros(1)}})
+    with pytest.raises(ValueError, match="image"):
+        st(_image(), "hi")
+    assert SampleTransform({"image": eval_transform(8), "raw": lambda im: torch.zeros(1)}).draft_size is None

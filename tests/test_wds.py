@@ -1,0 +1,340 @@
+"""Webdataset loader: url expansion, epoch/resampled modes, skips, strict mode, eval split.
+
+Shards are written to tmp_path: 16-px JPEGs + captions with unique keys. Most tests use
+workers=0; workers=2 only where the worker split itself is under test.
+"""
+
+import io
+import json
+import logging
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from declip_ds.data import wds
+from declip_ds.data.transforms import SampleTransform, clip_train_transform, eval_transform
+
+SIZE = 8
+
+
+def _jpeg(i, size=16):
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (i * 37 % 256, i * 11 % 256, 90)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _sample(key, i, label=None):
+    out = [(f"{key}.jpg", _jpeg(i)), (f"{key}.txt", f"caption of {key}".encode())]
+    if label is not None:
+        out.append((f"{key}.cls", str(label).encode()))
+    return out
+
+
+def make_shards(root, n_shards=6, per_shard=8, extra=None):
+    """``{00000..}.tar`` + sizes.json; extra: shard index -> list of members appended."""
+    root.mkdir(parents=True, exist_ok=True)
+    keys, sizes = [], {}
+    for s in range(n_shards):
+        members = []
+        for j in range(per_shard):
+            key = f"s{s}k{j}"
+            keys.append(key)
+            members += _sample(key, s * per_shard + j)
+        members += (extra or {}).get(s, [])
+        _write_tar(root / f"{s:05d}.tar", members)
+        sizes[f"{s:05d}.tar"] = per_shard
+    (root / "sizes.json").write_text(json.dumps(sizes))
+    return f"{root}/{{00000..{n_shards - 1:05d}}}.tar", keys
+
+
+def _transform():
+    return SampleTransform({"image": clip_train_transform(SIZE)})
+
+
+def _loader(spec, **kw):
+    args = dict(rank=0, world_size=1, seed=0, workers=0, shuffle_buffer=16)
+    args.update(kw)
+    batch_size = args.pop("batch_size", 4)
+    return wds.build_train_loader(spec, _transform(), batch_size, **args)
+
+
+def _run(loader, max_batches=None):
+    keys, totals, shapes = [], dict.fromkeys(wds.SKIP_KINDS, 0), set()
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        keys += batch["__key__"]
+        shapes.add(tuple(batch["image"].shape[1:]))
+        for kind, n in batch["_skips"].items():
+            totals[kind] += n
+    return keys, totals, shapes
+
+
+# ----------------------------------------------------------------------------- urls and sizes
+
+
+def test_expand_urls_braces_sources_and_errors(tmp_path):
+    a, _ = make_shards(tmp_path / "a", n_shards=3, per_shard=1)
+    b, _ = make_shards(tmp_path / "b", n_shards=2, per_shard=1)
+    expanded = wds.expand_urls(f"{a}::{b}")
+    assert [len(s) for s in expanded] == [3, 2]
+    assert expanded[0][0].endswith("a/00000.tar") and expanded[1][1].endswith("b/00001.tar")
+    assert wds.expand_urls([a, b]) == expanded
+    assert wds.expand_urls(f"{tmp_path}/a/*.tar") == expanded[:1]
+    assert wds.expand_urls("pipe:curl -s http://x/{000..002}.tar") == [
+        [f"pipe:curl -s http://x/{i:03d}.tar" for i in range(3)]]
+    bad = f"{tmp_path}/nope/{{00000..00001}}.tar"
+    with pytest.raises(FileNotFoundError) as e:
+        wds.expand_urls(f"{a}::{bad}")
+    assert bad in str(e.value) and "nope/00000.tar" in str(e.value) and "data.train_shards" in str(e.value)
+
+
+def test_read_num_samples(tmp_path):
+    a, _ = make_shards(tmp_path / "a", n_shards=3, per_shard=5)
+    b, _ = make_shards(tmp_path / "b", n_shards=2, per_shard=4)
+    assert wds.read_num_samples(f"{a}::{b}") == 23
+    assert wds.read_num_samples(wds.expand_urls(a)) == 15
+    (tmp_path / "b" / "sizes.json").write_text(json.dumps({"00000.tar": 4}))
+    with pytest.raises(wds.DataError, match="00001.tar.*data.num_samples"):
+        wds.read_num_samples(b)
+    (tmp_path / "b" / "sizes.json").unlink()
+    with pytest.raises(ValueError, match="data.num_samples.*sizes.json"):
+        wds.read_num_samples(b)
+
+
+def test_worker_seed_is_pure_and_distinct():
+    assert wds.worker_seed(1, 2, 3, 4) == wds.worker_seed(1, 2, 3, 4)
+    seeds = {wds.worker_seed(0, r, w, e) for r in range(3) for w in range(3) for e in range(3)}
+    assert len(seeds) == 27 and all(0 <= s < 2**63 for s in seeds)
+
+
+# ----------------------------------------------------------------------------- epoch mode
+
+
+def test_epoch_mode_two_ranks_two_workers_sees_every_sample_once(tmp_path):
+    spec, keys = make_shards(tmp_path, n_shards=6, per_shard=8)
+    seen = []
+    for rank in range(2):
+        loader = _loader(spec, rank=rank, world_size=2, workers=2, mode="epoch", batch_size=3)
+        ds = loader.dataset
+        assignment = {w: set(ds._epoch_urls(w, 2)) for w in range(2)}
+        for batch in loader:
+            urls = set(batch["__url__"])
+            assert any(urls <= shards for shards in assignment.values()), "a batch crossed workers"
+            assert batch["image"].shape[1:] == (3, SIZE, SIZE)
+            seen += batch["__key__"]
+    assert sorted(seen) == sorted(keys) and len(seen) == len(set(seen))
+
+
+def test_epoch_mode_reshuffles_per_epoch_and_drop_last(tmp_path):
+    spec, keys = make_shards(tmp_path, n_shards=4, per_shard=8)
+    e0, _, _ = _run(_loader(spec, mode="epoch", epoch=0))
+    e1, _, _ = _run(_loader(spec, mode="epoch", epoch=1))
+    assert sorted(e0) == sorted(e1) == sorted(keys) and e0 != e1
+    assert e0 == _run(_loader(spec, mode="epoch", epoch=0))[0]
+    kept = [len(b["__key__"]) for b in _loader(spec, mode="epoch", batch_size=5, drop_last=True)]
+    assert kept == [5] * 6
+    assert sum(len(b["__key__"]) for b in _loader(spec, mode="epoch", batch_size=5)) == 32
+
+
+def test_check_epoch_shards_fails_before_training(tmp_path):
+    with pytest.raises(ValueError) as e:
+        wds.check_epoch_shards(3, world_size=2, workers=2)
+    msg = str(e.value)
+    assert "3 shards" in msg and "2 ranks" in msg and "2 workers" in msg and "resampled" in msg
+    wds.check_epoch_shards(4, world_size=2, workers=2)
+    spec, _ = make_shards(tmp_path, n_shards=3, per_shard=2)
+    with pytest.raises(ValueError, match="3 shards"):
+        _loader(spec, mode="epoch", rank=0, world_size=2, workers=2)
+    with pytest.raises(ValueError, match="resampled"):
+        _loader(f"{spec}::{spec}", mode="epoch", weights=[1, 2])
+
+
+# ----------------------------------------------------------------------------- resampled mode
+
+
+def test_resampled_is_deterministic_per_rank_and_epoch(tmp_path):
+    spec, _ = make_shards(tmp_path, n_shards=6, per_shard=8)
+
+    def first(k=6, **kw):
+        batches = []
+        for i, b in enumerate(_loader(spec, **kw)):
+            batches.append(b)
+            if i + 1 == k:
+                return batches
+
+    a, b = first(), first()
+    assert [x["__key__"] for x in a] == [x["__key__"] for x in b]
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))  # augmentations too
+    keys = [x["__key__"] for x in a]
+    assert [x["__key__"] for x in first(rank=1, world_size=2)] != keys
+    assert [x["__key__"] for x in first(epoch=1)] != keys
+    assert [x["__key__"] for x in first(seed=1)] != keys
+
+
+def test_resampled_leaves_the_callers_torch_rng_alone(tmp_path):
+    spec, _ = make_shards(tmp_path, n_shards=2, per_shard=8)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    _run(_loader(spec), max_batches=3)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resampled_resume_with_start_batch(tmp_path, workers):
+    spec, _ = make_shards(tmp_path, n_shards=6, per_shard=8)
+    loader = _loader(spec, workers=workers, num_samples=48, batch_size=4)
+    assert loader.num_batches == 12  # virtual epoch: ceil(48 / (1 * 4 * max(workers, 1))) per worker
+    full = list(loader)
+    assert sum(len(b["__key__"]) for b in full) == 48
+    again = list(_loader(spec, workers=workers, num_samples=48, batch_size=4))
+    assert [b["__key__"] for b in again] == [b["__key__"] for b in full]  # not seeded by pid or time
+    resumed = list(_loader(spec, workers=workers, num_samples=48, batch_size=4, start_batch=5))
+    assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[5:]]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[5:]))  # same augmentations
+
+
+def test_resampled_source_weights(tmp_path):
+    a, _ = make_shards(tmp_path / "a", n_shards=2, per_shard=4)
+    b, _ = make_shards(tmp_path / "b", n_shards=2, per_shard=4)
+    for weights, source in (([1, 0], "/a/"), ([0, 1], "/b/")):
+        urls = [u for batch in _loader(f"{a}::{b}", weights=weights, num_samples=16) for u in batch["__url__"]]
+        assert len(urls) == 16 and all(source in u for u in urls)
+    with pytest.raises(ValueError, match="2 non-negative weights"):
+        _loader(f"{a}::{b}", weights=[1])
+
+
+def test_resampled_with_no_readable_shard_raises_instead_of_hanging(tmp_path):
+    spec, _ = make_shards(tmp_path, n_shards=2, per_shard=1)
+    for p in tmp_path.glob("*.tar"):
+        p.write_bytes(b"")
+    with pytest.raises(wds.DataError, match="No usable sample"):
+        _run(_loader(spec), max_batches=1)
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+BAD = {
+    "bad_jpeg": [("bad_jpeg.jpg", b"\xff\xd8\xff\xe0 not really a jpeg"), ("bad_jpeg.txt", b"broken")],
+    "no_txt": [("no_txt.jpg", _jpeg(1))],
+    "zero_byte": [("zero_byte.jpg", b""), ("zero_byte.txt", b"empty image")],
+    "duplicate": _sample("s0k3", 99),  # key s0k3 already appeared earlier in shard 0
+}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_are_skipped_and_counted(tmp_path, caplog, workers):
+    members = [m for sample in BAD.values() for m in sample]
+    spec, keys = make_shards(tmp_path, n_shards=3, per_shard=8, extra={0: members})
+    caplog.set_level(logging.WARNING, logger="declip_ds.data.wds")
+    got, totals, shapes = _run(_loader(spec, mode="epoch", batch_size=5, workers=workers))
+    assert sorted(got) == sorted(keys) and shapes == {(3, SIZE, SIZE)}
+    assert {k: v for k, v in totals.items() if v} == {
+        "decode_error": 1, "missing_text": 1, "empty_member": 1, "duplicate_key": 1}
+    assert sum(totals[k] for k in wds.SAMPLE_SKIP_KINDS) == 4
+    if workers == 0:  # worker processes log to their own stderr, not to caplog
+        assert "00000.tar" in caplog.text and "'no_txt'" in caplog.text and "'bad_jpeg'" in caplog.text
+
+
+def test_missing_image_and_blank_caption(tmp_path):
+    extra = {0: [("txt_only.txt", b"no picture"), ("blank.jpg", _jpeg(3)), ("blank.txt", b"  \n")]}
+    spec, keys = make_shards(tmp_path, n_shards=1, per_shard=4, extra=extra)
+    got, totals, _ = _run(_loader(spec, mode="epoch"))
+    assert sorted(got) == sorted(keys)
+    assert totals["missing_image"] == 1 and totals["empty_member"] == 1
+
+
+def test_truncated_and_missing_shards_are_counted(tmp_path, caplog):
+    spec, keys = make_shards(tmp_path, n_shards=3, per_shard=8)
+    data = (tmp_path / "00002.tar").read_bytes()
+    (tmp_path / "00002.tar").write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
+    urls = wds.expand_urls(spec)[0] + [str(tmp_path / "00009.tar")]  # the last one does not exist
+    caplog.set_level(logging.WARNING, logger="declip_ds.data.wds")
+    got, totals, _ = _run(_loader([urls], mode="epoch", batch_size=3))
+    assert totals["truncated_shard"] == 1 and totals["missing_shard"] == 1
+    assert set(keys[:16]) <= set(got) and 16 < len(got) < 24 and len(set(got)) == len(got)
+    assert "00002.tar" in caplog.text and "00009.tar" in caplog.text and "sizes.json: 8" in caplog.text
+
+
+def test_cut_at_member_boundary_is_detected(tmp_path):
+    spec, _ = make_shards(tmp_path, n_shards=1, per_shard=8)
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path) as tar:
+        cut = [m.offset for m in tar.getmembers()][7]  # header of s0k3.txt: the file just stops
+    path.write_bytes(path.read_bytes()[:cut])
+    got, totals, _ = _run(_loader(spec, mode="epoch"))
+    assert got and set(got) <= {f"s0k{j}" for j in range(3)}  # s0k3 (image only) is lost, not "missing_text"
+    assert totals["truncated_shard"] == 1 and totals["missing_text"] == 0
+
+
+@pytest.mark.parametrize("case", ["bad_jpeg", "no_txt", "zero_byte", "duplicate", "truncated", "missing"])
+def test_strict_mode_raises_naming_shard_and_key(tmp_path, case):
+    extra = {0: BAD[case]} if case in BAD else {}
+    spec, _ = make_shards(tmp_path, n_shards=1, per_shard=4, extra=extra)
+    shard = tmp_path / "00000.tar"
+    if case == "truncated":
+        shard.write_bytes(shard.read_bytes()[:3000])
+    urls = [str(shard)] + ([str(tmp_path / "00007.tar")] if case == "missing" else [])
+    with pytest.raises(wds.DataError) as e:
+        _run(_loader([urls], mode="epoch", strict=True))
+    msg = str(e.value)
+    assert ("00007.tar" if case == "missing" else "00000.tar") in msg
+    if case in BAD:
+        key = "s0k3" if case == "duplicate" else case
+        assert repr(key) in msg
+
+
+def test_draft_decode_keeps_enough_pixels():
+    data = _jpeg(5, size=128)
+    assert wds.decode_image(data, "jpg").size == (128, 128)
+    small = wds.decode_image(data, "jpg", draft_size=30)
+    assert small.mode == "RGB" and 30 <= small.size[0] < 128
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def test_eval_loader_splits_uneven_shards_across_ranks(tmp_path):
+    root, expected = tmp_path / "eval", {}
+    root.mkdir()
+    for s, n in enumerate([5, 3, 2]):
+        members = []
+        for j in range(n):
+            key, label = f"e{s}_{j}", (s * 7 + j) % 4
+            expected[key] = label
+            members += [(f"{key}.jpg", _jpeg(j)), (f"{key}.cls", f"{label}\n".encode())]
+        _write_tar(root / f"{s:05d}.tar", members)
+    spec = f"{root}/{{00000..00002}}.tar"
+    t = eval_transform(SIZE)
+    for world in (2, 4):
+        seen = {}
+        for rank in range(world):
+            for images, labels, keys in wds.build_eval_loader(spec, t, 4, rank=rank, world_size=world):
+                assert images.shape == (len(keys), 3, SIZE, SIZE) and labels.dtype == torch.long
+                for k, lab in zip(keys, labels.tolist()):
+                    assert k not in seen
+                    seen[k] = lab
+        assert seen == expected
+    assert list(wds.build_eval_loader(spec, t, 4, rank=3, world_size=4)) == []  # no shards: no batches
+
+
+def test_skip_logging_is_rate_limited(caplog, monkeypatch):
+    monkeypatch.setattr(wds, "_LOG_EVERY", 10)
+    caplog.set_level(logging.WARNING, logger="declip_ds.data.wds")
+    skips = wds._Skips(strict=False, where="test")
+    for i in range(25):
+        skips("decode_error", "shard.tar", f"k{i}", "bad")
+    assert len(caplog.records) == wds._LOG_FIRST + 2  # first few by key, then a summary per 10
+    assert "'k0'" in caplog.text and "'k9'" not in caplog.text and "20 skips so far" in caplog.text
+    assert skips.take()["decode_error"] == 25 and skips.take()["decode_error"] == 0
