@@ -103,7 +103,7 @@ def test_public_attributes_and_names(tiny):
     assert sd["text.positional_embedding"].shape == (16, 64)
     assert sd["text.text_projection"].shape == (64, 48)  # OpenAI (width, embed_dim), used as x @ P
     assert sd["visual.proj"].shape == (128, 48)
-    assert sd["logit_scale"].shape == ()
+    assert sd["logit_scale"].shape == (1,)
     assert sd["image_mapping.weight"].shape == (32, 128) and sd["text_mapping.weight"].shape == (32, 64)
 
 
@@ -189,7 +189,8 @@ def test_freeze_patch_embed_is_vit_only():
 
 def test_scale_cap_and_clamp():
     model = build_model(tiny_cfg(logit_scale_exp_cap=100.0, logit_scale_bounds=[3.0, 6.0]))
-    assert model.logit_scale.shape == () and isinstance(model.logit_scale, nn.Parameter)
+    assert model.logit_scale.shape == (1,) and isinstance(model.logit_scale, nn.Parameter)
+    assert model.scale().shape == ()
     torch.testing.assert_close(model.scale(), torch.tensor(1 / 0.07))
     with torch.no_grad():
         model.logit_scale.fill_(5.0)  # e^5 = 148 > cap

@@ -6,11 +6,13 @@ Module names (state-dict prefixes), for checkpoint converters:
     text.*              text tower (text.py), OpenAI names inside: text.token_embedding,
                         text.positional_embedding, text.transformer.resblocks.{i}.*, text.ln_final,
                         text.text_projection
-    logit_scale         0-d parameter (OpenAI's name; the DeCLIP reference stores shape [1])
+    logit_scale         shape-[1] parameter (the DeCLIP reference's layout; OpenAI stores it 0-d). Not 0-d
+                        because DeepSpeed's parameter broadcast views every parameter as bytes,
+                        which a 0-d tensor cannot do; scale() returns a 0-d tensor
     image_mapping, text_mapping   FILIP token projections (DeCLIP-reference names), only if token_dim > 0
 
 Every parameter belongs to a module whose forward runs inside encode_* (DeepSpeed ZeRO-3 gathers
-per module), except the 0-d logit_scale, which is far below ZeRO-3's persistence threshold.
+per module), except the one-element logit_scale, which is far below ZeRO-3's persistence threshold.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class DualEncoder(nn.Module):
         self.token_dim = cfg.token_dim
         self.visual = build_vision_tower(cfg.vision, cfg.embed_dim)
         self.text = TextTransformer(cfg.text, cfg.vocab_size, cfg.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))  # shape []
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.logit_scale_init)))  # (1,)
         if cfg.token_dim > 0:
             self.image_mapping, self.text_mapping = make_token_mappings(
                 self.visual.token_dim, cfg.text.width, cfg.token_dim
@@ -105,7 +107,7 @@ class DualEncoder(nn.Module):
     # ------------------------------------------------------------------ temperature
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), capped at cfg.logit_scale_exp_cap when > 0 (the reference caps at 100). 0-d."""
-        s = self.logit_scale.exp()
+        s = self.logit_scale.exp().squeeze(0)  # ()
         cap = self.cfg.logit_scale_exp_cap
         return s.clamp(max=cap) if cap > 0 else s
 

@@ -147,7 +147,7 @@ class Meter:
     def add(self, out: dict) -> None:
         for k, v in out.items():
             if isinstance(v, torch.Tensor) and v.numel() == 1:
-                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+                self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
         self.count += 1
 
     def add_skips(self, skips: dict | None) -> None:
@@ -347,8 +347,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                 parts = " ".join(f"{k}={v:.4g}" for k, v in values.items() if k.endswith("loss") or k == "loss")
                 msg = (f"step {step}/{exp.train.steps} {parts} lr={values['lr']:.3g} scale={values.get('logit_scale', 0):.3g} "
                        f"{values['samples_per_s_per_rank']:.1f} samples/s/rank data_wait={100 * values['data_wait']:.0f}%")
-                if skipped:
-                    msg += " " + " ".join(f"{k}={v}" for k, v in skipped.items())
+                msg += "".join(f" {k}={v}" for k, v in skipped.items() if v)
                 (bar.write if bar is not None else log.info)(msg)
             meter, t_last = Meter(), time.perf_counter()
         if step % exp.train.save_every == 0 or step == exp.train.steps:
