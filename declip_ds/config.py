@@ -231,6 +231,35 @@ def _method_class(name: str):
         raise ConfigError(str(e.args[0])) from None
 
 
+def _get_dotted(data: dict, dotted: str):
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def _apply_model_requirements(exp: Experiment, data: dict, mcls) -> None:
+    """A method's model needs (e.g. DeCLIP's mask token, FILIP's token heads): filled in where the
+    config is silent, an error where it says otherwise."""
+    for dotted, value in getattr(mcls, "model_requirements", {}).items():
+        given = _get_dotted(data.get("model") or {}, dotted)
+        if given is not _MISSING and given != value:
+            raise ConfigError(
+                f"model.{dotted}={given!r} but method '{mcls.name}' needs model.{dotted}={value!r}. "
+                f"Remove the key (it is then set for you) or set it to {value!r}."
+            )
+        node = exp.model
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+
+
 def from_dict(data: dict) -> Experiment:
     """Build and validate an Experiment from a plain (YAML-loaded) dict."""
     data = dict(data or {})
@@ -238,6 +267,7 @@ def from_dict(data: dict) -> Experiment:
     exp = _build(Experiment, data, "")
     mcls = _method_class(method.get("name", "clip"))
     exp.method = _build(mcls.Config, method, "method")
+    _apply_model_requirements(exp, data, mcls)
     validate(exp)
     return exp
 

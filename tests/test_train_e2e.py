@@ -103,12 +103,19 @@ def test_two_deepspeed_ranks(tmp_path, shapes, stage, precision):
     port = str(29500 + 10 * stage + os.getpid() % 100)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
            str(ROOT / "train.py"), "--ds_config", str(ds)]
-    rc, out = run(cmd + train_cmd(run_dir, shapes, "train.steps=3", "train.save_every=2", "train.log_every=1")[2:],
-                  tmp_path, timeout=420)
+    # the reference's temperature clamp [3, 6] sits above the init ln(1/0.07) = 2.66: it must hold in
+    # the optimizer's fp32 master copy too, or the next step would undo it
+    rc, out = run(cmd + train_cmd(run_dir, shapes, "train.steps=3", "train.save_every=2", "train.log_every=1",
+                                  "model.logit_scale_bounds=[3.0,6.0]")[2:], tmp_path, timeout=420)
     assert rc == 0, out[-4000:]
     assert "step 3/3" in out and "zero-shot at step 3" in out
     files = {p.name for p in (run_dir / "checkpoints" / "step_00000003").iterdir()}
     assert {"rank_00000.pt", "rank_00001.pt", "model.safetensors", "COMPLETE"} <= files
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
+    assert 3.0 <= float(weights["model.logit_scale"]) <= 6.0
+    assert len(weights) > 20 and all(v.numel() > 0 for v in weights.values())  # ZeRO-3 weights gathered
     # evaluation under 2 ranks (each scoring its shards, counts summed) equals one process on the saved weights
     rc, out = run([sys.executable, str(ROOT / "eval_zeroshot.py"), "--checkpoint", str(run_dir), "--data",
                    str(shapes / "eval"), "--out", str(tmp_path / "r.json")], tmp_path)

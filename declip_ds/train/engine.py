@@ -69,6 +69,10 @@ def synthetic_sources(exp: Experiment) -> list[list[str]]:
     if not urls:
         raise ConfigError(f"No synthetic shards in {root / 'train'}; set data.synthetic.generate_if_missing=true "
                           f"or run python -m declip_ds.data.synthetic --out {root}.")
+    if exp.data.mode == "epoch":
+        from declip_ds.data.wds import check_epoch_shards
+
+        check_epoch_shards(len(urls), D.world_size(), max(1, exp.data.workers))
     return [urls]
 
 

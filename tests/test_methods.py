@@ -1,0 +1,67 @@
+"""Every registered method: its views come out of its own sample transform, one forward/backward on a
+tiny model gives finite named losses, and a gradient reaches every parameter it trains."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from declip_ds.config import ConfigError, from_dict
+from declip_ds.registry import METHODS, get_method
+
+get_method("clip")  # imports declip_ds.methods, which registers them all
+
+TINY = {
+    "model": {"vision": {"name": "vit_tiny", "image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+              "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2}, "embed_dim": 16},
+    "train": {"batch_size": 4},
+}
+CAPTIONS = ["a small red circle on the left", "two blue squares and a yellow star", "crimson disk, top right",
+            "a large green triangle in the middle", "a white heart", "an orange cross at the bottom"]
+
+
+def tiny_experiment(name: str, **method):
+    return from_dict({**TINY, "method": {"name": name, **method}})
+
+
+def make_batch(method, n=6):
+    rng = np.random.default_rng(0)
+    transform = method.sample_transform()
+    samples = [transform(Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)), CAPTIONS[i % 6])
+               for i in range(n)]
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_trains_one_step(name):
+    torch.manual_seed(0)
+    exp = tiny_experiment(name)
+    method = get_method(name)(exp)
+    method.train()
+    batch = make_batch(method)
+    out = method(batch)
+    losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+    assert losses and set(losses) == set(method.loss_weights())
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values()), losses
+    total = method.total_loss(out)
+    total.backward()
+    no_grad = getattr(method, "parameters_without_gradient", lambda: set())()
+    missing = [n for n, p in method.named_parameters()
+               if p.requires_grad and n not in no_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    assert not missing, f"{name}: no (finite) gradient for {missing[:8]}"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_state_round_trip(name):
+    method = get_method(name)(tiny_experiment(name))
+    state = method.extra_state()
+    method.load_extra_state(state)  # what a resume does, per rank
+
+
+def test_model_requirements_are_filled_in_or_contradictions_refused(monkeypatch):
+    cls = get_method("clip")
+    monkeypatch.setattr(cls, "model_requirements", {"text.mask_token": True}, raising=False)
+    assert tiny_experiment("clip").model.text.mask_token is True
+    with pytest.raises(ConfigError, match=r"model.text.mask_token=False but method 'clip' needs"):
+        from_dict({**TINY, "model": {**TINY["model"], "text": {**TINY["model"]["text"], "mask_token": False}},
+                   "method": {"name": "clip"}})
