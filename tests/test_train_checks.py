@@ -1,0 +1,55 @@
+"""Checks the trainer makes before any process group or loader exists."""
+
+import pytest
+
+from declip_ds.config import ConfigError, from_dict
+from declip_ds.train import engine
+
+
+def write_shards(d, n):
+    import io
+    import tarfile
+
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        with tarfile.open(d / f"{i:05d}.tar", "w") as tf:
+            data = b"a caption"
+            info = tarfile.TarInfo(f"k{i}.txt")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(d) + "/{00000.." + f"{n - 1:05d}" + "}.tar"
+
+
+def test_epoch_mode_with_too_few_shards_fails_with_the_counts(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    exp = from_dict({"data": {"train_shards": [write_shards(tmp_path, 3)], "mode": "epoch", "workers": 2}})
+    with pytest.raises(ValueError, match=r"3.*2.*2"):
+        engine.resolve_sources(exp)
+
+
+def test_shard_pattern_matching_nothing_names_it(tmp_path):
+    pattern = str(tmp_path / "missing" / "{00000..00003}.tar")
+    exp = from_dict({"data": {"train_shards": [pattern]}})
+    with pytest.raises(FileNotFoundError, match="missing"):
+        engine.resolve_sources(exp)
+
+
+def test_synthetic_cannot_be_mixed(tmp_path):
+    exp = from_dict({"data": {"train_shards": ["synthetic", write_shards(tmp_path, 2)]}})
+    with pytest.raises(ConfigError, match="synthetic"):
+        engine.resolve_sources(exp)
+
+
+def test_param_groups_exclude_norms_biases_embeddings_and_temperature():
+    from declip_ds.models import build_model
+
+    model = build_model(from_dict({}).model)
+    groups = engine.param_groups(model, 0.1, no_decay_embeddings=True)
+    decay = {id(p) for p in groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decay}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert not any(n.endswith("bias") or "logit_scale" in n or "embedding" in n or "pos_embed" in n or "cls_token" in n
+                   for n in names)
+    assert any("attn" in n and n.endswith("weight") for n in names)
+    total = sum(len(g["params"]) for g in groups)
+    assert total == sum(1 for p in model.parameters() if p.requires_grad)
