@@ -28,13 +28,13 @@ def main(argv=None) -> int:
 
     try:
         exp = load_config(args.config, args.overrides)
-        from declip_ds.train.engine import train
+        from declip_ds.train.engine import PREEMPTED_EXIT_CODE, train
 
-        train(exp, ds_config=args.ds_config, resume=args.resume)
+        result = train(exp, ds_config=args.ds_config, resume=args.resume)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 
 if __name__ == "__main__":

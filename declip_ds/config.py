@@ -128,6 +128,7 @@ class TrainConfig:
     keep_last: int = 2
     eval_every: int = 0  # 0 = only at the end
     no_decay_embeddings: bool = True  # no weight decay on token/positional embeddings
+    max_wall_minutes: float = 0.0  # save and exit (code 75) after this long; 0 = no limit
     wandb: bool = False
     wandb_project: str = "declip_ds"
 

@@ -25,6 +25,7 @@ from declip_ds.train import dist as D
 from declip_ds.train.ds_config import build_ds_config, read_ds_config, resolve_precision
 
 log = logging.getLogger("declip_ds")
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped early; rerun to resume
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_DECAY_NAMES = ("token_embedding", "positional_embedding", "pos_embed", "cls_token", "class_embedding")
 
@@ -120,6 +121,13 @@ def param_groups(module: torch.nn.Module, weight_decay: float, no_decay_embeddin
 
 
 @torch.no_grad()
+def grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the local gradients (ZeRO 0: every rank holds the full averaged gradient)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+@torch.no_grad()
 def clamp_scales(engine, method, bounds) -> None:
     """Clamp the temperature parameters, including the optimizer's fp32 master copies (bf16, ZeRO):
     clamping only the module's copy would be undone by the next step."""
@@ -167,14 +175,19 @@ class Logger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(run_dir / "tb"))
+        self.jsonl = run_dir / "metrics.jsonl"
         if exp.train.wandb:
             import wandb
 
             self.wandb = wandb.init(project=exp.train.wandb_project, dir=str(run_dir), config=to_dict(exp))
 
     def scalars(self, values: dict, step: int) -> None:
+        """TensorBoard, wandb, and one JSON line per call in ``metrics.jsonl`` (exact float reprs,
+        so two runs can be compared bitwise)."""
         if self.rank != 0:
             return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
         for k, v in values.items():
             if v is not None and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, step)
@@ -195,6 +208,31 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=D.device())
     dist.all_reduce(t)
     return {k: float(v) / D.world_size() for k, v in zip(keys, t.tolist())}
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (on any rank) or the wall-time limit: every rank saves at the next step
+    boundary and the run exits with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, max_wall_minutes: float):
+        import signal
+
+        self.reason = None
+        self.deadline = time.monotonic() + 60 * max_wall_minutes if max_wall_minutes > 0 else None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.reason = f"signal {signum}"
+
+    def should_stop(self) -> bool:
+        """Collective: true on every rank as soon as one rank was asked to stop."""
+        if self.reason is None and self.deadline is not None and time.monotonic() > self.deadline:
+            self.reason = "wall-time limit (train.max_wall_minutes)"
+        return D.all_reduce_int(0 if self.reason is None else 1, op=dist.ReduceOp.MAX) == 1
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -313,6 +351,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         epoch_batches += 1
         return batch
 
+    stop, own_norm = StopRequest(exp.train.max_wall_minutes), None
+    preempted = False
     t_last = time.perf_counter()
     while step < exp.train.steps:
         for _ in range(exp.train.grad_accum):
@@ -324,6 +364,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             out = engine(to_device(batch, device, dtype))
             loss = method.total_loss(out)
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+                own_norm = grad_norm(method)  # DeepSpeed reports none for ZeRO 0 without clipping
             engine.step()
             meter.add({**out, "loss": loss.detach()})
             samples_seen += exp.train.batch_size * world
@@ -342,6 +384,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                 data_wait=meter.data_time / elapsed, epoch=epoch,
             )
             gn = engine.get_global_grad_norm()
+            gn = own_norm if gn is None else gn
             if gn is not None:
                 values["grad_norm"] = float(gn)
             skipped = {f"skipped/{k}": D.all_reduce_int(v) for k, v in sorted(meter.skips.items())}
@@ -354,21 +397,26 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                 msg += "".join(f" {k}={v}" for k, v in skipped.items() if v)
                 (bar.write if bar is not None else log.info)(msg)
             meter, t_last = Meter(), time.perf_counter()
-        if step % exp.train.save_every == 0 or step == exp.train.steps:
+        preempted = stop.should_stop()
+        if step % exp.train.save_every == 0 or step == exp.train.steps or preempted:
             client = {"step": step, "samples_seen": samples_seen, "epoch": epoch, "epoch_batches": epoch_batches,
                       "config": to_dict(exp),
                       "config_hash": config_hash(exp), "world_size": world,
                       "zero_stage": engine.zero_optimization_stage(), "precision": precision,
                       "versions": _versions()}
             C.save(engine, method, run_dir / "checkpoints", step, client, config_yaml, exp.train.keep_last)
+        if preempted:
+            log.warning("stopping at step %d (%s): checkpoint saved; exit code %d; rerun the same command to "
+                        "resume", step, stop.reason or "another rank was asked to stop", PREEMPTED_EXIT_CODE)
+            break
         if exp.train.eval_every and step % exp.train.eval_every == 0 and step != exp.train.steps:
             evaluate(exp, method, step, logger, run_dir)
     if bar is not None:
         bar.close()
-    if exp.eval.at_end:
+    if exp.eval.at_end and not preempted:
         results = evaluate(exp, method, step, logger, run_dir)
     logger.close()
-    return {"last": last, "zeroshot": results, "step": step}
+    return {"last": last, "zeroshot": results, "step": step, "preempted": preempted}
 
 
 def _versions() -> dict:

@@ -1,0 +1,104 @@
+"""The trainer does not lose or silently change a run: exact resume, preemption (RELIABILITY.md §4)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_train_e2e import ROOT, SMALL, shapes  # noqa: F401  (shapes is a fixture)
+
+FIELDS = ("loss", "clip_loss", "lr", "grad_norm", "logit_scale")
+
+
+def cmd(run_dir, shapes, *extra, ds=None, ranks=1):
+    base = [str(ROOT / "train.py"), "--config", str(ROOT / "experiments/demo_shapes.yaml"), *SMALL,
+            f"data.synthetic_root={shapes}", f"train.output_dir={run_dir}", "train.log_every=1",
+            "eval.at_end=false", *extra]
+    if ds is not None:
+        base[1:1] = ["--ds_config", str(ds)]
+    if ranks == 1:
+        return [sys.executable, *base]
+    port = str(29600 + os.getpid() % 300)
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port, *base]
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def run(args, cwd, timeout=400):
+    p = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def metrics(run_dir, occurrence=-1):
+    """step -> logged record; with occurrence=0 the first record of a step, -1 the last (a resumed
+    run appends the steps it redoes)."""
+    by_step = {}
+    for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        by_step.setdefault(r["step"], []).append(r)
+    return {s: rs[occurrence] for s, rs in by_step.items()}
+
+
+def assert_same_steps(a, b, steps):
+    for s in steps:
+        for f in FIELDS:
+            if f in a[s] or f in b[s]:
+                assert a[s][f] == b[s][f], f"step {s} {f}: {a[s][f]!r} != {b[s][f]!r}"  # bitwise (fp32)
+
+
+def straight_vs_resumed(tmp_path, shapes, ds=None, ranks=1):
+    """6 steps with a checkpoint at 3 and 6; then the step-6 checkpoint is lost (a crash before it)
+    and the same command resumes from 3: steps 4-6 must repeat bit for bit."""
+    a = tmp_path / "run"
+    args = cmd(a, shapes, "train.steps=6", "train.save_every=3", ds=ds, ranks=ranks)
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    import shutil
+
+    shutil.rmtree(a / "checkpoints" / "step_00000006")
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "at step 3" in out
+    first, again = metrics(a, 0), metrics(a, -1)
+    assert sorted(again) == list(range(1, 7))
+    assert all(first[s] is not again[s] for s in (4, 5, 6))
+    assert_same_steps(first, again, range(4, 7))
+
+
+def test_exact_resume_single_process(tmp_path, shapes):
+    straight_vs_resumed(tmp_path, shapes)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
+def test_exact_resume_two_ranks(tmp_path, shapes, stage):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    straight_vs_resumed(tmp_path, shapes, ds=ds, ranks=2)
+
+
+def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(tmp_path, shapes):
+    a, b = tmp_path / "straight", tmp_path / "preempted"
+    rc, out = run(cmd(a, shapes, "train.steps=40", "train.save_every=1000"), tmp_path)
+    assert rc == 0, out[-3000:]
+    proc = subprocess.Popen(cmd(b, shapes, "train.steps=40", "train.save_every=1000"), cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((b / "metrics.jsonl").is_file() and len(metrics(b)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    stopped_at = max(metrics(b))
+    assert stopped_at < 40, "the run finished before the signal arrived; make it longer"
+    assert (b / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
+    assert "exit code 75" in out
+    rc, out = run(cmd(b, shapes, "train.steps=40", "train.save_every=1000"), tmp_path)
+    assert rc == 0, out[-3000:]
+    assert f"at step {stopped_at}" in out
+    assert_same_steps(metrics(a), metrics(b), range(1, 41))
