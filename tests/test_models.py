@@ -295,3 +295,17 @@ def test_full_size_tower_shapes(big_models, name):
         assert model.state_dict()["visual.proj"].shape == (768, embed_dim)
         assert model.visual.trunk.pos_embed.shape == (1, n_tokens + 1, 768)
         assert type(model.visual.trunk.blocks[0].mlp.act).__name__ == "QuickGELU"
+
+
+def test_resnet_tiny_clip_shapes_and_gradients():
+    cfg = ModelConfig(vision=VisionConfig(name="resnet_tiny_clip", image_size=64, width=32), embed_dim=24,
+                      text=TextConfig(context_length=16, width=32, layers=1, heads=2), token_dim=8)
+    model = build_model(cfg)
+    out = model.image_features(torch.randn(2, 3, 64, 64))
+    assert out["pooled"].shape == (2, 24) and out["embedding"].shape == (2, 24)
+    assert out["tokens"].shape == (2, 16, 128)  # total stride 16 -> 4x4 map, 4 * width channels
+    assert model.encode_image_tokens(torch.randn(2, 3, 64, 64)).shape == (2, 16, 8)
+    model.encode_image(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.visual.parameters())
+    with pytest.raises(ValueError, match="divisible by 16"):
+        build_model(ModelConfig(vision=VisionConfig(name="resnet_tiny_clip", image_size=40)))

@@ -41,7 +41,10 @@ TIMM_VITS = {
 }
 TIMM_RESNETS = {"resnet50_clip": "resnet50_clip"}
 CUSTOM_VITS = ("vit_tiny", "vit_custom")  # architecture read from the VisionConfig fields
-SUPPORTED = tuple(sorted([*TIMM_VITS, *TIMM_RESNETS, *CUSTOM_VITS]))
+# OpenAI's ModifiedResNet layout (timm ByobNet, attention pool) shrunk for CPU runs: one bottleneck
+# per stage, widths from VisionConfig.width, total stride 16 (a 4x4 map at 64 px)
+CUSTOM_RESNETS = ("resnet_tiny_clip",)
+SUPPORTED = tuple(sorted([*TIMM_VITS, *TIMM_RESNETS, *CUSTOM_VITS, *CUSTOM_RESNETS]))
 
 
 class ViTTower(nn.Module):
@@ -98,7 +101,7 @@ def _check_divisible(cfg: VisionConfig, stride: int) -> None:
     if cfg.image_size % stride:
         raise ValueError(
             f"model.vision.image_size={cfg.image_size} is not divisible by {stride} (the "
-            f"{'patch size' if cfg.name != 'resnet50_clip' else 'total stride'} of '{cfg.name}'); "
+            f"{'total stride' if 'resnet' in cfg.name else 'patch size'} of '{cfg.name}'); "
             f"choose a multiple of {stride}, e.g. {max(stride, cfg.image_size // stride * stride)}."
         )
 
@@ -121,6 +124,18 @@ def _custom_vit(cfg: VisionConfig) -> VisionTransformer:
     )
 
 
+def _tiny_resnet(cfg: VisionConfig, embed_dim: int) -> nn.Module:
+    """A small CLIP ModifiedResNet (3-conv stem, avg-pool downsampling, attention pool) for CPU runs."""
+    from dataclasses import replace
+
+    from timm.models.byobnet import ByobNet, ByoBlockCfg, model_cfgs
+
+    w = cfg.width
+    blocks = tuple(ByoBlockCfg(type="bottle", d=1, c=c, s=s, br=0.25) for c, s in ((w, 1), (2 * w, 2), (4 * w, 2), (4 * w, 1)))
+    arch = replace(model_cfgs["resnet50_clip"], blocks=blocks, stem_chs=(w // 4, w // 4, w // 2))
+    return ByobNet(arch, num_classes=embed_dim, img_size=cfg.image_size, drop_path_rate=cfg.drop_path)
+
+
 def build_vision_tower(cfg: VisionConfig, embed_dim: int) -> ViTTower | ResNetTower:
     """The image tower named by ``cfg.name`` (see ``SUPPORTED``), randomly initialised."""
     if cfg.name in CUSTOM_VITS:
@@ -132,13 +147,15 @@ def build_vision_tower(cfg: VisionConfig, embed_dim: int) -> ViTTower | ResNetTo
         )
         _check_divisible(cfg, trunk.patch_embed.patch_size[0])
         return ViTTower(trunk, embed_dim, cfg.freeze_patch_embed)
-    if cfg.name in TIMM_RESNETS:
+    if cfg.name in TIMM_RESNETS or cfg.name in CUSTOM_RESNETS:
         if cfg.freeze_patch_embed:
             raise ValueError(
                 f"model.vision.freeze_patch_embed=true is only defined for ViTs (it freezes the patch-embedding "
                 f"conv); '{cfg.name}' has none. Set model.vision.freeze_patch_embed=false."
             )
-        _check_divisible(cfg, 32)
+        _check_divisible(cfg, 32 if cfg.name in TIMM_RESNETS else 16)
+        if cfg.name in CUSTOM_RESNETS:
+            return ResNetTower(_tiny_resnet(cfg, embed_dim), embed_dim)
         # num_classes sets the attention pool's output projection (OpenAI attnpool.c_proj) to embed_dim
         trunk = timm.create_model(
             TIMM_RESNETS[cfg.name],
