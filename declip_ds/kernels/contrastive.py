@@ -1,0 +1,328 @@
+"""Fused CLIP contrastive loss: tiled Triton forward with online log-sum-exp over rows *and*
+columns of one logit tile, and a recomputing backward; the b x (W*b) logits are never stored.
+
+Math (one rank r of W, local rows i, all columns j = 0..N-1, N = W*b, x = scale * s, s = <I_i, T_j>):
+  loss_r = 1/(2b) * [ sum_i (LSE_row_i - x_ii) + sum_{j local} (LSE_col_j - x_jj) ]
+where LSE_row_i runs over the N gathered texts and LSE_col_j over all N images. Rank r only holds
+the (b x N) block "local images x all texts", so LSE_col is built from per-rank partial column
+statistics merged across ranks (all-reduce MAX of the running max, then all-reduce SUM of the
+rescaled sums). This is ``clip_loss`` exactly: same per-rank loss and per-rank gradients.
+
+Forward  (one GEMM pass): grid = (row groups, column groups); a program walks its rectangle of
+  (BM x BN) tiles, keeps the row statistics (max, sum of exp, sum of exp * s) in registers and
+  read-modify-writes the column statistics of its row group in a small (G_r, N) buffer (each entry
+  owned by one program: no atomics, deterministic). Torch merges the G partials (O((b+N)*G)).
+  The sum of exp * s gives E[s] under each softmax, so d loss / d scale is known after the forward.
+Backward (two recomputing kernels, the "10 B^2 D" design of KERNELS.md): a row-parallel kernel
+  recomputes S tile by tile and accumulates dI = scale * dX @ T; a column-parallel kernel
+  recomputes S and accumulates dT = scale * dX^T @ I, with
+  dX_ij = w_r (P_row_ij - [j = label_i]) + w_c(j) (P_col_ij - [j = label_i]),
+  w_r = g_r / 2b for this rank's loss, w_c(j) = g_owner(j) / 2b for the rank whose loss holds text j's
+  column term. dT of the gathered texts is reduce-scattered (summed) back to their owners.
+  Gradients accumulate over D chunks in fp32 global buffers, so any D works (no 64 x D register
+  accumulator). dX is cast to the input dtype for the MMA (fp32 stays IEEE fp32), after
+  normalising the weights by their largest magnitude so fp16 does not underflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from declip_ds.losses.gather import all_gather_no_grad, world_info
+
+_NEG = -1.0e30  # "minus infinity" that never makes inf - inf = nan
+NEG = tl.constexpr(_NEG)
+
+# Tile configuration. GPU values are a first, untuned choice (no GPU was available when this was
+# written); the interpreter prefers few, large tiles. Tests override them with ``tile_config``.
+_GPU = dict(fwd_bm=128, fwd_bn=128, fwd_bk=64, bwd_bm=64, bwd_bn=64, bwd_bk=64, groups=16, num_warps=8, num_stages=3)
+_CPU = dict(fwd_bm=32, fwd_bn=32, fwd_bk=64, bwd_bm=32, bwd_bn=32, bwd_bk=64, groups=2, num_warps=4, num_stages=1)
+_override: dict = {}
+
+
+@contextlib.contextmanager
+def tile_config(**kw):
+    """Temporarily override tile sizes (fwd_bm, fwd_bn, fwd_bk, bwd_bm, bwd_bn, bwd_bk, groups)."""
+    old = dict(_override)
+    _override.update(kw)
+    try:
+        yield
+    finally:
+        _override.clear()
+        _override.update(old)
+
+
+def _config(device: torch.device) -> dict:
+    return {**(_GPU if device.type == "cuda" else _CPU), **_override}
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _scores_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """(BM, BN) fp32 tile of A[rows] @ B[cols]^T, accumulated over D in BK chunks (fixed order, so
+    a recompute gives the same bits)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    ks = tl.arange(0, BK)
+    ra = rows.to(tl.int64) * stride_a
+    cb = cols.to(tl.int64) * stride_b
+    for k0 in range(0, D, BK):
+        kk = k0 + ks
+        km = kk < D
+        a = tl.load(A + ra[:, None] + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)  # (BM, BK)
+        bt = tl.load(B + cb[None, :] + kk[:, None], mask=cmask[None, :] & km[:, None], other=0.0)  # (BK, BN)
+        acc = tl.dot(a, bt, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _clip_fwd_kernel(I, T, scale_ptr, row_m, row_l, row_u, col_m, col_l, col_u,
+                     b, N, D, stride_i, stride_t, RB_PER_G, CB_PER_G,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    gr = tl.program_id(0)
+    gc = tl.program_id(1)
+    scale = tl.load(scale_ptr)
+    for t in range(0, RB_PER_G):
+        rows = (gr * RB_PER_G + t) * BM + tl.arange(0, BM)
+        rmask = rows < b
+        m_i = tl.full((BM,), NEG, tl.float32)  # running row max of x
+        l_i = tl.zeros((BM,), tl.float32)  # sum exp(x - m)
+        u_i = tl.zeros((BM,), tl.float32)  # sum exp(x - m) * s  (for d/dscale)
+        for c in range(0, CB_PER_G):
+            cols = (gc * CB_PER_G + c) * BN + tl.arange(0, BN)
+            cmask = cols < N
+            s = _scores_tile(I, T, rows, cols, rmask, cmask, D, stride_i, stride_t, BM, BN, BK, PREC)
+            valid = rmask[:, None] & cmask[None, :]
+            x = tl.where(valid, s * scale, NEG)
+            # rows: online log-sum-exp across this program's column blocks
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            p = tl.where(valid, tl.exp(x - m_new[:, None]), 0.0)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            u_i = u_i * alpha + tl.sum(p * s, 1)
+            m_i = m_new
+            # columns: partial statistics of this row group, read-modify-write (owned by this program)
+            cp = gr * N + cols
+            cm = tl.load(col_m + cp, mask=cmask, other=NEG)
+            cl = tl.load(col_l + cp, mask=cmask, other=0.0)
+            cu = tl.load(col_u + cp, mask=cmask, other=0.0)
+            cm_new = tl.maximum(cm, tl.max(x, 0))
+            q = tl.where(valid, tl.exp(x - cm_new[None, :]), 0.0)
+            beta = tl.exp(cm - cm_new)
+            tl.store(col_m + cp, cm_new, mask=cmask)
+            tl.store(col_l + cp, cl * beta + tl.sum(q, 0), mask=cmask)
+            tl.store(col_u + cp, cu * beta + tl.sum(q * s, 0), mask=cmask)
+        rp = gc * b + rows
+        tl.store(row_m + rp, m_i, mask=rmask)
+        tl.store(row_l + rp, l_i, mask=rmask)
+        tl.store(row_u + rp, u_i, mask=rmask)
+
+
+@triton.jit
+def _dlogits(s, rows, cols, rmask, cmask, scale, lse_r, col_lse, wr, wc, label_offset):
+    """Normalised d loss / d x of one tile: wr (P_row - 1[pos]) + wc_j (P_col - 1[pos])."""
+    x = s * scale
+    lse_c = tl.load(col_lse + cols, mask=cmask, other=0.0)
+    w_c = tl.load(wc + cols, mask=cmask, other=0.0)
+    pos = (cols[None, :] == (rows + label_offset)[:, None]).to(tl.float32)
+    g = wr * (tl.exp(x - lse_r[:, None]) - pos) + w_c[None, :] * (tl.exp(x - lse_c[None, :]) - pos)
+    return tl.where(rmask[:, None] & cmask[None, :], g, 0.0)
+
+
+@triton.jit
+def _clip_bwd_rows_kernel(I, T, scale_ptr, row_lse, col_lse, wr_ptr, wc, dI, b, N, D, stride_i, stride_t,
+                          label_offset, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """dI[rows] = sum over all column tiles of dX @ T (fp32, unscaled by scale and the weight norm)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < b
+    scale = tl.load(scale_ptr)
+    wr = tl.load(wr_ptr)
+    lse_r = tl.load(row_lse + rows, mask=rmask, other=0.0)
+    ks = tl.arange(0, BK)
+    for c0 in range(0, N, BN):
+        cols = c0 + tl.arange(0, BN)
+        cmask = cols < N
+        s = _scores_tile(I, T, rows, cols, rmask, cmask, D, stride_i, stride_t, BM, BN, BK, PREC)
+        g = _dlogits(s, rows, cols, rmask, cmask, scale, lse_r, col_lse, wr, wc, label_offset)
+        g = g.to(T.dtype.element_ty)
+        for k0 in range(0, D, BK):
+            kk = k0 + ks
+            km = kk < D
+            t = tl.load(T + cols.to(tl.int64)[:, None] * stride_t + kk[None, :],
+                        mask=cmask[:, None] & km[None, :], other=0.0)
+            ptr = dI + rows.to(tl.int64)[:, None] * D + kk[None, :]
+            m2 = rmask[:, None] & km[None, :]
+            acc = tl.dot(g, t, tl.load(ptr, mask=m2, other=0.0), input_precision=PREC)
+            tl.store(ptr, acc, mask=m2)
+
+
+@triton.jit
+def _clip_bwd_cols_kernel(I, T, scale_ptr, row_lse, col_lse, wr_ptr, wc, dT, b, N, D, stride_i, stride_t,
+                          label_offset, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """dT[cols] = sum over the local row tiles of dX^T @ I (fp32, unscaled)."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cmask = cols < N
+    scale = tl.load(scale_ptr)
+    wr = tl.load(wr_ptr)
+    ks = tl.arange(0, BK)
+    for r0 in range(0, b, BM):
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < b
+        lse_r = tl.load(row_lse + rows, mask=rmask, other=0.0)
+        s = _scores_tile(I, T, rows, cols, rmask, cmask, D, stride_i, stride_t, BM, BN, BK, PREC)
+        g = _dlogits(s, rows, cols, rmask, cmask, scale, lse_r, col_lse, wr, wc, label_offset)
+        gt = tl.trans(g).to(I.dtype.element_ty)  # (BN, BM)
+        for k0 in range(0, D, BK):
+            kk = k0 + ks
+            km = kk < D
+            a = tl.load(I + rows.to(tl.int64)[:, None] * stride_i + kk[None, :],
+                        mask=rmask[:, None] & km[None, :], other=0.0)
+            ptr = dT + cols.to(tl.int64)[:, None] * D + kk[None, :]
+            m2 = cmask[:, None] & km[None, :]
+            acc = tl.dot(gt, a, tl.load(ptr, mask=m2, other=0.0), input_precision=PREC)
+            tl.store(ptr, acc, mask=m2)
+
+
+# ---------------------------------------------------------------------------------------- launchers
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: true fp32 products (TF32 would cost ~1e-3 relative on the logits, 0.1 at scale 100)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _merge(m, l, u):
+    """Merge partial (max, sum exp, sum exp*s) along dim 0 -> (max, sum, weighted sum)."""
+    M = m.max(0).values
+    r = torch.exp(m - M)
+    return M, (l * r).sum(0), (u * r).sum(0)
+
+
+def _launch_forward(image, all_text, scale32):
+    b, D = image.shape
+    N = all_text.shape[0]
+    cfg = _config(image.device)
+    BM, BN, BK = cfg["fwd_bm"], cfg["fwd_bn"], cfg["fwd_bk"]
+    n_rb, n_cb = triton.cdiv(b, BM), triton.cdiv(N, BN)
+    rb_per_g = triton.cdiv(n_rb, min(cfg["groups"], n_rb))
+    cb_per_g = triton.cdiv(n_cb, min(cfg["groups"], n_cb))
+    G_r, G_c = triton.cdiv(n_rb, rb_per_g), triton.cdiv(n_cb, cb_per_g)  # every group non-empty
+    f32 = dict(device=image.device, dtype=torch.float32)
+    row_m, row_l, row_u = torch.full((G_c, b), _NEG, **f32), torch.zeros(G_c, b, **f32), torch.zeros(G_c, b, **f32)
+    col_m, col_l, col_u = torch.full((G_r, N), _NEG, **f32), torch.zeros(G_r, N, **f32), torch.zeros(G_r, N, **f32)
+    _clip_fwd_kernel[(G_r, G_c)](
+        image, all_text, scale32, row_m, row_l, row_u, col_m, col_l, col_u, b, N, D,
+        image.stride(0), all_text.stride(0), rb_per_g, cb_per_g, BM=BM, BN=BN, BK=BK,
+        PREC=_precision(image.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return _merge(row_m, row_l, row_u), _merge(col_m, col_l, col_u)
+
+
+def _launch_backward(image, all_text, scale32, row_lse, col_lse, wr, wc, label_offset):
+    b, D = image.shape
+    N = all_text.shape[0]
+    cfg = _config(image.device)
+    BM, BN, BK = cfg["bwd_bm"], cfg["bwd_bn"], cfg["bwd_bk"]
+    dI = torch.zeros(b, D, device=image.device, dtype=torch.float32)
+    dT = torch.zeros(N, D, device=image.device, dtype=torch.float32)
+    args = (image, all_text, scale32, row_lse, col_lse, wr, wc)
+    dims = (b, N, D, image.stride(0), all_text.stride(0), label_offset)
+    common = dict(BM=BM, BN=BN, BK=BK, PREC=_precision(image.dtype), num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    _clip_bwd_rows_kernel[(triton.cdiv(b, BM),)](*args, dI, *dims, **common)
+    _clip_bwd_cols_kernel[(triton.cdiv(N, BN),)](*args, dT, *dims, **common)
+    return dI, dT
+
+
+# ------------------------------------------------------------------------------- distributed pieces
+def _merge_columns_across_ranks(M, L, U, group):
+    """Partial column (max, sum exp, sum exp*s) over local rows -> global column LSE and E[s]."""
+    if world_info(group)[1] > 1:
+        Mg = M.clone()
+        dist.all_reduce(Mg, op=dist.ReduceOp.MAX, group=group)
+        r = torch.exp(M - Mg)
+        LU = torch.stack([L * r, U * r])  # (2, N)
+        dist.all_reduce(LU, op=dist.ReduceOp.SUM, group=group)
+        M, L, U = Mg, LU[0], LU[1]
+    return M + torch.log(L), U / L
+
+
+def _sum_to_owners(dT_all, group, b):
+    """(N, D) gradient of the gathered texts, summed over ranks; each rank keeps its (b, D) slice."""
+    rank, world = world_info(group)
+    if world == 1:
+        return dT_all
+    if dist.get_backend(group) == "nccl":
+        out = torch.empty(b, dT_all.shape[1], device=dT_all.device, dtype=dT_all.dtype)
+        dist.reduce_scatter_tensor(out, dT_all, op=dist.ReduceOp.SUM, group=group)
+        return out
+    dist.all_reduce(dT_all, op=dist.ReduceOp.SUM, group=group)  # gloo has no reduce_scatter_tensor
+    return dT_all[rank * b:(rank + 1) * b]
+
+
+# ------------------------------------------------------------------------------------------ autograd
+class _FusedClipLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, group):
+        rank, world = world_info(group)
+        b = image.shape[0]
+        image, text = image.contiguous(), text.contiguous()
+        all_text = all_gather_no_grad(text, group)  # (N, D), N = W*b
+        scale32 = scale.detach().to(device=image.device, dtype=torch.float32).reshape(1).contiguous()
+        (rM, rL, rU), (cM, cL, cU) = _launch_forward(image, all_text, scale32)
+        row_lse, row_e = rM + torch.log(rL), rU / rL  # (b,)
+        col_lse, col_e = _merge_columns_across_ranks(cM, cL, cU, group)  # (N,)
+        pos = (image.float() * text.float()).sum(-1)  # (b,) s_ii of the local pairs
+        mine = slice(rank * b, (rank + 1) * b)
+        sc = scale32[0]
+        loss = ((row_lse - sc * pos).sum() + (col_lse[mine] - sc * pos).sum()) / (2 * b)
+        # d loss / d scale = 1/2b [sum_i (E_row[s] - s_ii) + sum_j local (E_col[s] - s_jj)]
+        dscale = ((row_e - pos).sum() + (col_e[mine] - pos).sum()) / (2 * b)
+        ctx.save_for_backward(image, all_text, scale32, row_lse, col_lse, dscale)
+        ctx.group, ctx.rank, ctx.world, ctx.b = group, rank, world, b
+        ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, all_text, scale32, row_lse, col_lse, dscale = ctx.saved_tensors
+        b, world = ctx.b, ctx.world
+        g = grad.detach().float().reshape(1)
+        g_all = g
+        if world > 1:  # each text's column term belongs to its owner's loss, with the owner's upstream grad
+            parts = [torch.empty_like(g) for _ in range(world)]
+            dist.all_gather(parts, g.contiguous(), group=ctx.group)
+            g_all = torch.cat(parts)  # (W,)
+        wr, wc = g / (2 * b), g_all.repeat_interleave(b) / (2 * b)  # (1,), (N,)
+        norm = torch.maximum(wr.abs().max(), wc.abs().max()).clamp_min(1e-30)
+        dI, dT_all = _launch_backward(image, all_text, scale32, row_lse, col_lse,
+                                      (wr / norm).contiguous(), (wc / norm).contiguous(), ctx.rank * b)
+        k = norm * scale32[0]
+        dI = dI * k
+        dT = _sum_to_owners(dT_all * k, ctx.group, b)
+        d_scale = (g[0] * dscale).reshape(ctx.scale_shape).to(ctx.scale_dtype)
+        return dI.to(image.dtype), dT.to(all_text.dtype), d_scale, None
+
+
+def fused_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, scale, *, group=None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE, fused: same signature and result as ``declip_ds.losses.clip_loss``.
+
+    image_features, text_features: (b, D) local rows, L2-normalised, fp32 / fp16 / bf16 (same dtype).
+    scale: 0-d tensor t = exp(logit_scale); gets a gradient. group: W ranks or None.
+    Returns the 0-d fp32 loss of the local rows: 1/2 [CE(scale I T_all^T) + CE(scale T I_all^T)] with
+    labels rank*b + arange(b). The (b, W*b) logits never exist: extra memory is the gathered texts, fp32
+    gradient buffers (b, D) and (W*b, D), and 3*G*(b + W*b) floats of partial statistics (G <= 16).
+    Deterministic (no atomics).
+    """
+    if image_features.shape != text_features.shape or image_features.dim() != 2:
+        raise ValueError(f"fused_clip_loss needs image and text features of the same (b, D) shape, got "
+                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}.")
+    dt = image_features.dtype
+    if dt != text_features.dtype or dt not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"fused_clip_loss takes fp32, fp16 or bf16 features of one dtype, got {image_features.dtype} "
+                        f"and {text_features.dtype}; use declip_ds.losses.clip_loss for other dtypes.")
+    if not torch.is_tensor(scale):
+        scale = torch.tensor(float(scale), device=image_features.device)
+    return _FusedClipLoss.apply(image_features, text_features, scale, group)

@@ -1,0 +1,295 @@
+"""FILIP token-wise max similarity in Triton: both directions from one [Bi*Ti x D] . [D x Bt*Tt] tile.
+
+Tiling ("sample-packed tiles"): a row tile holds IB = BM // Ti whole images (IB*Ti flattened image
+tokens, the rest of the BM rows masked), a column tile JB = BN // Tt whole texts. Because a tile
+holds whole samples on both sides, every max of both directions is complete inside one tile: the
+epilogue is a segmented max (per text over columns for s_i2t, per image over rows for s_t2i)
+followed by a segmented weighted sum (the mean over valid tokens), written once per (i, j) pair -
+no carries between tiles, no atomics, deterministic, and no (B, B, Ti, Tt) buffer.
+(BM, BN) are chosen per shape to waste the fewest rows/columns: e.g. Ti=197 -> BM=256 (77% used),
+Ti=50 -> BM=128 (2 images, 78%) or 256 (5 images, 98%), Tt=77 -> BN=256 (3 texts, 90%).
+
+Backward: **recompute** (nothing of size B^2*T is saved). Two kernels, each recomputing S with the
+same helper, tile shapes and D order as the forward (so the recomputed arg-max is the forward's):
+a row-parallel kernel accumulates dX = dS @ Y over all column tiles, a column-parallel kernel
+accumulates dY = dS^T @ X over all row tiles. dS is the sum of two one-hot maps:
+  dS[(i,k),(j,r)] = g_i2t[i,j] w_i[k] 1[r = argmax_r'] + g_t2i[i,j] w_j[r] 1[k = argmax_k']
+with ties resolved to the lowest token index (min over the positions equal to the max).
+Padded tokens (mask False) are excluded from every max and carry weight 0, so they get exactly zero
+gradient. A pair where a side has no valid token scores 0 (as in ``filip_similarity``).
+
+Debug mode (``DECLIP_DS_DEBUG_ARGMAX=1``): the backward re-runs the forward tiles and raises unless
+the recomputed maxima equal the forward's bit for bit. The arg-max is a deterministic function of
+the tile bits, so this asserts that the backward selects the tokens the forward used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from declip_ds.kernels.contrastive import _NEG, NEG, _precision, _scores_tile
+from declip_ds.losses.filip import _check_inputs, _DIRECTIONS, token_weights
+
+NEG_HALF = tl.constexpr(_NEG / 2)
+
+_override: dict = {}
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool) -> dict:
+    """(BM, BN, BK) holding whole samples, picked to maximise the fraction of used tile area."""
+    if _override:
+        return dict(_override)
+    max_area = 256 * 128 if cuda else 64 * 64
+    best = None
+    for BM in (16, 32, 64, 128, 256, 512):
+        for BN in (16, 32, 64, 128, 256, 512):
+            if BM < Ti or BN < Tt or (BM * BN > max_area and (BM > _pow2(max(Ti, 16)) or BN > _pow2(max(Tt, 16)))):
+                continue  # too small for one sample, or larger than needed and over the area budget
+            used = (BM // Ti * Ti / BM) * (BN // Tt * Tt / BN)
+            key = (round(used, 3), BM * BN)
+            if best is None or key > best[0]:
+                best = (key, BM, BN)
+    if best is None:  # samples longer than 512 tokens: one sample per tile
+        BM, BN = _pow2(Ti), _pow2(Tt)
+    else:
+        BM, BN = best[1], best[2]
+    BK = max(16, min(64 if BM * BN <= 128 * 128 else 32, _pow2(D)))
+    return dict(BM=BM, BN=BN, BK=BK)
+
+
+class tile_config:
+    """Context manager forcing (BM, BN, BK) for tests (BM >= Ti and BN >= Tt still required)."""
+
+    def __init__(self, BM: int, BN: int, BK: int):
+        self.cfg = dict(BM=BM, BN=BN, BK=BK)
+
+    def __enter__(self):
+        self.old = dict(_override)
+        _override.clear()
+        _override.update(self.cfg)
+
+    def __exit__(self, *exc):
+        _override.clear()
+        _override.update(self.old)
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _samples(tile, B, T, W, PER: tl.constexpr, BLK: tl.constexpr):
+    """Lanes of one tile of PER whole samples: (sample slot, sample, flattened token, in range, weight)."""
+    lane = tl.arange(0, BLK)
+    slot = lane // T
+    sample = tile * PER + slot
+    tok = sample * T + (lane - slot * T)
+    inside = (slot < PER) & (sample < B)
+    w = tl.load(W + tok, mask=inside, other=0.0)  # mask / n_valid; 0 for padding
+    return slot, sample, tok, inside, w
+
+
+@triton.jit
+def _tm_fwd_kernel(X, Y, WX, WY, O1, O2, Bi, Bt, TI, TT, D,
+                   IB: tl.constexpr, JB: tl.constexpr, IB_P: tl.constexpr, JB_P: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                   NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
+    p = tl.program_id(0)
+    q = tl.program_id(1)
+    ri, rimg, rtok, rin, rw = _samples(p, Bi, TI, WX, IB, BM)
+    cj, ctxt, ctok, cin, cw = _samples(q, Bt, TT, WY, JB, BN)
+    s = _scores_tile(X, Y, rtok, ctok, rin, cin, D, D, D, BM, BN, BK, PREC)  # (BM, BN)
+    if NEED_I2T:
+        islot = tl.arange(0, IB_P)
+        oi = p * IB + islot
+        for jj in tl.static_range(JB):
+            rmax = tl.max(tl.where(((cj == jj) & (cw > 0))[None, :], s, NEG), 1)  # (BM,) max over text jj
+            contrib = tl.where(rmax > NEG_HALF, rmax, 0.0) * rw
+            val = tl.sum(tl.where(ri[None, :] == islot[:, None], contrib[None, :], 0.0), 1)  # (IB_P,)
+            oj = q * JB + jj
+            tl.store(O1 + oi * Bt + oj, val, mask=(islot < IB) & (oi < Bi) & (oj < Bt))
+    if NEED_T2I:
+        jslot = tl.arange(0, JB_P)
+        oj = q * JB + jslot
+        for ii in tl.static_range(IB):
+            cmax = tl.max(tl.where(((ri == ii) & (rw > 0))[:, None], s, NEG), 0)  # (BN,) max over image ii
+            contrib = tl.where(cmax > NEG_HALF, cmax, 0.0) * cw
+            val = tl.sum(tl.where(cj[None, :] == jslot[:, None], contrib[None, :], 0.0), 1)  # (JB_P,)
+            oi = p * IB + ii
+            tl.store(O2 + oi * Bt + oj, val, mask=(jslot < JB) & (oj < Bt) & (oi < Bi))
+
+
+@triton.jit
+def _tm_dscores(s, p, q, ri, rimg, rin, rw, cj, ctxt, cin, cw, G1, G2, Bi, Bt,
+                IB: tl.constexpr, JB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
+    """d(sum g1*s_i2t + g2*s_t2i)/dS for one tile: one-hot at the arg-max (lowest index on ties)."""
+    ridx = tl.arange(0, BM)
+    cidx = tl.arange(0, BN)
+    ds = tl.zeros((BM, BN), dtype=tl.float32)
+    if NEED_I2T:
+        for jj in tl.static_range(JB):
+            sm = tl.where(((cj == jj) & (cw > 0))[None, :], s, NEG)
+            rmax = tl.max(sm, 1)
+            first = tl.min(tl.where(sm == rmax[:, None], cidx[None, :], BN), 1)  # (BM,)
+            oj = q * JB + jj
+            g = tl.load(G1 + rimg * Bt + oj, mask=rin & (oj < Bt), other=0.0) * rw
+            g = tl.where(rmax > NEG_HALF, g, 0.0)
+            ds += tl.where(cidx[None, :] == first[:, None], g[:, None], 0.0)
+    if NEED_T2I:
+        for ii in tl.static_range(IB):
+            sm = tl.where(((ri == ii) & (rw > 0))[:, None], s, NEG)
+            cmax = tl.max(sm, 0)
+            first = tl.min(tl.where(sm == cmax[None, :], ridx[:, None], BM), 0)  # (BN,)
+            oi = p * IB + ii
+            g = tl.load(G2 + oi * Bt + ctxt, mask=cin & (oi < Bi), other=0.0) * cw
+            g = tl.where(cmax > NEG_HALF, g, 0.0)
+            ds += tl.where(ridx[:, None] == first[None, :], g[None, :], 0.0)
+    return ds
+
+
+@triton.jit
+def _tm_bwd_x_kernel(X, Y, WX, WY, G1, G2, DX, Bi, Bt, TI, TT, D, n_col_tiles,
+                     IB: tl.constexpr, JB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     PREC: tl.constexpr, NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
+    p = tl.program_id(0)
+    ri, rimg, rtok, rin, rw = _samples(p, Bi, TI, WX, IB, BM)
+    ks = tl.arange(0, BK)
+    for q in range(0, n_col_tiles):
+        cj, ctxt, ctok, cin, cw = _samples(q, Bt, TT, WY, JB, BN)
+        s = _scores_tile(X, Y, rtok, ctok, rin, cin, D, D, D, BM, BN, BK, PREC)
+        ds = _tm_dscores(s, p, q, ri, rimg, rin, rw, cj, ctxt, cin, cw, G1, G2, Bi, Bt,
+                         IB, JB, BM, BN, NEED_I2T, NEED_T2I).to(Y.dtype.element_ty)
+        for k0 in range(0, D, BK):
+            kk = k0 + ks
+            km = kk < D
+            y = tl.load(Y + ctok.to(tl.int64)[:, None] * D + kk[None, :], mask=cin[:, None] & km[None, :], other=0.0)
+            ptr = DX + rtok.to(tl.int64)[:, None] * D + kk[None, :]
+            m2 = rin[:, None] & km[None, :]
+            tl.store(ptr, tl.dot(ds, y, tl.load(ptr, mask=m2, other=0.0), input_precision=PREC), mask=m2)
+
+
+@triton.jit
+def _tm_bwd_y_kernel(X, Y, WX, WY, G1, G2, DY, Bi, Bt, TI, TT, D, n_row_tiles,
+                     IB: tl.constexpr, JB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     PREC: tl.constexpr, NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
+    q = tl.program_id(0)
+    cj, ctxt, ctok, cin, cw = _samples(q, Bt, TT, WY, JB, BN)
+    ks = tl.arange(0, BK)
+    for p in range(0, n_row_tiles):
+        ri, rimg, rtok, rin, rw = _samples(p, Bi, TI, WX, IB, BM)
+        s = _scores_tile(X, Y, rtok, ctok, rin, cin, D, D, D, BM, BN, BK, PREC)
+        ds = _tm_dscores(s, p, q, ri, rimg, rin, rw, cj, ctxt, cin, cw, G1, G2, Bi, Bt,
+                         IB, JB, BM, BN, NEED_I2T, NEED_T2I)
+        dst = tl.trans(ds).to(X.dtype.element_ty)  # (BN, BM)
+        for k0 in range(0, D, BK):
+            kk = k0 + ks
+            km = kk < D
+            x = tl.load(X + rtok.to(tl.int64)[:, None] * D + kk[None, :], mask=rin[:, None] & km[None, :], other=0.0)
+            ptr = DY + ctok.to(tl.int64)[:, None] * D + kk[None, :]
+            m2 = cin[:, None] & km[None, :]
+            tl.store(ptr, tl.dot(dst, x, tl.load(ptr, mask=m2, other=0.0), input_precision=PREC), mask=m2)
+
+
+# ---------------------------------------------------------------------------------------- launchers
+def _geometry(x, y):
+    (Bi, Ti, D), (Bt, Tt) = x.shape, y.shape[:2]
+    cfg = choose_tiles(Ti, Tt, D, x.is_cuda)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    if BM < Ti or BN < Tt:
+        raise ValueError(f"token_max tiles must hold one whole sample: BM={BM} < Ti={Ti} or BN={BN} < Tt={Tt}.")
+    IB, JB = BM // Ti, BN // Tt
+    return dict(Bi=Bi, Bt=Bt, TI=Ti, TT=Tt, D=D, IB=IB, JB=JB, BM=BM, BN=BN, BK=BK,
+                n_p=triton.cdiv(Bi, IB), n_q=triton.cdiv(Bt, JB))
+
+
+def _launch_forward(x, y, wx, wy, need_i2t, need_t2i):
+    g = _geometry(x, y)
+    o1 = torch.zeros(g["Bi"], g["Bt"], device=x.device, dtype=torch.float32)
+    o2 = torch.zeros(g["Bi"], g["Bt"], device=x.device, dtype=torch.float32)
+    _tm_fwd_kernel[(g["n_p"], g["n_q"])](
+        x, y, wx, wy, o1, o2, g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"], IB=g["IB"], JB=g["JB"],
+        IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BK=g["BK"], PREC=_precision(x.dtype),
+        NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=8 if x.is_cuda else 4, num_stages=2 if x.is_cuda else 1)
+    return o1, o2
+
+
+def _launch_backward(x, y, wx, wy, g1, g2, need_i2t, need_t2i):
+    g = _geometry(x, y)
+    dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+    dy = torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+    meta = dict(IB=g["IB"], JB=g["JB"], BM=g["BM"], BN=g["BN"], BK=g["BK"], PREC=_precision(x.dtype),
+                NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=8 if x.is_cuda else 4, num_stages=2 if x.is_cuda else 1)
+    dims = (g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"])
+    _tm_bwd_x_kernel[(g["n_p"],)](x, y, wx, wy, g1, g2, dx, *dims, g["n_q"], **meta)
+    _tm_bwd_y_kernel[(g["n_q"],)](x, y, wx, wy, g1, g2, dy, *dims, g["n_p"], **meta)
+    return dx, dy
+
+
+def _check_recompute(x, y, wx, wy, saved, direction):
+    need_i2t, need_t2i = direction in ("both", "i2t"), direction in ("both", "t2i")
+    again = _launch_forward(x, y, wx, wy, need_i2t, need_t2i)
+    for name, a, b, need in zip(("s_i2t", "s_t2i"), again, saved, (need_i2t, need_t2i)):
+        if need and not torch.equal(a, b):
+            raise RuntimeError(f"token_max backward: recomputed {name} differs from the forward's by up to "
+                               f"{(a - b).abs().max().item():.3g}: the recomputed arg-max is not the forward's.")
+
+
+class _TokenMaxSimilarity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, x_mask, y_mask, direction):
+        x, y = x.contiguous(), y.contiguous()
+        wx = token_weights(x, x_mask, torch.float32).contiguous()  # (Bi, Ti) mask / n_valid
+        wy = token_weights(y, y_mask, torch.float32).contiguous()  # (Bt, Tt)
+        need_i2t, need_t2i = direction in ("both", "i2t"), direction in ("both", "t2i")
+        o1, o2 = _launch_forward(x, y, wx, wy, need_i2t, need_t2i)
+        ctx.save_for_backward(x, y, wx, wy)
+        ctx.direction = direction
+        ctx.debug_out = (o1.clone(), o2.clone()) if os.environ.get("DECLIP_DS_DEBUG_ARGMAX") == "1" else None
+        return (o1 if need_i2t else None), (o2 if need_t2i else None)
+
+    @staticmethod
+    def backward(ctx, g1, g2):
+        x, y, wx, wy = ctx.saved_tensors
+        need_i2t = g1 is not None and ctx.direction in ("both", "i2t")
+        need_t2i = g2 is not None and ctx.direction in ("both", "t2i")
+        if not (need_i2t or need_t2i):
+            return None, None, None, None, None
+        if ctx.debug_out is not None:
+            _check_recompute(x, y, wx, wy, ctx.debug_out, ctx.direction)
+        # normalise the upstream gradients so dS, cast to fp16/bf16 for the MMA, does not underflow
+        gs = [t.detach().float() for t, n in ((g1, need_i2t), (g2, need_t2i)) if n]
+        norm = torch.stack([t.abs().max() for t in gs]).max().clamp_min(1e-30)
+        dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
+        G1 = (g1.float() / norm).contiguous() if need_i2t else dummy
+        G2 = (g2.float() / norm).contiguous() if need_t2i else dummy
+        dx, dy = _launch_backward(x, y, wx, wy, G1, G2, need_i2t, need_t2i)
+        return (dx * norm).to(x.dtype), (dy * norm).to(y.dtype), None, None, None
+
+
+def token_max_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, image_mask: torch.Tensor | None = None,
+                         text_mask: torch.Tensor | None = None, *, direction: str = "both"):
+    """FILIP's (s_i2t, s_t2i) in Triton; same result as ``declip_ds.losses.filip_similarity``.
+
+    image_tokens: (Bi, Ti, D), text_tokens: (Bt, Tt, D), fp32 / fp16 / bf16, L2-normalised per token.
+    image_mask: bool (Bi, Ti), text_mask: bool (Bt, Tt), True = a real token (None = all real).
+    direction: "both", "i2t" or "t2i" (the skipped matrix is returned as None, its epilogue skipped).
+    Returns (s_i2t, s_t2i), each (Bi, Bt) float32:
+      s_i2t[i, j] = mean over valid image tokens k of max over valid text tokens r of <x_ik, y_jr>
+      s_t2i[i, j] = mean over valid text tokens r of max over valid image tokens k of <x_ik, y_jr>
+    Accumulation is fp32. The backward recomputes the tiles and the arg-max (lowest index on ties);
+    nothing of size B^2*T is stored. Deterministic (no atomics).
+    """
+    _check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}.")
+    dt = image_tokens.dtype
+    if dt != text_tokens.dtype or dt not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"token_max_similarity takes fp32, fp16 or bf16 tokens of one dtype, got {dt} and "
+                        f"{text_tokens.dtype}; use declip_ds.losses.filip_similarity for float64.")
+    return _TokenMaxSimilarity.apply(image_tokens, text_tokens, image_mask, text_mask, direction)

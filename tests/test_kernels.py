@@ -1,0 +1,430 @@
+"""Triton kernels (under TRITON_INTERPRET=1 without a GPU) against float64 references, KERNELS.md §3.3.
+
+Kernels are compared on the same low-precision inputs upcast to float64. bf16 and large shapes are
+@pytest.mark.gpu (the interpreter silently mis-computes bf16 dots).
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from declip_ds.kernels import triton_available
+from declip_ds.losses import clip_loss, filip_loss, filip_similarity
+from declip_ds.losses.select import get_clip_loss, get_filip_similarity
+from tests.distributed import run_ranks
+
+if not triton_available():
+    pytest.skip("triton cannot run here (no CUDA and TRITON_INTERPRET unset)", allow_module_level=True)
+
+from declip_ds.kernels import contrastive, fused_clip_loss, token_max, token_max_similarity  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL_TILES = dict(fwd_bm=16, fwd_bn=16, fwd_bk=32, bwd_bm=16, bwd_bn=16, bwd_bk=32, groups=2)
+
+
+# ------------------------------------------------------------------------------------- references
+def reference_clip_loss(img, txt, scale):
+    """Global-batch symmetric InfoNCE, float64, written with logsumexp over rows and over columns."""
+    logits = scale * img @ txt.t()  # (B, B)
+    d = logits.diagonal()
+    return ((torch.logsumexp(logits, 1) - d).mean() + (torch.logsumexp(logits, 0) - d).mean()) / 2
+
+
+def features(B, D, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(dtype)
+    txt = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(dtype)
+    return img.to(DEV), txt.to(DEV)
+
+
+def rel_frobenius(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def assert_grad_close(got, ref, rel):
+    """KERNELS.md §3.3: relative Frobenius error, row cosine >= 0.9999, max abs <= 1e-2 max|g|."""
+    got, ref = got.double().cpu(), ref.double().cpu()
+    if ref.abs().max() < 1e-12:  # e.g. B = 1: the loss is constant
+        assert got.abs().max() < 1e-6
+        return
+    assert rel_frobenius(got, ref) <= rel, rel_frobenius(got, ref)
+    assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
+    if got.dim() == 2:
+        keep = ref.norm(dim=-1) > 1e-3 * ref.norm(dim=-1).max()
+        assert F.cosine_similarity(got[keep], ref[keep], dim=-1).min() >= 0.9999
+
+
+def run_clip(fn, img, txt, scale, **kw):
+    a = [img.clone().requires_grad_(), txt.clone().requires_grad_(), scale.clone().requires_grad_()]
+    loss = fn(*a, **kw)
+    loss.backward()
+    return loss.detach(), [t.grad for t in a]
+
+
+# ------------------------------------------------------------------------------------ fused_clip_loss
+CLIP_CASES = [(B, D, s) for B, D, s in [(1, 16, 1.0), (1, 64, 100.0), (7, 16, 14.3), (7, 64, 100.0), (7, 96, 1.0),
+                                        (33, 16, 100.0), (33, 64, 1.0), (33, 96, 14.3)]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,D,scale", CLIP_CASES)
+def test_fused_clip_loss_matches_float64(B, D, scale, dtype):
+    img, txt = features(B, D, seed=B * 100 + D, dtype=dtype)
+    s = torch.tensor(scale, device=DEV)
+    ref_loss, ref_grads = run_clip(reference_clip_loss, img.double(), txt.double(), s.double())
+    with contrastive.tile_config(**SMALL_TILES):
+        loss, grads = run_clip(fused_clip_loss, img, txt, s)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert abs(float(loss) - float(ref_loss)) <= 1e-4 * max(1.0, abs(float(ref_loss)))
+    rel = 1e-4 if dtype == torch.float32 else 5e-3
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == (dtype if g.dim() else torch.float32)
+        assert_grad_close(g, r, rel)
+
+
+def test_fused_clip_loss_fp16_within_2x_of_torch_fp16():
+    """FlashAttention's rule: error vs float64 at most 2x that of torch computing in fp16, plus atol."""
+    img, txt = features(33, 64, seed=5, dtype=torch.float16)
+    s = torch.tensor(14.3, device=DEV)
+    ref_loss, ref_g = run_clip(reference_clip_loss, img.double(), txt.double(), s.double())
+    k_loss, k_g = run_clip(fused_clip_loss, img, txt, s)
+
+    def eager_fp16(i, t, sc):  # logits and softmax in fp16 (what an autocast formula does)
+        logits = sc.half() * i @ t.t()
+        labels = torch.arange(i.shape[0], device=i.device)
+        return 0.5 * (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.t().float(), labels))
+
+    e_loss, e_g = run_clip(eager_fp16, img, txt, s)
+    assert abs(float(k_loss - ref_loss)) <= 2 * abs(float(e_loss - ref_loss)) + 1e-5
+    for k, e, r in zip(k_g[:2], e_g[:2], ref_g[:2]):
+        assert (k.double() - r).norm() <= 2 * (e.double() - r).norm() + 1e-5 * r.norm()
+
+
+def test_fused_clip_loss_equals_clip_loss_default_tiles():
+    img, txt = features(33, 96, seed=7, dtype=torch.float32)
+    s = torch.tensor(math.exp(2.0), device=DEV)
+    a, ga = run_clip(clip_loss, img, txt, s)
+    b, gb = run_clip(fused_clip_loss, img, txt, s)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for x, y in zip(gb, ga):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_identical_features_give_log_b():
+    B = 7
+    x = F.normalize(torch.ones(B, 16, device=DEV), dim=-1)
+    with contrastive.tile_config(**SMALL_TILES):
+        loss = fused_clip_loss(x, x, torch.tensor(10.0, device=DEV))
+    assert abs(float(loss) - math.log(B)) <= 1e-6
+
+
+def test_batch_permutation_permutes_gradients():
+    img, txt = features(19, 32, seed=11, dtype=torch.float32)
+    s = torch.tensor(20.0, device=DEV)
+    perm = torch.randperm(19, generator=torch.Generator().manual_seed(0)).to(DEV)
+    with contrastive.tile_config(**SMALL_TILES):
+        l0, g0 = run_clip(fused_clip_loss, img, txt, s)
+        l1, g1 = run_clip(fused_clip_loss, img[perm], txt[perm], s)
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g1[0], g0[0][perm], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g1[1], g0[1][perm], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g1[2], g0[2], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scale_100_adversarial_features_stay_finite(dtype):
+    # clusters of identical and opposite features: logits span [-100, 100], with many exact ties, and
+    # wrong pairings (text i+1 for image i) so the positives sit at the bottom of the softmax
+    B, D = 24, 16
+    base = F.normalize(torch.randn(3, D, generator=torch.Generator().manual_seed(1)), dim=-1)
+    img = torch.cat([base[0].expand(8, D), -base[0].expand(8, D), base[1].expand(8, D)])
+    txt = torch.roll(-img, 1, dims=0)
+    img, txt = img.to(dtype).to(DEV), txt.to(dtype).to(DEV)
+    s = torch.tensor(100.0, device=DEV)
+    with contrastive.tile_config(**SMALL_TILES):
+        loss, grads = run_clip(fused_clip_loss, img, txt, s)
+    ref, ref_g = run_clip(reference_clip_loss, img.double(), txt.double(), s.double())
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert abs(float(loss) - float(ref)) <= 1e-4 * max(1.0, abs(float(ref)))
+    for g, r in zip(grads, ref_g):
+        assert_grad_close(g, r, 1e-4 if dtype == torch.float32 else 5e-3)
+
+
+def test_fused_clip_loss_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="same"):
+        fused_clip_loss(torch.zeros(3, 4), torch.zeros(2, 4), torch.tensor(1.0))
+    with pytest.raises(TypeError, match="clip_loss"):
+        x = torch.zeros(3, 4, dtype=torch.float64)
+        fused_clip_loss(x, x, torch.tensor(1.0))
+
+
+def _clip_rank_fn(rank, world, img, txt, scale):
+    b = img.shape[0] // world
+    out = []
+    for fn in (fused_clip_loss, clip_loss):
+        li = img[rank * b:(rank + 1) * b].clone().requires_grad_()
+        lt = txt[rank * b:(rank + 1) * b].clone().requires_grad_()
+        s = scale.clone().requires_grad_()
+        with contrastive.tile_config(**SMALL_TILES):
+            loss = fn(li, lt, s, group=dist.group.WORLD)
+        loss.backward()
+        out.append((loss.detach(), li.grad, lt.grad, s.grad))
+    return out
+
+
+@pytest.mark.dist
+def test_fused_clip_loss_two_ranks_equal_clip_loss_and_global_batch():
+    W, B, D = 2, 18, 24  # b = 9 per rank: partial tiles and two row/column groups
+    img, txt = features(B, D, seed=3, dtype=torch.float32)
+    scale = torch.tensor(14.0)
+    results = run_ranks(_clip_rank_fn, world=W, args=(img.cpu(), txt.cpu(), scale))
+    gl, (gi, gt, gs) = run_clip(clip_loss, img.cpu(), txt.cpu(), scale)
+    b = B // W
+    for rank, (fused, ref) in enumerate(results):
+        for x, y in zip(fused, ref):  # per-rank loss and per-rank gradients, scale included
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused[1], W * gi[rank * b:(rank + 1) * b], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused[2], W * gt[rank * b:(rank + 1) * b], rtol=1e-5, atol=1e-6)
+    assert abs(float(torch.stack([r[0][0] for r in results]).mean() - gl)) <= 1e-6 * max(1.0, float(gl))
+    torch.testing.assert_close(sum(r[0][3] for r in results) / W, gs, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- token_max_similarity
+def token_inputs(Bi, Bt, Ti, Tt, D, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(Bi, Ti, D, generator=g), dim=-1).to(dtype)
+    y = F.normalize(torch.randn(Bt, Tt, D, generator=g), dim=-1).to(dtype)
+    n_txt = torch.randint(1, Tt + 1, (Bt,), generator=g)  # random valid text lengths
+    ym = torch.arange(Tt)[None, :] < n_txt[:, None]
+    xm = torch.rand(Bi, Ti, generator=g) > 0.25
+    xm[:, 0] = True
+    return x.to(DEV), y.to(DEV), xm.to(DEV), ym.to(DEV)
+
+
+def run_sim(fn, x, y, xm, ym, w):
+    a = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+    s1, s2 = fn(a[0], a[1], xm, ym)
+    ((s1.double() * w[0]).sum() + (s2.double() * w[1]).sum()).backward()
+    return s1.detach(), s2.detach(), a[0].grad, a[1].grad
+
+
+TM_CASES = [(1, 1, 5, 7, 16), (1, 7, 9, 6, 64), (7, 7, 9, 6, 96), (7, 5, 4, 11, 16), (33, 33, 9, 6, 64),
+            (33, 7, 5, 7, 96), (7, 33, 17, 5, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("Bi,Bt,Ti,Tt,D", TM_CASES)
+def test_token_max_matches_float64(Bi, Bt, Ti, Tt, D, dtype):
+    x, y, xm, ym = token_inputs(Bi, Bt, Ti, Tt, D, seed=Bi * 1000 + Bt * 10 + D, dtype=dtype)
+    w = torch.randn(2, Bi, Bt, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEV)
+    r1, r2, rgx, rgy = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
+    k1, k2, kgx, kgy = run_sim(token_max_similarity, x, y, xm, ym, w)
+    assert k1.dtype == torch.float32 and k1.shape == (Bi, Bt)
+    assert (k1.double() - r1).abs().max() <= 1e-4 and (k2.double() - r2).abs().max() <= 1e-4
+    rel = 1e-5 if dtype == torch.float32 else 5e-3
+    assert rel_frobenius(kgx, rgx) <= rel and rel_frobenius(kgy, rgy) <= rel
+    assert kgx[~xm].abs().max() == 0 and kgy[~ym].abs().max() == 0  # padding gets exactly nothing
+
+
+def test_token_max_padding_influences_nothing():
+    x, y, xm, ym = token_inputs(7, 6, 6, 7, 32, seed=5, dtype=torch.float32)
+    x2, y2 = x.clone(), y.clone()
+    x2[~xm] = 3.0  # garbage in the padded tokens
+    y2[~ym] = -3.0
+    w = torch.randn(2, 7, 6, dtype=torch.float64).to(DEV)
+    a, b = run_sim(token_max_similarity, x, y, xm, ym, w), run_sim(token_max_similarity, x2, y2, xm, ym, w)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_token_max_tile_shapes_do_not_change_the_result():
+    x, y, xm, ym = token_inputs(9, 8, 5, 6, 40, seed=9, dtype=torch.float32)
+    w = torch.randn(2, 9, 8, dtype=torch.float64).to(DEV)
+    base = run_sim(token_max_similarity, x, y, xm, ym, w)
+    with token_max.tile_config(BM=16, BN=16, BK=16):  # one sample per row tile, two texts per column tile
+        small = run_sim(token_max_similarity, x, y, xm, ym, w)
+    for u, v in zip(small, base):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+
+
+def test_token_max_ties_put_the_gradient_on_the_lowest_token():
+    e = torch.eye(16)  # basis vectors: every dot product is exactly 0 or 1, so the ties are exact
+    x = torch.stack([e[0], e[0], e[1], e[0]])[None].to(DEV)  # image tokens 0, 1, 3 identical
+    y = torch.stack([e[0], e[1], e[1]])[None].to(DEV)  # text tokens 1, 2 identical
+    for fn in (token_max_similarity, filip_similarity):
+        # s_i2t: image token 2 (e1) ties on text tokens 1 and 2: only text token 1 is selected
+        b = y.clone().requires_grad_()
+        fn(x, b)[0].sum().backward()
+        assert b.grad[0, 2].abs().max() == 0 and b.grad[0, 1].abs().max() > 0
+        # s_t2i: text token 0 (e0) ties on image tokens 0, 1, 3: only image token 0 is selected
+        a = x.clone().requires_grad_()
+        fn(a, y)[1].sum().backward()
+        assert a.grad[0, 1].abs().max() == 0 and a.grad[0, 3].abs().max() == 0 and a.grad[0, 0].abs().max() > 0
+
+
+def test_token_max_single_direction_and_empty_sample():
+    x, y, xm, ym = token_inputs(3, 4, 5, 6, 16, seed=13, dtype=torch.float32)
+    ym[1] = False  # a text without a valid token scores 0
+    s1, s2 = token_max_similarity(x, y, xm, ym)
+    assert (s1[:, 1] == 0).all() and (s2[:, 1] == 0).all()
+    o1, n = token_max_similarity(x, y, xm, ym, direction="i2t")
+    n2, o2 = token_max_similarity(x, y, xm, ym, direction="t2i")
+    assert n is None and n2 is None
+    torch.testing.assert_close(o1, s1, rtol=0, atol=0)
+    torch.testing.assert_close(o2, s2, rtol=0, atol=0)
+    r1, r2 = filip_similarity(x.double(), y.double(), xm, ym)
+    torch.testing.assert_close(s1.double(), r1, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s2.double(), r2, rtol=0, atol=1e-5)
+
+
+def test_token_max_debug_mode_checks_the_recomputed_argmax(monkeypatch):
+    monkeypatch.setenv("DECLIP_DS_DEBUG_ARGMAX", "1")
+    x, y, xm, ym = token_inputs(5, 4, 6, 7, 16, seed=17, dtype=torch.float32)
+    a = x.clone().requires_grad_()
+    s1, s2 = token_max_similarity(a, y, xm, ym)
+    (s1.sum() + s2.sum()).backward()  # passes: same tiles, same bits
+    s1, _ = token_max_similarity(a, y, xm, ym)
+    s1.grad_fn.debug_out[0].add_(1e-3)  # pretend the forward had selected other tokens
+    with pytest.raises(RuntimeError, match="arg-max"):
+        s1.sum().backward()
+
+
+def _filip_rank_fn(rank, world, x, y, xm, ym, scale):
+    b = x.shape[0] // world
+    sl = slice(rank * b, (rank + 1) * b)
+    out = []
+    for sim in (token_max_similarity, filip_similarity):
+        lx, ly, s = x[sl].clone().requires_grad_(), y[sl].clone().requires_grad_(), scale.clone().requires_grad_()
+        loss = filip_loss(lx, ly, s, xm[sl], ym[sl], group=dist.group.WORLD, similarity=sim)
+        loss.backward()
+        out.append((loss.detach(), lx.grad, ly.grad, s.grad))
+    return out
+
+
+@pytest.mark.dist
+def test_filip_loss_with_the_kernel_on_two_ranks_equals_torch():
+    x, y, xm, ym = token_inputs(6, 6, 5, 7, 16, seed=19, dtype=torch.float32)
+    results = run_ranks(_filip_rank_fn, world=2, args=(x.cpu(), y.cpu(), xm.cpu(), ym.cpu(), torch.tensor(30.0)))
+    for kernel, ref in results:
+        for u, v in zip(kernel, ref):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_choose_tiles_holds_whole_samples():
+    for Ti, Tt in ((197, 77), (50, 77), (49, 16), (77, 16), (1, 1), (600, 77)):
+        for cuda in (True, False):
+            t = token_max.choose_tiles(Ti, Tt, 512, cuda)
+            assert t["BM"] >= Ti and t["BN"] >= Tt and t["BK"] >= 16
+
+
+# ------------------------------------------------------------------------------- selection, packaging
+def test_select_impls(monkeypatch):
+    from declip_ds.losses.filip import filip_similarity as torch_sim
+
+    assert get_clip_loss("torch") is clip_loss and get_filip_similarity("torch") is torch_sim
+    assert get_clip_loss("triton") is fused_clip_loss and get_filip_similarity("triton") is token_max_similarity
+    assert get_clip_loss("auto") is (fused_clip_loss if torch.cuda.is_available() else clip_loss)
+    with pytest.raises(ValueError, match="Allowed: auto, torch, triton"):
+        get_clip_loss("cuda")
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(RuntimeError, match="loss.impl=torch"):
+            get_filip_similarity("triton")
+
+
+def test_kernels_package_imports_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import declip_ds.kernels as k, declip_ds.losses.select as s\n"
+            "assert k.triton_available() is False\n"
+            "try:\n    k.fused_clip_loss\nexcept ImportError as e:\n    assert 'loss.impl=torch' in str(e)\n"
+            "else:\n    raise SystemExit('no ImportError')\n"
+            "assert s.get_clip_loss('auto').__name__ == 'clip_loss'\n"
+            "try:\n    s.get_clip_loss('triton')\nexcept RuntimeError as e:\n    assert 'loss.impl=torch' in str(e)\n"
+            "else:\n    raise SystemExit('no error')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------------------- GPU only
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("B,D,scale", [(128, 512, 14.3), (4097, 768, 100.0), (16384, 512, 1.0), (4097, 1000, 14.3)])
+def test_gpu_fused_clip_loss_bf16(B, D, scale):
+    img, txt = features(B, D, seed=B, dtype=torch.bfloat16)
+    s = torch.tensor(scale, device=DEV)
+    ref_loss, ref_g = run_clip(reference_clip_loss, img.double(), txt.double(), s.double())
+    loss, grads = run_clip(fused_clip_loss, img, txt, s)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-4 * max(1.0, abs(float(ref_loss)))
+    for g, r in zip(grads, ref_g):
+        assert_grad_close(g, r, 5e-3)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_fused_clip_loss_large(dtype):
+    img, txt = features(4097, 512, seed=1, dtype=dtype)
+    s = torch.tensor(100.0, device=DEV)
+    ref_loss, ref_g = run_clip(reference_clip_loss, img.double(), txt.double(), s.double())
+    loss, grads = run_clip(fused_clip_loss, img, txt, s)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-4 * max(1.0, abs(float(ref_loss)))
+    for g, r in zip(grads, ref_g):
+        assert_grad_close(g, r, 1e-4 if dtype == torch.float32 else 5e-3)
+
+
+@gpu
+@needs_cuda
+def test_gpu_fused_clip_loss_memory_is_linear():
+    """KERNELS.md §3.1: rise of max_memory_allocated <= fp32 grads + 64 MB + O(B), at 32k x 512."""
+    B, D = 32768, 512
+    img, txt = features(B, D, seed=0, dtype=torch.bfloat16)
+    a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    s = torch.tensor(14.3, device=DEV, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fused_clip_loss(a, b, s).backward()
+    torch.cuda.synchronize()
+    rise = torch.cuda.max_memory_allocated() - base
+    assert rise <= 2 * B * D * 4 + 64 * 2**20 + 64 * B, rise / 2**20
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("B,Ti", [(64, 50), (257, 197), (3, 197)])
+def test_gpu_token_max_bf16(B, Ti):
+    x, y, xm, ym = token_inputs(B, B, Ti, 77, 256, seed=B, dtype=torch.bfloat16)
+    w = torch.randn(2, B, B, dtype=torch.float64, device=DEV)
+    r1, r2, rgx, rgy = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
+    k1, k2, kgx, kgy = run_sim(token_max_similarity, x, y, xm, ym, w)
+    assert (k1.double() - r1).abs().max() <= 1e-4 and (k2.double() - r2).abs().max() <= 1e-4
+    assert rel_frobenius(kgx, rgx) <= 5e-3 and rel_frobenius(kgy, rgy) <= 5e-3
+
+
+@gpu
+@needs_cuda
+def test_gpu_token_max_memory():
+    """KERNELS.md §3.2: extra memory <= outputs + token gradients + 256 MB (B=1024, Ti=50, Tt=77, D=512)."""
+    B, Ti, Tt, D = 1024, 50, 77, 512
+    x, y, xm, ym = token_inputs(B, B, Ti, Tt, D, seed=0, dtype=torch.bfloat16)
+    a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    s1, s2 = token_max_similarity(a, b, xm, ym)
+    (s1.sum() + s2.sum()).backward()
+    torch.cuda.synchronize()
+    rise = torch.cuda.max_memory_allocated() - base
+    assert rise <= 4 * (2 * B * B) * 2 + 4 * B * (Ti + Tt) * D * 2 + 256 * 2**20, rise / 2**20
