@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", "--dataset", dest="data", required=True, help="task dir or dir of task dirs")
     p.add_argument("--tasks", nargs="*", default=None, help="subset of task names")
     p.add_argument("--templates", default="synthetic", help="synthetic (the task's templates.txt) | simple | imagenet80 | FILE")
+    p.add_argument("--scoring", default=None, choices=["global", "token"],
+                   help="global embeddings, or FILIP token-wise scoring (default: what the method trained for)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results JSON here")
@@ -67,7 +69,9 @@ def main(argv=None) -> int:
     results = {
         name: evaluate_task_dir(model, tok, d, templates=args.templates, image_size=exp.model.vision.image_size,
                                 normalize=exp.data.normalize, batch_size=args.batch_size, rank=rank,
-                                world_size=world, group=group, workers=args.workers)
+                                world_size=world, group=group, workers=args.workers,
+                                scoring=args.scoring or getattr(exp.method, "zero_shot_scoring", "global"),
+                                mask_padding=getattr(exp.method, "mask_padding", True))
         for name, d in tasks.items()
     }
     if rank == 0:

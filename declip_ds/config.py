@@ -244,16 +244,12 @@ def _get_dotted(data: dict, dotted: str):
 _MISSING = object()
 
 
-def _apply_model_requirements(exp: Experiment, data: dict, mcls) -> None:
-    """A method's model needs (e.g. DeCLIP's mask token, FILIP's token heads): filled in where the
-    config is silent, an error where it says otherwise."""
-    for dotted, value in getattr(mcls, "model_requirements", {}).items():
-        given = _get_dotted(data.get("model") or {}, dotted)
-        if given is not _MISSING and given != value:
-            raise ConfigError(
-                f"model.{dotted}={given!r} but method '{mcls.name}' needs model.{dotted}={value!r}. "
-                f"Remove the key (it is then set for you) or set it to {value!r}."
-            )
+def _apply_model_defaults(exp: Experiment, data: dict, mcls) -> None:
+    """A method's model defaults (e.g. DeCLIP's mask token, FILIP's token width), filled in where
+    the config is silent; an explicit value is kept and the method's ``validate`` judges it."""
+    for dotted, value in getattr(mcls, "model_defaults", {}).items():
+        if _get_dotted(data.get("model") or {}, dotted) is not _MISSING:
+            continue
         node = exp.model
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -268,7 +264,7 @@ def from_dict(data: dict) -> Experiment:
     exp = _build(Experiment, data, "")
     mcls = _method_class(method.get("name", "clip"))
     exp.method = _build(mcls.Config, method, "method")
-    _apply_model_requirements(exp, data, mcls)
+    _apply_model_defaults(exp, data, mcls)
     validate(exp)
     return exp
 

@@ -41,6 +41,46 @@ def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: lis
     return torch.cat(columns).t().contiguous()  # (E, C)
 
 
+class TokenClassifier:
+    """FILIP's zero-shot classifier: per class, the token embeddings of all prompts averaged position by
+    position and renormalised (C, L, d); an image is scored image->text only, without a scale
+    (METHODS.md §4)."""
+
+    def __init__(self, tokens: torch.Tensor, mask: torch.Tensor | None):
+        self.tokens, self.mask = tokens, mask  # (C, L, d), bool (C, L) or None
+        self.shape = (tokens.shape[-1], tokens.shape[0])  # like W: (d, C)
+
+    def logits(self, model, images: torch.Tensor) -> torch.Tensor:
+        from declip_ds.losses.filip import filip_similarity
+
+        x = F.normalize(model.map_image_tokens(model.image_features(images)["tokens"]).float(), dim=-1)  # (B, Ti, d)
+        s_i2t, _ = filip_similarity(x, self.tokens.to(x.device), None, None if self.mask is None else
+                                    self.mask.to(x.device), direction="i2t")
+        return s_i2t  # (B, C)
+
+
+@torch.no_grad()
+def zero_shot_token_classifier(model, tokenizer, classnames: list[str], templates: list[str], *,
+                               mask_padding: bool = True) -> TokenClassifier:
+    """Token-level classifier for FILIP-family models (``--scoring token``)."""
+    from declip_ds.methods.filip import text_token_mask
+
+    device = _param(model).device
+    tokens, masks = [], []
+    for c in classnames:
+        ids = tokenizer([t.format(c) for t in templates]).to(device)  # (T, L)
+        y = F.normalize(model.map_text_tokens(model.text_features(ids)["tokens"]).float(), dim=-1)  # (T, L, d)
+        tokens.append(F.normalize(y.mean(dim=0), dim=-1))  # (L, d)
+        masks.append(text_token_mask(ids).any(dim=0))  # (L,) positions real in at least one prompt
+    return TokenClassifier(torch.stack(tokens), torch.stack(masks) if mask_padding else None)
+
+
+def _logits(model, images: torch.Tensor, W) -> torch.Tensor:
+    if isinstance(W, TokenClassifier):
+        return W.logits(model, images)
+    return F.normalize(model.encode_image(images).float(), dim=-1) @ W.to(images.device).float()  # (B, C)
+
+
 def _synced(loader, group, device):
     """Yield the loader's batches; under a group, keep yielding ``None`` until every rank is done."""
     it = iter(loader)
@@ -66,7 +106,7 @@ def zero_shot_evaluate(model, W: torch.Tensor, loader, *, group=None, image_size
     """
     p = _param(model)
     dev = p.device if p.device.type == "cuda" else torch.device("cpu")  # where the counts live
-    C = W.shape[1]
+    C = W.shape[1]  # (E, C) tensor or a TokenClassifier
     correct1 = torch.zeros(C, dtype=torch.long, device=dev)
     total = torch.zeros(C, dtype=torch.long, device=dev)
     correct5 = torch.zeros((), dtype=torch.long, device=dev)
@@ -76,7 +116,7 @@ def zero_shot_evaluate(model, W: torch.Tensor, loader, *, group=None, image_size
             model.encode_image(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
             continue
         images, labels = batch[0].to(p.device, p.dtype), batch[1].to(dev).long()
-        logits = F.normalize(model.encode_image(images).float(), dim=-1) @ W.to(dev).float()  # (B, C)
+        logits = _logits(model, images, W).to(dev)  # (B, C)
         top = logits.topk(min(5, C), dim=-1).indices  # (B, k)
         hit1 = top[:, 0] == labels
         total += torch.bincount(labels, minlength=C)
@@ -120,14 +160,23 @@ def load_templates(spec: str, task_dir: Path | None = None) -> list[str]:
 
 
 def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image_size: int, normalize: str,
-                      batch_size: int = 128, rank: int = 0, world_size: int = 1, group=None, workers: int = 0) -> dict:
-    """Zero-shot on one labelled shard directory (classnames.txt, *.tar with a ``cls`` key)."""
+                      batch_size: int = 128, rank: int = 0, world_size: int = 1, group=None, workers: int = 0,
+                      scoring: str = "global", mask_padding: bool = True) -> dict:
+    """Zero-shot on one labelled shard directory (classnames.txt, *.tar with a ``cls`` key).
+
+    scoring: ``global`` (cosine of the global embeddings) or ``token`` (FILIP's token-wise scoring)."""
     from declip_ds.data.transforms import eval_transform
     from declip_ds.data.wds import build_eval_loader
 
     task_dir = Path(task_dir)
     classnames = read_lines(task_dir / "classnames.txt")
-    W = zero_shot_classifier(model, tokenizer, classnames, load_templates(templates, task_dir))
+    prompts = load_templates(templates, task_dir)
+    if scoring == "token":
+        W = zero_shot_token_classifier(model, tokenizer, classnames, prompts, mask_padding=mask_padding)
+    elif scoring == "global":
+        W = zero_shot_classifier(model, tokenizer, classnames, prompts)
+    else:
+        raise ValueError(f"Unknown scoring '{scoring}': use global or token.")
     urls = sorted(str(p) for p in task_dir.glob("*.tar"))
     if not urls:
         raise FileNotFoundError(f"No .tar shards in {task_dir}.")

@@ -201,3 +201,50 @@ def filip_loss(image_tokens: torch.Tensor, text_tokens: torch.Tensor, scale: tor
     loss_i2t = F.cross_entropy(sc * s_i2t.to(dtype), labels)
     loss_t2i = F.cross_entropy(sc * logits_t2i_raw.to(dtype), labels)
     return 0.5 * (loss_i2t + loss_t2i)
+
+
+def select_pair_tokens(tokens: torch.Tensor, partner: torch.Tensor, k: int, mask: torch.Tensor | None = None,
+                       partner_mask: torch.Tensor | None = None):
+    """The DeCLIP reference's token selection: per sample i, the k tokens of ``tokens[i]`` with the
+    largest summed similarity to the tokens of its own pair ``partner[i]``.
+
+    tokens (b, T, D), partner (b, T', D); masks bool (b, T) / (b, T'), True = real token.
+    Returns (selected (b, k', D), selected_mask (b, k') or None), k' = min(k, T); padded tokens are
+    never preferred over real ones and are flagged False in the returned mask.
+    """
+    with torch.no_grad():
+        sim = torch.einsum("btd,bsd->bts", tokens.float(), partner.float())  # (b, T, T')
+        if partner_mask is not None:
+            sim = sim * partner_mask[:, None, :].to(sim.dtype)
+        score = sim.sum(dim=-1)  # (b, T)
+        if mask is not None:
+            score = score.masked_fill(~mask, float("-inf"))
+        idx = score.topk(min(k, tokens.shape[1]), dim=-1).indices.sort(dim=-1).values  # (b, k') in token order
+    selected = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))  # (b, k', D)
+    return selected, (torch.gather(mask, 1, idx) if mask is not None else None)
+
+
+def filip_topk_loss(image_tokens: torch.Tensor, text_tokens: torch.Tensor, scale: torch.Tensor, k: int,
+                    image_mask: torch.Tensor | None = None, text_mask: torch.Tensor | None = None, *, group=None,
+                    similarity=None) -> torch.Tensor:
+    """FILIP as the DeCLIP reference code computes it: only the top-``k`` tokens of each sample
+    (``select_pair_tokens``) are all-gathered; the query side keeps all its tokens.
+
+    image->text: every local image token, max over the k selected tokens of each (gathered) text;
+    text->image: every local text token, max over the k selected tokens of each (gathered) image.
+    Same reduction convention as ``filip_loss``.
+    """
+    similarity = similarity or filip_similarity
+    rank, _ = world_info(group)
+    b = image_tokens.shape[0]
+    img_sel, img_sel_mask = select_pair_tokens(image_tokens, text_tokens, k, image_mask, text_mask)  # (b, k, D)
+    txt_sel, txt_sel_mask = select_pair_tokens(text_tokens, image_tokens, k, text_mask, image_mask)  # (b, k, D)
+    all_img_sel = all_gather_with_grad(img_sel, group)  # (W*b, k, D)
+    all_txt_sel = all_gather_with_grad(txt_sel, group)  # (W*b, k, D)
+    all_img_mask, all_txt_mask = _gather_mask(img_sel_mask, group), _gather_mask(txt_sel_mask, group)
+    s_i2t, _ = similarity(image_tokens, all_txt_sel, image_mask, all_txt_mask, direction="i2t")  # (b, W*b)
+    _, s_t2i = similarity(all_img_sel, text_tokens, all_img_mask, text_mask, direction="t2i")  # (W*b, b)
+    dtype = torch.promote_types(s_i2t.dtype, torch.float32)
+    labels = torch.arange(b, device=image_tokens.device) + rank * b  # (b,)
+    sc = scale.to(dtype)
+    return 0.5 * (F.cross_entropy(sc * s_i2t.to(dtype), labels) + F.cross_entropy(sc * s_t2i.t().to(dtype), labels))
