@@ -309,3 +309,17 @@ def test_resnet_tiny_clip_shapes_and_gradients():
     assert all(p.grad is not None for p in model.visual.parameters())
     with pytest.raises(ValueError, match="divisible by 16"):
         build_model(ModelConfig(vision=VisionConfig(name="resnet_tiny_clip", image_size=40)))
+
+
+def test_resnet_batchnorms_run_in_fp32_under_bf16_parameters():
+    """DeepSpeed's bf16 casts parameters but not buffers; BN must still run (in fp32)."""
+    cfg = ModelConfig(vision=VisionConfig(name="resnet_tiny_clip", image_size=32, width=16), embed_dim=8,
+                      text=TextConfig(context_length=8, width=16, layers=1, heads=2))
+    model = build_model(cfg)
+    ref = model.encode_image(torch.randn(2, 3, 32, 32))  # fp32 works as before
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    out = model.encode_image(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and out.shape == ref.shape
+    bn = next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert bn.running_mean.dtype == torch.float32

@@ -33,6 +33,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from declip_ds.config import VisionConfig
+from declip_ds.models.norm import make_batchnorms_fp32_
 
 # our name -> timm model name (the OpenAI CLIP ViTs use QuickGELU, as does the DeCLIP reference)
 TIMM_VITS = {
@@ -155,7 +156,7 @@ def build_vision_tower(cfg: VisionConfig, embed_dim: int) -> ViTTower | ResNetTo
             )
         _check_divisible(cfg, 32 if cfg.name in TIMM_RESNETS else 16)
         if cfg.name in CUSTOM_RESNETS:
-            return ResNetTower(_tiny_resnet(cfg, embed_dim), embed_dim)
+            return ResNetTower(make_batchnorms_fp32_(_tiny_resnet(cfg, embed_dim)), embed_dim)
         # num_classes sets the attention pool's output projection (OpenAI attnpool.c_proj) to embed_dim
         trunk = timm.create_model(
             TIMM_RESNETS[cfg.name],
@@ -164,5 +165,5 @@ def build_vision_tower(cfg: VisionConfig, embed_dim: int) -> ViTTower | ResNetTo
             img_size=cfg.image_size,
             drop_path_rate=cfg.drop_path,
         )
-        return ResNetTower(trunk, embed_dim)
+        return ResNetTower(make_batchnorms_fp32_(trunk), embed_dim)
     raise ValueError(f"Unknown vision tower '{cfg.name}'. Known: {', '.join(SUPPORTED)}. Set model.vision.name.")

@@ -131,13 +131,20 @@ def grad_norm(module: torch.nn.Module) -> float:
 def clamp_scales(engine, method, bounds) -> None:
     """Clamp the temperature parameters, including the optimizer's fp32 master copies (bf16, ZeRO):
     clamping only the module's copy would be undone by the next step."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                                 safe_set_local_fp32_param)
 
     lo, hi = bounds
+    zero3 = engine.zero_optimization_stage() == 3
     for p in method.scale_parameters():
-        master = safe_get_full_fp32_param(p)  # collective under ZeRO-3; None when DeepSpeed keeps no copy
-        if master is not None and not (lo <= float(master) <= hi):
-            safe_set_full_fp32_param(p, master.clamp(lo, hi))
+        if zero3:  # the clamp is elementwise: each rank clamps its own partition of the master copy
+            master = safe_get_local_fp32_param(p)
+            if master is not None and master.numel() and not bool(((master >= lo) & (master <= hi)).all()):
+                safe_set_local_fp32_param(p, master.clamp(lo, hi))
+        else:
+            master = safe_get_full_fp32_param(p)  # None when DeepSpeed keeps no separate copy
+            if master is not None and not bool(((master >= lo) & (master <= hi)).all()):
+                safe_set_full_fp32_param(p, master.clamp(lo, hi))
         if p.numel() > 0:  # ZeRO-3 partitions leave an empty local tensor
             p.data.clamp_(lo, hi)
 
