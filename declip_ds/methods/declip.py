@@ -154,8 +154,14 @@ class DeCLIP(Method):
                 "nn_loss": c.nn_weight}
 
     def forward(self, batch):
+        return self.declip_terms(batch)[0]
+
+    def declip_terms(self, batch):
+        """The four DeCLIP losses, and the tower outputs of image view 1 and the masked caption (DeFILIP
+        adds its token term on them without a second tower pass)."""
         m = self.model
-        img1 = m.image_features(batch["image"])["embedding"]  # (b, E) projected, not normalised
+        f1 = m.image_features(batch["image"])  # pooled, tokens (b, Ti, W), embedding (b, E)
+        img1 = f1["embedding"]  # (b, E) projected, not normalised
         img2 = m.image_features(batch["image2"])["embedding"]  # (b, E)
         t1 = m.text_features(batch["text"])  # masked caption: pooled, tokens (b, L, W), embedding (b, E)
         t2 = m.text_features(batch["text2"])["embedding"]  # (b, E) EDA caption
@@ -188,7 +194,7 @@ class DeCLIP(Method):
             correct = (logits.argmax(dim=-1) == target).sum()
             out["mlm_acc"] = (correct / masked.sum().clamp(min=1)).float()
         out["logit_scale"] = scale.detach()
-        return out
+        return out, {"image1": f1, "text1": t1}
 
     # ------------------------------------------------------------------ per-rank state
     def extra_state(self) -> dict:
