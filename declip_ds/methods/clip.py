@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from declip_ds.config import MethodConfig
-from declip_ds.losses import clip_loss
+from declip_ds.losses.select import get_clip_loss
 from declip_ds.methods.base import Method
 from declip_ds.registry import register_method
 
@@ -24,6 +24,10 @@ class CLIP(Method):
 
     Config = CLIPConfig
 
+    def __init__(self, exp, group=None):
+        super().__init__(exp, group)
+        self.contrastive = get_clip_loss(exp.loss.impl)  # clip_loss, or the fused Triton kernel
+
     def sample_transform(self):
         from declip_ds.data.transforms import SampleTransform, clip_train_transform
 
@@ -38,4 +42,4 @@ class CLIP(Method):
         image = F.normalize(self.model.encode_image(batch["image"]), dim=-1)  # (b, E)
         text = F.normalize(self.model.encode_text(batch["text"]), dim=-1)  # (b, E)
         scale = self.model.scale()  # 0-d
-        return {"clip_loss": clip_loss(image, text, scale, group=self.group), "logit_scale": scale.detach()}
+        return {"clip_loss": self.contrastive(image, text, scale, group=self.group), "logit_scale": scale.detach()}

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from declip_ds.config import ConfigError, MethodConfig
 from declip_ds.losses.declip import NNQueue, mlm_loss, mvs_loss, nn_loss, simsiam_loss
 from declip_ds.losses.gather import world_info
+from declip_ds.losses.select import get_clip_loss
 from declip_ds.methods.base import Method
 from declip_ds.registry import register_method
 from declip_ds.models.norm import BatchNorm1dFP32
@@ -129,6 +130,7 @@ class DeCLIP(Method):
         generator = torch.Generator().manual_seed(_queue_seed(exp.train.seed, rank))
         # a plain attribute, not a buffer: per rank, fp32, outside the state dict (see NNQueue)
         self.nn_queue = NNQueue(cfg.queue_size, m.embed_dim, generator=generator)
+        self.contrastive = get_clip_loss(exp.loss.impl)  # clip_loss, or the fused Triton kernel
 
     # ------------------------------------------------------------------ data
     def sample_transform(self):
@@ -181,7 +183,8 @@ class DeCLIP(Method):
         image_1, image_2 = F.normalize(img1, dim=-1), F.normalize(img2, dim=-1)
         text_1, text_2 = F.normalize(t1["embedding"], dim=-1), F.normalize(t2, dim=-1)
         scale = m.scale()  # 0-d
-        out["mvs_loss"] = mvs_loss([image_1, image_2], [text_1, text_2], scale, group=self.group)
+        out["mvs_loss"] = mvs_loss([image_1, image_2], [text_1, text_2], scale, group=self.group,
+                                   loss_fn=self.contrastive)
 
         # both queries see the queue as it was before this step; then T2 and T1 go in (2b rows)
         nn_1, nn_2 = self.nn_queue.query(text_1), self.nn_queue.query(text_2)  # (b, E) fp32
