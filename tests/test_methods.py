@@ -67,3 +67,21 @@ def test_method_model_defaults_fill_only_what_the_config_leaves_out(monkeypatch)
     assert exp.model.text.mask_token is True and exp.model.token_dim == 8
     explicit = from_dict({**TINY, "model": {**TINY["model"], "token_dim": 4}, "method": {"name": "clip"}})
     assert explicit.model.token_dim == 4  # the user's value stands; the method's validate judges it
+
+
+@pytest.mark.parametrize("name", ["clip", "declip"])
+def test_loss_impl_triton_matches_torch(name):
+    """loss.impl picks the fused kernel (Triton's interpreter on CPU) with the same result."""
+    from declip_ds.kernels import fused_clip_loss
+
+    results = []
+    for impl in ("torch", "triton"):
+        torch.manual_seed(0)
+        exp = from_dict({**TINY, "method": {"name": name}, "loss": {"impl": impl}})
+        method = get_method(name)(exp).eval()
+        assert (method.contrastive is fused_clip_loss) == (impl == "triton")
+        torch.manual_seed(1)
+        batch = make_batch(method)
+        with torch.no_grad():
+            results.append(method.total_loss(method(batch)))
+    assert torch.allclose(results[0], results[1], atol=1e-5)

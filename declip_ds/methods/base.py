@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from declip_ds.config import Experiment, MethodConfig
+from declip_ds.losses.select import get_clip_loss
 
 
 class Method(nn.Module):
@@ -26,6 +27,8 @@ class Method(nn.Module):
         self.cfg = exp.method
         self.group = group  # the data-parallel process group the losses gather over (None = 1 process)
         self.model = build_model(exp.model)
+        # the symmetric InfoNCE (clip_loss signature): the torch reference or the fused Triton kernel
+        self.contrastive = get_clip_loss(exp.loss.impl)
 
     # ------------------------------------------------------------------ data
     def tokenizer(self):

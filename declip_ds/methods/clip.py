@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from declip_ds.config import MethodConfig
-from declip_ds.losses.select import get_clip_loss
 from declip_ds.methods.base import Method
 from declip_ds.registry import register_method
 
@@ -23,10 +22,6 @@ class CLIP(Method):
     """One image view (RandomResizedCrop, scale data.rrc_scale, no flip), one caption, InfoNCE."""
 
     Config = CLIPConfig
-
-    def __init__(self, exp, group=None):
-        super().__init__(exp, group)
-        self.contrastive = get_clip_loss(exp.loss.impl)  # clip_loss, or the fused Triton kernel
 
     def sample_transform(self):
         from declip_ds.data.transforms import SampleTransform, clip_train_transform

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from declip_ds.config import ConfigError, MethodConfig
 from declip_ds.losses.declip import NNQueue, mlm_loss, mvs_loss, nn_loss, simsiam_loss
 from declip_ds.losses.gather import world_info
-from declip_ds.losses.select import get_clip_loss
 from declip_ds.methods.base import Method
 from declip_ds.registry import register_method
 from declip_ds.models.norm import BatchNorm1dFP32
@@ -130,7 +129,6 @@ class DeCLIP(Method):
         generator = torch.Generator().manual_seed(_queue_seed(exp.train.seed, rank))
         # a plain attribute, not a buffer: per rank, fp32, outside the state dict (see NNQueue)
         self.nn_queue = NNQueue(cfg.queue_size, m.embed_dim, generator=generator)
-        self.contrastive = get_clip_loss(exp.loss.impl)  # clip_loss, or the fused Triton kernel
 
     # ------------------------------------------------------------------ data
     def sample_transform(self):

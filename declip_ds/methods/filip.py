@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from declip_ds.config import ConfigError, MethodConfig
 from declip_ds.losses.filip import filip_loss, filip_topk_loss
-from declip_ds.losses.select import get_clip_loss, get_filip_similarity
+from declip_ds.losses.select import get_filip_similarity
 from declip_ds.methods.base import Method
 from declip_ds.registry import register_method
 
@@ -95,7 +95,6 @@ class FILIP(Method):
     def __init__(self, exp, group=None):
         super().__init__(exp, group)
         self.filip = FilipHead(self.cfg, exp.loss.impl)
-        self.contrastive = get_clip_loss(exp.loss.impl)
 
     def sample_transform(self):
         from declip_ds.data.transforms import SampleTransform, clip_train_transform, moco_v2_transform

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from declip_ds.config import ConfigError, MethodConfig
-from declip_ds.losses import clip_loss, simclr_loss
+from declip_ds.losses import simclr_loss
 from declip_ds.methods.base import Method
 from declip_ds.models.norm import BatchNorm1dFP32
 from declip_ds.registry import register_method
@@ -141,7 +141,7 @@ class SLIP(Method):
         # Gathered WITH gradient, as the DeCLIP repo's AllGather does. The official SLIP gathers its CLIP
         # features without gradient (each rank's loss then only reaches its own rows); under DeepSpeed's
         # gradient averaging the with-gradient gather is what gives the global-batch gradient.
-        out = {"clip_loss": clip_loss(image, text, scale, group=self.group)}
+        out = {"clip_loss": self.contrastive(image, text, scale, group=self.group)}
         z1 = self._ssl_embedding(batch["image_ssl1"])  # (b, ssl_emb_dim)
         z2 = self._ssl_embedding(batch["image_ssl2"])
         out["ssl_loss"], out["ssl_acc"] = simclr_loss(z1, z2, self.cfg.ssl_temperature, group=self.group,
