@@ -162,13 +162,16 @@ def test_training_samples(ds):
 
 def test_clean_captions_mention_shapes_and_colors(ds):
     root, _ = ds
-    captions = []
+    captions, objects, coloured = [], 0, 0
     for parts in _read_dir(root / "train").values():
         caption = parts["txt"].decode()
         captions.append(caption)
         for o in json.loads(parts["json"])["objects"]:
             assert _mentions(caption, _shape_words(o["shape"])), (caption, o)
-            assert _mentions(caption, syn.COLOR_SYNONYMS[o["color"]]), (caption, o)
+            objects += 1
+            coloured += _mentions(caption, syn.COLOR_SYNONYMS[o["color"]])
+    # the colour is named unless the caption leaves it out (P_COLOR_OMITTED per object group)
+    assert 0.5 < coloured / objects < 0.9
     # varied wording
     assert len(set(captions)) >= 95
     starts = collections.Counter(c.split()[0].lower() for c in captions)
