@@ -2,6 +2,7 @@
 two DeepSpeed ranks (ZeRO 1/2/3, fp32 and bf16), all as subprocesses with timeouts."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -126,3 +127,15 @@ def test_two_deepspeed_ranks(tmp_path, shapes, stage, precision):
         for task in during:
             assert after[task]["acc1"] == pytest.approx(during[task]["acc1"])
     assert {t: r["n"] for t, r in after.items()} == {t: r["n"] for t, r in during.items()}
+
+
+@pytest.mark.parametrize("method", ["declip", "slip", "filip", "defilip"])
+def test_every_method_trains_and_evaluates_on_the_demo_config(tmp_path, shapes, method):
+    """The README's promise: experiments/demo_shapes.yaml method.name=X trains and evaluates."""
+    run_dir = tmp_path / "run"
+    rc, out = run(train_cmd(run_dir, shapes, f"method.name={method}", "train.steps=2", "train.log_every=1"), tmp_path)
+    assert rc == 0, out[-4000:]
+    lines = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in lines] == [1, 2] and all(math.isfinite(r["loss"]) for r in lines)
+    results = final_eval(run_dir, 2)
+    assert set(results) == {"shape", "color", "shape_color"} and results["shape"]["n"] == 16
