@@ -24,6 +24,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from declip_ds.config import ConfigError, load_config
+    from declip_ds.data.wds import DataError
     from declip_ds.train.checkpoint import CheckpointError
 
     try:
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
         from declip_ds.train.engine import PREEMPTED_EXIT_CODE, train
 
         result = train(exp, ds_config=args.ds_config, resume=args.resume)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return PREEMPTED_EXIT_CODE if result["preempted"] else 0

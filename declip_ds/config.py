@@ -369,6 +369,9 @@ def validate(exp: Experiment) -> None:
             f"{len(d.train_shards)} sources; give one weight per source or none."
         )
     _choice(exp.loss.impl, ("auto", "torch", "triton"), "loss.impl")
+    from declip_ds.models.vision import SUPPORTED
+
+    _choice(m.vision.name, SUPPORTED, "model.vision.name")
     validate_method = getattr(exp.method, "validate", None)
     if validate_method is not None:
         validate_method(exp)

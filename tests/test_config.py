@@ -39,6 +39,7 @@ def test_demo_config_loads_and_overrides_are_typed():
     (["data.train_weights=[1,2]"], r"data.train_weights has 2 entries"),
     (["model.text.heads=3"], r"divisible"),
     (["noequals"], r"key=value"),
+    (["model.vision.name=vit_huge"], r"model.vision.name: 'vit_huge' is not allowed. Choose one of: .*vit_tiny"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -22,7 +22,8 @@ def write_shards(d, n):
 
 def test_epoch_mode_with_too_few_shards_fails_with_the_counts(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    exp = from_dict({"data": {"train_shards": [write_shards(tmp_path, 3)], "mode": "epoch", "workers": 2}})
+    exp = from_dict({"data": {"train_shards": [write_shards(tmp_path, 3)], "mode": "epoch", "workers": 2,
+                              "num_samples": 3}})
     with pytest.raises(ValueError, match=r"3.*2.*2"):
         engine.resolve_sources(exp)
 
@@ -53,3 +54,13 @@ def test_param_groups_exclude_norms_biases_embeddings_and_temperature():
     assert any("attn" in n and n.endswith("weight") for n in names)
     total = sum(len(g["params"]) for g in groups)
     assert total == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_missing_sample_count_is_an_error_before_training(tmp_path):
+    from declip_ds.data.wds import DataError
+
+    exp = from_dict({"data": {"train_shards": [write_shards(tmp_path, 2)]}})  # no sizes.json, no num_samples
+    with pytest.raises(DataError, match="num_samples|sizes.json"):
+        engine.resolve_sources(exp)
+    exp.data.num_samples = 2
+    assert len(engine.resolve_sources(exp)[0]) == 2

@@ -50,6 +50,10 @@ def resolve_sources(exp: Experiment) -> list[list[str]] | None:
     if "synthetic" in specs:
         raise ConfigError("data.train_shards: 'synthetic' cannot be mixed with other sources.")
     sources = expand_urls(specs)
+    if not exp.data.num_samples:
+        from declip_ds.data.wds import read_num_samples
+
+        read_num_samples([u for s in sources for u in s])  # sizes.json or a clear error, before any process
     if exp.data.mode == "epoch":
         check_epoch_shards(sum(len(s) for s in sources), D.env_world_size(), max(1, exp.data.workers))
     return sources
