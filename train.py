@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     from declip_ds.config import ConfigError, load_config
     from declip_ds.data.wds import DataError
     from declip_ds.train.checkpoint import CheckpointError
+    from declip_ds.train.guard import BadStepsError
 
     try:
         exp = load_config(args.config, args.overrides)
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BadStepsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 

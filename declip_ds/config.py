@@ -129,6 +129,11 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     no_decay_embeddings: bool = True  # no weight decay on token/positional embeddings
     max_wall_minutes: float = 0.0  # save and exit (code 75) after this long; 0 = no limit
+    # bad-step guard: a non-finite loss, or one above spike_factor x its running mean (0 = no spike
+    # check), is skipped on every rank; max_bad_steps in a row -> on_bad_steps (stop | rollback)
+    spike_factor: float = 0.0
+    max_bad_steps: int = 5
+    on_bad_steps: str = "stop"
     wandb: bool = False
     wandb_project: str = "declip_ds"
 
@@ -358,6 +363,9 @@ def validate(exp: Experiment) -> None:
     _positive(t.keep_last, "train.keep_last", allow_zero=True)
     if len(t.betas) != 2 or not all(0 <= x < 1 for x in t.betas):
         raise ConfigError(f"train.betas: need two values in [0, 1), got {t.betas}.")
+    _choice(t.on_bad_steps, ("stop", "rollback"), "train.on_bad_steps")
+    _positive(t.spike_factor, "train.spike_factor", allow_zero=True)
+    _positive(t.max_bad_steps, "train.max_bad_steps", allow_zero=True)
     _choice(d.mode, ("resampled", "epoch"), "data.mode")
     _choice(d.normalize, ("imagenet", "openai"), "data.normalize")
     _positive(d.workers, "data.workers", allow_zero=True)

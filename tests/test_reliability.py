@@ -1,6 +1,7 @@
 """The trainer does not lose or silently change a run: exact resume, preemption (RELIABILITY.md §4)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -102,3 +103,66 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(tmp_path, shapes
     assert rc == 0, out[-3000:]
     assert f"at step {stopped_at}" in out
     assert_same_steps(metrics(a), metrics(b), range(1, 41))
+
+
+def fault_env(spec):
+    return dict(env(), DECLIP_DS_FAULTS=spec)
+
+
+def run_with(args, cwd, spec, timeout=400):
+    p = subprocess.run(args, cwd=cwd, env=fault_env(spec), capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+@pytest.mark.dist
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, shapes):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    run_dir = tmp_path / "run"
+    rc, out = run_with(cmd(run_dir, shapes, "train.steps=5", "train.save_every=100", ds=ds, ranks=2), tmp_path,
+                       "nan_loss@3:1")
+    assert rc == 0, out[-3000:]
+    m = metrics(run_dir)
+    assert sorted(m) == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in m.values())
+    assert m[2]["bad_steps"] == 0 and m[5]["bad_steps"] == 1  # counted once, for both ranks
+    bad = [json.loads(x) for x in (run_dir / "bad_batches.jsonl").read_text().splitlines()]
+    assert len(bad) == 1 and bad[0]["step"] == 3 and bad[0]["reason"] == "non-finite loss"
+
+
+def test_bad_steps_in_a_row_stop_and_a_restart_passes_over_them(tmp_path, shapes):
+    run_dir = tmp_path / "run"
+    args = cmd(run_dir, shapes, "train.steps=6", "train.save_every=2", "train.max_bad_steps=3")
+    rc, out = run_with(args, tmp_path, "nan_loss@3x3:0")
+    assert rc == 3 and "3 bad steps in a row" in out and "bad_batches.jsonl" in out
+    bad = [json.loads(x) for x in (run_dir / "bad_batches.jsonl").read_text().splitlines()]
+    assert [b["epoch_batch"] for b in bad] == [3, 4, 5]
+    rc, out = run(args, tmp_path)  # no fault now: resumes at step 2 and passes over the recorded batches
+    assert rc == 0, out[-3000:]
+    assert out.count("passing over batch") == 3
+    assert max(metrics(run_dir)) == 6
+
+
+def test_loss_spike_is_skipped(tmp_path, shapes):
+    run_dir = tmp_path / "run"
+    rc, out = run_with(cmd(run_dir, shapes, "train.steps=14", "train.save_every=100", "train.spike_factor=5"),
+                       tmp_path, "spike_loss@13:0")
+    assert rc == 0, out[-3000:]
+    assert "above 5.0 x its running mean" in out and metrics(run_dir)[14]["bad_steps"] == 1
+
+
+@pytest.mark.dist
+def test_rank_killed_mid_save_loses_nothing(tmp_path, shapes):
+    """Rank 1 dies after DeepSpeed wrote its part of step 4: step 4 never becomes complete, `latest`
+    still names step 2, and the relaunch resumes from step 2."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    run_dir = tmp_path / "run"
+    args = cmd(run_dir, shapes, "train.steps=6", "train.save_every=2", ds=ds, ranks=2)
+    rc, out = run_with(args, tmp_path, "crash_in_save@4:1")
+    assert rc != 0
+    ck = run_dir / "checkpoints"
+    assert (ck / "latest").read_text() == "step_00000002"
+    assert not (ck / "step_00000004" / "COMPLETE").exists()
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "at step 2" in out and (ck / "step_00000006" / "COMPLETE").is_file()

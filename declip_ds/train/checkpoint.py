@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from declip_ds.train import dist as D
+from declip_ds.train.guard import fault
 
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -113,6 +114,8 @@ def save(engine, method, ckpt_dir: Path, step: int, client_state: dict, config_y
             shutil.rmtree(tag_dir)
     D.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    if fault("crash_in_save", step):  # test hook: this rank dies half way through the save
+        os._exit(9)
     per_rank = {"rng": rng_state(), "method": method.extra_state(), "step": step, "world_size": D.world_size()}
     rank_file = tag_dir / f"rank_{D.rank():05d}.pt"
     torch.save(per_rank, rank_file.with_suffix(".tmp"))

@@ -23,6 +23,7 @@ from declip_ds.config import ConfigError, Experiment, config_hash, save_config, 
 from declip_ds.train import checkpoint as C
 from declip_ds.train import dist as D
 from declip_ds.train.ds_config import build_ds_config, read_ds_config, resolve_precision
+from declip_ds.train.guard import BadStepsError, Guard
 
 log = logging.getLogger("declip_ds")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped early; rerun to resume
@@ -166,6 +167,7 @@ class Meter:
     step_time: float = 0.0
     samples: int = 0
     skips: dict = field(default_factory=dict)
+    bad_steps: int = 0
 
     def add(self, out: dict) -> None:
         for k, v in out.items():
@@ -322,20 +324,24 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     dtype, device = DTYPES[precision], engine.device
 
     # 4. resume
+    def restore(found) -> tuple[int, int, int, int]:
+        """Engine, optimizer, scheduler, RNG and method state of a checkpoint; its data position."""
+        client = C.load(engine, method, *found)  # also restores every rank's RNG states
+        position = (client["step"], client["samples_seen"], client.get("epoch", 0), client.get("epoch_batches", 0))
+        log.info("resumed from %s at step %d (%d samples seen)", found[0] / found[1], position[0], position[1])
+        if exp.data.mode == "epoch" and position[3]:
+            log.warning("data.mode=epoch resumes at the start of epoch %d (%d batches of it are seen again); "
+                        "data.mode=resampled resumes at the exact batch", position[2], position[3])
+            position = (*position[:3], 0)
+        return position
+
     step, samples_seen, epoch, epoch_batches = 0, 0, 0, 0
     torch.manual_seed(exp.train.seed * 1000 + rank)  # per-rank randomness (dropout, ...) from here on
     found = C.resolve_resume(resume, run_dir)
     if found is None:
         log.info("no checkpoint to resume from (--resume %s, %s): starting at step 0", resume, run_dir / "checkpoints")
     else:
-        client = C.load(engine, method, *found)  # also restores every rank's RNG states
-        step, samples_seen = client["step"], client["samples_seen"]
-        epoch, epoch_batches = client.get("epoch", 0), client.get("epoch_batches", 0)
-        log.info("resumed from %s at step %d (%d samples seen)", found[0] / found[1], step, samples_seen)
-        if exp.data.mode == "epoch" and epoch_batches:
-            log.warning("data.mode=epoch resumes at the start of epoch %d (%d batches of it are seen again); "
-                        "data.mode=resampled resumes at the exact batch", epoch, epoch_batches)
-            epoch_batches = 0
+        step, samples_seen, epoch, epoch_batches = restore(found)
     clamp_scales(engine, method, exp.model.logit_scale_bounds)  # the reference raises the init into bounds
 
     # 5. steps
@@ -351,48 +357,74 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
 
     def next_batch():
         """The next micro-batch; when any rank's (virtual) epoch is over, all ranks start the next one
-        together (ranks can run dry at different batches in epoch mode; a collective would hang)."""
+        together (ranks can run dry at different batches in epoch mode; a collective would hang).
+        Batches recorded as bad by the guard (this run or an earlier one) are passed over."""
         nonlocal data_iter, epoch, epoch_batches
-        batch = next(data_iter, None)
-        if D.all_reduce_int(0 if batch is None else 1, op=dist.ReduceOp.MIN) == 0:
-            epoch, epoch_batches = epoch + 1, 0
-            data_iter = iter(build_loader(exp, method, sources, epoch))
+        while True:
             batch = next(data_iter, None)
-            if batch is None:
-                raise RuntimeError(f"epoch {epoch} of the training data is empty on rank {rank}; check data.train_shards")
-        epoch_batches += 1
-        return batch
+            if D.all_reduce_int(0 if batch is None else 1, op=dist.ReduceOp.MIN) == 0:
+                epoch, epoch_batches = epoch + 1, 0
+                data_iter = iter(build_loader(exp, method, sources, epoch))
+                batch = next(data_iter, None)
+                if batch is None:
+                    raise RuntimeError(f"epoch {epoch} of the training data is empty on rank {rank}; check data.train_shards")
+            epoch_batches += 1
+            if not guard.is_known_bad(epoch, epoch_batches):
+                return batch
+            log.warning("passing over batch %d of epoch %d: recorded in %s", epoch_batches, epoch, guard.path)
 
     stop, own_norm = StopRequest(exp.train.max_wall_minutes), None
+    guard = Guard(exp.train, run_dir)
     preempted = False
     t_last = time.perf_counter()
     while step < exp.train.steps:
-        for _ in range(exp.train.grad_accum):
+        micro = 0
+        while micro < exp.train.grad_accum:
             t0 = time.perf_counter()
             batch = next_batch()
             meter.data_time += time.perf_counter() - t0
             meter.add_skips(batch.pop("_skips", None))
-            batch.pop("__key__", None), batch.pop("__url__", None)
+            keys = batch.pop("__key__", None)
+            batch.pop("__url__", None)
             out = engine(to_device(batch, device, dtype))
             loss = method.total_loss(out)
+            bad = guard.check(loss, step + 1)  # collective: bad on any rank = skipped on every rank
+            if bad is not None:
+                guard.record(bad, step + 1, epoch, epoch_batches, keys)
+                meter.bad_steps += 1
+                log.warning("step %d: %s; micro-batch skipped on every rank (%d in a row, %d in all)",
+                            step + 1, bad, guard.in_a_row, guard.total)
+                if guard.too_many():
+                    if exp.train.on_bad_steps == "stop" or C.resolve_resume("auto", run_dir) is None:
+                        raise BadStepsError(
+                            f"{guard.in_a_row} bad steps in a row (last: {bad}) at step {step + 1}; stopping. The "
+                            f"batches are listed in {guard.path} and are passed over on restart; lower train.lr "
+                            f"or set train.on_bad_steps=rollback.")
+                    step, samples_seen, epoch, epoch_batches = restore(C.resolve_resume("auto", run_dir))
+                    data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches))
+                    guard.in_a_row, micro = 0, 0
+                    log.warning("rolled back to step %d after repeated bad steps", step)
+                continue
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
                 own_norm = grad_norm(method)  # DeepSpeed reports none for ZeRO 0 without clipping
             engine.step()
             meter.add({**out, "loss": loss.detach()})
             samples_seen += exp.train.batch_size * world
+            micro += 1
         step += 1
         clamp_scales(engine, method, exp.model.logit_scale_bounds)
         if bar is not None:
             bar.update(1)
         if step % exp.train.log_every == 0 or step == exp.train.steps:
             now = time.perf_counter()
-            values = mean_over_ranks({k: v / meter.count for k, v in meter.sums.items()})
+            values = mean_over_ranks({k: v / max(meter.count, 1) for k, v in meter.sums.items()})
             if not all(math.isfinite(v) for v in values.values()):
                 log.warning("non-finite loss at step %d: %s", step, values)
             elapsed = now - t_last
             values.update(
-                lr=scheduler.get_last_lr()[0], samples_per_s_per_rank=meter.count * exp.train.batch_size / elapsed,
+                bad_steps=guard.total, lr=scheduler.get_last_lr()[0],
+                samples_per_s_per_rank=meter.count * exp.train.batch_size / elapsed,
                 data_wait=meter.data_time / elapsed, epoch=epoch,
             )
             gn = engine.get_global_grad_norm()
