@@ -111,6 +111,9 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 64  # per rank, per micro-batch
     grad_accum: int = 1
+    # standard: average grad_accum micro-batch losses; contrastive: the grad_accum micro-batches form
+    # ONE contrastive batch (GradCache), for methods that support it
+    accumulation: str = "standard"
     lr: float = 1e-3
     warmup_steps: int = 100
     warmup_init_lr: float = 0.0
@@ -364,6 +367,13 @@ def validate(exp: Experiment) -> None:
     if len(t.betas) != 2 or not all(0 <= x < 1 for x in t.betas):
         raise ConfigError(f"train.betas: need two values in [0, 1), got {t.betas}.")
     _choice(t.on_bad_steps, ("stop", "rollback"), "train.on_bad_steps")
+    _choice(t.accumulation, ("standard", "contrastive"), "train.accumulation")
+    if t.accumulation == "contrastive":
+        from declip_ds.registry import get_method
+
+        if not get_method(exp.method.name).supports_contrastive_accumulation:
+            raise ConfigError(f"train.accumulation=contrastive is not supported by method '{exp.method.name}' "
+                              f"(its losses need per-micro-batch state); use train.accumulation=standard.")
     _positive(t.spike_factor, "train.spike_factor", allow_zero=True)
     _positive(t.max_bad_steps, "train.max_bad_steps", allow_zero=True)
     _choice(d.mode, ("resampled", "epoch"), "data.mode")

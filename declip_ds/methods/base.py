@@ -51,6 +51,12 @@ class Method(nn.Module):
             raise KeyError(f"{type(self).__name__} returned losses without a weight: {missing}")
         return sum(weights[k] * v for k, v in out.items() if k.endswith("_loss") and weights[k] != 0)
 
+    # ------------------------------------------------------------------ contrastive accumulation
+    # A method whose losses are batch-contrastive over per-sample embeddings can split its forward
+    # into ``embed(batch) -> dict of (b, ...) tensors`` and ``loss_from_embeddings(dict) -> losses``;
+    # train.accumulation=contrastive then treats k micro-batches as one batch of k*b.
+    supports_contrastive_accumulation = False
+
     # ------------------------------------------------------------------ state beyond parameters
     def scale_parameters(self) -> list[nn.Parameter]:
         """Temperature parameters clamped to ``model.logit_scale_bounds`` after every step."""

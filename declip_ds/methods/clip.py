@@ -33,8 +33,18 @@ class CLIP(Method):
     def loss_weights(self):
         return {"clip_loss": self.cfg.clip_weight}
 
-    def forward(self, batch):
-        image = F.normalize(self.model.encode_image(batch["image"]), dim=-1)  # (b, E)
-        text = F.normalize(self.model.encode_text(batch["text"]), dim=-1)  # (b, E)
+    # forward = loss_from_embeddings(embed(batch)): the split lets train.accumulation=contrastive
+    # compute one contrastive batch from several micro-batches (declip_ds/train/accumulate.py)
+    supports_contrastive_accumulation = True
+
+    def embed(self, batch) -> dict:
+        return {"image": F.normalize(self.model.encode_image(batch["image"]), dim=-1),  # (b, E)
+                "text": F.normalize(self.model.encode_text(batch["text"]), dim=-1)}  # (b, E)
+
+    def loss_from_embeddings(self, e: dict) -> dict:
         scale = self.model.scale()  # 0-d
-        return {"clip_loss": self.contrastive(image, text, scale, group=self.group), "logit_scale": scale.detach()}
+        return {"clip_loss": self.contrastive(e["image"], e["text"], scale, group=self.group),
+                "logit_scale": scale.detach()}
+
+    def forward(self, batch):
+        return self.loss_from_embeddings(self.embed(batch))

@@ -23,6 +23,7 @@ from declip_ds.config import ConfigError, Experiment, config_hash, save_config, 
 from declip_ds.train import checkpoint as C
 from declip_ds.train import dist as D
 from declip_ds.train.ds_config import build_ds_config, read_ds_config, resolve_precision
+from declip_ds.train.accumulate import ContrastiveBatch
 from declip_ds.train.guard import BadStepsError, Guard
 
 log = logging.getLogger("declip_ds")
@@ -377,9 +378,36 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     guard = Guard(exp.train, run_dir)
     preempted = False
     t_last = time.perf_counter()
+    contrastive = exp.train.accumulation == "contrastive"
+
+    def contrastive_backward(surrogate):
+        nonlocal own_norm
+        engine.backward(surrogate, scale_wrt_gas=False)  # the k surrogates add up to the big batch's gradient
+        if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+            own_norm = grad_norm(method)
+        engine.step()
     while step < exp.train.steps:
         micro = 0
         while micro < exp.train.grad_accum:
+            if contrastive:  # all k micro-batches form one contrastive batch
+                pending, t0 = [], time.perf_counter()
+                for _ in range(exp.train.grad_accum):
+                    b = next_batch()
+                    meter.add_skips(b.pop("_skips", None))
+                    b.pop("__key__", None), b.pop("__url__", None)
+                    pending.append(to_device(b, device, dtype))
+                meter.data_time += time.perf_counter() - t0
+                big = ContrastiveBatch(method, pending)
+                bad = guard.check(big.loss, step + 1)
+                if bad is not None:
+                    guard.record(bad, step + 1, epoch, epoch_batches, [])
+                    if guard.too_many():
+                        raise BadStepsError(f"{guard.in_a_row} bad steps in a row (last: {bad}) at step {step + 1}.")
+                    continue
+                big.backward(contrastive_backward)
+                meter.add({**big.out, "loss": big.loss.detach()})
+                samples_seen += exp.train.batch_size * world * exp.train.grad_accum
+                break
             t0 = time.perf_counter()
             batch = next_batch()
             meter.data_time += time.perf_counter() - t0

@@ -1,0 +1,61 @@
+"""train.accumulation=contrastive: k micro-batches give the gradient of ONE contrastive batch of k*b."""
+
+import json
+
+import pytest
+import torch
+
+from declip_ds.config import ConfigError, from_dict
+from declip_ds.registry import get_method
+from declip_ds.train.accumulate import ContrastiveBatch
+from tests.test_methods import TINY, make_batch
+from tests.test_reliability import cmd, metrics, run
+from tests.test_train_e2e import shapes  # noqa: F401  (fixture)
+
+
+def grads(method):
+    return {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+
+
+def test_gradient_equals_the_full_batch_gradient():
+    torch.manual_seed(0)
+    method = get_method("clip")(from_dict({**TINY, "method": {"name": "clip"}}))
+    batch = make_batch(method, n=8)
+    method.zero_grad()
+    full = method.total_loss(method(batch))
+    full.backward()
+    want = grads(method)
+
+    method.zero_grad()
+    parts = [{k: v[:3] for k, v in batch.items()}, {k: v[3:6] for k, v in batch.items()}, {k: v[6:] for k, v in batch.items()}]
+    big = ContrastiveBatch(method, parts)
+    assert torch.allclose(big.loss, full, atol=1e-6)
+    big.backward(lambda x: x.backward())
+    got = grads(method)
+    assert set(got) == set(want) and "model.logit_scale" in got
+    for n in want:
+        assert torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4), (n, (got[n] - want[n]).abs().max())
+    # plain accumulation (mean of per-micro-batch losses) is a different gradient
+    method.zero_grad()
+    sum(method.total_loss(method(p)) / 3 for p in parts).backward()
+    assert not torch.allclose(grads(method)["model.logit_scale"], want["model.logit_scale"], atol=1e-4)
+
+
+def test_methods_without_support_are_refused_at_load():
+    with pytest.raises(ConfigError, match="train.accumulation=contrastive is not supported by method 'declip'"):
+        from_dict({"method": {"name": "declip"}, "train": {"accumulation": "contrastive"}})
+
+
+def test_deepspeed_step_equals_the_full_batch_step(tmp_path, shapes):  # noqa: F811
+    """Same samples (one resampled stream, one worker): 2 micro-batches of 4 with contrastive
+    accumulation give the loss and gradient norm of one batch of 8, through DeepSpeed's engine."""
+    a, b = tmp_path / "full", tmp_path / "accum"
+    rc, out = run(cmd(a, shapes, "train.steps=2", "train.save_every=100"), tmp_path)
+    assert rc == 0, out[-3000:]
+    rc, out = run(cmd(b, shapes, "train.steps=2", "train.save_every=100", "train.batch_size=4", "train.grad_accum=2",
+                      "train.accumulation=contrastive"), tmp_path)
+    assert rc == 0, out[-3000:]
+    ma, mb = metrics(a), metrics(b)
+    for s in (1, 2):
+        for f in ("loss", "grad_norm"):
+            assert mb[s][f] == pytest.approx(ma[s][f], rel=1e-4, abs=1e-6), (s, f)
