@@ -1,16 +1,77 @@
-"""Load a trained DualEncoder from a checkpoint, never unpickling arbitrary objects.
+"""Load a DualEncoder from a checkpoint, never unpickling arbitrary objects.
 
-Our checkpoints (``<run>/checkpoints/step_XXXXXXXX/``) carry ``model.safetensors`` (the method's
-full state in fp32; the DualEncoder under the ``model.`` prefix) and ``config.yaml``.
+Formats (``load_pretrained(path, format=...)``):
+
+ours        ``<run>/checkpoints/step_XXXXXXXX/``: ``model.safetensors`` (the method's full state in
+            fp32; the DualEncoder under the ``model.`` prefix) and ``config.yaml``. ``path`` may be
+            the run dir, its ``checkpoints`` dir, a tag dir or the ``model.safetensors`` file.
+openai      OpenAI CLIP's state-dict names: ``visual.*`` (ViT or ModifiedResNet), the text tower at the
+open_clip   top level (``token_embedding``, ``positional_embedding``, ``transformer.resblocks.*``,
+            ``ln_final``, ``text_projection`` (width, E)), a 0-d ``logit_scale``. open_clip's
+            checkpoints use the same names (also accepted: its CustomTextCLIP ``text.*`` layout, a
+            ``text_projection`` Linear with bias, a ``module.`` prefix).
+declip      the DeCLIP repo's releases (shared/METHODS.md §9): ``{"model": ..., "optimizer": ...,
+            "last_iter": ...}``, keys under ``module.``, the text tower under ``encode_text.``
+            (``text_encoder.`` in SLIP), a 49,409-row token embedding (the mask token at 49406 is
+            removed here so the standard tokenizer works), ``text_projection`` an ``nn.Linear`` with
+            bias (kept: ``TextConfig.proj_bias=True``), method heads (dropped, logged), FILIP's
+            ``image_mapping`` / ``text_mapping`` (kept as our token heads).
+
+Files: safetensors, or torch files that ``torch.load(weights_only=True)`` reads (a state dict, or a
+dict holding it under ``state_dict`` / ``model``). A pickle that holds anything else (custom
+classes, functions) or a TorchScript archive (OpenAI's own ``.pt`` release) is refused: unpickling
+it could run arbitrary code.
+
+What the tensor shapes cannot tell (attention heads, the activation) comes from an open_clip model
+config JSON when one sits next to the weights (``<weights stem>.json`` or ``open_clip_config.json``,
+as ``declip_ds.export`` writes them) or is passed as ``config=``; otherwise OpenAI's rules apply
+(heads = width // 64, QuickGELU), and the log says so.
+
+The architecture is inferred from the shapes: ViT (any width / depth / patch / image size; the
+B/32 and B/16 shapes map onto timm's named towers) or the standard RN50 ModifiedResNet
+(``resnet50_clip``); the other ModifiedResNets (RN101, RN50x4, ...) are refused.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import pickle
+import re
+import warnings
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 import yaml
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("auto", "ours", "openai", "open_clip", "declip")
+FAMILY = {"ours": "ours", "openai": "openai", "open_clip": "openai", "declip": "declip"}
+
+OPENAI_VOCAB = 49408  # OpenAI's BPE vocabulary (SOT 49406, EOT 49407)
+DECLIP_MASK_ROW = 49406  # DeCLIP inserts <|mask|> here (mask 49406, SOT 49407, EOT 49408)
+# DeCLIP-repo method heads that plain CLIP use does not need (METHODS.md §9); others are dropped too,
+# but logged as unrecognised
+DECLIP_HEADS = ("projector", "predictor", "text_label_predictor", "predictor_sim", "logit_scale_dense",
+                "projector_text", "predictor_text", "projector_nn_text", "predictor_nn_text",
+                "projector_d", "predictor_d", "nn_replacer_img", "nn_replacer_text")
+TOKEN_HEADS = ("image_mapping", "text_mapping")  # FILIP token projections: same names as ours
+# preferred weight files inside a directory holding an exported / open_clip model
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors",
+                "pytorch_model.bin", "model.pt", "model.pth")
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint cannot be read safely, is not of the expected layout, or does not fit the model."""
+
+
+# ============================================================================ ours
 
 
 def find_our_checkpoint(path: str | Path) -> Path:
@@ -46,45 +107,633 @@ def load_experiment(path: str | Path):
     raise FileNotFoundError(f"No config.yaml next to {weights}; it records the model's architecture.")
 
 
-def _detect(path: Path) -> str:
+def _load_ours(path: Path):
+    from safetensors.torch import load_file
+
+    from declip_ds.models import build_model
+
+    exp, weights = load_experiment(path)
+    state = load_file(str(weights))
+    model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if not model_state:
+        raise CheckpointFormatError(f"{weights} holds no 'model.*' tensors; is it a declip_ds checkpoint?")
+    model = build_model(exp.model)
+    load_strict(model, model_state, f"{weights} (for the model of its config.yaml)")
+    return model.eval()
+
+
+# ============================================================================ reading files safely
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary objects."""
+
+    def load(mmap: bool):
+        with warnings.catch_warnings():  # torch warns before refusing a TorchScript archive
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+
     try:
-        find_our_checkpoint(path)
-        if path.is_dir() or path.suffix == ".safetensors":
-            return "ours"
-    except FileNotFoundError:
-        pass
-    raise ValueError(
-        f"Could not recognise the checkpoint format of '{path}'. This version reads declip_ds checkpoints "
-        f"(format='ours': a run dir, a step_XXXXXXXX dir or its model.safetensors)."
+        try:
+            return load(mmap=True)  # no copy of a multi-GB optimizer state we do not need
+        except RuntimeError as e:
+            if "mmap" not in str(e) or "TorchScript" in str(e):
+                raise
+            return load(mmap=False)  # a legacy (non-zip) torch file
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointFormatError(
+            f"Refusing to load '{path}': it pickles objects other than tensors and plain containers "
+            f"(torch.load(weights_only=True) said: {reason}). Unpickling it could run arbitrary code. "
+            f"If you trust the file, re-save its state dict in a trusted environment, e.g. "
+            f"safetensors.torch.save_file(state_dict, 'weights.safetensors'), and load that."
+        ) from None
+    except RuntimeError as e:
+        if "TorchScript" in str(e):
+            raise CheckpointFormatError(
+                f"Refusing to load '{path}': it is a TorchScript archive (like OpenAI's own CLIP .pt "
+                f"files), which cannot be read as plain weights. In a trusted environment, save its "
+                f"state dict: safetensors.torch.save_file({{k: v.contiguous() for k, v in "
+                f"torch.jit.load(path, map_location='cpu').state_dict().items()}}, 'clip.safetensors'), "
+                f"or use open_clip's non-JIT state dicts."
+            ) from None
+        raise
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # SafetensorError: truncated or not a safetensors file at all
+        raise CheckpointFormatError(f"'{path}' is not a readable safetensors file ({e}); is the file complete "
+                                    "(compare its size with the original) and really a checkpoint?") from e
+
+
+@dataclass
+class _Source:
+    """A flat state dict read from a file, and what was found around it (for logging and checks)."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    wrapper: str | None = None  # "state_dict" / "model" when the tensors sat inside a dict
+    extra_keys: list[str] = field(default_factory=list)  # the wrapper's other entries
+    stripped_module: bool = False
+
+
+def _read_state(path: Path) -> _Source:
+    """The tensors of a safetensors or weights-only torch file, unwrapped and without a DDP ``module.``."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        _safetensors_keys(path)  # a clear error for a truncated / foreign file
+        obj: Any = load_file(str(path))
+    else:
+        obj = _torch_load(path)
+    wrapper, extra = None, []
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                wrapper, extra = key, sorted(str(k) for k in obj if k != key)
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"'{path}' holds a {type(obj).__name__}, not a state dict (a dict of tensors).")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointFormatError(
+            f"'{path}' holds no tensors at its top level nor under 'state_dict' / 'model' "
+            f"(keys: {sorted(map(str, obj))[:10]})."
+        )
+    stripped = all(k.startswith("module.") for k in state)
+    if stripped:  # DistributedDataParallel / the DeCLIP repo's DistModule wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return _Source(path, state, wrapper, extra, stripped)
+
+
+def _weights_in_dir(d: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (d / name).is_file():
+            return d / name
+    found = sorted(p for ext in ("*.safetensors", "*.pt", "*.pth", "*.bin") for p in d.glob(ext))
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(
+        f"'{d}' is neither a declip_ds checkpoint (model.safetensors + config.yaml, or step_XXXXXXXX/ "
+        f"tags) nor a folder with one weights file (found {[p.name for p in found]}); pass the file."
     )
 
 
-def load_pretrained(path: str | Path, format: str = "auto"):
-    """A DualEncoder with the weights of ``path``.
+# ============================================================================ format detection
 
-    format: auto | ours | openai | open_clip | declip. This version reads ``ours``; the OpenAI /
-    open_clip / DeCLIP-release converters are not implemented yet and say so.
+
+def _family_of_keys(keys) -> str | None:
+    keys = list(keys)
+    if any(k.startswith(("encode_text.", "text_encoder.")) for k in keys):
+        return "declip"
+    if any(k.startswith(("model.visual.", "model.text.", "visual.trunk.")) for k in keys):
+        return "ours"
+    has_text = "token_embedding.weight" in keys or "text.token_embedding.weight" in keys
+    if has_text and any(k.startswith("visual.") for k in keys):
+        return "openai"
+    return None
+
+
+def _inspect(path: Path) -> tuple[str, _Source | None, str]:
+    """(format, the read source or None for 'ours', a description for the log)."""
+    if path.is_dir():
+        try:
+            path = find_our_checkpoint(path)
+        except FileNotFoundError:
+            path = _weights_in_dir(path)
+    if path.suffix == ".safetensors" and any(k.startswith("model.") for k in _safetensors_keys(path)):
+        return "ours", None, f"declip_ds checkpoint {path} ('model.*' keys)"
+    src = _read_state(path)
+    family = _family_of_keys(src.state)
+    if family == "ours":
+        raise CheckpointFormatError(
+            f"'{path}' holds declip_ds DualEncoder names (visual.trunk.*) but is not a declip_ds checkpoint "
+            f"file; load the step_XXXXXXXX directory (its config.yaml records the architecture)."
+        )
+    if family == "declip":
+        text = "encode_text" if any(k.startswith("encode_text.") for k in src.state) else "text_encoder (SLIP)"
+        return "declip", src, f"DeCLIP-repo release ({text}.*, wrapper '{src.wrapper}', other entries {src.extra_keys})"
+    if family == "openai":
+        open_clip_marks = src.wrapper == "state_dict" or "text.token_embedding.weight" in src.state or (
+            _sidecar_config(path, quiet=True) is not None)
+        fmt = "open_clip" if open_clip_marks else "openai"
+        return fmt, src, "OpenAI/open_clip CLIP state dict (visual.*, token_embedding, transformer.resblocks)"
+    sample = sorted(src.state)[:8]
+    raise CheckpointFormatError(
+        f"Could not recognise the checkpoint format of '{path}' (first keys: {sample}). Known: declip_ds "
+        f"checkpoints (format='ours'), OpenAI/open_clip CLIP state dicts ('openai' / 'open_clip': visual.*, "
+        f"token_embedding.weight, ...), DeCLIP-repo releases ('declip': module.visual.*, module.encode_text.*)."
+    )
+
+
+def _detect(path: Path) -> str:
+    """The format of ``path`` (see the module docstring)."""
+    return _inspect(Path(path))[0]
+
+
+# ============================================================================ open_clip model configs
+
+
+def _sidecar_config(weights: Path, quiet: bool = False) -> dict | None:
+    """An open_clip model config next to a weights file: ``<stem>.json`` (open_clip's model_configs
+    format) or ``open_clip_config.json`` (its hub / local-dir format, ``{"model_cfg": ...}``)."""
+    for p in (weights.with_suffix(".json"), weights.parent / "open_clip_config.json"):
+        if p.is_file():
+            try:
+                data = json.loads(p.read_text())
+            except json.JSONDecodeError:
+                continue
+            cfg = data.get("model_cfg", data) if isinstance(data, dict) else None
+            if isinstance(cfg, dict) and "vision_cfg" in cfg and "text_cfg" in cfg:
+                if not quiet:
+                    log.info("%s: using the open_clip model config %s", weights, p)
+                return cfg
+    return None
+
+
+# open_clip config fields our towers cannot represent, with the only value they can
+_FIXED_VISION = {"mlp_ratio": 4.0, "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
+                 "pos_embed_type": "learnable", "final_ln_after_pool": False, "pool_type": "tok",
+                 "act_kwargs": None, "norm_kwargs": None, "timm_model_name": None, "qk_norm": False,
+                 "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False,
+                 "scale_attn": False, "scale_fc": False}
+_FIXED_TEXT = {"mlp_ratio": 4.0, "ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
+               "final_ln_after_pool": False, "pool_type": "argmax", "act_kwargs": None, "norm_kwargs": None,
+               "hf_model_name": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
+               "scale_attn_inner": False, "scale_attn": False, "scale_fc": False}
+
+
+def _check_open_clip_config(cfg: dict) -> None:
+    bad = []
+    if not cfg.get("quick_gelu", False):
+        bad.append("quick_gelu=false (nn.GELU; our towers use OpenAI's QuickGELU)")
+    if cfg.get("init_logit_bias") is not None:
+        bad.append(f"init_logit_bias={cfg['init_logit_bias']} (a SigLIP model)")
+    for section, fixed in (("vision_cfg", _FIXED_VISION), ("text_cfg", _FIXED_TEXT)):
+        sub = cfg.get(section) or {}
+        for name, allowed in fixed.items():
+            if name in sub and sub[name] != allowed:
+                bad.append(f"{section}.{name}={sub[name]!r} (supported: {allowed!r})")
+        if sub.get("block_type") not in (None, "default"):
+            bad.append(f"{section}.block_type={sub['block_type']!r} (supported: 'default')")
+    if cfg.get("text_cfg", {}).get("proj_type", "linear") not in ("linear", None):
+        bad.append(f"text_cfg.proj_type={cfg['text_cfg']['proj_type']!r} (supported: 'linear')")
+    if bad:
+        raise CheckpointFormatError("The open_clip model config describes a model our towers cannot represent: "
+                                    + "; ".join(bad) + ".")
+
+
+# ============================================================================ name maps (OpenAI <-> ours)
+
+# ViT, inside visual.*: (OpenAI pattern, ours replacement); reverse pairs for the export
+VIT_TO_OURS = [
+    (r"conv1\.weight", "trunk.patch_embed.proj.weight"),
+    (r"class_embedding", "trunk.cls_token"),
+    (r"positional_embedding", "trunk.pos_embed"),
+    (r"ln_pre\.(weight|bias)", r"trunk.norm_pre.\1"),
+    (r"transformer\.resblocks\.(\d+)\.ln_([12])\.(weight|bias)", r"trunk.blocks.\1.norm\2.\3"),
+    (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"trunk.blocks.\1.attn.qkv.\2"),
+    (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"trunk.blocks.\1.attn.proj.\2"),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"trunk.blocks.\1.mlp.fc1.\2"),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"trunk.blocks.\1.mlp.fc2.\2"),
+    (r"ln_post\.(weight|bias)", r"ln_post.\1"),
+    (r"proj", "proj"),
+]
+VIT_TO_OPENAI = [
+    (r"trunk\.patch_embed\.proj\.weight", "conv1.weight"),
+    (r"trunk\.cls_token", "class_embedding"),
+    (r"trunk\.pos_embed", "positional_embedding"),
+    (r"trunk\.norm_pre\.(weight|bias)", r"ln_pre.\1"),
+    (r"trunk\.blocks\.(\d+)\.norm([12])\.(weight|bias)", r"transformer.resblocks.\1.ln_\2.\3"),
+    (r"trunk\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"transformer.resblocks.\1.attn.in_proj_\2"),
+    (r"trunk\.blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"transformer.resblocks.\1.attn.out_proj.\2"),
+    (r"trunk\.blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_fc.\2"),
+    (r"trunk\.blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_proj.\2"),
+    (r"ln_post\.(weight|bias)", r"ln_post.\1"),
+    (r"proj", "proj"),
+]
+
+# ModifiedResNet (OpenAI) <-> timm ByobNet resnet50_clip (timm's own _convert_openai_clip in byobnet.py)
+_RN_CONV = {"1": "conv1_1x1", "2": "conv2_kxk", "3": "conv3_1x1"}
+_RN_CONV_BACK = {v: k for k, v in _RN_CONV.items()}
+_RN_POOL = {"positional_embedding": "pos_embed", "q_proj": "q", "k_proj": "k", "v_proj": "v", "c_proj": "proj"}
+_RN_POOL_BACK = {v: k for k, v in _RN_POOL.items()}
+_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+
+
+def _rename(key: str, rules) -> str | None:
+    for pattern, repl in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(f"^{pattern}$", repl, key)
+    return None
+
+
+def rn_to_ours(key: str) -> str | None:
+    """An OpenAI ModifiedResNet name (inside visual.*) -> ours (inside visual.*), or None."""
+    if m := re.fullmatch(r"conv([123])\.weight", key):
+        return f"trunk.stem.conv{m[1]}.conv.weight"
+    if m := re.fullmatch(rf"bn([123])\.{_BN}", key):
+        return f"trunk.stem.conv{m[1]}.bn.{m[2]}"
+    if m := re.fullmatch(rf"layer([1-4])\.(\d+)\.conv([123])\.weight", key):
+        return f"trunk.stages.{int(m[1]) - 1}.{m[2]}.{_RN_CONV[m[3]]}.conv.weight"
+    if m := re.fullmatch(rf"layer([1-4])\.(\d+)\.bn([123])\.{_BN}", key):
+        return f"trunk.stages.{int(m[1]) - 1}.{m[2]}.{_RN_CONV[m[3]]}.bn.{m[4]}"
+    if m := re.fullmatch(r"layer([1-4])\.(\d+)\.downsample\.0\.weight", key):
+        return f"trunk.stages.{int(m[1]) - 1}.{m[2]}.shortcut.conv.conv.weight"
+    if m := re.fullmatch(rf"layer([1-4])\.(\d+)\.downsample\.1\.{_BN}", key):
+        return f"trunk.stages.{int(m[1]) - 1}.{m[2]}.shortcut.conv.bn.{m[3]}"
+    if key == "attnpool.positional_embedding":
+        return "trunk.head.pos_embed"
+    if m := re.fullmatch(r"attnpool\.([qkvc]_proj)\.(weight|bias)", key):
+        return f"trunk.head.{_RN_POOL[m[1]]}.{m[2]}"
+    return None
+
+
+def rn_to_openai(key: str) -> str | None:
+    """Ours (inside visual.*) -> an OpenAI ModifiedResNet name (inside visual.*), or None."""
+    if m := re.fullmatch(r"trunk\.stem\.conv([123])\.conv\.weight", key):
+        return f"conv{m[1]}.weight"
+    if m := re.fullmatch(rf"trunk\.stem\.conv([123])\.bn\.{_BN}", key):
+        return f"bn{m[1]}.{m[2]}"
+    if m := re.fullmatch(r"trunk\.stages\.([0-3])\.(\d+)\.(conv[123]_(?:1x1|kxk))\.conv\.weight", key):
+        return f"layer{int(m[1]) + 1}.{m[2]}.conv{_RN_CONV_BACK[m[3]]}.weight"
+    if m := re.fullmatch(rf"trunk\.stages\.([0-3])\.(\d+)\.(conv[123]_(?:1x1|kxk))\.bn\.{_BN}", key):
+        return f"layer{int(m[1]) + 1}.{m[2]}.bn{_RN_CONV_BACK[m[3]]}.{m[4]}"
+    if m := re.fullmatch(r"trunk\.stages\.([0-3])\.(\d+)\.shortcut\.conv\.conv\.weight", key):
+        return f"layer{int(m[1]) + 1}.{m[2]}.downsample.0.weight"
+    if m := re.fullmatch(rf"trunk\.stages\.([0-3])\.(\d+)\.shortcut\.conv\.bn\.{_BN}", key):
+        return f"layer{int(m[1]) + 1}.{m[2]}.downsample.1.{m[3]}"
+    if key == "trunk.head.pos_embed":
+        return "attnpool.positional_embedding"
+    if m := re.fullmatch(r"trunk\.head\.([qkv]|proj)\.(weight|bias)", key):
+        return f"attnpool.{_RN_POOL_BACK[m[1]]}.{m[2]}"
+    return None
+
+
+TEXT_KEYS = re.compile(
+    r"token_embedding\.weight|positional_embedding|ln_final\.(weight|bias)|text_projection(\.(weight|bias))?"
+    r"|transformer\.resblocks\.\d+\.(ln_[12]\.(weight|bias)|attn\.in_proj_(weight|bias)"
+    r"|attn\.out_proj\.(weight|bias)|mlp\.c_(fc|proj)\.(weight|bias))"
+)
+
+
+# ============================================================================ architecture from shapes
+
+
+def _count_blocks(state: dict, prefix: str) -> int:
+    idx = {int(m[1]) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    if idx != set(range(len(idx))):
+        raise CheckpointFormatError(f"Non-contiguous block indices under '{prefix}': {sorted(idx)}.")
+    return len(idx)
+
+
+def _infer_vision(state: dict, hints: dict):
+    """(VisionConfig, embed_dim) from the OpenAI-named visual.* tensors."""
+    from declip_ds.config import VisionConfig
+
+    if "visual.conv1.weight" in state and "visual.class_embedding" in state:  # ViT
+        conv = state["visual.conv1.weight"]  # (W, 3, P, P)
+        width, patch = conv.shape[0], conv.shape[-1]
+        n = state["visual.positional_embedding"].shape[0] - 1
+        grid = math.isqrt(n)
+        if conv.shape[-2] != patch or grid * grid != n:
+            raise CheckpointFormatError(f"Non-square ViT patches or grid: conv1 {tuple(conv.shape)}, "
+                                        f"positional_embedding {tuple(state['visual.positional_embedding'].shape)}.")
+        layers = _count_blocks(state, "visual.transformer.resblocks.")
+        fc = state.get("visual.transformer.resblocks.0.mlp.c_fc.weight")
+        if fc is not None and fc.shape[0] != 4 * width:
+            raise CheckpointFormatError(f"visual.transformer.resblocks.0.mlp.c_fc.weight {tuple(fc.shape)}: an MLP "
+                                        f"ratio other than 4 is not supported (width {width}).")
+        head_width = hints.get("head_width")
+        heads = width // head_width if head_width else max(1, width // 64)
+        if not head_width:
+            log.info("ViT attention heads not recorded in the checkpoint: using OpenAI's width // 64 = %d", heads)
+        name = "vit_custom"
+        if (width, layers, heads, grid * patch) == (768, 12, 12, 224) and patch in (16, 32):
+            name = f"vit_base_patch{patch}_clip_224"
+        cfg = VisionConfig(name=name, image_size=grid * patch, patch_size=patch, width=width, layers=layers,
+                           heads=heads)
+        return cfg, state["visual.proj"].shape[1] if "visual.proj" in state else None
+    if "visual.layer1.0.conv1.weight" in state:  # ModifiedResNet
+        layers = tuple(_count_blocks(state, f"visual.layer{i}.") for i in range(1, 5))
+        width = state["visual.conv3.weight"].shape[0] if "visual.conv3.weight" in state else None
+        if layers != (3, 4, 6, 3) or width != 64:
+            raise CheckpointFormatError(
+                f"ModifiedResNet with layers {layers} and width {width}: only the standard RN50 (layers "
+                f"(3, 4, 6, 3), width 64) maps onto our towers (timm resnet50_clip); RN101 / RN50x4 / ... are "
+                f"not supported."
+            )
+        if hints.get("head_width", 64) != 64:
+            raise CheckpointFormatError(f"vision_cfg.head_width={hints['head_width']}: resnet50_clip's attention "
+                                        f"pool has 32 heads of width 64.")
+        n = state["visual.attnpool.positional_embedding"].shape[0] - 1
+        grid = math.isqrt(n)
+        if grid * grid != n:
+            raise CheckpointFormatError(
+                f"visual.attnpool.positional_embedding has {n + 1} rows, not a square grid + 1.")
+        return VisionConfig(name="resnet50_clip", image_size=grid * 32), state["visual.attnpool.c_proj.weight"].shape[0]
+    sample = sorted(k for k in state if k.startswith("visual."))[:6]
+    raise CheckpointFormatError(
+        f"Unrecognised image tower (keys like {sample}): expected OpenAI's ViT (visual.conv1.weight, "
+        f"visual.class_embedding, ...) or ModifiedResNet (visual.layer1.0.conv1.weight, ...) names. timm-style "
+        f"towers (e.g. the official SLIP releases) are not supported."
+    )
+
+
+def _infer_text(state: dict, hints: dict):
+    """(TextConfig, embed_dim) from the OpenAI-named text tensors (top level)."""
+    from declip_ds.config import TextConfig
+
+    vocab, width = state["token_embedding.weight"].shape
+    if vocab != OPENAI_VOCAB:
+        raise CheckpointFormatError(f"token_embedding.weight has {vocab} rows; our text tower uses OpenAI's "
+                                    f"{OPENAI_VOCAB}-token BPE vocabulary.")
+    heads = hints.get("heads")
+    if not heads:
+        heads = max(1, width // 64)
+        log.info("Text attention heads not recorded in the checkpoint: using OpenAI's width // 64 = %d", heads)
+    bias = "text_projection.weight" in state
+    proj = state.get("text_projection.weight", state.get("text_projection"))
+    embed_dim = None if proj is None else (proj.shape[0] if bias else proj.shape[1])
+    cfg = TextConfig(context_length=state["positional_embedding"].shape[0], width=width,
+                     layers=_count_blocks(state, "transformer.resblocks."), heads=heads, proj_bias=bias)
+    return cfg, embed_dim
+
+
+# ============================================================================ conversion
+
+
+def _declip_to_openai(state: dict) -> dict:
+    """A DeCLIP-repo model state (``module.`` already stripped) -> OpenAI names (+ FILIP token heads)."""
+    text_prefix = "encode_text." if any(k.startswith("encode_text.") for k in state) else "text_encoder."
+    if any(k.startswith(text_prefix + "text_transformer.") for k in state):
+        raise CheckpointFormatError(f"'{text_prefix}text_transformer.*': DeCLIP's BERT / GPT-2 / RoBERTa text "
+                                    f"encoders are not supported, only its CLIP text transformer.")
+    out, dropped = {}, Counter()
+    for k, v in state.items():
+        if k.startswith("visual.fc."):  # the RN50's unused average-pool classifier
+            dropped["visual.fc"] += 1
+        elif k.startswith("visual.") or k == "logit_scale" or k.split(".")[0] in TOKEN_HEADS:
+            out[k] = v
+        elif k.startswith(text_prefix):
+            out[k[len(text_prefix):]] = v
+        else:
+            dropped[k.split(".")[0]] += 1
+    if dropped:
+        unknown = sorted(g for g in dropped if g not in DECLIP_HEADS and g != "visual.fc")
+        log.info("DeCLIP checkpoint: dropped method heads not needed for the towers: %s",
+                 ", ".join(f"{g} ({n} tensors)" for g, n in sorted(dropped.items())))
+        if unknown:
+            log.warning("DeCLIP checkpoint: dropped unrecognised entries %s", unknown)
+    tok = out.get("token_embedding.weight")
+    if tok is not None and tok.shape[0] == OPENAI_VOCAB + 1:
+        # rows 0..49405 are OpenAI's; 49406 = <|mask|>; 49407 / 49408 = SOT / EOT -> 49406 / 49407
+        out["token_embedding.weight"] = torch.cat([tok[:DECLIP_MASK_ROW], tok[DECLIP_MASK_ROW + 1:]])
+        log.info("DeCLIP checkpoint: removed the mask-token row %d of token_embedding (49409 -> 49408 rows), so "
+                 "the standard tokenizer's SOT/EOT (49406/49407) work", DECLIP_MASK_ROW)
+    return out
+
+
+def _rename_to_ours(state: dict, vit: bool) -> tuple[dict, dict]:
+    """OpenAI names -> ours, reshaping where the layouts differ; returns (our state, {our key: source key}).
+    Keys without a counterpart stay in, marked, so the strict load lists them as unexpected."""
+    rules = VIT_TO_OURS if vit else None
+    ours, origin = {}, {}
+    for k, v in state.items():
+        new = None
+        if k.startswith("visual."):
+            sub = k[len("visual."):]
+            new = _rename(sub, rules) if rules else rn_to_ours(sub)
+            if new is not None:
+                new = "visual." + new
+                if new == "visual.trunk.cls_token":
+                    v = v.reshape(1, 1, -1)  # (W,) -> (1, 1, W)
+                elif new == "visual.trunk.pos_embed":
+                    v = v.unsqueeze(0)  # (N + 1, W) -> (1, N + 1, W)
+        elif TEXT_KEYS.fullmatch(k):
+            new = "text." + k
+        elif k == "logit_scale":
+            new, v = k, v.reshape(1)  # OpenAI 0-d / DeCLIP (1,) -> ours (1,)
+        elif k.split(".")[0] in TOKEN_HEADS:
+            new = k
+        name = new if new is not None else f"<unmapped> {k}"
+        ours[name], origin[name] = v, k
+    return ours, origin
+
+
+def _openai_to_ours(state: dict, hints: dict | None, family: str):
+    """(ModelConfig, our state dict, {our key: source key}) from an OpenAI-named state dict."""
+    from declip_ds.config import ModelConfig
+
+    state = dict(state)
+    for k in ("input_resolution", "context_length", "vocab_size"):  # OpenAI JIT state-dict extras
+        state.pop(k, None)
+    state.pop("attn_mask", None)
+    if "text.token_embedding.weight" in state and "token_embedding.weight" not in state:
+        # open_clip CustomTextCLIP: the text tower under text.*
+        state = {(k[len("text."):] if k.startswith("text.") else k): v for k, v in state.items()}
+    if "logit_bias" in state:
+        raise CheckpointFormatError("The checkpoint has a logit_bias (a SigLIP model); our models are "
+                                    "softmax-contrastive CLIP models without one.")
+    hints = hints or {}
+    if hints:
+        _check_open_clip_config(hints)
+    else:
+        log.info("No open_clip model config next to the weights: assuming OpenAI's QuickGELU activation")
+    vision, e_img = _infer_vision(state, hints.get("vision_cfg") or {})
+    text, e_txt = _infer_text(state, hints.get("text_cfg") or {})
+    embed_dim = e_img or e_txt
+    if not embed_dim:
+        raise CheckpointFormatError("Neither visual.proj / visual.attnpool.c_proj nor text_projection found: "
+                                    "cannot tell the embedding width.")
+    token_dim = state["image_mapping.weight"].shape[0] if "image_mapping.weight" in state else 0
+    cfg = ModelConfig(vision=vision, text=text, embed_dim=embed_dim, token_dim=token_dim)
+    if family == "declip":  # the reference's temperature handling (clamp [3, 6], cap exp at 100)
+        cfg.logit_scale_bounds, cfg.logit_scale_exp_cap = [3.0, 6.0], 100.0
+    if "logit_scale" in state:
+        cfg.logit_scale_init = float(state["logit_scale"].reshape(-1)[0])
+
+    ours, origin = _rename_to_ours(state, vit=vision.name.startswith("vit"))
+    if text.proj_bias and "text.text_projection.bias" not in ours:
+        ours["text.text_projection.bias"] = torch.zeros(embed_dim)
+        log.info("text_projection is a Linear without a bias in the checkpoint: using a zero bias")
+    return cfg, ours, origin
+
+
+def _describe(cfg) -> str:
+    v, t = cfg.vision, cfg.text
+    vis = f"{v.name} {v.image_size}px"
+    if v.name == "vit_custom":
+        vis += f" (width {v.width}, {v.layers} layers, {v.heads} heads, patch {v.patch_size})"
+    return (f"{vis}; text width {t.width}, {t.layers} layers, {t.heads} heads, context {t.context_length}"
+            f"{', projection with bias' if t.proj_bias else ''}; embed_dim {cfg.embed_dim}"
+            f"{f', token_dim {cfg.token_dim}' if cfg.token_dim else ''}")
+
+
+def load_strict(model, state: dict, what: str, origin: dict | None = None) -> None:
+    """``model.load_state_dict(state, strict=True)``, after listing every missing, unexpected and
+    shape-mismatched key in one error. Missing BatchNorm ``num_batches_tracked`` buffers (the DeCLIP
+    RN50 releases lack them) are filled with 0."""
+    origin = origin or {}
+    expected = model.state_dict()
+    filled = [k for k in expected if k not in state and k.endswith("num_batches_tracked")
+              and k.replace("num_batches_tracked", "running_mean") in state]
+    for k in filled:
+        state[k] = torch.zeros((), dtype=torch.long)
+    if filled:
+        log.info("Filled %d missing BatchNorm num_batches_tracked buffers with 0", len(filled))
+
+    def src(k):
+        return f"{origin[k]} -> {k}" if k in origin and origin[k] != k else k
+
+    mismatched = [f"{src(k)}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                  for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    missing = [k for k in expected if k not in state]
+    unexpected = [origin.get(k, k) for k in state if k not in expected]
+    if mismatched or missing or unexpected:
+        parts = []
+        for title, items in (("shape mismatches", mismatched), ("missing", missing), ("unexpected", unexpected)):
+            if items:
+                more = f" ... and {len(items) - 20} more" if len(items) > 20 else ""
+                parts.append(f"{title} ({len(items)}): " + "; ".join(items[:20]) + more)
+        raise CheckpointFormatError(f"{what} does not fit the model: " + " | ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_pretrained(path: str | Path, format: str = "auto", *, config: dict | str | Path | None = None):
+    """A DualEncoder (eval mode) with the weights of ``path``; see the module docstring for the formats.
+
+    format: auto | ours | openai | open_clip | declip. ``auto`` detects the format from the keys and
+    logs what it found. config: an open_clip model config (dict or JSON path) for the fields the
+    shapes cannot tell (attention heads, activation); by default one next to the weights is used.
+    The returned model uses the standard OpenAI token layout (a DeCLIP release's mask-token row is
+    removed), so ``Tokenizer()`` works with any loaded model.
     """
-    from safetensors.torch import load_file
-
     from declip_ds.models import build_model
 
     if format not in FORMATS:
         raise ValueError(f"Unknown checkpoint format '{format}'. Choose one of: {', '.join(FORMATS)}.")
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
     if format == "auto":
-        format = _detect(path)
-    if format != "ours":
-        raise NotImplementedError(f"Loading '{format}' checkpoints is not implemented in this version; "
-                                  f"only declip_ds checkpoints (format='ours') can be loaded.")
-    exp, weights = load_experiment(path)
-    state = load_file(str(weights))
-    model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    if not model_state:
-        raise ValueError(f"{weights} holds no 'model.*' tensors; is it a declip_ds checkpoint?")
-    model = build_model(exp.model)
-    missing, unexpected = model.load_state_dict(model_state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not fit the model of its config.yaml: missing {missing[:10]}, "
-                         f"unexpected {unexpected[:10]}.")
+        fmt, src, description = _inspect(path)
+        log.info("%s: detected format '%s': %s", path, fmt, description)
+    else:
+        fmt, src = format, None
+    if fmt == "ours":
+        return _load_ours(path)
+
+    if src is None:
+        src = _read_state(_weights_in_dir(path) if path.is_dir() else path)
+        found = _family_of_keys(src.state)
+        if found != FAMILY[fmt]:
+            raise CheckpointFormatError(
+                f"format='{fmt}' was requested, but '{src.path}' does not have that layout"
+                f"{f' (it looks like {found!r})' if found else ''}; use format='auto' to detect it."
+            )
+    state = _declip_to_openai(src.state) if FAMILY[fmt] == "declip" else src.state
+    if isinstance(config, (str, Path)):
+        data = json.loads(Path(config).read_text())
+        config = data.get("model_cfg", data)
+    hints = config if config is not None else _sidecar_config(src.path)
+    cfg, ours, origin = _openai_to_ours(state, hints, FAMILY[fmt])
+    log.info("%s (%s): %s", src.path, fmt, _describe(cfg))
+    model = build_model(cfg)
+    load_strict(model, ours, f"'{src.path}' (format '{fmt}', inferred {_describe(cfg)})", origin)
     return model.eval()
+
+
+# ============================================================================ evaluation entry points
+
+
+@dataclass
+class EvalModel:
+    """A model with what the evaluation scripts need to feed it (any checkpoint format)."""
+
+    model: Any                  # DualEncoder in eval mode
+    weights: Path               # the weights file (or directory) that was read
+    format: str                 # ours | openai | open_clip | declip
+    name: str                   # "<method>/<vision>" for ours, "<format>/<vision>" otherwise
+    config_hash: str            # ours: the run config's hash; otherwise the inferred architecture's
+    image_size: int
+    normalize: str              # image normalisation: the run's, or "openai" for released checkpoints
+    context_length: int
+    mask_token: bool
+    method: Any = None          # ours: the MethodConfig (zero-shot scoring, padding mask); else None
+
+
+def load_for_eval(path: str | Path, format: str = "auto", *, normalize: str | None = None,
+                  config: dict | str | Path | None = None) -> EvalModel:
+    """Load any supported checkpoint for the evaluation scripts.
+
+    Ours: architecture, preprocessing and tokenizer from the run's config. OpenAI / open_clip / DeCLIP
+    releases: architecture inferred from the weights, CLIP's preprocessing (``normalize="openai"``) and
+    the standard tokenizer. ``normalize`` overrides the image normalisation.
+    """
+    import hashlib
+
+    from declip_ds.config import config_hash
+
+    if format not in FORMATS:
+        raise ValueError(f"Unknown checkpoint format '{format}'. Choose one of: {', '.join(FORMATS)}.")
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"Checkpoint '{p}' does not exist.")
+    fmt = _detect(p) if format == "auto" else format
+    if fmt == "ours":
+        exp, weights = load_experiment(p)
+        model = _load_ours(p)
+        return EvalModel(model, weights, "ours", f"{exp.method.name}/{exp.model.vision.name}", config_hash(exp),
+                         exp.model.vision.image_size, normalize or exp.data.normalize,
+                         exp.model.text.context_length, exp.model.text.mask_token, exp.method)
+    model = load_pretrained(p, format=fmt, config=config)
+    arch = json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str)
+    return EvalModel(model, p, fmt, f"{fmt}/{model.cfg.vision.name}", hashlib.sha256(arch.encode()).hexdigest()[:12],
+                     model.cfg.vision.image_size, normalize or "openai", model.cfg.text.context_length, False, None)

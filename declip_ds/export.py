@@ -1,0 +1,250 @@
+"""Export a trained DualEncoder in open_clip's / OpenAI's state-dict layout (safetensors + JSON config).
+
+    python -m declip_ds.export --to open_clip CKPT OUT
+
+CKPT   our run dir, its ``checkpoints`` dir, a ``step_XXXXXXXX`` tag dir or its ``model.safetensors``
+       (these hold the full fp32 weights, ZeRO-3 runs included), or any checkpoint ``load_pretrained``
+       reads (``--from openai|open_clip|declip``, default auto).
+OUT    a directory -> ``OUT/open_clip_model.safetensors`` + ``OUT/open_clip_config.json``
+                      (open_clip's local-dir / hub format ``{"model_cfg": ..., "preprocess_cfg": ...}``):
+                      ``open_clip.create_model("local-dir:OUT")`` builds the model and loads the weights.
+       ``X.safetensors`` -> ``X.safetensors`` + ``X.json`` (open_clip's model_configs format:
+                      ``embed_dim``, ``quick_gelu``, ``vision_cfg``, ``text_cfg``):
+                      ``open_clip.add_model_config("X.json")`` then
+                      ``open_clip.create_model("X", pretrained="X.safetensors")``, or create_model with
+                      ``pretrained=None`` and ``load_state_dict(safetensors.torch.load_file(...))``.
+
+Targets: ``open_clip`` (open_clip's CLIP names; a DeCLIP-style text projection with bias is written
+as open_clip's ``text_cfg.proj_bias``) and ``openai`` (strictly OpenAI's names: refuses the bias).
+What neither can represent is refused naming the config field (the tiny ResNet, a non-QuickGELU or
+non-CLIP ViT). The mask-token row of a DeCLIP vocabulary is removed (standard tokenizer ids), and
+FILIP token heads (``image_mapping`` / ``text_mapping``) are left out with a warning: open_clip has no
+slot for them. ``load_pretrained`` reads the export back (the JSON next to it gives the heads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from declip_ds.models.pretrained import (
+    DECLIP_MASK_ROW,
+    FORMATS,
+    OPENAI_VOCAB,
+    VIT_TO_OPENAI,
+    _inspect,
+    _rename,
+    load_experiment,
+    load_pretrained,
+    rn_to_openai,
+)
+
+log = logging.getLogger(__name__)
+TARGETS = ("open_clip", "openai")
+
+
+class ExportError(ValueError):
+    """The model cannot be written in the requested layout."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _vision_cfg(model) -> dict:
+    from declip_ds.models.vision import ResNetTower, ViTTower
+
+    cfg = model.cfg.vision
+    tower = model.visual
+    if isinstance(tower, ViTTower):
+        trunk = tower.trunk
+        width, heads = trunk.embed_dim, trunk.blocks[0].attn.num_heads
+        act = type(trunk.blocks[0].mlp.act).__name__
+        problems = []
+        if act != "QuickGELU":
+            problems.append(f"activation {act} (open_clip's quick_gelu models use QuickGELU)")
+        if trunk.blocks[0].mlp.fc1.out_features != 4 * width:
+            problems.append(f"MLP width {trunk.blocks[0].mlp.fc1.out_features} != 4 x {width}")
+        no_ln_pre = isinstance(trunk.norm_pre, torch.nn.Identity)
+        if no_ln_pre or getattr(trunk, "num_reg_tokens", 0) or trunk.cls_token is None:
+            problems.append("no ln_pre / register tokens / no CLS token")
+        if problems:
+            raise ExportError(f"model.vision.name='{cfg.name}': {'; '.join(problems)}; open_clip's VisionTransformer "
+                              f"cannot represent it.")
+        patch = trunk.patch_embed.patch_size[0]
+        return {"image_size": cfg.image_size, "layers": len(trunk.blocks), "width": width, "patch_size": patch,
+                "head_width": width // heads}
+    if isinstance(tower, ResNetTower) and cfg.name == "resnet50_clip":
+        return {"image_size": cfg.image_size, "layers": [3, 4, 6, 3], "width": 64, "patch_size": None}
+    raise ExportError(
+        f"model.vision.name='{cfg.name}' has no open_clip/OpenAI counterpart (open_clip's ModifiedResNet doubles "
+        f"the width every stage with total stride 32; the tiny ResNet does not). Exportable towers: vit_tiny, "
+        f"vit_custom, vit_base_patch32_clip_224, vit_base_patch16_clip_224, resnet50_clip."
+    )
+
+
+def _open_clip_supports_proj_bias() -> bool:
+    try:
+        from open_clip.model import CLIPTextCfg
+    except ImportError:  # not installed here: the target open_clip must be >= 2.24 (proj_bias)
+        return True
+    return "proj_bias" in {f.name for f in dataclasses.fields(CLIPTextCfg)}
+
+
+def open_clip_config(model, target: str = "open_clip") -> dict:
+    """open_clip's model config (model_configs format) for ``model``; raises ExportError when the
+    target layout cannot represent it."""
+    t = model.cfg.text
+    text_cfg = {"context_length": t.context_length, "vocab_size": OPENAI_VOCAB, "width": t.width, "heads": t.heads,
+                "layers": t.layers}
+    if t.proj_bias:
+        if target == "openai":
+            raise ExportError(
+                "model.text.proj_bias=true: the text projection is a Linear with a bias (the DeCLIP layout), and "
+                "OpenAI's layout has only a bare (width, embed_dim) matrix. Use --to open_clip (open_clip's "
+                "text_cfg.proj_bias) or a model trained with model.text.proj_bias=false."
+            )
+        if not _open_clip_supports_proj_bias():
+            raise ExportError("model.text.proj_bias=true: the installed open_clip has no text_cfg.proj_bias (needs "
+                              ">= 2.24); upgrade open_clip or export a model trained with proj_bias=false.")
+        text_cfg["proj_bias"] = True
+    return {"embed_dim": model.cfg.embed_dim, "quick_gelu": True, "vision_cfg": _vision_cfg(model),
+            "text_cfg": text_cfg}
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def to_openai_state_dict(model, target: str = "open_clip") -> dict[str, torch.Tensor]:
+    """Our DualEncoder's weights under OpenAI / open_clip names (fresh contiguous fp32 tensors)."""
+    open_clip_config(model, target)  # refuse what the layout cannot hold before converting
+    vit = model.cfg.vision.name.startswith("vit")
+    out: dict[str, torch.Tensor] = {}
+    dropped = []
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if k == "logit_scale":
+            name, v = "logit_scale", v.reshape(())  # ours (1,) -> OpenAI / open_clip 0-d
+        elif k.startswith("visual."):
+            sub = k[len("visual."):]
+            name = _rename(sub, VIT_TO_OPENAI) if vit else rn_to_openai(sub)
+            if name is None:
+                raise ExportError(f"No OpenAI name for '{k}' (model.vision.name='{model.cfg.vision.name}').")
+            name = "visual." + name
+            if name == "visual.class_embedding":
+                v = v.reshape(-1)  # (1, 1, W) -> (W,)
+            elif name == "visual.positional_embedding":
+                v = v.reshape(v.shape[-2], v.shape[-1])  # (1, N + 1, W) -> (N + 1, W)
+        elif k.startswith("text."):
+            name = k[len("text."):]
+            if name == "token_embedding.weight" and model.cfg.text.mask_token:
+                # DeCLIP vocabulary: drop <|mask|> so SOT/EOT sit at OpenAI's 49406/49407
+                v = torch.cat([v[:DECLIP_MASK_ROW], v[DECLIP_MASK_ROW + 1:]])
+        elif k.split(".")[0] in ("image_mapping", "text_mapping"):
+            dropped.append(k)
+            continue
+        else:
+            raise ExportError(f"No OpenAI name for '{k}'.")
+        out[name] = (v.float() if v.is_floating_point() else v).clone().contiguous()
+    if model.cfg.text.mask_token:
+        log.info("Removed the mask-token row %d of the token embedding (49409 -> 49408 rows): the export uses the "
+                 "standard tokenizer's ids", DECLIP_MASK_ROW)
+    if dropped:
+        log.warning("model.token_dim=%d: the FILIP token heads (%s) have no open_clip slot and are not exported",
+                    model.cfg.token_dim, ", ".join(dropped))
+    return out
+
+
+def _verify_with_open_clip(cfg: dict, state: dict) -> None:
+    """Build open_clip's model for ``cfg`` on the meta device (no memory, no init cost) and compare names
+    and shapes, so an export open_clip would not load is never written."""
+    try:
+        from open_clip.model import CLIP
+    except ImportError:
+        log.info("open_clip is not installed: skipped checking the export against its model")
+        return
+    with torch.device("meta"):
+        expected = CLIP(**cfg).state_dict()
+    bad = [f"{k}: missing" for k in expected if k not in state]
+    bad += [f"{k}: unexpected" for k in state if k not in expected]
+    bad += [f"{k}: {tuple(v.shape)} vs open_clip {tuple(expected[k].shape)}" for k, v in state.items()
+            if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ExportError("The converted weights do not fit open_clip's model for this config: " + "; ".join(bad[:20]))
+
+
+def _atomic_save(write, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def export(model, out: str | Path, target: str = "open_clip", normalize: str = "openai") -> list[Path]:
+    """Write ``model`` to ``out`` (a directory, or a ``.safetensors`` path); returns the files written."""
+    from safetensors.torch import save_file
+
+    from declip_ds.data.transforms import NORMALIZE
+
+    if target not in TARGETS:
+        raise ExportError(f"Unknown export target '{target}'. Choose one of: {', '.join(TARGETS)}.")
+    cfg = open_clip_config(model, target)
+    state = to_openai_state_dict(model, target)
+    _verify_with_open_clip(cfg, state)
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        weights, config_path, config = out, out.with_suffix(".json"), cfg
+    else:
+        mean, std = NORMALIZE[normalize]
+        weights, config_path = out / "open_clip_model.safetensors", out / "open_clip_config.json"
+        config = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std),
+                                                       "interpolation": "bicubic", "resize_mode": "shortest"}}
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "exported_by": "declip_ds", "layout": target}
+    _atomic_save(lambda p: save_file(state, str(p), metadata=metadata), weights)
+    _atomic_save(lambda p: p.write_text(json.dumps(config, indent=2) + "\n"), config_path)
+    log.info("Wrote %s (%d tensors) and %s", weights, len(state), config_path)
+    return [weights, config_path]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _normalize_for(ckpt: Path, fmt: str) -> str:
+    """The normalisation the model was trained with: our config's data.normalize, ImageNet's for DeCLIP
+    releases (METHODS.md §9), OpenAI's otherwise."""
+    if fmt == "ours":
+        return load_experiment(ckpt)[0].data.normalize
+    return "imagenet" if fmt == "declip" else "openai"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m declip_ds.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--to", choices=TARGETS, required=True, help="output layout")
+    parser.add_argument("--from", dest="source", choices=FORMATS, default="auto", help="input format (default: auto)")
+    parser.add_argument("--normalize", choices=("imagenet", "openai"), default=None,
+                        help="preprocess mean/std recorded in open_clip_config.json (default: the training config's)")
+    parser.add_argument("ckpt", help="run / checkpoints / step_XXXXXXXX dir, or a weights file")
+    parser.add_argument("out", help="output directory, or a .safetensors path (a .json config is written next to it)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        ckpt = Path(args.ckpt)
+        fmt = args.source if args.source != "auto" else _inspect(ckpt)[0] if ckpt.exists() else "ours"
+        model = load_pretrained(ckpt, format=fmt)
+        files = export(model, args.out, args.to, args.normalize or _normalize_for(ckpt, fmt))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for f in files:
+        print(f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

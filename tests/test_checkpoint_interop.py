@@ -1,0 +1,410 @@
+"""Checkpoints in and out: OpenAI / open_clip / DeCLIP-release weights -> our DualEncoder
+(load_pretrained), and our checkpoints -> open_clip (declip_ds.export). Small random models, no downloads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+open_clip = pytest.importorskip("open_clip")
+from open_clip.model import CLIP  # noqa: E402
+
+from declip_ds.config import Experiment, ModelConfig, TextConfig, VisionConfig, save_config  # noqa: E402
+from declip_ds.data.tokenizer import Tokenizer  # noqa: E402
+from declip_ds.export import ExportError, export, main as export_main, to_openai_state_dict  # noqa: E402
+from declip_ds.models import build_model, load_pretrained  # noqa: E402
+from declip_ds.models.pretrained import CheckpointFormatError, _detect, _openai_to_ours  # noqa: E402
+
+CTX = 16
+CAPTIONS = ["a photo of a cat", "two dogs playing in the snow", "x"]
+VIT = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=128, patch_size=8),
+           text_cfg=dict(context_length=CTX, vocab_size=49408, width=128, heads=2, layers=2), quick_gelu=True)
+# the real RN50 image tower (layers (3, 4, 6, 3), width 64) at 64 px, with a small text tower
+RN50 = dict(embed_dim=64, vision_cfg=dict(image_size=64, layers=[3, 4, 6, 3], width=64, patch_size=None),
+            text_cfg=dict(context_length=CTX, vocab_size=49408, width=64, heads=1, layers=1), quick_gelu=True)
+
+
+def _randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Perturb every weight and give the BatchNorms non-trivial statistics, so that each tensor matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def vit_ref():
+    torch.manual_seed(0)
+    return _randomize(CLIP(**VIT), 1)
+
+
+@pytest.fixture(scope="module")
+def rn50_ref():
+    torch.manual_seed(0)
+    return _randomize(CLIP(**RN50), 2)
+
+
+def _inputs(size: int):
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3)), Tokenizer(CTX)(CAPTIONS)
+
+
+def _assert_same(ours, ref, size: int, ours_tokens=None):
+    images, tokens = _inputs(size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(images), ref.encode_image(images), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.encode_text(tokens if ours_tokens is None else ours_tokens),
+                                   ref.encode_text(tokens), atol=1e-5, rtol=1e-4)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def _declip_state(ref, text_prefix="encode_text.", rn=False) -> dict[str, torch.Tensor]:
+    """The DeCLIP-repo release layout of an open_clip model's weights (METHODS.md §9)."""
+    g = torch.Generator().manual_seed(4)
+    sd, out = _state(ref), {}
+    for k, v in sd.items():
+        if k.startswith("visual."):
+            if not (rn and k.endswith("num_batches_tracked")):  # DeCLIP RN50s lack these buffers
+                out[k] = v
+        elif k == "logit_scale":
+            out[k] = v.reshape(1)
+        elif k == "token_embedding.weight":  # insert <|mask|> at 49406: SOT/EOT move to 49407/49408
+            out[text_prefix + k] = torch.cat([v[:49406], torch.randn(1, v.shape[1], generator=g), v[49406:]])
+        elif k == "text_projection":  # nn.Linear(width, E): weight (E, width) + bias
+            out[text_prefix + "text_projection.weight"] = v.t().contiguous()
+            out[text_prefix + "text_projection.bias"] = torch.zeros(v.shape[1])
+        else:
+            out[text_prefix + k] = v
+    width, vis = sd["token_embedding.weight"].shape[1], (2048 if rn else sd["visual.conv1.weight"].shape[0])
+    out.update({  # method heads a plain DualEncoder drops ...
+        "projector.linear1.weight": torch.randn(16, 8, generator=g),
+        "predictor.linear1.weight": torch.randn(8, 16, generator=g),
+        "predictor.bn1.running_mean": torch.zeros(8),
+        "text_label_predictor.weight": torch.randn(49409, width, generator=g),
+        "logit_scale_dense": torch.tensor(2.5),
+        # ... and FILIP's token heads, which it keeps
+        "image_mapping.weight": torch.randn(16, vis, generator=g), "image_mapping.bias": torch.randn(16, generator=g),
+        "text_mapping.weight": torch.randn(16, width, generator=g), "text_mapping.bias": torch.randn(16, generator=g),
+    })
+    if rn:
+        out["visual.fc.weight"], out["visual.fc.bias"] = torch.randn(64, 2048, generator=g), torch.zeros(64)
+    return {"module." + k: v for k, v in out.items()}
+
+
+def _save_declip(path: Path, state: dict) -> Path:
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
+                "last_iter": 1234}, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- OpenAI / open_clip layout
+
+
+def test_open_clip_vit_from_safetensors_matches(vit_ref, tmp_path, caplog):
+    path = tmp_path / "vit.safetensors"
+    save_file(_state(vit_ref), str(path))
+    with caplog.at_level(logging.INFO, logger="declip_ds.models.pretrained"):
+        model = load_pretrained(path)
+    assert "detected format 'openai'" in caplog.text
+    v, t = model.cfg.vision, model.cfg.text
+    assert (v.name, v.width, v.layers, v.heads, v.patch_size, v.image_size) == ("vit_custom", 128, 2, 2, 8, 32)
+    assert (t.width, t.layers, t.heads, t.context_length, t.proj_bias) == (128, 2, 2, CTX, False)
+    assert model.cfg.embed_dim == 32 and not model.training
+    torch.testing.assert_close(model.scale(), vit_ref.logit_scale.exp())
+    _assert_same(model, vit_ref, 32)
+    _assert_same(load_pretrained(path, format="openai"), vit_ref, 32)
+
+
+def test_open_clip_training_checkpoint_pt_matches(vit_ref, tmp_path, caplog):
+    """open_clip's own training checkpoints: {"epoch", "name", "state_dict"} with a DDP module. prefix."""
+    path = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "name": "vit", "state_dict": {"module." + k: v for k, v in _state(vit_ref).items()}}, path)
+    with caplog.at_level(logging.INFO, logger="declip_ds.models.pretrained"):
+        model = load_pretrained(path)
+    assert "detected format 'open_clip'" in caplog.text
+    _assert_same(model, vit_ref, 32)
+    _assert_same(load_pretrained(path, format="open_clip"), vit_ref, 32)
+
+
+def test_config_next_to_weights_gives_the_heads(vit_ref, tmp_path):
+    """The shapes cannot tell the head count; an open_clip JSON next to the weights can."""
+    cfg = json.loads(json.dumps(VIT))
+    cfg["vision_cfg"]["head_width"] = 32  # 4 heads instead of OpenAI's width // 64 = 2
+    cfg["text_cfg"]["heads"] = 4
+    ref4 = CLIP(**cfg).eval()
+    ref4.load_state_dict(vit_ref.state_dict())
+    path = tmp_path / "vit4.safetensors"
+    save_file(_state(ref4), str(path))
+    (tmp_path / "vit4.json").write_text(json.dumps(cfg))
+    model = load_pretrained(path)
+    assert (model.cfg.vision.heads, model.cfg.text.heads) == (4, 4)
+    _assert_same(model, ref4, 32)
+    with pytest.raises(AssertionError):  # the head count matters: OpenAI's default rule gives other outputs
+        _assert_same(load_pretrained(path, config=VIT), ref4, 32)
+    gelu = dict(cfg, quick_gelu=False)
+    with pytest.raises(CheckpointFormatError, match="quick_gelu"):
+        load_pretrained(path, config=gelu)
+
+
+def test_open_clip_rn50_matches(rn50_ref, tmp_path):
+    path = tmp_path / "rn50.safetensors"
+    save_file(_state(rn50_ref), str(path))
+    model = load_pretrained(path)
+    assert (model.cfg.vision.name, model.cfg.vision.image_size, model.cfg.embed_dim) == ("resnet50_clip", 64, 64)
+    _assert_same(model, rn50_ref, 64)
+
+
+def test_full_size_layouts_map_onto_named_towers():
+    """ViT-B/32, ViT-B/16 and RN50 at full size, shapes only (meta device: no memory, no compute)."""
+    cases = {"ViT-B-32-quickgelu": "vit_base_patch32_clip_224", "ViT-B-16-quickgelu": "vit_base_patch16_clip_224",
+             "RN50-quickgelu": "resnet50_clip"}
+    for name, tower in cases.items():
+        with torch.device("meta"):
+            ref = CLIP(**open_clip.get_model_config(name))
+        state = dict(ref.state_dict(), logit_scale=torch.tensor(4.6))  # the one value read, not just shaped
+        cfg, ours, _ = _openai_to_ours(state, None, "openai")
+        assert cfg.vision.name == tower, name
+        assert (cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.embed_dim) == (
+            512, 8, 12, 1024 if "RN50" in name else 512), name
+        with torch.device("meta"):
+            expected = build_model(cfg).state_dict()
+        assert sorted(ours) == sorted(expected), name
+        assert all(ours[k].shape == expected[k].shape for k in expected), name
+
+
+# ----------------------------------------------------------------------------- DeCLIP release layout
+
+
+@pytest.mark.parametrize("text_prefix", ["encode_text.", "text_encoder."])
+def test_declip_release_vit_matches_with_standard_tokenizer(vit_ref, tmp_path, caplog, text_prefix):
+    path = _save_declip(tmp_path / "declip_vit.pth.tar", _declip_state(vit_ref, text_prefix))
+    with caplog.at_level(logging.INFO, logger="declip_ds.models.pretrained"):
+        model = load_pretrained(path)
+    assert "detected format 'declip'" in caplog.text
+    assert "projector" in caplog.text and "mask-token row" in caplog.text
+    assert model.cfg.text.proj_bias and not model.cfg.text.mask_token
+    assert model.text.token_embedding.weight.shape[0] == 49408
+    assert model.cfg.token_dim == 16
+    torch.testing.assert_close(model.image_mapping.weight, _declip_state(vit_ref)["module.image_mapping.weight"])
+    _assert_same(model, vit_ref, 32)  # Tokenizer() ids: SOT/EOT land on the right rows
+    _assert_same(load_pretrained(path, format="declip"), vit_ref, 32)
+
+
+def test_declip_release_rn50_without_bn_counters(rn50_ref, tmp_path):
+    path = _save_declip(tmp_path / "declip_rn50.pth.tar", _declip_state(rn50_ref, rn=True))
+    model = load_pretrained(path)
+    assert model.cfg.vision.name == "resnet50_clip" and model.cfg.token_dim == 16
+    _assert_same(model, rn50_ref, 64)
+
+
+# ----------------------------------------------------------------------------- detection and refusals
+
+
+def test_auto_detection_picks_each_format(vit_ref, tmp_path):
+    sd = _state(vit_ref)
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    torch.save({"state_dict": sd}, tmp_path / "b.pt", _use_new_zipfile_serialization=False)  # legacy: no mmap
+    _save_declip(tmp_path / "c.pth", _declip_state(vit_ref))
+    tag = _our_tag(tmp_path / "run", _tiny_ours())
+    assert _detect(tmp_path / "a.safetensors") == "openai"
+    assert _detect(tmp_path / "b.pt") == "open_clip"
+    _assert_same(load_pretrained(tmp_path / "b.pt"), vit_ref, 32)
+    assert _detect(tmp_path / "c.pth") == "declip"
+    assert _detect(tag) == _detect(tmp_path / "run") == _detect(tag / "model.safetensors") == "ours"
+    with pytest.raises(CheckpointFormatError, match="looks like 'openai'"):
+        load_pretrained(tmp_path / "a.safetensors", format="declip")
+    save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "d.safetensors"))
+    with pytest.raises(CheckpointFormatError, match="Could not recognise.*foo.weight"):
+        load_pretrained(tmp_path / "d.safetensors")
+
+
+def test_shape_mismatch_lists_the_keys(vit_ref, tmp_path):
+    sd = _state(vit_ref)
+    sd["text_projection"] = torch.zeros(128, 48)  # embed dim 48, but the image tower says 32
+    sd["ln_final.weight"] = torch.ones(64)
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointFormatError) as e:
+        load_pretrained(tmp_path / "bad.safetensors")
+    msg = str(e.value)
+    assert "shape mismatches (2)" in msg
+    assert "text_projection -> text.text_projection: checkpoint (128, 48) vs model (128, 32)" in msg
+    assert "ln_final.weight -> text.ln_final.weight: checkpoint (64,) vs model (128,)" in msg
+
+
+EXECUTED = []
+
+
+def _payload():
+    EXECUTED.append("pwned")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (_payload, ())
+
+
+def test_malicious_pickle_is_refused(vit_ref, tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": _state(vit_ref), "trap": _Evil()}, path)
+    with pytest.raises(CheckpointFormatError, match="Refusing to load .*arbitrary code"):
+        load_pretrained(path)
+    with pytest.raises(CheckpointFormatError, match="Refusing to load"):
+        load_pretrained(path, format="openai")
+    assert EXECUTED == []  # the payload never ran
+
+    scripted = tmp_path / "jit.pt"  # OpenAI's own .pt releases are TorchScript archives
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in recent torch
+        torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(scripted))
+    with pytest.raises(CheckpointFormatError, match="TorchScript"):
+        load_pretrained(scripted)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _tiny_ours(**kw) -> ModelConfig:
+    vision = VisionConfig(name="vit_custom", image_size=32, patch_size=8, width=64, layers=2, heads=4)
+    text = TextConfig(context_length=CTX, width=64, layers=2, heads=2, **kw.pop("text", {}))
+    return ModelConfig(vision=kw.pop("vision", vision), text=text, embed_dim=24, **kw)
+
+
+def _our_tag(run: Path, cfg: ModelConfig, seed: int = 5) -> Path:
+    """A declip_ds checkpoint tag dir (model.safetensors with the DualEncoder under model., config.yaml)."""
+    torch.manual_seed(seed)
+    model = _randomize(build_model(cfg), seed)
+    tag = run / "checkpoints" / "step_00000010"
+    tag.mkdir(parents=True)
+    save_file({"model." + k: v.contiguous() for k, v in model.state_dict().items()}, str(tag / "model.safetensors"))
+    exp = Experiment(model=cfg)
+    exp.data.normalize = "imagenet"
+    save_config(exp, tag / "config.yaml")
+    (tag / "COMPLETE").write_text("")
+    return tag
+
+
+def test_export_to_open_clip_gives_the_same_outputs(tmp_path):
+    """A DeCLIP-style model (mask-token vocabulary, text projection with bias, FILIP heads) -> open_clip."""
+    tag = _our_tag(tmp_path / "run", _tiny_ours(text=dict(mask_token=True, proj_bias=True), token_dim=8))
+    ours = load_pretrained(tmp_path / "run")
+    ours_tokens = Tokenizer(CTX, mask_token=True)(CAPTIONS)
+
+    out = tmp_path / "export"
+    assert export_main(["--to", "open_clip", str(tag), str(out)]) == 0
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["text_cfg"]["proj_bias"] is True
+    assert config["preprocess_cfg"]["mean"] == [0.485, 0.456, 0.406]
+    ref = open_clip.create_model("local-dir:" + str(out)).eval()  # config + weights from the folder, strict
+    _assert_same(ours, ref, 32, ours_tokens)
+    _assert_same(load_pretrained(out), ref, 32)  # and back in, through the JSON next to the weights
+
+    # the X.safetensors + X.json variant, loaded the plain way
+    files = export(ours, tmp_path / "declip_ds_interop_test.safetensors")
+    open_clip.add_model_config(files[1])
+    ref2 = open_clip.create_model("declip_ds_interop_test", pretrained=None).eval()
+    ref2.load_state_dict(load_file(str(files[0])))
+    _assert_same(ours, ref2, 32, ours_tokens)
+
+
+def test_export_inverts_the_import(vit_ref, rn50_ref, tmp_path):
+    for name, ref in (("vit", vit_ref), ("rn50", rn50_ref)):
+        sd = _state(ref)
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+        back = to_openai_state_dict(load_pretrained(tmp_path / f"{name}.safetensors"))
+        assert sorted(back) == sorted(sd), name
+        for k in sd:
+            assert torch.equal(back[k], sd[k]), k
+
+
+def test_export_refuses_what_open_clip_cannot_hold(tmp_path):
+    tiny_rn = build_model(_tiny_ours(vision=VisionConfig(name="resnet_tiny_clip", image_size=32, width=16)))
+    with pytest.raises(ExportError, match="model.vision.name='resnet_tiny_clip'"):
+        export(tiny_rn, tmp_path / "a")
+    with pytest.raises(ExportError, match="model.text.proj_bias"):
+        export(build_model(_tiny_ours(text=dict(proj_bias=True))), tmp_path / "b", target="openai")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_export_cli_reports_errors(tmp_path):
+    tag = _our_tag(tmp_path / "run", _tiny_ours(vision=VisionConfig(name="resnet_tiny_clip", image_size=32, width=16)))
+    r = subprocess.run([sys.executable, "-m", "declip_ds.export", "--to", "open_clip", str(tag), str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2
+    assert "error: model.vision.name='resnet_tiny_clip'" in r.stderr
+
+
+def test_eval_scripts_run_on_a_released_checkpoint(vit_ref, tmp_path, capsys):
+    """eval_zeroshot.py / linear probe / retrieval take an open_clip file directly: architecture from the
+    weights, CLIP's preprocessing, and the same zero-shot numbers as open_clip computes itself."""
+    import numpy as np
+    from PIL import Image
+
+    import eval_zeroshot
+    from declip_ds.data.transforms import eval_transform
+    from declip_ds.eval import linear_probe as lp
+    from declip_ds.eval import retrieval
+    from declip_ds.eval.report import load_record
+    from declip_ds.models.pretrained import load_for_eval
+
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file(_state(vit_ref), str(path))
+    rng = np.random.default_rng(0)
+    classes = ["cat", "dog", "bird"]
+    for split in ("train", "test"):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for j in range(4):
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{j}.png")
+    em = load_for_eval(path)
+    assert (em.format, em.normalize, em.image_size, em.context_length) == ("openai", "openai", 32, CTX)  # same layout
+    assert em.name.startswith("openai/") and len(em.config_hash) == 12
+
+    assert eval_zeroshot.main(["--checkpoint", str(path), "--data", str(tmp_path / "test"), "--templates", "simple",
+                               "--out", str(tmp_path / "zs.json")]) == 0
+    rec = load_record(tmp_path / "zs.json")
+    assert rec["model"] == em.name and rec["config_hash"] == em.config_hash
+    # the same number straight from open_clip: mean of normalised prompt embeddings, CLIP's transform
+    tf = eval_transform(32, normalize="openai")
+    tok = Tokenizer(CTX)
+    with torch.no_grad():
+        W = torch.nn.functional.normalize(vit_ref.encode_text(tok([f"a photo of a {c}." for c in classes])), dim=-1)
+        correct = n = 0
+        for y, c in enumerate(classes):
+            for f in sorted((tmp_path / "test" / c).iterdir()):
+                x = tf(Image.open(f).convert("RGB"))[None]
+                pred = int((torch.nn.functional.normalize(vit_ref.encode_image(x), dim=-1) @ W.T).argmax())
+                correct, n = correct + (pred == y), n + 1
+    (metrics,) = rec["metrics"].values()
+    assert metrics["n"] == n == 12
+    assert metrics["acc1"] == pytest.approx(correct / n)
+
+    assert lp.main(["--checkpoint", str(path), "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+                    "--cache-dir", str(tmp_path / "cache"), "--max-iter", "20", "--out", str(tmp_path / "lp.json")]) == 0
+    assert load_record(tmp_path / "lp.json")["model"] == em.name
+    (tmp_path / "caps.tsv").write_text("test/cat/0.png\ta cat\tcat photo\ntest/dog/0.png\ta dog\n")
+    assert retrieval.main(["--checkpoint", str(path), "--data", str(tmp_path / "caps.tsv"),
+                           "--out", str(tmp_path / "ret.json")]) == 0
+    assert load_record(tmp_path / "ret.json")["metrics"]
+    # a file that is no checkpoint: exit 2 with the reason
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    assert eval_zeroshot.main(["--checkpoint", str(tmp_path / "junk.safetensors"), "--data", str(tmp_path / "test"),
+                               "--templates", "simple"]) == 2
+    assert "junk.safetensors" in capsys.readouterr().err
