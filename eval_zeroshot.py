@@ -2,22 +2,28 @@
 
     python eval_zeroshot.py --checkpoint runs/demo_shapes --data data/shapes/eval --out results.json
 
---data is either one task directory (classnames.txt, templates.txt, *.tar with a "cls" label) or a
-directory of such task directories (all are evaluated). Several ranks (torchrun / deepspeed
-launcher) split the shards and sum the counts, which gives exactly the single-process numbers.
+--data is either one task directory (classnames.txt, templates.txt, *.tar with a "cls" label), a
+directory of such task directories (all are evaluated), or an image folder (one subfolder of images
+per class, ImageNet-val layout, optional classnames.txt / classnames.json class index: see
+declip_ds/eval/datasets.py; pass --templates simple|imagenet80|FILE unless it holds a templates.txt).
+Several ranks (torchrun / deepspeed launcher) split the shards (or the images of a folder) and sum
+the counts, which gives exactly the single-process numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 from pathlib import Path
 
 
 def task_dirs(data: Path, tasks: list[str] | None) -> dict[str, Path]:
+    from declip_ds.eval.datasets import is_image_folder
+    from declip_ds.eval.report import dataset_name
+
+    if is_image_folder(data):  # imagenet/val -> "imagenet", as the linear probe names it
+        return {dataset_name(data): data}
     if (data / "classnames.txt").is_file():
         return {data.name: data}
     found = {p.name: p for p in sorted(data.iterdir()) if (p / "classnames.txt").is_file()} if data.is_dir() else {}
@@ -27,8 +33,32 @@ def task_dirs(data: Path, tasks: list[str] | None) -> dict[str, Path]:
             raise FileNotFoundError(f"tasks {missing} not found in {data} (found: {sorted(found)}).")
         found = {t: found[t] for t in tasks}
     if not found:
-        raise FileNotFoundError(f"No evaluation data in '{data}': expected classnames.txt and *.tar there or in its subfolders.")
+        raise FileNotFoundError(f"No evaluation data in '{data}': expected classnames.txt and *.tar there or in its "
+                                "subfolders, or an image folder (one subfolder of images per class).")
     return found
+
+
+def evaluate_image_folder(model, tokenizer, root: Path, *, templates: str, image_size: int, normalize: str,
+                          batch_size: int, rank: int, world_size: int, group, workers: int) -> dict:
+    """Zero-shot on an image folder (class names from its class index or folder names)."""
+    from declip_ds.eval.datasets import open_dataset
+    from declip_ds.eval.zero_shot import load_templates, zero_shot_classifier, zero_shot_evaluate
+
+    data = open_dataset(root, image_size=image_size, normalize=normalize)
+    W = zero_shot_classifier(model, tokenizer, data.classnames, load_templates(templates, root))
+    loader = data.loader(batch_size, rank=rank, world_size=world_size, workers=workers)
+    return zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
+
+
+def evaluate(model, tokenizer, d: Path, *, scoring: str, mask_padding: bool, **kw) -> dict:
+    from declip_ds.eval.datasets import is_image_folder
+    from declip_ds.eval.zero_shot import evaluate_task_dir
+
+    if is_image_folder(d):
+        if scoring != "global":
+            raise ValueError(f"--scoring {scoring} is not supported on image folders; use --scoring global.")
+        return evaluate_image_folder(model, tokenizer, d, **kw)
+    return evaluate_task_dir(model, tokenizer, d, scoring=scoring, mask_padding=mask_padding, **kw)
 
 
 def main(argv=None) -> int:
@@ -39,6 +69,10 @@ def main(argv=None) -> int:
     p.add_argument("--templates", default="synthetic", help="synthetic (the task's templates.txt) | simple | imagenet80 | FILE")
     p.add_argument("--scoring", default=None, choices=["global", "token"],
                    help="global embeddings, or FILIP token-wise scoring (default: what the method trained for)")
+    p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"],
+                   help="checkpoint format (auto-detected by default)")
+    p.add_argument("--normalize", default=None, choices=["imagenet", "openai"],
+                   help="image normalisation (default: the run's config; 'openai' for released checkpoints)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results JSON here")
@@ -48,16 +82,16 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from declip_ds.data.tokenizer import Tokenizer
-    from declip_ds.eval.zero_shot import evaluate_task_dir, format_table
-    from declip_ds.models.pretrained import load_experiment, load_pretrained
+    from declip_ds.eval.zero_shot import format_table
+    from declip_ds.models.pretrained import load_for_eval
 
     try:
         tasks = task_dirs(Path(args.data), args.tasks)
-        exp, weights = load_experiment(args.checkpoint)
-        model = load_pretrained(args.checkpoint)
+        em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize)
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    model, weights = em.model, em.weights
     rank, world, group = 0, 1, None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -65,26 +99,29 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         model = model.cuda()
-    tok = Tokenizer(context_length=exp.model.text.context_length, mask_token=exp.model.text.mask_token)
-    results = {
-        name: evaluate_task_dir(model, tok, d, templates=args.templates, image_size=exp.model.vision.image_size,
-                                normalize=exp.data.normalize, batch_size=args.batch_size, rank=rank,
-                                world_size=world, group=group, workers=args.workers,
-                                scoring=args.scoring or getattr(exp.method, "zero_shot_scoring", "global"),
-                                mask_padding=getattr(exp.method, "mask_padding", True))
-        for name, d in tasks.items()
-    }
+    tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
+    try:
+        results = {
+            name: evaluate(model, tok, d, templates=args.templates, image_size=em.image_size,
+                           normalize=em.normalize, batch_size=args.batch_size, rank=rank,
+                           world_size=world, group=group, workers=args.workers,
+                           scoring=args.scoring or getattr(em.method, "zero_shot_scoring", "global"),
+                           mask_padding=getattr(em.method, "mask_padding", True))
+            for name, d in tasks.items()
+        }
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if group is not None:
+            dist.destroy_process_group()
+        return 2
     if rank == 0:
         print(format_table(results))
         if args.out:
-            from declip_ds.config import config_hash
+            from declip_ds.eval.report import make_record, write_record
 
-            record = {"model": f"{exp.method.name}/{exp.model.vision.name}", "checkpoint": str(weights),
-                      "dataset": str(args.data), "task": "zeroshot", "templates": args.templates,
-                      "metrics": results, "config_hash": config_hash(exp),
-                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(record, indent=2))
+            write_record(make_record(model=em.name, checkpoint=str(weights),
+                                     dataset=str(args.data), task="zeroshot", templates=args.templates,
+                                     metrics=results, config_hash=em.config_hash), args.out)
     if group is not None:
         dist.destroy_process_group()
     return 0

@@ -1,0 +1,236 @@
+"""Labelled image datasets for evaluation, behind one function: ``open_dataset(root, transform)``.
+
+Two layouts, told apart by what ``root`` holds:
+
+    image folder   root/<class folder>/<image>         the ImageNet-val layout, one subfolder per class.
+                   Class order and names: an optional class index in root,
+                     classnames.txt   one line per class. "folder<TAB>name" lines give the order and
+                                      names explicitly; plain lines name the folders in sorted order
+                                      (line i = the i-th folder, as torchvision's ImageFolder numbers them)
+                     classnames.json  {"folder": "name", ...} (file order = class order),
+                                      {"0": ["folder", "name"], ...} (the imagenet_class_index.json
+                                      layout, ordered by the integer key) or ["name", ...] (sorted folders)
+                   or ``class_index=PATH`` with one of these formats. Without an index the folders are
+                   the classes in sorted order, named after the folder with "_" read as a space.
+    shards         root/*.tar + root/classnames.txt     webdataset shards, each sample an image and an
+                   integer label member (``cls`` by default); line i of classnames.txt names label i.
+                   Our synthetic eval splits (``data/shapes/eval/<task>``) are of this kind.
+
+Every dataset iterates as ``(image_tensor, label)`` per sample (the transform applied) and gives
+batches ``(images (B, 3, H, W), labels (B,), keys)`` from ``.loader(batch_size, rank=, world_size=)``,
+the input ``zero_shot_evaluate`` and the linear probe take. Under several ranks every sample is seen
+by exactly one rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+INDEX_FILES = ("classnames.txt", "classnames.json")
+LAYOUTS = ("folder", "shards")
+
+_EXPECTED = ("an image folder (one subfolder of images per class, ImageNet-val layout) or webdataset "
+             "shards (*.tar with a label member, plus classnames.txt)")
+
+
+def detect_layout(root: str | Path) -> str:
+    """``"shards"`` (root holds *.tar) or ``"folder"`` (root holds subfolders with images)."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"Dataset directory '{root}' does not exist. Expected there {_EXPECTED}.")
+    if not root.is_dir():
+        raise NotADirectoryError(f"Dataset path '{root}' is a file, not a directory. Expected a directory "
+                                 f"holding {_EXPECTED}.")
+    if any(root.glob("*.tar")):
+        return "shards"
+    if any(_images_in(d) for d in _subdirs(root)):
+        return "folder"
+    found = sorted(p.name for p in root.iterdir())[:8]
+    raise FileNotFoundError(f"No evaluation data in '{root}': expected {_EXPECTED}; found {found or 'nothing'}.")
+
+
+def is_image_folder(root: str | Path) -> bool:
+    try:
+        return detect_layout(root) == "folder"
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def open_dataset(root: str | Path, transform: Callable | None = None, *, image_size: int = 224,
+                 normalize="imagenet", label_key: str = "cls", class_index: str | Path | None = None):
+    """The labelled dataset at ``root`` (an ``ImageFolderData`` or a ``ShardData``).
+
+    ``transform``: PIL image -> tensor; by default ``eval_transform(image_size, normalize)``.
+    ``label_key``: the label member of shards. ``class_index``: a class index file for an image folder
+    (default: classnames.txt / classnames.json in ``root`` when present).
+    """
+    if transform is None:
+        from declip_ds.data.transforms import eval_transform
+
+        transform = eval_transform(image_size, normalize=normalize)
+    layout = detect_layout(root)
+    if layout == "shards":
+        if class_index is not None:
+            raise ValueError("class_index applies to image folders; shards name their labels in "
+                             f"{Path(root) / 'classnames.txt'}.")
+        return ShardData(Path(root), transform, label_key=label_key)
+    return ImageFolderData(Path(root), transform, class_index=class_index)
+
+
+# ----------------------------------------------------------------------------- image folder
+
+
+def _subdirs(root: Path) -> list[Path]:
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files of a class folder, recursively (some datasets nest them), in sorted order."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_class_index(path: str | Path, folders: list[str]) -> tuple[list[str], list[str]]:
+    """(folders in class order, class names) from a class index file; see the module docstring."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Class index '{path}' does not exist (expected a classnames.txt or a JSON "
+                                "{folder: name} mapping).")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, list):
+            pairs = list(zip(folders, map(str, data))) if len(data) == len(folders) else None
+        elif isinstance(data, dict) and data and all(isinstance(v, list) and len(v) == 2 for v in data.values()):
+            pairs = [tuple(map(str, data[k])) for k in sorted(data, key=int)]  # {"0": [folder, name]}
+        elif isinstance(data, dict):
+            pairs = [(str(k), str(v)) for k, v in data.items()]
+        else:
+            raise ValueError(f"Class index '{path}': expected a JSON object {{folder: name}} or a list of names.")
+    else:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if lines and all("\t" in line for line in lines):
+            pairs = [tuple(s.strip() for s in line.split("\t", 1)) for line in lines]
+        else:
+            pairs = list(zip(folders, lines)) if len(lines) == len(folders) else None
+        data = lines
+    if pairs is None:
+        raise ValueError(f"Class index '{path}' lists {len(data)} names for {len(folders)} class folders; a plain "
+                         "list must name every folder (sorted order), or give 'folder<TAB>name' lines / a JSON "
+                         "{folder: name} mapping.")
+    return [f for f, _ in pairs], [n for _, n in pairs]
+
+
+class ImageFolderData(Dataset):
+    """``root/<class>/<image>``; ``self[i] -> (image_tensor, label)``."""
+
+    layout = "folder"
+
+    def __init__(self, root: Path, transform: Callable, class_index: str | Path | None = None):
+        self.root, self.transform = Path(root), transform
+        present = [d.name for d in _subdirs(self.root)]
+        index = Path(class_index) if class_index is not None else \
+            next((self.root / f for f in INDEX_FILES if (self.root / f).is_file()), None)
+        if index is not None:
+            self.folders, self.classnames = read_class_index(index, present)
+            missing = [f for f in self.folders if not (self.root / f).is_dir()]
+            extra = sorted(set(present) - set(self.folders))
+            if missing or extra:
+                raise FileNotFoundError(
+                    f"Class index '{index}' does not match the folders of '{self.root}': "
+                    + (f"expected class folders {[str(self.root / f) for f in missing[:5]]} (missing)" if missing else "")
+                    + ("; " if missing and extra else "")
+                    + (f"folders {extra[:5]} are not in the index" if extra else "") + ".")
+        else:
+            self.folders = present
+            self.classnames = [f.replace("_", " ") for f in present]
+        self.class_index = index
+        self.samples = [(p, label) for label, f in enumerate(self.folders) for p in _images_in(self.root / f)]
+        if not self.samples:
+            raise FileNotFoundError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of '{self.root}'.")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            return self.transform(im.convert("RGB")), label
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        return (self[i] for i in range(len(self)))
+
+    def key(self, i: int) -> str:
+        return self.samples[i][0].relative_to(self.root).as_posix()
+
+    def loader(self, batch_size: int, *, rank: int = 0, world_size: int = 1, workers: int = 0) -> DataLoader:
+        """Batches ``(images, labels, keys)`` of the samples ``rank::world_size``, in order."""
+        part = Subset(_Keyed(self), range(rank, len(self), world_size))
+        return DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
+
+    def fingerprint(self) -> str:
+        """Changes when the files, their sizes or times, or the class order change."""
+        h = hashlib.sha256(json.dumps([self.layout, str(self.root.resolve()), self.folders, self.classnames]).encode())
+        for p, _ in self.samples:
+            st = p.stat()
+            h.update(f"{p.relative_to(self.root).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+
+class _Keyed(Dataset):
+    def __init__(self, data: ImageFolderData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        image, label = self.data[i]
+        return image, label, self.data.key(i)
+
+
+def _collate(items):
+    images, labels, keys = zip(*items)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys)
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+class ShardData:
+    """``root/*.tar`` + ``root/classnames.txt``, read with ``build_eval_loader``."""
+
+    layout = "shards"
+
+    def __init__(self, root: Path, transform: Callable, label_key: str = "cls"):
+        self.root, self.transform, self.label_key = Path(root), transform, label_key
+        names = self.root / "classnames.txt"
+        if not names.is_file():
+            raise FileNotFoundError(f"'{names}' not found: webdataset evaluation shards need a class-name file "
+                                    "next to the *.tar shards (one name per line, line i names label i).")
+        self.classnames = [line.strip() for line in names.read_text(encoding="utf-8").splitlines() if line.strip()]
+        self.urls = sorted(str(p) for p in self.root.glob("*.tar"))
+
+    def loader(self, batch_size: int, *, rank: int = 0, world_size: int = 1, workers: int = 0):
+        """Batches ``(images, labels, keys)``; shards split by rank (then by worker)."""
+        from declip_ds.data.wds import build_eval_loader
+
+        return build_eval_loader(self.urls, self.transform, batch_size, rank=rank, world_size=world_size,
+                                 label_key=self.label_key, workers=workers)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for images, labels, _ in self.loader(64):
+            yield from zip(images, labels.tolist())
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps([self.layout, str(self.root.resolve()), self.label_key, self.classnames]).encode())
+        for url in self.urls:
+            st = Path(url).stat()
+            h.update(f"{Path(url).name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]

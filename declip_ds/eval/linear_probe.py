@@ -1,0 +1,326 @@
+"""Linear probe on frozen image features, the CLIP-paper / CLIP_benchmark protocol.
+
+    python -m declip_ds.eval.linear_probe --checkpoint CKPT --train DIR --test DIR \
+        [--val-fraction 0.2] [--cache-dir DIR] --out results.json
+
+DIR is any dataset ``open_dataset`` reads (an image folder or labelled shards). Steps:
+
+1. Features: ``encode_image`` of every image under the eval transform, L2-normalised (CLIP_benchmark's
+   default; ``--no-normalize`` keeps the raw embeddings). Computed once per (checkpoint, dataset files,
+   split, transform) and cached as ``<cache-dir>/<split>-<hash>.pt``; a later run with the same key
+   loads the file and never runs the model.
+2. Weight-decay sweep (CLIP paper appendix A.3 as CLIP_benchmark implements it): a stratified
+   ``val_fraction`` of the train split is held out; the grid is 97 log-spaced values in [1e-6, 1e2].
+   The 7 decade points are fitted first; then, around the best so far, the points 8, 4, 2 and 1 grid
+   steps to each side. Best = highest validation top-1, ties broken by lower validation cross-entropy
+   (so among equally accurate values the better-calibrated one wins), then by the earlier grid point.
+3. The chosen weight decay is refitted on train+val; the test split gives top-1, top-5 (>= 5 classes)
+   and mean per-class recall.
+
+Classifier and regularisation convention
+----------------------------------------
+Multinomial logistic regression, W (D, C) and bias b (C,), fitted full-batch with L-BFGS (strong-Wolfe
+line search, float64, zero init, so the result is deterministic) to the minimum of
+
+    L(W, b) = mean_i CE(x_i W + b, y_i) + (weight_decay / 2) * ||W||_F^2        (the bias is not penalised)
+
+scikit-learn's ``LogisticRegression(C=C)`` (lbfgs, multinomial, intercept not penalised) minimises
+``C * sum_i CE_i + ||W||_F^2 / 2``, which is L multiplied by C * N. Both have the same minimiser when
+
+    weight_decay = 1 / (C * N)        <=>        C = 1 / (weight_decay * N)
+
+with N the number of samples the classifier is fitted on. The weight decay is a per-sample quantity, so
+the value chosen on the train split carries over to the train+val refit unchanged (the equivalent C then
+changes with N); the results report both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+GRID = torch.logspace(-6, 2, 97, dtype=torch.float64).tolist()  # 12 points per decade
+COARSE_STEP = 16  # grid indices 0, 16, ..., 96: the decades 1e-6 ... 1e2
+REFINE_SPANS = (8, 4, 2, 1)
+DEFAULT_CACHE = Path(os.environ.get("DECLIP_DS_CACHE", Path.home() / ".cache" / "declip_ds")) / "features"
+
+
+def sklearn_C(weight_decay: float, n: int) -> float:
+    """scikit-learn's C for our weight decay on n samples: C = 1 / (weight_decay * n)."""
+    return 1.0 / (weight_decay * n)
+
+
+def weight_decay_from_C(C: float, n: int) -> float:
+    return 1.0 / (C * n)
+
+
+# ----------------------------------------------------------------------------- the classifier
+
+
+@dataclass
+class LinearClassifier:
+    W: torch.Tensor  # (D, C)
+    b: torch.Tensor  # (C,)
+    weight_decay: float
+
+    def logits(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b, X.to(self.W.device, self.W.dtype), self.W)  # (N, C)
+
+    def predict_proba(self, X: torch.Tensor) -> torch.Tensor:
+        return self.logits(X).softmax(dim=-1)
+
+
+def _objective(X, Y, W, b, weight_decay):
+    # one-hot CE instead of F.cross_entropy: its backward scatters with atomics on CUDA
+    ce = -(Y * torch.addmm(b, X, W).log_softmax(dim=-1)).sum(dim=-1).mean()
+    return ce + 0.5 * weight_decay * W.pow(2).sum()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fit_logistic_regression(X: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, *,
+                            max_iter: int = 1000, tol: float = 1e-7, device=None,
+                            dtype: torch.dtype = torch.float64) -> LinearClassifier:
+    """Minimise mean CE + weight_decay/2 ||W||^2 (see the module docstring) by full-batch L-BFGS.
+
+    X (N, D) features, y (N,) labels in [0, num_classes). Stops when the largest gradient entry is
+    below ``tol`` or after ``max_iter`` iterations."""
+    if weight_decay <= 0:
+        raise ValueError(f"weight_decay must be > 0 (got {weight_decay}); separable data has no minimum without it.")
+    device = torch.device(device) if device is not None else default_device()
+    X = X.to(device, dtype)
+    Y = F.one_hot(y.to(device).long(), num_classes).to(dtype)  # (N, C)
+    W = torch.zeros(X.shape[1], num_classes, device=device, dtype=dtype, requires_grad=True)
+    b = torch.zeros(num_classes, device=device, dtype=dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, max_eval=max_iter * 5 // 4, tolerance_grad=tol,
+                            tolerance_change=1e-14 if dtype == torch.float64 else 1e-9, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = _objective(X, Y, W, b, weight_decay)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return LinearClassifier(W.detach(), b.detach(), float(weight_decay))
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """top-1, top-5 (None under 5 classes), mean per-class recall (over the classes present) and n."""
+    labels = labels.to(logits.device).long()
+    top = logits.topk(min(5, num_classes), dim=-1).indices  # (N, k)
+    hit1 = top[:, 0] == labels
+    total = torch.bincount(labels, minlength=num_classes)
+    correct = torch.bincount(labels[hit1], minlength=num_classes)
+    seen = total > 0
+    n = int(total.sum())
+    return {
+        "acc1": float(hit1.double().mean()) if n else 0.0,
+        "acc5": float((top == labels[:, None]).any(dim=-1).double().mean()) if num_classes >= 5 and n else None,
+        "mean_per_class_recall": float((correct[seen].double() / total[seen].double()).mean()) if n else 0.0,
+        "n": n,
+    }
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def split_train_val(y: torch.Tensor, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified split: per class, round(val_fraction * n_c) samples to val (a class keeps at least one
+    training sample). Deterministic for a seed; returns sorted index tensors."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    g = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = min(int(round(val_fraction * len(idx))), len(idx) - 1)
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def sweep_weight_decay(Xtr, ytr, Xval, yval, num_classes: int, *, grid=GRID, max_iter: int = 1000,
+                       device=None, verbose: bool = False) -> tuple[float, list[dict]]:
+    """The weight decay of ``grid`` with the best validation score, searched coarse-to-fine.
+
+    Returns (best weight decay, the evaluated points in grid order: weight_decay, val_acc1, val_loss)."""
+    scores: dict[int, tuple[float, float]] = {}
+
+    def score(i: int) -> tuple[float, float]:
+        if i not in scores:
+            clf = fit_logistic_regression(Xtr, ytr, num_classes, grid[i], max_iter=max_iter, device=device)
+            logits = clf.logits(Xval)
+            labels = yval.to(logits.device).long()
+            acc = float((logits.argmax(dim=-1) == labels).double().mean())
+            loss = float(F.cross_entropy(logits, labels))
+            scores[i] = (acc, loss)
+            if verbose:
+                print(f"  weight_decay {grid[i]:.3g}: val acc1 {100 * acc:.2f}, val loss {loss:.4f}", file=sys.stderr)
+        return scores[i]
+
+    def best(idxs) -> int:  # highest accuracy, then lowest loss, then the first listed
+        return max(idxs, key=lambda i: (score(i)[0], -score(i)[1], -idxs.index(i)))
+
+    peak = best(list(range(0, len(grid), COARSE_STEP)))
+    for span in REFINE_SPANS:
+        peak = best([max(peak - span, 0), peak, min(peak + span, len(grid) - 1)])
+    history = [{"weight_decay": grid[i], "val_acc1": a, "val_loss": l} for i, (a, l) in sorted(scores.items())]
+    return grid[peak], history
+
+
+def linear_probe(Xtrain, ytrain, Xtest, ytest, num_classes: int, *, val_fraction: float = 0.2, seed: int = 0,
+                 weight_decay: float | None = None, max_iter: int = 1000, device=None, verbose: bool = False) -> dict:
+    """Sweep on a validation split of the train features (unless ``weight_decay`` is given), refit on
+    all train features, score the test features. Returns the test metrics and the choice made."""
+    out = {}
+    if weight_decay is None:
+        tr, va = split_train_val(ytrain, val_fraction, seed)
+        if len(va) == 0:
+            raise ValueError(f"val_fraction={val_fraction} leaves no validation sample (classes have too few "
+                             "samples); raise it or pass a fixed weight decay.")
+        weight_decay, history = sweep_weight_decay(Xtrain[tr], ytrain[tr], Xtrain[va], ytrain[va], num_classes,
+                                                   max_iter=max_iter, device=device, verbose=verbose)
+        val_acc1 = next(h["val_acc1"] for h in history if h["weight_decay"] == weight_decay)
+        out = {"n_train": len(tr), "n_val": len(va), "val_acc1": val_acc1, "sweep": history}
+    clf = fit_logistic_regression(Xtrain, ytrain, num_classes, weight_decay, max_iter=max_iter, device=device)
+    metrics = classification_metrics(clf.logits(Xtest), ytest, num_classes)
+    return {**metrics, "weight_decay": weight_decay, "C": sklearn_C(weight_decay, len(ytrain)), **out}
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@torch.no_grad()
+def extract_features(model, loader, *, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, E) float32 on CPU, labels (N,) long) of a loader of (images, labels[, keys])."""
+    p = next(model.parameters())
+    feats, labels = [], []
+    for images, y, *_ in loader:
+        f = model.encode_image(images.to(p.device, p.dtype)).float()  # (B, E)
+        feats.append((F.normalize(f, dim=-1) if normalize else f).cpu())
+        labels.append(y.long().cpu())
+    if not feats:
+        raise ValueError("The dataset yielded no images (all samples skipped?); nothing to extract features from.")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def checkpoint_id(weights: str | Path) -> str:
+    """Identifies a weights file for the cache: resolved path, size and modification time."""
+    st = Path(weights).stat()
+    return f"{Path(weights).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def feature_cache_path(cache_dir: str | Path, *, model_id: str, data, split: str, normalize: bool) -> Path:
+    key = json.dumps({"model": model_id, "data": data.fingerprint(), "split": split, "normalize": normalize,
+                      "transform": repr(data.transform)}, sort_keys=True)
+    return Path(cache_dir) / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def cached_features(model, data, *, model_id: str, split: str, cache_dir: str | Path = DEFAULT_CACHE,
+                    batch_size: int = 256, normalize: bool = True, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of ``data`` (an ``open_dataset`` result), from the cache when present, else computed
+    and saved there. The key covers ``model_id`` (e.g. ``checkpoint_id(weights)``), the dataset's files,
+    the split name, the transform and ``normalize``."""
+    path = feature_cache_path(cache_dir, model_id=model_id, data=data, split=split, normalize=normalize)
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        return cached["features"], cached["labels"]
+    X, y = extract_features(model, data.loader(batch_size, workers=workers), normalize=normalize)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"features": X, "labels": y, "model": model_id, "split": split}, tmp)
+    os.replace(tmp, path)  # a reader never sees half a file
+    return X, y
+
+
+def evaluate_linear_probe(model, train_root, test_root, *, model_id: str, cache_dir=DEFAULT_CACHE,
+                          image_size: int = 224, normalize_images="imagenet", normalize: bool = True,
+                          val_fraction: float = 0.2, seed: int = 0, weight_decay: float | None = None,
+                          batch_size: int = 256, workers: int = 0, label_key: str = "cls", max_iter: int = 1000,
+                          device=None, verbose: bool = False) -> dict:
+    """The whole protocol on two dataset directories (image folders or labelled shards)."""
+    from declip_ds.eval.datasets import open_dataset
+
+    train = open_dataset(train_root, image_size=image_size, normalize=normalize_images, label_key=label_key)
+    test = open_dataset(test_root, image_size=image_size, normalize=normalize_images, label_key=label_key)
+    if train.classnames != test.classnames:
+        raise ValueError(f"The train split '{train_root}' has {len(train.classnames)} classes and the test split "
+                         f"'{test_root}' {len(test.classnames)}, or they are in another order; both must share "
+                         "one class index.")
+    kw = dict(model_id=model_id, cache_dir=cache_dir, batch_size=batch_size, normalize=normalize, workers=workers)
+    Xtr, ytr = cached_features(model, train, split="train", **kw)
+    Xte, yte = cached_features(model, test, split="test", **kw)
+    return linear_probe(Xtr, ytr, Xte, yte, len(train.classnames), val_fraction=val_fraction, seed=seed,
+                        weight_decay=weight_decay, max_iter=max_iter, device=device, verbose=verbose)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, step_XXXXXXXX dir or model.safetensors")
+    p.add_argument("--train", required=True, help="train split: image folder or labelled shard dir")
+    p.add_argument("--test", required=True, help="test split: image folder or labelled shard dir")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the train split held out for the sweep")
+    p.add_argument("--weight-decay", type=float, default=None, help="skip the sweep and use this weight decay")
+    p.add_argument("--name", default=None, help="dataset name in the results (default: from --test)")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="feature cache (default: %(default)s)")
+    p.add_argument("--no-normalize", action="store_true", help="probe the raw, not L2-normalised, embeddings")
+    p.add_argument("--label-key", default="cls", help="label member of shards")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"],
+                   help="checkpoint format (auto-detected by default)")
+    p.add_argument("--normalize-images", default=None, choices=["imagenet", "openai"],
+                   help="image normalisation (default: the run's config; 'openai' for released checkpoints)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
+    p.add_argument("--verbose", action="store_true", help="print every point of the sweep")
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    args = p.parse_args(argv)
+
+    from declip_ds.eval.report import dataset_name, make_record, write_record
+    from declip_ds.models.pretrained import load_for_eval
+
+    try:
+        em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize_images)
+        model = em.model.to(default_device())
+        result = evaluate_linear_probe(
+            model, args.train, args.test, model_id=checkpoint_id(em.weights), cache_dir=args.cache_dir,
+            image_size=em.image_size, normalize_images=em.normalize,
+            normalize=not args.no_normalize, val_fraction=args.val_fraction, seed=args.seed,
+            weight_decay=args.weight_decay, batch_size=args.batch_size, workers=args.workers,
+            label_key=args.label_key, max_iter=args.max_iter, verbose=args.verbose)
+    except (FileNotFoundError, NotADirectoryError, ValueError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = args.name or dataset_name(args.test)
+    acc5 = f"{100 * result['acc5']:.2f}" if result["acc5"] is not None else "-"
+    print(f"{name}: acc1 {100 * result['acc1']:.2f}  acc5 {acc5}  mean per-class recall "
+          f"{100 * result['mean_per_class_recall']:.2f}  weight decay {result['weight_decay']:.3g} "
+          f"(sklearn C {result['C']:.3g})  n_test {result['n']}")
+    if args.out:
+        write_record(make_record(model=em.name, checkpoint=str(em.weights),
+                                 dataset=str(args.test), task="linear_probe", metrics={name: result},
+                                 config_hash=em.config_hash, train=str(args.train),
+                                 val_fraction=args.val_fraction, normalize=not args.no_normalize), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""Evaluation suite: datasets, linear probe (against scikit-learn), retrieval recall, the report table,
+and the three command lines on a tiny random DualEncoder with images written to tmp_path."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from declip_ds.eval import linear_probe as lp
+from declip_ds.eval import report, retrieval
+from declip_ds.eval.datasets import open_dataset
+
+TINY = {"model": {"vision": {"name": "vit_tiny", "image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+                  "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2}, "embed_dim": 16}}
+COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40)]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def tiny_model():
+    from declip_ds.config import from_dict
+    from declip_ds.models import build_model
+
+    torch.manual_seed(0)
+    exp = from_dict(TINY)
+    return exp, build_model(exp.model).eval()
+
+
+def image_bytes(i: int, fmt="PNG", size=40) -> bytes:
+    rng = np.random.default_rng(i)
+    base = np.array(COLORS[i % len(COLORS)], dtype=np.uint8)
+    pixels = np.clip(base + rng.integers(-25, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_folder(root, folders, per_class=3, start=0):
+    for c, folder in enumerate(folders):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            (root / folder / f"img{j}.png").write_bytes(image_bytes(start + c + len(COLORS) * j))
+    return root
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def save_checkpoint(model, exp, directory):
+    from safetensors.torch import save_file
+
+    from declip_ds.config import save_config
+
+    directory.mkdir(parents=True)
+    save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    save_config(exp, directory / "config.yaml")
+    return directory
+
+
+class Counting(nn.Module):
+    """Counts encode_image calls of the wrapped model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def encode_image(self, images):
+        self.calls += 1
+        return self.model.encode_image(images)
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+def blobs(n_per_class=40, dim=8, classes=5, seed=0, spread=1.5):
+    """Gaussian blobs around fixed centres; ``seed`` draws the samples (a train or a test set)."""
+    centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * spread
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    return centers[y] + torch.randn(len(y), dim, generator=g), y
+
+
+@pytest.mark.parametrize("weight_decay", [1e-3, 1e-1, 3.0])
+def test_logistic_regression_matches_sklearn(weight_decay):
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = blobs()
+    Xt, yt = blobs(seed=1)
+    clf = lp.fit_logistic_regression(X, y, 5, weight_decay, device="cpu")
+    C = lp.sklearn_C(weight_decay, len(y))
+    assert lp.weight_decay_from_C(C, len(y)) == pytest.approx(weight_decay)
+    sk = LogisticRegression(C=C, max_iter=10000, tol=1e-10).fit(X.double().numpy(), y.numpy())
+    ours, theirs = clf.predict_proba(Xt).numpy(), sk.predict_proba(Xt.double().numpy())
+    assert np.abs(ours - theirs).max() < 1e-4
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    assert np.abs(clf.W.numpy().T - sk.coef_).max() < 1e-3  # same minimiser, not just the same predictions
+
+
+def shortcut_data(seed=4, n_train=6, n_val=40, scale=0.02):
+    """5 noisy informative dims + 5 tiny dims that encode the label in the train split only: fitting them
+    needs huge weights, which heavy regularisation forbids and which turn into noise on validation."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(5, 5, generator=g)
+
+    def draw(n, train):
+        y = torch.arange(5).repeat_interleave(n)
+        X = centers[y] + torch.randn(len(y), 5, generator=g)
+        code = y if train else torch.randint(0, 5, (len(y),), generator=g)
+        return torch.cat([X, scale * F.one_hot(code, 5).float()], dim=1), y
+
+    return draw(n_train, True), draw(n_val, False)
+
+
+def correlated_data(seed=0, n_train=100, n_val=40):
+    """Plenty of samples, one noise direction 30x stronger than the rest: only a sharp (lightly
+    regularised) boundary undoes it."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(5, 10, generator=g)
+    scale = torch.full((10,), 0.1)
+    scale[0] = 3.0
+
+    def draw(n):
+        y = torch.arange(5).repeat_interleave(n)
+        return centers[y] + torch.randn(len(y), 10, generator=g) * scale, y
+
+    return draw(n_train), draw(n_val)
+
+
+def test_sweep_picks_heavy_regularisation_on_a_tiny_spurious_dataset():
+    (Xtr, ytr), (Xv, yv) = shortcut_data()
+    wd, history = lp.sweep_weight_decay(Xtr, ytr, Xv, yv, 5, device="cpu")
+    assert wd >= 1e-2
+    by_wd = {h["weight_decay"]: h["val_acc1"] for h in history}
+    assert by_wd[wd] >= by_wd[lp.GRID[0]] + 0.05  # clearly better than (almost) no regularisation
+    assert len(history) <= 7 + 2 * len(lp.REFINE_SPANS)  # coarse grid + two new points per refinement
+
+
+def test_sweep_picks_light_regularisation_when_data_is_plentiful():
+    (Xtr, ytr), (Xv, yv) = correlated_data()
+    wd, history = lp.sweep_weight_decay(Xtr, ytr, Xv, yv, 5, device="cpu")
+    assert wd <= 1e-4
+    assert next(h["val_acc1"] for h in history if h["weight_decay"] == wd) == 1.0
+
+
+def test_split_is_stratified_and_deterministic():
+    y = torch.tensor([0] * 10 + [1] * 5 + [2] * 1)
+    tr, va = lp.split_train_val(y, 0.2, seed=3)
+    assert sorted(torch.cat([tr, va]).tolist()) == list(range(16))
+    assert torch.bincount(y[va], minlength=3).tolist() == [2, 1, 0]  # the singleton class stays in train
+    assert torch.equal(va, lp.split_train_val(y, 0.2, seed=3)[1])
+
+
+def test_linear_probe_reports_chosen_weight_decay_and_metrics():
+    X, y = blobs(n_per_class=20)
+    Xt, yt = blobs(n_per_class=10, seed=1)
+    out = lp.linear_probe(X, y, Xt, yt, 5, device="cpu")
+    assert out["weight_decay"] in lp.GRID and out["C"] == pytest.approx(1 / (out["weight_decay"] * 100))
+    assert out["n_train"] + out["n_val"] == 100 and out["n_val"] == 20 and out["n"] == 50
+    assert out["acc1"] > 0.8 and 0 < out["mean_per_class_recall"] <= 1 and out["acc5"] == 1.0
+
+
+def test_feature_cache_is_reused_without_calling_the_model(tmp_path):
+    _, model = tiny_model()
+    train = write_folder(tmp_path / "pets" / "train", ["cat", "dog"], per_class=4)
+    test = write_folder(tmp_path / "pets" / "test", ["cat", "dog"], per_class=2, start=1)
+    counting = Counting(model)
+    kw = dict(model_id="tiny", cache_dir=tmp_path / "cache", image_size=32, val_fraction=0.25, batch_size=3,
+              device="cpu", max_iter=50)
+    first = lp.evaluate_linear_probe(counting, train, test, **kw)
+    assert counting.calls == 3 + 2  # ceil(8 / 3) train batches + ceil(4 / 3) test batches
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    second = lp.evaluate_linear_probe(counting, train, test, **kw)
+    assert counting.calls == 5 and second == first
+    lp.evaluate_linear_probe(counting, train, test, **{**kw, "model_id": "another checkpoint"})
+    assert counting.calls == 10  # another checkpoint: another key
+    (train / "cat" / "img9.png").write_bytes(image_bytes(9))
+    lp.evaluate_linear_probe(counting, train, test, **kw)
+    assert counting.calls == 10 + 3  # the train split changed, the test split's features are reused
+
+
+# ----------------------------------------------------------------------------- zero-shot metrics
+
+
+class Identity(nn.Module):
+    """encode_image returns the "image" as its embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(1))
+
+    def encode_image(self, x):
+        return x
+
+
+def test_zero_shot_mean_per_class_recall_on_an_unbalanced_case():
+    from declip_ds.eval.zero_shot import zero_shot_evaluate
+
+    W = torch.eye(4)  # (E, C): an image embedded as e_k is predicted as class k; class 3 never occurs
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 2])
+    predicted = torch.tensor([0, 0, 0, 1, 2, 1, 1])  # class 0: 3 of 5 right, class 1: 1 of 1, class 2: 0 of 1
+    images = F.one_hot(predicted, 4).float()
+    batches = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    out = zero_shot_evaluate(Identity(), W, batches)
+    assert out["acc1"] == pytest.approx(4 / 7)  # dominated by the big class
+    assert out["mean_per_class_recall"] == pytest.approx((3 / 5 + 1 + 0) / 3)  # absent class 3 not counted
+    assert out["n"] == 7 and out["acc5"] is None  # top-5 needs at least 5 classes
+    mine = lp.classification_metrics(images @ W, labels, 4)
+    assert (mine["acc1"], mine["mean_per_class_recall"]) == pytest.approx((out["acc1"], out["mean_per_class_recall"]))
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def test_retrieval_recall_with_several_captions_per_image():
+    # 3 images; captions 0,1 -> image 0, caption 2 -> image 1, captions 3,4 -> image 2
+    t2i = torch.tensor([0, 0, 1, 2, 2])
+    S = torch.tensor([[0.1, 0.9, 0.5, 0.0, 0.2],   # image 0: its caption 1 is best            -> rank 0
+                      [0.8, 0.1, 0.7, 0.3, 0.0],   # image 1: caption 0 (image 0's) beats 2     -> rank 1
+                      [0.9, 0.8, 0.7, 0.1, 0.6]])  # image 2: its best (0.6) after 0, 1, 2      -> rank 3
+    out = retrieval.recall_from_scores(S, t2i, ks=(1, 2, 5))
+    assert out["i2t_R@1"] == pytest.approx(1 / 3) and out["i2t_R@2"] == pytest.approx(2 / 3)
+    assert out["i2t_R@5"] == 1.0
+    # text -> image, per column: c0 (image 0 at 0.1; images 1, 2 above): rank 2; c1: rank 0;
+    # c2 (image 1 at 0.7, image 2 also 0.7: a tie counts against): rank 1; c3 (0.1 < 0.3): rank 1; c4: rank 0
+    assert out["t2i_R@1"] == pytest.approx(2 / 5)  # c1, c4
+    assert out["t2i_R@2"] == pytest.approx(4 / 5)  # + c2, c3
+    assert out["t2i_R@5"] == 1.0
+    assert out["mean_recall"] == pytest.approx((1 / 3 + 2 / 3 + 1 + 2 / 5 + 4 / 5 + 1) / 6)
+
+
+def test_retrieval_from_embeddings_in_chunks_matches_the_full_matrix():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(7, 4, generator=g), torch.randn(12, 4, generator=g)
+    t2i = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 6, 6])
+    full = retrieval.recall_from_scores(F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t(), t2i)
+    assert retrieval.retrieval_metrics(img, txt, t2i, chunk=3) == pytest.approx(full)
+    # perfect embeddings: every caption equals its image
+    perfect = retrieval.retrieval_metrics(img, img[t2i], t2i)
+    assert perfect["mean_recall"] == 1.0
+    degenerate = retrieval.retrieval_metrics(torch.ones(7, 4), torch.ones(12, 4), t2i, ks=(1,))
+    assert degenerate["i2t_R@1"] == 0.0 and degenerate["t2i_R@1"] == 0.0  # ties count against
+
+
+def test_retrieval_reads_shards_and_captions_files(tmp_path):
+    from declip_ds.data.tokenizer import Tokenizer
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "00000.tar", [
+        ("a.png", image_bytes(0)), ("a.txt", b"a red square\na crimson box\n"),
+        ("b.png", image_bytes(1)), ("b.txt", b"ignored"), ("b.json", json.dumps({"captions": ["green", "leaf", "moss"]}).encode()),
+        ("c.png", image_bytes(2)), ("c.txt", b"a blue thing"),
+    ])
+    _, model = tiny_model()
+    tok = Tokenizer(context_length=16)
+    out = retrieval.evaluate_retrieval(model, tok, shards, image_size=32, batch_size=2)
+    assert (out["n_images"], out["n_texts"]) == (3, 6)
+    assert out["i2t_R@10"] == 1.0 and out["t2i_R@5"] == 1.0  # 6 captions, 3 images: everything within reach
+    assert all(0 <= v <= 1 for k, v in out.items() if "@" in k)
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(image_bytes(i))
+    (tmp_path / "captions.tsv").write_text("image\tcaption\nimgs/0.png\ta red square\ta scarlet tile\n"
+                                           "imgs/1.png\tgreen\nimgs/0.png\ta crimson box\nimgs/2.png\tblue\n")
+    entries = retrieval.read_captions_file(tmp_path / "captions.tsv")
+    assert [(e.name, c) for e, c in entries] == [("0.png", ["a red square", "a scarlet tile", "a crimson box"]),
+                                                 ("1.png", ["green"]), ("2.png", ["blue"])]
+    (tmp_path / "captions.json").write_text(json.dumps([{"image": "imgs/0.png", "captions": ["x", "y"]},
+                                                        {"image": "imgs/1.png", "caption": "z"}]))
+    js = retrieval.evaluate_retrieval(model, tok, tmp_path / "captions.json", image_size=32)
+    assert (js["n_images"], js["n_texts"]) == (2, 3)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def test_image_folder_with_class_index(tmp_path):
+    root = write_folder(tmp_path / "val", ["n02", "n01", "n03"], per_class=2)
+    plain = open_dataset(root, image_size=32)
+    assert plain.layout == "folder" and plain.classnames == ["n01", "n02", "n03"]  # sorted folders
+    (root / "classnames.txt").write_text("n03\tgolden retriever\nn01\ttabby cat\nn02\tgoldfish\n")
+    ds = open_dataset(root, image_size=32)
+    assert ds.folders == ["n03", "n01", "n02"] and ds.classnames == ["golden retriever", "tabby cat", "goldfish"]
+    samples = list(ds)
+    assert len(samples) == 6 and samples[0][0].shape == (3, 32, 32)
+    assert [label for _, label in samples] == [0, 0, 1, 1, 2, 2]
+    images, labels, keys = next(iter(ds.loader(4, rank=1, world_size=2)))
+    assert labels.tolist() == [0, 1, 2] and keys == ["n03/img1.png", "n01/img1.png", "n02/img1.png"]
+    (root / "classnames.txt").unlink()
+    (root / "classnames.json").write_text(json.dumps({"n02": "goldfish", "n01": "tabby cat", "n03": "retriever"}))
+    assert open_dataset(root, image_size=32).folders == ["n02", "n01", "n03"]
+    index = tmp_path / "imagenet_class_index.json"
+    index.write_text(json.dumps({"1": ["n02", "goldfish"], "0": ["n01", "cat"], "2": ["n03", "dog"]}))
+    assert open_dataset(root, image_size=32, class_index=index).classnames == ["cat", "goldfish", "dog"]
+    (root / "classnames.json").write_text(json.dumps(["cat", "goldfish", "dog"]))  # names of the sorted folders
+    assert open_dataset(root, image_size=32).classnames == ["cat", "goldfish", "dog"]
+
+
+def test_shard_dataset_and_synthetic_split_layout(tmp_path):
+    root = tmp_path / "shapes"
+    root.mkdir()
+    write_tar(root / "00000.tar", [m for i in range(3) for m in ((f"k{i}.png", image_bytes(i)), (f"k{i}.cls", str(i % 2).encode()))])
+    with pytest.raises(FileNotFoundError, match=r"shapes/classnames.txt' not found"):
+        open_dataset(root, image_size=32)
+    (root / "classnames.txt").write_text("circle\nsquare\n")
+    ds = open_dataset(root, image_size=32)
+    assert ds.layout == "shards" and ds.classnames == ["circle", "square"]
+    assert [label for _, label in ds] == [0, 1, 0]
+
+
+def test_clear_errors_for_missing_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"'.*nope' does not exist. Expected there an image folder"):
+        open_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"No evaluation data in '.*empty': expected an image folder"):
+        open_dataset(tmp_path / "empty")
+    root = write_folder(tmp_path / "val", ["a", "b"], per_class=1)
+    (root / "classnames.txt").write_text("a\tant\nb\tbee\nc\tcat\n")
+    with pytest.raises(FileNotFoundError, match=r"expected class folders \['.*val/c'\] \(missing\)"):
+        open_dataset(root)
+    (root / "classnames.txt").write_text("ant\n")
+    with pytest.raises(ValueError, match="lists 1 names for 2 class folders"):
+        open_dataset(root)
+    with pytest.raises(FileNotFoundError, match="Retrieval data '.*nope' does not exist"):
+        retrieval.resolve_source(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"expected \*.tar shards there, or .*empty/captions.tsv"):
+        retrieval.resolve_source(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="Results file"):
+        report.load_record(tmp_path / "missing.json")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def record(model, task, metrics, checkpoint="ckpt"):
+    return report.make_record(model=model, checkpoint=checkpoint, dataset="data", task=task, metrics=metrics,
+                              config_hash="abc")
+
+
+def test_report_table_values_and_average(tmp_path, capsys):
+    recs = [
+        record("clip/vit", "zeroshot", {"shape": {"acc1": 0.5, "acc5": 0.9}, "color": {"acc1": 0.25}}),
+        record("declip/vit", "zeroshot", {"shape": {"acc1": 0.75}, "color": {"acc1": 0.5}}),
+        record("clip/vit", "linear_probe", {"pets": {"acc1": 0.8, "weight_decay": 1e-3}}),
+        record("declip/vit", "retrieval", {"coco": {"mean_recall": 0.4}}),
+    ]
+    tables = report.build_tables(recs)
+    zs = tables["zeroshot"]
+    assert zs["rows"] == ["clip/vit", "declip/vit"] and zs["columns"] == ["shape", "color"]
+    assert report.row_average(zs, "clip/vit") == (pytest.approx(0.375), True)
+    assert report.row_average(zs, "declip/vit") == (pytest.approx(0.625), True)
+    assert tables["retrieval"]["cells"] == {("declip/vit", "coco"): 0.4}
+    paths = []
+    for i, r in enumerate(recs[:3]):
+        paths.append(tmp_path / f"r{i}.json")
+        report.write_record(r, paths[-1])
+    paths.append(tmp_path / "partial.json")
+    report.write_record(record("slip/vit", "zeroshot", {"shape": {"acc1": 0.1}}), paths[-1])
+    assert report.main([*map(str, paths), "--markdown", str(tmp_path / "t.md")]) == 0
+    text = capsys.readouterr().out
+    assert "zero-shot top-1 (%)" in text and "linear-probe top-1 (%)" in text
+    line = next(x for x in text.splitlines() if x.startswith("clip/vit") and "25.00" in x)
+    assert line.split() == ["clip/vit", "50.00", "25.00", "37.50"]
+    assert next(x for x in text.splitlines() if x.startswith("slip/vit")).split() == ["slip/vit", "10.00", "-", "10.00*"]
+    md = (tmp_path / "t.md").read_text()
+    assert "| model | shape | color | average |" in md and "| declip/vit | 75.00 | 50.00 | 62.50 |" in md
+
+
+def test_report_rejects_records_missing_fields(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"model": "x", "task": "zeroshot"}))
+    with pytest.raises(ValueError, match=r"lacks \['checkpoint', 'dataset', 'metrics', 'config_hash', 'date'\]"):
+        report.load_record(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="Unknown task 'segmentation'"):
+        record("m", "segmentation", {})
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def test_command_lines_write_one_schema(tmp_path, capsys):
+    import eval_zeroshot
+
+    exp, model = tiny_model()
+    ckpt = save_checkpoint(model, exp, tmp_path / "run" / "step_00000001")
+    train = write_folder(tmp_path / "colors" / "train", ["red", "green"], per_class=3)
+    test = write_folder(tmp_path / "colors" / "test", ["red", "green"], per_class=2, start=2)
+    out = tmp_path / "out"
+    assert lp.main(["--checkpoint", str(ckpt), "--train", str(train), "--test", str(test), "--val-fraction", "0.34",
+                    "--cache-dir", str(tmp_path / "cache"), "--max-iter", "30", "--out", str(out / "lp.json")]) == 0
+    assert eval_zeroshot.main(["--checkpoint", str(ckpt), "--data", str(test), "--templates", "simple",
+                               "--out", str(out / "zs.json")]) == 0
+    (tmp_path / "captions.tsv").write_text("colors/test/red/img0.png\tred\tscarlet\ncolors/test/green/img0.png\tgreen\n")
+    assert retrieval.main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "captions.tsv"),
+                           "--out", str(out / "ret.json")]) == 0
+    records = [report.load_record(out / f) for f in ("lp.json", "zs.json", "ret.json")]
+    assert [r["task"] for r in records] == ["linear_probe", "zeroshot", "retrieval"]
+    for r in records:
+        assert list(report.REQUIRED) == [k for k in r if k in report.REQUIRED]
+        assert r["model"] == "clip/vit_tiny" and r["checkpoint"].endswith("model.safetensors")
+    assert list(records[0]["metrics"]) == ["colors"] and "weight_decay" in records[0]["metrics"]["colors"]
+    assert list(records[1]["metrics"]) == ["colors"] and records[1]["metrics"]["colors"]["n"] == 4
+    assert records[2]["metrics"] == {tmp_path.name: pytest.approx(records[2]["metrics"][tmp_path.name])}
+    assert records[2]["metrics"][tmp_path.name]["n_texts"] == 3
+    capsys.readouterr()
+    assert report.main([str(out / f) for f in ("lp.json", "zs.json", "ret.json")]) == 0
+    assert "retrieval mean recall (%)" in capsys.readouterr().out
+    # errors: exit 2 and a message naming the missing directory
+    assert lp.main(["--checkpoint", str(ckpt), "--train", str(tmp_path / "missing"), "--test", str(test)]) == 2
+    assert "missing' does not exist" in capsys.readouterr().err
+    assert eval_zeroshot.main(["--checkpoint", str(ckpt), "--data", str(test)]) == 2  # no templates.txt there
+    assert "templates.txt" in capsys.readouterr().err
