@@ -36,6 +36,7 @@ setup(
     ],
     extras_require={
         "wandb": ["wandb"],
-        "test": ["pytest>=7", "open_clip_torch>=2.24", "scikit-learn"],
+        "parquet": ["pyarrow"],
+        "test": ["pytest>=7", "open_clip_torch>=2.24", "scikit-learn", "pyarrow"],
     },
 )
