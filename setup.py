@@ -13,7 +13,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["declip_ds", "declip_ds.*"]),
-    package_data={"declip_ds.data": ["bpe_simple_vocab_16e6.txt.gz", "BPE_LICENSE.txt"]},
+    package_data={"declip_ds.data": ["bpe_simple_vocab_16e6.txt.gz", "BPE_LICENSE.txt"],
+                  "declip_ds.eval": ["downstream_prompts.json", "DOWNSTREAM_PROMPTS_LICENSE.txt"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

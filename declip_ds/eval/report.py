@@ -13,7 +13,9 @@ A results JSON (what ``eval_zeroshot.py``, ``linear_probe`` and ``retrieval`` wr
     python -m declip_ds.eval.report results/*.json [--markdown OUT.md]
 
 prints one table per task: rows = models, columns = datasets, cells = the task's headline metric
-in % (zero-shot top-1, linear-probe top-1, retrieval mean recall), plus the row average.
+in % (zero-shot top-1, linear-probe top-1, retrieval mean recall), plus the row average. A dataset's
+metric dict may name another headline with ``"headline_metric"`` (the downstream suite's
+``mean_per_class_recall`` for Pets, Flowers, Caltech-101 and Aircraft); the table then says so below.
 """
 
 from __future__ import annotations
@@ -101,16 +103,19 @@ def build_tables(records: list[dict]) -> dict[str, dict]:
         ckpts: dict[str, set] = {}
         for r in recs:
             ckpts.setdefault(r["model"], set()).add(r["checkpoint"])
-        rows, columns, cells = [], [], {}
+        rows, columns, cells, metric_of = [], [], {}, {}
         for r in recs:
             row = r["model"] if len(ckpts[r["model"]]) == 1 else f"{r['model']} @ {r['checkpoint']}"
             rows += [row] if row not in rows else []
             for col, m in _per_dataset(r).items():
                 columns += [col] if col not in columns else []
-                value = m.get(HEADLINE[task][0])
+                key = m.get("headline_metric", HEADLINE[task][0])  # e.g. mean per-class accuracy for Pets
+                if key != HEADLINE[task][0]:
+                    metric_of[col] = key
+                value = m.get(key)
                 if value is not None:
                     cells[(row, col)] = float(value)
-        tables[task] = {"rows": rows, "columns": columns, "cells": cells}
+        tables[task] = {"rows": rows, "columns": columns, "cells": cells, "metric_of": metric_of}
     return tables
 
 
@@ -140,6 +145,11 @@ def format_table(task: str, table: dict, *, markdown: bool = False) -> str:
         lines = [title, fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)]
     if any(not row_average(table, r)[1] for r in table["rows"]):
         lines.append(("" if not markdown else "\n") + "* average over the datasets this model has results for")
+    by_metric: dict[str, list[str]] = {}
+    for col, key in table.get("metric_of", {}).items():
+        by_metric.setdefault(key, []).append(col)
+    for key, cols in by_metric.items():  # columns whose results name another headline metric
+        lines.append(("" if not markdown else "\n") + f"{', '.join(cols)}: {key} (not {HEADLINE[task][0]})")
     return "\n".join(lines)
 
 

@@ -1,0 +1,275 @@
+"""Zero-shot and linear-probe transfer of one checkpoint over a suite of downstream datasets.
+
+    python -m declip_ds.eval.suite --checkpoint CKPT --suite declip11 --data-root DIR \
+        --task zeroshot|linear_probe|both [--out DIR] [--download]
+    python -m declip_ds.eval.suite --list          # the datasets, their splits, metrics and files
+
+Every dataset of the suite found under DIR (raw files, or a webdataset copy DIR/<name>_wds/<split>/*.tar)
+is evaluated; the others are skipped and listed with the reason (which files were expected where, and
+how to get them). Suites: declip11 (the DeCLIP paper's transfer table: CIFAR-10, CIFAR-100, Food-101,
+Oxford Pets, Flowers-102, SUN397, Stanford Cars, DTD, Caltech-101, FGVC-Aircraft, ImageNet), quick, all,
+or a comma-separated list of dataset names. Datasets, splits and metrics: declip_ds/eval/downstream.py.
+
+Zero-shot: the test split, the dataset's CLIP prompt templates (``--templates`` overrides them for all
+datasets: simple | imagenet80 | FILE), ``zero_shot_classifier`` + ``zero_shot_evaluate``.
+Linear probe: linear_probe.py's protocol on cached features; the weight decay is swept on the official
+val split where the dataset has one (Flowers, DTD, Aircraft, ...) and refitted on train+val, else on a
+stratified ``--val-fraction`` of train (refitted on all of train).
+
+Output (``--out DIR``): ``DIR/zeroshot.json`` / ``DIR/linear_probe.json`` in the report schema
+(declip_ds/eval/report.py; skipped datasets appear as ``{"skipped": reason}``), and ``DIR/table.txt`` /
+``DIR/table.md``: the report tool's table, datasets as columns plus the average. The headline is top-1
+except mean per-class accuracy for Pets, Flowers, Caltech-101 and Aircraft, as the literature reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TASKS = ("zeroshot", "linear_probe")
+SKIPPABLE = (FileNotFoundError, NotADirectoryError, RuntimeError, ValueError, ImportError, OSError)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _reason(e: Exception) -> str:
+    from declip_ds.eval.downstream import DatasetUnavailable
+
+    return str(e) if isinstance(e, DatasetUnavailable) else f"{type(e).__name__}: {e}"
+
+
+def _extras(spec, data, split: str) -> dict:
+    return {"headline_metric": spec.metric, "split": split, "layout": getattr(data, "layout", "?"),
+            "n_classes": len(data.classnames), "classnames_source": getattr(data, "classnames_source", "registry")}
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+
+def zeroshot_one(model, tokenizer, name: str, *, root, transform, templates: str, image_size: int, batch_size: int,
+                 workers: int, download: bool, seed: int, label_key: str, scoring: str = "global",
+                 mask_padding: bool = True) -> dict:
+    """Zero-shot metrics of one dataset's test split (plus the headline metric's name and provenance)."""
+    from declip_ds.eval.downstream import get_spec, open_split
+    from declip_ds.eval.zero_shot import (load_templates, zero_shot_classifier, zero_shot_evaluate,
+                                          zero_shot_token_classifier)
+
+    spec = get_spec(name)
+    data = open_split(name, "test", root, transform, download=download, seed=seed, label_key=label_key)
+    prompts = spec.templates if templates == "default" else load_templates(templates)
+    if scoring == "token":
+        W = zero_shot_token_classifier(model, tokenizer, data.classnames, prompts, mask_padding=mask_padding)
+    else:
+        W = zero_shot_classifier(model, tokenizer, data.classnames, prompts)
+    metrics = zero_shot_evaluate(model, W, data.loader(batch_size, workers=workers), image_size=image_size)
+    if metrics["n"] == 0:
+        raise ValueError(f"{spec.title}'s test split yielded no images.")
+    return {**metrics, **_extras(spec, data, "test"), "n_templates": len(prompts)}
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+def probe_with_val(Xtr, ytr, Xval, yval, Xte, yte, num_classes: int, *, max_iter: int = 1000, device=None,
+                   verbose: bool = False) -> dict:
+    """Sweep the weight decay on an official val split, refit on train+val, score test."""
+    from declip_ds.eval import linear_probe as lp
+
+    wd, history = lp.sweep_weight_decay(Xtr, ytr, Xval, yval, num_classes, max_iter=max_iter, device=device,
+                                        verbose=verbose)
+    X, y = torch.cat([Xtr, Xval]), torch.cat([ytr, yval])
+    clf = lp.fit_logistic_regression(X, y, num_classes, wd, max_iter=max_iter, device=device)
+    metrics = lp.classification_metrics(clf.logits(Xte), yte, num_classes)
+    val_acc1 = next(h["val_acc1"] for h in history if h["weight_decay"] == wd)
+    return {**metrics, "weight_decay": wd, "C": lp.sklearn_C(wd, len(y)), "n_train": len(ytr), "n_val": len(yval),
+            "val_acc1": val_acc1, "val_split": "official", "sweep": history}
+
+
+def linear_probe_one(model, name: str, *, root, transform, model_id: str, cache_dir, batch_size: int, workers: int,
+                     download: bool, seed: int, label_key: str, val_fraction: float, max_iter: int,
+                     device=None, verbose: bool = False) -> dict:
+    """Linear-probe metrics of one dataset: features of train (+ val) and test, sweep, refit, score."""
+    from declip_ds.eval import linear_probe as lp
+    from declip_ds.eval.downstream import get_spec, open_split
+
+    spec = get_spec(name)
+    kw = dict(download=download, seed=seed, label_key=label_key)
+    splits = {s: open_split(name, s, root, transform, **kw) for s in ("train", "val", "test") if spec.has_split(s)}
+    if len({tuple(d.classnames) for d in splits.values()}) != 1:
+        raise ValueError(f"{spec.title}'s splits name their classes differently; they must share one label order.")
+    feats = {s: lp.cached_features(model, d, model_id=model_id, split=f"{name}-{s}", cache_dir=cache_dir,
+                                   batch_size=batch_size, workers=workers) for s, d in splits.items()}
+    C = len(splits["test"].classnames)
+    (Xtr, ytr), (Xte, yte) = feats["train"], feats["test"]
+    if "val" in feats:
+        out = probe_with_val(Xtr, ytr, *feats["val"], Xte, yte, C, max_iter=max_iter, device=device, verbose=verbose)
+    else:
+        out = lp.linear_probe(Xtr, ytr, Xte, yte, C, val_fraction=val_fraction, seed=seed, max_iter=max_iter,
+                              device=device, verbose=verbose)
+        out["val_split"] = f"{val_fraction:g} of train"
+    return {**out, **_extras(spec, splits["test"], "test")}
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+def run_suite(names: list[str], task: str, evaluate_one) -> tuple[dict, dict]:
+    """({name: metrics or {"skipped": reason}}, {name: reason}) of ``evaluate_one(name)`` over ``names``."""
+    metrics, skipped = {}, {}
+    for name in names:
+        t0 = time.time()
+        try:
+            result = evaluate_one(name)
+        except SKIPPABLE as e:
+            skipped[name] = _reason(e)
+            metrics[name] = {"skipped": skipped[name]}
+            log(f"[{task}] {name}: skipped ({skipped[name].splitlines()[0][:200]})")
+            continue
+        metrics[name] = result
+        key = result["headline_metric"]
+        log(f"[{task}] {name}: {key} {100 * result[key]:.2f}  (n={result['n']}, {time.time() - t0:.1f}s)")
+    return metrics, skipped
+
+
+def format_skipped(records: list[dict]) -> str:
+    """The skipped datasets of each record, with the reasons."""
+    lines = []
+    for rec in records:
+        if rec["skipped"]:
+            lines.append(f"{rec['task']}: skipped {len(rec['skipped'])} of {len(rec['metrics'])} datasets:")
+            lines += [f"  {n}: {r}" for n, r in rec["skipped"].items()]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from declip_ds.eval.linear_probe import DEFAULT_CACHE
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="run dir, checkpoints dir, step dir, model.safetensors, or an OpenAI / "
+                                        "open_clip / DeCLIP checkpoint")
+    p.add_argument("--suite", default="declip11", help="declip11 | quick | all | name,name,... (default: %(default)s)")
+    p.add_argument("--data-root", help="the folder holding the datasets (torchvision's root)")
+    p.add_argument("--task", default="zeroshot", choices=[*TASKS, "both"])
+    p.add_argument("--out", default=None, help="write <task>.json and table.txt / table.md here")
+    p.add_argument("--download", action="store_true", help="let torchvision download missing datasets into "
+                                                           "--data-root (off by default)")
+    p.add_argument("--templates", default="default",
+                   help="default (each dataset's CLIP templates) | simple | imagenet80 | FILE")
+    p.add_argument("--scoring", default=None, choices=["global", "token"],
+                   help="zero-shot scoring (default: what the method trained for; token = FILIP's)")
+    p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"])
+    p.add_argument("--normalize", default=None, choices=["imagenet", "openai"],
+                   help="image normalisation (default: the run's config; 'openai' for released checkpoints)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-class splits and of --val-fraction")
+    p.add_argument("--label-key", default="cls", help="label member of webdataset copies")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="linear probe: share of train held out for the sweep when there is no official val split")
+    p.add_argument("--max-iter", type=int, default=1000, help="linear probe: L-BFGS iterations per fit")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="linear probe feature cache (default: %(default)s)")
+    p.add_argument("--list", action="store_true", help="list the datasets and suites, then exit")
+    return p
+
+
+def list_datasets() -> str:
+    from declip_ds.eval.downstream import REGISTRY, SUITES, describe
+
+    lines = ["datasets (name, title, classes, templates, splits, headline metric):"]
+    for name, spec in REGISTRY.items():
+        lines.append("  " + describe(name))
+        lines.append("      files: " + ", ".join(" or ".join(e) if isinstance(e, tuple) else e
+                                                 for e in dict.fromkeys(x for v in spec.files.values() for x in v)))
+    lines.append("suites: " + "; ".join(f"{k} = {', '.join(v)}" for k, v in SUITES.items()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        print(list_datasets())
+        return 0
+    missing = [f"--{a.replace('_', '-')}" for a in ("checkpoint", "data_root") if getattr(args, a) is None]
+    if missing:
+        print(f"error: {' and '.join(missing)} required (or --list).", file=sys.stderr)
+        return 2
+    from declip_ds.eval.downstream import suite_datasets
+    from declip_ds.models.pretrained import load_for_eval
+
+    try:
+        names = suite_datasets(args.suite)
+        if not Path(args.data_root).is_dir():
+            raise FileNotFoundError(f"--data-root '{args.data_root}' is not a directory; pass the folder holding "
+                                    "the datasets (see --list for the layout).")
+        em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize)
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    records = evaluate_all(em, names, args)
+    return finish(records, args, names)
+
+
+def evaluate_all(em, names: list[str], args) -> list[dict]:
+    """One results record per task, in the report schema."""
+    from declip_ds.data.tokenizer import Tokenizer
+    from declip_ds.data.transforms import eval_transform
+    from declip_ds.eval.linear_probe import checkpoint_id, default_device
+    from declip_ds.eval.report import make_record
+
+    device = default_device()
+    model = em.model.to(device).eval()
+    transform = eval_transform(em.image_size, normalize=em.normalize)
+    common = dict(root=Path(args.data_root), transform=transform, batch_size=args.batch_size, workers=args.workers,
+                  download=args.download, seed=args.seed, label_key=args.label_key)
+    records = []
+    for task in (TASKS if args.task == "both" else (args.task,)):
+        if task == "zeroshot":
+            tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
+            scoring = args.scoring or getattr(em.method, "zero_shot_scoring", "global")
+            one = functools.partial(zeroshot_one, model, tok, templates=args.templates, image_size=em.image_size,
+                                    scoring=scoring, mask_padding=getattr(em.method, "mask_padding", True), **common)
+            extra = {"templates": args.templates, "scoring": scoring}
+        else:
+            one = functools.partial(linear_probe_one, model, model_id=checkpoint_id(em.weights),
+                                    cache_dir=args.cache_dir, val_fraction=args.val_fraction, max_iter=args.max_iter,
+                                    device=device, **common)
+            extra = {"val_fraction": args.val_fraction}
+        metrics, skipped = run_suite(names, task, one)
+        records.append(make_record(model=em.name, checkpoint=str(em.weights), dataset=str(args.data_root), task=task,
+                                   metrics=metrics, config_hash=em.config_hash, suite=args.suite, datasets=names,
+                                   skipped=skipped, seed=args.seed, **extra))
+    return records
+
+
+def finish(records: list[dict], args, names: list[str]) -> int:
+    """Print (and write) the table and the skipped datasets; exit 2 when nothing could be evaluated."""
+    from declip_ds.eval.report import report, write_record
+
+    text = report(records)
+    skipped = format_skipped(records)
+    print(text + ("\n\n" + skipped if skipped else ""))
+    if args.out:
+        out = Path(args.out)
+        for rec in records:
+            write_record(rec, out / f"{rec['task']}.json")
+        (out / "table.txt").write_text(text + ("\n\n" + skipped if skipped else "") + "\n")
+        (out / "table.md").write_text(report(records, markdown=True) + "\n")
+    evaluated = [n for rec in records for n in rec["metrics"] if n not in rec["skipped"]]
+    if not evaluated:
+        print(f"error: none of the {len(names)} datasets of '{args.suite}' could be evaluated under "
+              f"'{args.data_root}' (reasons above; python -m declip_ds.eval.suite --list shows the expected files).",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

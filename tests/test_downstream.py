@@ -1,0 +1,392 @@
+"""Downstream transfer suite: the dataset registry (class names, templates, splits, metrics), missing data
+and --download handling, and the suite runner on fixtures written in each dataset's on-disk format
+(MNIST / Fashion-MNIST IDX files, CIFAR pickles, the ImageNet val folder, DTD, SUN397, a webdataset copy)
+or, where the format is binary with checksums, torchvision's FakeData through the same code path."""
+
+import dataclasses
+import hashlib
+import json
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets as tvd
+
+from declip_ds.eval import downstream as D
+from declip_ds.eval import linear_probe as lp
+from declip_ds.eval import report, suite
+from tests.test_eval_suite import image_bytes, save_checkpoint, tiny_model, write_tar
+
+# name -> (classes, templates): the CLIP paper's counts (Caltech-101 with its background class)
+COUNTS = {
+    "cifar10": (10, 18), "cifar100": (100, 18), "food101": (101, 1), "pets": (37, 1), "flowers": (102, 1),
+    "sun397": (397, 2), "cars": (196, 8), "dtd": (47, 8), "caltech101": (102, 34), "aircraft": (100, 2),
+    "imagenet": (1000, 80), "mnist": (10, 1), "fashion_mnist": (10, 4), "stl10": (10, 2), "svhn": (10, 6),
+    "gtsrb": (43, 3), "eurosat": (10, 3), "country211": (211, 5), "rendered_sst2": (2, 1), "fer2013": (7, 6),
+    "pcam": (2, 2),
+}
+PER_CLASS = {"pets", "flowers", "caltech101", "aircraft"}
+
+
+# ----------------------------------------------------------------------------- fixtures in on-disk formats
+
+
+def write_idx(folder, prefix, n, classes=10, size=8, seed=0):
+    """MNIST's IDX files: big-endian magic, dims, then uint8 data."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = (np.arange(n) % classes).astype(np.uint8)
+    images = (rng.integers(0, 50, (n, size, size)) + labels[:, None, None] * 20).astype(np.uint8)
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, size, size) + images.tobytes())
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def write_mnist(root, folder="MNIST", n_train=20, n_test=10):
+    write_idx(root / folder / "raw", "train", n_train)
+    write_idx(root / folder / "raw", "t10k", n_test, seed=1)
+
+
+def md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar(root, monkeypatch, hundred=False, per_batch=4, n_test=8):
+    """CIFAR pickles; torchvision checks their md5, so its expected checksums are patched to the fixture's."""
+    spec = D.get_spec("cifar100" if hundred else "cifar10")
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    label_key = "fine_labels" if hundred else "labels"
+    names = [c.replace(" ", "_") for c in spec.classnames]
+
+    def batch(name, n, seed):
+        rng = np.random.default_rng(seed)
+        labels = [int(x) for x in rng.integers(0, 4, n)]  # a few classes, so that the probe has a val split
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), label_key: labels}, f)
+        return [name, md5(folder / name)]
+
+    cls = tvd.CIFAR100 if hundred else tvd.CIFAR10
+    train = [batch("train", 5 * per_batch, 0)] if hundred else [batch(f"data_batch_{i}", per_batch, i) for i in range(1, 6)]
+    test = [batch("test" if hundred else "test_batch", n_test, 9)]
+    meta_name, meta_key = ("meta", "fine_label_names") if hundred else ("batches.meta", "label_names")
+    with open(folder / meta_name, "wb") as f:
+        pickle.dump({meta_key: names}, f)
+    monkeypatch.setattr(cls, "train_list", train)
+    monkeypatch.setattr(cls, "test_list", test)
+    monkeypatch.setattr(cls, "meta", {"filename": meta_name, "key": meta_key, "md5": md5(folder / meta_name)})
+
+
+def write_imagenet_val(root, per_class=1):
+    """The ImageNet val layout: 1000 wnid folders (sorted = the standard class order)."""
+    for c in range(1000):
+        d = root / "imagenet" / "val" / f"n{c:08d}"
+        d.mkdir(parents=True)
+        for j in range(per_class):
+            (d / f"ILSVRC2012_val_{c:05d}{j}.png").write_bytes(image_bytes(c + j, size=8))
+
+
+def write_dtd(root, per_split=1):
+    """DTD: dtd/dtd/images/<texture>/<file>.jpg and labels/{train,val,test}1.txt listing '<texture>/<file>'."""
+    base = root / "dtd" / "dtd"
+    (base / "labels").mkdir(parents=True)
+    lines = {s: [] for s in ("train", "val", "test")}
+    for c, name in enumerate(D.get_spec("dtd").classnames):
+        (base / "images" / name).mkdir(parents=True)
+        for s_i, s in enumerate(lines):
+            for j in range(per_split):
+                f = f"{name}_{s_i}{j}.jpg"
+                (base / "images" / name / f).write_bytes(image_bytes(c + 4 * s_i + j, fmt="JPEG", size=8))
+                lines[s].append(f"{name}/{f}")
+    for s, ls in lines.items():
+        (base / "labels" / f"{s}1.txt").write_text("\n".join(ls) + "\n")
+
+
+def use_fakedata(monkeypatch, root, name, size=24, seeded=None):
+    """Replace a dataset's torchvision class by FakeData (same splits, class count, split logic and wrapper) and
+    create its expected files as placeholders, for formats a test can't write cheaply (.mat, md5-checked)."""
+    spec = D.get_spec(name)
+    for entry in {e for v in spec.files.values() for e in v}:
+        path = root / (entry[0] if isinstance(entry, tuple) else entry)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch() if "." in path.name else path.mkdir(exist_ok=True)
+
+    def build(tv_root, tv_split, download):
+        assert download is False
+        offset = {None: 0, "train": 0, "trainval": 0, "val": 10_000, "test": 20_000}[tv_split]
+        return tvd.FakeData(size=size, image_size=(3, 12, 12), num_classes=len(spec.classnames), random_offset=offset,
+                            target_transform=lambda y: y % 4)  # labels of a few classes: a val split for the probe
+
+    new = dataclasses.replace(spec, build=build, seeded=seeded or spec.seeded)
+    monkeypatch.setitem(D.REGISTRY, name, new)
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Every torchvision download entry point of the registry's classes raises; returns the calls seen."""
+    calls = []
+    classes = {getattr(s.build, "tv_class", None) for s in D.REGISTRY.values()} - {None}
+    for cls_name in classes:
+        cls = getattr(tvd, cls_name)
+        for method in ("download", "_download"):
+            if hasattr(cls, method):
+                def boom(self, _c=cls_name, _m=method):
+                    calls.append((_c, _m))
+                    raise AssertionError(f"{_c}.{_m} called without --download")
+                monkeypatch.setattr(cls, method, boom)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    exp, model = tiny_model()
+    return save_checkpoint(model, exp, tmp_path_factory.mktemp("run") / "step_00000001")
+
+
+def run_suite(ckpt, root, out, *extra):
+    return suite.main(["--checkpoint", str(ckpt), "--data-root", str(root), "--out", str(out), "--workers", "0",
+                       "--batch-size", "64", "--max-iter", "30", "--cache-dir", str(out / "cache"), *extra])
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_class_names_and_templates(name):
+    spec = D.get_spec(name)
+    n_classes, n_templates = COUNTS[name]
+    assert len(spec.classnames) == n_classes
+    # distinct names, except OpenAI's ImageNet list, which names 'missile' and 'sunglasses' twice
+    assert len(set(spec.classnames)) == n_classes - (2 if name == "imagenet" else 0)
+    assert len(spec.templates) == n_templates and all("{}" in t for t in spec.templates)
+    assert spec.metric == ("mean_per_class_recall" if name in PER_CLASS else "acc1")
+    assert "test" in spec.splits and "train" in spec.splits
+
+
+def test_suites_and_names():
+    assert D.SUITES["declip11"] == ("cifar10", "cifar100", "food101", "pets", "flowers", "sun397", "cars", "dtd",
+                                    "caltech101", "aircraft", "imagenet")
+    assert set(COUNTS) == set(D.REGISTRY) == set(D.suite_datasets("all"))
+    assert D.suite_datasets("fgvc_aircraft,MNIST") == ["aircraft", "mnist"]
+    assert D.get_spec("imagenet1k").name == "imagenet"
+    assert [n for n in D.REGISTRY if D.get_spec(n).has_split("val")] == [
+        "flowers", "dtd", "aircraft", "eurosat", "country211", "rendered_sst2", "pcam"]
+    with pytest.raises(ValueError, match="Unknown suite 'declip12'. Known suites: declip11, quick, all"):
+        D.suite_datasets("declip12")
+    with pytest.raises(ValueError, match="Unknown dataset 'flower'. Known: cifar10, cifar100"):
+        D.get_spec("flower")
+    about = json.loads(D.PROMPTS_FILE.read_text())["_about"]
+    assert "CLIP_benchmark" in about and "MIT" in about and D.PROMPTS_FILE.with_name("DOWNSTREAM_PROMPTS_LICENSE.txt").is_file()
+
+
+def test_per_class_split_is_seeded_disjoint_and_sized():
+    labels = [0] * 40 + [1] * 35 + [2] * 3
+    out = D.per_class_split(labels, D.SeededSplit(train=30), seed=0)
+    assert sorted(out["train"] + out["test"]) == list(range(78)) and not out["val"]
+    counts = lambda idx: np.bincount([labels[i] for i in idx], minlength=3).tolist()  # noqa: E731
+    assert counts(out["train"]) == [30, 30, 3] and counts(out["test"]) == [10, 5, 0]
+    assert out == D.per_class_split(labels, D.SeededSplit(train=30), seed=0)
+    assert out["train"] != D.per_class_split(labels, D.SeededSplit(train=30), seed=1)["train"]
+    fr = D.per_class_split(labels, D.SeededSplit(train=0.6, val=0.2), seed=0)
+    assert counts(fr["train"]) == [24, 21, 2] and counts(fr["val"]) == [8, 7, 1] and counts(fr["test"]) == [8, 7, 0]
+    capped = D.per_class_split(labels, D.SeededSplit(train=2, test=3), seed=0)
+    assert counts(capped["test"]) == [3, 3, 1]
+
+
+def test_class_names_checked_against_the_dataset():
+    spec = D.get_spec("cifar10")
+    raw = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert D.resolve_classnames(spec, raw, "x") == (spec.classnames, "registry")
+    with pytest.warns(UserWarning, match="10 of 10 class names differ"):
+        names, source = D.resolve_classnames(spec, raw[::-1], "x")
+    assert names == raw[::-1] and source == "dataset (x)"  # another label order: keep labels and prompts aligned
+    with pytest.raises(ValueError, match="has 9 classes; the standard release has 10"):
+        D.resolve_classnames(spec, raw[:9], "x")
+    flowers = D.get_spec("flowers")  # CLIP renamed two of torchvision's names: still the registry's
+    assert D.resolve_classnames(flowers, list(tvd.Flowers102.classes), "x")[0] == flowers.classnames
+
+
+# ----------------------------------------------------------------------------- missing data, --download
+
+
+def test_missing_dataset_error_says_what_and_how(tmp_path):
+    with pytest.raises(D.DatasetUnavailable) as e:
+        D.open_split("flowers", "test", tmp_path, None)
+    msg = str(e.value)
+    assert "Flowers-102 (flowers) test split not found under" in msg
+    assert str(tmp_path / "flowers-102" / "setid.mat") in msg and "--download" in msg
+    assert "robots.ox.ac.uk/~vgg/data/flowers/102" in msg and str(tmp_path / "flowers_wds" / "test") in msg
+    with pytest.raises(D.DatasetUnavailable, match="can no longer download it"):
+        D.open_split("cars", "test", tmp_path, None, download=True)  # not downloadable: no attempt either
+    with pytest.raises(D.DatasetUnavailable, match=r"fer2013\.csv or .*icml_face_data\.csv"):
+        D.open_split("fer2013", "train", tmp_path, None)
+    with pytest.raises(ValueError, match="CIFAR-10 has no 'val' split; it has train, test"):
+        D.open_split("cifar10", "val", tmp_path, None)
+
+
+def test_download_only_with_the_flag(tmp_path, checkpoint, no_downloads, monkeypatch, capsys):
+    root = tmp_path / "data"
+    write_mnist(root)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    assert run_suite(checkpoint, root, tmp_path / "out", "--suite", "all") == 0
+    assert no_downloads == []  # nothing fetched, and nothing created in the data root
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    rec = report.load_record(tmp_path / "out" / "zeroshot.json")
+    assert [n for n in rec["metrics"] if n not in rec["skipped"]] == ["mnist"]
+    assert set(rec["skipped"]) == set(D.REGISTRY) - {"mnist"}
+    assert "FashionMNIST/raw/train" not in rec["skipped"]["fashion_mnist"]  # zero-shot needs the test files only
+    assert str(root / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte") in rec["skipped"]["fashion_mnist"]
+    out = capsys.readouterr().out
+    assert "zeroshot: skipped 20 of 21 datasets:" in out and "  cars: Stanford Cars (cars) test split" in out
+
+    fetched = []
+    monkeypatch.setattr(tvd.FashionMNIST, "download", lambda self: fetched.append(self.root) or write_mnist(root, "FashionMNIST"))
+    assert run_suite(checkpoint, root, tmp_path / "out2", "--suite", "fashion_mnist", "--download") == 0
+    assert fetched == [str(root)]
+    assert report.load_record(tmp_path / "out2" / "zeroshot.json")["metrics"]["fashion_mnist"]["n"] == 10
+
+
+def test_nothing_found_is_an_error_not_a_crash(tmp_path, checkpoint, no_downloads, capsys):
+    (tmp_path / "empty").mkdir()
+    assert run_suite(checkpoint, tmp_path / "empty", tmp_path / "out", "--suite", "quick") == 2
+    err = capsys.readouterr().err
+    assert "none of the 4 datasets of 'quick' could be evaluated" in err
+    assert suite.main(["--checkpoint", str(checkpoint), "--data-root", str(tmp_path / "nope")]) == 2
+    assert "--data-root '" in capsys.readouterr().err
+    assert suite.main(["--checkpoint", str(checkpoint), "--data-root", str(tmp_path), "--suite", "x"]) == 2
+    assert "Unknown suite 'x'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_sun397_folder_with_and_without_the_official_partition(tmp_path, monkeypatch):
+    base = tmp_path / "SUN397"
+    spec = D.get_spec("sun397")
+    lines = []
+    for c, name in enumerate(spec.classnames):
+        folder = name.replace(" ", "_")
+        lines.append(f"/{folder[0]}/{folder}")
+        if c < 3:
+            (base / folder[0] / folder).mkdir(parents=True)
+            for j in range(4):
+                (base / folder[0] / folder / f"sun_{c}{j}.jpg").write_bytes(image_bytes(c + j, fmt="JPEG", size=8))
+    (base / "ClassName.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setitem(D.REGISTRY, "sun397", dataclasses.replace(spec, seeded=D.SeededSplit(train=1, test=2)))
+    train = D.open_split("sun397", "train", tmp_path, lambda im: torch.zeros(1))
+    test = D.open_split("sun397", "test", tmp_path, lambda im: torch.zeros(1))
+    assert train.classnames == spec.classnames and (len(train), len(test)) == (3, 6)
+    assert sorted(label for _, label in test) == [0, 0, 1, 1, 2, 2] and not set(train.indices) & set(test.indices)
+    (base / "Training_01.txt").write_text("/a/abbey/sun_00.jpg\n/a/airplane_cabin/sun_10.jpg\n")
+    (base / "Testing_01.txt").write_text("/a/abbey/sun_01.jpg\n")
+    official = D.open_split("sun397", "train", tmp_path, lambda im: torch.zeros(1))
+    assert sorted(label for _, label in official) == [0, 1]
+    assert len(D.open_split("sun397", "test", tmp_path, lambda im: torch.zeros(1))) == 1
+
+
+def test_caltech101_keeps_the_background_class(tmp_path, monkeypatch):
+    top = tmp_path / "caltech101" / "101_ObjectCategories"
+    for c, folder in enumerate(["BACKGROUND_Google", "Faces", "Faces_easy", *[f"c{i:03d}" for i in range(99)]]):
+        (top / folder).mkdir(parents=True)
+        for j in range(1, 4):  # torchvision's naming: image_0001.jpg ...
+            (top / folder / f"image_{j:04d}.jpg").write_bytes(image_bytes(c + j, fmt="JPEG", size=8))
+    spec = D.get_spec("caltech101")
+    monkeypatch.setitem(D.REGISTRY, "caltech101", dataclasses.replace(spec, seeded=D.SeededSplit(train=2)))
+    train = D.open_split("caltech101", "train", tmp_path, lambda im: torch.zeros(1))
+    test = D.open_split("caltech101", "test", tmp_path, lambda im: torch.zeros(1))
+    assert (len(train), len(test)) == (204, 102) and test.classnames[:3] == ["background", "off-center face", "centered face"]
+    assert sorted(label for _, label in test) == list(range(102))  # label 0 = BACKGROUND_Google
+
+
+def test_webdataset_copy_reads_like_the_raw_files(tmp_path, checkpoint, no_downloads):
+    folder = tmp_path / "data" / "cifar10_wds" / "test"
+    folder.mkdir(parents=True)
+    write_tar(folder / "00000.tar", [m for i in range(6) for m in ((f"k{i}.png", image_bytes(i, size=8)),
+                                                                     (f"k{i}.cls", str(i % 10).encode()))])
+    data = D.open_split("cifar10", "test", tmp_path / "data", lambda im: torch.zeros(1))
+    assert data.layout == "shards" and data.classnames == D.get_spec("cifar10").classnames
+    assert run_suite(checkpoint, tmp_path / "data", tmp_path / "out", "--suite", "cifar10") == 0
+    m = report.load_record(tmp_path / "out" / "zeroshot.json")["metrics"]["cifar10"]
+    assert m["n"] == 6 and m["layout"] == "shards" and m["n_templates"] == 18
+    (folder / "classnames.txt").write_text("\n".join(f"class {i}" for i in range(10)))  # another order: its names win
+    with pytest.warns(UserWarning, match="class names differ"):
+        assert D.open_split("cifar10", "test", tmp_path / "data", None).classnames[0] == "class 0"
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+def test_declip11_suite_zero_shot_and_linear_probe(tmp_path, checkpoint, no_downloads, monkeypatch, capsys):
+    root = tmp_path / "data"
+    write_cifar(root, monkeypatch)
+    write_cifar(root, monkeypatch, hundred=True)
+    write_imagenet_val(root)  # val only: the linear probe lacks ImageNet's train split
+    write_dtd(root)
+    for name in ("food101", "pets", "flowers", "aircraft"):
+        use_fakedata(monkeypatch, root, name)
+    use_fakedata(monkeypatch, root, "sun397", size=40, seeded=D.SeededSplit(train=5, test=3))
+    use_fakedata(monkeypatch, root, "caltech101", size=40, seeded=D.SeededSplit(train=5))
+    # Stanford Cars is not there at all
+    out = tmp_path / "out"
+    assert run_suite(checkpoint, root, out, "--suite", "declip11", "--task", "both", "--templates", "simple") == 0
+    assert no_downloads == []
+    zs, probe = (report.load_record(out / f"{t}.json") for t in ("zeroshot", "linear_probe"))
+    for rec in (zs, probe):
+        assert list(rec["metrics"]) == list(D.SUITES["declip11"]) and rec["suite"] == "declip11"
+        assert rec["model"] == "clip/vit_tiny" and rec["templates" if rec is zs else "val_fraction"] is not None
+        assert "stanford_cars/cars_" in rec["skipped"]["cars"] and "can no longer download" in rec["skipped"]["cars"]
+        for name, m in rec["metrics"].items():
+            if name not in rec["skipped"]:
+                assert m["headline_metric"] == ("mean_per_class_recall" if name in PER_CLASS else "acc1")
+                assert 0 <= m["acc1"] <= 1 and 0 <= m["mean_per_class_recall"] <= 1
+    assert set(zs["skipped"]) == {"cars"} and set(probe["skipped"]) == {"cars", "imagenet"}
+    assert "imagenet/train" in probe["skipped"]["imagenet"]
+    assert zs["metrics"]["imagenet"]["n"] == 1000 and zs["metrics"]["imagenet"]["layout"] == "folder"
+    assert (zs["metrics"]["cifar10"]["n"], zs["metrics"]["dtd"]["n"]) == (8, 47)
+    assert probe["metrics"]["dtd"]["val_split"] == "official" and probe["metrics"]["dtd"]["n_val"] == 47
+    assert probe["metrics"]["cifar100"]["val_split"] == "0.2 of train"
+    assert probe["metrics"]["cifar10"]["n_train"] + probe["metrics"]["cifar10"]["n_val"] == 20
+    sun, caltech = probe["metrics"]["sun397"], probe["metrics"]["caltech101"]
+    assert sun["n_train"] + sun["n_val"] == 20 and zs["metrics"]["sun397"]["n"] == sun["n"] <= 12  # 4 classes: 5 / 3
+    assert caltech["n_train"] + caltech["n_val"] + caltech["n"] == 40
+    # the table: datasets as columns in the paper's order, the average over what was found, the metric note
+    text = (out / "table.txt").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("model"))
+    assert header.split() == ["model", *D.SUITES["declip11"], "average"]
+    row = next(line for line in text.splitlines() if line.startswith("clip/vit_tiny")).split()
+    assert row[7] == "-" and row[-1].endswith("*")  # cars
+    found = [n for n in D.SUITES["declip11"] if n != "cars"]
+    avg = np.mean([zs["metrics"][n][zs["metrics"][n]["headline_metric"]] for n in found])
+    assert row[-1] == f"{100 * avg:.2f}*"
+    assert "pets, flowers, caltech101, aircraft: mean_per_class_recall (not acc1)" in text
+    assert "linear_probe: skipped 2 of 11 datasets:" in text and "| model | cifar10 |" in (out / "table.md").read_text()
+    printed = capsys.readouterr().out
+    assert "zero-shot top-1 (%)" in printed and "linear-probe top-1 (%)" in printed
+
+
+def test_headline_is_mean_per_class_where_the_literature_reports_it():
+    # hand-checked: 4 images of class 0 (3 right), 1 of class 1 (wrong), 1 of class 2 (right)
+    labels = torch.tensor([0, 0, 0, 0, 1, 2])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1, 0, 2]), 3).float()
+    m = lp.classification_metrics(logits, labels, 3)
+    assert m["acc1"] == pytest.approx(4 / 6) and m["mean_per_class_recall"] == pytest.approx((3 / 4 + 0 + 1) / 3)
+    rec = report.make_record(model="m", checkpoint="c", dataset="d", task="zeroshot", config_hash="h", metrics={
+        "pets": {**m, "headline_metric": "mean_per_class_recall"}, "cifar10": {**m, "headline_metric": "acc1"}})
+    table = report.build_tables([rec])["zeroshot"]
+    assert table["cells"] == {("m", "pets"): pytest.approx(7 / 12), ("m", "cifar10"): pytest.approx(4 / 6)}
+    text = report.format_table("zeroshot", table)
+    assert text.splitlines()[3].split() == ["m", "58.33", "66.67", "62.50"]
+    assert text.splitlines()[-1] == "pets: mean_per_class_recall (not acc1)"
+
+
+def test_probe_with_official_val_refits_on_train_and_val():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 4, generator=g) * 3
+    draw = lambda n: (centers.repeat_interleave(n, 0) + torch.randn(3 * n, 4, generator=g),  # noqa: E731
+                      torch.arange(3).repeat_interleave(n))
+    (Xtr, ytr), (Xva, yva), (Xte, yte) = draw(10), draw(5), draw(5)
+    out = suite.probe_with_val(Xtr, ytr, Xva, yva, Xte, yte, 3, device="cpu", max_iter=100)
+    assert (out["n_train"], out["n_val"], out["n"]) == (30, 15, 15) and out["val_split"] == "official"
+    assert out["weight_decay"] in lp.GRID and out["C"] == pytest.approx(1 / (out["weight_decay"] * 45))
+    assert out["acc1"] > 0.8
