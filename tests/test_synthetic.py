@@ -171,7 +171,7 @@ def test_clean_captions_mention_shapes_and_colors(ds):
             objects += 1
             coloured += _mentions(caption, syn.COLOR_SYNONYMS[o["color"]])
     # the colour is named unless the caption leaves it out (P_COLOR_OMITTED per object group)
-    assert 0.5 < coloured / objects < 0.9
+    assert 0.3 < coloured / objects < 0.75
     # varied wording
     assert len(set(captions)) >= 95
     starts = collections.Counter(c.split()[0].lower() for c in captions)

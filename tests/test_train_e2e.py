@@ -16,6 +16,8 @@ SMALL = [
     "data.workers=1", "data.shuffle_buffer=50", "train.batch_size=8", "train.warmup_steps=2",
     "model.vision.layers=2", "model.text.layers=2", "model.vision.width=64", "model.text.width=64",
     "model.embed_dim=32", "eval.batch_size=64",
+    # the tests were written for the ViT tower (the demo itself trains resnet_tiny_clip)
+    "model.vision.name=vit_tiny", "model.vision.patch_size=8", "train.eval_every=0",
 ]
 
 

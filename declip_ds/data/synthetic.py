@@ -66,9 +66,13 @@ __all__ = [
 
 # Bump whenever the generated content changes: ensure_dataset() regenerates
 # datasets made by another version.
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 # probability that a caption leaves out an object's colour (an ordinary caption, not noise)
-P_COLOR_OMITTED = 0.3
+P_COLOR_OMITTED = 0.5
+# probabilities of 1, 2 and 3 objects in a training scene
+P_NUM_OBJECTS = (0.45, 0.35, 0.2)
+# probability that an object is named by its canonical shape word rather than a synonym
+P_CANONICAL_SHAPE = 0.6
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "heart")
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "white")
@@ -542,7 +546,7 @@ def _group_objects(objects: list) -> list[dict]:
 
 
 def _noun_phrase(rng, d: dict, short: bool = False) -> str:
-    sg, pl = _pick(rng, SHAPE_SYNONYMS[d["shape"]], 0.6) if d["shape"] else ("object", "objects")
+    sg, pl = _pick(rng, SHAPE_SYNONYMS[d["shape"]], P_CANONICAL_SHAPE) if d["shape"] else ("object", "objects")
     colour = _pick(rng, COLOR_SYNONYMS[d["color"]], 0.7) if d["color"] else None
     size = _pick(rng, SIZE_SYNONYMS[d["size"]]) if d["size"] else None
     n = d["count"]
@@ -593,7 +597,7 @@ def _render_caption(rng, descs: list[dict], bg_kind: str) -> str:
         form = _pick(rng, options)
         if form == "short":
             words = [w for w in (_pick(rng, COLOR_SYNONYMS[d["color"]], 0.7) if d["color"] else None,
-                                 _pick(rng, SHAPE_SYNONYMS[d["shape"]], 0.6)[0]) if w]
+                                 _pick(rng, SHAPE_SYNONYMS[d["shape"]], P_CANONICAL_SHAPE)[0]) if w]
             return f"{' '.join(words)}, {_pick(rng, POSITION_PHRASES[d['position']][1])}"
         if form == "is":
             nd = dict(d, position=None)
@@ -687,7 +691,7 @@ def _make_caption(rng, objects: list, bg_kind: str, noise: float, held_out: set)
 def _train_sample(seed: int, index: int, size: int, noise: float, held_out: set):
     rng = np.random.default_rng([seed, _STREAM_TRAIN, index])
     bg, bg_kind = _background(rng, size)
-    n = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
+    n = int(rng.choice([1, 2, 3], p=list(P_NUM_OBJECTS)))
     p_large = 0.5 if n == 1 else (0.4 if n == 2 else 0.3)
     objects: list[dict] = []
     placed: list = []
