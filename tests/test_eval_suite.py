@@ -421,3 +421,45 @@ def test_command_lines_write_one_schema(tmp_path, capsys):
     assert "missing' does not exist" in capsys.readouterr().err
     assert eval_zeroshot.main(["--checkpoint", str(ckpt), "--data", str(test)]) == 2  # no templates.txt there
     assert "templates.txt" in capsys.readouterr().err
+
+
+@pytest.mark.dist
+def test_eval_zeroshot_on_two_ranks_equals_one_process(tmp_path):
+    """Two gloo ranks split the images (and, separately, the shards) and sum the counts: the same
+    numbers as one process, for an image folder and for label-keyed shards."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    exp, model = tiny_model()
+    ckpt = save_checkpoint(model, exp, tmp_path / "run" / "step_00000001")
+    folder = write_folder(tmp_path / "colors" / "test", ["red", "green", "blue", "yellow"], per_class=5)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(3):  # uneven: 7 + 7 + 6 samples over 3 shards for 2 ranks
+        write_tar(shards / f"{s:05d}.tar", [m for i in range(s * 7, min(20, s * 7 + 7))
+                                             for m in ((f"k{i:03d}.png", image_bytes(i)), (f"k{i:03d}.cls", str(i % 4).encode()))])
+    (shards / "classnames.txt").write_text("red\ngreen\nblue\nyellow\n")
+    (shards / "templates.txt").write_text("a {} image.\na photo of {}.\n")
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    results = {}
+    for ranks in (1, 2):
+        for name, data in (("folder", folder), ("shards", shards)):
+            out = tmp_path / f"{name}_{ranks}.json"
+            cmd = [sys.executable, str(root / "eval_zeroshot.py"), "--checkpoint", str(ckpt), "--data", str(data),
+                   "--templates", "simple" if name == "folder" else "synthetic", "--batch-size", "3", "--out", str(out)]
+            if ranks == 1:  # in this process
+                import eval_zeroshot
+
+                assert eval_zeroshot.main(cmd[2:]) == 0
+            else:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                       "--master_port", str(29650 + os.getpid() % 200), *cmd[1:]]
+                p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+            (results[(name, ranks)],) = json.loads(out.read_text())["metrics"].values()
+    for name in ("folder", "shards"):
+        assert results[(name, 1)]["n"] == 20
+        assert results[(name, 2)] == pytest.approx(results[(name, 1)])
