@@ -59,3 +59,26 @@ def test_deepspeed_step_equals_the_full_batch_step(tmp_path, shapes):  # noqa: F
     for s in (1, 2):
         for f in ("loss", "grad_norm"):
             assert mb[s][f] == pytest.approx(ma[s][f], rel=1e-4, abs=1e-6), (s, f)
+
+
+def test_batchnorm_running_statistics_count_each_micro_batch_once():
+    """A ResNet tower's BatchNorm: the no-grad pass leaves the running statistics alone, so after the
+    k grad passes they equal plain accumulation's (one update per micro-batch)."""
+    torch.manual_seed(0)
+    tiny = {**TINY, "model": {**TINY["model"], "vision": {"name": "resnet_tiny_clip", "image_size": 32, "width": 16,
+                                                          "layers": 2, "heads": 2}}}
+    method = get_method("clip")(from_dict({**tiny, "method": {"name": "clip"}})).train()
+    batch = make_batch(method, n=6)
+    parts = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
+    bns = [m for m in method.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns
+    start = {k: v.clone() for k, v in method.state_dict().items() if "running" in k or "num_batches" in k}
+    for p in parts:  # plain accumulation: each micro-batch through the towers once
+        method.embed(p)
+    want = {k: v.clone() for k, v in method.state_dict().items() if k in start}
+    method.load_state_dict({**method.state_dict(), **start})
+    ContrastiveBatch(method, parts).backward(lambda x: x.backward())
+    got = {k: v for k, v in method.state_dict().items() if k in start}
+    for k in start:
+        assert torch.equal(got[k], want[k]), k
+    assert any(not torch.equal(want[k], start[k]) for k in start)  # the statistics did move

@@ -31,8 +31,15 @@ class ContrastiveBatch:
 
     def __init__(self, method, batches: list[dict]):
         self.method, self.batches = method, batches
+        # BatchNorm running statistics: the no-grad pass must not count (the grad pass updates them once
+        # per micro-batch, as plain accumulation would); restore them after it
+        bn_buffers = [b for m in method.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                      for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        saved = [b.clone() for b in bn_buffers]
         with torch.no_grad():
             embeddings = [method.embed(b) for b in batches]  # k dicts of (b, ...)
+            for b, v in zip(bn_buffers, saved):
+                b.copy_(v)
         self.sizes = [next(iter(e.values())).shape[0] for e in embeddings]
         self.leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in _cat(embeddings).items()}
         self.out = method.loss_from_embeddings(self.leaves)
