@@ -2,6 +2,11 @@
 
     python train.py --config experiments/demo_shapes.yaml [key=value ...]
     deepspeed --num_gpus 8 train.py --ds_config ds_configs/zero2.json --config experiments/X.yaml [key=value ...]
+
+Resuming a ZeRO run on a different number of GPUs (or ZeRO stage) needs a one-time conversion first:
+    python -m declip_ds.train.universal RUN_DIR    # writes <tag>_universal next to the newest tag
+then the same command at the new size resumes from it (--resume auto). Without it, the run stops
+before training and prints that command.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="experiment YAML (see experiments/)")
     p.add_argument("--ds_config", default=None, help="DeepSpeed JSON (see ds_configs/); default: ZeRO 0")
     p.add_argument("--resume", default="auto",
-                   help="auto (newest complete checkpoint in train.output_dir, else start fresh), none, or a path")
+                   help="auto (newest complete checkpoint in train.output_dir, else start fresh; at another "
+                        "world size or ZeRO stage its <tag>_universal conversion), none, or a path (a run dir, "
+                        "its checkpoints dir, a tag dir or a <tag>_universal dir)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 method.name=declip")
     return p.parse_args(argv)

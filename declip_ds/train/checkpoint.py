@@ -6,11 +6,23 @@ Layout of ``<output_dir>/checkpoints``::
         rank_00000.pt         per-rank state: RNG states and method state (e.g. DeCLIP's queue)
         model.safetensors     the full model weights (fp32), for evaluation and export
         config.yaml           the resolved experiment config
-        COMPLETE              written by rank 0 after a barrier: the commit marker
+        COMPLETE              written by rank 0 after a barrier: the commit marker (JSON: step,
+                              world_size, zero_stage, precision)
+    step_00000500_universal/  optional: the same step converted by ``python -m declip_ds.train.universal``
+                              (DeepSpeed's universal layout ``zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt``
+                              plus our per-rank, weight, config and COMPLETE files); resumable at any
+                              world size and ZeRO stage >= 1
     latest                    the newest complete tag, replaced atomically after COMPLETE
 
 A tag without ``COMPLETE`` is never resumed from and never counts for retention, so a rank that
 dies mid-save loses nothing: the previous complete tag is still there and ``latest`` still names it.
+
+World size and ZeRO stage are part of a ZeRO checkpoint: each rank's optimizer partition is its own
+file. ``plan_resume`` compares them with the run's before any process group exists; a different
+world size or stage resumes from the tag's universal conversion (DeepSpeed's
+``checkpoint.load_universal``) or fails naming the command that makes it. Per-rank RNG states only
+apply at the world size that saved them; at another one every rank is reseeded from
+(seed, rank, step) instead (see ``load``).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +45,9 @@ from declip_ds.train.guard import fault
 
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8})$")
+UNIVERSAL_SUFFIX = "_universal"
 MARKER = "COMPLETE"
+CONVERT_CMD = "python -m declip_ds.train.universal"
 
 
 class CheckpointError(RuntimeError):
@@ -58,6 +73,27 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
         return []
     tags = [p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / MARKER).is_file()]
     return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+
+
+def read_marker(tag_dir: Path) -> dict:
+    """The COMPLETE marker's JSON (older markers lack zero_stage / precision)."""
+    try:
+        return json.loads((tag_dir / MARKER).read_text() or "{}")
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{tag_dir / MARKER}: unreadable commit marker ({e}). Resume from another tag.") from None
+
+
+def saved_zero_stage(tag_dir: Path, marker: dict | None = None) -> int | None:
+    """The ZeRO stage a tag was saved with: from its marker, else from DeepSpeed's file names
+    (3: per-rank model states; 0: no optimizer partitions; None: stage 1 or 2, undecidable by name)."""
+    marker = read_marker(tag_dir) if marker is None else marker
+    if marker.get("zero_stage") is not None:
+        return int(marker["zero_stage"])
+    if any(tag_dir.glob("*zero_pp_rank_*_model_states.pt")):
+        return 3
+    if not any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        return 0
+    return None
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -88,6 +124,15 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def reseed(seed: int, rank: int, step: int) -> None:
+    """Python, NumPy and torch RNGs as a pure function of (seed, rank, step): used when the saved
+    per-rank RNG states do not apply (a resume at another world size)."""
+    s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
 # ----------------------------------------------------------------------------- save
 
 
@@ -102,9 +147,24 @@ def _full_state_dict(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if D.rank() == 0 else {}
 
 
+def mark_universal(module) -> None:
+    """Make DeepSpeed write ``universal_checkpoint_info`` into the checkpoint, which its
+    ``ds_to_universal`` converter asserts. DeepSpeed takes it from this module attribute (on its MoE
+    save path the client-state key of that name is reserved). Our models are plain data parallel
+    (no tensor / pipeline slicing), so the version alone describes them."""
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    if getattr(module, UNIVERSAL_CHECKPOINT_INFO, None) is None:
+        info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        setattr(module, UNIVERSAL_CHECKPOINT_INFO, info)
+
+
 def save(engine, method, ckpt_dir: Path, step: int, client_state: dict, config_yaml: str, keep_last: int) -> Path:
     """Save ``step`` on every rank (collective), commit it, then apply retention."""
     from safetensors.torch import save_file
+
+    mark_universal(engine.module)
 
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -127,7 +187,9 @@ def save(engine, method, ckpt_dir: Path, step: int, client_state: dict, config_y
         _atomic_write(tag_dir / "config.yaml", config_yaml)
     D.barrier()  # every rank's files are on disk
     if D.rank() == 0:
-        _atomic_write(tag_dir / MARKER, json.dumps({"step": step, "time": time.time(), "world_size": D.world_size()}))
+        marker = {"step": step, "time": time.time(), "world_size": D.world_size(),
+                  "zero_stage": engine.zero_optimization_stage(), "precision": client_state.get("precision")}
+        _atomic_write(tag_dir / MARKER, json.dumps(marker))
         _atomic_write(ckpt_dir / "latest", tag)
         _retain(ckpt_dir, keep_last, keep=tag)
     D.barrier()
@@ -147,18 +209,27 @@ def _retain(ckpt_dir: Path, keep_last: int, keep: str) -> None:
         if m and not (p / MARKER).is_file() and int(m.group(1)) < newest:
             doomed.append(p.name)
     for t in doomed:
-        try:
-            shutil.rmtree(ckpt_dir / t)
-        except OSError as e:  # never fatal: an extra old checkpoint is harmless
-            log.warning("could not delete old checkpoint %s: %s", ckpt_dir / t, e)
+        for d in (ckpt_dir / (t + UNIVERSAL_SUFFIX), ckpt_dir / t):  # a conversion goes with its tag
+            if not d.exists():
+                continue
+            try:
+                shutil.rmtree(d)
+            except OSError as e:  # never fatal: an extra old checkpoint is harmless
+                log.warning("could not delete old checkpoint %s: %s", d, e)
 
 
 # ----------------------------------------------------------------------------- resume
 
 
+def _is_tag_dir(p: Path) -> bool:
+    name = p.name[: -len(UNIVERSAL_SUFFIX)] if p.name.endswith(UNIVERSAL_SUFFIX) else p.name
+    return bool(TAG_RE.match(name)) or (p / MARKER).is_file()
+
+
 def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
     """``auto`` -> newest complete tag under ``run_dir`` (None: start fresh); ``none`` -> None;
-    otherwise a path to a run dir, its ``checkpoints`` dir or a tag dir, which must exist."""
+    otherwise a path to a run dir, its ``checkpoints`` dir or a tag dir (a universal one too),
+    which must exist."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -168,7 +239,7 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
     if not p.exists():
         raise CheckpointError(f"--resume {resume}: no such file or directory. Pass an existing checkpoint "
                               f"directory, or --resume auto to continue from the newest one in train.output_dir.")
-    if TAG_RE.match(p.name):
+    if _is_tag_dir(p):
         if not (p / MARKER).is_file():
             raise CheckpointError(f"--resume {p}: this checkpoint is incomplete (no {MARKER} marker; its save "
                                   f"was interrupted). Resume from an older tag in {p.parent}.")
@@ -180,19 +251,165 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
     raise CheckpointError(f"--resume {p}: no complete checkpoint (step_XXXXXXXX/{MARKER}) found there.")
 
 
-def load(engine, method, ckpt_dir: Path, tag: str) -> dict:
-    """Load engine state (+ optimizer and scheduler), this rank's RNG and method state; returns client state."""
-    per_rank_file = ckpt_dir / tag / f"rank_{D.rank():05d}.pt"
-    if not per_rank_file.is_file():
-        saved = json.loads((ckpt_dir / tag / MARKER).read_text()).get("world_size")
+@dataclass(frozen=True)
+class ResumeTarget:
+    """A complete tag to resume from; ``universal``: through DeepSpeed's ``load_universal`` path.
+    ``world_size`` / ``zero_stage``: what saved it (None when the marker does not say)."""
+
+    ckpt_dir: Path
+    tag: str
+    universal: bool = False
+    world_size: int | None = None
+    zero_stage: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.ckpt_dir / self.tag
+
+
+def plan_resume(resume: str, run_dir: Path, world_size: int, zero_stage: int) -> ResumeTarget | None:
+    """``resolve_resume``, then fit the checkpoint to this run's world size and ZeRO stage (no process
+    group needed, so a mismatch fails before anything starts):
+
+    - same world size and stage, or ZeRO 0 on both sides (its optimizer state is not partitioned):
+      resume the tag as it is;
+    - a universal conversion (given, or ``<tag>_universal`` next to the tag): resume through
+      DeepSpeed's ``load_universal``, which re-partitions to any world size and ZeRO stage >= 1;
+    - otherwise: CheckpointError naming both sizes and the conversion command.
+    """
+    found = resolve_resume(resume, run_dir)
+    if found is None:
+        return None
+    ckpt_dir, tag = found
+    marker = read_marker(ckpt_dir / tag)
+    saved_world, saved_stage = marker.get("world_size"), saved_zero_stage(ckpt_dir / tag, marker)
+    if marker.get("universal"):
+        _check_universal_stage(ckpt_dir / tag, zero_stage, saved_stage)
+        return ResumeTarget(ckpt_dir, tag, True, saved_world, saved_stage)
+    same_world = saved_world is None or int(saved_world) == world_size
+    same_stage = saved_stage == zero_stage or (saved_stage is None and zero_stage in (1, 2))
+    if (same_world and same_stage) or (saved_stage == 0 and zero_stage == 0):
+        return ResumeTarget(ckpt_dir, tag, False, saved_world, saved_stage)
+    what = (f"{saved_world} rank(s), ZeRO stage {_stage_str(saved_stage)}",
+            f"{world_size} rank(s), ZeRO stage {zero_stage}")
+    if saved_stage == 0:
         raise CheckpointError(
-            f"{ckpt_dir / tag} was saved by {saved} ranks but this run has {D.world_size()}: "
-            f"{per_rank_file.name} is missing. Resume with the same number of ranks."
-        )
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+            f"{ckpt_dir / tag} was saved with {what[0]} but this run has {what[1]}. A ZeRO-0 checkpoint holds "
+            f"the whole optimizer state and resumes at any world size, but only with ZeRO stage 0 (DeepSpeed's "
+            f"universal converter needs ZeRO partitions): rerun with a stage-0 --ds_config (ds_configs/zero0.json).")
+    sibling = ckpt_dir / (tag + UNIVERSAL_SUFFIX)
+    if (sibling / MARKER).is_file():
+        _check_universal_stage(sibling, zero_stage, saved_stage)
+        log.info("%s was saved with %s; this run has %s: resuming from its universal conversion %s",
+                 ckpt_dir / tag, *what, sibling)
+        return ResumeTarget(ckpt_dir, sibling.name, True, saved_world, saved_stage)
+    raise CheckpointError(
+        f"{ckpt_dir / tag} was saved with {what[0]} but this run has {what[1]}. ZeRO checkpoints hold one "
+        f"optimizer partition per rank, so they only load at the world size and stage that saved them. "
+        f"Convert it once to a universal checkpoint (written next to it as {sibling.name}):\n"
+        f"    {CONVERT_CMD} {ckpt_dir / tag}\n"
+        f"then rerun this command; it resumes from the conversion. Or resume with the original "
+        f"{saved_world} rank(s) and ZeRO stage {_stage_str(saved_stage)}.")
+
+
+def _stage_str(stage: int | None) -> str:
+    return "1 or 2" if stage is None else str(stage)
+
+
+def _check_universal_stage(tag_dir: Path, zero_stage: int, saved_stage: int | None) -> None:
+    if zero_stage == 0:
+        raise CheckpointError(
+            f"{tag_dir} is a universal checkpoint, which DeepSpeed loads into ZeRO stage 1, 2 or 3 only, but "
+            f"this run uses ZeRO stage 0. Rerun with a ZeRO --ds_config (e.g. ds_configs/zero1.json).")
+    if saved_stage == 3 and zero_stage != 3:
+        raise CheckpointError(
+            f"{tag_dir} was converted from a ZeRO-3 checkpoint; DeepSpeed writes those universal files in a form "
+            f"only its ZeRO-3 loader reads, and this run uses ZeRO stage {zero_stage}. Resume with a stage-3 "
+            f"--ds_config (any world size).")
+
+
+def _set_load_universal(engine, universal: bool) -> None:
+    """DeepSpeed reads ``checkpoint.load_universal`` (engine._config) only inside load_checkpoint; the
+    trainer sets it in the DS config for its first resume, and a later rollback may target the
+    other kind of tag."""
+    engine._config.load_universal_checkpoint = universal
+
+
+def load(engine, method, target: ResumeTarget, seed: int = 0) -> dict:
+    """Load engine state (+ optimizer and scheduler), this rank's RNG and method state; returns
+    client state. At another world size than the one that saved ``target`` (a universal or a ZeRO-0
+    checkpoint), rank r takes the method state of saved rank ``r % saved_world`` and reseeds its RNGs
+    from (seed, rank, step): saved RNG streams belong to ranks that no longer exist."""
+    tag_dir = target.path
+    saved_world = int(target.world_size or D.world_size())
+    same_world = saved_world == D.world_size()
+    per_rank_file = tag_dir / f"rank_{D.rank() % saved_world:05d}.pt"
+    if not per_rank_file.is_file():
+        raise CheckpointError(
+            f"{tag_dir} was saved by {saved_world} ranks but {per_rank_file.name} is missing; the checkpoint "
+            f"is damaged. Resume from an older tag in {target.ckpt_dir}.")
+    _set_load_universal(engine, target.universal)
+    path, client = engine.load_checkpoint(str(target.ckpt_dir), tag=target.tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}.")
+        raise CheckpointError(f"DeepSpeed could not load {tag_dir}.")
+    client = client or {}
+    if target.universal:
+        _after_universal_load(engine, tag_dir)
     per_rank = torch.load(per_rank_file, map_location="cpu", weights_only=True)
-    set_rng_state(per_rank["rng"])
+    if same_world:
+        set_rng_state(per_rank["rng"])
+    else:
+        reseed(seed, D.rank(), int(client.get("step", per_rank.get("step", 0))))
     method.load_extra_state(per_rank["method"])
-    return client or {}
+    return client
+
+
+@torch.no_grad()
+def _after_universal_load(engine, tag_dir: Path) -> None:
+    """Fill the two gaps of DeepSpeed's universal load (0.19.8):
+
+    - it restores only the parameters the optimizer owns, from ``zero/``: buffers (BatchNorm running
+      statistics in DeCLIP's and SLIP's heads) and frozen parameters would silently keep their fresh
+      initial values, so they are copied from the tag's ``model.safetensors``;
+    - its ZeRO-3 loader gives every param group the hyperparameters of group 0, which would put weight
+      decay on the no-decay group: each group gets its own back from ``zero/optimizer_state.pt``.
+    """
+    from deepspeed.checkpoint.constants import PARAM_GROUPS
+    from safetensors import safe_open
+
+    module = engine.module
+    frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+    names = [n for n, _ in module.named_buffers()] + [n for n, _ in frozen]
+    if names:
+        with safe_open(str(tag_dir / "model.safetensors"), framework="pt") as f:
+            have = set(f.keys())
+            missing = [n for n in names if n not in have]
+            if missing:
+                raise CheckpointError(f"{tag_dir / 'model.safetensors'} lacks {missing}; cannot restore them after "
+                                      f"a universal load.")
+            saved = {n: f.get_tensor(n) for n in names}
+        for n, b in module.named_buffers():
+            b.copy_(saved[n].to(b.dtype))
+        _copy_frozen(engine, frozen, saved)
+    optim = torch.load(tag_dir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    groups = optim.get(PARAM_GROUPS)
+    live = engine.optimizer.param_groups
+    if groups is not None and len(groups) == len(live):
+        for g, saved_group in zip(live, groups):
+            g.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+def _copy_frozen(engine, frozen, saved) -> None:
+    if not frozen:
+        return
+    if engine.zero_optimization_stage() == 3:  # partitioned: gather, set on rank 0, re-partition
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0):
+            if D.rank() == 0:
+                for n, p in frozen:
+                    p.copy_(saved[n].to(p.dtype))
+        return
+    for n, p in frozen:
+        p.copy_(saved[n].to(p.dtype))

@@ -295,6 +295,9 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     ds_cfg = build_ds_config(exp, ds_user, D.env_world_size(), src)
     precision = resolve_precision(exp, ds_user, src)
     sources = resolve_sources(exp)
+    zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+    target = C.plan_resume(resume, Path(exp.train.output_dir), D.env_world_size(), zero_stage)
+    _set_load_universal(ds_cfg, target, src)
 
     # 2. processes
     rank, world = D.init_distributed()
@@ -325,11 +328,15 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     dtype, device = DTYPES[precision], engine.device
 
     # 4. resume
-    def restore(found) -> tuple[int, int, int, int]:
+    def restore(found: C.ResumeTarget) -> tuple[int, int, int, int]:
         """Engine, optimizer, scheduler, RNG and method state of a checkpoint; its data position."""
-        client = C.load(engine, method, *found)  # also restores every rank's RNG states
+        client = C.load(engine, method, found, exp.train.seed)  # also restores (or reseeds) every rank's RNGs
         position = (client["step"], client["samples_seen"], client.get("epoch", 0), client.get("epoch_batches", 0))
-        log.info("resumed from %s at step %d (%d samples seen)", found[0] / found[1], position[0], position[1])
+        log.info("resumed from %s at step %d (%d samples seen)%s", found.path, position[0], position[1],
+                 " through DeepSpeed's universal checkpoint loader" if found.universal else "")
+        saved_world = int(client.get("world_size") or found.world_size or world)
+        if saved_world != world:
+            position = _position_at_new_world_size(position, saved_world, world)
         if exp.data.mode == "epoch" and position[3]:
             log.warning("data.mode=epoch resumes at the start of epoch %d (%d batches of it are seen again); "
                         "data.mode=resampled resumes at the exact batch", position[2], position[3])
@@ -338,11 +345,10 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
 
     step, samples_seen, epoch, epoch_batches = 0, 0, 0, 0
     torch.manual_seed(exp.train.seed * 1000 + rank)  # per-rank randomness (dropout, ...) from here on
-    found = C.resolve_resume(resume, run_dir)
-    if found is None:
+    if target is None:
         log.info("no checkpoint to resume from (--resume %s, %s): starting at step 0", resume, run_dir / "checkpoints")
     else:
-        step, samples_seen, epoch, epoch_batches = restore(found)
+        step, samples_seen, epoch, epoch_batches = restore(target)
     clamp_scales(engine, method, exp.model.logit_scale_bounds)  # the reference raises the init into bounds
 
     # 5. steps
@@ -428,7 +434,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                             f"{guard.in_a_row} bad steps in a row (last: {bad}) at step {step + 1}; stopping. The "
                             f"batches are listed in {guard.path} and are passed over on restart; lower train.lr "
                             f"or set train.on_bad_steps=rollback.")
-                    step, samples_seen, epoch, epoch_batches = restore(C.resolve_resume("auto", run_dir))
+                    back = C.plan_resume("auto", run_dir, world, zero_stage)
+                    step, samples_seen, epoch, epoch_batches = restore(back)
                     data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches))
                     guard.in_a_row, micro = 0, 0
                     log.warning("rolled back to step %d after repeated bad steps", step)
@@ -489,6 +496,34 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         results = evaluate(exp, method, step, logger, run_dir)
     logger.close()
     return {"last": last, "zeroshot": results, "step": step, "preempted": preempted}
+
+
+def _position_at_new_world_size(position: tuple, saved_world: int, world: int) -> tuple:
+    """(step, samples_seen, epoch, epoch_batches) of a checkpoint saved at ``saved_world`` ranks, for
+    ``world`` ranks: the same share of the current (virtual) epoch. The step, the LR schedule and the
+    sample count carry over; which samples come next does not (see the README's "Changing the number
+    of GPUs")."""
+    epoch_batches = position[3] * saved_world // world
+    if D.rank() == 0:
+        log.warning("world size changed from %d to %d: every rank's RNGs are reseeded from (seed, rank, step); in "
+                    "data.mode=resampled each rank continues its own (seed, epoch, rank, worker) stream after %d "
+                    "batches, so the samples drawn from here on differ from a %d-rank run's (same distribution and "
+                    "position in the virtual epoch; reproducible when this resume is repeated at %d ranks)",
+                    saved_world, world, epoch_batches, saved_world, world)
+    return (*position[:3], epoch_batches)
+
+
+def _set_load_universal(ds_cfg: dict, target, src: str) -> None:
+    """DeepSpeed's ``checkpoint.load_universal`` is ours to set: true exactly when the resume target is
+    a universal checkpoint (a universal load of a regular tag, or the reverse, fails inside DeepSpeed)."""
+    theirs = ds_cfg.get("checkpoint", {}).get("load_universal")
+    universal = bool(target is not None and target.universal)
+    if theirs and not universal:
+        raise ConfigError(f"{src}: checkpoint.load_universal=true, but the resume target "
+                          f"{target.path if target else '(none: a fresh start)'} is not a universal checkpoint. "
+                          f"Remove the key: the trainer sets it when it resumes from a <tag>_universal "
+                          f"directory made by python -m declip_ds.train.universal.")
+    ds_cfg.setdefault("checkpoint", {})["load_universal"] = universal
 
 
 def _versions() -> dict:
