@@ -13,7 +13,6 @@ the counts, which gives exactly the single-process numbers.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -78,7 +77,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
 
-    import torch
     import torch.distributed as dist
 
     from declip_ds.data.tokenizer import Tokenizer
@@ -92,13 +90,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model, weights = em.model, em.weights
-    rank, world, group = 0, 1, None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        model = model.cuda()
+    from declip_ds.train.dist import init_eval_ranks
+
+    model, rank, world, group = init_eval_ranks(model)
     tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
     try:
         results = {

@@ -17,9 +17,10 @@ def grads(method):
     return {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
 
 
-def test_gradient_equals_the_full_batch_gradient():
+@pytest.mark.parametrize("name", ["clip", "slip", "filip"])
+def test_gradient_equals_the_full_batch_gradient(name):
     torch.manual_seed(0)
-    method = get_method("clip")(from_dict({**TINY, "method": {"name": "clip"}}))
+    method = get_method(name)(from_dict({**TINY, "method": {"name": name}}))
     batch = make_batch(method, n=8)
     method.zero_grad()
     full = method.total_loss(method(batch))
@@ -32,13 +33,15 @@ def test_gradient_equals_the_full_batch_gradient():
     assert torch.allclose(big.loss, full, atol=1e-6)
     big.backward(lambda x: x.backward())
     got = grads(method)
-    assert set(got) == set(want) and "model.logit_scale" in got
-    for n in want:
-        assert torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4), (n, (got[n] - want[n]).abs().max())
+    assert set(got) == set(want) and ("model.logit_scale" in got or name == "filip")  # FILIP: clip_weight 0
+    for n in want:  # float32 sums in another order: relative to the tensor's scale
+        err = (got[n] - want[n]).abs().max()
+        assert err <= 1e-5 + 1e-5 * want[n].abs().max(), (n, err, want[n].abs().max())
     # plain accumulation (mean of per-micro-batch losses) is a different gradient
     method.zero_grad()
     sum(method.total_loss(method(p)) / 3 for p in parts).backward()
-    assert not torch.allclose(grads(method)["model.logit_scale"], want["model.logit_scale"], atol=1e-4)
+    scale = "filip.logit_scale_dense" if name == "filip" else "model.logit_scale"
+    assert not torch.allclose(grads(method)[scale], want[scale], atol=1e-4)
 
 
 def test_methods_without_support_are_refused_at_load():
@@ -46,14 +49,15 @@ def test_methods_without_support_are_refused_at_load():
         from_dict({"method": {"name": "declip"}, "train": {"accumulation": "contrastive"}})
 
 
-def test_deepspeed_step_equals_the_full_batch_step(tmp_path, shapes):  # noqa: F811
+@pytest.mark.parametrize("name", ["clip", "filip", pytest.param("slip", marks=pytest.mark.slow)])
+def test_deepspeed_step_equals_the_full_batch_step(tmp_path, shapes, name):  # noqa: F811
     """Same samples (one resampled stream, one worker): 2 micro-batches of 4 with contrastive
     accumulation give the loss and gradient norm of one batch of 8, through DeepSpeed's engine."""
     a, b = tmp_path / "full", tmp_path / "accum"
-    rc, out = run(cmd(a, shapes, "train.steps=2", "train.save_every=100"), tmp_path)
+    rc, out = run(cmd(a, shapes, "train.steps=2", "train.save_every=100", f"method.name={name}"), tmp_path)
     assert rc == 0, out[-3000:]
     rc, out = run(cmd(b, shapes, "train.steps=2", "train.save_every=100", "train.batch_size=4", "train.grad_accum=2",
-                      "train.accumulation=contrastive"), tmp_path)
+                      "train.accumulation=contrastive", f"method.name={name}"), tmp_path)
     assert rc == 0, out[-3000:]
     ma, mb = metrics(a), metrics(b)
     for s in (1, 2):

@@ -282,8 +282,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
 
-    import os
-
     from declip_ds.data.tokenizer import Tokenizer
     from declip_ds.eval.report import dataset_name, make_record, write_record
     from declip_ds.models.pretrained import load_for_eval
@@ -295,13 +293,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rank, world, group = 0, 1, None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        model = model.cuda()
+    from declip_ds.train.dist import init_eval_ranks
+
+    model, rank, world, group = init_eval_ranks(model)
     tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
     result = evaluate_retrieval(model, tok, args.data, image_size=em.image_size,
                                 normalize=em.normalize, batch_size=args.batch_size, rank=rank,

@@ -120,13 +120,27 @@ class FILIP(Method):
         return ("model.logit_scale", "model.visual.proj", "model.visual.ln_post", "model.visual.trunk.head",
                 "model.text.text_projection")
 
-    def forward(self, batch):
+    # embed / loss_from_embeddings: the towers' token outputs, then the token projections and the
+    # gathered losses, so train.accumulation=contrastive can treat k micro-batches as one batch
+    # (the cache holds k*b x (Ti + L) tower tokens)
+    supports_contrastive_accumulation = True
+
+    def embed(self, batch) -> dict:
         img = self.model.image_features(batch["image"])  # pooled, tokens (b, Ti, W), embedding (b, E)
         txt = self.model.text_features(batch["text"])  # pooled, tokens (b, L, Wt), embedding (b, E)
-        out = {"filip_loss": self.filip(self.model, img["tokens"], txt["tokens"], batch["text"], self.group),
+        e = {"image_tokens": img["tokens"], "text_tokens": txt["tokens"], "text_ids": batch["text"]}
+        if self.cfg.clip_weight:
+            e.update(image=F.normalize(img["embedding"], dim=-1), text=F.normalize(txt["embedding"], dim=-1))
+        return e
+
+    def loss_from_embeddings(self, e: dict) -> dict:
+        out = {"filip_loss": self.filip(self.model, e["image_tokens"], e["text_tokens"], e["text_ids"], self.group),
                "logit_scale_dense": self.filip.logit_scale_dense.detach().exp().squeeze(0)}
         if self.cfg.clip_weight:
-            i, t = F.normalize(img["embedding"], dim=-1), F.normalize(txt["embedding"], dim=-1)
             scale = self.model.scale()
-            out.update(clip_loss=self.contrastive(i, t, scale, group=self.group), logit_scale=scale.detach())
+            out.update(clip_loss=self.contrastive(e["image"], e["text"], scale, group=self.group),
+                       logit_scale=scale.detach())
         return out
+
+    def forward(self, batch):
+        return self.loss_from_embeddings(self.embed(batch))

@@ -127,24 +127,34 @@ class SLIP(Method):
     def loss_weights(self):
         return {"clip_loss": self.cfg.clip_weight, "ssl_loss": self.cfg.ssl_scale}
 
-    def _ssl_embedding(self, images: torch.Tensor) -> torch.Tensor:
+    def _ssl_feature(self, images: torch.Tensor) -> torch.Tensor:
         """One tower pass per view, as the reference (BN statistics, RN50's included, stay per view)."""
         feats = self.model.image_features(images)
-        x = feats["pooled"] if self.ssl_feature == "pooled" else feats["tokens"].mean(dim=1)  # (b, F)
-        return self.predictor_sim(x)  # (b, ssl_emb_dim), normalised inside simclr_loss
+        return feats["pooled"] if self.ssl_feature == "pooled" else feats["tokens"].mean(dim=1)  # (b, F)
 
-    def forward(self, batch):
+    # embed / loss_from_embeddings: the towers' outputs, then everything the batch couples (the gathered
+    # CLIP loss, and predictor_sim + NT-Xent: the head's BatchNorm sees the whole contrastive batch), so
+    # train.accumulation=contrastive can treat k micro-batches as one batch
+    supports_contrastive_accumulation = True
+
+    def embed(self, batch) -> dict:
         m = self.model
-        image = F.normalize(m.encode_image(batch["image"]), dim=-1)  # (b, E)
-        text = F.normalize(m.encode_text(batch["text"]), dim=-1)  # (b, E)
-        scale = m.scale()  # 0-d; the DeCLIP-repo SLIP has no cap of 100 (model.logit_scale_exp_cap: 0)
+        return {"image": F.normalize(m.encode_image(batch["image"]), dim=-1),  # (b, E)
+                "text": F.normalize(m.encode_text(batch["text"]), dim=-1),  # (b, E)
+                "ssl1": self._ssl_feature(batch["image_ssl1"]),  # (b, F) pre-head features
+                "ssl2": self._ssl_feature(batch["image_ssl2"])}
+
+    def loss_from_embeddings(self, e: dict) -> dict:
+        scale = self.model.scale()  # 0-d; the DeCLIP-repo SLIP has no cap of 100 (model.logit_scale_exp_cap: 0)
         # Gathered WITH gradient, as the DeCLIP repo's AllGather does. The official SLIP gathers its CLIP
         # features without gradient (each rank's loss then only reaches its own rows); under DeepSpeed's
         # gradient averaging the with-gradient gather is what gives the global-batch gradient.
-        out = {"clip_loss": self.contrastive(image, text, scale, group=self.group)}
-        z1 = self._ssl_embedding(batch["image_ssl1"])  # (b, ssl_emb_dim)
-        z2 = self._ssl_embedding(batch["image_ssl2"])
+        out = {"clip_loss": self.contrastive(e["image"], e["text"], scale, group=self.group)}
+        z1, z2 = self.predictor_sim(e["ssl1"]), self.predictor_sim(e["ssl2"])  # (b, ssl_emb_dim) each
         out["ssl_loss"], out["ssl_acc"] = simclr_loss(z1, z2, self.cfg.ssl_temperature, group=self.group,
                                                       return_accuracy=True)
         out["logit_scale"] = scale.detach()
         return out
+
+    def forward(self, batch):
+        return self.loss_from_embeddings(self.embed(batch))

@@ -11,7 +11,11 @@ Here k micro-batches form ONE contrastive batch of k*b (per rank; W*k*b over ran
    embeddings, added to the first micro-batch's surrogate.
 
 The towers run twice (one extra forward), memory stays that of one micro-batch plus the k*b
-embeddings. Exact for towers without batch statistics (BatchNorm in train mode sees micro-batches).
+embeddings. Exact for towers without batch statistics (BatchNorm in a tower sees micro-batches; a
+BatchNorm head inside the loss, like SLIP's predictor_sim, sees the whole k*b batch). Methods opt in
+by splitting ``forward`` into ``embed`` (per sample) and ``loss_from_embeddings`` (what couples the
+batch): CLIP, SLIP and FILIP. DeCLIP/DeFILIP do not: their nearest-neighbour queue is updated inside
+the loss, and SimSiam's BatchNorm predictor would need the same treatment.
 """
 
 from __future__ import annotations
@@ -31,25 +35,27 @@ class ContrastiveBatch:
 
     def __init__(self, method, batches: list[dict]):
         self.method, self.batches = method, batches
-        # BatchNorm running statistics: the no-grad pass must not count (the grad pass updates them once
-        # per micro-batch, as plain accumulation would); restore them after it
+        # BatchNorm running statistics: the no-grad pass (and a BatchNorm head inside the loss) must not
+        # count; the grad passes of backward() update them once per micro-batch, as plain accumulation would
         bn_buffers = [b for m in method.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                       for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         saved = [b.clone() for b in bn_buffers]
         with torch.no_grad():
             embeddings = [method.embed(b) for b in batches]  # k dicts of (b, ...)
-            for b, v in zip(bn_buffers, saved):
-                b.copy_(v)
         self.sizes = [next(iter(e.values())).shape[0] for e in embeddings]
         self.leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in _cat(embeddings).items()}
         self.out = method.loss_from_embeddings(self.leaves)
         self.loss = method.total_loss(self.out)
+        self._bn = (bn_buffers, saved)  # restored in backward(), once the graph above has been used
 
     def backward(self, backward_fn) -> None:
         method, leaves = self.method, self.leaves
         wanted = [k for k, v in leaves.items() if v.requires_grad]
         grads = torch.autograd.grad(self.loss, [leaves[k] for k in wanted], allow_unused=True)
         grads = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(wanted, grads)}
+        with torch.no_grad():  # undo the statistics of the passes above; the passes below count once
+            for buf, value in zip(*self._bn):
+                buf.copy_(value)
         start = 0
         for i, (batch, n) in enumerate(zip(self.batches, self.sizes)):
             live = method.embed(batch)

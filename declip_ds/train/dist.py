@@ -67,3 +67,18 @@ def all_reduce_int(value: int, op=dist.ReduceOp.SUM) -> int:
     t = torch.tensor([value], dtype=torch.long, device=device())
     dist.all_reduce(t, op=op)
     return int(t.item())
+
+
+def init_eval_ranks(model):
+    """For the evaluation scripts: join the launcher's process group when there is one (nccl on GPUs,
+    gloo otherwise) and move ``model`` to this rank's GPU if any. Returns (model, rank, world, group);
+    a lone process gives (model, 0, 1, None)."""
+    rank_, world, group = 0, 1, None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank_, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        model = model.cuda()
+    return model, rank_, world, group
