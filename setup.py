@@ -38,6 +38,7 @@ setup(
     extras_require={
         "wandb": ["wandb"],
         "parquet": ["pyarrow"],
+        "bench": ["matplotlib"],
         "test": ["pytest>=7", "open_clip_torch>=2.24", "scikit-learn", "pyarrow"],
     },
 )

@@ -3,6 +3,7 @@
 Run:  python benchmarks/mini_clip_benchmark.py [--steps 300] [--methods clip declip slip filip defilip]
                                                [--work-dir benchmarks/out/mini] [--results benchmarks/RESULTS.md]
                                                [key=value ...]   (extra config overrides for every run)
+      python benchmarks/mini_clip_benchmark.py --from-json benchmarks/out/mini/results.json --results ...
 
 Each method trains through ``train.py`` on ``experiments/demo_shapes.yaml`` (the demo's tiny towers and
 64-px synthetic shards) with identical overrides, one process on the CPU (or the GPU if there is one).
@@ -15,8 +16,9 @@ Then, per run:
   a seeded per-class 50/50 split of the corresponding eval split;
 * the compute: wall time of the training process, steps x batch (samples seen).
 
-Writes ``<work-dir>/results.json``, ``<work-dir>/mini_clip_benchmark.png`` (a bar chart; needs
-matplotlib) and, with ``--results FILE``, replaces the section between the markers
+Writes ``<work-dir>/results.json``, a bar chart ``mini_clip_benchmark.png`` (needs matplotlib:
+``pip install -e ".[bench]"``; next to FILE with --results, else in the work dir) and, with
+``--results FILE``, replaces the section between the markers
 ``<!-- mini-clip-benchmark:start -->`` / ``<!-- mini-clip-benchmark:end -->`` of FILE with the table
 (appending it when the markers are missing). The table is what was measured; ordering between methods
 at this scale says nothing certain about YFCC-15M, and the text next to it must say so.
@@ -150,8 +152,13 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=str(ROOT / "benchmarks/out/mini"))
     p.add_argument("--data-root", default=None, help="synthetic data dir (default: <work-dir>/data)")
     p.add_argument("--results", default=None, help="Markdown file to write the table into (RESULTS.md)")
+    p.add_argument("--from-json", default=None, help="re-render the table / chart / section from a results.json")
     p.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        meta = saved["meta"]
+        return report(saved["results"], meta, Path(args.from_json).parent, args.results)
 
     from declip_ds.config import load_config
 
@@ -173,24 +180,29 @@ def main(argv=None) -> int:
     meta = {"steps": args.steps, "batch_size": batch, "overrides": args.overrides, "device": device,
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     (work / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    tab = table(results, args.steps, batch, device)
+    return report(results, meta, work, args.results)
+
+
+def report(results: dict, meta: dict, work: Path, results_md: str | None) -> int:
+    """Print the table; with ``results_md``, write the chart next to it and the section into it."""
+    steps, batch, device = meta["steps"], meta["batch_size"], meta["device"]
+    tab = table(results, steps, batch, device)
     print(tab)
-    png = work / "mini_clip_benchmark.png"
+    png = (Path(results_md).resolve().parent if results_md else work) / "mini_clip_benchmark.png"
     has_png = chart(results, png)
-    if args.results:
+    if results_md:
         cmd = "python benchmarks/mini_clip_benchmark.py --steps {} --results benchmarks/RESULTS.md{}".format(
-            args.steps, "".join(f" {o}" for o in args.overrides))
+            steps, "".join(f" {o}" for o in meta["overrides"]))
         section = (f"## Mini CLIP-Benchmark (`{cmd}`)\n\n"
                    f"All five methods trained by `train.py` on `experiments/demo_shapes.yaml` (tiny towers, 64-px "
-                   f"synthetic shards, seed 0), {args.steps} steps x batch {batch}, one process on {device}, "
+                   f"synthetic shards, seed 0), {steps} steps x batch {batch}, one process on {device}, "
                    f"{meta['date']}. Zero-shot top-1 (%) on the synthetic eval splits; linear probe top-1 (%) "
                    f"on a seeded 50/50 per-class split of the shape / colour eval splits. Wall time includes "
                    f"start-up, the final evaluation and the checkpoint.\n\n{tab}\n")
         if has_png:
-            rel = os.path.relpath(png, Path(args.results).resolve().parent)
-            section += f"\n![mini CLIP-Benchmark]({rel})\n"
-        write_section(Path(args.results), section)
-        print(f"[mini] wrote the table into {args.results}")
+            section += f"\n![mini CLIP-Benchmark]({png.name})\n"
+        write_section(Path(results_md), section)
+        print(f"[mini] wrote the table into {results_md}")
     return 0
 
 
