@@ -655,8 +655,14 @@ def load_pretrained(path: str | Path, format: str = "auto", *, config: dict | st
     The returned model uses the standard OpenAI token layout (a DeCLIP release's mask-token row is
     removed), so ``Tokenizer()`` works with any loaded model.
     """
-    from declip_ds.models import build_model
+    fmt, src = _resolve_format(path, format)
+    if fmt == "ours":
+        return _load_ours(Path(path))
+    return _load_external(fmt, src, config)
 
+
+def _resolve_format(path: str | Path, format: str) -> tuple[str, _Source | None]:
+    """(format, the already-read source for an auto-detected external checkpoint, else None)."""
     if format not in FORMATS:
         raise ValueError(f"Unknown checkpoint format '{format}'. Choose one of: {', '.join(FORMATS)}.")
     path = Path(path)
@@ -665,19 +671,22 @@ def load_pretrained(path: str | Path, format: str = "auto", *, config: dict | st
     if format == "auto":
         fmt, src, description = _inspect(path)
         log.info("%s: detected format '%s': %s", path, fmt, description)
-    else:
-        fmt, src = format, None
-    if fmt == "ours":
-        return _load_ours(path)
+        return fmt, src
+    if format != "ours":
+        return format, _read_state(_weights_in_dir(path) if path.is_dir() else path)
+    return format, None
 
-    if src is None:
-        src = _read_state(_weights_in_dir(path) if path.is_dir() else path)
-        found = _family_of_keys(src.state)
-        if found != FAMILY[fmt]:
-            raise CheckpointFormatError(
-                f"format='{fmt}' was requested, but '{src.path}' does not have that layout"
-                f"{f' (it looks like {found!r})' if found else ''}; use format='auto' to detect it."
-            )
+
+def _load_external(fmt: str, src: _Source, config: dict | str | Path | None):
+    """A DualEncoder from an OpenAI / open_clip / DeCLIP-release state dict already read into ``src``."""
+    from declip_ds.models import build_model
+
+    found = _family_of_keys(src.state)
+    if found != FAMILY[fmt]:  # only possible when the format was named, not detected
+        raise CheckpointFormatError(
+            f"format='{fmt}' was requested, but '{src.path}' does not have that layout"
+            f"{f' (it looks like {found!r})' if found else ''}; use format='auto' to detect it."
+        )
     state = _declip_to_openai(src.state) if FAMILY[fmt] == "declip" else src.state
     if isinstance(config, (str, Path)):
         data = json.loads(Path(config).read_text())
@@ -721,19 +730,15 @@ def load_for_eval(path: str | Path, format: str = "auto", *, normalize: str | No
 
     from declip_ds.config import config_hash
 
-    if format not in FORMATS:
-        raise ValueError(f"Unknown checkpoint format '{format}'. Choose one of: {', '.join(FORMATS)}.")
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"Checkpoint '{p}' does not exist.")
-    fmt = _detect(p) if format == "auto" else format
+    fmt, src = _resolve_format(p, format)  # an external file is read once, here
     if fmt == "ours":
         exp, weights = load_experiment(p)
         model = _load_ours(p)
         return EvalModel(model, weights, "ours", f"{exp.method.name}/{exp.model.vision.name}", config_hash(exp),
                          exp.model.vision.image_size, normalize or exp.data.normalize,
                          exp.model.text.context_length, exp.model.text.mask_token, exp.method)
-    model = load_pretrained(p, format=fmt, config=config)
+    model = _load_external(fmt, src, config)
     arch = json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str)
     return EvalModel(model, p, fmt, f"{fmt}/{model.cfg.vision.name}", hashlib.sha256(arch.encode()).hexdigest()[:12],
                      model.cfg.vision.image_size, normalize or "openai", model.cfg.text.context_length, False, None)
