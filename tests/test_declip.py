@@ -371,6 +371,22 @@ def test_nn_queue_fifo_wraparound_and_init():
     assert q.bank.dtype == torch.float32 and torch.allclose(q.bank[:2], x[:2])
 
 
+def test_nn_queue_refuses_a_batch_with_nan():
+    """A NaN row would win every later arg-max and make nn_loss NaN for the rest of the run, although
+    the step guard skipped the step that produced it: such a batch is not written."""
+    q = NNQueue(8, 4, generator=torch.Generator().manual_seed(0))
+    x = unit(3, 4, seed=1, dtype=torch.float32)
+    q.enqueue(x)
+    before = q.bank.clone()
+    bad = unit(2, 4, seed=2, dtype=torch.float32)
+    bad[1, 0] = float("nan")
+    q.enqueue(bad)
+    assert q.ptr == 3 and q.rejected == 2 and torch.equal(q.bank, before)
+    q.enqueue(torch.full((1, 4), float("inf")))
+    assert q.ptr == 3 and q.rejected == 3
+    assert torch.isfinite(q.query(torch.randn(5, 4))).all()
+
+
 def test_nn_queue_query_is_top1_cosine():
     q = NNQueue(50, 6, generator=torch.Generator().manual_seed(0))
     x = torch.randn(7, 6, generator=torch.Generator().manual_seed(1)) * 3  # unnormalised queries

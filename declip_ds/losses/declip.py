@@ -114,7 +114,10 @@ class NNQueue:
 
     query(x) (n, dim) -> (n, dim): for each row, the stored row of highest cosine similarity.
     enqueue(x): writes the rows at the pointer; at the end of the queue the batch's overflow is
-        dropped and the pointer returns to 0 (the reference's lightly ``MemoryBankModule``).
+        dropped and the pointer returns to 0 (the reference's lightly ``MemoryBankModule``). A batch
+        with any non-finite value is not written (counted in ``rejected``): one NaN row would be every
+        later query's arg-max and make the run's nn_loss NaN for good, although the step guard
+        skipped the step that produced it.
     """
 
     def __init__(self, size: int, dim: int, *, generator: torch.Generator | None = None, device=None):
@@ -123,6 +126,7 @@ class NNQueue:
         bank = torch.randn(size, dim, generator=generator, dtype=torch.float32)
         self.bank = F.normalize(bank, dim=1).to(device)  # (size, dim) fp32, unit rows
         self.ptr = 0
+        self.rejected = 0  # rows not enqueued because their batch held NaN/inf
 
     @property
     def size(self) -> int:
@@ -151,6 +155,9 @@ class NNQueue:
             raise ValueError(f"NNQueue.enqueue: expected (n, {self.dim}) rows, got {tuple(x.shape)}.")
         self._follow(x.device)
         x = F.normalize(x.detach().float(), dim=-1)
+        if not bool(torch.isfinite(x).all()):
+            self.rejected += x.shape[0]
+            return
         n, ptr = x.shape[0], self.ptr
         if ptr + n >= self.size:  # fill to the end, drop the overflow, wrap (the reference's rule)
             self.bank[ptr:] = x[: self.size - ptr]

@@ -57,6 +57,10 @@ class Method(nn.Module):
     # train.accumulation=contrastive then treats k micro-batches as one batch of k*b.
     supports_contrastive_accumulation = False
 
+    def commit(self, embeddings: dict) -> None:
+        """Update per-step state from a finished batch's embeddings (DeCLIP's queue); called once per
+        optimizer step by contrastive accumulation, and by ``forward`` itself where a method has such state."""
+
     # ------------------------------------------------------------------ state beyond parameters
     def scale_parameters(self) -> list[nn.Parameter]:
         """Temperature parameters clamped to ``model.logit_scale_bounds`` after every step."""

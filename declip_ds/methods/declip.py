@@ -7,7 +7,7 @@ One step, top to bottom:
     MLM       Linear(text width -> 49,409) on T1's masked token outputs -> mlm_loss
     MVS       clip_loss on (I1,T1), (I2,T1), (I1,T2), (I2,T2), averaged -> mvs_loss
     NNS       T1 and T2 look up their nearest texts in this rank's queue (as it was before this
-              step), then T2 and T1 are enqueued; image -> neighbour InfoNCE -> nn_loss
+              step), then T2 and T1 are enqueued (commit); image -> neighbour InfoNCE -> nn_loss
     total     0.4 mvs + 0.2 simsiam + 0.2 mlm + 0.2 nn (the YFCC-15M configs)
 
 Head names follow the reference (``projector``, ``predictor``, ``text_label_predictor``), so a
@@ -153,49 +153,77 @@ class DeCLIP(Method):
         return {"mvs_loss": c.mvs_weight, "simsiam_loss": c.simsiam_weight, "mlm_loss": c.mlm_weight,
                 "nn_loss": c.nn_weight}
 
-    def forward(self, batch):
-        return self.declip_terms(batch)[0]
+    # embed / loss_from_embeddings: the towers' per-sample outputs, then everything the batch couples
+    # (SimSiam heads with their BatchNorm, the gathered MVS loss, the neighbour look-up, the MLM mean
+    # over all masked positions), so train.accumulation=contrastive can treat k micro-batches as one
+    # batch of k*b. The queue is only read there; commit() enqueues once the step's loss is known.
+    supports_contrastive_accumulation = True
 
-    def declip_terms(self, batch):
-        """The four DeCLIP losses, and the tower outputs of image view 1 and the masked caption (DeFILIP
-        adds its token term on them without a second tower pass)."""
+    def forward(self, batch):
+        e = self.embed(batch)
+        out = self.loss_from_embeddings(e)
+        if self.training:
+            self.commit(e)
+        return out
+
+    def tower_outputs(self, batch) -> tuple[dict, dict, dict]:
+        """Per-sample embeddings (see ``embed``) and the tower outputs of image view 1 and the masked
+        caption (DeFILIP takes its token term from them without a second tower pass)."""
         m = self.model
         f1 = m.image_features(batch["image"])  # pooled, tokens (b, Ti, W), embedding (b, E)
-        img1 = f1["embedding"]  # (b, E) projected, not normalised
         img2 = m.image_features(batch["image2"])["embedding"]  # (b, E)
         t1 = m.text_features(batch["text"])  # masked caption: pooled, tokens (b, L, W), embedding (b, E)
         t2 = m.text_features(batch["text2"])["embedding"]  # (b, E) EDA caption
 
-        # SimSiam on the projected image embeddings
+        # MLM on the causal tower's ln_final outputs; the head only sees the masked positions. Kept per
+        # sample (sum of cross-entropies, count) so the mean can span several micro-batches.
+        labels = batch["mlm_labels"]  # (b, L), -100 where not masked
+        masked = labels != -100
+        rows = masked.nonzero(as_tuple=True)[0]  # (n,) the sample each masked position belongs to
+        logits = self.text_label_predictor(t1["tokens"][masked])  # (n, V)
+        target = labels[masked]  # (n,)
+        b = labels.shape[0]
+        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target, reduction="none")
+        with torch.no_grad():
+            correct = (logits.argmax(dim=-1) == target).long()
+        e = {"image1": f1["embedding"], "image2": img2,  # (b, E) projected, not normalised (SimSiam's input)
+             "text1": F.normalize(t1["embedding"], dim=-1), "text2": F.normalize(t2, dim=-1),  # (b, E)
+             "mlm_ce": ce.new_zeros(b).index_add(0, rows, ce),  # (b,) summed over the sample's masked tokens
+             "mlm_count": masked.sum(dim=1),  # (b,) long
+             "mlm_correct": torch.zeros(b, dtype=torch.long, device=labels.device).index_add(0, rows, correct)}
+        return e, f1, t1
+
+    def embed(self, batch) -> dict:
+        return self.tower_outputs(batch)[0]
+
+    def loss_from_embeddings(self, e: dict) -> dict:
+        m = self.model
+        img1, img2 = e["image1"], e["image2"]  # (b, E)
+        # SimSiam on the projected image embeddings (the heads' BatchNorm sees the whole batch)
         z1, z2 = self.projector(img1), self.projector(img2)  # (b, P)
         p1, p2 = self.predictor(z1), self.predictor(z2)  # (b, P)
         out = {"simsiam_loss": simsiam_loss(p1, p2, z1, z2)}
 
-        # MLM on the causal tower's ln_final outputs; the head only sees the masked positions
-        labels = batch["mlm_labels"]  # (b, L), -100 where not masked
-        masked = labels != -100
-        logits = self.text_label_predictor(t1["tokens"][masked])  # (n, V)
-        target = labels[masked]  # (n,)
-        out["mlm_loss"] = mlm_loss(logits, target)
+        count = e["mlm_count"].sum().clamp(min=1)  # masked positions in the batch; mean CE over them
+        out["mlm_loss"] = e["mlm_ce"].sum() / count  # = mlm_loss(logits, labels) of the whole batch
 
         image_1, image_2 = F.normalize(img1, dim=-1), F.normalize(img2, dim=-1)
-        text_1, text_2 = F.normalize(t1["embedding"], dim=-1), F.normalize(t2, dim=-1)
+        text_1, text_2 = e["text1"], e["text2"]
         scale = m.scale()  # 0-d
         out["mvs_loss"] = mvs_loss([image_1, image_2], [text_1, text_2], scale, group=self.group,
                                    loss_fn=self.contrastive)
 
-        # both queries see the queue as it was before this step; then T2 and T1 go in (2b rows)
+        # both queries see the queue as it was before this step (commit() enqueues after)
         nn_1, nn_2 = self.nn_queue.query(text_1), self.nn_queue.query(text_2)  # (b, E) fp32
-        if self.training:
-            self.nn_queue.enqueue(text_2)
-            self.nn_queue.enqueue(text_1)
         out["nn_loss"] = nn_loss([image_1, image_2], [nn_1, nn_2], scale, group=self.group)
-
-        with torch.no_grad():
-            correct = (logits.argmax(dim=-1) == target).sum()
-            out["mlm_acc"] = (correct / masked.sum().clamp(min=1)).float()
+        out["mlm_acc"] = (e["mlm_correct"].sum() / count).float()
         out["logit_scale"] = scale.detach()
-        return out, {"image1": f1, "text1": t1}
+        return out
+
+    def commit(self, e: dict) -> None:
+        """After the step's loss: T2 then T1 of the whole batch go into this rank's queue (2b rows)."""
+        self.nn_queue.enqueue(e["text2"])
+        self.nn_queue.enqueue(e["text1"])
 
     # ------------------------------------------------------------------ per-rank state
     def extra_state(self) -> dict:

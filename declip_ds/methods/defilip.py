@@ -53,8 +53,12 @@ class DeFILIP(DeCLIP):
     def scale_parameters(self):
         return [self.model.logit_scale, self.filip.logit_scale_dense]
 
-    def forward(self, batch):
-        out, f = self.declip_terms(batch)
-        out["filip_loss"] = self.filip(self.model, f["image1"]["tokens"], f["text1"]["tokens"], batch["text"], self.group)
+    def embed(self, batch) -> dict:
+        e, f1, t1 = self.tower_outputs(batch)
+        return {**e, "image_tokens": f1["tokens"], "text_tokens": t1["tokens"], "text_ids": batch["text"]}
+
+    def loss_from_embeddings(self, e: dict) -> dict:
+        out = super().loss_from_embeddings(e)
+        out["filip_loss"] = self.filip(self.model, e["image_tokens"], e["text_tokens"], e["text_ids"], self.group)
         out["logit_scale_dense"] = self.filip.logit_scale_dense.detach().exp().squeeze(0)
         return out

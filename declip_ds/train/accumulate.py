@@ -12,10 +12,11 @@ Here k micro-batches form ONE contrastive batch of k*b (per rank; W*k*b over ran
 
 The towers run twice (one extra forward), memory stays that of one micro-batch plus the k*b
 embeddings. Exact for towers without batch statistics (BatchNorm in a tower sees micro-batches; a
-BatchNorm head inside the loss, like SLIP's predictor_sim, sees the whole k*b batch). Methods opt in
-by splitting ``forward`` into ``embed`` (per sample) and ``loss_from_embeddings`` (what couples the
-batch): CLIP, SLIP and FILIP. DeCLIP/DeFILIP do not: their nearest-neighbour queue is updated inside
-the loss, and SimSiam's BatchNorm predictor would need the same treatment.
+BatchNorm head inside the loss, like SLIP's predictor_sim or DeCLIP's SimSiam heads, sees the whole
+k*b batch). Methods opt in by splitting ``forward`` into ``embed`` (per sample) and
+``loss_from_embeddings`` (what couples the batch, read-only on any per-step state), plus ``commit``
+for state the step updates once its loss is known (DeCLIP's nearest-neighbour queue: all k*b
+texts are looked up in the queue as it was before the step, then enqueued). All five methods do.
 """
 
 from __future__ import annotations
@@ -65,3 +66,5 @@ class ContrastiveBatch:
                 surrogate = surrogate + method.total_loss(method.loss_from_embeddings(fixed))
             backward_fn(surrogate)
             start += n
+        if method.training:  # per-step state the loss only read (DeCLIP's queue): updated once, for k*b
+            method.commit(leaves)
