@@ -85,6 +85,7 @@ class SyntheticConfig:
     eval_samples_per_class: int = 8
     noise: float = 0.1
     seed: int = 0
+    captions: str = "rich"  # rich (alt-text-like) | plain ("a red circle and two squares"; the demo's)
 
 
 @dataclass
@@ -378,6 +379,7 @@ def validate(exp: Experiment) -> None:
     _positive(t.max_bad_steps, "train.max_bad_steps", allow_zero=True)
     _choice(d.mode, ("resampled", "epoch"), "data.mode")
     _choice(d.normalize, ("imagenet", "openai"), "data.normalize")
+    _choice(d.synthetic.captions, ("rich", "plain"), "data.synthetic.captions")
     _positive(d.workers, "data.workers", allow_zero=True)
     if len(d.rrc_scale) != 2 or not 0 < d.rrc_scale[0] <= d.rrc_scale[1] <= 1:
         raise ConfigError(f"data.rrc_scale: need [low, high] with 0 < low <= high <= 1, got {d.rrc_scale}.")

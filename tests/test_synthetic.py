@@ -125,7 +125,7 @@ def test_shard_naming_and_sizes(ds):
     assert manifest["train"]["pattern"] == "train/{00000..00003}.tar"
     assert manifest["tasks"] == list(syn.TASKS) == ["shape", "color", "shape_color"]
     assert manifest["version"] == syn.GENERATOR_VERSION
-    assert manifest["args"] == BASE
+    assert manifest["args"] == dict(BASE, captions="rich")
     assert json.loads((root / "manifest.json").read_text()) == manifest
 
 
@@ -176,6 +176,37 @@ def test_clean_captions_mention_shapes_and_colors(ds):
     assert len(set(captions)) >= 95
     starts = collections.Counter(c.split()[0].lower() for c in captions)
     assert len(starts) >= 5
+
+
+def test_plain_captions(ds, tmp_path):
+    """captions=plain: the same images, captions of canonical shape words with a count and sometimes
+    the colour, and no size, position, background or synonym."""
+    root, _ = ds
+    manifest = _gen(tmp_path / "p", captions="plain")
+    assert manifest["args"]["captions"] == "plain"
+    rich, plain = _read_dir(root / "train"), _read_dir(tmp_path / "p" / "train")
+    assert rich.keys() == plain.keys()
+    extra = {w for ws in syn.SIZE_SYNONYMS.values() for w in ws} | {"left", "right", "top", "bottom", "center",
+                                                                  "middle", "background", "picture", "photo"}
+    extra |= {w for s in syn.SHAPE_SYNONYMS.values() for pair in s[1:] for w in pair}  # no synonyms
+    colours, objects = 0, 0
+    for key, parts in plain.items():
+        assert parts["jpg"] == rich[key]["jpg"]  # the image does not depend on the caption style
+        caption = parts["txt"].decode()
+        meta = json.loads(parts["json"])
+        assert meta["caption"] == caption
+        words = set(caption.lower().rstrip(".").split())
+        assert not words & extra, caption
+        assert words <= ({"a", "an", "and", "two", "three"} | set(syn.COLORS)
+                         | {w for s in syn.SHAPES for w in syn.SHAPE_SYNONYMS[s][0]}), caption
+        for o in meta["objects"]:
+            assert syn.SHAPE_SYNONYMS[o["shape"]][0][0] in caption.lower(), (caption, o)
+            objects += 1
+            colours += o["color"] in words
+    assert 0.1 < colours / objects < 0.45  # 1 - P_COLOR_OMITTED_PLAIN = 0.25 per object group
+    assert _hashes(tmp_path / "p") == _hashes(_gen(tmp_path / "p2", captions="plain") and tmp_path / "p2")
+    with pytest.raises(ValueError, match="--captions"):
+        _gen(tmp_path / "x", captions="fancy")
 
 
 def test_noisy_captions(tmp_path):
@@ -300,7 +331,7 @@ def test_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["args"] == dict(num_samples=10, shard_size=4, seed=3, image_size=16,
-                                    noise=0.2, eval_per_class=1)
+                                    noise=0.2, eval_per_class=1, captions="rich")
     assert sorted(p.name for p in (out / "train").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
     # the CLI and the API produce the same bytes
     api = tmp_path / "api"
@@ -339,6 +370,9 @@ def test_ensure_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(syn, "generate", lambda *a, **k: calls.append(k))
     syn.ensure_dataset(root, progress=False, **dict(kwargs, seed=5))
     assert calls and calls[0]["seed"] == 5
+    calls.clear()
+    syn.ensure_dataset(root, progress=False, **dict(kwargs, captions="plain"))
+    assert calls and calls[0]["captions"] == "plain"
     monkeypatch.undo()
 
     # a missing shard -> regenerate for real
@@ -346,4 +380,10 @@ def test_ensure_dataset(tmp_path, monkeypatch):
     syn.ensure_dataset(root, progress=False, **kwargs)
     assert (root / "train" / "00001.tar").is_file()
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["args"] == kwargs
+    assert manifest["args"] == dict(kwargs, captions="rich")
+
+    # a dataset made before the caption option existed (no "captions" in its manifest) is rich: kept
+    del manifest["args"]["captions"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(syn, "generate", boom)
+    assert syn.ensure_dataset(root, progress=False, **kwargs) == root

@@ -25,10 +25,12 @@ SMALL = [
 def shapes(tmp_path_factory):
     """The reduced synthetic data set, generated once for the module."""
     root = tmp_path_factory.mktemp("shapes")
+    from declip_ds.config import load_config
     from declip_ds.data.synthetic import ensure_dataset
 
+    captions = load_config(ROOT / "experiments/demo_shapes.yaml").data.synthetic.captions  # as train.py will ask
     ensure_dataset(root, num_samples=256, shard_size=32, seed=0, image_size=64, noise=0.1, eval_per_class=2,
-                   progress=False)
+                   captions=captions, progress=False)
     return root
 
 

@@ -24,7 +24,7 @@ Usage::
 
     python -m declip_ds.data.synthetic --out DIR --num-samples 8192 \
         --shard-size 1024 --seed 0 [--image-size 64] [--noise 0.1] \
-        [--eval-per-class 8] [--quiet]
+        [--eval-per-class 8] [--captions rich|plain] [--quiet]
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ __all__ = [
     "COLOR_RGB",
     "SHAPE_SYNONYMS",
     "COLOR_SYNONYMS",
+    "CAPTION_STYLES",
     "NUM_HELD_OUT",
     "held_out_pairs",
     "classnames",
@@ -73,6 +74,14 @@ P_COLOR_OMITTED = 0.5
 P_NUM_OBJECTS = (0.45, 0.35, 0.2)
 # probability that an object is named by its canonical shape word rather than a synonym
 P_CANONICAL_SHAPE = 0.6
+# caption styles: "rich" (the default: varied wording, synonyms, sizes, positions, backgrounds,
+# like alt-text) or "plain" ("a red circle and two squares": canonical shape words, colour
+# sometimes, counts; nothing else). The demo uses plain so shape is learnt within its 5 minutes:
+# with rich captions contrastive learning picks up colour, position and size first and needs about
+# 3x the steps before shape rises (benchmarks/RESULTS.md, "Demo").
+CAPTION_STYLES = ("rich", "plain")
+# plain captions name an object's colour with probability 1 - this (rich: 1 - P_COLOR_OMITTED)
+P_COLOR_OMITTED_PLAIN = 0.75
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "heart")
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "white")
@@ -205,7 +214,7 @@ def _as_int(value, name, flag, example):
         ) from None
 
 
-def _validate(num_samples, shard_size, seed, image_size, noise, eval_per_class) -> dict:
+def _validate(num_samples, shard_size, seed, image_size, noise, eval_per_class, captions="rich") -> dict:
     num_samples = _as_int(num_samples, "num_samples", "--num-samples", 8192)
     if num_samples <= 0:
         raise ValueError(
@@ -246,6 +255,9 @@ def _validate(num_samples, shard_size, seed, image_size, noise, eval_per_class) 
             f"eval_per_class (--eval-per-class) must be at least 1 image per class, "
             f"got {eval_per_class}; pass e.g. --eval-per-class 8"
         )
+    if captions not in CAPTION_STYLES:
+        raise ValueError(f"captions (--captions) must be one of {', '.join(CAPTION_STYLES)}, got {captions!r}; "
+                         f"pass e.g. --captions rich")
     return {
         "num_samples": num_samples,
         "shard_size": shard_size,
@@ -253,6 +265,7 @@ def _validate(num_samples, shard_size, seed, image_size, noise, eval_per_class) 
         "image_size": image_size,
         "noise": noise,
         "eval_per_class": eval_per_class,
+        "captions": captions,
     }
 
 
@@ -634,20 +647,38 @@ def _render_caption(rng, descs: list[dict], bg_kind: str) -> str:
     }[form].format(items)
 
 
+def _render_plain(descs: list[dict]) -> str:
+    """"a red circle and two squares": per group a count, maybe its colour, the canonical shape word."""
+    items = []
+    for d in descs:
+        n = d["count"]
+        if d["shape"]:
+            noun = SHAPE_SYNONYMS[d["shape"]][0][0 if n == 1 else 1]
+        else:  # the shape dropped by caption noise
+            noun = "object" if n == 1 else "objects"
+        core = f"{d['color']} {noun}" if d["color"] else noun
+        items.append(f"{_article(core)} {core}" if n == 1 else f"{NUMBER_WORDS[n]} {core}")
+    return " and ".join(items)
+
+
 def _filler(rng) -> str:
     f = _pick(rng, FILLERS)
     return f.format(n4=int(rng.integers(1000, 10000)), n2=int(rng.integers(1, 100)))
 
 
-def _make_caption(rng, objects: list, bg_kind: str, noise: float, held_out: set) -> tuple[str, list[str]]:
+def _make_caption(rng, objects: list, bg_kind: str, noise: float, held_out: set,
+                  captions: str = "rich") -> tuple[str, list[str]]:
     descs = _group_objects(objects)
     p_pos = 0.6 if len(descs) == 1 else 0.35
+    plain = captions == "plain"
     for d in descs:
+        if plain:
+            d["size"] = d["position"] = None
         if d["size"] and rng.random() > 0.55:
             d["size"] = None
         # alt-text often names the shape without its colour ("a circle on the left"); without such
         # captions colour alone separates most pairs of a batch and shape is learnt far more slowly
-        if d["color"] and d["shape"] and rng.random() < P_COLOR_OMITTED:
+        if d["color"] and d["shape"] and rng.random() < (P_COLOR_OMITTED_PLAIN if plain else P_COLOR_OMITTED):
             d["color"] = None
         if d["position"] and rng.random() > p_pos:
             d["position"] = None
@@ -667,7 +698,7 @@ def _make_caption(rng, objects: list, bg_kind: str, noise: float, held_out: set)
             ops.append("swap_color")
         else:
             ops.append(op)
-    text = _render_caption(rng, descs, bg_kind)
+    text = _render_plain(descs) if plain else _render_caption(rng, descs, bg_kind)
     if rng.random() < 0.25:
         text = text[0].upper() + text[1:]
     if rng.random() < 0.3:
@@ -688,7 +719,7 @@ def _make_caption(rng, objects: list, bg_kind: str, noise: float, held_out: set)
 # --------------------------------------------------------------------------
 
 
-def _train_sample(seed: int, index: int, size: int, noise: float, held_out: set):
+def _train_sample(seed: int, index: int, size: int, noise: float, held_out: set, captions: str = "rich"):
     rng = np.random.default_rng([seed, _STREAM_TRAIN, index])
     bg, bg_kind = _background(rng, size)
     n = int(rng.choice([1, 2, 3], p=list(P_NUM_OBJECTS)))
@@ -710,7 +741,7 @@ def _train_sample(seed: int, index: int, size: int, noise: float, held_out: set)
             objects.append(obj)
     # the first object always fits on an empty canvas, so 1 <= len(objects) <= 3
     jpg = _render(rng, size, bg, objects)
-    caption, ops = _make_caption(rng, objects, bg_kind, noise, held_out)
+    caption, ops = _make_caption(rng, objects, bg_kind, noise, held_out, captions)
     key = f"train_{index:07d}"
     meta = {
         "key": key,
@@ -813,10 +844,10 @@ def _pattern(prefix: str, shards: list[str]) -> str:
 
 
 def generate(out, num_samples, shard_size, seed, image_size=64, noise=0.1, eval_per_class=8,
-             progress=True) -> dict:
+             progress=True, captions="rich") -> dict:
     """Generate the dataset under ``out`` and return its manifest (also written to
     ``out/manifest.json``, last, so a present manifest means a complete dataset)."""
-    args = _validate(num_samples, shard_size, seed, image_size, noise, eval_per_class)
+    args = _validate(num_samples, shard_size, seed, image_size, noise, eval_per_class, captions)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
@@ -834,7 +865,7 @@ def generate(out, num_samples, shard_size, seed, image_size=64, noise=0.1, eval_
               dynamic_ncols=True) as pbar:
         train_shards = _write_shards(
             out / "train", args["num_samples"], args["shard_size"],
-            lambda i: _train_sample(seed, i, size, args["noise"], held_set), pbar,
+            lambda i: _train_sample(seed, i, size, args["noise"], held_set, args["captions"]), pbar,
         )
         eval_info = {}
         for task in TASKS:
@@ -890,7 +921,10 @@ def _manifest_matches(root: Path, args: dict) -> bool:
         manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if manifest.get("version") != GENERATOR_VERSION or manifest.get("args") != args:
+    made = manifest.get("args")
+    if isinstance(made, dict):
+        made = {"captions": "rich", **made}  # made before the option existed: rich captions
+    if manifest.get("version") != GENERATOR_VERSION or made != args:
         return False
     try:
         dirs = [(root / manifest["train"]["dir"], manifest["train"]["shards"])]
@@ -918,11 +952,11 @@ def _lock(root: Path):
 
 
 def ensure_dataset(root, num_samples=8192, shard_size=1024, seed=0, image_size=64, noise=0.1,
-                   eval_per_class=8, progress=True) -> Path:
+                   eval_per_class=8, progress=True, captions="rich") -> Path:
     """Return ``root``, generating the dataset there only if ``root/manifest.json`` is
     missing, from another generator version, made with different arguments, or its
     shards are missing.  Safe to call from several processes at once (file lock)."""
-    args = _validate(num_samples, shard_size, seed, image_size, noise, eval_per_class)
+    args = _validate(num_samples, shard_size, seed, image_size, noise, eval_per_class, captions)
     root = Path(root)
     if _manifest_matches(root, args):
         return root
@@ -953,6 +987,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="probability of corrupting a caption like web alt-text, in [0, 1] (default 0.1)")
     p.add_argument("--eval-per-class", type=int, default=8,
                    help="eval images per class per task (default 8)")
+    p.add_argument("--captions", choices=CAPTION_STYLES, default="rich",
+                   help="caption style: rich (varied alt-text-like wording, the default) or plain "
+                        "('a red circle and two squares'; what the demo trains on)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
@@ -961,7 +998,8 @@ def main(argv=None) -> int:
     parser = _build_parser()
     ns = parser.parse_args(argv)
     kwargs = dict(num_samples=ns.num_samples, shard_size=ns.shard_size, seed=ns.seed,
-                  image_size=ns.image_size, noise=ns.noise, eval_per_class=ns.eval_per_class)
+                  image_size=ns.image_size, noise=ns.noise, eval_per_class=ns.eval_per_class,
+                  captions=ns.captions)
     try:
         _validate(**kwargs)
     except ValueError as e:

@@ -70,7 +70,7 @@ def synthetic_sources(exp: Experiment) -> list[list[str]]:
         if s.generate_if_missing:
             ensure_dataset(root, num_samples=s.num_samples, shard_size=s.shard_size, seed=s.seed,
                            image_size=exp.model.vision.image_size, noise=s.noise,
-                           eval_per_class=s.eval_samples_per_class, progress=True)
+                           eval_per_class=s.eval_samples_per_class, captions=s.captions, progress=True)
     D.barrier()
     urls = sorted(str(p) for p in (root / "train").glob("*.tar"))
     if not urls:

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, as ONE command for a lent GPU machine (issues #5 and #8):
+#   1. tests/test_kernels.py on real Triton: fp32/fp16 values and gradients, plus the bf16 and
+#      large-shape tests marked `gpu` (KERNELS.md §3.3 tolerances, memory linear in B)
+#   2. benchmarks/bench_contrastive.py  (eager formula vs chunked torch vs fused kernel)
+#   3. benchmarks/bench_filip.py        (eager vs chunked torch vs token-max kernel)
+#   4. benchmarks/bench_train_step.py   (real towers of the YFCC-15M recipes, bf16, per method)
+#
+# Here, first:   bash benchmarks/gpu/wheels.sh          (deepspeed, webdataset, ... into .whl/)
+# Then, with the device tool:  run(command="bash benchmarks/gpu/run_all.sh", carry=[".whl"], timeout_s=480)
+# Each step has its own time limit (STEP_SCALE=0.5 halves them all), so the whole run ends in about
+# 6.5 minutes and what finished comes back: $OUT/run.log (everything printed) and $OUT/results.tgz
+# (CSV, PNG, JSON, per-step logs). QUICK=1 runs the CPU-sized grids (to try this script on a laptop).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-benchmarks/out/gpu}
+WORK=$(mktemp -d)
+mkdir -p "$OUT"
+exec > >(tee "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+finish() { tar -czf "$OUT/results.tgz" -C "$WORK" . && echo "== results in \$OUT/results.tgz: $(ls "$WORK" | tr '\n' ' ')"; }
+trap finish EXIT
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site" || { echo "wheel install failed"; exit 1; }
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$WORK/env.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" \
+    | tee -a "$WORK/env.txt"
+
+scale=${STEP_SCALE:-1}
+step() {  # step NAME SECONDS CMD...
+    local name=$1 limit; limit=$(python3 -c "print(max(10, int($2 * $scale)))"); shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+    local rc=$?
+    tail -n 40 "$WORK/$name.log"
+    echo "== $name: rc=$rc in $((SECONDS - t0))s"
+}
+
+if [ "${QUICK:-0}" = 1 ]; then
+    step tests 600 python3 -m pytest -q -x tests/test_kernels.py -m "gpu or not gpu" -k "fp32 or gpu" -p no:cacheprovider
+    step contrastive 300 python3 benchmarks/bench_contrastive.py --out "$WORK" --reps 3 --warmup 1
+    step filip 300 python3 benchmarks/bench_filip.py --out "$WORK" --reps 3 --warmup 1
+    step train_step 600 python3 benchmarks/bench_train_step.py --methods clip --zero 0 --steps 2 --warmup 1 \
+        --json "$WORK/train_step.json" --markdown
+else
+    step tests 80 python3 -m pytest -q tests/test_kernels.py -m "gpu or not gpu" -p no:cacheprovider
+    step contrastive 100 python3 benchmarks/bench_contrastive.py --out "$WORK" --reps 20 --warmup 3
+    step filip 70 python3 benchmarks/bench_filip.py --out "$WORK" --reps 20 --warmup 3
+    step train_step 120 python3 benchmarks/bench_train_step.py --methods clip slip declip filip defilip --zero 2 \
+        --steps 10 --warmup 3 --json "$WORK/train_step.json" --markdown
+fi
