@@ -1,8 +1,9 @@
 """Embedded synthetic "shapes" image-caption dataset.
 
 The default data of the toolkit: procedurally drawn scenes of 1-3 coloured
-shapes on textured backgrounds, with captions in varied natural wording (and,
-at rate ``noise``, corrupted the way web alt-text is), plus one-object
+shapes on textured backgrounds, with captions in varied natural wording
+(``captions="rich"``; ``"plain"`` gives "a red circle and two squares", what
+the demo trains on) and, at rate ``noise``, corrupted the way web alt-text is, plus one-object
 zero-shot evaluation splits for shape, colour and shape+colour.
 
 Everything is deterministic for a seed: every sample has its own numpy
