@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 finish() { tar -czf "$OUT/results.tgz" -C "$WORK" . && echo "== results in \$OUT/results.tgz: $(ls "$WORK" | tr '\n' ' ')"; }
 trap finish EXIT
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if ! python3 -c "import deepspeed, webdataset, ftfy" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site" || { echo "wheel install failed"; exit 1; }
 fi
