@@ -38,12 +38,12 @@ from declip_ds.models.pretrained import (
     DECLIP_MASK_ROW,
     FORMATS,
     OPENAI_VOCAB,
-    VIT_TO_OPENAI,
+    RN_NAMES,
+    VIT_NAMES,
     _inspect,
-    _rename,
     load_experiment,
     load_pretrained,
-    rn_to_openai,
+    rename_visual,
 )
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def to_openai_state_dict(model, target: str = "open_clip") -> dict[str, torch.Te
             name, v = "logit_scale", v.reshape(())  # ours (1,) -> OpenAI / open_clip 0-d
         elif k.startswith("visual."):
             sub = k[len("visual."):]
-            name = _rename(sub, VIT_TO_OPENAI) if vit else rn_to_openai(sub)
+            name = rename_visual(sub, VIT_NAMES if vit else RN_NAMES, to_ours=False)
             if name is None:
                 raise ExportError(f"No OpenAI name for '{k}' (model.vision.name='{model.cfg.vision.name}').")
             name = "visual." + name

@@ -22,7 +22,14 @@ from declip_ds.config import Experiment, ModelConfig, TextConfig, VisionConfig, 
 from declip_ds.data.tokenizer import Tokenizer  # noqa: E402
 from declip_ds.export import ExportError, export, main as export_main, to_openai_state_dict  # noqa: E402
 from declip_ds.models import build_model, load_pretrained  # noqa: E402
-from declip_ds.models.pretrained import CheckpointFormatError, _detect, _openai_to_ours  # noqa: E402
+from declip_ds.models.pretrained import (  # noqa: E402
+    RN_NAMES,
+    VIT_NAMES,
+    CheckpointFormatError,
+    _detect,
+    _openai_to_ours,
+    rename_visual,
+)
 
 CTX = 16
 CAPTIONS = ["a photo of a cat", "two dogs playing in the snow", "x"]
@@ -332,6 +339,18 @@ def test_export_inverts_the_import(vit_ref, rn50_ref, tmp_path):
         assert sorted(back) == sorted(sd), name
         for k in sd:
             assert torch.equal(back[k], sd[k]), k
+
+
+def test_name_tables_map_every_visual_key_one_to_one_both_ways(vit_ref, rn50_ref):
+    """The one table per tower family that import and export both read: every OpenAI visual key of a real
+    layout has one name of ours, no two share it, and reading the table backwards gives the key again."""
+    for ref, table in ((vit_ref, VIT_NAMES), (rn50_ref, RN_NAMES)):
+        keys = [k[len("visual."):] for k in ref.state_dict() if k.startswith("visual.")]
+        ours = [rename_visual(k, table, to_ours=True) for k in keys]
+        assert None not in ours and len(set(ours)) == len(keys)
+        assert [rename_visual(k, table, to_ours=False) for k in ours] == keys
+    assert rename_visual("layer5.0.conv1.weight", RN_NAMES, to_ours=True) is None  # ResNets have 4 layers
+    assert rename_visual("trunk.stages.4.0.conv1_1x1.conv.weight", RN_NAMES, to_ours=False) is None
 
 
 def test_export_refuses_what_open_clip_cannot_hold(tmp_path):

@@ -41,6 +41,7 @@ import pickle
 import re
 import warnings
 import dataclasses
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,88 +332,75 @@ def _check_open_clip_config(cfg: dict) -> None:
 
 # ============================================================================ name maps (OpenAI <-> ours)
 
-# ViT, inside visual.*: (OpenAI pattern, ours replacement); reverse pairs for the export
-VIT_TO_OURS = [
-    (r"conv1\.weight", "trunk.patch_embed.proj.weight"),
-    (r"class_embedding", "trunk.cls_token"),
-    (r"positional_embedding", "trunk.pos_embed"),
-    (r"ln_pre\.(weight|bias)", r"trunk.norm_pre.\1"),
-    (r"transformer\.resblocks\.(\d+)\.ln_([12])\.(weight|bias)", r"trunk.blocks.\1.norm\2.\3"),
-    (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"trunk.blocks.\1.attn.qkv.\2"),
-    (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"trunk.blocks.\1.attn.proj.\2"),
-    (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"trunk.blocks.\1.mlp.fc1.\2"),
-    (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"trunk.blocks.\1.mlp.fc2.\2"),
-    (r"ln_post\.(weight|bias)", r"ln_post.\1"),
-    (r"proj", "proj"),
-]
-VIT_TO_OPENAI = [
-    (r"trunk\.patch_embed\.proj\.weight", "conv1.weight"),
-    (r"trunk\.cls_token", "class_embedding"),
-    (r"trunk\.pos_embed", "positional_embedding"),
-    (r"trunk\.norm_pre\.(weight|bias)", r"ln_pre.\1"),
-    (r"trunk\.blocks\.(\d+)\.norm([12])\.(weight|bias)", r"transformer.resblocks.\1.ln_\2.\3"),
-    (r"trunk\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"transformer.resblocks.\1.attn.in_proj_\2"),
-    (r"trunk\.blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"transformer.resblocks.\1.attn.out_proj.\2"),
-    (r"trunk\.blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_fc.\2"),
-    (r"trunk\.blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_proj.\2"),
-    (r"ln_post\.(weight|bias)", r"ln_post.\1"),
-    (r"proj", "proj"),
-]
-
-# ModifiedResNet (OpenAI) <-> timm ByobNet resnet50_clip (timm's own _convert_openai_clip in byobnet.py)
+# One table per tower family, read both ways (import: OpenAI -> ours, export: ours -> OpenAI). Each row
+# is (OpenAI name, our name) inside visual.*, with {field} placeholders; a field has a pattern on each
+# side and a conversion between them (OpenAI's 1-based ResNet layer is our 0-based stage, say).
+# ModifiedResNet <-> timm ByobNet resnet50_clip as timm's own _convert_openai_clip (byobnet.py) maps it.
 _RN_CONV = {"1": "conv1_1x1", "2": "conv2_kxk", "3": "conv3_1x1"}
-_RN_CONV_BACK = {v: k for k, v in _RN_CONV.items()}
-_RN_POOL = {"positional_embedding": "pos_embed", "q_proj": "q", "k_proj": "k", "v_proj": "v", "c_proj": "proj"}
-_RN_POOL_BACK = {v: k for k, v in _RN_POOL.items()}
-_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+_RN_POOL = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "c_proj": "proj"}
 
 
-def _rename(key: str, rules) -> str | None:
-    for pattern, repl in rules:
-        if re.fullmatch(pattern, key):
-            return re.sub(f"^{pattern}$", repl, key)
-    return None
+def _same(x: str) -> str:
+    return x
 
 
-def rn_to_ours(key: str) -> str | None:
-    """An OpenAI ModifiedResNet name (inside visual.*) -> ours (inside visual.*), or None."""
-    if m := re.fullmatch(r"conv([123])\.weight", key):
-        return f"trunk.stem.conv{m[1]}.conv.weight"
-    if m := re.fullmatch(rf"bn([123])\.{_BN}", key):
-        return f"trunk.stem.conv{m[1]}.bn.{m[2]}"
-    if m := re.fullmatch(rf"layer([1-4])\.(\d+)\.conv([123])\.weight", key):
-        return f"trunk.stages.{int(m[1]) - 1}.{m[2]}.{_RN_CONV[m[3]]}.conv.weight"
-    if m := re.fullmatch(rf"layer([1-4])\.(\d+)\.bn([123])\.{_BN}", key):
-        return f"trunk.stages.{int(m[1]) - 1}.{m[2]}.{_RN_CONV[m[3]]}.bn.{m[4]}"
-    if m := re.fullmatch(r"layer([1-4])\.(\d+)\.downsample\.0\.weight", key):
-        return f"trunk.stages.{int(m[1]) - 1}.{m[2]}.shortcut.conv.conv.weight"
-    if m := re.fullmatch(rf"layer([1-4])\.(\d+)\.downsample\.1\.{_BN}", key):
-        return f"trunk.stages.{int(m[1]) - 1}.{m[2]}.shortcut.conv.bn.{m[3]}"
-    if key == "attnpool.positional_embedding":
-        return "trunk.head.pos_embed"
-    if m := re.fullmatch(r"attnpool\.([qkvc]_proj)\.(weight|bias)", key):
-        return f"trunk.head.{_RN_POOL[m[1]]}.{m[2]}"
-    return None
+def _table_lookup(table: dict):
+    back = {v: k for k, v in table.items()}
+    return table.__getitem__, back.__getitem__
 
 
-def rn_to_openai(key: str) -> str | None:
-    """Ours (inside visual.*) -> an OpenAI ModifiedResNet name (inside visual.*), or None."""
-    if m := re.fullmatch(r"trunk\.stem\.conv([123])\.conv\.weight", key):
-        return f"conv{m[1]}.weight"
-    if m := re.fullmatch(rf"trunk\.stem\.conv([123])\.bn\.{_BN}", key):
-        return f"bn{m[1]}.{m[2]}"
-    if m := re.fullmatch(r"trunk\.stages\.([0-3])\.(\d+)\.(conv[123]_(?:1x1|kxk))\.conv\.weight", key):
-        return f"layer{int(m[1]) + 1}.{m[2]}.conv{_RN_CONV_BACK[m[3]]}.weight"
-    if m := re.fullmatch(rf"trunk\.stages\.([0-3])\.(\d+)\.(conv[123]_(?:1x1|kxk))\.bn\.{_BN}", key):
-        return f"layer{int(m[1]) + 1}.{m[2]}.bn{_RN_CONV_BACK[m[3]]}.{m[4]}"
-    if m := re.fullmatch(r"trunk\.stages\.([0-3])\.(\d+)\.shortcut\.conv\.conv\.weight", key):
-        return f"layer{int(m[1]) + 1}.{m[2]}.downsample.0.weight"
-    if m := re.fullmatch(rf"trunk\.stages\.([0-3])\.(\d+)\.shortcut\.conv\.bn\.{_BN}", key):
-        return f"layer{int(m[1]) + 1}.{m[2]}.downsample.1.{m[3]}"
-    if key == "trunk.head.pos_embed":
-        return "attnpool.positional_embedding"
-    if m := re.fullmatch(r"trunk\.head\.([qkv]|proj)\.(weight|bias)", key):
-        return f"attnpool.{_RN_POOL_BACK[m[1]]}.{m[2]}"
+_FIELDS = {  # name: (OpenAI pattern, our pattern, OpenAI -> ours, ours -> OpenAI)
+    "wb": (r"weight|bias", r"weight|bias", _same, _same),
+    "bn": (r"weight|bias|running_mean|running_var|num_batches_tracked",) * 2 + (_same, _same),
+    "block": (r"\d+", r"\d+", _same, _same),
+    "i": (r"[123]", r"[123]", _same, _same),
+    "ln": (r"[12]", r"[12]", _same, _same),
+    "stage": (r"[1-4]", r"[0-3]", lambda x: str(int(x) - 1), lambda x: str(int(x) + 1)),
+    "conv": (r"[123]", r"conv[123]_(?:1x1|kxk)", *_table_lookup(_RN_CONV)),
+    "pool": (r"[qkvc]_proj", r"[qkv]|proj", *_table_lookup(_RN_POOL)),
+}
+
+VIT_NAMES = [
+    ("conv1.weight", "trunk.patch_embed.proj.weight"),
+    ("class_embedding", "trunk.cls_token"),
+    ("positional_embedding", "trunk.pos_embed"),
+    ("ln_pre.{wb}", "trunk.norm_pre.{wb}"),
+    ("transformer.resblocks.{block}.ln_{ln}.{wb}", "trunk.blocks.{block}.norm{ln}.{wb}"),
+    ("transformer.resblocks.{block}.attn.in_proj_{wb}", "trunk.blocks.{block}.attn.qkv.{wb}"),
+    ("transformer.resblocks.{block}.attn.out_proj.{wb}", "trunk.blocks.{block}.attn.proj.{wb}"),
+    ("transformer.resblocks.{block}.mlp.c_fc.{wb}", "trunk.blocks.{block}.mlp.fc1.{wb}"),
+    ("transformer.resblocks.{block}.mlp.c_proj.{wb}", "trunk.blocks.{block}.mlp.fc2.{wb}"),
+    ("ln_post.{wb}", "ln_post.{wb}"),
+    ("proj", "proj"),
+]
+RN_NAMES = [
+    ("conv{i}.weight", "trunk.stem.conv{i}.conv.weight"),
+    ("bn{i}.{bn}", "trunk.stem.conv{i}.bn.{bn}"),
+    ("layer{stage}.{block}.conv{conv}.weight", "trunk.stages.{stage}.{block}.{conv}.conv.weight"),
+    ("layer{stage}.{block}.bn{conv}.{bn}", "trunk.stages.{stage}.{block}.{conv}.bn.{bn}"),
+    ("layer{stage}.{block}.downsample.0.weight", "trunk.stages.{stage}.{block}.shortcut.conv.conv.weight"),
+    ("layer{stage}.{block}.downsample.1.{bn}", "trunk.stages.{stage}.{block}.shortcut.conv.bn.{bn}"),
+    ("attnpool.positional_embedding", "trunk.head.pos_embed"),
+    ("attnpool.{pool}.{wb}", "trunk.head.{pool}.{wb}"),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(template: str, side: int) -> re.Pattern:
+    """A name template as a regex with one named group per field, on side 0 (OpenAI) or 1 (ours)."""
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, ...
+    return re.compile("".join(re.escape(x) if n % 2 == 0 else f"(?P<{x}>{_FIELDS[x][side]})"
+                              for n, x in enumerate(parts)))
+
+
+def rename_visual(key: str, table: list, to_ours: bool) -> str | None:
+    """A name inside visual.* translated through ``table`` (VIT_NAMES or RN_NAMES): OpenAI -> ours when
+    ``to_ours``, else ours -> OpenAI; None when no row matches."""
+    src, dst = (0, 1) if to_ours else (1, 0)
+    for row in table:
+        m = _compiled(row[src], src).fullmatch(key)
+        if m:
+            return row[dst].format(**{k: _FIELDS[k][2 if to_ours else 3](v) for k, v in m.groupdict().items()})
     return None
 
 
@@ -543,13 +531,13 @@ def _declip_to_openai(state: dict) -> dict:
 def _rename_to_ours(state: dict, vit: bool) -> tuple[dict, dict]:
     """OpenAI names -> ours, reshaping where the layouts differ; returns (our state, {our key: source key}).
     Keys without a counterpart stay in, marked, so the strict load lists them as unexpected."""
-    rules = VIT_TO_OURS if vit else None
+    table = VIT_NAMES if vit else RN_NAMES
     ours, origin = {}, {}
     for k, v in state.items():
         new = None
         if k.startswith("visual."):
             sub = k[len("visual."):]
-            new = _rename(sub, rules) if rules else rn_to_ours(sub)
+            new = rename_visual(sub, table, to_ours=True)
             if new is not None:
                 new = "visual." + new
                 if new == "visual.trunk.cls_token":
