@@ -19,7 +19,7 @@ from declip_ds.config import ConfigError, from_dict, load_config
 from declip_ds.data import text_aug
 from declip_ds.data.text_aug import EDA, MLMVocab, mlm_mask
 from declip_ds.data.tokenizer import Tokenizer
-from declip_ds.losses.declip import NNQueue, mlm_loss, mvs_loss, nn_loss, simsiam_loss
+from declip_ds.losses.declip import NNQueue, mlm_loss, mlm_loss_per_sample, mvs_loss, nn_loss, simsiam_loss
 from declip_ds.registry import get_method
 from tests.distributed import run_ranks
 
@@ -117,9 +117,13 @@ def test_mlm_loss_matches_reference_and_ignores_unmasked():
     ref.backward()
     torch.testing.assert_close(a[0].grad, r[0].grad, rtol=1e-10, atol=1e-12)
     assert a[0].grad[labels == -100].abs().max() == 0  # unmasked positions get no gradient
-    # the flat (n, V) form the method uses gives the same value
+    # the flat (n, V) form gives the same value, and so do the per-sample sums the method keeps
     sel = labels != -100
     torch.testing.assert_close(mlm_loss(logits[sel], labels[sel]), ref.detach(), rtol=1e-12, atol=1e-12)
+    sums = mlm_loss_per_sample(logits[sel], labels[sel], sel.nonzero(as_tuple=True)[0], 3)
+    assert sums.shape == (3,)
+    torch.testing.assert_close(sums[2], F.cross_entropy(logits[2, [0, 3]], labels[2, [0, 3]], reduction="sum"))
+    torch.testing.assert_close(sums.sum() / sel.sum(), ref.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_mlm_loss_without_masked_positions_is_zero_and_keeps_the_graph():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from declip_ds.losses.clip import clip_loss
 from declip_ds.losses.gather import all_gather_no_grad, world_info
 
-__all__ = ["simsiam_loss", "mlm_loss", "mvs_loss", "nn_loss", "NNQueue"]
+__all__ = ["simsiam_loss", "mlm_loss", "mlm_loss_per_sample", "mvs_loss", "nn_loss", "NNQueue"]
 
 
 def _dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -50,6 +50,14 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
     return -0.5 * (d(p1, z2) + d(p2, z1))
 
 
+def _mlm_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(..., V), (...) -> (N,) cross-entropy per position (0 where ignored), at least float32."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"mlm_loss: logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} + (V,).")
+    logits = logits.reshape(-1, logits.shape[-1]).to(_dtype(logits))  # (N, V)
+    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction="none")
+
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy over the positions whose label is not ``ignore_index``.
 
@@ -57,12 +65,20 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -10
     elsewhere. With no masked position the result is 0 and still part of the graph (zero gradients),
     so every rank runs the same backward. No host synchronisation.
     """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"mlm_loss: logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} + (V,).")
-    logits = logits.reshape(-1, logits.shape[-1]).to(_dtype(logits))  # (N, V)
-    labels = labels.reshape(-1)  # (N,)
     count = (labels != ignore_index).sum().clamp(min=1)
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / count
+    return _mlm_ce(logits, labels, ignore_index).sum() / count
+
+
+def mlm_loss_per_sample(logits: torch.Tensor, labels: torch.Tensor, sample: torch.Tensor, batch_size: int,
+                        ignore_index: int = -100) -> torch.Tensor:
+    """The cross-entropies of ``mlm_loss`` summed per sample instead of averaged, so the mean can be
+    taken over several micro-batches: ``mlm_loss(logits, labels) == out.sum() / #masked``.
+
+    logits: (n, V) at masked positions; labels: (n,); sample: (n,) long, the sample each position
+    belongs to. Returns (batch_size,), 0 for samples without masked positions.
+    """
+    ce = _mlm_ce(logits, labels, ignore_index)  # (n,)
+    return ce.new_zeros(batch_size).index_add(0, sample, ce)
 
 
 def mvs_loss(images: Sequence[torch.Tensor], texts: Sequence[torch.Tensor], scale: torch.Tensor, *, group=None,

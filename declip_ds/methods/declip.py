@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from declip_ds.config import ConfigError, MethodConfig
-from declip_ds.losses.declip import NNQueue, mlm_loss, mvs_loss, nn_loss, simsiam_loss
+from declip_ds.losses.declip import NNQueue, mlm_loss_per_sample, mvs_loss, nn_loss, simsiam_loss
 from declip_ds.losses.gather import world_info
 from declip_ds.methods.base import Method
 from declip_ds.registry import register_method
@@ -183,12 +183,11 @@ class DeCLIP(Method):
         logits = self.text_label_predictor(t1["tokens"][masked])  # (n, V)
         target = labels[masked]  # (n,)
         b = labels.shape[0]
-        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target, reduction="none")
         with torch.no_grad():
             correct = (logits.argmax(dim=-1) == target).long()
         e = {"image1": f1["embedding"], "image2": img2,  # (b, E) projected, not normalised (SimSiam's input)
              "text1": F.normalize(t1["embedding"], dim=-1), "text2": F.normalize(t2, dim=-1),  # (b, E)
-             "mlm_ce": ce.new_zeros(b).index_add(0, rows, ce),  # (b,) summed over the sample's masked tokens
+             "mlm_ce": mlm_loss_per_sample(logits, target, rows, b),  # (b,) summed over its masked tokens
              "mlm_count": masked.sum(dim=1),  # (b,) long
              "mlm_correct": torch.zeros(b, dtype=torch.long, device=labels.device).index_add(0, rows, correct)}
         return e, f1, t1
