@@ -321,6 +321,12 @@ def test_choose_tiles_holds_whole_samples():
         for cuda in (True, False):
             t = token_max.choose_tiles(Ti, Tt, 512, cuda)
             assert t["BM"] >= Ti and t["BN"] >= Tt and t["BK"] >= 16
+    # GPU: the 64 x 128 area budget (larger tiles spill in the backward, tests/test_kernel_compile.py)
+    assert {k: token_max.choose_tiles(50, 77, 512, True)[k] for k in ("BM", "BN", "BK", "num_warps")} == \
+        dict(BM=64, BN=128, BK=32, num_warps=8)
+    assert token_max.choose_tiles(49, 16, 512, True)["BM"] * token_max.choose_tiles(49, 16, 512, True)["BN"] <= 64 * 128
+    assert (token_max.choose_tiles(197, 77, 512, True)["BM"], token_max.choose_tiles(197, 77, 512, True)["BN"]) == (256, 128)
+    assert token_max.choose_tiles(50, 77, 512, True, torch.float32)["BK"] == 16  # fp32 FMA dots: short K chunks
 
 
 # ------------------------------------------------------------------------------- selection, packaging

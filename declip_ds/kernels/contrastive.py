@@ -38,16 +38,32 @@ from declip_ds.losses.gather import all_gather_no_grad, world_info
 _NEG = -1.0e30  # "minus infinity" that never makes inf - inf = nan
 NEG = tl.constexpr(_NEG)
 
-# Tile configuration. GPU values are a first, untuned choice (no GPU was available when this was
-# written); the interpreter prefers few, large tiles. Tests override them with ``tile_config``.
-_GPU = dict(fwd_bm=128, fwd_bn=128, fwd_bk=64, bwd_bm=64, bwd_bn=64, bwd_bk=64, groups=16, num_warps=8, num_stages=3)
-_CPU = dict(fwd_bm=32, fwd_bn=32, fwd_bk=64, bwd_bm=32, bwd_bn=32, bwd_bk=64, groups=2, num_warps=4, num_stages=1)
+# Tile configuration. The GPU values are the largest tiles that compile for sm_90 and sm_80 without
+# register spills (``python -m declip_ds.kernels.compile_check``; 128 x 128 forward tiles spill ~0.5 KB
+# per thread on sm_90); their speed is still to be timed on a GPU. fp32 inputs use true-fp32 FMA dots
+# (no tensor cores), which need smaller K chunks not to spill. The interpreter prefers few, large
+# tiles. Tests override any key with ``tile_config``.
+_GPU = dict(fwd_bm=128, fwd_bn=64, fwd_bk=64, fwd_warps=8, fwd_stages=3,
+            bwd_bm=64, bwd_bn=64, bwd_bk=64, bwd_warps=8, bwd_stages=3, groups=16)
+_GPU_FP32 = dict(fwd_bm=64, fwd_bn=64, fwd_bk=16, fwd_warps=8, fwd_stages=3,
+                 bwd_bm=64, bwd_bn=64, bwd_bk=16, bwd_warps=8, bwd_stages=3, groups=16)
+_CPU = dict(fwd_bm=32, fwd_bn=32, fwd_bk=64, fwd_warps=4, fwd_stages=1,
+            bwd_bm=32, bwd_bn=32, bwd_bk=64, bwd_warps=4, bwd_stages=1, groups=2)
 _override: dict = {}
+# Set by declip_ds.kernels.compile_check while it captures launches from CPU tensors, so the captured
+# launches carry the GPU tile configuration it then compiles for a GPU architecture.
+_FORCE_GPU_TILES = [False]
+
+
+def _gpu_tiles(t: torch.Tensor) -> bool:
+    """Whether launches for tensor t use the GPU tile configuration."""
+    return t.is_cuda or _FORCE_GPU_TILES[0]
 
 
 @contextlib.contextmanager
 def tile_config(**kw):
-    """Temporarily override tile sizes (fwd_bm, fwd_bn, fwd_bk, bwd_bm, bwd_bn, bwd_bk, groups)."""
+    """Temporarily override any key of the tile configuration (fwd_bm, fwd_bn, fwd_bk, fwd_warps, fwd_stages,
+    the same five for bwd_, groups)."""
     old = dict(_override)
     _override.update(kw)
     try:
@@ -57,8 +73,9 @@ def tile_config(**kw):
         _override.update(old)
 
 
-def _config(device: torch.device) -> dict:
-    return {**(_GPU if device.type == "cuda" else _CPU), **_override}
+def _config(t: torch.Tensor) -> dict:
+    base = (_GPU_FP32 if t.dtype == torch.float32 else _GPU) if _gpu_tiles(t) else _CPU
+    return {**base, **_override}
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -204,7 +221,7 @@ def _merge(m, l, u):
 def _launch_forward(image, all_text, scale32):
     b, D = image.shape
     N = all_text.shape[0]
-    cfg = _config(image.device)
+    cfg = _config(image)
     BM, BN, BK = cfg["fwd_bm"], cfg["fwd_bn"], cfg["fwd_bk"]
     n_rb, n_cb = triton.cdiv(b, BM), triton.cdiv(N, BN)
     rb_per_g = triton.cdiv(n_rb, min(cfg["groups"], n_rb))
@@ -216,21 +233,21 @@ def _launch_forward(image, all_text, scale32):
     _clip_fwd_kernel[(G_r, G_c)](
         image, all_text, scale32, row_m, row_l, row_u, col_m, col_l, col_u, b, N, D,
         image.stride(0), all_text.stride(0), rb_per_g, cb_per_g, BM=BM, BN=BN, BK=BK,
-        PREC=_precision(image.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PREC=_precision(image.dtype), num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     return _merge(row_m, row_l, row_u), _merge(col_m, col_l, col_u)
 
 
 def _launch_backward(image, all_text, scale32, row_lse, col_lse, wr, wc, label_offset):
     b, D = image.shape
     N = all_text.shape[0]
-    cfg = _config(image.device)
+    cfg = _config(image)
     BM, BN, BK = cfg["bwd_bm"], cfg["bwd_bn"], cfg["bwd_bk"]
     dI = torch.zeros(b, D, device=image.device, dtype=torch.float32)
     dT = torch.zeros(N, D, device=image.device, dtype=torch.float32)
     args = (image, all_text, scale32, row_lse, col_lse, wr, wc)
     dims = (b, N, D, image.stride(0), all_text.stride(0), label_offset)
-    common = dict(BM=BM, BN=BN, BK=BK, PREC=_precision(image.dtype), num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
+    common = dict(BM=BM, BN=BN, BK=BK, PREC=_precision(image.dtype), num_warps=cfg["bwd_warps"],
+                  num_stages=cfg["bwd_stages"])
     _clip_bwd_rows_kernel[(triton.cdiv(b, BM),)](*args, dI, *dims, **common)
     _clip_bwd_cols_kernel[(triton.cdiv(N, BN),)](*args, dT, *dims, **common)
     return dI, dT

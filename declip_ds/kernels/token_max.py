@@ -6,8 +6,11 @@ holds whole samples on both sides, every max of both directions is complete insi
 epilogue is a segmented max (per text over columns for s_i2t, per image over rows for s_t2i)
 followed by a segmented weighted sum (the mean over valid tokens), written once per (i, j) pair -
 no carries between tiles, no atomics, deterministic, and no (B, B, Ti, Tt) buffer.
-(BM, BN) are chosen per shape to waste the fewest rows/columns: e.g. Ti=197 -> BM=256 (77% used),
-Ti=50 -> BM=128 (2 images, 78%) or 256 (5 images, 98%), Tt=77 -> BN=256 (3 texts, 90%).
+(BM, BN) are chosen per shape to waste the fewest rows/columns within an area budget. On a GPU the
+budget is 64 x 128 (8 warps): larger tiles make the backward's arg-max epilogue spill registers on
+sm_90 (``python -m declip_ds.kernels.compile_check`` measures it), e.g. Ti=50, Tt=77 -> 64 x 128 (one
+image, one text, 47% used; 64 x 256 would use 70% but spills), Ti=49, Tt=16 -> 256 x 32 (5 images,
+2 texts, 96%); a sample longer than the budget gets the smallest tile that holds it (Ti=197 -> 256 x 128).
 
 Backward: **recompute** (nothing of size B^2*T is saved). Two kernels, each recomputing S with the
 same helper, tile shapes and D order as the forward (so the recomputed arg-max is the forward's):
@@ -31,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from declip_ds.kernels.contrastive import _NEG, NEG, _precision, _scores_tile
+from declip_ds.kernels.contrastive import _NEG, NEG, _gpu_tiles, _precision, _scores_tile
 from declip_ds.losses.filip import _check_inputs, _DIRECTIONS, token_weights
 
 NEG_HALF = tl.constexpr(_NEG / 2)
@@ -43,11 +46,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool) -> dict:
-    """(BM, BN, BK) holding whole samples, picked to maximise the fraction of used tile area."""
+def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """(BM, BN, BK, num_warps, num_stages) holding whole samples, picked to maximise the fraction of
+    used tile area within the area budget (see the module docstring)."""
+    launch = dict(num_warps=8, num_stages=2) if cuda else dict(num_warps=4, num_stages=1)
     if _override:
-        return dict(_override)
-    max_area = 256 * 128 if cuda else 64 * 64
+        return {**launch, **_override}
+    max_area = 64 * 128 if cuda else 64 * 64
     best = None
     for BM in (16, 32, 64, 128, 256, 512):
         for BN in (16, 32, 64, 128, 256, 512):
@@ -61,15 +66,18 @@ def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool) -> dict:
         BM, BN = _pow2(Ti), _pow2(Tt)
     else:
         BM, BN = best[1], best[2]
-    BK = max(16, min(64 if BM * BN <= 128 * 128 else 32, _pow2(D)))
-    return dict(BM=BM, BN=BN, BK=BK)
+    # fp32 dots run on FMA units (true fp32, no tensor cores) and spill with K chunks over 16 on sm_90
+    BK = max(16, min((16 if dtype == torch.float32 else 32) if cuda else 64, _pow2(D)))
+    return dict(BM=BM, BN=BN, BK=BK, **launch)
 
 
 class tile_config:
-    """Context manager forcing (BM, BN, BK) for tests (BM >= Ti and BN >= Tt still required)."""
+    """Context manager forcing (BM, BN, BK) and optionally num_warps / num_stages (BM >= Ti and BN >= Tt
+    still required)."""
 
-    def __init__(self, BM: int, BN: int, BK: int):
+    def __init__(self, BM: int, BN: int, BK: int, num_warps: int | None = None, num_stages: int | None = None):
         self.cfg = dict(BM=BM, BN=BN, BK=BK)
+        self.cfg.update({k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None})
 
     def __enter__(self):
         self.old = dict(_override)
@@ -199,13 +207,13 @@ def _tm_bwd_y_kernel(X, Y, WX, WY, G1, G2, DY, Bi, Bt, TI, TT, D, n_row_tiles,
 # ---------------------------------------------------------------------------------------- launchers
 def _geometry(x, y):
     (Bi, Ti, D), (Bt, Tt) = x.shape, y.shape[:2]
-    cfg = choose_tiles(Ti, Tt, D, x.is_cuda)
+    cfg = choose_tiles(Ti, Tt, D, _gpu_tiles(x), x.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     if BM < Ti or BN < Tt:
         raise ValueError(f"token_max tiles must hold one whole sample: BM={BM} < Ti={Ti} or BN={BN} < Tt={Tt}.")
     IB, JB = BM // Ti, BN // Tt
     return dict(Bi=Bi, Bt=Bt, TI=Ti, TT=Tt, D=D, IB=IB, JB=JB, BM=BM, BN=BN, BK=BK,
-                n_p=triton.cdiv(Bi, IB), n_q=triton.cdiv(Bt, JB))
+                n_p=triton.cdiv(Bi, IB), n_q=triton.cdiv(Bt, JB), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _launch_forward(x, y, wx, wy, need_i2t, need_t2i):
@@ -215,7 +223,7 @@ def _launch_forward(x, y, wx, wy, need_i2t, need_t2i):
     _tm_fwd_kernel[(g["n_p"], g["n_q"])](
         x, y, wx, wy, o1, o2, g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"], IB=g["IB"], JB=g["JB"],
         IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BK=g["BK"], PREC=_precision(x.dtype),
-        NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=8 if x.is_cuda else 4, num_stages=2 if x.is_cuda else 1)
+        NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"], num_stages=g["num_stages"])
     return o1, o2
 
 
@@ -224,7 +232,7 @@ def _launch_backward(x, y, wx, wy, g1, g2, need_i2t, need_t2i):
     dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
     dy = torch.zeros(y.shape, device=y.device, dtype=torch.float32)
     meta = dict(IB=g["IB"], JB=g["JB"], BM=g["BM"], BN=g["BN"], BK=g["BK"], PREC=_precision(x.dtype),
-                NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=8 if x.is_cuda else 4, num_stages=2 if x.is_cuda else 1)
+                NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"], num_stages=g["num_stages"])
     dims = (g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"])
     _tm_bwd_x_kernel[(g["n_p"],)](x, y, wx, wy, g1, g2, dx, *dims, g["n_q"], **meta)
     _tm_bwd_y_kernel[(g["n_q"],)](x, y, wx, wy, g1, g2, dy, *dims, g["n_p"], **meta)

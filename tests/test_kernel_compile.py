@@ -1,0 +1,93 @@
+"""The Triton kernels compile for real GPUs (sm_90 = H100/H200, sm_80 = A100) with the launch
+parameters the library uses, without a GPU: `python -m declip_ds.kernels.compile_check` in a
+subprocess (it needs TRITON_INTERPRET unset, which the rest of the suite sets).
+
+What the CPU interpreter cannot show and these catch: a kernel that does not lower for the card (dot
+shapes, layouts, dtypes), tiles that need more shared memory than a block may have (the launch would
+fail), and register spills from a tile configuration (the kernel would run, slowly).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _nvidia_backend() -> bool:
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        return False
+    ptxas = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return ptxas.exists()
+
+
+pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="triton with its NVIDIA backend (ptxas) is not installed")
+
+
+def compile_reports(tmp_path, *args):
+    out = tmp_path / "reports.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "declip_ds.kernels.compile_check", "--json", str(out),
+                           "--max-spill", "100000", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def check_reports(reports, arch):
+    kernels = {r["kernel"] for r in reports}
+    # every kernel of both public functions was captured and compiled, in every dtype asked for
+    assert kernels == {"_clip_fwd_kernel", "_clip_bwd_rows_kernel", "_clip_bwd_cols_kernel",
+                       "_tm_fwd_kernel", "_tm_bwd_x_kernel", "_tm_bwd_y_kernel"}, kernels
+    assert {r["dtype"] for r in reports} == {"bfloat16", "float16", "float32"}
+    for r in reports:
+        where = f"{r['kernel']} {r['dtype']} sm_{arch} {r['tiles']}"
+        assert r["arch"] == arch
+        assert r["error"] is None and r["fits"], f"{where}: {r['status']}"
+        assert r["shared_bytes"] <= r["shared_limit"], where
+        # tensor cores for 16-bit inputs (wgmma on Hopper); fp32 stays true fp32 on FMA units
+        if r["dtype"] != "float32":
+            assert r["mma"] == ("wgmma" if arch == 90 else "mma.sync"), where
+        # no spills in the CLIP kernels, nor in FILIP tiles of one sample each (Ti, Tt <= 64 x 128);
+        # the tiles a long sample forces (Ti=197 -> 256 x 128) and multi-sample tiles spill a little
+        if r["kernel"].startswith("_clip") or "IB=1 JB=1 BM=64 BN=128" in r["tiles"]:
+            assert r["spill_bytes"] == 0, f"{where}: {r['spill_bytes']} bytes of register spills"
+        else:
+            assert r["spill_bytes"] <= 1024, f"{where}: {r['spill_bytes']} bytes of register spills"
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    reports, stdout = compile_reports(tmp_path, "--arch", "90")
+    check_reports(reports, 90)
+    assert "launches compile and fit in shared memory" in stdout
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm80(tmp_path):
+    reports, _ = compile_reports(tmp_path, "--arch", "80")
+    check_reports(reports, 80)
+
+
+def test_compile_check_refuses_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "declip_ds.kernels.compile_check"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "unset TRITON_INTERPRET" in proc.stderr
+
+
+def test_max_spill_sets_the_exit_status(tmp_path):
+    """The default --max-spill 0 fails on the (known, small) spills of the 256 x 128 FILIP tiles."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys; from declip_ds.kernels import compile_check as cc; "
+            "cc.CLIP_SHAPES = []; cc.FILIP_SHAPES = [(8, 197, 77, 256)]; "
+            "sys.exit(cc.main(['--dtype', 'bf16']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "spills" in proc.stdout
