@@ -237,20 +237,35 @@ def _launch_forward(image, all_text, scale32):
     return _merge(row_m, row_l, row_u), _merge(col_m, col_l, col_u)
 
 
-def _launch_backward(image, all_text, scale32, row_lse, col_lse, wr, wc, label_offset):
+def _launch_backward(which, image, all_text, scale32, row_lse, col_lse, wr, wc, label_offset):
+    """which="rows": (b, D) fp32 dI of the local images; "cols": (N, D) fp32 dT of the gathered texts.
+    Both unscaled (times scale and the weight norm later). One at a time, so the caller can shrink
+    the first to the input dtype before the second's fp32 buffer exists."""
     b, D = image.shape
     N = all_text.shape[0]
     cfg = _config(image)
     BM, BN, BK = cfg["bwd_bm"], cfg["bwd_bn"], cfg["bwd_bk"]
-    dI = torch.zeros(b, D, device=image.device, dtype=torch.float32)
-    dT = torch.zeros(N, D, device=image.device, dtype=torch.float32)
     args = (image, all_text, scale32, row_lse, col_lse, wr, wc)
     dims = (b, N, D, image.stride(0), all_text.stride(0), label_offset)
     common = dict(BM=BM, BN=BN, BK=BK, PREC=_precision(image.dtype), num_warps=cfg["bwd_warps"],
                   num_stages=cfg["bwd_stages"])
-    _clip_bwd_rows_kernel[(triton.cdiv(b, BM),)](*args, dI, *dims, **common)
+    if which == "rows":
+        dI = torch.zeros(b, D, device=image.device, dtype=torch.float32)
+        _clip_bwd_rows_kernel[(triton.cdiv(b, BM),)](*args, dI, *dims, **common)
+        return dI
+    dT = torch.zeros(N, D, device=image.device, dtype=torch.float32)
     _clip_bwd_cols_kernel[(triton.cdiv(N, BN),)](*args, dT, *dims, **common)
-    return dI, dT
+    return dT
+
+
+_PAIR_ROWS = 4096  # rows upcast at a time by _paired_dots: 2 * 4096 * D fp32 transient (16 MB at D=512)
+
+
+def _paired_dots(image, text):
+    """(b,) fp32 <image_i, text_i>, upcast _PAIR_ROWS rows at a time (no (b, D) fp32 copies)."""
+    rows = _PAIR_ROWS
+    return torch.cat([torch.einsum("bd,bd->b", image[i:i + rows].float(), text[i:i + rows].float())
+                      for i in range(0, image.shape[0], rows)])
 
 
 # ------------------------------------------------------------------------------- distributed pieces
@@ -291,7 +306,7 @@ class _FusedClipLoss(torch.autograd.Function):
         (rM, rL, rU), (cM, cL, cU) = _launch_forward(image, all_text, scale32)
         row_lse, row_e = rM + torch.log(rL), rU / rL  # (b,)
         col_lse, col_e = _merge_columns_across_ranks(cM, cL, cU, group)  # (N,)
-        pos = (image.float() * text.float()).sum(-1)  # (b,) s_ii of the local pairs
+        pos = _paired_dots(image, text)  # (b,) s_ii of the local pairs
         mine = slice(rank * b, (rank + 1) * b)
         sc = scale32[0]
         loss = ((row_lse - sc * pos).sum() + (col_lse[mine] - sc * pos).sum()) / (2 * b)
@@ -314,13 +329,15 @@ class _FusedClipLoss(torch.autograd.Function):
             g_all = torch.cat(parts)  # (W,)
         wr, wc = g / (2 * b), g_all.repeat_interleave(b) / (2 * b)  # (1,), (N,)
         norm = torch.maximum(wr.abs().max(), wc.abs().max()).clamp_min(1e-30)
-        dI, dT_all = _launch_backward(image, all_text, scale32, row_lse, col_lse,
-                                      (wr / norm).contiguous(), (wc / norm).contiguous(), ctx.rank * b)
+        launch = (image, all_text, scale32, row_lse, col_lse, (wr / norm).contiguous(), (wc / norm).contiguous(),
+                  ctx.rank * b)
         k = norm * scale32[0]
-        dI = dI * k
-        dT = _sum_to_owners(dT_all * k, ctx.group, b)
+        # Peak memory: one fp32 (.., D) buffer at a time next to the input-dtype gradients (KERNELS.md
+        # §3: extra memory linear in B); the fp32 dI is freed before the dT buffer is allocated.
+        dI = _launch_backward("rows", *launch).mul_(k).to(image.dtype)
+        dT = _sum_to_owners(_launch_backward("cols", *launch).mul_(k), ctx.group, b).to(all_text.dtype)
         d_scale = (g[0] * dscale).reshape(ctx.scale_shape).to(ctx.scale_dtype)
-        return dI.to(image.dtype), dT.to(all_text.dtype), d_scale, None
+        return dI, dT, d_scale, None
 
 
 def fused_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, scale, *, group=None) -> torch.Tensor:
@@ -329,8 +346,10 @@ def fused_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, s
     image_features, text_features: (b, D) local rows, L2-normalised, fp32 / fp16 / bf16 (same dtype).
     scale: 0-d tensor t = exp(logit_scale); gets a gradient. group: W ranks or None.
     Returns the 0-d fp32 loss of the local rows: 1/2 [CE(scale I T_all^T) + CE(scale T I_all^T)] with
-    labels rank*b + arange(b). The (b, W*b) logits never exist: extra memory is the gathered texts, fp32
-    gradient buffers (b, D) and (W*b, D), and 3*G*(b + W*b) floats of partial statistics (G <= 16).
+    labels rank*b + arange(b). The (b, W*b) logits never exist: extra memory is the gathered texts,
+    3*G*(b + W*b) floats of partial statistics (G <= 16), and in the backward one fp32 gradient
+    buffer at a time ((b, D) for the images, then (W*b, D) for the gathered texts) next to the
+    returned gradients.
     Deterministic (no atomics).
     """
     if image_features.shape != text_features.shape or image_features.dim() != 2:

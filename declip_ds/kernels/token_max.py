@@ -227,16 +227,20 @@ def _launch_forward(x, y, wx, wy, need_i2t, need_t2i):
     return o1, o2
 
 
-def _launch_backward(x, y, wx, wy, g1, g2, need_i2t, need_t2i):
+def _launch_backward(which, x, y, wx, wy, g1, g2, need_i2t, need_t2i):
+    """which="x": fp32 (Bi, Ti, D) gradient of the image tokens; "y": fp32 (Bt, Tt, D) of the text tokens.
+    One at a time, so the caller can shrink the first to the input dtype before the second exists."""
     g = _geometry(x, y)
-    dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-    dy = torch.zeros(y.shape, device=y.device, dtype=torch.float32)
     meta = dict(IB=g["IB"], JB=g["JB"], BM=g["BM"], BN=g["BN"], BK=g["BK"], PREC=_precision(x.dtype),
                 NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"], num_stages=g["num_stages"])
     dims = (g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"])
-    _tm_bwd_x_kernel[(g["n_p"],)](x, y, wx, wy, g1, g2, dx, *dims, g["n_q"], **meta)
+    if which == "x":
+        dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+        _tm_bwd_x_kernel[(g["n_p"],)](x, y, wx, wy, g1, g2, dx, *dims, g["n_q"], **meta)
+        return dx
+    dy = torch.zeros(y.shape, device=y.device, dtype=torch.float32)
     _tm_bwd_y_kernel[(g["n_q"],)](x, y, wx, wy, g1, g2, dy, *dims, g["n_p"], **meta)
-    return dx, dy
+    return dy
 
 
 def _check_recompute(x, y, wx, wy, saved, direction):
@@ -276,8 +280,10 @@ class _TokenMaxSimilarity(torch.autograd.Function):
         dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
         G1 = (g1.float() / norm).contiguous() if need_i2t else dummy
         G2 = (g2.float() / norm).contiguous() if need_t2i else dummy
-        dx, dy = _launch_backward(x, y, wx, wy, G1, G2, need_i2t, need_t2i)
-        return (dx * norm).to(x.dtype), (dy * norm).to(y.dtype), None, None, None
+        # one fp32 token-gradient buffer at a time next to the input-dtype gradients
+        dx = _launch_backward("x", x, y, wx, wy, G1, G2, need_i2t, need_t2i).mul_(norm).to(x.dtype)
+        dy = _launch_backward("y", x, y, wx, wy, G1, G2, need_i2t, need_t2i).mul_(norm).to(y.dtype)
+        return dx, dy, None, None, None
 
 
 def token_max_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, image_mask: torch.Tensor | None = None,
