@@ -18,6 +18,7 @@ On a CPU the default grid is tiny and only the torch paths run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import statistics
@@ -160,7 +161,20 @@ def methods() -> dict:
     return out
 
 
-def bench_one(name, fn, B, D, dtype, reps, warmup, peak) -> dict:
+def parse_tiles(spec: str) -> dict:
+    """"fwd_bm=128,fwd_bn=128" -> {"fwd_bm": 128, "fwd_bn": 128}: keys of the fused loss's tile configuration."""
+    from declip_ds.kernels.contrastive import _GPU
+
+    out = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in _GPU or not value.strip().isdigit():
+            raise SystemExit(f"--tiles {spec!r}: each item must be KEY=INT with KEY one of {', '.join(_GPU)}")
+        out[key.strip()] = int(value)
+    return out
+
+
+def bench_one(name, fn, B, D, dtype, reps, warmup, peak, ctx=contextlib.nullcontext) -> dict:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(0)
     img = F.normalize(torch.randn(B, D, device=dev, generator=g), dim=-1).to(dtype).requires_grad_()
@@ -175,9 +189,10 @@ def bench_one(name, fn, B, D, dtype, reps, warmup, peak) -> dict:
         torch.autograd.grad(fn(img, txt, scale), (img, txt, scale))
 
     try:
-        t_f = median_seconds(forward, reps, warmup)
-        t_fb = median_seconds(forward_backward, reps, warmup)
-        mem = peak_memory_mb(forward_backward)
+        with ctx():  # around forward *and* backward: the backward reads the tile configuration too
+            t_f = median_seconds(forward, reps, warmup)
+            t_fb = median_seconds(forward_backward, reps, warmup)
+            mem = peak_memory_mb(forward_backward)
     except RuntimeError as err:
         if not is_oom(err):
             raise
@@ -200,8 +215,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=None, help="subset of eager torch triton")
+    p.add_argument("--tiles", nargs="+", default=[], metavar="KEY=INT,...",
+                   help="extra kernel rows 'triton[SPEC]' with these tile configurations (GPU only), e.g. "
+                        "fwd_bm=128,fwd_bn=128 bwd_bm=128,bwd_warps=4; keys: see declip_ds/kernels/contrastive.py")
     p.add_argument("--out", default=OUT_DIR)
     args = p.parse_args()
+    tiles = {spec: parse_tiles(spec) for spec in args.tiles}
     name, peak = device_info()
     dtype = torch.bfloat16 if cuda else torch.float32
     print(f"device: {name}; bf16 peak: {fmt(peak)} TFLOP/s; inputs {dtype}; median of {args.reps} runs")
@@ -216,6 +235,12 @@ def main() -> None:
         for B in args.B:
             for mname, fn in todo.items():
                 rows.append(bench_one(mname, fn, B, D, dtype, args.reps, args.warmup, peak))
+                print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:7]), flush=True)
+            for spec, cfg in tiles.items() if cuda else ():
+                from declip_ds.kernels import contrastive, fused_clip_loss
+
+                rows.append(bench_one(f"triton[{spec}]", fused_clip_loss, B, D, dtype, args.reps, args.warmup, peak,
+                                      ctx=lambda cfg=cfg: contrastive.tile_config(**cfg)))
                 print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:7]), flush=True)
     print()
     print_table(rows, COLUMNS)

@@ -19,6 +19,7 @@ Writes benchmarks/out/filip.csv and, when matplotlib is installed, filip.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -53,7 +54,16 @@ def methods() -> dict:
     return out
 
 
-def bench_one(name, fn, B, Ti, Tt, D, dtype, reps, warmup, peak) -> dict:
+def parse_tiles(spec: str) -> dict:
+    """"64x256x32" or "64x256x32x8x2" -> BM, BN, BK (and num_warps, num_stages) for token_max.tile_config."""
+    parts = spec.lower().split("x")
+    if len(parts) not in (3, 5) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"--tiles {spec!r}: expected BMxBNxBK or BMxBNxBKxWARPSxSTAGES, e.g. 64x256x32 or 64x128x32x8x2")
+    keys = ("BM", "BN", "BK", "num_warps", "num_stages")
+    return dict(zip(keys, map(int, parts)))
+
+
+def bench_one(name, fn, B, Ti, Tt, D, dtype, reps, warmup, peak, ctx=contextlib.nullcontext) -> dict:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(0)
     x = F.normalize(torch.randn(B, Ti, D, device=dev, generator=g), dim=-1).to(dtype).requires_grad_()
@@ -71,10 +81,15 @@ def bench_one(name, fn, B, Ti, Tt, D, dtype, reps, warmup, peak) -> dict:
         torch.autograd.grad(s1.sum() + s2.sum(), (x, y))
 
     try:
-        t_f = median_seconds(forward, reps, warmup)
-        t_fb = median_seconds(forward_backward, reps, warmup)
-        mem = peak_memory_mb(forward_backward)
-    except RuntimeError as err:
+        with ctx():  # around forward *and* backward: the backward recomputes with the same tiles
+            t_f = median_seconds(forward, reps, warmup)
+            t_fb = median_seconds(forward_backward, reps, warmup)
+            mem = peak_memory_mb(forward_backward)
+    except (RuntimeError, ValueError) as err:
+        if isinstance(err, ValueError):
+            if "whole sample" not in str(err):
+                raise
+            return {**row, "status": "skipped: tiles smaller than one sample"}
         if not is_oom(err):
             raise
         torch.cuda.empty_cache()
@@ -99,8 +114,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=None, help="subset of eager torch triton triton_nomask")
+    p.add_argument("--tiles", nargs="+", default=[], metavar="BMxBNxBK[xWxS]",
+                   help="extra kernel rows 'triton[SPEC]' with these tiles (GPU only; BM >= Ti and BN >= Tt), "
+                        "e.g. 64x256x32 128x128x32x8x2")
     p.add_argument("--out", default=OUT_DIR)
     args = p.parse_args()
+    tiles = {spec: parse_tiles(spec) for spec in args.tiles}
     name, peak = device_info()
     dtype = torch.bfloat16 if cuda else torch.float32
     print(f"device: {name}; bf16 peak: {fmt(peak)} TFLOP/s; inputs {dtype}; median of {args.reps} runs")
@@ -117,6 +136,12 @@ def main() -> None:
     for B, Ti, Tt, D in shapes:
         for mname, fn in todo.items():
             rows.append(bench_one(mname, fn, B, Ti, Tt, D, dtype, args.reps, args.warmup, peak))
+            print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:9]), flush=True)
+        for spec, cfg in tiles.items() if cuda else ():
+            from declip_ds.kernels import token_max, token_max_similarity
+
+            rows.append(bench_one(f"triton[{spec}]", token_max_similarity, B, Ti, Tt, D, dtype, args.reps, args.warmup,
+                                  peak, ctx=lambda cfg=cfg: token_max.tile_config(**cfg)))
             print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:9]), flush=True)
     print()
     print_table(rows, COLUMNS)

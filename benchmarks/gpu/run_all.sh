@@ -7,9 +7,9 @@
 #   4. benchmarks/bench_train_step.py   (real towers of the YFCC-15M recipes, bf16, per method)
 #
 # Here, first:   bash benchmarks/gpu/wheels.sh          (deepspeed, webdataset, ... into .whl/)
-# Then, with the device tool:  run(command="bash benchmarks/gpu/run_all.sh", carry=[".whl"], timeout_s=480)
+# Then, with the device tool:  run(command="bash benchmarks/gpu/run_all.sh", carry=[".whl"], timeout_s=540)
 # Each step has its own time limit (STEP_SCALE=0.5 halves them all), so the whole run ends in about
-# 6.5 minutes and what finished comes back: $OUT/run.log (everything printed) and $OUT/results.tgz
+# 8.5 minutes (timeout_s=540; the last two steps are tile sweeps for tuning and can be cut first) and what finished comes back: $OUT/run.log (everything printed) and $OUT/results.tgz
 # (CSV, PNG, JSON, per-step logs). QUICK=1 runs the CPU-sized grids (to try this script on a laptop).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -46,10 +46,22 @@ if [ "${QUICK:-0}" = 1 ]; then
     step filip 300 python3 benchmarks/bench_filip.py --out "$WORK" --reps 3 --warmup 1
     step train_step 600 python3 benchmarks/bench_train_step.py --methods clip --zero 0 --steps 2 --warmup 1 \
         --json "$WORK/train_step.json" --markdown
+    mkdir -p "$WORK/tiles"
+    step tiles_contrastive 120 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --reps 2 --warmup 1 \
+        --tiles fwd_bm=128,fwd_bn=128
+    step tiles_filip 120 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --reps 2 --warmup 1 --tiles 64x256x32
 else
     step tests 80 python3 -m pytest -q tests/test_kernels.py -m "gpu or not gpu" -p no:cacheprovider
     step contrastive 100 python3 benchmarks/bench_contrastive.py --out "$WORK" --reps 20 --warmup 3
     step filip 70 python3 benchmarks/bench_filip.py --out "$WORK" --reps 20 --warmup 3
     step train_step 120 python3 benchmarks/bench_train_step.py --methods clip slip declip filip defilip --zero 2 \
         --steps 10 --warmup 3 --json "$WORK/train_step.json" --markdown
+    # tile sweeps: the default kernel row next to alternatives, same shape, same run (tuning data;
+    # the defaults were picked without a GPU by declip_ds.kernels.compile_check: no register spills)
+    mkdir -p "$WORK/tiles"
+    step tiles_contrastive 50 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --B 32768 --D 512 \
+        --methods triton --reps 10 --warmup 2 --tiles fwd_bm=128,fwd_bn=128 fwd_bm=64,fwd_bn=128,fwd_warps=4 \
+        fwd_bm=64,fwd_bn=64,fwd_warps=4 bwd_bm=128,bwd_bn=64 bwd_bm=128,bwd_bn=128 bwd_warps=4 groups=32
+    step tiles_filip 75 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --B 1024 --Ti 50 --Tt 77 --D 512 \
+        --no-extra --methods triton --reps 5 --warmup 1 --tiles 64x256x32 128x128x32 64x128x32x4x2 64x128x64
 fi

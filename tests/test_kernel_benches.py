@@ -1,0 +1,46 @@
+"""The kernel benchmarks run (CPU: tiny grid, torch paths) and accept tile sweeps for the GPU rows."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_contrastive  # noqa: E402
+import bench_filip  # noqa: E402
+
+
+def run(script, tmp_path, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--out", str(tmp_path), "--reps", "2",
+                           "--warmup", "1", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return proc
+
+
+def test_bench_contrastive_cpu_grid_and_tile_specs(tmp_path):
+    proc = run("bench_contrastive.py", tmp_path, "--B", "64", "128", "--D", "32", "--tiles", "fwd_bm=64,fwd_bn=128")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the triton rows need a GPU" in proc.stdout
+    rows = list(csv.DictReader(open(tmp_path / "contrastive.csv")))
+    assert {(r["method"], r["B"]) for r in rows} == {("eager", "64"), ("torch", "64"), ("eager", "128"), ("torch", "128")}
+    assert all(r["status"] == "ok" and float(r["fwd_bwd_ms"]) > 0 for r in rows)
+
+
+def test_bench_filip_cpu_grid(tmp_path):
+    proc = run("bench_filip.py", tmp_path, "--B", "8", "--Ti", "6", "--Tt", "5", "--D", "16", "--tiles", "64x128x32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "filip.csv")))
+    assert {r["method"] for r in rows} == {"eager", "torch"} and all(r["status"] == "ok" for r in rows)
+
+
+def test_tile_specs_are_parsed_and_bad_ones_named():
+    assert bench_contrastive.parse_tiles("fwd_bm=128, fwd_warps=4") == {"fwd_bm": 128, "fwd_warps": 4}
+    assert bench_filip.parse_tiles("64x256x32") == {"BM": 64, "BN": 256, "BK": 32}
+    assert bench_filip.parse_tiles("128x128x32x8x2") == {"BM": 128, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 2}
+    with pytest.raises(SystemExit, match="KEY one of fwd_bm"):
+        bench_contrastive.parse_tiles("fwd_block=128")
+    with pytest.raises(SystemExit, match="BMxBNxBK"):
+        bench_filip.parse_tiles("64x256")
