@@ -56,10 +56,11 @@ def check_reports(reports, arch):
             assert r["mma"] == ("wgmma" if arch == 90 else "mma.sync"), where
         # no spills in the CLIP kernels, nor in FILIP tiles of one sample each (Ti, Tt <= 64 x 128);
         # the tiles a long sample forces (Ti=197 -> 256 x 128) and multi-sample tiles spill a little
+        # (up to 624 B on sm_90 and 544 B on sm_80 with triton 3.8; 0.8-1 KB before the two-phase epilogue)
         if r["kernel"].startswith("_clip") or "IB=1 JB=1 BM=64 BN=128" in r["tiles"]:
             assert r["spill_bytes"] == 0, f"{where}: {r['spill_bytes']} bytes of register spills"
         else:
-            assert r["spill_bytes"] <= 1024, f"{where}: {r['spill_bytes']} bytes of register spills"
+            assert r["spill_bytes"] <= 768, f"{where}: {r['spill_bytes']} bytes of register spills"
 
 
 def test_kernels_compile_for_sm90(tmp_path):

@@ -17,7 +17,10 @@ same helper, tile shapes and D order as the forward (so the recomputed arg-max i
 a row-parallel kernel accumulates dX = dS @ Y over all column tiles, a column-parallel kernel
 accumulates dY = dS^T @ X over all row tiles. dS is the sum of two one-hot maps:
   dS[(i,k),(j,r)] = g_i2t[i,j] w_i[k] 1[r = argmax_r'] + g_t2i[i,j] w_j[r] 1[k = argmax_k']
-with ties resolved to the lowest token index (min over the positions equal to the max).
+with ties resolved to the lowest token index (min over the positions equal to the max). The epilogue
+runs in two phases so S and dS are never live together: the maxima of S are reduced into small
+per-sample tables of arg-max position and weight, then dS is built from the tables (fewer register
+spills on sm_90; see ``python -m declip_ds.kernels.compile_check``).
 Padded tokens (mask False) are excluded from every max and carry weight 0, so they get exactly zero
 gradient. A pair where a side has no valid token scores 0 (as in ``filip_similarity``).
 
@@ -134,36 +137,61 @@ def _tm_fwd_kernel(X, Y, WX, WY, O1, O2, Bi, Bt, TI, TT, D,
 
 @triton.jit
 def _tm_dscores(s, p, q, ri, rimg, rin, rw, cj, ctxt, cin, cw, G1, G2, Bi, Bt,
-                IB: tl.constexpr, JB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
-    """d(sum g1*s_i2t + g2*s_t2i)/dS for one tile: one-hot at the arg-max (lowest index on ties)."""
+                IB: tl.constexpr, JB: tl.constexpr, IB_P: tl.constexpr, JB_P: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
+    """d(sum g1*s_i2t + g2*s_t2i)/dS for one tile: one-hot at the arg-max (lowest index on ties).
+
+    Two phases so that S and dS are never live together (one (BM, BN) fp32 tile fewer in registers):
+    the reductions over S first, kept as small (BM, JB_P) / (IB_P, BN) tables of arg-max position and
+    weight per sample; then dS is built from the tables alone."""
     ridx = tl.arange(0, BM)
     cidx = tl.arange(0, BN)
-    ds = tl.zeros((BM, BN), dtype=tl.float32)
+    jslot = tl.arange(0, JB_P)
+    islot = tl.arange(0, IB_P)
+    # phase 1: per (row, text) and (image, column) arg-max positions and weights; the last uses of S
+    pos1 = tl.full((BM, JB_P), BN, tl.int32)
+    w1 = tl.zeros((BM, JB_P), tl.float32)
+    pos2 = tl.full((IB_P, BN), BM, tl.int32)
+    w2 = tl.zeros((IB_P, BN), tl.float32)
     if NEED_I2T:
         for jj in tl.static_range(JB):
-            sm = tl.where(((cj == jj) & (cw > 0))[None, :], s, NEG)
-            rmax = tl.max(sm, 1)
-            first = tl.min(tl.where(sm == rmax[:, None], cidx[None, :], BN), 1)  # (BM,)
+            cols = ((cj == jj) & (cw > 0))[None, :]
+            rmax = tl.max(tl.where(cols, s, NEG), 1)  # (BM,) max over text jj's valid tokens
+            first = tl.min(tl.where(cols & (s == rmax[:, None]), cidx[None, :], BN), 1)  # (BM,)
             oj = q * JB + jj
             g = tl.load(G1 + rimg * Bt + oj, mask=rin & (oj < Bt), other=0.0) * rw
             g = tl.where(rmax > NEG_HALF, g, 0.0)
-            ds += tl.where(cidx[None, :] == first[:, None], g[:, None], 0.0)
+            pos1 = tl.where(jslot[None, :] == jj, first[:, None], pos1)
+            w1 = tl.where(jslot[None, :] == jj, g[:, None], w1)
     if NEED_T2I:
         for ii in tl.static_range(IB):
-            sm = tl.where(((ri == ii) & (rw > 0))[:, None], s, NEG)
-            cmax = tl.max(sm, 0)
-            first = tl.min(tl.where(sm == cmax[None, :], ridx[:, None], BM), 0)  # (BN,)
+            rows = ((ri == ii) & (rw > 0))[:, None]
+            cmax = tl.max(tl.where(rows, s, NEG), 0)  # (BN,) max over image ii's valid tokens
+            first = tl.min(tl.where(rows & (s == cmax[None, :]), ridx[:, None], BM), 0)  # (BN,)
             oi = p * IB + ii
             g = tl.load(G2 + oi * Bt + ctxt, mask=cin & (oi < Bi), other=0.0) * cw
             g = tl.where(cmax > NEG_HALF, g, 0.0)
+            pos2 = tl.where(islot[:, None] == ii, first[None, :], pos2)
+            w2 = tl.where(islot[:, None] == ii, g[None, :], w2)
+    # phase 2: dS from the tables (S is dead here)
+    ds = tl.zeros((BM, BN), dtype=tl.float32)
+    if NEED_I2T:
+        for jj in tl.static_range(JB):
+            first = tl.sum(tl.where(jslot[None, :] == jj, pos1, 0), 1)  # (BM,)
+            g = tl.sum(tl.where(jslot[None, :] == jj, w1, 0.0), 1)
+            ds += tl.where(cidx[None, :] == first[:, None], g[:, None], 0.0)
+    if NEED_T2I:
+        for ii in tl.static_range(IB):
+            first = tl.sum(tl.where(islot[:, None] == ii, pos2, 0), 0)  # (BN,)
+            g = tl.sum(tl.where(islot[:, None] == ii, w2, 0.0), 0)
             ds += tl.where(ridx[:, None] == first[None, :], g[None, :], 0.0)
     return ds
 
 
 @triton.jit
 def _tm_bwd_x_kernel(X, Y, WX, WY, G1, G2, DX, Bi, Bt, TI, TT, D, n_col_tiles,
-                     IB: tl.constexpr, JB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     IB: tl.constexpr, JB: tl.constexpr, IB_P: tl.constexpr, JB_P: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      PREC: tl.constexpr, NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
     p = tl.program_id(0)
     ri, rimg, rtok, rin, rw = _samples(p, Bi, TI, WX, IB, BM)
@@ -172,7 +200,7 @@ def _tm_bwd_x_kernel(X, Y, WX, WY, G1, G2, DX, Bi, Bt, TI, TT, D, n_col_tiles,
         cj, ctxt, ctok, cin, cw = _samples(q, Bt, TT, WY, JB, BN)
         s = _scores_tile(X, Y, rtok, ctok, rin, cin, D, D, D, BM, BN, BK, PREC)
         ds = _tm_dscores(s, p, q, ri, rimg, rin, rw, cj, ctxt, cin, cw, G1, G2, Bi, Bt,
-                         IB, JB, BM, BN, NEED_I2T, NEED_T2I).to(Y.dtype.element_ty)
+                         IB, JB, IB_P, JB_P, BM, BN, NEED_I2T, NEED_T2I).to(Y.dtype.element_ty)
         for k0 in range(0, D, BK):
             kk = k0 + ks
             km = kk < D
@@ -184,7 +212,8 @@ def _tm_bwd_x_kernel(X, Y, WX, WY, G1, G2, DX, Bi, Bt, TI, TT, D, n_col_tiles,
 
 @triton.jit
 def _tm_bwd_y_kernel(X, Y, WX, WY, G1, G2, DY, Bi, Bt, TI, TT, D, n_row_tiles,
-                     IB: tl.constexpr, JB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     IB: tl.constexpr, JB: tl.constexpr, IB_P: tl.constexpr, JB_P: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      PREC: tl.constexpr, NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
     q = tl.program_id(0)
     cj, ctxt, ctok, cin, cw = _samples(q, Bt, TT, WY, JB, BN)
@@ -193,7 +222,7 @@ def _tm_bwd_y_kernel(X, Y, WX, WY, G1, G2, DY, Bi, Bt, TI, TT, D, n_row_tiles,
         ri, rimg, rtok, rin, rw = _samples(p, Bi, TI, WX, IB, BM)
         s = _scores_tile(X, Y, rtok, ctok, rin, cin, D, D, D, BM, BN, BK, PREC)
         ds = _tm_dscores(s, p, q, ri, rimg, rin, rw, cj, ctxt, cin, cw, G1, G2, Bi, Bt,
-                         IB, JB, BM, BN, NEED_I2T, NEED_T2I)
+                         IB, JB, IB_P, JB_P, BM, BN, NEED_I2T, NEED_T2I)
         dst = tl.trans(ds).to(X.dtype.element_ty)  # (BN, BM)
         for k0 in range(0, D, BK):
             kk = k0 + ks
@@ -231,7 +260,8 @@ def _launch_backward(which, x, y, wx, wy, g1, g2, need_i2t, need_t2i):
     """which="x": fp32 (Bi, Ti, D) gradient of the image tokens; "y": fp32 (Bt, Tt, D) of the text tokens.
     One at a time, so the caller can shrink the first to the input dtype before the second exists."""
     g = _geometry(x, y)
-    meta = dict(IB=g["IB"], JB=g["JB"], BM=g["BM"], BN=g["BN"], BK=g["BK"], PREC=_precision(x.dtype),
+    meta = dict(IB=g["IB"], JB=g["JB"], IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BK=g["BK"],
+                PREC=_precision(x.dtype),
                 NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"], num_stages=g["num_stages"])
     dims = (g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"])
     if which == "x":
