@@ -211,6 +211,13 @@ def torch_peak_bytes(fn):
     return peak
 
 
+def test_paired_dots_in_row_blocks_equal_the_full_product(monkeypatch):
+    monkeypatch.setattr(contrastive, "_PAIR_ROWS", 3)  # 10 rows: blocks of 3, 3, 3, 1
+    a, b = features(10, 16, seed=5, dtype=torch.float16)
+    torch.testing.assert_close(contrastive._paired_dots(a, b), (a.float() * b.float()).sum(-1), rtol=0, atol=1e-6)
+    assert contrastive._paired_dots(a[:0], b[:0]).shape == (0,)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_clip_loss_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype):
     """KERNELS.md §3.1 memory, measured on the allocations (the same Python code runs on a GPU): forward +

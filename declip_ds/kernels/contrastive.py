@@ -264,8 +264,9 @@ _PAIR_ROWS = 4096  # rows upcast at a time by _paired_dots: 2 * 4096 * D fp32 tr
 def _paired_dots(image, text):
     """(b,) fp32 <image_i, text_i>, upcast _PAIR_ROWS rows at a time (no (b, D) fp32 copies)."""
     rows = _PAIR_ROWS
-    return torch.cat([torch.einsum("bd,bd->b", image[i:i + rows].float(), text[i:i + rows].float())
-                      for i in range(0, image.shape[0], rows)])
+    parts = [torch.einsum("bd,bd->b", image[i:i + rows].float(), text[i:i + rows].float())
+             for i in range(0, image.shape[0], rows)]
+    return torch.cat(parts) if parts else image.new_zeros(0, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------- distributed pieces
