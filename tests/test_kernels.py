@@ -218,6 +218,11 @@ def test_paired_dots_in_row_blocks_equal_the_full_product(monkeypatch):
     assert contrastive._paired_dots(a[:0], b[:0]).shape == (0,)
 
 
+cpu_allocations = pytest.mark.skipif(torch.cuda.is_available(), reason="measures CPU allocations; on a GPU the "
+                                     "test_gpu_*_memory tests measure max_memory_allocated")
+
+
+@cpu_allocations
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_clip_loss_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype):
     """KERNELS.md §3.1 memory, measured on the allocations (the same Python code runs on a GPU): forward +
@@ -296,6 +301,7 @@ def test_token_max_matches_float64(Bi, Bt, Ti, Tt, D, dtype):
     assert kgx[~xm].abs().max() == 0 and kgy[~ym].abs().max() == 0  # padding gets exactly nothing
 
 
+@cpu_allocations
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype):
     """Forward + backward holds the token gradients, one fp32 token-gradient buffer (the larger side) and
