@@ -211,6 +211,21 @@ def torch_peak_bytes(fn):
     return peak
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_tile_configuration_gives_the_reference_result(monkeypatch, dtype):
+    """The tiles shipped for GPUs (128 x 64 forward, 64 x 64 backward, 16 groups; fp32: K chunks of 16), run
+    here by the interpreter: several row/column groups, partial last tiles, D not a multiple of BK."""
+    monkeypatch.setattr(contrastive, "_FORCE_GPU_TILES", [True])
+    assert contrastive._config(torch.zeros(1, dtype=dtype))["fwd_bn"] == 64
+    img, txt = features(200, 40, seed=21, dtype=dtype)
+    s = torch.tensor(30.0, device=DEV)
+    ref_loss, ref_grads = run_clip(reference_clip_loss, img.double(), txt.double(), s.double())
+    loss, grads = run_clip(fused_clip_loss, img, txt, s)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-4 * max(1.0, abs(float(ref_loss)))
+    for g, r in zip(grads, ref_grads):
+        assert_grad_close(g, r, 1e-4 if dtype == torch.float32 else 5e-3)
+
+
 def test_paired_dots_in_row_blocks_equal_the_full_product(monkeypatch):
     monkeypatch.setattr(contrastive, "_PAIR_ROWS", 3)  # 10 rows: blocks of 3, 3, 3, 1
     a, b = features(10, 16, seed=5, dtype=torch.float16)
@@ -324,6 +339,21 @@ def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, d
     assert grads <= peak <= grads + fp32_buffer + small, (peak, grads, fp32_buffer, small)
 
 
+@pytest.mark.parametrize("Ti,Tt", [(50, 77), (20, 16)])
+def test_token_max_gpu_tiles_give_the_reference_result(monkeypatch, Ti, Tt):
+    """The GPU tile choice (64 x 128 for 50 x 77: one image and one text per tile; 64 x 64 for 20 x 16:
+    3 images x 4 texts, the two-phase epilogue's multi-sample tables), run by the interpreter in fp16."""
+    from declip_ds.kernels import contrastive as c
+
+    monkeypatch.setattr(c, "_FORCE_GPU_TILES", [True])
+    x, y, xm, ym = token_inputs(5, 6, Ti, Tt, 24, seed=Ti, dtype=torch.float16)
+    w = torch.randn(2, 5, 6, dtype=torch.float64).to(DEV)
+    ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
+    got = run_sim(token_max_similarity, x, y, xm, ym, w)
+    assert (got[0].double() - ref[0]).abs().max() <= 1e-3 and (got[1].double() - ref[1]).abs().max() <= 1e-3
+    assert rel_frobenius(got[2], ref[2]) <= 5e-3 and rel_frobenius(got[3], ref[3]) <= 5e-3
+
+
 def test_token_max_padding_influences_nothing():
     x, y, xm, ym = token_inputs(7, 6, 6, 7, 32, seed=5, dtype=torch.float32)
     x2, y2 = x.clone(), y.clone()
@@ -419,6 +449,10 @@ def test_choose_tiles_holds_whole_samples():
     assert token_max.choose_tiles(49, 16, 512, True)["BM"] * token_max.choose_tiles(49, 16, 512, True)["BN"] <= 64 * 128
     assert (token_max.choose_tiles(197, 77, 512, True)["BM"], token_max.choose_tiles(197, 77, 512, True)["BN"]) == (256, 128)
     assert token_max.choose_tiles(50, 77, 512, True, torch.float32)["BK"] == 16  # fp32 FMA dots: short K chunks
+    for Ti, Tt in ((20, 16), (10, 8), (49, 16), (32, 32), (3, 2)):  # at most 8 samples per GPU tile ...
+        t = token_max.choose_tiles(Ti, Tt, 256, True)
+        assert t["BM"] // Ti + t["BN"] // Tt <= 8 or (t["BM"], t["BN"]) == (16, 16), (Ti, Tt, t)
+    assert (token_max.choose_tiles(1, 1, 64, True)["BM"], token_max.choose_tiles(1, 1, 64, True)["BN"]) == (16, 16)
 
 
 # ------------------------------------------------------------------------------- selection, packaging

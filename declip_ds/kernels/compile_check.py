@@ -38,7 +38,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Shapes whose launches are captured: the configurations the benchmarks and recipes use.
 CLIP_SHAPES = [(4096, 512), (4096, 768)]  # (B, D)
-FILIP_SHAPES = [(64, 50, 77, 256), (64, 197, 77, 256), (64, 49, 16, 256), (64, 77, 16, 512)]  # (B, Ti, Tt, D)
+FILIP_SHAPES = [(64, 50, 77, 256), (64, 197, 77, 256), (64, 49, 16, 256), (64, 77, 16, 512),
+                (64, 20, 16, 256)]  # (B, Ti, Tt, D)
 
 
 @dataclasses.dataclass

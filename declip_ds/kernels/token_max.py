@@ -11,6 +11,9 @@ budget is 64 x 128 (8 warps): larger tiles make the backward's arg-max epilogue 
 sm_90 (``python -m declip_ds.kernels.compile_check`` measures it), e.g. Ti=50, Tt=77 -> 64 x 128 (one
 image, one text, 47% used; 64 x 256 would use 70% but spills), Ti=49, Tt=16 -> 256 x 32 (5 images,
 2 texts, 96%); a sample longer than the budget gets the smallest tile that holds it (Ti=197 -> 256 x 128).
+A GPU tile also holds at most 8 samples (IB + JB): the backward epilogue passes over the tile once per
+sample, so short sequences packed 50 to a tile cost more in the epilogue than in the MMA and spill
+(Ti=20, Tt=16 -> 64 x 64, 3 images x 4 texts, instead of 512 x 16 with 25 images).
 
 Backward: **recompute** (nothing of size B^2*T is saved). Two kernels, each recomputing S with the
 same helper, tile shapes and D order as the forward (so the recomputed arg-max is the forward's):
@@ -56,17 +59,22 @@ def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool, dtype: torch.dtype = torc
     if _override:
         return {**launch, **_override}
     max_area = 64 * 128 if cuda else 64 * 64
+    # the backward epilogue makes one pass over the tile per sample in it (IB + JB passes): its cost per
+    # pair grows with IB + JB, and many samples per tile spill (IB=51, JB=2 at Ti=10: 13 KB/thread)
+    max_samples = 8 if cuda else 1 << 30
     best = None
     for BM in (16, 32, 64, 128, 256, 512):
         for BN in (16, 32, 64, 128, 256, 512):
             if BM < Ti or BN < Tt or (BM * BN > max_area and (BM > _pow2(max(Ti, 16)) or BN > _pow2(max(Tt, 16)))):
                 continue  # too small for one sample, or larger than needed and over the area budget
+            if BM // Ti + BN // Tt > max_samples and (BM > max(16, _pow2(Ti)) or BN > max(16, _pow2(Tt))):
+                continue  # too many samples per tile (the smallest legal tile, 16 x 16 for 1-token samples, stays)
             used = (BM // Ti * Ti / BM) * (BN // Tt * Tt / BN)
             key = (round(used, 3), BM * BN)
             if best is None or key > best[0]:
                 best = (key, BM, BN)
     if best is None:  # samples longer than 512 tokens: one sample per tile
-        BM, BN = _pow2(Ti), _pow2(Tt)
+        BM, BN = max(16, _pow2(Ti)), max(16, _pow2(Tt))
     else:
         BM, BN = best[1], best[2]
     # fp32 dots run on FMA units (true fp32, no tensor cores) and spill with K chunks over 16 on sm_90
