@@ -68,6 +68,15 @@ def run_clip(fn, img, txt, scale, **kw):
     return loss.detach(), [t.grad for t in a]
 
 
+def check_fused_against_float64(img, txt, s, rel):
+    """fused_clip_loss (current tile configuration) vs the float64 reference: loss to 1e-4, grads to rel."""
+    ref_loss, ref_grads = run_clip(reference_clip_loss, img.double(), txt.double(), s.double())
+    loss, grads = run_clip(fused_clip_loss, img, txt, s)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-4 * max(1.0, abs(float(ref_loss)))
+    for g, r in zip(grads, ref_grads):
+        assert_grad_close(g, r, rel)
+
+
 # ------------------------------------------------------------------------------------ fused_clip_loss
 CLIP_CASES = [(B, D, s) for B, D, s in [(1, 16, 1.0), (1, 64, 100.0), (7, 16, 14.3), (7, 64, 100.0), (7, 96, 1.0),
                                         (33, 16, 100.0), (33, 64, 1.0), (33, 96, 14.3)]]
@@ -218,12 +227,7 @@ def test_gpu_tile_configuration_gives_the_reference_result(monkeypatch, dtype):
     monkeypatch.setattr(contrastive, "_FORCE_GPU_TILES", [True])
     assert contrastive._config(torch.zeros(1, dtype=dtype))["fwd_bn"] == 64
     img, txt = features(200, 40, seed=21, dtype=dtype)
-    s = torch.tensor(30.0, device=DEV)
-    ref_loss, ref_grads = run_clip(reference_clip_loss, img.double(), txt.double(), s.double())
-    loss, grads = run_clip(fused_clip_loss, img, txt, s)
-    assert abs(float(loss) - float(ref_loss)) <= 1e-4 * max(1.0, abs(float(ref_loss)))
-    for g, r in zip(grads, ref_grads):
-        assert_grad_close(g, r, 1e-4 if dtype == torch.float32 else 5e-3)
+    check_fused_against_float64(img, txt, torch.tensor(30.0, device=DEV), 1e-4 if dtype == torch.float32 else 5e-3)
 
 
 def test_paired_dots_in_row_blocks_equal_the_full_product(monkeypatch):
@@ -495,12 +499,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("B,D,scale", [(128, 512, 14.3), (4097, 768, 100.0), (16384, 512, 1.0), (4097, 1000, 14.3)])
 def test_gpu_fused_clip_loss_bf16(B, D, scale):
     img, txt = features(B, D, seed=B, dtype=torch.bfloat16)
-    s = torch.tensor(scale, device=DEV)
-    ref_loss, ref_g = run_clip(reference_clip_loss, img.double(), txt.double(), s.double())
-    loss, grads = run_clip(fused_clip_loss, img, txt, s)
-    assert abs(float(loss) - float(ref_loss)) <= 1e-4 * max(1.0, abs(float(ref_loss)))
-    for g, r in zip(grads, ref_g):
-        assert_grad_close(g, r, 5e-3)
+    check_fused_against_float64(img, txt, torch.tensor(scale, device=DEV), 5e-3)
 
 
 @gpu
@@ -508,12 +507,7 @@ def test_gpu_fused_clip_loss_bf16(B, D, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_fused_clip_loss_large(dtype):
     img, txt = features(4097, 512, seed=1, dtype=dtype)
-    s = torch.tensor(100.0, device=DEV)
-    ref_loss, ref_g = run_clip(reference_clip_loss, img.double(), txt.double(), s.double())
-    loss, grads = run_clip(fused_clip_loss, img, txt, s)
-    assert abs(float(loss) - float(ref_loss)) <= 1e-4 * max(1.0, abs(float(ref_loss)))
-    for g, r in zip(grads, ref_g):
-        assert_grad_close(g, r, 1e-4 if dtype == torch.float32 else 5e-3)
+    check_fused_against_float64(img, txt, torch.tensor(100.0, device=DEV), 1e-4 if dtype == torch.float32 else 5e-3)
 
 
 @gpu
