@@ -230,6 +230,37 @@ def test_gpu_tile_configuration_gives_the_reference_result(monkeypatch, dtype):
     check_fused_against_float64(img, txt, torch.tensor(30.0, device=DEV), 1e-4 if dtype == torch.float32 else 5e-3)
 
 
+def test_launch_falls_back_to_fewer_stages_then_names_the_fix(monkeypatch):
+    """Cards with 99 KB of shared memory per block (sm_86/89) cannot hold every tile at the stage count
+    chosen for sm_90: the launcher retries with fewer stages, remembers what fit, and otherwise says what to do."""
+    calls = []
+
+    class FakeKernel:
+        __name__ = "_fake_kernel"
+
+        def __init__(self, fits_at):
+            self.fits_at = fits_at
+
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **kwargs):
+                calls.append(num_stages)
+                if num_stages > self.fits_at:
+                    raise contrastive.OutOfResources(200000, 101376, "shared memory")
+                return "launched"
+            return run
+
+    monkeypatch.setattr(contrastive, "_STAGES_THAT_FIT", {})
+    t = torch.zeros(1)
+    assert contrastive._launch(FakeKernel(1), (1,), t, num_stages=3, what="x", BM=64) == "launched"
+    assert calls == [3, 2, 1]
+    calls.clear()
+    assert contrastive._launch(FakeKernel(1), (1,), t, num_stages=3, what="x", BM=64) == "launched"
+    assert calls == [1]  # remembered per kernel, tiles and device
+    with pytest.raises(RuntimeError, match=r"token_max_similarity: kernel _fake_kernel with BM=64 needs 200000 of "
+                                           r"shared memory \(limit 101376.*loss.impl=torch"):
+        contrastive._launch(FakeKernel(0), (1,), t, num_stages=2, what="token_max_similarity", BM=64)
+
+
 def test_paired_dots_in_row_blocks_equal_the_full_product(monkeypatch):
     monkeypatch.setattr(contrastive, "_PAIR_ROWS", 3)  # 10 rows: blocks of 3, 3, 3, 1
     a, b = features(10, 16, seed=5, dtype=torch.float16)

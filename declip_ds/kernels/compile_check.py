@@ -7,8 +7,9 @@ target (e.g. sm_90 = H100/H200) down to a cubin with the ptxas that ships in the
 as the runtime would compile it (same signature, constexprs and alignment specialisation).
 
 What it tells you, per launch: does it compile for that card, registers per thread, spilled bytes
-(ptxas "spill stores"), shared memory against the architecture's per-block limit, and which MMA the
-dots lower to (wgmma on Hopper, mma.sync otherwise). Spills and a shared-memory overflow are the GPU
+(ptxas "spill stores"), shared memory against the architecture's per-block limit (when it does not fit,
+the figures are for the fewest-stages build the runtime falls back to, named in the status), and which
+MMA the dots lower to (wgmma on Hopper, mma.sync otherwise). Spills and a shared-memory overflow are the GPU
 failures the CPU interpreter cannot show; speed still needs a GPU (benchmarks/bench_*.py).
 
 Run:  python -m declip_ds.kernels.compile_check [--arch 90 80] [--dtype bf16 fp16 fp32] [--json FILE]
@@ -65,6 +66,7 @@ class Report:
     shared_bytes: int | None = None
     shared_limit: int | None = None
     mma: str | None = None  # "wgmma", "mma.sync" or "none"
+    fallback_stages: int | None = None  # fewer pipeline stages the runtime falls back to (figures are for them)
     seconds: float | None = None
     error: str | None = None
 
@@ -83,7 +85,8 @@ class Report:
             return f"ERROR {self.error}"
         if not self.fits:
             return f"SHARED {self.shared_bytes} > {self.shared_limit}"
-        return f"spills {self.spill_bytes} B" if self.spill_bytes else "ok"
+        note = f" (num_stages {self.fallback_stages})" if self.fallback_stages else ""
+        return (f"spills {self.spill_bytes} B" if self.spill_bytes else "ok") + note
 
 
 def _require_compiled_kernels() -> None:
@@ -187,14 +190,23 @@ def compile_launch(ln: Launch, arch: int) -> Report:
                  num_warps=ln.kwargs.get("num_warps", 4), num_stages=ln.kwargs.get("num_stages", 3),
                  shared_limit=SMEM_LIMIT.get(arch))
     t0 = time.perf_counter()
-    try:
-        target = GPUTarget("cuda", arch, 32)
-        backend = make_backend(target)
-        kwargs = dict(ln.kwargs, debug=False)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+
+    def build(stages: int):
+        kwargs = dict(ln.kwargs, debug=False, num_stages=stages)
         binder = create_function_from_signature(fn.signature, fn.params, backend)
         bound, specialization, options = binder(*ln.args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+    try:
+        compiled = build(rep.num_stages)
+        # the runtime (contrastive._launch) retries with fewer stages when the card lacks shared memory
+        for stages in range(rep.num_stages - 1, 0, -1):
+            if rep.shared_limit is None or int(compiled.metadata.shared) <= rep.shared_limit:
+                break
+            compiled, rep.fallback_stages = build(stages), stages
         ptx = compiled.asm["ptx"]
         rep.shared_bytes = int(compiled.metadata.shared)
         rep.mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if re.search(r"\bmma\.sync", ptx) else "none")

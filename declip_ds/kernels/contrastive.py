@@ -73,6 +73,38 @@ def tile_config(**kw):
         _override.update(old)
 
 
+try:  # where triton keeps it (runtime.errors since 2.1)
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover
+    from triton.runtime.autotuner import OutOfResources
+
+_STAGES_THAT_FIT: dict = {}  # (kernel, constexprs, device) -> num_stages that fit this card's shared memory
+
+
+def _launch(kernel, grid, *args, num_stages: int, what: str, **kwargs):
+    """kernel[grid](*args, num_stages=..., **kwargs), with fewer pipeline stages when the card has less
+    shared memory per block than the tiles were chosen for (sm_86/sm_89: 99 KB against 227 KB on sm_90).
+    Fewer stages only shorten the prefetch pipeline, not the arithmetic. If even one stage does not fit,
+    raise an error that names the kernel, the need, the limit and the fix (``what`` says which call)."""
+    key = (getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", str(kernel)),
+           tuple(sorted((k, str(v)) for k, v in kwargs.items())), str(args[0].device) if args else "")
+    stages = _STAGES_THAT_FIT.get(key, num_stages)
+    while True:
+        try:
+            out = kernel[grid](*args, num_stages=stages, **kwargs)
+            _STAGES_THAT_FIT[key] = stages
+            return out
+        except OutOfResources as err:
+            if stages > 1:
+                stages -= 1
+                continue
+            raise RuntimeError(
+                f"{what}: kernel {key[0]} with {', '.join(f'{k}={v}' for k, v in key[1] if k.isupper())} needs "
+                f"{err.required} of {err.name} (limit {err.limit} on this GPU) even with one pipeline stage. Use "
+                f"bf16/fp16 inputs (smaller tiles' buffers), or loss.impl=torch for the chunked pure-torch path "
+                f"on this card.") from err
+
+
 def _config(t: torch.Tensor) -> dict:
     base = (_GPU_FP32 if t.dtype == torch.float32 else _GPU) if _gpu_tiles(t) else _CPU
     return {**base, **_override}
@@ -230,10 +262,11 @@ def _launch_forward(image, all_text, scale32):
     f32 = dict(device=image.device, dtype=torch.float32)
     row_m, row_l, row_u = torch.full((G_c, b), _NEG, **f32), torch.zeros(G_c, b, **f32), torch.zeros(G_c, b, **f32)
     col_m, col_l, col_u = torch.full((G_r, N), _NEG, **f32), torch.zeros(G_r, N, **f32), torch.zeros(G_r, N, **f32)
-    _clip_fwd_kernel[(G_r, G_c)](
-        image, all_text, scale32, row_m, row_l, row_u, col_m, col_l, col_u, b, N, D,
-        image.stride(0), all_text.stride(0), rb_per_g, cb_per_g, BM=BM, BN=BN, BK=BK,
-        PREC=_precision(image.dtype), num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+    _launch(_clip_fwd_kernel, (G_r, G_c),
+            image, all_text, scale32, row_m, row_l, row_u, col_m, col_l, col_u, b, N, D,
+            image.stride(0), all_text.stride(0), rb_per_g, cb_per_g, BM=BM, BN=BN, BK=BK,
+            PREC=_precision(image.dtype), num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
+            what="fused_clip_loss")
     return _merge(row_m, row_l, row_u), _merge(col_m, col_l, col_u)
 
 
@@ -248,13 +281,13 @@ def _launch_backward(which, image, all_text, scale32, row_lse, col_lse, wr, wc, 
     args = (image, all_text, scale32, row_lse, col_lse, wr, wc)
     dims = (b, N, D, image.stride(0), all_text.stride(0), label_offset)
     common = dict(BM=BM, BN=BN, BK=BK, PREC=_precision(image.dtype), num_warps=cfg["bwd_warps"],
-                  num_stages=cfg["bwd_stages"])
+                  num_stages=cfg["bwd_stages"], what="fused_clip_loss backward")
     if which == "rows":
         dI = torch.zeros(b, D, device=image.device, dtype=torch.float32)
-        _clip_bwd_rows_kernel[(triton.cdiv(b, BM),)](*args, dI, *dims, **common)
+        _launch(_clip_bwd_rows_kernel, (triton.cdiv(b, BM),), *args, dI, *dims, **common)
         return dI
     dT = torch.zeros(N, D, device=image.device, dtype=torch.float32)
-    _clip_bwd_cols_kernel[(triton.cdiv(N, BN),)](*args, dT, *dims, **common)
+    _launch(_clip_bwd_cols_kernel, (triton.cdiv(N, BN),), *args, dT, *dims, **common)
     return dT
 
 

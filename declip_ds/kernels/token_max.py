@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from declip_ds.kernels.contrastive import _NEG, NEG, _gpu_tiles, _precision, _scores_tile
+from declip_ds.kernels.contrastive import _NEG, NEG, _gpu_tiles, _launch, _precision, _scores_tile
 from declip_ds.losses.filip import _check_inputs, _DIRECTIONS, token_weights
 
 NEG_HALF = tl.constexpr(_NEG / 2)
@@ -257,10 +257,11 @@ def _launch_forward(x, y, wx, wy, need_i2t, need_t2i):
     g = _geometry(x, y)
     o1 = torch.zeros(g["Bi"], g["Bt"], device=x.device, dtype=torch.float32)
     o2 = torch.zeros(g["Bi"], g["Bt"], device=x.device, dtype=torch.float32)
-    _tm_fwd_kernel[(g["n_p"], g["n_q"])](
-        x, y, wx, wy, o1, o2, g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"], IB=g["IB"], JB=g["JB"],
-        IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BK=g["BK"], PREC=_precision(x.dtype),
-        NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"], num_stages=g["num_stages"])
+    _launch(_tm_fwd_kernel, (g["n_p"], g["n_q"]),
+            x, y, wx, wy, o1, o2, g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"], IB=g["IB"], JB=g["JB"],
+            IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BK=g["BK"], PREC=_precision(x.dtype),
+            NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"], num_stages=g["num_stages"],
+            what="token_max_similarity")
     return o1, o2
 
 
@@ -270,14 +271,15 @@ def _launch_backward(which, x, y, wx, wy, g1, g2, need_i2t, need_t2i):
     g = _geometry(x, y)
     meta = dict(IB=g["IB"], JB=g["JB"], IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BK=g["BK"],
                 PREC=_precision(x.dtype),
-                NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"], num_stages=g["num_stages"])
+                NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"], num_stages=g["num_stages"],
+                what="token_max_similarity backward")
     dims = (g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"])
     if which == "x":
         dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-        _tm_bwd_x_kernel[(g["n_p"],)](x, y, wx, wy, g1, g2, dx, *dims, g["n_q"], **meta)
+        _launch(_tm_bwd_x_kernel, (g["n_p"],), x, y, wx, wy, g1, g2, dx, *dims, g["n_q"], **meta)
         return dx
     dy = torch.zeros(y.shape, device=y.device, dtype=torch.float32)
-    _tm_bwd_y_kernel[(g["n_q"],)](x, y, wx, wy, g1, g2, dy, *dims, g["n_p"], **meta)
+    _launch(_tm_bwd_y_kernel, (g["n_q"],), x, y, wx, wy, g1, g2, dy, *dims, g["n_p"], **meta)
     return dy
 
 
