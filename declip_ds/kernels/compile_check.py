@@ -245,7 +245,8 @@ def format_table(reports: list[Report]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 (H100/H200) 89 (L40S) 80 (A100)")
+    p.add_argument("--arch", type=int, nargs="+", default=[90],
+                   help="compute capabilities, e.g. 90 (H100/H200) 89 (L40S) 80 (A100)")
     p.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=sorted(DTYPES))
     p.add_argument("--json", help="also write the reports to this JSON file")
     p.add_argument("--max-spill", type=int, default=0, help="spilled bytes per thread tolerated before exit status 1")
