@@ -43,7 +43,8 @@ step() {  # step NAME SECONDS CMD...
 }
 
 if [ "${QUICK:-0}" = 1 ]; then
-    step tests 600 python3 -m pytest -q -x tests/test_kernels.py -m "gpu or not gpu" -k "fp32 or gpu" -p no:cacheprovider
+    step tests_gpu 120 python3 -m pytest -q tests/test_kernels.py -m gpu -p no:cacheprovider
+    step tests_rest 600 python3 -m pytest -q -x tests/test_kernels.py -m "not gpu" -k fp32 -p no:cacheprovider
     step contrastive 300 python3 benchmarks/bench_contrastive.py --out "$WORK" --reps 3 --warmup 1
     step filip 300 python3 benchmarks/bench_filip.py --out "$WORK" --reps 3 --warmup 1
     step train_step 600 python3 benchmarks/bench_train_step.py --methods clip --zero 0 --steps 2 --warmup 1 \
