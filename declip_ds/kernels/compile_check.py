@@ -48,7 +48,6 @@ class Launch:
     kernel: object  # the triton JITFunction
     args: tuple
     kwargs: dict
-    grid: tuple
     label: str  # which call and shape produced it
 
 
@@ -116,7 +115,7 @@ def _capture(into: list, label: str):
     real_run = JITFunction.run
 
     def fake_run(self, *args, grid, warmup, **kwargs):
-        into.append(Launch(self, args, dict(kwargs), tuple(grid), label))
+        into.append(Launch(self, args, dict(kwargs), label))
         return None
 
     JITFunction.run = fake_run
