@@ -85,11 +85,7 @@ def bench_one(name, fn, B, Ti, Tt, D, dtype, reps, warmup, peak, ctx=contextlib.
             t_f = median_seconds(forward, reps, warmup)
             t_fb = median_seconds(forward_backward, reps, warmup)
             mem = peak_memory_mb(forward_backward)
-    except (RuntimeError, ValueError) as err:
-        if isinstance(err, ValueError):
-            if "whole sample" not in str(err):
-                raise
-            return {**row, "status": "skipped: tiles smaller than one sample"}
+    except RuntimeError as err:
         if not is_oom(err):
             raise
         torch.cuda.empty_cache()
@@ -140,8 +136,12 @@ def main() -> None:
         for spec, cfg in tiles.items() if cuda else ():
             from declip_ds.kernels import token_max, token_max_similarity
 
-            rows.append(bench_one(f"triton[{spec}]", token_max_similarity, B, Ti, Tt, D, dtype, args.reps, args.warmup,
-                                  peak, ctx=lambda cfg=cfg: token_max.tile_config(**cfg)))
+            if cfg["BM"] < Ti or cfg["BN"] < Tt:  # a tile must hold one whole image and one whole text
+                rows.append(dict(method=f"triton[{spec}]", B=B, Ti=Ti, Tt=Tt, D=D, dtype=str(dtype).replace("torch.", ""),
+                                 status="skipped: tiles smaller than one sample"))
+            else:
+                rows.append(bench_one(f"triton[{spec}]", token_max_similarity, B, Ti, Tt, D, dtype, args.reps,
+                                      args.warmup, peak, ctx=lambda cfg=cfg: token_max.tile_config(**cfg)))
             print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:9]), flush=True)
     print()
     print_table(rows, COLUMNS)
