@@ -154,7 +154,12 @@ class EvalConfig:
 @dataclass
 class LossConfig:
     impl: str = "auto"  # auto | torch | triton (auto = triton on CUDA, torch elsewhere)
-    chunk_size: int = 4096  # row chunk of the torch references
+    # most samples per block on each side of the pure-torch FILIP similarity (lower = less memory; a block
+    # also stays under 2^22 similarities, which is what the default 4096 amounts to)
+    chunk_size: int = 4096
+    # FILIP kernel backward: recompute (default; nothing of size B^2*T kept) | save (keep the uint8 arg-max
+    # indices, Bi*Bt*(Ti+Tt) bytes, and skip the recomputed scores; same result)
+    filip_argmax: str = "recompute"
 
 
 @dataclass
@@ -389,6 +394,8 @@ def validate(exp: Experiment) -> None:
             f"{len(d.train_shards)} sources; give one weight per source or none."
         )
     _choice(exp.loss.impl, ("auto", "torch", "triton"), "loss.impl")
+    _choice(exp.loss.filip_argmax, ("recompute", "save"), "loss.filip_argmax")
+    _positive(exp.loss.chunk_size, "loss.chunk_size")
     from declip_ds.models.vision import SUPPORTED
 
     _choice(m.vision.name, SUPPORTED, "model.vision.name")

@@ -40,6 +40,8 @@ def test_demo_config_loads_and_overrides_are_typed():
     (["model.text.heads=3"], r"divisible"),
     (["noequals"], r"key=value"),
     (["model.vision.name=vit_huge"], r"model.vision.name: 'vit_huge' is not allowed. Choose one of: .*vit_tiny"),
+    (["loss.filip_argmax=keep"], r"loss.filip_argmax: 'keep' is not allowed. Choose one of: recompute, save"),
+    (["loss.chunk_size=0"], r"loss.chunk_size: must be > 0"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -262,3 +262,22 @@ def test_clear_errors():
         filip_similarity(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), None, torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="as many images as texts"):
         filip_loss(torch.zeros(2, 3, 4), torch.zeros(3, 3, 4), torch.tensor(1.0))
+
+
+def test_loss_chunk_size_caps_the_torch_blocks(monkeypatch):
+    """loss.chunk_size reaches the pure-torch similarity as the most samples per block; the default block
+    size (at most 2**22 similarities) still applies when it is the smaller one."""
+    import declip_ds.losses.filip as filip_mod
+    from declip_ds.losses.select import get_filip_similarity
+
+    seen = []
+    real = filip_mod.filip_similarity
+    monkeypatch.setattr(filip_mod, "filip_similarity", lambda *a, **kw: seen.append(kw["chunk_size"]) or real(*a, **kw))
+    x = F.normalize(torch.randn(5, 4, 8, dtype=torch.float64), dim=-1)
+    y = F.normalize(torch.randn(6, 3, 8, dtype=torch.float64), dim=-1)
+    ref = real(x, y)
+    for chunk, expect in ((2, 2), (4096, default_chunk_size(4, 3))):
+        got = get_filip_similarity("torch", chunk_size=chunk)(x, y, direction="both")
+        assert seen[-1] == expect
+        torch.testing.assert_close(got[0], ref[0])
+        torch.testing.assert_close(got[1], ref[1])

@@ -352,11 +352,14 @@ def test_token_max_matches_float64(Bi, Bt, Ti, Tt, D, dtype):
 
 
 @cpu_allocations
+@pytest.mark.parametrize("save_argmax", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype):
-    """Forward + backward holds the token gradients, one fp32 token-gradient buffer (the larger side) and
-    O(Bi*Bt + B*T) floats; never (B, B, Ti, Tt), and not both fp32 buffers at once."""
-    for name in ("_tm_fwd_kernel", "_tm_bwd_x_kernel", "_tm_bwd_y_kernel"):
+def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype, save_argmax):
+    """Forward + backward holds the token gradients and O(Bi*Bt + B*T) floats, never (B, B, Ti, Tt). Recompute:
+    plus one fp32 token-gradient buffer (the larger side), never both at once. save_argmax: plus the
+    Bi*Bt*(Ti+Tt) bytes of indices and no fp32 buffer (gradients written in the input dtype from registers)."""
+    side = "_saved_kernel" if save_argmax else "_kernel"
+    for name in ("_tm_fwd_kernel", "_tm_bwd_x" + side, "_tm_bwd_y" + side):
         monkeypatch.setattr(token_max, name, _CollectAfterLaunch(getattr(token_max, name)))
     Bi, Bt, Ti, Tt, D = 16, 16, 12, 10, 64
     x, y, xm, ym = token_inputs(Bi, Bt, Ti, Tt, D, seed=3, dtype=dtype)
@@ -364,27 +367,31 @@ def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, d
     w1, w2 = torch.randn(2, Bi, Bt).to(DEV)
 
     def fwd_bwd():
-        s1, s2 = token_max_similarity(a, b, xm, ym)
+        s1, s2 = token_max_similarity(a, b, xm, ym, save_argmax=save_argmax)
         torch.autograd.grad((s1 * w1).sum() + (s2 * w2).sum(), (a, b))
 
     peak = torch_peak_bytes(fwd_bwd)
     grads = (Bi * Ti + Bt * Tt) * D * x.element_size()
-    fp32_buffer = max(Bi * Ti, Bt * Tt) * D * 4 if dtype != torch.float32 else 0
+    fp32_buffer = max(Bi * Ti, Bt * Tt) * D * 4 if dtype != torch.float32 and not save_argmax else 0
+    indices = Bi * Bt * (Ti + Tt) if save_argmax else 0
     small = 12 * Bi * Bt * 4 + 4 * (Bi * Ti + Bt * Tt) * 4  # scores, their grads, weights, masks
-    assert grads <= peak <= grads + fp32_buffer + small, (peak, grads, fp32_buffer, small)
+    assert grads + indices <= peak <= grads + indices + fp32_buffer + small, (peak, grads, indices, fp32_buffer, small)
+    assert small < min(Bi * Ti, Bt * Tt) * D * 4  # so the bound leaves no room for an fp32 buffer it does not count
 
 
+@pytest.mark.parametrize("save_argmax", [False, True])
 @pytest.mark.parametrize("Ti,Tt", [(50, 77), (20, 16)])
-def test_token_max_gpu_tiles_give_the_reference_result(monkeypatch, Ti, Tt):
+def test_token_max_gpu_tiles_give_the_reference_result(monkeypatch, Ti, Tt, save_argmax):
     """The GPU tile choice (64 x 128 for 50 x 77: one image and one text per tile; 64 x 64 for 20 x 16:
-    3 images x 4 texts, the two-phase epilogue's multi-sample tables), run by the interpreter in fp16."""
+    3 images x 4 texts, the two-phase epilogue's multi-sample tables), run by the interpreter in fp16, with
+    both backward designs (the saved one in its GPU D chunks: 128 + 32 of D=160 at 64 x 128)."""
     from declip_ds.kernels import contrastive as c
 
     monkeypatch.setattr(c, "_FORCE_GPU_TILES", [True])
-    x, y, xm, ym = token_inputs(5, 6, Ti, Tt, 24, seed=Ti, dtype=torch.float16)
+    x, y, xm, ym = token_inputs(5, 6, Ti, Tt, 160, seed=Ti, dtype=torch.float16)
     w = torch.randn(2, 5, 6, dtype=torch.float64).to(DEV)
     ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
-    got = run_sim(token_max_similarity, x, y, xm, ym, w)
+    got = run_sim(lambda *a: token_max_similarity(*a, save_argmax=save_argmax), x, y, xm, ym, w)
     assert (got[0].double() - ref[0]).abs().max() <= 1e-3 and (got[1].double() - ref[1]).abs().max() <= 1e-3
     assert rel_frobenius(got[2], ref[2]) <= 5e-3 and rel_frobenius(got[3], ref[3]) <= 5e-3
 
@@ -452,6 +459,131 @@ def test_token_max_debug_mode_checks_the_recomputed_argmax(monkeypatch):
         s1.sum().backward()
 
 
+# ------------------------------------------------------- token_max_similarity: saved arg-max backward
+SAVED_CASES = [(1, 1, 5, 7, 16), (7, 5, 4, 11, 16), (33, 7, 5, 7, 96)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("Bi,Bt,Ti,Tt,D", SAVED_CASES)
+def test_token_max_saved_argmax_matches_float64_and_the_recompute(Bi, Bt, Ti, Tt, D, dtype):
+    """save_argmax=True: the forward stores the arg-max indices, the backward builds dS from them (no scores
+    recomputed, gradients accumulated per D chunk in registers): same scores and gradients as the default."""
+    x, y, xm, ym = token_inputs(Bi, Bt, Ti, Tt, D, seed=Bi * 100 + D, dtype=dtype)
+    w = torch.randn(2, Bi, Bt, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEV)
+    ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
+    base = run_sim(token_max_similarity, x, y, xm, ym, w)
+    saved = run_sim(lambda *a: token_max_similarity(*a, save_argmax=True), x, y, xm, ym, w)
+    rel = 1e-5 if dtype == torch.float32 else 5e-3
+    assert (saved[0].double() - ref[0]).abs().max() <= 1e-4 and (saved[1].double() - ref[1]).abs().max() <= 1e-4
+    assert rel_frobenius(saved[2], ref[2]) <= rel and rel_frobenius(saved[3], ref[3]) <= rel
+    assert saved[2][~xm].abs().max() == 0 and saved[3][~ym].abs().max() == 0
+    assert saved[2].dtype == dtype and saved[3].dtype == dtype
+    torch.testing.assert_close(saved[0], base[0], rtol=0, atol=0)  # the same forward
+    torch.testing.assert_close(saved[1], base[1], rtol=0, atol=0)
+    for u, v in zip(saved[2:], base[2:]):  # same dS, same accumulation order over column / row tiles
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_token_max_saved_argmax_stores_the_forward_indices():
+    """The saved indices are each token's arg-max in the other sample (lowest on ties), "T" where the other
+    sample has no valid token; uint8, int16 past 255 tokens; nothing is saved when no gradient is needed.
+    fp16 tokens: on a GPU, fp32 ones take the recomputing backward (see the fallback test)."""
+    x, y, xm, ym = token_inputs(3, 4, 6, 5, 16, seed=31, dtype=torch.float16)
+    ym[2] = False  # a text without a valid token
+    a = x.clone().requires_grad_()
+    s1, _ = token_max_similarity(a, y, xm, ym, save_argmax=True)
+    _, _, _, _, a1, a2 = s1.grad_fn.saved_tensors
+    assert a1.dtype == torch.uint8 and a1.shape == (4, 3 * 6) and a2.shape == (3, 4 * 5)
+    sim = torch.einsum("ikd,jrd->ijkr", x.double(), y.double())  # (Bi, Bt, Ti, Tt)
+    i2t = sim.masked_fill(~ym[None, :, None, :], -9).argmax(3)  # (Bi, Bt, Ti), first maximum
+    t2i = sim.masked_fill(~xm[:, None, :, None], -9).argmax(2)  # (Bi, Bt, Tt)
+    got1 = a1.view(4, 3, 6).permute(1, 0, 2).long()  # (Bi, Bt, Ti)
+    got2 = a2.view(3, 4, 5).long()  # (Bi, Bt, Tt)
+    assert torch.equal(got1[:, [0, 1, 3]], i2t[:, [0, 1, 3]]) and (got1[:, 2] == 5).all()  # 5 = Tt: none valid
+    valid_t = ym[None].expand(3, 4, 5)
+    assert torch.equal(got2[valid_t], t2i[valid_t])
+    assert token_max.index_dtype(197, 77) == torch.uint8 and token_max.index_dtype(256, 77) == torch.int16
+    # the "none valid" mark gives the empty text's pairs no gradient, as in the reference
+    w = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).to(DEV)
+    ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
+    got = run_sim(lambda *t: token_max_similarity(*t, save_argmax=True), x, y, xm, ym, w)
+    assert rel_frobenius(got[2], ref[2]) <= 5e-3 and rel_frobenius(got[3], ref[3]) <= 5e-3
+    s1, _ = token_max_similarity(x, y, xm, ym, save_argmax=True)  # inputs without grad: no graph, nothing saved
+    assert s1.grad_fn is None
+
+
+def test_token_max_saved_argmax_long_samples_d_chunks_and_one_direction():
+    """int16 indices (Ti=260), D split over programs (BD=16, D=40: a partial last chunk), the grouped
+    forward order over several row tiles, and the single-direction calls filip_loss makes on many ranks (fp16:
+    the saved path on a GPU too)."""
+    x, y, xm, ym = token_inputs(3, 4, 260, 5, 40, seed=41, dtype=torch.float16)
+    w = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(DEV)
+    ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
+    with token_max.tile_config(BM=512, BN=16, BK=16, BD=16, group=2):
+        got = run_sim(lambda *a: token_max_similarity(*a, save_argmax=True), x, y, xm, ym, w)
+    assert (got[0].double() - ref[0]).abs().max() <= 1e-4 and (got[1].double() - ref[1]).abs().max() <= 1e-4
+    assert rel_frobenius(got[2], ref[2]) <= 5e-3 and rel_frobenius(got[3], ref[3]) <= 5e-3
+    x, y, xm, ym = token_inputs(5, 6, 6, 7, 24, seed=43, dtype=torch.float16)
+    for direction, k in (("i2t", 0), ("t2i", 1)):
+        outs = []
+        for save in (False, True):
+            a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+            outs.append(torch.autograd.grad(
+                token_max_similarity(a, b, xm, ym, direction=direction, save_argmax=save)[k].sum(), (a, b)))
+        for u, v in zip(*outs):
+            torch.testing.assert_close(u, v, rtol=1e-3, atol=1e-5)
+
+
+def test_token_max_saved_argmax_ties_and_padding():
+    e = torch.eye(16, dtype=torch.float16)  # fp16: the saved path on a GPU too
+    x = torch.stack([e[0], e[0], e[1], e[0]])[None].to(DEV)  # image tokens 0, 1, 3 identical
+    y = torch.stack([e[0], e[1], e[1]])[None].to(DEV)  # text tokens 1, 2 identical
+    b = y.clone().requires_grad_()
+    token_max_similarity(x, b, save_argmax=True)[0].sum().backward()
+    assert b.grad[0, 2].abs().max() == 0 and b.grad[0, 1].abs().max() > 0  # the lowest of the tied tokens
+    a = x.clone().requires_grad_()
+    token_max_similarity(a, y, save_argmax=True)[1].sum().backward()
+    assert a.grad[0, 1].abs().max() == 0 and a.grad[0, 3].abs().max() == 0 and a.grad[0, 0].abs().max() > 0
+    x, y, xm, ym = token_inputs(7, 6, 6, 7, 32, seed=5, dtype=torch.float16)
+    x2, y2 = x.clone(), y.clone()
+    x2[~xm], y2[~ym] = 3.0, -3.0  # garbage in the padded tokens changes nothing
+    w = torch.randn(2, 7, 6, dtype=torch.float64).to(DEV)
+    fn = lambda *a: token_max_similarity(*a, save_argmax=True)  # noqa: E731
+    for u, v in zip(run_sim(fn, x, y, xm, ym, w), run_sim(fn, x2, y2, xm, ym, w)):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_token_max_forward_program_order_does_not_change_the_result():
+    """Bands of 1, 3 or all row tiles (the 2-D grid's order): every tile is computed alone, so bit-identical."""
+    x, y, xm, ym = token_inputs(11, 9, 5, 6, 40, seed=47, dtype=torch.float32)
+    outs = []
+    for group in (1, 3, 1000):
+        with token_max.tile_config(BM=16, BN=16, BK=16, group=group):  # 4 row tiles x 5 column tiles
+            outs.append(token_max_similarity(x, y, xm, ym))
+    for o in outs[1:]:
+        torch.testing.assert_close(o[0], outs[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(o[1], outs[0][1], rtol=0, atol=0)
+
+
+def test_token_max_saved_argmax_falls_back_for_fp32_on_a_gpu(monkeypatch):
+    """fp32 tokens on a GPU would spill kilobytes in the saved-index backward (FMA dots): those calls
+    recompute instead, warn once, and give the same result. The interpreter runs the GPU tiles here."""
+    monkeypatch.setattr(contrastive, "_FORCE_GPU_TILES", [True])
+    monkeypatch.setattr(token_max, "_WARNED", set())
+    assert not token_max.saved_backward_supported(True, torch.float32)
+    assert token_max.saved_backward_supported(True, torch.bfloat16)
+    assert token_max.saved_backward_supported(False, torch.float32)
+    x, y, xm, ym = token_inputs(3, 2, 5, 6, 16, seed=53, dtype=torch.float32)
+    a = x.clone().requires_grad_()
+    with pytest.warns(UserWarning, match="save_argmax .* is not used for fp32 tokens on a GPU"):
+        s1, _ = token_max_similarity(a, y, xm, ym, save_argmax=True)
+    assert not s1.grad_fn.saved_argmax
+    s1.sum().backward()
+    b = x.clone().requires_grad_()
+    token_max_similarity(b, y, xm, ym)[0].sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
 def _filip_rank_fn(rank, world, x, y, xm, ym, scale):
     b = x.shape[0] // world
     sl = slice(rank * b, (rank + 1) * b)
@@ -499,6 +631,16 @@ def test_select_impls(monkeypatch):
     assert get_clip_loss("auto") is (fused_clip_loss if torch.cuda.is_available() else clip_loss)
     with pytest.raises(ValueError, match="Allowed: auto, torch, triton"):
         get_clip_loss("cuda")
+    saved = get_filip_similarity("triton", argmax="save")  # loss.filip_argmax=save
+    assert saved.func is token_max_similarity and saved.keywords == {"save_argmax": True}
+    with pytest.raises(ValueError, match="loss.filip_argmax 'keep'. Allowed: recompute, save"):
+        get_filip_similarity("triton", argmax="keep")
+    from declip_ds.config import LossConfig
+    from declip_ds.methods.filip import FILIPConfig, FilipHead
+
+    head = FilipHead(FILIPConfig(), LossConfig(impl="triton", filip_argmax="save"))  # what FILIP / DeFILIP build
+    assert head.similarity.keywords == {"save_argmax": True}
+    assert FilipHead(FILIPConfig(), LossConfig(impl="triton")).similarity is token_max_similarity
     if not torch.cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(RuntimeError, match="loss.impl=torch"):
@@ -568,28 +710,32 @@ def test_gpu_fused_clip_loss_memory_is_linear():
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("save_argmax", [False, True])
 @pytest.mark.parametrize("B,Ti", [(64, 50), (257, 197), (3, 197)])
-def test_gpu_token_max_bf16(B, Ti):
+def test_gpu_token_max_bf16(B, Ti, save_argmax):
     x, y, xm, ym = token_inputs(B, B, Ti, 77, 256, seed=B, dtype=torch.bfloat16)
     w = torch.randn(2, B, B, dtype=torch.float64, device=DEV)
     r1, r2, rgx, rgy = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
-    k1, k2, kgx, kgy = run_sim(token_max_similarity, x, y, xm, ym, w)
+    k1, k2, kgx, kgy = run_sim(lambda *a: token_max_similarity(*a, save_argmax=save_argmax), x, y, xm, ym, w)
     assert (k1.double() - r1).abs().max() <= 1e-4 and (k2.double() - r2).abs().max() <= 1e-4
     assert rel_frobenius(kgx, rgx) <= 5e-3 and rel_frobenius(kgy, rgy) <= 5e-3
 
 
 @gpu
 @needs_cuda
-def test_gpu_token_max_memory():
-    """KERNELS.md §3.2: extra memory <= outputs + token gradients + 256 MB (B=1024, Ti=50, Tt=77, D=512)."""
+@pytest.mark.parametrize("save_argmax", [False, True])
+def test_gpu_token_max_memory(save_argmax):
+    """KERNELS.md §3.2: extra memory <= outputs + token gradients + 256 MB (B=1024, Ti=50, Tt=77, D=512);
+    with save_argmax, + the B^2 (Ti+Tt) bytes of indices (133 MB) and no fp32 gradient buffer."""
     B, Ti, Tt, D = 1024, 50, 77, 512
     x, y, xm, ym = token_inputs(B, B, Ti, Tt, D, seed=0, dtype=torch.bfloat16)
     a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    s1, s2 = token_max_similarity(a, b, xm, ym)
+    s1, s2 = token_max_similarity(a, b, xm, ym, save_argmax=save_argmax)
     (s1.sum() + s2.sum()).backward()
     torch.cuda.synchronize()
     rise = torch.cuda.max_memory_allocated() - base
-    assert rise <= 4 * (2 * B * B) * 2 + 4 * B * (Ti + Tt) * D * 2 + 256 * 2**20, rise / 2**20
+    indices = B * B * (Ti + Tt) if save_argmax else 0
+    assert rise <= 4 * (2 * B * B) * 2 + 4 * B * (Ti + Tt) * D * 2 + indices + 256 * 2**20, rise / 2**20

@@ -128,7 +128,8 @@ def _capture(into: list, label: str):
 
 
 def capture_launches(dtype: torch.dtype) -> list[Launch]:
-    """Every kernel launch of fused_clip_loss and token_max_similarity (forward + backward) for dtype."""
+    """Every kernel launch of fused_clip_loss and token_max_similarity (forward + backward, both backward
+    designs of the latter) for dtype."""
     from declip_ds.kernels.contrastive import fused_clip_loss
     from declip_ds.kernels.token_max import token_max_similarity
 
@@ -142,9 +143,10 @@ def capture_launches(dtype: torch.dtype) -> list[Launch]:
     for B, Ti, Tt, D in FILIP_SHAPES:
         x = torch.zeros(B, Ti, D, dtype=dtype, requires_grad=True)
         y = torch.zeros(B, Tt, D, dtype=dtype, requires_grad=True)
-        with _capture(launches, f"filip B={B} Ti={Ti} Tt={Tt} D={D}"):
-            s1, s2 = token_max_similarity(x, y)
-            torch.autograd.grad(s1.sum() + s2.sum(), (x, y))
+        for save in (False, True):  # the recomputing backward (default) and the saved-arg-max one
+            with _capture(launches, f"filip B={B} Ti={Ti} Tt={Tt} D={D} save_argmax={save}"):
+                s1, s2 = token_max_similarity(x, y, save_argmax=save)
+                torch.autograd.grad(s1.sum() + s2.sum(), (x, y))
     # one compile per distinct (kernel, constexprs, options): shapes that share tiles share the binary
     seen, unique = set(), []
     for ln in launches:
@@ -185,7 +187,7 @@ def compile_launch(ln: Launch, arch: int) -> Report:
     consts = {k: v for k, v in ln.kwargs.items() if k in fn.arg_names}
     dtype = next((str(a.dtype).replace("torch.", "") for a in ln.args if torch.is_tensor(a)), "?")
     rep = Report(kernel=fn.fn.__name__, label=ln.label, dtype=dtype, arch=arch,
-                 tiles=" ".join(f"{k}={v}" for k, v in consts.items() if re.fullmatch(r"B[MNK]|IB|JB", k)),
+                 tiles=" ".join(f"{k}={v}" for k, v in consts.items() if re.fullmatch(r"B[MNKD]|IB|JB|SAVE", k)),
                  num_warps=ln.kwargs.get("num_warps", 4), num_stages=ln.kwargs.get("num_stages", 3),
                  shared_limit=SMEM_LIMIT.get(arch))
     t0 = time.perf_counter()

@@ -15,26 +15,43 @@ A GPU tile also holds at most 8 samples (IB + JB): the backward epilogue passes 
 sample, so short sequences packed 50 to a tile cost more in the epilogue than in the MMA and spill
 (Ti=20, Tt=16 -> 64 x 64, 3 images x 4 texts, instead of 512 x 16 with 25 images).
 
-Backward: **recompute** (nothing of size B^2*T is saved). Two kernels, each recomputing S with the
-same helper, tile shapes and D order as the forward (so the recomputed arg-max is the forward's):
-a row-parallel kernel accumulates dX = dS @ Y over all column tiles, a column-parallel kernel
-accumulates dY = dS^T @ X over all row tiles. dS is the sum of two one-hot maps:
+Forward program order: one program per (row tile, column tile), numbered in bands of ``group`` row tiles
+(32 on a GPU) with the row tile fastest inside a band, so the programs resident together share a few image
+and text tiles in L2 (``_tile_of``); the 2-D grid's order, every row tile per column tile, would stream all
+image tokens from HBM once per column tile.
+
+Backward, two designs with the same result (``save_argmax``; config ``loss.filip_argmax``):
+* **recompute** (default; nothing of size B^2*T is saved). Two kernels, each recomputing S with the
+  same helper, tile shapes and D order as the forward (so the recomputed arg-max is the forward's):
+  a row-parallel kernel accumulates dX = dS @ Y over all column tiles, a column-parallel kernel
+  accumulates dY = dS^T @ X over all row tiles, both into fp32 buffers in global memory (read and
+  written per tile in BK-wide D chunks). In all 4 GEMMs of the forward's size (S again and dS times
+  the tokens, in each kernel), plus the arg-max reductions.
+* **save** (``save_argmax=True``): the forward also writes each token's arg-max token in every other
+  sample (Bi*Bt*(Ti+Tt) bytes, uint8; int16 past 255 tokens). The backward kernels read those tables
+  instead of recomputing S, and split D over programs: each program keeps a (tile rows, BD) fp32
+  accumulator in registers over the whole loop and writes its gradient block once, in the input dtype
+  (no fp32 (B, T, D) buffer, no per-tile read-modify-write). In all 2 GEMMs of the forward's size (dS
+  times the tokens), with dS rebuilt from the tables once per D chunk. Not used for fp32 tokens on a
+  GPU (they spill; see ``saved_backward_supported``).
+In both, dS is the sum of two one-hot maps:
   dS[(i,k),(j,r)] = g_i2t[i,j] w_i[k] 1[r = argmax_r'] + g_t2i[i,j] w_j[r] 1[k = argmax_k']
-with ties resolved to the lowest token index (min over the positions equal to the max). The epilogue
-runs in two phases so S and dS are never live together: the maxima of S are reduced into small
+with ties resolved to the lowest token index (min over the positions equal to the max). The recomputing
+epilogue runs in two phases so S and dS are never live together: the maxima of S are reduced into small
 per-sample tables of arg-max position and weight, then dS is built from the tables (fewer register
-spills on sm_90; see ``python -m declip_ds.kernels.compile_check``).
+spills on sm_90; see ``python -m declip_ds.kernels.compile_check``); the saved design reads the tables.
 Padded tokens (mask False) are excluded from every max and carry weight 0, so they get exactly zero
 gradient. A pair where a side has no valid token scores 0 (as in ``filip_similarity``).
 
-Debug mode (``DECLIP_DS_DEBUG_ARGMAX=1``): the backward re-runs the forward tiles and raises unless
-the recomputed maxima equal the forward's bit for bit. The arg-max is a deterministic function of
+Debug mode (``DECLIP_DS_DEBUG_ARGMAX=1``, recompute design): the backward re-runs the forward tiles and
+raises unless the recomputed maxima equal the forward's bit for bit. The arg-max is a deterministic function of
 the tile bits, so this asserts that the backward selects the tokens the forward used.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -46,6 +63,13 @@ from declip_ds.losses.filip import _check_inputs, _DIRECTIONS, token_weights
 NEG_HALF = tl.constexpr(_NEG / 2)
 
 _override: dict = {}
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _pow2(n: int) -> int:
@@ -53,11 +77,13 @@ def _pow2(n: int) -> int:
 
 
 def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """(BM, BN, BK, num_warps, num_stages) holding whole samples, picked to maximise the fraction of
-    used tile area within the area budget (see the module docstring)."""
-    launch = dict(num_warps=8, num_stages=2) if cuda else dict(num_warps=4, num_stages=1)
+    """(BM, BN, BK, num_warps, num_stages, group, BD): tiles holding whole samples, picked to maximise the
+    fraction of used tile area within the area budget (see the module docstring)."""
+    # group: row tiles per band of the forward's program order (L2 reuse, see _tile_of)
+    launch = dict(num_warps=8, num_stages=2, group=32) if cuda else dict(num_warps=4, num_stages=1, group=1)
     if _override:
-        return {**launch, **_override}
+        cfg = {**launch, **_override}
+        return {"BD": _saved_bd(cfg["BM"], cfg["BN"], D, cuda, dtype), **cfg}
     max_area = 64 * 128 if cuda else 64 * 64
     # the backward epilogue makes one pass over the tile per sample in it (IB + JB passes): its cost per
     # pair grows with IB + JB, and many samples per tile spill (IB=51, JB=2 at Ti=10: 13 KB/thread)
@@ -79,16 +105,40 @@ def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool, dtype: torch.dtype = torc
         BM, BN = best[1], best[2]
     # fp32 dots run on FMA units (true fp32, no tensor cores) and spill with K chunks over 16 on sm_90
     BK = max(16, min((16 if dtype == torch.float32 else 32) if cuda else 64, _pow2(D)))
-    return dict(BM=BM, BN=BN, BK=BK, **launch)
+    return dict(BM=BM, BN=BN, BK=BK, BD=_saved_bd(BM, BN, D, cuda, dtype), **launch)
+
+
+def _saved_bd(BM: int, BN: int, D: int, cuda: bool, dtype: torch.dtype) -> int:
+    """D columns per program of the saved-arg-max backward. Its registers hold the (BM, BN) fp32 dS tile and a
+    (BM or BN, BD) fp32 accumulator, and each program rebuilds dS, so BD shrinks as the tile grows:
+    BM*BN*BD <= 2^19, BD <= 256. On sm_90 (``python -m declip_ds.kernels.compile_check``), bf16 and fp16:
+    64 x 128 -> 64, 64 x 64 -> 128, 256 x 32 -> 64 without spills (fp16 spills 32-64 B at 64 x 128 x 128;
+    256 x 32 x 128 needs 100 KB of shared memory, over sm_89's 99 KB); the 256 x 128 tiles of Ti=197 spill
+    whatever BD (0.7 KB per thread at 16 in the x kernel, like the recomputing kernels' 0.5-0.6 KB)."""
+    if not cuda:
+        return max(16, min(128, _pow2(D)))
+    budget = (1 << 19) // (BM * BN)
+    return max(16, min(256, _pow2(D), 1 << (budget.bit_length() - 1)))
+
+
+def saved_backward_supported(cuda: bool, dtype: torch.dtype) -> bool:
+    """Whether save_argmax uses the saved-index backward. Not for fp32 tokens on a GPU: its fp32 FMA dots
+    (K = a whole tile side) spill 4.7 KB per thread on sm_80 at 64 x 128 and 13-14 KB on sm_90 at 256 x 128,
+    where the recomputing kernels (K chunks of 16) spill little or nothing; those calls recompute (same
+    result) and warn once. Training tokens are bf16."""
+    return not (cuda and dtype == torch.float32)
 
 
 class tile_config:
-    """Context manager forcing (BM, BN, BK) and optionally num_warps / num_stages (BM >= Ti and BN >= Tt
-    still required)."""
+    """Context manager forcing (BM, BN, BK) and optionally num_warps / num_stages / group (row tiles per band of
+    the forward's program order) / BD (D columns per saved-arg-max backward program); BM >= Ti and BN >= Tt
+    still required."""
 
-    def __init__(self, BM: int, BN: int, BK: int, num_warps: int | None = None, num_stages: int | None = None):
+    def __init__(self, BM: int, BN: int, BK: int, num_warps: int | None = None, num_stages: int | None = None,
+                 group: int | None = None, BD: int | None = None):
         self.cfg = dict(BM=BM, BN=BN, BK=BK)
-        self.cfg.update({k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None})
+        opt = (("num_warps", num_warps), ("num_stages", num_stages), ("group", group), ("BD", BD))
+        self.cfg.update({k: v for k, v in opt if v is not None})
 
     def __enter__(self):
         self.old = dict(_override)
@@ -114,33 +164,57 @@ def _samples(tile, B, T, W, PER: tl.constexpr, BLK: tl.constexpr):
 
 
 @triton.jit
-def _tm_fwd_kernel(X, Y, WX, WY, O1, O2, Bi, Bt, TI, TT, D,
+def _tile_of(pid, n_p, n_q, GROUP: tl.constexpr):
+    """Program id -> (row tile p, column tile q) in bands of GROUP row tiles, the row tile fastest within a
+    band: the programs resident at one time share GROUP image tiles and a few text tiles, so both stay in
+    L2. (Row-tile-fastest over all n_p, as a 2-D grid launches, cycles every image tile through L2 once
+    per text tile: n_q passes over all image tokens, 53 GB at B=1024, Ti=50, D=512 in bf16.)"""
+    band = GROUP * n_q
+    first = (pid // band) * GROUP
+    rows = tl.minimum(n_p - first, GROUP)
+    local = pid % band
+    return first + local % rows, local // rows
+
+
+@triton.jit
+def _tm_fwd_kernel(X, Y, WX, WY, O1, O2, A1, A2, Bi, Bt, TI, TT, D, n_p, n_q,
                    IB: tl.constexpr, JB: tl.constexpr, IB_P: tl.constexpr, JB_P: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                   NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
-    p = tl.program_id(0)
-    q = tl.program_id(1)
+                   NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr, SAVE: tl.constexpr, GROUP: tl.constexpr):
+    p, q = _tile_of(tl.program_id(0), n_p, n_q, GROUP)
     ri, rimg, rtok, rin, rw = _samples(p, Bi, TI, WX, IB, BM)
     cj, ctxt, ctok, cin, cw = _samples(q, Bt, TT, WY, JB, BN)
     s = _scores_tile(X, Y, rtok, ctok, rin, cin, D, D, D, BM, BN, BK, PREC)  # (BM, BN)
     if NEED_I2T:
         islot = tl.arange(0, IB_P)
         oi = p * IB + islot
+        cidx = tl.arange(0, BN)
         for jj in tl.static_range(JB):
-            rmax = tl.max(tl.where(((cj == jj) & (cw > 0))[None, :], s, NEG), 1)  # (BM,) max over text jj
+            cols = ((cj == jj) & (cw > 0))[None, :]
+            rmax = tl.max(tl.where(cols, s, NEG), 1)  # (BM,) max over text jj
             contrib = tl.where(rmax > NEG_HALF, rmax, 0.0) * rw
             val = tl.sum(tl.where(ri[None, :] == islot[:, None], contrib[None, :], 0.0), 1)  # (IB_P,)
             oj = q * JB + jj
             tl.store(O1 + oi * Bt + oj, val, mask=(islot < IB) & (oi < Bi) & (oj < Bt))
+            if SAVE:  # the arg-max text token per image token, as the backward's recompute would pick it
+                first = tl.min(tl.where(cols & (s == rmax[:, None]), cidx[None, :], BN), 1)  # (BM,)
+                r = tl.where(rmax > NEG_HALF, first - jj * TT, TT)  # token in text oj; TT = none valid
+                tl.store(A1 + oj.to(tl.int64) * Bi * TI + rtok, r.to(A1.dtype.element_ty), mask=rin & (oj < Bt))
     if NEED_T2I:
         jslot = tl.arange(0, JB_P)
         oj = q * JB + jslot
+        ridx = tl.arange(0, BM)
         for ii in tl.static_range(IB):
-            cmax = tl.max(tl.where(((ri == ii) & (rw > 0))[:, None], s, NEG), 0)  # (BN,) max over image ii
+            rows = ((ri == ii) & (rw > 0))[:, None]
+            cmax = tl.max(tl.where(rows, s, NEG), 0)  # (BN,) max over image ii
             contrib = tl.where(cmax > NEG_HALF, cmax, 0.0) * cw
             val = tl.sum(tl.where(cj[None, :] == jslot[:, None], contrib[None, :], 0.0), 1)  # (JB_P,)
             oi = p * IB + ii
             tl.store(O2 + oi * Bt + oj, val, mask=(jslot < JB) & (oj < Bt) & (oi < Bi))
+            if SAVE:  # the arg-max image token per text token
+                first = tl.min(tl.where(rows & (s == cmax[None, :]), ridx[:, None], BM), 0)  # (BN,)
+                r = tl.where(cmax > NEG_HALF, first - ii * TI, TI)  # token in image oi; TI = none valid
+                tl.store(A2 + oi.to(tl.int64) * Bt * TT + ctok, r.to(A2.dtype.element_ty), mask=cin & (oi < Bi))
 
 
 @triton.jit
@@ -181,7 +255,20 @@ def _tm_dscores(s, p, q, ri, rimg, rin, rw, cj, ctxt, cin, cw, G1, G2, Bi, Bt,
             g = tl.where(cmax > NEG_HALF, g, 0.0)
             pos2 = tl.where(islot[:, None] == ii, first[None, :], pos2)
             w2 = tl.where(islot[:, None] == ii, g[None, :], w2)
-    # phase 2: dS from the tables (S is dead here)
+    return _tm_ds_from_tables(pos1, w1, pos2, w2, IB, JB, IB_P, JB_P, BM, BN, NEED_I2T, NEED_T2I)
+
+
+@triton.jit
+def _tm_ds_from_tables(pos1, w1, pos2, w2, IB: tl.constexpr, JB: tl.constexpr, IB_P: tl.constexpr,
+                       JB_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
+    """Phase 2: the (BM, BN) fp32 dS of one tile from the arg-max tables: pos1/w1 (BM, JB_P), the column of
+    each row's arg-max in text slot jj and its weight; pos2/w2 (IB_P, BN), the row of each column's arg-max
+    in image slot ii and its weight."""
+    ridx = tl.arange(0, BM)
+    cidx = tl.arange(0, BN)
+    jslot = tl.arange(0, JB_P)
+    islot = tl.arange(0, IB_P)
     ds = tl.zeros((BM, BN), dtype=tl.float32)
     if NEED_I2T:
         for jj in tl.static_range(JB):
@@ -194,6 +281,37 @@ def _tm_dscores(s, p, q, ri, rimg, rin, rw, cj, ctxt, cin, cw, G1, G2, Bi, Bt,
             g = tl.sum(tl.where(islot[:, None] == ii, w2, 0.0), 0)
             ds += tl.where(ridx[:, None] == first[None, :], g[None, :], 0.0)
     return ds
+
+
+@triton.jit
+def _tm_saved_tables(A1, A2, G1, G2, p, q, rimg, rtok, rin, rw, ctxt, ctok, cin, cw, Bi, Bt, TI, TT,
+                     IB: tl.constexpr, JB: tl.constexpr, IB_P: tl.constexpr, JB_P: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
+    """Phase 1 without S: the arg-max tables of one tile read back from the forward's saved indices
+    (A1: (Bt, Bi*Ti) text token per image token, A2: (Bi, Bt*Tt) image token per text token; T = none)."""
+    jslot = tl.arange(0, JB_P)
+    islot = tl.arange(0, IB_P)
+    pos1 = tl.full((BM, JB_P), BN, tl.int32)
+    w1 = tl.zeros((BM, JB_P), tl.float32)
+    pos2 = tl.full((IB_P, BN), BM, tl.int32)
+    w2 = tl.zeros((IB_P, BN), tl.float32)
+    if NEED_I2T:
+        oj = q * JB + jslot  # (JB_P,) texts of this column tile
+        ok = rin[:, None] & ((jslot < JB) & (oj < Bt))[None, :]  # (BM, JB_P)
+        r = tl.load(A1 + oj.to(tl.int64)[None, :] * Bi * TI + rtok[:, None], mask=ok, other=0).to(tl.int32)
+        g = tl.load(G1 + rimg[:, None] * Bt + oj[None, :], mask=ok, other=0.0) * rw[:, None]
+        hit = ok & (r < TT)
+        pos1 = tl.where(hit, jslot[None, :] * TT + r, BN)  # column in the tile
+        w1 = tl.where(hit, g, 0.0)
+    if NEED_T2I:
+        oi = p * IB + islot  # (IB_P,) images of this row tile
+        ok = ((islot < IB) & (oi < Bi))[:, None] & cin[None, :]  # (IB_P, BN)
+        r = tl.load(A2 + oi.to(tl.int64)[:, None] * Bt * TT + ctok[None, :], mask=ok, other=0).to(tl.int32)
+        g = tl.load(G2 + oi[:, None] * Bt + ctxt[None, :], mask=ok, other=0.0) * cw[None, :]
+        hit = ok & (r < TI)
+        pos2 = tl.where(hit, islot[:, None] * TI + r, BM)  # row in the tile
+        w2 = tl.where(hit, g, 0.0)
+    return pos1, w1, pos2, w2
 
 
 @triton.jit
@@ -241,6 +359,53 @@ def _tm_bwd_y_kernel(X, Y, WX, WY, G1, G2, DY, Bi, Bt, TI, TT, D, n_row_tiles,
             tl.store(ptr, tl.dot(dst, x, tl.load(ptr, mask=m2, other=0.0), input_precision=PREC), mask=m2)
 
 
+@triton.jit
+def _tm_bwd_x_saved_kernel(Y, WX, WY, A1, A2, G1, G2, DX, norm_ptr, Bi, Bt, TI, TT, D, n_col_tiles,
+                           IB: tl.constexpr, JB: tl.constexpr, IB_P: tl.constexpr, JB_P: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                           PREC: tl.constexpr, NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
+    """dX[row tile p, D columns of chunk c] = norm * sum over all column tiles of dS @ Y, dS from the saved
+    arg-max (no S, no recompute): the (BM, BD) fp32 accumulator stays in registers, written once in X's dtype."""
+    p = tl.program_id(0)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dm = d < D
+    ri, rimg, rtok, rin, rw = _samples(p, Bi, TI, WX, IB, BM)
+    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    for q in range(0, n_col_tiles):
+        cj, ctxt, ctok, cin, cw = _samples(q, Bt, TT, WY, JB, BN)
+        pos1, w1, pos2, w2 = _tm_saved_tables(A1, A2, G1, G2, p, q, rimg, rtok, rin, rw, ctxt, ctok, cin, cw,
+                                              Bi, Bt, TI, TT, IB, JB, IB_P, JB_P, BM, BN, NEED_I2T, NEED_T2I)
+        ds = _tm_ds_from_tables(pos1, w1, pos2, w2, IB, JB, IB_P, JB_P, BM, BN, NEED_I2T, NEED_T2I)
+        y = tl.load(Y + ctok.to(tl.int64)[:, None] * D + d[None, :], mask=cin[:, None] & dm[None, :], other=0.0)
+        acc = tl.dot(ds.to(Y.dtype.element_ty), y, acc, input_precision=PREC)  # (BM, BD)
+    norm = tl.load(norm_ptr)
+    tl.store(DX + rtok.to(tl.int64)[:, None] * D + d[None, :], (acc * norm).to(DX.dtype.element_ty),
+             mask=rin[:, None] & dm[None, :])
+
+
+@triton.jit
+def _tm_bwd_y_saved_kernel(X, WX, WY, A1, A2, G1, G2, DY, norm_ptr, Bi, Bt, TI, TT, D, n_row_tiles,
+                           IB: tl.constexpr, JB: tl.constexpr, IB_P: tl.constexpr, JB_P: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                           PREC: tl.constexpr, NEED_I2T: tl.constexpr, NEED_T2I: tl.constexpr):
+    """dY[column tile q, D chunk] = norm * sum over all row tiles of dS^T @ X, from the saved arg-max."""
+    q = tl.program_id(0)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dm = d < D
+    cj, ctxt, ctok, cin, cw = _samples(q, Bt, TT, WY, JB, BN)
+    acc = tl.zeros((BN, BD), dtype=tl.float32)
+    for p in range(0, n_row_tiles):
+        ri, rimg, rtok, rin, rw = _samples(p, Bi, TI, WX, IB, BM)
+        pos1, w1, pos2, w2 = _tm_saved_tables(A1, A2, G1, G2, p, q, rimg, rtok, rin, rw, ctxt, ctok, cin, cw,
+                                              Bi, Bt, TI, TT, IB, JB, IB_P, JB_P, BM, BN, NEED_I2T, NEED_T2I)
+        ds = _tm_ds_from_tables(pos1, w1, pos2, w2, IB, JB, IB_P, JB_P, BM, BN, NEED_I2T, NEED_T2I)
+        x = tl.load(X + rtok.to(tl.int64)[:, None] * D + d[None, :], mask=rin[:, None] & dm[None, :], other=0.0)
+        acc = tl.dot(tl.trans(ds).to(X.dtype.element_ty), x, acc, input_precision=PREC)  # (BN, BD)
+    norm = tl.load(norm_ptr)
+    tl.store(DY + ctok.to(tl.int64)[:, None] * D + d[None, :], (acc * norm).to(DY.dtype.element_ty),
+             mask=cin[:, None] & dm[None, :])
+
+
 # ---------------------------------------------------------------------------------------- launchers
 def _geometry(x, y):
     (Bi, Ti, D), (Bt, Tt) = x.shape, y.shape[:2]
@@ -249,20 +414,32 @@ def _geometry(x, y):
     if BM < Ti or BN < Tt:
         raise ValueError(f"token_max tiles must hold one whole sample: BM={BM} < Ti={Ti} or BN={BN} < Tt={Tt}.")
     IB, JB = BM // Ti, BN // Tt
-    return dict(Bi=Bi, Bt=Bt, TI=Ti, TT=Tt, D=D, IB=IB, JB=JB, BM=BM, BN=BN, BK=BK,
+    return dict(Bi=Bi, Bt=Bt, TI=Ti, TT=Tt, D=D, IB=IB, JB=JB, BM=BM, BN=BN, BK=BK, BD=cfg["BD"], group=cfg["group"],
                 n_p=triton.cdiv(Bi, IB), n_q=triton.cdiv(Bt, JB), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _launch_forward(x, y, wx, wy, need_i2t, need_t2i):
+def index_dtype(Ti: int, Tt: int) -> torch.dtype:
+    """dtype of the saved arg-max token indices: uint8 while every index and the "none" mark T fit."""
+    return torch.uint8 if max(Ti, Tt) <= 255 else torch.int16
+
+
+def _launch_forward(x, y, wx, wy, need_i2t, need_t2i, save=False):
+    """(s_i2t, s_t2i, a_i2t, a_t2i): the (Bi, Bt) fp32 scores and, with save, the arg-max token indices
+    a_i2t (Bt, Bi*Ti) (text token per image token) and a_t2i (Bi, Bt*Tt) (image token per text token)."""
     g = _geometry(x, y)
     o1 = torch.zeros(g["Bi"], g["Bt"], device=x.device, dtype=torch.float32)
     o2 = torch.zeros(g["Bi"], g["Bt"], device=x.device, dtype=torch.float32)
-    _launch(_tm_fwd_kernel, (g["n_p"], g["n_q"]),
-            x, y, wx, wy, o1, o2, g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"], IB=g["IB"], JB=g["JB"],
-            IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BK=g["BK"], PREC=_precision(x.dtype),
-            NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"], num_stages=g["num_stages"],
+    idt = index_dtype(g["TI"], g["TT"])
+    none = torch.zeros(1, device=x.device, dtype=idt)
+    a1 = torch.empty(g["Bt"], g["Bi"] * g["TI"], device=x.device, dtype=idt) if save and need_i2t else none
+    a2 = torch.empty(g["Bi"], g["Bt"] * g["TT"], device=x.device, dtype=idt) if save and need_t2i else none
+    _launch(_tm_fwd_kernel, (g["n_p"] * g["n_q"],),
+            x, y, wx, wy, o1, o2, a1, a2, g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"], g["n_p"], g["n_q"],
+            IB=g["IB"], JB=g["JB"], IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BK=g["BK"],
+            PREC=_precision(x.dtype), NEED_I2T=need_i2t, NEED_T2I=need_t2i, SAVE=bool(save),
+            GROUP=max(1, int(g["group"])), num_warps=g["num_warps"], num_stages=g["num_stages"],
             what="token_max_similarity")
-    return o1, o2
+    return o1, o2, (a1 if save and need_i2t else None), (a2 if save and need_t2i else None)
 
 
 def _launch_backward(which, x, y, wx, wy, g1, g2, need_i2t, need_t2i):
@@ -283,9 +460,29 @@ def _launch_backward(which, x, y, wx, wy, g1, g2, need_i2t, need_t2i):
     return dy
 
 
+def _launch_backward_saved(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, need_t2i):
+    """which="x" / "y": the (Bi, Ti, D) / (Bt, Tt, D) token gradient in the input dtype, times norm (a (1,)
+    fp32 tensor), from the saved arg-max indices; no fp32 buffer, no recomputed scores."""
+    g = _geometry(x, y)
+    none = torch.zeros(1, device=x.device, dtype=index_dtype(g["TI"], g["TT"]))
+    meta = dict(IB=g["IB"], JB=g["JB"], IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BD=g["BD"],
+                PREC=_precision(x.dtype), NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"],
+                num_stages=g["num_stages"], what="token_max_similarity backward (saved arg-max)")
+    tables = (a1 if a1 is not None else none, a2 if a2 is not None else none, g1, g2)
+    dims = (g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"])
+    n_d = triton.cdiv(g["D"], g["BD"])
+    if which == "x":
+        dx = torch.empty_like(x)  # every in-range token row and D column is written
+        _launch(_tm_bwd_x_saved_kernel, (g["n_p"], n_d), y, wx, wy, *tables, dx, norm, *dims, g["n_q"], **meta)
+        return dx
+    dy = torch.empty_like(y)
+    _launch(_tm_bwd_y_saved_kernel, (g["n_q"], n_d), x, wx, wy, *tables, dy, norm, *dims, g["n_p"], **meta)
+    return dy
+
+
 def _check_recompute(x, y, wx, wy, saved, direction):
     need_i2t, need_t2i = direction in ("both", "i2t"), direction in ("both", "t2i")
-    again = _launch_forward(x, y, wx, wy, need_i2t, need_t2i)
+    again = _launch_forward(x, y, wx, wy, need_i2t, need_t2i)[:2]
     for name, a, b, need in zip(("s_i2t", "s_t2i"), again, saved, (need_i2t, need_t2i)):
         if need and not torch.equal(a, b):
             raise RuntimeError(f"token_max backward: recomputed {name} differs from the forward's by up to "
@@ -294,25 +491,31 @@ def _check_recompute(x, y, wx, wy, saved, direction):
 
 class _TokenMaxSimilarity(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, x_mask, y_mask, direction):
+    def forward(ctx, x, y, x_mask, y_mask, direction, save_argmax):
         x, y = x.contiguous(), y.contiguous()
         wx = token_weights(x, x_mask, torch.float32).contiguous()  # (Bi, Ti) mask / n_valid
         wy = token_weights(y, y_mask, torch.float32).contiguous()  # (Bt, Tt)
         need_i2t, need_t2i = direction in ("both", "i2t"), direction in ("both", "t2i")
-        o1, o2 = _launch_forward(x, y, wx, wy, need_i2t, need_t2i)
-        ctx.save_for_backward(x, y, wx, wy)
-        ctx.direction = direction
+        save = save_argmax and any(ctx.needs_input_grad[:2])  # no indices when no gradient will be asked for
+        if save and not saved_backward_supported(_gpu_tiles(x), x.dtype):
+            save = False
+            _warn_once("token_max_similarity: save_argmax (loss.filip_argmax=save) is not used for fp32 tokens on a "
+                       "GPU: the saved-index backward's fp32 dots would spill registers heavily; the recomputing "
+                       "backward runs instead (same result). bf16/fp16 tokens use it.")
+        o1, o2, a1, a2 = _launch_forward(x, y, wx, wy, need_i2t, need_t2i, save=save)
+        ctx.save_for_backward(x, y, wx, wy, a1, a2)
+        ctx.direction, ctx.saved_argmax = direction, save
         ctx.debug_out = (o1.clone(), o2.clone()) if os.environ.get("DECLIP_DS_DEBUG_ARGMAX") == "1" else None
         return (o1 if need_i2t else None), (o2 if need_t2i else None)
 
     @staticmethod
     def backward(ctx, g1, g2):
-        x, y, wx, wy = ctx.saved_tensors
+        x, y, wx, wy, a1, a2 = ctx.saved_tensors
         need_i2t = g1 is not None and ctx.direction in ("both", "i2t")
         need_t2i = g2 is not None and ctx.direction in ("both", "t2i")
         if not (need_i2t or need_t2i):
-            return None, None, None, None, None
-        if ctx.debug_out is not None:
+            return None, None, None, None, None, None
+        if ctx.debug_out is not None and not ctx.saved_argmax:
             _check_recompute(x, y, wx, wy, ctx.debug_out, ctx.direction)
         # normalise the upstream gradients so dS, cast to fp16/bf16 for the MMA, does not underflow
         gs = [t.detach().float() for t, n in ((g1, need_i2t), (g2, need_t2i)) if n]
@@ -320,14 +523,20 @@ class _TokenMaxSimilarity(torch.autograd.Function):
         dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
         G1 = (g1.float() / norm).contiguous() if need_i2t else dummy
         G2 = (g2.float() / norm).contiguous() if need_t2i else dummy
+        if ctx.saved_argmax:  # dS from the saved indices; gradients written in the input dtype, no fp32 buffer
+            saved = (x, y, wx, wy, a1, a2, G1, G2, norm.reshape(1).contiguous(), need_i2t, need_t2i)
+            dx = _launch_backward_saved("x", *saved) if ctx.needs_input_grad[0] else None
+            dy = _launch_backward_saved("y", *saved) if ctx.needs_input_grad[1] else None
+            return dx, dy, None, None, None, None
         # one fp32 token-gradient buffer at a time next to the input-dtype gradients
         dx = _launch_backward("x", x, y, wx, wy, G1, G2, need_i2t, need_t2i).mul_(norm).to(x.dtype)
         dy = _launch_backward("y", x, y, wx, wy, G1, G2, need_i2t, need_t2i).mul_(norm).to(y.dtype)
-        return dx, dy, None, None, None
+        return dx, dy, None, None, None, None
 
 
 def token_max_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, image_mask: torch.Tensor | None = None,
-                         text_mask: torch.Tensor | None = None, *, direction: str = "both"):
+                         text_mask: torch.Tensor | None = None, *, direction: str = "both",
+                         save_argmax: bool = False):
     """FILIP's (s_i2t, s_t2i) in Triton; same result as ``declip_ds.losses.filip_similarity``.
 
     image_tokens: (Bi, Ti, D), text_tokens: (Bt, Tt, D), fp32 / fp16 / bf16, L2-normalised per token.
@@ -336,8 +545,11 @@ def token_max_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, 
     Returns (s_i2t, s_t2i), each (Bi, Bt) float32:
       s_i2t[i, j] = mean over valid image tokens k of max over valid text tokens r of <x_ik, y_jr>
       s_t2i[i, j] = mean over valid text tokens r of max over valid image tokens k of <x_ik, y_jr>
-    Accumulation is fp32. The backward recomputes the tiles and the arg-max (lowest index on ties);
-    nothing of size B^2*T is stored. Deterministic (no atomics).
+    save_argmax: False (default): the backward recomputes the tiles and the arg-max (lowest index on ties);
+      nothing of size B^2*T is stored. True: the forward also stores the arg-max token indices (uint8, int16
+      past 255 tokens: Bi*Bt*(Ti+Tt) bytes, 133 MB at B=1024, Ti=50, Tt=77) and the backward builds dS from
+      them without recomputing a score; same result.
+    Accumulation is fp32. Deterministic (no atomics).
     """
     _check_inputs(image_tokens, text_tokens, image_mask, text_mask)
     if direction not in _DIRECTIONS:
@@ -346,4 +558,4 @@ def token_max_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, 
     if dt != text_tokens.dtype or dt not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"token_max_similarity takes fp32, fp16 or bf16 tokens of one dtype, got {dt} and "
                         f"{text_tokens.dtype}; use declip_ds.losses.filip_similarity for float64.")
-    return _TokenMaxSimilarity.apply(image_tokens, text_tokens, image_mask, text_mask, direction)
+    return _TokenMaxSimilarity.apply(image_tokens, text_tokens, image_mask, text_mask, direction, bool(save_argmax))

@@ -7,6 +7,7 @@ triton -> the kernels in declip_ds.kernels; without CUDA only under TRITON_INTER
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -42,12 +43,25 @@ def get_clip_loss(impl: str = "auto"):
     return clip_loss
 
 
-def get_filip_similarity(impl: str = "auto"):
-    """FILIP's similarity for ``impl``: ``filip_similarity`` or ``token_max_similarity`` (same signature)."""
+def get_filip_similarity(impl: str = "auto", *, argmax: str = "recompute", chunk_size: int | None = None):
+    """FILIP's similarity for ``impl``: ``filip_similarity`` or ``token_max_similarity`` (same signature).
+
+    argmax (``loss.filip_argmax``, kernel only): "recompute" or "save" (token_max_similarity's save_argmax).
+    chunk_size (``loss.chunk_size``, torch only): the most samples per block on each side; the block also
+    stays under filip_similarity's default of 2^22 similarities."""
+    if argmax not in ("recompute", "save"):
+        raise ValueError(f"Unknown loss.filip_argmax {argmax!r}. Allowed: recompute, save.")
     if resolve_impl(impl) == "triton":
         from declip_ds.kernels import token_max_similarity
 
-        return token_max_similarity
-    from declip_ds.losses.filip import filip_similarity
+        return functools.partial(token_max_similarity, save_argmax=True) if argmax == "save" else token_max_similarity
+    from declip_ds.losses.filip import default_chunk_size, filip_similarity
 
-    return filip_similarity
+    if chunk_size is None:
+        return filip_similarity
+
+    def capped_filip_similarity(image_tokens, text_tokens, image_mask=None, text_mask=None, *, direction="both"):
+        chunk = min(int(chunk_size), default_chunk_size(image_tokens.shape[1], text_tokens.shape[1]))
+        return filip_similarity(image_tokens, text_tokens, image_mask, text_mask, chunk_size=chunk, direction=direction)
+
+    return capped_filip_similarity

@@ -45,7 +45,7 @@ class DeFILIP(DeCLIP):
 
     def __init__(self, exp, group=None):
         super().__init__(exp, group)
-        self.filip = FilipHead(self.cfg, exp.loss.impl)
+        self.filip = FilipHead(self.cfg, exp.loss)
 
     def loss_weights(self):
         return {**super().loss_weights(), "filip_loss": self.cfg.filip_weight}

@@ -60,11 +60,11 @@ class FilipHead(nn.Module):
     """The dense term shared by FILIP and DeFILIP: token mappings live in the DualEncoder; this owns
     the separate temperature ``logit_scale_dense`` and the loss switches."""
 
-    def __init__(self, cfg: FILIPConfig, impl: str):
+    def __init__(self, cfg: FILIPConfig, loss):
         super().__init__()
         self.cfg = cfg
         self.logit_scale_dense = nn.Parameter(torch.full((1,), float(cfg.logit_scale_dense_init)))
-        self.similarity = get_filip_similarity(impl)
+        self.similarity = get_filip_similarity(loss.impl, argmax=loss.filip_argmax, chunk_size=loss.chunk_size)
 
     def forward(self, model, image_tokens_raw, text_tokens_raw, text_ids, group) -> torch.Tensor:
         x = F.normalize(model.map_image_tokens(image_tokens_raw), dim=-1)  # (b, Ti, d)
@@ -94,7 +94,7 @@ class FILIP(Method):
 
     def __init__(self, exp, group=None):
         super().__init__(exp, group)
-        self.filip = FilipHead(self.cfg, exp.loss.impl)
+        self.filip = FilipHead(self.cfg, exp.loss)
 
     def sample_transform(self):
         from declip_ds.data.transforms import SampleTransform, clip_train_transform, moco_v2_transform
