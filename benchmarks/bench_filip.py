@@ -7,7 +7,9 @@ Methods, on the same L2-normalised tokens (bf16 on a GPU, fp32 on a CPU) with ra
            masked max and mean in both directions.
 * torch:   declip_ds.losses.filip_similarity, the chunked reference (imported, never copied).
 * triton:  declip_ds.kernels.token_max_similarity (GPU only), with the text mask; "triton_nomask"
-           runs it without masks (KERNELS.md asks that masks cost under 5%).
+           runs it without masks (KERNELS.md asks that masks cost under 5%); "triton_saved" with
+           save_argmax=True (loss.filip_argmax=save: the backward reads the forward's arg-max indices
+           instead of recomputing the scores).
 Per row: median of --reps runs after --warmup (CUDA events on a GPU) of the forward (both
 directions) and of forward + backward; useful forward TFLOP/s = 2 B^2 Ti Tt D / t_fwd on unpadded
 tokens; its fraction of the card's dense bf16 peak; backward / forward time; rise of
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 
@@ -44,23 +47,40 @@ def eager_similarity(x, y, x_mask, y_mask):
     return s_i2t, s_t2i
 
 
+def kernel_rows() -> bool:
+    """The triton rows run on a GPU, and on the CPU under TRITON_INTERPRET=1 (to try this script's kernel
+    rows at tiny shapes: the interpreter's times mean nothing)."""
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def methods() -> dict:
     out = {"eager": eager_similarity, "torch": filip_similarity}
-    if torch.cuda.is_available():
+    if kernel_rows():
         from declip_ds.kernels import token_max_similarity
 
         out["triton"] = token_max_similarity
         out["triton_nomask"] = lambda x, y, xm, ym: token_max_similarity(x, y)
+        out["triton_saved"] = lambda x, y, xm, ym: token_max_similarity(x, y, xm, ym, save_argmax=True)
     return out
 
 
 def parse_tiles(spec: str) -> dict:
-    """"64x256x32" or "64x256x32x8x2" -> BM, BN, BK (and num_warps, num_stages) for token_max.tile_config."""
-    parts = spec.lower().split("x")
+    """"64x256x32" or "64x256x32x8x2", optionally followed by ",key=value" items (group: row tiles per band of
+    the forward's program order; BD: D columns per saved-arg-max backward program; save=1: the row runs with
+    save_argmax) -> keyword arguments of token_max.tile_config, plus "save"."""
+    head, *extras = spec.split(",")
+    parts = head.lower().split("x")
     if len(parts) not in (3, 5) or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise SystemExit(f"--tiles {spec!r}: expected BMxBNxBK or BMxBNxBKxWARPSxSTAGES, e.g. 64x256x32 or 64x128x32x8x2")
+        raise SystemExit(f"--tiles {spec!r}: expected BMxBNxBK or BMxBNxBKxWARPSxSTAGES, then optional ,group=G ,BD=N "
+                         f",save=1, e.g. 64x256x32 or 64x128x32x8x2,group=1")
     keys = ("BM", "BN", "BK", "num_warps", "num_stages")
-    return dict(zip(keys, map(int, parts)))
+    cfg = dict(zip(keys, map(int, parts)))
+    for item in extras:
+        key, _, value = item.partition("=")
+        if key not in ("group", "BD", "save") or not value.isdigit():
+            raise SystemExit(f"--tiles {spec!r}: {item!r} is not group=<int>, BD=<int> or save=0/1")
+        cfg[key] = int(value)
+    return cfg
 
 
 def bench_one(name, fn, B, Ti, Tt, D, dtype, reps, warmup, peak, ctx=contextlib.nullcontext) -> dict:
@@ -109,10 +129,10 @@ def main() -> None:
     p.add_argument("--no-extra", action="store_true", help="skip the 49x16, 77x16 and D=256 shapes")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--methods", nargs="+", default=None, help="subset of eager torch triton triton_nomask")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of eager torch triton triton_nomask triton_saved")
     p.add_argument("--tiles", nargs="+", default=[], metavar="BMxBNxBK[xWxS]",
                    help="extra kernel rows 'triton[SPEC]' with these tiles (GPU only; BM >= Ti and BN >= Tt), "
-                        "e.g. 64x256x32 128x128x32x8x2")
+                        "e.g. 64x256x32 128x128x32x8x2 64x128x32x8x2,group=1 64x128x32x8x2,BD=64,save=1")
     p.add_argument("--out", default=OUT_DIR)
     args = p.parse_args()
     tiles = {spec: parse_tiles(spec) for spec in args.tiles}
@@ -121,7 +141,8 @@ def main() -> None:
     print(f"device: {name}; bf16 peak: {fmt(peak)} TFLOP/s; inputs {dtype}; median of {args.reps} runs")
     if not cuda:
         torch.set_num_threads(1)  # a shared CPU box: numbers are indicative only
-        print("no CUDA device: the triton rows need a GPU and are skipped (tiny CPU grid, torch paths only)")
+        print("no CUDA device: triton rows run interpreted (TRITON_INTERPRET=1; times mean nothing)" if kernel_rows()
+              else "no CUDA device: the triton rows need a GPU and are skipped (tiny CPU grid, torch paths only)")
     shapes = [(B, Ti, Tt, D) for D in args.D for Ti in args.Ti for Tt in args.Tt for B in args.B]
     if cuda and not args.no_extra:
         shapes += [(1024, 49, 16, 512), (1024, 77, 16, 512), (1024, 50, 77, 256)]
@@ -133,15 +154,17 @@ def main() -> None:
         for mname, fn in todo.items():
             rows.append(bench_one(mname, fn, B, Ti, Tt, D, dtype, args.reps, args.warmup, peak))
             print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:9]), flush=True)
-        for spec, cfg in tiles.items() if cuda else ():
+        for spec, cfg in tiles.items() if kernel_rows() else ():
             from declip_ds.kernels import token_max, token_max_similarity
 
             if cfg["BM"] < Ti or cfg["BN"] < Tt:  # a tile must hold one whole image and one whole text
                 rows.append(dict(method=f"triton[{spec}]", B=B, Ti=Ti, Tt=Tt, D=D, dtype=str(dtype).replace("torch.", ""),
                                  status="skipped: tiles smaller than one sample"))
             else:
-                rows.append(bench_one(f"triton[{spec}]", token_max_similarity, B, Ti, Tt, D, dtype, args.reps,
-                                      args.warmup, peak, ctx=lambda cfg=cfg: token_max.tile_config(**cfg)))
+                tiles_only = {k: v for k, v in cfg.items() if k != "save"}
+                fn = functools.partial(token_max_similarity, save_argmax=bool(cfg.get("save", 0)))
+                rows.append(bench_one(f"triton[{spec}]", fn, B, Ti, Tt, D, dtype, args.reps,
+                                      args.warmup, peak, ctx=lambda c=tiles_only: token_max.tile_config(**c)))
             print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:9]), flush=True)
     print()
     print_table(rows, COLUMNS)

@@ -46,28 +46,41 @@ if [ "${QUICK:-0}" = 1 ]; then
     step tests_gpu 120 python3 -m pytest -q tests/test_kernels.py -m gpu -p no:cacheprovider
     step tests_rest 600 python3 -m pytest -q -x tests/test_kernels.py -m "not gpu" -k fp32 -p no:cacheprovider
     step contrastive 300 python3 benchmarks/bench_contrastive.py --out "$WORK" --reps 3 --warmup 1
+    mkdir -p "$WORK/filip_target"
+    step filip_target 300 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --reps 3 --warmup 1
     step filip 300 python3 benchmarks/bench_filip.py --out "$WORK" --reps 3 --warmup 1
     step train_step 600 python3 benchmarks/bench_train_step.py --methods clip --zero 0 --steps 2 --warmup 1 \
         --json "$WORK/train_step.json" --markdown
     mkdir -p "$WORK/tiles"
     step tiles_contrastive 120 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --reps 2 --warmup 1 \
         --tiles fwd_bm=128,fwd_bn=128
-    step tiles_filip 120 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --reps 2 --warmup 1 --tiles 64x256x32
+    step tiles_filip 120 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --reps 2 --warmup 1 --tiles 64x256x32 \
+        64x128x32x8x2,group=1024 64x128x32x8x2,save=1,BD=64
 else
     # the bf16 / large-shape / memory tests first (each new tile config JIT-compiles for seconds on
     # a real GPU, so the whole file may not fit one limit); then the interpreter suite on real Triton
-    step tests_gpu 70 python3 -m pytest -q tests/test_kernels.py -m gpu -p no:cacheprovider
-    step tests_rest 45 python3 -m pytest -q tests/test_kernels.py -m "not gpu" -p no:cacheprovider
-    step contrastive 100 python3 benchmarks/bench_contrastive.py --out "$WORK" --reps 20 --warmup 3
-    step filip 70 python3 benchmarks/bench_filip.py --out "$WORK" --reps 20 --warmup 3
-    step train_step 120 python3 benchmarks/bench_train_step.py --methods clip slip declip filip defilip --zero 2 \
+    step tests_gpu 80 python3 -m pytest -q tests/test_kernels.py -m gpu -p no:cacheprovider
+    step tests_rest 50 python3 -m pytest -q tests/test_kernels.py -m "not gpu" -p no:cacheprovider
+    step contrastive 90 python3 benchmarks/bench_contrastive.py --out "$WORK" --reps 20 --warmup 3
+    # FILIP: the target shape first (KERNELS.md: >= 3x faster, >= 20x less memory than eager), both
+    # backward designs (triton = recompute, triton_saved = save_argmax), then the rest of the grid
+    mkdir -p "$WORK/filip_target"
+    step filip_target 40 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --B 1024 --Ti 50 --Tt 77 \
+        --D 512 --no-extra --reps 20 --warmup 3
+    step filip 60 python3 benchmarks/bench_filip.py --out "$WORK" --reps 10 --warmup 2
+    step train_step 110 python3 benchmarks/bench_train_step.py --methods clip slip declip filip defilip --zero 2 \
         --steps 10 --warmup 3 --json "$WORK/train_step.json" --markdown
     # tile sweeps: the default kernel row next to alternatives, same shape, same run (tuning data;
-    # the defaults were picked without a GPU by declip_ds.kernels.compile_check: no register spills)
+    # the defaults were picked without a GPU by declip_ds.kernels.compile_check: no register spills).
+    # FILIP: group=1024 is the plain 2-D grid order (no L2 bands); save=1 rows time the saved-index
+    # backward at other D chunks (BD; default 64 here) and at 64 x 256 tiles (70 % of the tile used instead
+    # of 47 %; compile_check: 0-16 B of spills in bf16)
     mkdir -p "$WORK/tiles"
-    step tiles_contrastive 50 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --B 32768 --D 512 \
+    step tiles_contrastive 40 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --B 32768 --D 512 \
         --methods triton --reps 10 --warmup 2 --tiles fwd_bm=128,fwd_bn=128 fwd_bm=64,fwd_bn=128,fwd_warps=4 \
         fwd_bm=64,fwd_bn=64,fwd_warps=4 bwd_bm=128,bwd_bn=64 bwd_bm=128,bwd_bn=128 bwd_warps=4 groups=32
-    step tiles_filip 75 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --B 1024 --Ti 50 --Tt 77 --D 512 \
-        --no-extra --methods triton --reps 5 --warmup 1 --tiles 64x256x32 128x128x32 64x128x32x4x2 64x128x64
+    step tiles_filip 60 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --B 1024 --Ti 50 --Tt 77 --D 512 \
+        --no-extra --methods triton triton_saved --reps 5 --warmup 1 --tiles 64x128x32x8x2,group=1024 \
+        64x128x32x8x2,group=8 64x256x32 64x128x64 64x128x32x8x2,save=1,BD=32 64x128x32x8x2,save=1,BD=128 \
+        64x256x32x8x2,save=1
 fi
