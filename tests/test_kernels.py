@@ -221,12 +221,31 @@ def torch_peak_bytes(fn):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_register_accumulators_equal_the_read_modify_write_design(dtype):
+    """bwd_bd > 0 (default on CPU and for 16-bit GPU inputs): each program owns a D chunk of its rows and keeps
+    the fp32 accumulator in registers; bwd_bd=0 (fp32 GPU inputs): all of D per program, rows read and
+    rewritten per tile. Same sums in the same order: same gradients; D chunks of 16 over D=40 (last partial)."""
+    img, txt = features(37, 40, seed=61, dtype=dtype)
+    s = torch.tensor(20.0, device=DEV)
+    outs = []
+    for bd in (16, 0):
+        with contrastive.tile_config(bwd_bd=bd, bwd_bm=16, bwd_bn=16):
+            outs.append(run_clip(fused_clip_loss, img, txt, s))
+    assert float(outs[0][0]) == float(outs[1][0])
+    for u, v in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-7)
+    check_fused_against_float64(img, txt, s, 1e-4 if dtype == torch.float32 else 5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_tile_configuration_gives_the_reference_result(monkeypatch, dtype):
-    """The tiles shipped for GPUs (128 x 64 forward, 64 x 64 backward, 16 groups; fp32: K chunks of 16), run
-    here by the interpreter: several row/column groups, partial last tiles, D not a multiple of BK."""
+    """The tiles shipped for GPUs (128 x 64 forward, 64 x 64 backward, 16 groups; 16-bit: D chunks of 256 per
+    backward program; fp32: K chunks of 16, read-modify-write backward), run here by the interpreter: several
+    row/column groups, partial last tiles, D not a multiple of BK, two D chunks (the last partial)."""
     monkeypatch.setattr(contrastive, "_FORCE_GPU_TILES", [True])
-    assert contrastive._config(torch.zeros(1, dtype=dtype))["fwd_bn"] == 64
-    img, txt = features(200, 40, seed=21, dtype=dtype)
+    cfg = contrastive._config(torch.zeros(1, dtype=dtype))
+    assert cfg["fwd_bn"] == 64 and cfg["bwd_bd"] == (0 if dtype == torch.float32 else 256)
+    img, txt = features(200, 264, seed=21, dtype=dtype)
     check_fused_against_float64(img, txt, torch.tensor(30.0, device=DEV), 1e-4 if dtype == torch.float32 else 5e-3)
 
 

@@ -53,7 +53,7 @@ if [ "${QUICK:-0}" = 1 ]; then
         --json "$WORK/train_step.json" --markdown
     mkdir -p "$WORK/tiles"
     step tiles_contrastive 120 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --reps 2 --warmup 1 \
-        --tiles fwd_bm=128,fwd_bn=128
+        --tiles fwd_bm=128,fwd_bn=128 bwd_bd=0
     step tiles_filip 120 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --reps 2 --warmup 1 --tiles 64x256x32 \
         64x128x32x8x2,group=1024 64x128x32x8x2,save=1,BD=64
 else
@@ -67,7 +67,7 @@ else
     mkdir -p "$WORK/filip_target"
     step filip_target 40 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --B 1024 --Ti 50 --Tt 77 \
         --D 512 --no-extra --reps 20 --warmup 3
-    step filip 60 python3 benchmarks/bench_filip.py --out "$WORK" --reps 10 --warmup 2
+    step filip 55 python3 benchmarks/bench_filip.py --out "$WORK" --reps 10 --warmup 2
     step train_step 110 python3 benchmarks/bench_train_step.py --methods clip slip declip filip defilip --zero 2 \
         --steps 10 --warmup 3 --json "$WORK/train_step.json" --markdown
     # tile sweeps: the default kernel row next to alternatives, same shape, same run (tuning data;
@@ -76,9 +76,10 @@ else
     # backward at other D chunks (BD; default 64 here) and at 64 x 256 tiles (70 % of the tile used instead
     # of 47 %; compile_check: 0-16 B of spills in bf16)
     mkdir -p "$WORK/tiles"
-    step tiles_contrastive 40 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --B 32768 --D 512 \
-        --methods triton --reps 10 --warmup 2 --tiles fwd_bm=128,fwd_bn=128 fwd_bm=64,fwd_bn=128,fwd_warps=4 \
-        fwd_bm=64,fwd_bn=64,fwd_warps=4 bwd_bm=128,bwd_bn=64 bwd_bm=128,bwd_bn=128 bwd_warps=4 groups=32
+    # CLIP: bwd_bd=0 is the read-modify-write backward (the design before 2026-11-27), 128 / 512 other D chunks
+    step tiles_contrastive 50 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --B 32768 --D 512 \
+        --methods triton --reps 10 --warmup 2 --tiles bwd_bd=0 bwd_bd=512 bwd_bd=128 fwd_bm=128,fwd_bn=128 \
+        fwd_bm=64,fwd_bn=128,fwd_warps=4 bwd_bm=128,bwd_bn=64 bwd_warps=4 groups=32
     step tiles_filip 60 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --B 1024 --Ti 50 --Tt 77 --D 512 \
         --no-extra --methods triton triton_saved --reps 5 --warmup 1 --tiles 64x128x32x8x2,group=1024 \
         64x128x32x8x2,group=8 64x256x32 64x128x64 64x128x32x8x2,save=1,BD=32 64x128x32x8x2,save=1,BD=128 \

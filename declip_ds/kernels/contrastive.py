@@ -19,9 +19,15 @@ Backward (two recomputing kernels, the "10 B^2 D" design of KERNELS.md): a row-p
   dX_ij = w_r (P_row_ij - [j = label_i]) + w_c(j) (P_col_ij - [j = label_i]),
   w_r = g_r / 2b for this rank's loss, w_c(j) = g_owner(j) / 2b for the rank whose loss holds text j's
   column term. dT of the gathered texts is reduce-scattered (summed) back to their owners.
-  Gradients accumulate over D chunks in fp32 global buffers, so any D works (no 64 x D register
-  accumulator). dX is cast to the input dtype for the MMA (fp32 stays IEEE fp32), after
-  normalising the weights by their largest magnitude so fp16 does not underflow.
+  16-bit inputs (``bwd_bd`` > 0): each program owns one tile of rows (columns) and one chunk of bwd_bd
+  D columns, keeps that (64, bwd_bd) fp32 accumulator in registers over the whole loop and writes it
+  once (256 on a GPU: no spills on sm_90; 512 spills 32 B in the column kernel). S is recomputed once
+  per D chunk (2 chunks at D=512: 3 GEMMs per kernel instead of 2), which replaces reading and
+  rewriting the fp32 gradient rows per tile (64 x D x 4 B x 2 per tile pair: 137 GB of traffic per
+  backward at B=32k, D=512). fp32 inputs (``bwd_bd=0``): all of D per program, the fp32 rows read and
+  rewritten per tile in BK chunks (their FMA GEMMs are the cost; a recompute per D chunk would multiply
+  it). dX is cast to the input dtype for the MMA (fp32 stays IEEE fp32), after normalising the
+  weights by their largest magnitude so fp16 does not underflow.
 """
 
 from __future__ import annotations
@@ -41,14 +47,15 @@ NEG = tl.constexpr(_NEG)
 # Tile configuration. The GPU values are the largest tiles that compile for sm_90 and sm_80 without
 # register spills (``python -m declip_ds.kernels.compile_check``; 128 x 128 forward tiles spill ~0.5 KB
 # per thread on sm_90); their speed is still to be timed on a GPU. fp32 inputs use true-fp32 FMA dots
-# (no tensor cores), which need smaller K chunks not to spill. The interpreter prefers few, large
-# tiles. Tests override any key with ``tile_config``.
+# (no tensor cores), which need smaller K chunks not to spill. bwd_bd: D columns per backward program
+# (register accumulator), 0 = the read-modify-write backward (see the module docstring). The interpreter
+# prefers few, large tiles. Tests override any key with ``tile_config``.
 _GPU = dict(fwd_bm=128, fwd_bn=64, fwd_bk=64, fwd_warps=8, fwd_stages=3,
-            bwd_bm=64, bwd_bn=64, bwd_bk=64, bwd_warps=8, bwd_stages=3, groups=16)
+            bwd_bm=64, bwd_bn=64, bwd_bk=64, bwd_bd=256, bwd_warps=8, bwd_stages=3, groups=16)
 _GPU_FP32 = dict(fwd_bm=64, fwd_bn=64, fwd_bk=16, fwd_warps=8, fwd_stages=3,
-                 bwd_bm=64, bwd_bn=64, bwd_bk=16, bwd_warps=8, bwd_stages=3, groups=16)
+                 bwd_bm=64, bwd_bn=64, bwd_bk=16, bwd_bd=0, bwd_warps=8, bwd_stages=3, groups=16)
 _CPU = dict(fwd_bm=32, fwd_bn=32, fwd_bk=64, fwd_warps=4, fwd_stages=1,
-            bwd_bm=32, bwd_bn=32, bwd_bk=64, bwd_warps=4, bwd_stages=1, groups=2)
+            bwd_bm=32, bwd_bn=32, bwd_bk=64, bwd_bd=64, bwd_warps=4, bwd_stages=1, groups=2)
 _override: dict = {}
 # Set by declip_ds.kernels.compile_check while it captures launches from CPU tensors, so the captured
 # launches carry the GPU tile configuration it then compiles for a GPU architecture.
@@ -63,7 +70,7 @@ def _gpu_tiles(t: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def tile_config(**kw):
     """Temporarily override any key of the tile configuration (fwd_bm, fwd_bn, fwd_bk, fwd_warps, fwd_stages,
-    the same five for bwd_, groups)."""
+    the same five for bwd_, bwd_bd, groups)."""
     old = dict(_override)
     _override.update(kw)
     try:
@@ -185,8 +192,58 @@ def _dlogits(s, rows, cols, rmask, cmask, scale, lse_r, col_lse, wr, wc, label_o
 
 @triton.jit
 def _clip_bwd_rows_kernel(I, T, scale_ptr, row_lse, col_lse, wr_ptr, wc, dI, b, N, D, stride_i, stride_t,
-                          label_offset, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """dI[rows] = sum over all column tiles of dX @ T (fp32, unscaled by scale and the weight norm)."""
+                          label_offset, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                          PREC: tl.constexpr):
+    """dI[rows, D chunk] = sum over all column tiles of dX @ T[:, chunk] (fp32, unscaled by scale and the weight
+    norm): the (BM, BD) accumulator stays in registers over the column loop and is written once."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < b
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dm = d < D
+    scale = tl.load(scale_ptr)
+    wr = tl.load(wr_ptr)
+    lse_r = tl.load(row_lse + rows, mask=rmask, other=0.0)
+    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    for c0 in range(0, N, BN):
+        cols = c0 + tl.arange(0, BN)
+        cmask = cols < N
+        s = _scores_tile(I, T, rows, cols, rmask, cmask, D, stride_i, stride_t, BM, BN, BK, PREC)
+        g = _dlogits(s, rows, cols, rmask, cmask, scale, lse_r, col_lse, wr, wc, label_offset).to(T.dtype.element_ty)
+        t = tl.load(T + cols.to(tl.int64)[:, None] * stride_t + d[None, :], mask=cmask[:, None] & dm[None, :],
+                    other=0.0)  # (BN, BD)
+        acc = tl.dot(g, t, acc, input_precision=PREC)  # (BM, BD)
+    tl.store(dI + rows.to(tl.int64)[:, None] * D + d[None, :], acc, mask=rmask[:, None] & dm[None, :])
+
+
+@triton.jit
+def _clip_bwd_cols_kernel(I, T, scale_ptr, row_lse, col_lse, wr_ptr, wc, dT, b, N, D, stride_i, stride_t,
+                          label_offset, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                          PREC: tl.constexpr):
+    """dT[cols, D chunk] = sum over the local row tiles of dX^T @ I[:, chunk] (fp32, unscaled), in registers."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cmask = cols < N
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dm = d < D
+    scale = tl.load(scale_ptr)
+    wr = tl.load(wr_ptr)
+    acc = tl.zeros((BN, BD), dtype=tl.float32)
+    for r0 in range(0, b, BM):
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < b
+        lse_r = tl.load(row_lse + rows, mask=rmask, other=0.0)
+        s = _scores_tile(I, T, rows, cols, rmask, cmask, D, stride_i, stride_t, BM, BN, BK, PREC)
+        g = _dlogits(s, rows, cols, rmask, cmask, scale, lse_r, col_lse, wr, wc, label_offset)
+        a = tl.load(I + rows.to(tl.int64)[:, None] * stride_i + d[None, :], mask=rmask[:, None] & dm[None, :],
+                    other=0.0)  # (BM, BD)
+        acc = tl.dot(tl.trans(g).to(I.dtype.element_ty), a, acc, input_precision=PREC)  # (BN, BD)
+    tl.store(dT + cols.to(tl.int64)[:, None] * D + d[None, :], acc, mask=cmask[:, None] & dm[None, :])
+
+
+@triton.jit
+def _clip_bwd_rows_rmw_kernel(I, T, scale_ptr, row_lse, col_lse, wr_ptr, wc, dI, b, N, D, stride_i, stride_t,
+                              label_offset, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """bwd_bd=0: dI[rows] = sum over all column tiles of dX @ T (fp32, unscaled), all of D per program, the
+    fp32 rows read and rewritten in global memory per column tile in BK chunks (fp32 inputs: short K)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < b
     scale = tl.load(scale_ptr)
@@ -211,9 +268,9 @@ def _clip_bwd_rows_kernel(I, T, scale_ptr, row_lse, col_lse, wr_ptr, wc, dI, b, 
 
 
 @triton.jit
-def _clip_bwd_cols_kernel(I, T, scale_ptr, row_lse, col_lse, wr_ptr, wc, dT, b, N, D, stride_i, stride_t,
-                          label_offset, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """dT[cols] = sum over the local row tiles of dX^T @ I (fp32, unscaled)."""
+def _clip_bwd_cols_rmw_kernel(I, T, scale_ptr, row_lse, col_lse, wr_ptr, wc, dT, b, N, D, stride_i, stride_t,
+                              label_offset, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """bwd_bd=0: dT[cols] = sum over the local row tiles of dX^T @ I (fp32, unscaled), read-modify-write."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     cmask = cols < N
     scale = tl.load(scale_ptr)
@@ -277,18 +334,23 @@ def _launch_backward(which, image, all_text, scale32, row_lse, col_lse, wr, wc, 
     b, D = image.shape
     N = all_text.shape[0]
     cfg = _config(image)
-    BM, BN, BK = cfg["bwd_bm"], cfg["bwd_bn"], cfg["bwd_bk"]
+    BM, BN, BK, BD = cfg["bwd_bm"], cfg["bwd_bn"], cfg["bwd_bk"], cfg["bwd_bd"]
     args = (image, all_text, scale32, row_lse, col_lse, wr, wc)
     dims = (b, N, D, image.stride(0), all_text.stride(0), label_offset)
     common = dict(BM=BM, BN=BN, BK=BK, PREC=_precision(image.dtype), num_warps=cfg["bwd_warps"],
                   num_stages=cfg["bwd_stages"], what="fused_clip_loss backward")
-    if which == "rows":
-        dI = torch.zeros(b, D, device=image.device, dtype=torch.float32)
-        _launch(_clip_bwd_rows_kernel, (triton.cdiv(b, BM),), *args, dI, *dims, **common)
-        return dI
-    dT = torch.zeros(N, D, device=image.device, dtype=torch.float32)
-    _launch(_clip_bwd_cols_kernel, (triton.cdiv(N, BN),), *args, dT, *dims, **common)
-    return dT
+    rows = which == "rows"
+    n_tiles = triton.cdiv(b, BM) if rows else triton.cdiv(N, BN)
+    f32 = dict(device=image.device, dtype=torch.float32)
+    if BD:  # register accumulators, one D chunk per program, each gradient element written once
+        out = torch.empty(b if rows else N, D, **f32)
+        _launch(_clip_bwd_rows_kernel if rows else _clip_bwd_cols_kernel, (n_tiles, triton.cdiv(D, BD)),
+                *args, out, *dims, BD=BD, **common)
+    else:  # bwd_bd=0: fp32 rows read-modify-written per tile (all of D per program)
+        out = torch.zeros(b if rows else N, D, **f32)
+        _launch(_clip_bwd_rows_rmw_kernel if rows else _clip_bwd_cols_rmw_kernel, (n_tiles,),
+                *args, out, *dims, **common)
+    return out
 
 
 _PAIR_ROWS = 4096  # rows upcast at a time by _paired_dots: 2 * 4096 * D fp32 transient (16 MB at D=512)
