@@ -177,6 +177,18 @@ def _tile_of(pid, n_p, n_q, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _first_argmax(s, sel, best, idx, AXIS: tl.constexpr, NONE: tl.constexpr):
+    """Lowest index along AXIS (1: columns, 0: rows) where the selected entries of s equal their maximum
+    ``best``; NONE where nothing is selected. The one tie rule of the forward's saved indices and the
+    backward's recomputed ones."""
+    if AXIS == 1:
+        first = tl.min(tl.where(sel & (s == best[:, None]), idx[None, :], NONE), 1)
+    else:
+        first = tl.min(tl.where(sel & (s == best[None, :]), idx[:, None], NONE), 0)
+    return first
+
+
+@triton.jit
 def _tm_fwd_kernel(X, Y, WX, WY, O1, O2, A1, A2, Bi, Bt, TI, TT, D, n_p, n_q,
                    IB: tl.constexpr, JB: tl.constexpr, IB_P: tl.constexpr, JB_P: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
@@ -197,7 +209,7 @@ def _tm_fwd_kernel(X, Y, WX, WY, O1, O2, A1, A2, Bi, Bt, TI, TT, D, n_p, n_q,
             oj = q * JB + jj
             tl.store(O1 + oi * Bt + oj, val, mask=(islot < IB) & (oi < Bi) & (oj < Bt))
             if SAVE:  # the arg-max text token per image token, as the backward's recompute would pick it
-                first = tl.min(tl.where(cols & (s == rmax[:, None]), cidx[None, :], BN), 1)  # (BM,)
+                first = _first_argmax(s, cols, rmax, cidx, 1, BN)  # (BM,)
                 r = tl.where(rmax > NEG_HALF, first - jj * TT, TT)  # token in text oj; TT = none valid
                 tl.store(A1 + oj.to(tl.int64) * Bi * TI + rtok, r.to(A1.dtype.element_ty), mask=rin & (oj < Bt))
     if NEED_T2I:
@@ -212,7 +224,7 @@ def _tm_fwd_kernel(X, Y, WX, WY, O1, O2, A1, A2, Bi, Bt, TI, TT, D, n_p, n_q,
             oi = p * IB + ii
             tl.store(O2 + oi * Bt + oj, val, mask=(jslot < JB) & (oj < Bt) & (oi < Bi))
             if SAVE:  # the arg-max image token per text token
-                first = tl.min(tl.where(rows & (s == cmax[None, :]), ridx[:, None], BM), 0)  # (BN,)
+                first = _first_argmax(s, rows, cmax, ridx, 0, BM)  # (BN,)
                 r = tl.where(cmax > NEG_HALF, first - ii * TI, TI)  # token in image oi; TI = none valid
                 tl.store(A2 + oi.to(tl.int64) * Bt * TT + ctok, r.to(A2.dtype.element_ty), mask=cin & (oi < Bi))
 
@@ -239,7 +251,7 @@ def _tm_dscores(s, p, q, ri, rimg, rin, rw, cj, ctxt, cin, cw, G1, G2, Bi, Bt,
         for jj in tl.static_range(JB):
             cols = ((cj == jj) & (cw > 0))[None, :]
             rmax = tl.max(tl.where(cols, s, NEG), 1)  # (BM,) max over text jj's valid tokens
-            first = tl.min(tl.where(cols & (s == rmax[:, None]), cidx[None, :], BN), 1)  # (BM,)
+            first = _first_argmax(s, cols, rmax, cidx, 1, BN)  # (BM,)
             oj = q * JB + jj
             g = tl.load(G1 + rimg * Bt + oj, mask=rin & (oj < Bt), other=0.0) * rw
             g = tl.where(rmax > NEG_HALF, g, 0.0)
@@ -249,7 +261,7 @@ def _tm_dscores(s, p, q, ri, rimg, rin, rw, cj, ctxt, cin, cw, G1, G2, Bi, Bt,
         for ii in tl.static_range(IB):
             rows = ((ri == ii) & (rw > 0))[:, None]
             cmax = tl.max(tl.where(rows, s, NEG), 0)  # (BN,) max over image ii's valid tokens
-            first = tl.min(tl.where(rows & (s == cmax[None, :]), ridx[:, None], BM), 0)  # (BN,)
+            first = _first_argmax(s, rows, cmax, ridx, 0, BM)  # (BN,)
             oi = p * IB + ii
             g = tl.load(G2 + oi * Bt + ctxt, mask=cin & (oi < Bi), other=0.0) * cw
             g = tl.where(cmax > NEG_HALF, g, 0.0)
@@ -418,6 +430,13 @@ def _geometry(x, y):
                 n_p=triton.cdiv(Bi, IB), n_q=triton.cdiv(Bt, JB), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+def _meta(g, x, need_i2t, need_t2i, what, **tiles):
+    """Constexprs and launch options shared by every token_max kernel, plus the kernel's own ``tiles``."""
+    return dict(IB=g["IB"], JB=g["JB"], IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"],
+                PREC=_precision(x.dtype), NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"],
+                num_stages=g["num_stages"], what=what, **tiles)
+
+
 def index_dtype(Ti: int, Tt: int) -> torch.dtype:
     """dtype of the saved arg-max token indices: uint8 while every index and the "none" mark T fit."""
     return torch.uint8 if max(Ti, Tt) <= 255 else torch.int16
@@ -435,10 +454,8 @@ def _launch_forward(x, y, wx, wy, need_i2t, need_t2i, save=False):
     a2 = torch.empty(g["Bi"], g["Bt"] * g["TT"], device=x.device, dtype=idt) if save and need_t2i else none
     _launch(_tm_fwd_kernel, (g["n_p"] * g["n_q"],),
             x, y, wx, wy, o1, o2, a1, a2, g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"], g["n_p"], g["n_q"],
-            IB=g["IB"], JB=g["JB"], IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BK=g["BK"],
-            PREC=_precision(x.dtype), NEED_I2T=need_i2t, NEED_T2I=need_t2i, SAVE=bool(save),
-            GROUP=max(1, int(g["group"])), num_warps=g["num_warps"], num_stages=g["num_stages"],
-            what="token_max_similarity")
+            **_meta(g, x, need_i2t, need_t2i, "token_max_similarity", BK=g["BK"], SAVE=bool(save),
+                    GROUP=max(1, int(g["group"]))))
     return o1, o2, (a1 if save and need_i2t else None), (a2 if save and need_t2i else None)
 
 
@@ -446,10 +463,7 @@ def _launch_backward(which, x, y, wx, wy, g1, g2, need_i2t, need_t2i):
     """which="x": fp32 (Bi, Ti, D) gradient of the image tokens; "y": fp32 (Bt, Tt, D) of the text tokens.
     One at a time, so the caller can shrink the first to the input dtype before the second exists."""
     g = _geometry(x, y)
-    meta = dict(IB=g["IB"], JB=g["JB"], IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BK=g["BK"],
-                PREC=_precision(x.dtype),
-                NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"], num_stages=g["num_stages"],
-                what="token_max_similarity backward")
+    meta = _meta(g, x, need_i2t, need_t2i, "token_max_similarity backward", BK=g["BK"])
     dims = (g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"])
     if which == "x":
         dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
@@ -465,9 +479,7 @@ def _launch_backward_saved(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, 
     fp32 tensor), from the saved arg-max indices; no fp32 buffer, no recomputed scores."""
     g = _geometry(x, y)
     none = torch.zeros(1, device=x.device, dtype=index_dtype(g["TI"], g["TT"]))
-    meta = dict(IB=g["IB"], JB=g["JB"], IB_P=_pow2(g["IB"]), JB_P=_pow2(g["JB"]), BM=g["BM"], BN=g["BN"], BD=g["BD"],
-                PREC=_precision(x.dtype), NEED_I2T=need_i2t, NEED_T2I=need_t2i, num_warps=g["num_warps"],
-                num_stages=g["num_stages"], what="token_max_similarity backward (saved arg-max)")
+    meta = _meta(g, x, need_i2t, need_t2i, "token_max_similarity backward (saved arg-max)", BD=g["BD"])
     tables = (a1 if a1 is not None else none, a2 if a2 is not None else none, g1, g2)
     dims = (g["Bi"], g["Bt"], g["TI"], g["TT"], g["D"])
     n_d = triton.cdiv(g["D"], g["BD"])
