@@ -71,7 +71,9 @@ def test_moco_recipe():
     assert simclr_transform(224).transforms[0].scale == (0.08, 1.0)
     clip = clip_train_transform(224)
     assert [type(x).__name__ for x in clip.transforms] == ["RandomResizedCrop", "ToTensor", "Normalize"]
-    assert clip.transforms[0].interpolation.value == "bicubic"
+    # STANDARD_SLIP in the DeCLIP repo: RandomResizedCrop(224, scale=(0.5, 1.0)), torchvision's bilinear default
+    assert clip.transforms[0].interpolation.value == "bilinear" and clip.transforms[0].scale == (0.5, 1.0)
+    assert t.transforms[0].interpolation.value == "bilinear"
 
 
 def test_sample_transform_two_image_and_two_text_views():

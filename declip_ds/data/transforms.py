@@ -68,8 +68,11 @@ def _rrc_draft_size(image_size: int, min_scale: float) -> int:
 
 
 def clip_train_transform(image_size: int, scale: Sequence[float] = (0.5, 1.0), normalize="imagenet",
-                         interpolation: str = "bicubic") -> T.Compose:
-    """The DeCLIP-repo CLIP/SLIP base view: RandomResizedCrop (bicubic), no flip.
+                         interpolation: str = "bilinear") -> T.Compose:
+    """The DeCLIP-repo CLIP/SLIP base view (``STANDARD_SLIP``): RandomResizedCrop, no flip.
+
+    Bilinear by default: the reference builds ``RandomResizedCrop(224, scale=(0.5, 1.0))`` with
+    torchvision's default interpolation (open_clip's training view is bicubic).
 
     PIL image -> (3, image_size, image_size) float32, normalised.
     """
