@@ -194,7 +194,18 @@ def test_scale_cap_and_clamp():
     torch.testing.assert_close(model.scale(), torch.tensor(1 / 0.07))
     with torch.no_grad():
         model.logit_scale.fill_(5.0)  # e^5 = 148 > cap
-    assert model.scale().item() == pytest.approx(100.0)
+    capped = model.scale()
+    assert capped.item() == pytest.approx(100.0)
+    # the reference caps the value only (logit_scale.data = clamp(..., max=100)): the parameter still gets
+    # the uncapped exp's gradient, so it can come back under the cap
+    capped.mul(2.0).backward()
+    assert model.logit_scale.grad.item() == pytest.approx(2.0 * math.exp(5.0), rel=1e-6)
+    ref = model.logit_scale.detach().clone().requires_grad_(True)
+    ref_scale = ref.exp()
+    ref_scale.data = torch.clamp(ref_scale.data, max=100)  # the DeCLIP reference's lines
+    ref_scale.mul(2.0).sum().backward()
+    torch.testing.assert_close(model.logit_scale.grad, ref.grad)
+    model.logit_scale.grad = None
     model.clamp_logit_scale_()
     assert model.logit_scale.item() == 5.0
     with torch.no_grad():

@@ -106,10 +106,18 @@ class DualEncoder(nn.Module):
 
     # ------------------------------------------------------------------ temperature
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale), capped at cfg.logit_scale_exp_cap when > 0 (the reference caps at 100). 0-d."""
+        """exp(logit_scale), capped at cfg.logit_scale_exp_cap when > 0 (the reference caps at 100). 0-d.
+
+        The cap limits the value only, as the DeCLIP reference does (``logit_scale.data =
+        clamp(logit_scale.data, max=100)`` after the exp): the gradient is still that of the uncapped
+        exp. A plain ``clamp`` would zero it above the cap, so a parameter that passed ln(cap) would
+        never be trained again (it drifts on Adam momentum towards the upper bound and stays there).
+        """
         s = self.logit_scale.exp().squeeze(0)  # ()
         cap = self.cfg.logit_scale_exp_cap
-        return s.clamp(max=cap) if cap > 0 else s
+        if cap <= 0:
+            return s
+        return s - (s - cap).clamp(min=0).detach()  # value min(s, cap), d/d logit_scale = exp(logit_scale)
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
