@@ -54,6 +54,29 @@ def test_method_trains_one_step(name):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
+def test_sample_transform_pickles(name):
+    """DataLoader workers started by spawn / forkserver (Python 3.14's default on Linux) get the dataset,
+    and with it the method's sample transform, pickled: no lambdas or closures in it."""
+    import pickle
+
+    exps = [tiny_experiment(name)]
+    if name == "filip":  # its plain-caption and MLM-masked text views
+        masked = {**TINY, "model": {**TINY["model"], "text": {**TINY["model"]["text"], "mask_token": True}}}
+        exps = [from_dict({**TINY, "method": {"name": name, "mlm_mask_text": False}}),
+                from_dict({**masked, "method": {"name": name, "mlm_mask_text": True}})]
+    for exp in exps:
+        method = get_method(name)(exp)
+        transform = method.sample_transform()
+        copy = pickle.loads(pickle.dumps(transform))
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+        torch.manual_seed(3)
+        a = transform(image, CAPTIONS[0])
+        torch.manual_seed(3)
+        b = copy(image, CAPTIONS[0])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_state_round_trip(name):
     method = get_method(name)(tiny_experiment(name))
     state = method.extra_state()

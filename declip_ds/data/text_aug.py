@@ -308,6 +308,20 @@ class EDA:
         return " ".join(kept) if kept else rng.choice(words)
 
 
+class CaptionView:
+    """Text view: caption -> its ids (L,).
+
+    A class rather than a lambda so that a method's sample transform pickles: DataLoader workers
+    started by spawn or forkserver (Python 3.14's default on Linux) receive the dataset pickled.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, caption: str) -> torch.Tensor:
+        return self.tokenizer([caption])[0]
+
+
 class EDAView:
     """Text view: caption -> ids (L,) of its EDA augmentation (or of the caption, ``eda=None``)."""
 

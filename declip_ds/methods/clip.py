@@ -24,11 +24,12 @@ class CLIP(Method):
     Config = CLIPConfig
 
     def sample_transform(self):
+        from declip_ds.data.text_aug import CaptionView
         from declip_ds.data.transforms import SampleTransform, clip_train_transform
 
         d, tok = self.exp.data, self.tokenizer()
         image = clip_train_transform(self.exp.model.vision.image_size, scale=tuple(d.rrc_scale), normalize=d.normalize)
-        return SampleTransform(image_views={"image": image}, text_views={"text": lambda s: tok([s])[0]})
+        return SampleTransform(image_views={"image": image}, text_views={"text": CaptionView(tok)})
 
     def loss_weights(self):
         return {"clip_loss": self.cfg.clip_weight}

@@ -78,11 +78,9 @@ class FilipHead(nn.Module):
 
 def filip_text_view(exp, cfg, tok):
     """The caption as the loss sees it: plain ids, or the reference's MLM-masked ids."""
-    if cfg.mlm_mask_text:
-        from declip_ds.data.text_aug import MLMView
+    from declip_ds.data.text_aug import CaptionView, MLMView
 
-        return MLMView(tok, prob=cfg.mlm_prob)
-    return lambda s: tok([s])[0]
+    return MLMView(tok, prob=cfg.mlm_prob) if cfg.mlm_mask_text else CaptionView(tok)
 
 
 @register_method("filip")

@@ -112,6 +112,7 @@ class SLIP(Method):
 
     # ------------------------------------------------------------------ data
     def sample_transform(self):
+        from declip_ds.data.text_aug import CaptionView
         from declip_ds.data.transforms import SampleTransform, clip_train_transform, moco_v2_transform, simclr_transform
 
         d, tok, size = self.exp.data, self.tokenizer(), self.exp.model.vision.image_size
@@ -120,7 +121,7 @@ class SLIP(Method):
             image_views={"image": clip_train_transform(size, scale=tuple(d.rrc_scale), normalize=d.normalize),
                          "image_ssl1": ssl_view(size, normalize=d.normalize),
                          "image_ssl2": ssl_view(size, normalize=d.normalize)},
-            text_views={"text": lambda s: tok([s])[0]},
+            text_views={"text": CaptionView(tok)},
         )
 
     # ------------------------------------------------------------------ losses
