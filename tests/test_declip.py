@@ -482,6 +482,21 @@ def test_declip_sample_transform_follows_the_torch_seed():
     assert not torch.equal(a["image"], c["image"]) and not torch.equal(a["mlm_labels"], c["mlm_labels"])
 
 
+def test_eda_require_wordnet_stops_before_training(monkeypatch):
+    monkeypatch.setattr(text_aug, "wordnet_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"method.eda_require_wordnet.*nltk.downloader wordnet"):
+        tiny_declip(eda_require_wordnet=True).sample_transform()
+    with pytest.warns(RuntimeWarning, match="WordNet"):
+        monkeypatch.setattr(text_aug, "_warned_no_wordnet", False)
+        tiny_declip().sample_transform()  # the default: warn once and go on with swap / deletion
+    tiny_declip(eda=False, eda_require_wordnet=True).sample_transform()  # no EDA, nothing to require
+    monkeypatch.setattr(text_aug, "wordnet_available", lambda: True)
+    tiny_declip(eda_require_wordnet=True).sample_transform()
+    for recipe in ("declip_rn50", "declip_vit_b32", "defilip_vit_b32"):
+        exp = load_config(Path(__file__).parents[1] / "experiments" / f"{recipe}_yfcc15m.yaml")
+        assert exp.method.eda and exp.method.eda_require_wordnet, recipe
+
+
 def test_declip_queries_the_old_queue_then_enqueues_t2_and_t1():
     torch.manual_seed(0)
     method = tiny_declip()

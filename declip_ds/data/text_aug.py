@@ -140,7 +140,7 @@ hasn't haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't sh
 shouldn't wasn wasn't weren weren't won won't wouldn wouldn't
 """.split())
 
-_INSTALL_HINT = "python -m nltk.downloader wordnet omw-1.4 stopwords"
+WORDNET_INSTALL_HINT = "python -m nltk.downloader wordnet omw-1.4 stopwords"
 _warned_no_wordnet = False
 
 
@@ -251,7 +251,7 @@ class EDA:
             warnings.warn(
                 "EDA: NLTK's WordNet data is not installed, so DeCLIP's synonym replacement is skipped and "
                 "each caption gets a random swap or a random deletion instead. For the reference behaviour "
-                f"install it on every training node: {_INSTALL_HINT}", RuntimeWarning, stacklevel=2)
+                f"install it on every training node: {WORDNET_INSTALL_HINT}", RuntimeWarning, stacklevel=2)
         return False
 
     def operations(self) -> tuple[str, ...]:

@@ -53,6 +53,9 @@ class DeCLIPConfig(MethodConfig):
     predictor_hidden_dim: int = 512
     # T2: EDA augmentation of the caption (false: the raw caption)
     eda: bool = True
+    # without NLTK's WordNet data EDA cannot replace synonyms; true: stop before training (exit 2) with the
+    # install command; false: warn once and pick between random swap and random deletion only
+    eda_require_wordnet: bool = False
     # RandomResizedCrop scale of the two MoCo-v2 views
     view_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
 
@@ -132,12 +135,18 @@ class DeCLIP(Method):
 
     # ------------------------------------------------------------------ data
     def sample_transform(self):
-        from declip_ds.data.text_aug import EDA, EDAView, MLMView
+        from declip_ds.data.text_aug import EDA, WORDNET_INSTALL_HINT, EDAView, MLMView, wordnet_available
         from declip_ds.data.transforms import SampleTransform, moco_v2_transform
 
         cfg, d, tok = self.cfg, self.exp.data, self.tokenizer()
         size = self.exp.model.vision.image_size
         eda = EDA() if cfg.eda else None
+        if eda is not None and cfg.eda_require_wordnet and not wordnet_available():
+            raise ConfigError(
+                "method.eda_require_wordnet=true, but NLTK's WordNet data is not installed here, so EDA cannot "
+                "do the reference's synonym replacement. Install it on every training node "
+                f"({WORDNET_INSTALL_HINT}), or set method.eda_require_wordnet=false to train with random swap "
+                "and random deletion only.")
         if eda is not None:
             eda.has_synonyms()  # warn about missing WordNet data once, here, not in every loader worker
         return SampleTransform(
