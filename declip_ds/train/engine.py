@@ -147,6 +147,11 @@ def clamp_scales(engine, method, bounds) -> None:
             master = safe_get_local_fp32_param(p)
             if master is not None and master.numel() and not bool(((master >= lo) & (master <= hi)).all()):
                 safe_set_local_fp32_param(p, master.clamp(lo, hi))
+            # ... and of the working copy the next forward gathers from (setting the master does not copy
+            # it there: without this the forward would use the unclamped value until the next step)
+            partition = getattr(p, "ds_tensor", None)
+            if partition is not None and partition.numel():
+                partition.clamp_(lo, hi)
         else:
             master = safe_get_full_fp32_param(p)  # None when DeepSpeed keeps no separate copy
             if master is not None and not bool(((master >= lo) & (master <= hi)).all()):
