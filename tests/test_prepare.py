@@ -236,6 +236,24 @@ def test_skipped_rows_are_reported_with_reasons(tmp_path, capsys):
     assert _read_back(tmp_path / "out") == {"000000000": "ok", "000000007": "ok too"}
 
 
+def test_shards_count_only_rows_that_reading_accepts(tmp_path):
+    # rows without a caption (read-time skips) take no place; an unreadable image (a write-time
+    # skip) keeps its place and leaves its shard short, as the docstring and --shard-size say
+    _images(tmp_path, 10)
+    (tmp_path / "6.jpg").write_bytes(b"not an image")
+    rows = [[f"{i}.jpg", "" if i in (1, 2) else f"caption {i}"] for i in range(10)]
+    table = _write_table(tmp_path / "t.csv", ["filepath", "caption"], rows)
+    _run(table, tmp_path / "out", shard_size=4)
+    keys = {name: sorted({m.split(".")[0] for m in _members(tmp_path / "out" / name)})
+            for name in ("00000.tar", "00001.tar")}
+    assert keys == {"00000.tar": [f"{i:09d}" for i in (0, 3, 4, 5)],
+                    "00001.tar": [f"{i:09d}" for i in (7, 8, 9)]}
+    assert sorted(os.listdir(tmp_path / "out")).count("00002.tar") == 0
+    help_text = " ".join(prep._build_parser().format_help().split())
+    assert "input rows per shard" not in help_text and "counting only rows" in help_text
+    assert "input rows ``s * shard_size" not in prep.__doc__
+
+
 # ----------------------------------------------------------------------------- resume, errors, determinism
 
 

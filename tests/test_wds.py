@@ -190,6 +190,20 @@ def test_resampled_leaves_the_callers_torch_rng_alone(tmp_path):
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_loader_leaves_the_cuda_rng_alone(tmp_path, monkeypatch):
+    # workers=0 runs the augmentations in the trainer's process: reseeding CUDA there would
+    # change the trainer's dropout / drop_path masks on the GPU
+    spec, _ = make_shards(tmp_path, n_shards=2, per_shard=8)
+    torch.manual_seed(7)
+    calls = []
+    for name in ("manual_seed", "manual_seed_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _name=name: calls.append(_name))
+    before = torch.get_rng_state()
+    _run(_loader(spec, workers=0), max_batches=3)
+    assert calls == []
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resampled_resume_with_start_batch(tmp_path, workers):
     spec, _ = make_shards(tmp_path, n_shards=6, per_shard=8)
@@ -202,6 +216,51 @@ def test_resampled_resume_with_start_batch(tmp_path, workers):
     resumed = list(_loader(spec, workers=workers, num_samples=48, batch_size=4, start_batch=5))
     assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[5:]]
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[5:]))  # same augmentations
+
+
+def _skip_totals(batches):
+    totals = dict.fromkeys(wds.SKIP_KINDS, 0)
+    for batch in batches:
+        for kind, n in batch["_skips"].items():
+            totals[kind] += n
+    return totals
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_reports_each_skip_once(tmp_path, workers):
+    # an image without caption in every shard: skips land between batches, including the
+    # ones between the last batch consumed before the resume and the first one after it
+    extra = {s: [(f"bad{s}.jpg", _jpeg(s))] for s in range(6)}
+    spec, _ = make_shards(tmp_path, n_shards=6, per_shard=8, extra=extra)
+    kw = dict(workers=workers, num_samples=48, batch_size=4, shuffle_buffer=1)
+    full = list(_loader(spec, **kw))
+    assert _skip_totals(full)["missing_text"] >= 3
+    for start in ((2, 4, 6, 9) if workers == 0 else (4, 5)):
+        resumed = list(_loader(spec, start_batch=start, **kw))
+        assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[start:]]
+        assert _skip_totals(full[:start] + resumed) == _skip_totals(full), f"start_batch={start}"
+        assert [b["_skips"] for b in resumed] == [b["_skips"] for b in full[start:]]
+
+
+@pytest.mark.parametrize("n, drop_last", [(10, False), (10, True), (12, False)])
+def test_batches_discard_reports_each_skip_once(n, drop_last):
+    def stream(skips):  # a skip before every third item and one after the last
+        for i in range(n):
+            if i % 3 == 0:
+                skips("decode_error", "u.tar", str(i))
+            yield wds._Raw(str(i), "u.tar", b"", "jpg", b""), {"x": torch.tensor(i)}
+        skips("decode_error", "u.tar", "end")
+
+    def batches(discard):
+        skips = wds._Skips(strict=False, where="test")
+        return list(wds._batches(stream(skips), 4, skips, drop_last, None, discard))
+
+    full = batches(0)
+    assert _skip_totals(full)["decode_error"] == len(range(0, n, 3)) + 1
+    for discard in range(1, len(full) + 2):
+        resumed = batches(discard)
+        assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[discard:]]
+        assert _skip_totals(full[:discard] + resumed) == _skip_totals(full), f"discard={discard}"
 
 
 def test_resampled_source_weights(tmp_path):
@@ -253,6 +312,51 @@ def test_missing_image_and_blank_caption(tmp_path):
     got, totals, _ = _run(_loader(spec, mode="epoch"))
     assert sorted(got) == sorted(keys)
     assert totals["missing_image"] == 1 and totals["empty_member"] == 1
+
+
+def test_caption_of_unicode_whitespace_is_empty(tmp_path):
+    # bytes.strip() keeps U+3000 / U+00A0; the caption decoder's str.strip() does not
+    extra = {0: [("wide.jpg", _jpeg(2)), ("wide.txt", "\u3000\u00a0\n".encode()),
+                 ("latin1.jpg", _jpeg(3)), ("latin1.txt", "caf\u00e9".encode("latin-1"))]}
+    spec, keys = make_shards(tmp_path, n_shards=1, per_shard=4, extra=extra)
+    got, totals, _ = _run(_loader(spec, mode="epoch"))
+    assert sorted(got) == sorted(keys)
+    assert {k: v for k, v in totals.items() if v} == {"empty_member": 1, "decode_error": 1}
+    with pytest.raises(wds.DataError) as e:
+        _run(_loader(spec, mode="epoch", strict=True))
+    assert "empty_member" in str(e.value) and "00000.tar" in str(e.value) and "'wide'" in str(e.value)
+
+
+def _cut_shard(tmp_path, member, offset, extra=None):
+    spec, keys = make_shards(tmp_path, n_shards=1, per_shard=8, extra=extra)
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path) as tar:
+        start = tar.getmembers()[member].offset
+    path.write_bytes(path.read_bytes()[:start + offset])
+    return spec, keys
+
+
+@pytest.mark.parametrize("member, offset, kept", [
+    (10, 700, 5),  # inside the data of s0k5.jpg: s0k4, held for its next member, was whole
+    (10, 100, 5),  # inside the header of s0k5.jpg
+    (10, 0, 5),  # at the header of s0k5.jpg (a member boundary, no end marker)
+    (11, 512 + 5, 5),  # inside s0k5.txt: s0k5 has no caption, it is lost (not missing_text)
+    (12, 0, 6),  # at the header of s0k6.jpg: s0k5 was whole
+])
+def test_truncated_shard_keeps_its_last_whole_sample(tmp_path, caplog, member, offset, kept):
+    spec, _ = _cut_shard(tmp_path, member, offset)
+    caplog.set_level(logging.WARNING, logger="declip_ds.data.wds")
+    got, totals, _ = _run(_loader(spec, mode="epoch", batch_size=1))
+    assert sorted(got) == [f"s0k{j}" for j in range(kept)]
+    assert {k: v for k, v in totals.items() if v} == {"truncated_shard": 1}
+    assert f"read {kept} samples" in caplog.text and "sizes.json: 8" in caplog.text
+
+
+def test_truncated_shard_keeps_a_sample_cut_in_a_member_it_does_not_need(tmp_path):
+    extra = {0: _sample("meta", 50) + [("meta.json", b'{"source": "x"}' * 40)]}
+    spec, keys = _cut_shard(tmp_path, 18, 512 + 100, extra=extra)  # inside meta.json (members 16-18)
+    got, totals, _ = _run(_loader(spec, mode="epoch", batch_size=1))
+    assert sorted(got) == sorted(keys + ["meta"]) and totals["truncated_shard"] == 1
 
 
 def test_truncated_and_missing_shards_are_counted(tmp_path, caplog):

@@ -54,10 +54,13 @@ Output (the layout ``build_train_loader`` reads)::
     DIR/prepare.json         the arguments, then the summary
     DIR/.prepare/            per-shard records (count, skips, input hash) for resuming
 
-Shard ``s`` holds the input rows ``s * shard_size ... (s + 1) * shard_size - 1`` that have an
-image path and a non-empty caption; rows skipped while writing (missing file, unreadable
-image, empty sidecar caption) leave it short. ``key.json`` holds the source path, the
-stored and original sizes, whether the image was re-encoded and the row's other columns.
+Shard ``s`` holds rows ``s * shard_size ... (s + 1) * shard_size - 1`` of the rows that
+reading accepts, in input order: malformed rows and rows without an image path or caption go
+to skipped.jsonl and take no place, so shard ``s`` need not start at input row
+``s * shard_size`` and its keys (input row indices) may have gaps. Rows skipped while writing
+(missing file, unreadable image, empty sidecar caption) keep their place and leave the shard
+short. ``key.json`` holds the source path, the stored and original sizes, whether the image
+was re-encoded and the row's other columns.
 
 Images: a JPEG whose shorter side is at most --resize-shorter (or with --resize-shorter 0,
 the default) and without an EXIF rotation is copied byte for byte after a test decode;
@@ -960,7 +963,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-template", help="image path from a format string over the row, e.g. "
                                             "'{index:08d}.jpg' (cc3m default) or '{photoid}.jpg' (yfcc default)")
     p.add_argument("--base-dir", help="relative image paths are under this directory (default: the table's)")
-    p.add_argument("--shard-size", type=int, default=10000, help="input rows per shard (default 10000)")
+    p.add_argument("--shard-size", type=int, default=10000,
+                   help="rows per shard, counting only rows with an image path and a caption; rows "
+                        "failing later (unreadable image) leave it short (default 10000)")
     p.add_argument("--resize-shorter", type=int, default=0,
                    help="shrink images whose shorter side is larger to this many pixels (default 0: keep size)")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")

@@ -12,7 +12,8 @@ Per DataLoader worker, ``build_train_loader`` runs (top to bottom in ``_TrainStr
                   split by rank, then by worker, each shard read once
     tar members   webdataset's tar iterator, grouped into samples by key
     filter        image + caption present, non-empty, key not seen before in the shard
-                  (raw bytes only: nothing is decoded yet)
+                  (raw bytes: no image is decoded yet; the caption is test-decoded, as
+                  only decoding tells a caption of non-ASCII whitespace from a real one)
     shuffle       a buffer of raw samples, seeded like the shard RNG
     decode        PIL -> RGB (JPEGs drafted to the size the transform needs)
     transform     SampleTransform(image, caption) -> dict of tensors, under a private
@@ -277,27 +278,34 @@ def _raise(exn: Exception) -> bool:
     raise exn
 
 
-def _member_groups(stream, read: list[int]) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _member_groups(stream, read: list[int], cut: list) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Consecutive tar members sharing a key -> (key, {ext: bytes}); ``read[0]`` counts members.
 
     A repeated extension starts a new group, so a duplicated key surfaces as a second group.
-    Truncation errors propagate; the group being read when they occur is lost.
+    Truncation errors propagate; the group being read when they occur (held until a member
+    of the next key shows up) goes to ``cut``: its members are whole (tarfile raises on a
+    short member), but members after the cut may be missing, so the caller decides.
     """
     key, members = None, {}
-    for m in tar_file_iterator(stream, handler=_raise):
-        read[0] += 1
-        k, ext = base_plus_ext(m["fname"])
-        if k is None:
-            continue
-        ext = ext.lower()
-        if k != key or ext in members:
-            if key is not None:
-                yield key, members
-            key, members = k, {}
-        members[ext] = m["data"]
-    if key is not None:
-        if stream.cut_short():  # cut at a member boundary: the last group may be incomplete
+    try:
+        for m in tar_file_iterator(stream, handler=_raise):
+            read[0] += 1
+            k, ext = base_plus_ext(m["fname"])
+            if k is None:
+                continue
+            ext = ext.lower()
+            if k != key or ext in members:
+                if key is not None:
+                    yield key, members
+                key, members = k, {}
+            members[ext] = m["data"]
+        if key is not None and stream.cut_short():  # cut at a member boundary
             raise _CutShort("the file ends without the tar end marker")
+    except Exception:
+        if key is not None:
+            cut.append((key, members))
+        raise
+    if key is not None:
         yield key, members
 
 
@@ -316,9 +324,23 @@ def _problem(key: str, members: dict[str, bytes], seen: set, text_ext: str) -> t
         return "missing_text", f"no .{text_ext} member; members: {sorted(members)}"
     if not members[image_ext]:
         return "empty_member", f"member {key}.{image_ext} is empty"
-    if not members[text_ext].strip():
-        return "empty_member", f"member {key}.{text_ext} is empty"
+    if _blank(members[text_ext]):
+        return "empty_member", f"member {key}.{text_ext} is empty or only whitespace"
     return None
+
+
+def _blank(text: bytes) -> bool:
+    # The decoder strips with str.strip(), which also removes non-ASCII whitespace (U+3000,
+    # U+00A0) that bytes.strip() keeps: test what the decoder will see.
+    try:
+        return not text.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return False  # counted as decode_error when decoded
+
+
+def _whole(members: dict[str, bytes], text_ext: str) -> bool:
+    """Has the members the pipeline reads (any other member of the key is never used)."""
+    return text_ext in members and any(e in members for e in IMAGE_EXTS)
 
 
 @dataclass
@@ -338,17 +360,13 @@ def _shard_samples(url: str, skips: _Skips, text_ext: str) -> Iterator[_Raw]:
         skips("missing_shard", url, None, f"cannot open: {e!r}")
         return
     seen: set[str] = set()
-    groups, members_read = 0, [0]
+    groups, members_read, cut = 0, [0], []
     try:
-        for key, members in _member_groups(stream, members_read):
+        for key, members in _member_groups(stream, members_read, cut):
             groups += 1
-            problem = _problem(key, members, seen, text_ext)
-            seen.add(key)
-            if problem:
-                skips(problem[0], url, key, problem[1])
-                continue
-            ext = next(e for e in IMAGE_EXTS if e in members)
-            yield _Raw(key, url, members[ext], ext, members[text_ext])
+            raw = _checked(url, key, members, seen, skips, text_ext)
+            if raw is not None:
+                yield raw
         return
     except DataError:
         raise
@@ -362,10 +380,29 @@ def _shard_samples(url: str, skips: _Skips, text_ext: str) -> Iterator[_Raw]:
     if members_read[0] == 0:  # not a tar at all (or empty, or cut inside its first member)
         skips("missing_shard", url, None, f"unreadable ({reason})")
         return
+    # The group cut short is kept when it has an image and a caption: those were read whole,
+    # and a member lost after them is one the pipeline never reads. Anything less is lost with
+    # the tail (not counted as missing_image / missing_text: the cut took it, not the writer).
+    tail = cut[0] if cut and _whole(cut[0][1], text_ext) else None
     expected = _expected_size(url)
     lost = f" (sizes.json: {expected})" if expected is not None else ""
-    skips("truncated_shard", url, None, f"{reason}; read {groups} samples{lost}, the rest of the shard "
-                                        "is lost")
+    skips("truncated_shard", url, None, f"{reason}; read {groups + (tail is not None)} samples{lost}, the "
+                                        "rest of the shard is lost")
+    raw = _checked(url, *tail, seen, skips, text_ext) if tail is not None else None
+    if raw is not None:
+        yield raw
+
+
+def _checked(url: str, key: str, members: dict[str, bytes], seen: set, skips: _Skips,
+             text_ext: str) -> _Raw | None:
+    """The raw sample, or None after counting why it is skipped."""
+    problem = _problem(key, members, seen, text_ext)
+    seen.add(key)
+    if problem:
+        skips(problem[0], url, key, problem[1])
+        return None
+    ext = next(e for e in IMAGE_EXTS if e in members)
+    return _Raw(key, url, members[ext], ext, members[text_ext])
 
 
 def decode_image(data: bytes, ext: str = "jpg", draft_size: int | None = None) -> Image.Image:
@@ -402,10 +439,13 @@ class _PrivateTorchRNG:
     """
 
     def __init__(self, seed: int):
-        outer = torch.get_rng_state()
-        torch.manual_seed(seed)
-        self.state = torch.get_rng_state()
-        torch.set_rng_state(outer)
+        # Not torch.manual_seed: it also reseeds every CUDA generator, i.e. the trainer's
+        # dropout / drop_path masks on the GPU. The transforms run on the CPU generator.
+        cpu = torch.default_generator
+        outer = cpu.get_state()
+        cpu.manual_seed(seed)
+        self.state = cpu.get_state()
+        cpu.set_state(outer)
 
     def __call__(self, fn: Callable, *args):
         outer = torch.get_rng_state()
@@ -550,7 +590,8 @@ def _batches(samples: Iterable, batch_size: int, skips: _Skips, drop_last: bool,
     One batch is held back until the next is complete (or the stream ends), so skips that
     happen after a worker's last batch, or in a dropped partial batch, still reach the
     trainer: summed over all batches of an epoch, ``_skips`` equals the worker's total.
-    The first ``discard`` batches are built (same RNG use) but not collated or yielded.
+    The first ``discard`` batches are built (same RNG use) but not collated or yielded; the
+    skips up to where batch ``discard`` was released are dropped, as that batch reported them.
     """
     made, held, items = 0, None, []
     for item in samples:
@@ -559,15 +600,18 @@ def _batches(samples: Iterable, batch_size: int, skips: _Skips, drop_last: bool,
             continue
         made += 1
         batch, items = (None if made <= discard else _collate(items)), []
-        if batch is not None:
-            if held is not None:
-                held["_skips"] = skips.take()
-                yield held
-            held = batch
-        else:
-            skips.take()  # skips of replayed batches were reported before the resume
+        if held is not None:
+            held["_skips"] = skips.take()
+            yield held
+        elif discard:
+            # A replayed batch, or the first one after them: batch `discard` was held before the
+            # resume until this one was complete, so its _skips covered everything up to here.
+            skips.take()
+        held = batch
         if max_batches is not None and made >= max_batches:
             break
+    if held is None and discard:
+        skips.take()  # batch `discard` was held until the stream ended: it reported these
     last = _collate(items) if items and not drop_last and made >= discard else None
     if held is not None:
         held["_skips"] = skips.take()
