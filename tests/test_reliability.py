@@ -88,11 +88,13 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(tmp_path, shapes
     rc, out = run(cmd(a, shapes, "train.steps=40", "train.save_every=1000"), tmp_path)
     assert rc == 0, out[-3000:]
     proc = subprocess.Popen(cmd(b, shapes, "train.steps=40", "train.save_every=1000"), cwd=tmp_path, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not ((b / "metrics.jsonl").is_file() and len(metrics(b)) >= 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    # to the whole process group, as SLURM and the deepspeed launcher send it: the DataLoader worker
+    # (data.workers=1) gets it too and must not die before the trainer has saved
+    os.killpg(proc.pid, signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 75, out[-3000:]
     stopped_at = max(metrics(b))

@@ -625,6 +625,17 @@ def _identity(x):
     return x
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn. SLURM and the deepspeed launcher send SIGTERM to the whole
+    process group, workers included; a worker killed by it makes the trainer's next batch raise
+    before the preemption checkpoint is written. The trainer handles SIGTERM / SIGUSR1 (it
+    saves at the step boundary, then shuts the workers down), so the workers ignore them."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _loader_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
     # DataLoader draws its workers' base seed from this generator on every iter(); without
     # one it would consume (and depend on) the trainer's global torch RNG.
@@ -671,6 +682,7 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
                            getattr(sample_transform, "draft_size", None))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                         pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+                        worker_init_fn=_ignore_stop_signals,
                         generator=_loader_generator(seed, rank, epoch))
     loader.num_samples = num_samples
     if worker_batches is not None:
@@ -753,4 +765,5 @@ def build_eval_loader(urls, transform: Callable, batch_size: int, *, rank: int =
     dataset = _EvalStream(flat, transform, batch_size, rank, world_size, label_key, strict,
                           getattr(transform, "draft_size", None))
     return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
-                      prefetch_factor=2 if workers else None, generator=_loader_generator(0, rank, 0))
+                      prefetch_factor=2 if workers else None, worker_init_fn=_ignore_stop_signals,
+                      generator=_loader_generator(0, rank, 0))
