@@ -5,7 +5,12 @@
 --data is either one task directory (classnames.txt, templates.txt, *.tar with a "cls" label), a
 directory of such task directories (all are evaluated), or an image folder (one subfolder of images
 per class, ImageNet-val layout, optional classnames.txt / classnames.json class index: see
-declip_ds/eval/datasets.py; pass --templates simple|imagenet80|FILE unless it holds a templates.txt).
+declip_ds/eval/datasets.py; ImageNet wnid folders (n01440764, ...) are named with OpenAI's class names;
+pass --templates simple|imagenet80|FILE unless it holds a templates.txt).
+Images: Resize + CenterCrop as the checkpoint format evaluates (ours: the run's data.normalize,
+eval.interpolation, eval.crop_ratio; OpenAI / open_clip: Resize(224) bicubic, OpenAI mean/std; DeCLIP
+releases: Resize(256) bilinear, ImageNet mean/std; see load_for_eval), or --normalize / --interpolation /
+--crop-ratio.
 Several ranks (torchrun / deepspeed launcher) split the shards (or the images of a folder) and sum
 the counts, which gives exactly the single-process numbers.
 """
@@ -37,13 +42,16 @@ def task_dirs(data: Path, tasks: list[str] | None) -> dict[str, Path]:
     return found
 
 
-def evaluate_image_folder(model, tokenizer, root: Path, *, templates: str, image_size: int, normalize: str,
-                          batch_size: int, rank: int, world_size: int, group, workers: int) -> dict:
-    """Zero-shot on an image folder (class names from its class index or folder names)."""
+def evaluate_image_folder(model, tokenizer, root: Path, *, templates: str, image_size: int, normalize,
+                          batch_size: int, rank: int, world_size: int, group, workers: int,
+                          interpolation: str = "bicubic", crop_ratio: float = 224 / 256) -> dict:
+    """Zero-shot on an image folder (class names from its class index, ImageNet wnids or folder names)."""
+    from declip_ds.data.transforms import eval_transform
     from declip_ds.eval.datasets import open_dataset
     from declip_ds.eval.zero_shot import load_templates, zero_shot_classifier, zero_shot_evaluate
 
-    data = open_dataset(root, image_size=image_size, normalize=normalize)
+    data = open_dataset(root, eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio,
+                                             interpolation=interpolation))
     W = zero_shot_classifier(model, tokenizer, data.classnames, load_templates(templates, root))
     loader = data.loader(batch_size, rank=rank, world_size=world_size, workers=workers)
     return zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
@@ -71,7 +79,14 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"],
                    help="checkpoint format (auto-detected by default)")
     p.add_argument("--normalize", default=None, choices=["imagenet", "openai"],
-                   help="image normalisation (default: the run's config; 'openai' for released checkpoints)")
+                   help="image normalisation (default: the run's data.normalize; 'imagenet' for DeCLIP releases, "
+                        "'openai' for OpenAI / open_clip ones, or what an open_clip_config.json next to them says)")
+    p.add_argument("--interpolation", default=None, choices=["bicubic", "bilinear"],
+                   help="resize interpolation (default: the run's eval.interpolation; bilinear for DeCLIP releases, "
+                        "bicubic for OpenAI / open_clip)")
+    p.add_argument("--crop-ratio", type=float, default=None,
+                   help="Resize(size / ratio) + CenterCrop(size), 0 < ratio <= 1 (default: the run's eval.crop_ratio; "
+                        "0.875 for DeCLIP releases, 1.0 for OpenAI / open_clip)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results JSON here")
@@ -85,7 +100,8 @@ def main(argv=None) -> int:
 
     try:
         tasks = task_dirs(Path(args.data), args.tasks)
-        em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize)
+        em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize,
+                           interpolation=args.interpolation, crop_ratio=args.crop_ratio)
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -94,10 +110,13 @@ def main(argv=None) -> int:
 
     model, rank, world, group = init_eval_ranks(model)
     tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
+    if rank == 0:
+        print(f"preprocessing: {em.describe_preprocess()}", file=sys.stderr)
     try:
         results = {
             name: evaluate(model, tok, d, templates=args.templates, image_size=em.image_size,
-                           normalize=em.normalize, batch_size=args.batch_size, rank=rank,
+                           normalize=em.normalize, interpolation=em.interpolation, crop_ratio=em.crop_ratio,
+                           batch_size=args.batch_size, rank=rank,
                            world_size=world, group=group, workers=args.workers,
                            scoring=args.scoring or getattr(em.method, "zero_shot_scoring", "global"),
                            mask_padding=getattr(em.method, "mask_padding", True))
@@ -115,7 +134,8 @@ def main(argv=None) -> int:
 
             write_record(make_record(model=em.name, checkpoint=str(weights),
                                      dataset=str(args.data), task="zeroshot", templates=args.templates,
-                                     metrics=results, config_hash=em.config_hash), args.out)
+                                     preprocess=em.preprocess(), metrics=results, config_hash=em.config_hash),
+                         args.out)
     if group is not None:
         dist.destroy_process_group()
     return 0

@@ -67,10 +67,10 @@ def zero_shot(run_dir: Path) -> dict:
     return {task: r["acc1"] for task, r in json.loads(files[-1].read_text())["results"].items()}
 
 
-def _eval_split(data_root: Path, task: str, image_size: int, normalize: str):
+def _eval_split(data_root: Path, task: str, transform):
     from declip_ds.eval.datasets import open_dataset
 
-    return open_dataset(data_root / "eval" / task, image_size=image_size, normalize=normalize)
+    return open_dataset(data_root / "eval" / task, transform)
 
 
 def probe(run_dir: Path, data_root: Path, tasks=("shape", "color"), seed: int = 0) -> dict:
@@ -83,7 +83,7 @@ def probe(run_dir: Path, data_root: Path, tasks=("shape", "color"), seed: int = 
     em = load_for_eval(run_dir)
     out = {}
     for task in tasks:
-        data = _eval_split(data_root, task, em.image_size, em.normalize)
+        data = _eval_split(data_root, task, em.transform())
         X, y = extract_features(em.model, data.loader(256), normalize=True)
         g = torch.Generator().manual_seed(seed)
         train_idx, test_idx = [], []

@@ -149,6 +149,10 @@ class EvalConfig:
     templates: str = "synthetic"  # synthetic | simple | imagenet80 | path to a file
     batch_size: int = 128
     at_end: bool = True
+    # eval images: Resize(round(image_size / crop_ratio), interpolation) + CenterCrop(image_size);
+    # 0.875 = 224/256 (DeCLIP's protocol, with bilinear); 1.0 = resize the short side to the crop (OpenAI's)
+    interpolation: str = "bicubic"  # bicubic | bilinear
+    crop_ratio: float = 0.875
 
 
 @dataclass
@@ -345,6 +349,16 @@ def _choice(value, allowed, key):
         raise ConfigError(f"{key}: '{value}' is not allowed. Choose one of: {', '.join(map(str, allowed))}.")
 
 
+EVAL_INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+def check_crop_ratio(value, key: str = "eval.crop_ratio") -> None:
+    """0 < crop_ratio <= 1 (the crop's share of the resized short side)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
+        raise ConfigError(f"{key}: must be a number with 0 < {key.rsplit('.', 1)[-1]} <= 1 (0.875 = resize to "
+                          f"256 then crop 224; 1.0 = resize the short side to the crop size), got {value!r}.")
+
+
 def _positive(value, key, allow_zero=False):
     if not (value > 0 or (allow_zero and value == 0)):
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
@@ -393,6 +407,8 @@ def validate(exp: Experiment) -> None:
             f"data.train_weights has {len(d.train_weights)} entries but data.train_shards has "
             f"{len(d.train_shards)} sources; give one weight per source or none."
         )
+    _choice(exp.eval.interpolation, EVAL_INTERPOLATIONS, "eval.interpolation")
+    check_crop_ratio(exp.eval.crop_ratio, "eval.crop_ratio")
     _choice(exp.loss.impl, ("auto", "torch", "triton"), "loss.impl")
     _choice(exp.loss.filip_argmax, ("recompute", "save"), "loss.filip_argmax")
     _positive(exp.loss.chunk_size, "loss.chunk_size")

@@ -20,6 +20,15 @@ What neither can represent is refused naming the config field (the tiny ResNet, 
 non-CLIP ViT). The mask-token row of a DeCLIP vocabulary is removed (standard tokenizer ids), and
 FILIP token heads (``image_mapping`` / ``text_mapping``) are left out with a warning: open_clip has no
 slot for them. ``load_pretrained`` reads the export back (the JSON next to it gives the heads).
+
+Preprocessing: the model's evaluation protocol (the run's data.normalize, eval.interpolation and
+eval.crop_ratio; a released checkpoint's per-format default, see ``load_for_eval``) is written as
+open_clip's ``preprocess_cfg`` (mean, std, interpolation, resize_mode "shortest"). open_clip has no crop
+ratio: when it is not 1 (e.g. 0.875 = Resize(256) + CenterCrop(224)) it goes under our own top-level key
+``"declip_ds": {"crop_ratio": r}``, which ``load_for_eval`` reads and open_clip ignores (it reads only
+``model_cfg`` and ``preprocess_cfg``), so open_clip's own transform then crops at ratio 1. For an
+``X.safetensors`` export, ``X.json`` must stay a bare model config (open_clip passes its keys to
+``CLIP(...)``), so the same ``preprocess_cfg`` / ``declip_ds`` keys go to ``X.preprocess.json``.
 """
 
 from __future__ import annotations
@@ -40,9 +49,10 @@ from declip_ds.models.pretrained import (
     OPENAI_VOCAB,
     RN_NAMES,
     VIT_NAMES,
-    _inspect,
-    load_experiment,
-    load_pretrained,
+    SIDECAR_KEY,
+    EvalModel,
+    load_for_eval,
+    preprocess_sidecar_path,
     rename_visual,
 )
 
@@ -185,42 +195,57 @@ def _atomic_save(write, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def export(model, out: str | Path, target: str = "open_clip", normalize: str = "openai") -> list[Path]:
-    """Write ``model`` to ``out`` (a directory, or a ``.safetensors`` path); returns the files written."""
-    from safetensors.torch import save_file
-
+def preprocess_config(normalize="openai", interpolation: str = "bicubic", crop_ratio: float = 1.0) -> dict:
+    """``{"preprocess_cfg": ..., ["declip_ds": {"crop_ratio": r}]}``: open_clip's preprocess keys, plus
+    the crop ratio open_clip cannot express (only when it is not 1)."""
     from declip_ds.data.transforms import NORMALIZE
 
+    mean, std = NORMALIZE[normalize] if isinstance(normalize, str) else normalize
+    out = {"preprocess_cfg": {"mean": [float(x) for x in mean], "std": [float(x) for x in std],
+                              "interpolation": interpolation, "resize_mode": "shortest"}}
+    if crop_ratio != 1:
+        out[SIDECAR_KEY] = {"crop_ratio": float(crop_ratio)}
+    return out
+
+
+def export(model, out: str | Path, target: str = "open_clip", normalize=None, *, interpolation: str | None = None,
+           crop_ratio: float | None = None) -> list[Path]:
+    """Write ``model`` to ``out`` (a directory, or a ``.safetensors`` path); returns the files written.
+
+    ``model``: a DualEncoder, or an ``EvalModel`` (``load_for_eval``), whose preprocessing is then the
+    default. The preprocessing recorded (see the module docstring) defaults to open_clip's: "openai"
+    mean/std, bicubic, crop_ratio 1.0."""
+    from safetensors.torch import save_file
+
+    if isinstance(model, EvalModel):
+        normalize = normalize if normalize is not None else model.normalize
+        interpolation = interpolation or model.interpolation
+        crop_ratio = crop_ratio if crop_ratio is not None else model.crop_ratio
+        model = model.model
     if target not in TARGETS:
         raise ExportError(f"Unknown export target '{target}'. Choose one of: {', '.join(TARGETS)}.")
     cfg = open_clip_config(model, target)
     state = to_openai_state_dict(model, target)
     _verify_with_open_clip(cfg, state)
+    preprocess = preprocess_config(normalize or "openai", interpolation or "bicubic",
+                                   1.0 if crop_ratio is None else crop_ratio)
     out = Path(out)
-    if out.suffix == ".safetensors":
-        weights, config_path, config = out, out.with_suffix(".json"), cfg
+    if out.suffix == ".safetensors":  # open_clip's model_configs JSON must hold the model config only
+        weights = out
+        configs = {out.with_suffix(".json"): cfg, preprocess_sidecar_path(out): preprocess}
     else:
-        mean, std = NORMALIZE[normalize]
-        weights, config_path = out / "open_clip_model.safetensors", out / "open_clip_config.json"
-        config = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std),
-                                                       "interpolation": "bicubic", "resize_mode": "shortest"}}
+        weights = out / "open_clip_model.safetensors"
+        configs = {out / "open_clip_config.json": {"model_cfg": cfg, **preprocess}}
     weights.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "exported_by": "declip_ds", "layout": target}
     _atomic_save(lambda p: save_file(state, str(p), metadata=metadata), weights)
-    _atomic_save(lambda p: p.write_text(json.dumps(config, indent=2) + "\n"), config_path)
-    log.info("Wrote %s (%d tensors) and %s", weights, len(state), config_path)
-    return [weights, config_path]
+    for path, data in configs.items():
+        _atomic_save(lambda p, data=data: p.write_text(json.dumps(data, indent=2) + "\n"), path)
+    log.info("Wrote %s (%d tensors) and %s", weights, len(state), ", ".join(map(str, configs)))
+    return [weights, *configs]
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def _normalize_for(ckpt: Path, fmt: str) -> str:
-    """The normalisation the model was trained with: our config's data.normalize, ImageNet's for DeCLIP
-    releases (METHODS.md §9), OpenAI's otherwise."""
-    if fmt == "ours":
-        return load_experiment(ckpt)[0].data.normalize
-    return "imagenet" if fmt == "declip" else "openai"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,16 +253,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", choices=TARGETS, required=True, help="output layout")
     parser.add_argument("--from", dest="source", choices=FORMATS, default="auto", help="input format (default: auto)")
     parser.add_argument("--normalize", choices=("imagenet", "openai"), default=None,
-                        help="preprocess mean/std recorded in open_clip_config.json (default: the training config's)")
+                        help="preprocess mean/std recorded in the export (default: the checkpoint's, as load_for_eval "
+                             "reads it: the run's data.normalize, 'imagenet' for DeCLIP releases, else 'openai')")
+    parser.add_argument("--interpolation", choices=("bicubic", "bilinear"), default=None,
+                        help="eval resize interpolation recorded (default: the checkpoint's, e.g. the run's "
+                             "eval.interpolation)")
+    parser.add_argument("--crop-ratio", type=float, default=None,
+                        help="eval crop ratio recorded (default: the checkpoint's, e.g. the run's eval.crop_ratio)")
     parser.add_argument("ckpt", help="run / checkpoints / step_XXXXXXXX dir, or a weights file")
     parser.add_argument("out", help="output directory, or a .safetensors path (a .json config is written next to it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        ckpt = Path(args.ckpt)
-        fmt = args.source if args.source != "auto" else _inspect(ckpt)[0] if ckpt.exists() else "ours"
-        model = load_pretrained(ckpt, format=fmt)
-        files = export(model, args.out, args.to, args.normalize or _normalize_for(ckpt, fmt))
+        em = load_for_eval(args.ckpt, args.source, normalize=args.normalize, interpolation=args.interpolation,
+                           crop_ratio=args.crop_ratio)
+        files = export(em, args.out, args.to)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -294,8 +294,9 @@ def _tiny_ours(**kw) -> ModelConfig:
     return ModelConfig(vision=kw.pop("vision", vision), text=text, embed_dim=24, **kw)
 
 
-def _our_tag(run: Path, cfg: ModelConfig, seed: int = 5) -> Path:
-    """A declip_ds checkpoint tag dir (model.safetensors with the DualEncoder under model., config.yaml)."""
+def _our_tag(run: Path, cfg: ModelConfig, seed: int = 5, eval_cfg: dict | None = None) -> Path:
+    """A declip_ds checkpoint tag dir (model.safetensors with the DualEncoder under model., config.yaml);
+    ``eval_cfg`` sets fields of the run's eval section."""
     torch.manual_seed(seed)
     model = _randomize(build_model(cfg), seed)
     tag = run / "checkpoints" / "step_00000010"
@@ -303,6 +304,8 @@ def _our_tag(run: Path, cfg: ModelConfig, seed: int = 5) -> Path:
     save_file({"model." + k: v.contiguous() for k, v in model.state_dict().items()}, str(tag / "model.safetensors"))
     exp = Experiment(model=cfg)
     exp.data.normalize = "imagenet"
+    for k, v in (eval_cfg or {}).items():
+        setattr(exp.eval, k, v)
     save_config(exp, tag / "config.yaml")
     (tag / "COMPLETE").write_text("")
     return tag
@@ -370,6 +373,105 @@ def test_export_cli_reports_errors(tmp_path):
     assert "error: model.vision.name='resnet_tiny_clip'" in r.stderr
 
 
+# ----------------------------------------------------------------------------- evaluation preprocessing
+
+VIT224 = dict(VIT, vision_cfg=dict(image_size=224, layers=1, width=64, patch_size=32))
+
+
+@pytest.fixture(scope="module")
+def vit224_ref():
+    torch.manual_seed(0)
+    return _randomize(CLIP(**VIT224), 6)
+
+
+def _preprocess(em):
+    return em.format, em.normalize, em.interpolation, em.crop_ratio
+
+
+def _resize_crop(em):
+    """(Resize size, its interpolation, CenterCrop size, Normalize mean) of an EvalModel's transform."""
+    t = em.transform().transforms
+    return t[0].size, t[0].interpolation.value, t[1].size, tuple(t[-1].mean)
+
+
+def test_eval_preprocessing_per_checkpoint_format(vit224_ref, tmp_path):
+    """OpenAI / open_clip: Resize(224) bicubic + CenterCrop(224), OpenAI mean/std; DeCLIP releases:
+    Resize(256) bilinear + CenterCrop(224), ImageNet mean/std (METHODS.md §7, §9); ours: the run's config;
+    explicit arguments win."""
+    from declip_ds.data.transforms import NORMALIZE
+    from declip_ds.models.pretrained import load_for_eval
+
+    sd = _state(vit224_ref)
+    save_file(sd, str(tmp_path / "clip.safetensors"))
+    torch.save({"epoch": 1, "state_dict": sd}, tmp_path / "epoch_1.pt")
+    _save_declip(tmp_path / "declip.pth.tar", _declip_state(vit224_ref))
+    openai_mean, imagenet_mean = NORMALIZE["openai"][0], NORMALIZE["imagenet"][0]
+    for name, fmt in (("clip.safetensors", "openai"), ("epoch_1.pt", "open_clip")):
+        em = load_for_eval(tmp_path / name)
+        assert _preprocess(em) == (fmt, "openai", "bicubic", 1.0)
+        assert _resize_crop(em) == (224, "bicubic", (224, 224), openai_mean)
+        assert em.preprocess()["resize"] == 224 and "format's default" in em.preprocess()["source"]
+    em = load_for_eval(tmp_path / "declip.pth.tar")
+    assert _preprocess(em) == ("declip", "imagenet", "bilinear", 224 / 256)
+    assert _resize_crop(em) == (256, "bilinear", (224, 224), imagenet_mean)
+
+    tag = _our_tag(tmp_path / "run", _tiny_ours(), eval_cfg=dict(interpolation="bilinear", crop_ratio=0.5))
+    em = load_for_eval(tag)
+    assert _preprocess(em) == ("ours", "imagenet", "bilinear", 0.5)
+    assert _resize_crop(em) == (64, "bilinear", (32, 32), imagenet_mean)
+
+    em = load_for_eval(tmp_path / "declip.pth.tar", normalize="openai", interpolation="bicubic", crop_ratio=1.0)
+    assert _preprocess(em) == ("declip", "openai", "bicubic", 1.0)
+    assert _resize_crop(em) == (224, "bicubic", (224, 224), openai_mean)
+    assert em.preprocess()["source"].startswith("arguments")
+    assert _preprocess(load_for_eval(tag, crop_ratio=1)) == ("ours", "imagenet", "bilinear", 1.0)
+    with pytest.raises(ValueError, match="interpolation='nearest' is not allowed. Choose one of: bicubic, bilinear"):
+        load_for_eval(tag, interpolation="nearest")
+    with pytest.raises(ValueError, match="crop_ratio: must be a number with 0 < crop_ratio <= 1"):
+        load_for_eval(tag, crop_ratio=0)
+
+
+def test_export_round_trip_keeps_the_eval_preprocessing(tmp_path):
+    from torchvision.transforms import InterpolationMode
+
+    from declip_ds.models.pretrained import load_for_eval
+
+    tag = _our_tag(tmp_path / "run", _tiny_ours(), eval_cfg=dict(interpolation="bilinear", crop_ratio=0.875))
+    out = tmp_path / "export"
+    assert export_main(["--to", "open_clip", str(tag), str(out)]) == 0
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config["preprocess_cfg"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                        "interpolation": "bilinear", "resize_mode": "shortest"}
+    assert config["declip_ds"] == {"crop_ratio": 0.875}
+    # open_clip reads preprocess_cfg and ignores our top-level key
+    _, _, val = open_clip.create_model_and_transforms("local-dir:" + str(out))
+    assert val.transforms[0].interpolation == InterpolationMode.BILINEAR
+    assert tuple(val.transforms[-1].mean) == (0.485, 0.456, 0.406)
+    assert _preprocess(load_for_eval(out)) == ("open_clip", "imagenet", "bilinear", 0.875)
+    assert _preprocess(load_for_eval(out, normalize="openai", interpolation="bicubic", crop_ratio=1.0)) == (
+        "open_clip", "openai", "bicubic", 1.0)  # explicit arguments win over the sidecar
+
+    # X.safetensors: X.json stays open_clip's bare model config; X.preprocess.json holds the preprocessing
+    files = export(load_for_eval(tag), tmp_path / "x.safetensors")
+    assert [f.name for f in files] == ["x.safetensors", "x.json", "x.preprocess.json"]
+    assert set(json.loads(files[1].read_text())) == {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}
+    assert _preprocess(load_for_eval(files[0]))[1:] == ("imagenet", "bilinear", 0.875)
+
+    # crop ratio 1 (open_clip's own protocol): no declip_ds key, resize_mode "shortest" reads back as 1.0
+    assert export_main(["--to", "open_clip", "--normalize", "openai", "--interpolation", "bicubic",
+                        "--crop-ratio", "1", str(tag), str(tmp_path / "e1")]) == 0
+    assert "declip_ds" not in json.loads((tmp_path / "e1" / "open_clip_config.json").read_text())
+    assert _preprocess(load_for_eval(tmp_path / "e1"))[1:] == ("openai", "bicubic", 1.0)
+
+    # any other mean/std goes through as a (mean, std) pair
+    config["preprocess_cfg"].update(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    (out / "open_clip_config.json").write_text(json.dumps(config))
+    em = load_for_eval(out)
+    assert em.normalize == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert tuple(em.transform().transforms[-1].std) == (0.25, 0.25, 0.25)
+    assert em.preprocess()["normalize"] == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
 def test_eval_scripts_run_on_a_released_checkpoint(vit_ref, tmp_path, capsys):
     """eval_zeroshot.py / linear probe / retrieval take an open_clip file directly: architecture from the
     weights, CLIP's preprocessing, and the same zero-shot numbers as open_clip computes itself."""
@@ -400,8 +502,11 @@ def test_eval_scripts_run_on_a_released_checkpoint(vit_ref, tmp_path, capsys):
                                "--out", str(tmp_path / "zs.json")]) == 0
     rec = load_record(tmp_path / "zs.json")
     assert rec["model"] == em.name and rec["config_hash"] == em.config_hash
+    assert {k: rec["preprocess"][k] for k in ("resize", "crop", "interpolation", "normalize")} == {
+        "resize": 32, "crop": 32, "interpolation": "bicubic", "normalize": "openai"}
     # the same number straight from open_clip: mean of normalised prompt embeddings, CLIP's transform
-    tf = eval_transform(32, normalize="openai")
+    # (Resize(32) bicubic + CenterCrop(32), OpenAI mean/std)
+    tf = eval_transform(32, normalize="openai", crop_ratio=1.0, interpolation="bicubic")
     tok = Tokenizer(CTX)
     with torch.no_grad():
         W = torch.nn.functional.normalize(vit_ref.encode_text(tok([f"a photo of a {c}." for c in classes])), dim=-1)

@@ -42,10 +42,31 @@ def test_demo_config_loads_and_overrides_are_typed():
     (["model.vision.name=vit_huge"], r"model.vision.name: 'vit_huge' is not allowed. Choose one of: .*vit_tiny"),
     (["loss.filip_argmax=keep"], r"loss.filip_argmax: 'keep' is not allowed. Choose one of: recompute, save"),
     (["loss.chunk_size=0"], r"loss.chunk_size: must be > 0"),
+    (["eval.interpolation=lanczos"], r"eval.interpolation: 'lanczos' is not allowed. Choose one of: bicubic, bilinear"),
+    (["eval.crop_ratio=0"], r"eval.crop_ratio: must be a number with 0 < crop_ratio <= 1.*got 0"),
+    (["eval.crop_ratio=1.2"], r"eval.crop_ratio: must be a number with 0 < crop_ratio <= 1.*got 1.2"),
+    (["eval.crop_ratio=big"], r"eval.crop_ratio: expected a number"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(DEMO, override)
+
+
+def test_eval_preprocessing_keys_default_and_old_configs_load(tmp_path):
+    """eval.interpolation / eval.crop_ratio: bicubic and 224/256 by default (today's eval transform), also
+    for a run's saved config.yaml written before the keys existed."""
+    import yaml
+
+    from declip_ds.config import save_config
+
+    exp = load_config(DEMO)
+    assert (exp.eval.interpolation, exp.eval.crop_ratio) == ("bicubic", 0.875)
+    assert load_config(DEMO, ["eval.interpolation=bilinear", "eval.crop_ratio=1"]).eval.crop_ratio == 1.0
+    save_config(exp, tmp_path / "config.yaml")
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del data["eval"]["interpolation"], data["eval"]["crop_ratio"]
+    old = from_dict(data)
+    assert (old.eval.interpolation, old.eval.crop_ratio) == ("bicubic", 0.875)
 
 
 def test_missing_file_and_non_mapping(tmp_path):

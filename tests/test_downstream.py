@@ -247,6 +247,24 @@ def test_download_only_with_the_flag(tmp_path, checkpoint, no_downloads, monkeyp
     assert report.load_record(tmp_path / "out2" / "zeroshot.json")["metrics"]["fashion_mnist"]["n"] == 10
 
 
+def test_suite_uses_the_checkpoints_preprocessing_and_records_it(tmp_path, checkpoint, no_downloads, monkeypatch):
+    root = tmp_path / "data"
+    write_mnist(root)
+    seen = []
+    real = D.open_split
+    monkeypatch.setattr(D, "open_split", lambda name, split, r, transform, **k: seen.append(transform) or
+                        real(name, split, r, transform, **k))
+    assert run_suite(checkpoint, root, tmp_path / "out", "--suite", "mnist") == 0  # the run's eval config
+    assert run_suite(checkpoint, root, tmp_path / "out2", "--suite", "mnist", "--task", "both",
+                     "--interpolation", "bilinear", "--crop-ratio", "0.5") == 0
+    got = [(t.transforms[0].size, t.transforms[0].interpolation.value, t.transforms[1].size) for t in seen]
+    assert got == [(37, "bicubic", (32, 32))] + [(64, "bilinear", (32, 32))] * 3  # zero-shot; zero-shot, train, test
+    assert report.load_record(tmp_path / "out" / "zeroshot.json")["preprocess"]["crop_ratio"] == 0.875
+    for task in ("zeroshot", "linear_probe"):
+        rec = report.load_record(tmp_path / "out2" / f"{task}.json")["preprocess"]
+        assert (rec["resize"], rec["crop"], rec["interpolation"], rec["normalize"]) == (64, 32, "bilinear", "imagenet")
+
+
 def test_nothing_found_is_an_error_not_a_crash(tmp_path, checkpoint, no_downloads, capsys):
     (tmp_path / "empty").mkdir()
     assert run_suite(checkpoint, tmp_path / "empty", tmp_path / "out", "--suite", "quick") == 2

@@ -308,6 +308,104 @@ def test_image_folder_with_class_index(tmp_path):
     assert open_dataset(root, image_size=32).classnames == ["cat", "goldfish", "dog"]
 
 
+def test_imagenet_wnid_folders_get_class_names(tmp_path):
+    """ImageNet val folders without a class index are named with OpenAI's class names, not the wnids."""
+    root = write_folder(tmp_path / "imagenet" / "val", ["n01443537", "n01440764"], per_class=1)
+    ds = open_dataset(root, image_size=32)
+    assert ds.folders == ["n01440764", "n01443537"] and ds.classnames == ["tench", "goldfish"]
+    assert ds.classnames_source.startswith("ImageNet wnids")
+    write_folder(root, ["n99999999"], per_class=1)  # wnid-like, but not an ILSVRC-2012 class
+    with pytest.warns(UserWarning, match=r"look like WordNet ids .* not ILSVRC-2012 classes \(\['n99999999'\]\)"):
+        ds = open_dataset(root, image_size=32)
+    assert ds.classnames == ["n01440764", "n01443537", "n99999999"]
+
+
+def test_eval_zeroshot_prompts_imagenet_folders_with_class_names(tmp_path, monkeypatch):
+    import eval_zeroshot
+    from declip_ds.eval import zero_shot
+
+    exp, model = tiny_model()
+    ckpt = save_checkpoint(model, exp, tmp_path / "run" / "step_00000001")
+    root = write_folder(tmp_path / "imagenet" / "val", ["n01440764", "n01443537"], per_class=1)
+    seen = []
+    real = zero_shot.zero_shot_classifier
+    monkeypatch.setattr(zero_shot, "zero_shot_classifier",
+                        lambda m, tok, names, templates: seen.append(names) or real(m, tok, names, templates))
+    assert eval_zeroshot.main(["--checkpoint", str(ckpt), "--data", str(root), "--templates", "simple"]) == 0
+    assert seen == [["tench", "goldfish"]]
+
+
+def test_preprocessing_flags_reach_the_transform_and_the_record(tmp_path, monkeypatch):
+    """--interpolation / --crop-ratio override the run's eval config in every command line; the results
+    JSON records the preprocessing used."""
+    import eval_zeroshot
+    from declip_ds.data import transforms
+
+    exp, model = tiny_model()
+    exp.eval.interpolation, exp.eval.crop_ratio = "bilinear", 0.5
+    ckpt = save_checkpoint(model, exp, tmp_path / "run" / "step_00000001")
+    test = write_folder(tmp_path / "colors" / "test", ["red", "green"], per_class=2)
+    made = []
+    real = transforms.eval_transform
+    monkeypatch.setattr(transforms, "eval_transform", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    out = tmp_path / "out"
+    assert eval_zeroshot.main(["--checkpoint", str(ckpt), "--data", str(test), "--templates", "simple",
+                               "--out", str(out / "run.json")]) == 0  # the run's eval config
+    assert report.load_record(out / "run.json")["preprocess"] == {
+        "resize": 64, "crop": 32, "crop_ratio": 0.5, "interpolation": "bilinear", "normalize": "imagenet",
+        "source": "the run config (data.normalize, eval.interpolation, eval.crop_ratio)"}
+    flags = ["--interpolation", "bicubic", "--crop-ratio", "1.0"]
+    assert eval_zeroshot.main(["--checkpoint", str(ckpt), "--data", str(test), "--templates", "simple",
+                               "--out", str(out / "zs.json"), *flags]) == 0
+    assert lp.main(["--checkpoint", str(ckpt), "--train", str(test), "--test", str(test), "--val-fraction", "0.5",
+                    "--cache-dir", str(tmp_path / "cache"), "--max-iter", "5", "--out", str(out / "lp.json"),
+                    *flags]) == 0
+    (tmp_path / "captions.tsv").write_text("colors/test/red/img0.png\tred\n")
+    assert retrieval.main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "captions.tsv"),
+                           "--out", str(out / "ret.json"), *flags]) == 0
+    sizes = [(t.transforms[0].size, t.transforms[0].interpolation.value) for t in made]
+    assert sizes == [(64, "bilinear")] + [(32, "bicubic")] * (len(made) - 1) and len(made) == 4
+    for f in ("zs.json", "lp.json", "ret.json"):
+        rec = report.load_record(out / f)["preprocess"]
+        assert (rec["resize"], rec["crop_ratio"], rec["interpolation"]) == (32, 1.0, "bicubic"), f
+        assert rec["source"].startswith("arguments (interpolation, crop_ratio)")
+    assert eval_zeroshot.main(["--checkpoint", str(ckpt), "--data", str(test), "--crop-ratio", "1.5"]) == 2
+
+
+def test_trainer_zero_shot_uses_the_eval_config(tmp_path, monkeypatch):
+    """The trainer's periodic / end-of-run zero-shot evaluates with exp.eval.interpolation / crop_ratio."""
+    from declip_ds.eval import zero_shot
+    from declip_ds.train import engine
+
+    exp, model = tiny_model()
+    exp.eval.interpolation, exp.eval.crop_ratio = "bilinear", 0.5
+    exp.eval.data_root, exp.eval.tasks = str(tmp_path), ["colors"]
+    (tmp_path / "colors").mkdir()
+    (tmp_path / "colors" / "classnames.txt").write_text("red\ngreen\n")
+    calls = []
+    result = {"acc1": 1.0, "acc5": None, "mean_per_class_recall": 1.0, "n": 1}
+    monkeypatch.setattr(zero_shot, "evaluate_task_dir", lambda *a, **k: calls.append(k) or result)
+
+    class Method:
+        def __init__(self):
+            self.cfg, self.model = exp.method, model
+
+        def tokenizer(self):
+            return None
+
+        def eval(self):
+            pass
+
+        train = eval
+
+    class Logger:
+        def scalars(self, *a):
+            pass
+
+    engine.evaluate(exp, Method(), 1, Logger(), tmp_path)
+    assert [(k.get("interpolation"), k.get("crop_ratio")) for k in calls] == [("bilinear", 0.5)]
+
+
 def test_shard_dataset_and_synthetic_split_layout(tmp_path):
     root = tmp_path / "shapes"
     root.mkdir()

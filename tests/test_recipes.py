@@ -21,6 +21,11 @@ def test_recipe_loads(path):
         assert "deepspeed --hostfile hosts train.py" in header and "4 nodes x 8 GPUs" in header
         assert "Expected" in header and exp.train.batch_size == 128 and exp.train.steps == 128001
         assert exp.model.logit_scale_bounds == [3.0, 6.0]
+        # the DeCLIP repo's zero-shot protocol: Resize(256) + CenterCrop(224), bilinear (METHODS.md §7)
+        assert (exp.eval.interpolation, exp.eval.crop_ratio) == ("bilinear", 0.875)
+        assert "Resize(256) + CenterCrop(224)" in path.read_text()
+    else:
+        assert (exp.eval.interpolation, exp.eval.crop_ratio) == ("bicubic", 0.875)  # the demo keeps the default
 
 
 def test_every_method_has_its_benchmark_recipes():

@@ -49,6 +49,19 @@ def test_eval_transform_is_deterministic_center_crop():
     assert t.draft_size == 37
 
 
+def test_eval_transform_protocols_and_crop_ratio_errors():
+    from torchvision.transforms import InterpolationMode
+
+    openai = eval_transform(224, normalize="openai", crop_ratio=1.0, interpolation="bicubic")
+    declip = eval_transform(224, normalize="imagenet", crop_ratio=224 / 256, interpolation="bilinear")
+    assert (openai.transforms[0].size, openai.transforms[0].interpolation) == (224, InterpolationMode.BICUBIC)
+    assert (declip.transforms[0].size, declip.transforms[0].interpolation) == (256, InterpolationMode.BILINEAR)
+    assert openai.transforms[1].size == declip.transforms[1].size == (224, 224)
+    for bad in (0, -0.5, 1.01):
+        with pytest.raises(ValueError, match=r"crop_ratio must be in \(0, 1\]"):
+            eval_transform(32, crop_ratio=bad)
+
+
 def test_moco_views_differ_between_calls_and_follow_torch_seed():
     t = moco_v2_transform(24)
     torch.manual_seed(0)

@@ -113,9 +113,13 @@ def eval_transform(image_size: int, normalize="imagenet", crop_ratio: float = 22
                    interpolation: str = "bicubic") -> T.Compose:
     """Resize(round(image_size / crop_ratio)) + CenterCrop(image_size). PIL -> (3, S, S) float.
 
-    The DeCLIP repo's zero-shot protocol resizes with bilinear: pass interpolation="bilinear"
-    to reproduce its numbers exactly.
+    The Resize scales the shortest side. OpenAI / open_clip: crop_ratio=1.0, bicubic, "openai" mean/std.
+    The DeCLIP repo's zero-shot protocol: crop_ratio=224/256, bilinear (torchvision's default),
+    "imagenet" mean/std. ``EvalModel.transform()`` picks the right one for a loaded checkpoint.
     """
+    if not 0 < crop_ratio <= 1:
+        raise ValueError(f"crop_ratio must be in (0, 1] (0.875 = resize to 256 then crop 224; 1.0 = resize the "
+                         f"short side to the crop size), got {crop_ratio}.")
     resize = round(image_size / crop_ratio)
     return _with_draft(T.Compose([
         T.Resize(resize, interpolation=_interpolation(interpolation)),

@@ -11,7 +11,9 @@ Two layouts, told apart by what ``root`` holds:
                                       {"0": ["folder", "name"], ...} (the imagenet_class_index.json
                                       layout, ordered by the integer key) or ["name", ...] (sorted folders)
                    or ``class_index=PATH`` with one of these formats. Without an index the folders are
-                   the classes in sorted order, named after the folder with "_" read as a space.
+                   the classes in sorted order, named after the folder with "_" read as a space, except
+                   ImageNet WordNet-id folders (n01440764, ...), which get OpenAI's class names
+                   ('tench', ...); wnid-like folders that are not ILSVRC-2012 classes give a warning.
     shards         root/*.tar + root/classnames.txt     webdataset shards, each sample an image and an
                    integer label member (``cls`` by default); line i of classnames.txt names label i.
                    Our synthetic eval splits (``data/shapes/eval/<task>``) are of this kind.
@@ -26,12 +28,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from declip_ds.eval.templates import WNID, imagenet_wnid_classnames
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 INDEX_FILES = ("classnames.txt", "classnames.json")
@@ -65,17 +70,19 @@ def is_image_folder(root: str | Path) -> bool:
 
 
 def open_dataset(root: str | Path, transform: Callable | None = None, *, image_size: int = 224,
-                 normalize="imagenet", label_key: str = "cls", class_index: str | Path | None = None):
+                 normalize="imagenet", label_key: str = "cls", class_index: str | Path | None = None,
+                 interpolation: str = "bicubic", crop_ratio: float = 224 / 256):
     """The labelled dataset at ``root`` (an ``ImageFolderData`` or a ``ShardData``).
 
-    ``transform``: PIL image -> tensor; by default ``eval_transform(image_size, normalize)``.
+    ``transform``: PIL image -> tensor; by default ``eval_transform(image_size, normalize, crop_ratio,
+    interpolation)`` (pass ``EvalModel.transform()`` for a loaded checkpoint's protocol).
     ``label_key``: the label member of shards. ``class_index``: a class index file for an image folder
     (default: classnames.txt / classnames.json in ``root`` when present).
     """
     if transform is None:
         from declip_ds.data.transforms import eval_transform
 
-        transform = eval_transform(image_size, normalize=normalize)
+        transform = eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio, interpolation=interpolation)
     layout = detect_layout(root)
     if layout == "shards":
         if class_index is not None:
@@ -127,12 +134,34 @@ def read_class_index(path: str | Path, folders: list[str]) -> tuple[list[str], l
     return [f for f, _ in pairs], [n for _, n in pairs]
 
 
+def folder_classnames(folders: list[str], root: Path) -> tuple[list[str], str]:
+    """(class names, where from) for class folders without a class index: OpenAI's ImageNet names for
+    ILSVRC-2012 wnid folders, else the folder names ("_" read as a space)."""
+    plain = [f.replace("_", " ") for f in folders], "folder names"
+    looks_like_wnids = [f for f in folders if WNID.fullmatch(f)]
+    if not looks_like_wnids:
+        return plain
+    table = imagenet_wnid_classnames()
+    unknown = [f for f in folders if f not in table]
+    if not unknown:
+        return [table[f] for f in folders], "ImageNet wnids (OpenAI's class names)"
+    warnings.warn(
+        f"The class folders of '{root}' look like WordNet ids ({looks_like_wnids[0]}, ...), but {len(unknown)} of "
+        f"{len(folders)} are not ILSVRC-2012 classes ({unknown[:5]}), so they keep their folder names and the "
+        f"prompts will read like 'a photo of a {looks_like_wnids[0]}.' (zero-shot accuracy near chance). Name the "
+        f"classes with a classnames.txt ('wnid<TAB>name' lines) or classnames.json ({{wnid: name}}) in the folder, "
+        f"or pass a class index.", stacklevel=3)
+    return plain
+
+
 class ImageFolderData(Dataset):
-    """``root/<class>/<image>``; ``self[i] -> (image_tensor, label)``."""
+    """``root/<class>/<image>``; ``self[i] -> (image_tensor, label)``. ``wnid_names=False``: name wnid
+    folders after the folder, for a caller that names the classes itself."""
 
     layout = "folder"
 
-    def __init__(self, root: Path, transform: Callable, class_index: str | Path | None = None):
+    def __init__(self, root: Path, transform: Callable, class_index: str | Path | None = None, *,
+                 wnid_names: bool = True):
         self.root, self.transform = Path(root), transform
         present = [d.name for d in _subdirs(self.root)]
         index = Path(class_index) if class_index is not None else \
@@ -147,9 +176,11 @@ class ImageFolderData(Dataset):
                     + (f"expected class folders {[str(self.root / f) for f in missing[:5]]} (missing)" if missing else "")
                     + ("; " if missing and extra else "")
                     + (f"folders {extra[:5]} are not in the index" if extra else "") + ".")
+            self.classnames_source = f"class index ({index})"
         else:
             self.folders = present
-            self.classnames = [f.replace("_", " ") for f in present]
+            self.classnames, self.classnames_source = folder_classnames(present, self.root) if wnid_names else \
+                ([f.replace("_", " ") for f in present], "folder names")
         self.class_index = index
         self.samples = [(p, label) for label, f in enumerate(self.folders) for p in _images_in(self.root / f)]
         if not self.samples:

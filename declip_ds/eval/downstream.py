@@ -594,7 +594,7 @@ def _imagenet_split(spec: DatasetSpec, root: Path, split: str, transform: Callab
     from declip_ds.eval.datasets import ImageFolderData
 
     folder = root / spec.files[split][0]
-    data = ImageFolderData(folder, transform)
+    data = ImageFolderData(folder, transform, wnid_names=False)  # named below (sorted folders = class index)
     if len(data.folders) != 1000:
         raise ValueError(f"ImageNet {split} folder '{folder}' has {len(data.folders)} class folders; expected the "
                          "1000 ILSVRC2012 wnid folders (n01440764, ...). For another image folder use "

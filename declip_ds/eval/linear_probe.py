@@ -251,12 +251,17 @@ def evaluate_linear_probe(model, train_root, test_root, *, model_id: str, cache_
                           image_size: int = 224, normalize_images="imagenet", normalize: bool = True,
                           val_fraction: float = 0.2, seed: int = 0, weight_decay: float | None = None,
                           batch_size: int = 256, workers: int = 0, label_key: str = "cls", max_iter: int = 1000,
-                          device=None, verbose: bool = False) -> dict:
-    """The whole protocol on two dataset directories (image folders or labelled shards)."""
+                          device=None, verbose: bool = False, interpolation: str = "bicubic",
+                          crop_ratio: float = 224 / 256) -> dict:
+    """The whole protocol on two dataset directories (image folders or labelled shards); images through
+    ``eval_transform(image_size, normalize_images, crop_ratio, interpolation)``."""
+    from declip_ds.data.transforms import eval_transform
     from declip_ds.eval.datasets import open_dataset
 
-    train = open_dataset(train_root, image_size=image_size, normalize=normalize_images, label_key=label_key)
-    test = open_dataset(test_root, image_size=image_size, normalize=normalize_images, label_key=label_key)
+    transform = eval_transform(image_size, normalize=normalize_images, crop_ratio=crop_ratio,
+                               interpolation=interpolation)
+    train = open_dataset(train_root, transform, label_key=label_key)
+    test = open_dataset(test_root, transform, label_key=label_key)
     if train.classnames != test.classnames:
         raise ValueError(f"The train split '{train_root}' has {len(train.classnames)} classes and the test split "
                          f"'{test_root}' {len(test.classnames)}, or they are in another order; both must share "
@@ -287,7 +292,14 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"],
                    help="checkpoint format (auto-detected by default)")
     p.add_argument("--normalize-images", default=None, choices=["imagenet", "openai"],
-                   help="image normalisation (default: the run's config; 'openai' for released checkpoints)")
+                   help="image normalisation (default: the run's data.normalize; 'imagenet' for DeCLIP releases, "
+                        "'openai' for OpenAI / open_clip ones, or what an open_clip_config.json next to them says)")
+    p.add_argument("--interpolation", default=None, choices=["bicubic", "bilinear"],
+                   help="resize interpolation (default: the run's eval.interpolation; bilinear for DeCLIP releases, "
+                        "bicubic for OpenAI / open_clip)")
+    p.add_argument("--crop-ratio", type=float, default=None,
+                   help="Resize(size / ratio) + CenterCrop(size), 0 < ratio <= 1 (default: the run's eval.crop_ratio; "
+                        "0.875 for DeCLIP releases, 1.0 for OpenAI / open_clip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     p.add_argument("--verbose", action="store_true", help="print every point of the sweep")
@@ -298,11 +310,13 @@ def main(argv=None) -> int:
     from declip_ds.models.pretrained import load_for_eval
 
     try:
-        em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize_images)
+        em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize_images,
+                           interpolation=args.interpolation, crop_ratio=args.crop_ratio)
         model = em.model.to(default_device())
         result = evaluate_linear_probe(
             model, args.train, args.test, model_id=checkpoint_id(em.weights), cache_dir=args.cache_dir,
-            image_size=em.image_size, normalize_images=em.normalize,
+            image_size=em.image_size, normalize_images=em.normalize, interpolation=em.interpolation,
+            crop_ratio=em.crop_ratio,
             normalize=not args.no_normalize, val_fraction=args.val_fraction, seed=args.seed,
             weight_decay=args.weight_decay, batch_size=args.batch_size, workers=args.workers,
             label_key=args.label_key, max_iter=args.max_iter, verbose=args.verbose)
@@ -318,7 +332,8 @@ def main(argv=None) -> int:
         write_record(make_record(model=em.name, checkpoint=str(em.weights),
                                  dataset=str(args.test), task="linear_probe", metrics={name: result},
                                  config_hash=em.config_hash, train=str(args.train),
-                                 val_fraction=args.val_fraction, normalize=not args.no_normalize), args.out)
+                                 val_fraction=args.val_fraction, normalize=not args.no_normalize,
+                                 preprocess=em.preprocess()), args.out)
     return 0
 
 

@@ -8,6 +8,8 @@ A results JSON (what ``eval_zeroshot.py``, ``linear_probe`` and ``retrieval`` wr
      "task": "zeroshot" | "linear_probe" | "retrieval",
      "metrics": {"<dataset name>": {"acc1": ..., ...}, ...},   # one entry per evaluated dataset
      "config_hash": "1a2b3c4d5e6f", "date": "2025-01-01T00:00:00+00:00",
+     "preprocess": {"resize": 256, "crop": 224, "crop_ratio": 0.875, "interpolation": "bilinear",
+                    "normalize": "imagenet", "source": "..."},  # the eval images (EvalModel.preprocess())
      ...}                                            # task-specific extras (templates, ...)
 
     python -m declip_ds.eval.report results/*.json [--markdown OUT.md]

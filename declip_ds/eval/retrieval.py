@@ -188,7 +188,7 @@ class _CaptionStream(IterableDataset):
         draft = getattr(self.transform, "draft_size", None)
         for url in urls:
             stream = _TailWatch(gopen(url))
-            groups = _member_groups(stream, [0])
+            groups = _member_groups(stream, [0], [])  # a cut tail raises below: no partial gallery
             try:
                 while True:
                     try:
@@ -256,12 +256,14 @@ def gather_embeddings(image_emb, text_emb, text_to_image, group=None):
 
 
 def evaluate_retrieval(model, tokenizer, data, *, image_size: int = 224, normalize="imagenet", batch_size: int = 64,
-                       rank: int = 0, world_size: int = 1, group=None, workers: int = 0, ks=KS) -> dict:
-    """Recall@k both ways on ``data`` (shard dir or captions file / dir)."""
+                       rank: int = 0, world_size: int = 1, group=None, workers: int = 0, ks=KS,
+                       interpolation: str = "bicubic", crop_ratio: float = 224 / 256) -> dict:
+    """Recall@k both ways on ``data`` (shard dir or captions file / dir); images through
+    ``eval_transform(image_size, normalize, crop_ratio, interpolation)``."""
     from declip_ds.data.transforms import eval_transform
 
-    loader = build_loader(data, eval_transform(image_size, normalize=normalize), batch_size, rank=rank,
-                          world_size=world_size, workers=workers)
+    transform = eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio, interpolation=interpolation)
+    loader = build_loader(data, transform, batch_size, rank=rank, world_size=world_size, workers=workers)
     img, txt, owners = gather_embeddings(*embed(model, tokenizer, loader), group=group)
     if len(img) == 0:
         raise ValueError(f"No captioned image in '{data}'; nothing to evaluate.")
@@ -278,7 +280,14 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"],
                    help="checkpoint format (auto-detected by default)")
     p.add_argument("--normalize", default=None, choices=["imagenet", "openai"],
-                   help="image normalisation (default: the run's config; 'openai' for released checkpoints)")
+                   help="image normalisation (default: the run's data.normalize; 'imagenet' for DeCLIP releases, "
+                        "'openai' for OpenAI / open_clip ones, or what an open_clip_config.json next to them says)")
+    p.add_argument("--interpolation", default=None, choices=["bicubic", "bilinear"],
+                   help="resize interpolation (default: the run's eval.interpolation; bilinear for DeCLIP releases, "
+                        "bicubic for OpenAI / open_clip)")
+    p.add_argument("--crop-ratio", type=float, default=None,
+                   help="Resize(size / ratio) + CenterCrop(size), 0 < ratio <= 1 (default: the run's eval.crop_ratio; "
+                        "0.875 for DeCLIP releases, 1.0 for OpenAI / open_clip)")
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
 
@@ -288,7 +297,8 @@ def main(argv=None) -> int:
 
     try:
         resolve_source(args.data)
-        em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize)
+        em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize,
+                           interpolation=args.interpolation, crop_ratio=args.crop_ratio)
         model = em.model
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -298,7 +308,8 @@ def main(argv=None) -> int:
     model, rank, world, group = init_eval_ranks(model)
     tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
     result = evaluate_retrieval(model, tok, args.data, image_size=em.image_size,
-                                normalize=em.normalize, batch_size=args.batch_size, rank=rank,
+                                normalize=em.normalize, interpolation=em.interpolation, crop_ratio=em.crop_ratio,
+                                batch_size=args.batch_size, rank=rank,
                                 world_size=world, group=group, workers=args.workers)
     if rank == 0:
         name = args.name or dataset_name(args.data)
@@ -308,7 +319,7 @@ def main(argv=None) -> int:
         if args.out:
             write_record(make_record(model=em.name, checkpoint=str(em.weights),
                                      dataset=str(args.data), task="retrieval", metrics={name: result},
-                                     config_hash=em.config_hash), args.out)
+                                     preprocess=em.preprocess(), config_hash=em.config_hash), args.out)
     if group is not None:
         dist.destroy_process_group()
     return 0

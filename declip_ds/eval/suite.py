@@ -167,7 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-shot scoring (default: what the method trained for; token = FILIP's)")
     p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"])
     p.add_argument("--normalize", default=None, choices=["imagenet", "openai"],
-                   help="image normalisation (default: the run's config; 'openai' for released checkpoints)")
+                   help="image normalisation (default: the run's data.normalize; 'imagenet' for DeCLIP releases, "
+                        "'openai' for OpenAI / open_clip ones, or what an open_clip_config.json next to them says)")
+    p.add_argument("--interpolation", default=None, choices=["bicubic", "bilinear"],
+                   help="resize interpolation (default: the run's eval.interpolation; bilinear for DeCLIP releases, "
+                        "bicubic for OpenAI / open_clip)")
+    p.add_argument("--crop-ratio", type=float, default=None,
+                   help="Resize(size / ratio) + CenterCrop(size), 0 < ratio <= 1 (default: the run's eval.crop_ratio; "
+                        "0.875 for DeCLIP releases, 1.0 for OpenAI / open_clip)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class splits and of --val-fraction")
@@ -209,7 +216,8 @@ def main(argv=None) -> int:
         if not Path(args.data_root).is_dir():
             raise FileNotFoundError(f"--data-root '{args.data_root}' is not a directory; pass the folder holding "
                                     "the datasets (see --list for the layout).")
-        em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize)
+        em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize,
+                           interpolation=args.interpolation, crop_ratio=args.crop_ratio)
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -220,13 +228,13 @@ def main(argv=None) -> int:
 def evaluate_all(em, names: list[str], args) -> list[dict]:
     """One results record per task, in the report schema."""
     from declip_ds.data.tokenizer import Tokenizer
-    from declip_ds.data.transforms import eval_transform
     from declip_ds.eval.linear_probe import checkpoint_id, default_device
     from declip_ds.eval.report import make_record
 
     device = default_device()
     model = em.model.to(device).eval()
-    transform = eval_transform(em.image_size, normalize=em.normalize)
+    transform = em.transform()
+    log(f"preprocessing: {em.describe_preprocess()}")
     common = dict(root=Path(args.data_root), transform=transform, batch_size=args.batch_size, workers=args.workers,
                   download=args.download, seed=args.seed, label_key=args.label_key)
     records = []
@@ -245,7 +253,7 @@ def evaluate_all(em, names: list[str], args) -> list[dict]:
         metrics, skipped = run_suite(names, task, one)
         records.append(make_record(model=em.name, checkpoint=str(em.weights), dataset=str(args.data_root), task=task,
                                    metrics=metrics, config_hash=em.config_hash, suite=args.suite, datasets=names,
-                                   skipped=skipped, seed=args.seed, **extra))
+                                   skipped=skipped, seed=args.seed, preprocess=em.preprocess(), **extra))
     return records
 
 

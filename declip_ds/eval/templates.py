@@ -7,6 +7,9 @@ OpenAI's 1,000 ImageNet class names and 80 prompt templates (Radford et al. 2021
 
 from __future__ import annotations
 
+import functools
+import re
+
 SIMPLE_TEMPLATES = ("a photo of a {}.",)
 
 IMAGENET_TEMPLATES = (
@@ -1096,3 +1099,22 @@ IMAGENET_CLASSNAMES = (
 )
 
 assert len(IMAGENET_TEMPLATES) == 80 and len(IMAGENET_CLASSNAMES) == 1000
+
+
+WNID = re.compile(r"n\d{8}")  # a WordNet id, as ImageNet names its class folders (n01440764, ...)
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_wnid_classnames() -> dict[str, str]:
+    """{wnid: OpenAI class name} of the 1000 ILSVRC-2012 classes ('n01440764' -> 'tench').
+
+    IMAGENET_CLASSNAMES is in class-index order, which is the sorted order of the wnids (and of the val
+    folders: downstream._imagenet_split names 1000 sorted folders with it); the wnids themselves come from
+    timm's ImageNet metadata (timm is a dependency)."""
+    from timm.data import ImageNetInfo
+
+    wnids = list(ImageNetInfo().label_names())
+    if len(wnids) != len(IMAGENET_CLASSNAMES) or wnids != sorted(wnids):
+        raise RuntimeError(f"timm's ImageNet synset list has {len(wnids)} entries or is not sorted; expected the "
+                           f"{len(IMAGENET_CLASSNAMES)} sorted ILSVRC-2012 wnids.")
+    return dict(zip(wnids, IMAGENET_CLASSNAMES))

@@ -159,12 +159,15 @@ def load_templates(spec: str, task_dir: Path | None = None) -> list[str]:
     raise FileNotFoundError(f"Unknown templates '{spec}': use synthetic, simple, imagenet80 or a path to a file.")
 
 
-def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image_size: int, normalize: str,
+def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image_size: int, normalize,
                       batch_size: int = 128, rank: int = 0, world_size: int = 1, group=None, workers: int = 0,
-                      scoring: str = "global", mask_padding: bool = True) -> dict:
+                      scoring: str = "global", mask_padding: bool = True, interpolation: str = "bicubic",
+                      crop_ratio: float = 224 / 256) -> dict:
     """Zero-shot on one labelled shard directory (classnames.txt, *.tar with a ``cls`` key).
 
-    scoring: ``global`` (cosine of the global embeddings) or ``token`` (FILIP's token-wise scoring)."""
+    scoring: ``global`` (cosine of the global embeddings) or ``token`` (FILIP's token-wise scoring).
+    Images: ``eval_transform(image_size, normalize, crop_ratio, interpolation)``; the defaults are
+    ``EvalConfig``'s (the trainer passes its exp.eval.interpolation / crop_ratio)."""
     from declip_ds.data.transforms import eval_transform
     from declip_ds.data.wds import build_eval_loader
 
@@ -180,7 +183,8 @@ def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image
     urls = sorted(str(p) for p in task_dir.glob("*.tar"))
     if not urls:
         raise FileNotFoundError(f"No .tar shards in {task_dir}.")
-    loader = build_eval_loader(urls, eval_transform(image_size, normalize=normalize), batch_size,
+    transform = eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio, interpolation=interpolation)
+    loader = build_eval_loader(urls, transform, batch_size,
                                rank=rank, world_size=world_size, workers=workers)
     return zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
 

@@ -27,6 +27,11 @@ config JSON when one sits next to the weights (``<weights stem>.json`` or ``open
 as ``declip_ds.export`` writes them) or is passed as ``config=``; otherwise OpenAI's rules apply
 (heads = width // 64, QuickGELU), and the log says so.
 
+``load_for_eval`` adds the evaluation preprocessing (``EvalModel.transform()``): the run's config for
+ours, OpenAI's Resize(224) bicubic + CenterCrop(224) with OpenAI mean/std for openai / open_clip, the
+DeCLIP repo's Resize(256) bilinear + CenterCrop(224) with ImageNet mean/std for declip, overridden by a
+``preprocess_cfg`` next to the weights and then by explicit arguments.
+
 The architecture is inferred from the shapes: ViT (any width / depth / patch / image size; the
 B/32 and B/16 shapes map onto timm's named towers) or the standard RN50 ModifiedResNet
 (``resnet50_clip``); the other ModifiedResNets (RN101, RN50x4, ...) are refused.
@@ -687,6 +692,104 @@ def _load_external(fmt: str, src: _Source, config: dict | str | Path | None):
     return model.eval()
 
 
+# ============================================================================ evaluation preprocessing
+
+INTERPOLATIONS = ("bicubic", "bilinear")
+# per external format, when nothing next to the weights says otherwise: (normalize, interpolation, crop_ratio)
+FORMAT_PREPROCESS = {
+    "openai": ("openai", "bicubic", 1.0),      # OpenAI's clip.load: Resize(224, bicubic) + CenterCrop(224)
+    "open_clip": ("openai", "bicubic", 1.0),   # open_clip's PreprocessCfg defaults (resize_mode "shortest")
+    "declip": ("imagenet", "bilinear", 224 / 256),  # the DeCLIP repo: Resize(256) + CenterCrop(224) (METHODS §7, §9)
+}
+# our top-level key in open_clip_config.json (open_clip reads only model_cfg / preprocess_cfg): what
+# open_clip's preprocess_cfg cannot say, i.e. {"crop_ratio": 0.875} for Resize(256) + CenterCrop(224)
+SIDECAR_KEY = "declip_ds"
+
+
+def preprocess_sidecar_path(weights: str | Path) -> Path:
+    """``X.preprocess.json`` next to ``X.safetensors``: the export's preprocessing when open_clip's
+    model_configs JSON (``X.json``) cannot hold it (open_clip passes that file's keys to ``CLIP(...)``)."""
+    return Path(weights).with_suffix(".preprocess.json")
+
+
+def normalize_name(mean, std):
+    """``"imagenet"`` / ``"openai"`` when (mean, std) are those constants (within 1e-6), else the pair."""
+    from declip_ds.data.transforms import NORMALIZE
+
+    mean, std = tuple(float(x) for x in mean), tuple(float(x) for x in std)
+    for name, (m, s) in NORMALIZE.items():
+        if len(mean) == len(m) and len(std) == len(s) and all(
+                abs(a - b) <= 1e-6 for a, b in zip(mean + std, m + s)):
+            return name
+    return mean, std
+
+
+def _read_preprocess(data: dict, where: str) -> dict:
+    """{normalize, interpolation, crop_ratio} (those given) from open_clip's ``preprocess_cfg`` and our
+    ``declip_ds`` key."""
+    pp, ours, out = data.get("preprocess_cfg") or {}, data.get(SIDECAR_KEY) or {}, {}
+    if "mean" in pp or "std" in pp:
+        from declip_ds.data.transforms import NORMALIZE
+
+        mean, std = pp.get("mean", NORMALIZE["openai"][0]), pp.get("std", NORMALIZE["openai"][1])
+        if not all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std)):
+            raise CheckpointFormatError(f"{where}: preprocess_cfg.mean / std must be lists of 3 numbers, got "
+                                        f"{mean!r} / {std!r}.")
+        out["normalize"] = normalize_name(mean, std)
+    interp = pp.get("interpolation")
+    if interp == "random":  # open_clip's training-only choice; its eval transform uses bicubic
+        interp = "bicubic"
+    if interp in INTERPOLATIONS:
+        out["interpolation"] = interp
+    elif interp is not None:
+        log.warning("%s: preprocess_cfg.interpolation=%r is not supported (allowed: %s); ignored", where, interp,
+                    ", ".join(INTERPOLATIONS))
+    mode = pp.get("resize_mode")
+    if mode is not None:
+        if mode != "shortest":
+            log.warning("%s: preprocess_cfg.resize_mode=%r is not supported; evaluating with 'shortest' (resize the "
+                        "short side, then center-crop)", where, mode)
+        out["crop_ratio"] = 1.0  # open_clip's eval: Resize(size) + CenterCrop(size)
+    if "crop_ratio" in ours:
+        r = ours["crop_ratio"]
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            raise CheckpointFormatError(f"{where}: {SIDECAR_KEY}.crop_ratio must be a number in (0, 1], got {r!r}.")
+        out["crop_ratio"] = float(r)
+    return out
+
+
+def _sidecar_preprocess(weights: Path, config) -> tuple[dict, str | None]:
+    """(preprocessing hints, where from): the ``config=`` argument when it holds a preprocess_cfg, else
+    ``X.preprocess.json``, ``X.json`` or ``open_clip_config.json`` next to the weights."""
+    candidates = []
+    if isinstance(config, dict):
+        candidates.append((config, "the config= argument"))
+    elif isinstance(config, (str, Path)):
+        candidates.append((Path(config), str(config)))
+    for p in (preprocess_sidecar_path(weights), weights.with_suffix(".json"), weights.parent / "open_clip_config.json"):
+        candidates.append((p, str(p)))
+    for item, where in candidates:
+        if isinstance(item, Path):
+            if not item.is_file():
+                continue
+            try:
+                item = json.loads(item.read_text())
+            except json.JSONDecodeError:
+                continue
+        if isinstance(item, dict) and ("preprocess_cfg" in item or SIDECAR_KEY in item):
+            return _read_preprocess(item, where), where
+    return {}, None
+
+
+def _check_preprocess_args(interpolation, crop_ratio) -> None:
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r} is not allowed. Choose one of: {', '.join(INTERPOLATIONS)}.")
+    if crop_ratio is not None:
+        from declip_ds.config import check_crop_ratio
+
+        check_crop_ratio(crop_ratio, "crop_ratio")
+
+
 # ============================================================================ evaluation entry points
 
 
@@ -700,33 +803,85 @@ class EvalModel:
     name: str                   # "<method>/<vision>" for ours, "<format>/<vision>" otherwise
     config_hash: str            # ours: the run config's hash; otherwise the inferred architecture's
     image_size: int
-    normalize: str              # image normalisation: the run's, or "openai" for released checkpoints
+    normalize: Any              # "imagenet" | "openai" | a (mean, std) pair (see load_for_eval)
     context_length: int
     mask_token: bool
     method: Any = None          # ours: the MethodConfig (zero-shot scoring, padding mask); else None
+    interpolation: str = "bicubic"   # of the eval Resize: bicubic | bilinear
+    crop_ratio: float = 224 / 256    # Resize(round(image_size / crop_ratio)) + CenterCrop(image_size)
+    preprocess_source: str = ""      # where the preprocessing came from (logged, recorded in the results)
+
+    def transform(self):
+        """The evaluation transform for this checkpoint: PIL image -> (3, S, S) float tensor."""
+        from declip_ds.data.transforms import eval_transform
+
+        return eval_transform(self.image_size, normalize=self.normalize, crop_ratio=self.crop_ratio,
+                              interpolation=self.interpolation)
+
+    def preprocess(self) -> dict:
+        """The preprocessing, as the results JSON records it (``"preprocess"``)."""
+        norm = self.normalize if isinstance(self.normalize, str) else \
+            {"mean": list(self.normalize[0]), "std": list(self.normalize[1])}
+        return {"resize": round(self.image_size / self.crop_ratio), "crop": self.image_size,
+                "crop_ratio": self.crop_ratio, "interpolation": self.interpolation, "normalize": norm,
+                "source": self.preprocess_source}
+
+    def describe_preprocess(self) -> str:
+        p = self.preprocess()
+        norm = p["normalize"] if isinstance(p["normalize"], str) else f"mean {p['normalize']['mean']} std " \
+                                                                    f"{p['normalize']['std']}"
+        return (f"Resize({p['resize']}, {p['interpolation']}) + CenterCrop({p['crop']}), {norm} normalisation "
+                f"(from {p['source']})")
 
 
-def load_for_eval(path: str | Path, format: str = "auto", *, normalize: str | None = None,
-                  config: dict | str | Path | None = None) -> EvalModel:
+def load_for_eval(path: str | Path, format: str = "auto", *, normalize=None, interpolation: str | None = None,
+                  crop_ratio: float | None = None, config: dict | str | Path | None = None) -> EvalModel:
     """Load any supported checkpoint for the evaluation scripts.
 
-    Ours: architecture, preprocessing and tokenizer from the run's config. OpenAI / open_clip / DeCLIP
-    releases: architecture inferred from the weights, CLIP's preprocessing (``normalize="openai"``) and
-    the standard tokenizer. ``normalize`` overrides the image normalisation.
+    Architecture: ours from the run's config, others inferred from the weights; the standard tokenizer
+    for released checkpoints. Preprocessing (``EvalModel.transform()``), lowest priority first:
+      ours        the run's data.normalize, eval.interpolation and eval.crop_ratio
+      openai /    "openai" mean/std, bicubic, crop_ratio 1.0 (Resize(224) + CenterCrop(224), as OpenAI)
+      open_clip
+      declip      "imagenet" mean/std, bilinear, crop_ratio 224/256 (Resize(256) + CenterCrop(224))
+      sidecar     an external checkpoint's preprocess_cfg (open_clip_config.json, X.json, or the export's
+                  X.preprocess.json, or ``config=``): mean/std ("imagenet"/"openai" when they match, else the
+                  pair), interpolation, resize_mode "shortest" = crop_ratio 1.0 unless our "declip_ds":
+                  {"crop_ratio": r} key says otherwise
+      arguments   ``normalize`` / ``interpolation`` / ``crop_ratio`` override everything
     """
     import hashlib
 
     from declip_ds.config import config_hash
 
+    _check_preprocess_args(interpolation, crop_ratio)
     p = Path(path)
     fmt, src = _resolve_format(p, format)  # an external file is read once, here
     if fmt == "ours":
         exp, weights = load_experiment(p)
         model = _load_ours(p)
-        return EvalModel(model, weights, "ours", f"{exp.method.name}/{exp.model.vision.name}", config_hash(exp),
-                         exp.model.vision.image_size, normalize or exp.data.normalize,
-                         exp.model.text.context_length, exp.model.text.mask_token, exp.method)
-    model = _load_external(fmt, src, config)
-    arch = json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str)
-    return EvalModel(model, p, fmt, f"{fmt}/{model.cfg.vision.name}", hashlib.sha256(arch.encode()).hexdigest()[:12],
-                     model.cfg.vision.image_size, normalize or "openai", model.cfg.text.context_length, False, None)
+        em = EvalModel(model, weights, "ours", f"{exp.method.name}/{exp.model.vision.name}", config_hash(exp),
+                       exp.model.vision.image_size, exp.data.normalize, exp.model.text.context_length,
+                       exp.model.text.mask_token, exp.method, exp.eval.interpolation, exp.eval.crop_ratio,
+                       "the run config (data.normalize, eval.interpolation, eval.crop_ratio)")
+    else:
+        model = _load_external(fmt, src, config)
+        arch = json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str)
+        norm, interp, ratio = FORMAT_PREPROCESS[fmt]
+        em = EvalModel(model, p, fmt, f"{fmt}/{model.cfg.vision.name}", hashlib.sha256(arch.encode()).hexdigest()[:12],
+                       model.cfg.vision.image_size, norm, model.cfg.text.context_length, False, None, interp, ratio,
+                       f"the {fmt} format's default")
+        hints, where = _sidecar_preprocess(src.path, config)
+        if hints:
+            em.normalize = hints.get("normalize", em.normalize)
+            em.interpolation = hints.get("interpolation", em.interpolation)
+            em.crop_ratio = hints.get("crop_ratio", em.crop_ratio)
+            em.preprocess_source = f"{where} ({', '.join(sorted(hints))}; the rest: {em.preprocess_source})"
+    given = {k: v for k, v in (("normalize", normalize), ("interpolation", interpolation),
+                               ("crop_ratio", crop_ratio)) if v is not None}
+    for k, v in given.items():
+        setattr(em, k, float(v) if k == "crop_ratio" else v)
+    if given:
+        em.preprocess_source = f"arguments ({', '.join(given)}); the rest: {em.preprocess_source}"
+    log.info("%s: evaluation preprocessing %s", em.weights, em.describe_preprocess())
+    return em

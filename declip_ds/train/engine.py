@@ -274,7 +274,8 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
                 continue
             results[task] = evaluate_task_dir(
                 method.model, tok, task_dir, templates=exp.eval.templates, image_size=exp.model.vision.image_size,
-                normalize=exp.data.normalize, batch_size=exp.eval.batch_size, rank=D.rank(),
+                normalize=exp.data.normalize, interpolation=exp.eval.interpolation, crop_ratio=exp.eval.crop_ratio,
+                batch_size=exp.eval.batch_size, rank=D.rank(),
                 world_size=D.world_size(), group=group, scoring=getattr(method.cfg, "zero_shot_scoring", "global"),
                 mask_padding=getattr(method.cfg, "mask_padding", True),
             )
