@@ -64,3 +64,24 @@ def test_missing_sample_count_is_an_error_before_training(tmp_path):
         engine.resolve_sources(exp)
     exp.data.num_samples = 2
     assert len(engine.resolve_sources(exp)[0]) == 2
+
+
+def test_bad_eval_templates_fail_before_training(tmp_path):
+    from declip_ds.eval.zero_shot import check_templates
+
+    for spec in ("synthetic", "simple", "imagenet80"):
+        check_templates(spec)
+    good = tmp_path / "prompts.txt"
+    good.write_text("a photo of a {}.\n\na drawing of a {}.\n")
+    check_templates(str(good))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a photo of a {}.\na photo of a thing.\n")
+    with pytest.raises(ConfigError, match=r"eval.templates: every line of .*bad.txt.*'a photo of a thing.'"):
+        check_templates(str(bad))
+    # a typo: the trainer stops before any process group, loader or training step (exit 2 in train.py)
+    exp = from_dict({"eval": {"templates": "imagenet_80"}, "train": {"output_dir": str(tmp_path / "run")}})
+    with pytest.raises(ConfigError, match=r"eval.templates: 'imagenet_80' is neither a template set"):
+        engine.train(exp)
+    assert not (tmp_path / "run").exists()
+    exp = from_dict({"eval": {"templates": "imagenet_80", "at_end": False}, "train": {"eval_every": 0}})
+    engine.check_eval(exp)  # never evaluated: nothing to check

@@ -159,6 +159,28 @@ def load_templates(spec: str, task_dir: Path | None = None) -> list[str]:
     raise FileNotFoundError(f"Unknown templates '{spec}': use synthetic, simple, imagenet80 or a path to a file.")
 
 
+TEMPLATE_SETS = ("synthetic", "simple", "imagenet80")
+
+
+def check_templates(spec: str, key: str = "eval.templates") -> None:
+    """Fail now, naming ``key``, if ``spec`` is neither a known template set nor a readable file whose
+    every line has one "{}" (the trainer checks before training, not at its first evaluation)."""
+    from declip_ds.config import ConfigError
+
+    if spec in TEMPLATE_SETS:
+        return
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"{key}: '{spec}' is neither a template set ({', '.join(TEMPLATE_SETS)}) nor an existing "
+                          "file; pick a set or give the path of a file with one prompt per line, e.g. "
+                          "'a photo of a {}.'.")
+    lines = read_lines(path)
+    bad = [t for t in lines if t.count("{}") != 1]
+    if not lines or bad:
+        raise ConfigError(f"{key}: every line of {path} must be a prompt with one '{{}}' for the class name; "
+                          + (f"{len(bad)} are not, e.g. {bad[0]!r}." if bad else "the file is empty."))
+
+
 def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image_size: int, normalize,
                       batch_size: int = 128, rank: int = 0, world_size: int = 1, group=None, workers: int = 0,
                       scoring: str = "global", mask_padding: bool = True, interpolation: str = "bicubic",

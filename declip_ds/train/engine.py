@@ -290,6 +290,14 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
     return results
 
 
+def check_eval(exp: Experiment) -> None:
+    """What the zero-shot evaluation will need, checked before training rather than at its end."""
+    if exp.eval.at_end or exp.train.eval_every:
+        from declip_ds.eval.zero_shot import check_templates
+
+        check_templates(exp.eval.templates)
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -300,6 +308,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     ds_user = read_ds_config(ds_config)
     ds_cfg = build_ds_config(exp, ds_user, D.env_world_size(), src)
     precision = resolve_precision(exp, ds_user, src)
+    check_eval(exp)
     sources = resolve_sources(exp)
     zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
     target = C.plan_resume(resume, Path(exp.train.output_dir), D.env_world_size(), zero_stage)
