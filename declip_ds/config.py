@@ -138,6 +138,8 @@ class TrainConfig:
     spike_factor: float = 0.0
     max_bad_steps: int = 5
     on_bad_steps: str = "stop"
+    # rollback: at most this many rollbacks to the same checkpoint; one more -> stop (exit 3)
+    max_rollbacks: int = 3
     wandb: bool = False
     wandb_project: str = "declip_ds"
 
@@ -396,6 +398,7 @@ def validate(exp: Experiment) -> None:
                               f"(its losses need per-micro-batch state); use train.accumulation=standard.")
     _positive(t.spike_factor, "train.spike_factor", allow_zero=True)
     _positive(t.max_bad_steps, "train.max_bad_steps", allow_zero=True)
+    _positive(t.max_rollbacks, "train.max_rollbacks", allow_zero=True)
     _choice(d.mode, ("resampled", "epoch"), "data.mode")
     _choice(d.normalize, ("imagenet", "openai"), "data.normalize")
     _choice(d.synthetic.captions, ("rich", "plain"), "data.synthetic.captions")

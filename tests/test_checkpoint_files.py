@@ -69,3 +69,75 @@ def test_rng_state_round_trip():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     C.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_unreadable_marker_falls_back_to_an_older_tag(tmp_path):
+    ck = tmp_path / "checkpoints"
+    make_tag(ck, 2)
+    (make_tag(ck, 4) / C.MARKER).write_bytes(b"\xff{not json")
+    t = C.plan_resume("auto", tmp_path, 1, 0)
+    assert t.tag == "step_00000002" and not t.explicit
+    with pytest.raises(C.CheckpointError, match="step_00000004/COMPLETE"):  # named: no fallback
+        C.plan_resume(str(ck / "step_00000004"), tmp_path, 1, 0)
+    (ck / "step_00000002" / C.MARKER).write_bytes(b"\xff")
+    with pytest.raises(C.CheckpointError, match="Refusing to start from step 0"):  # never silently from scratch
+        C.plan_resume("auto", tmp_path, 1, 0)
+
+
+def test_resuming_an_older_tag_sets_the_newer_branch_aside(tmp_path):
+    """--resume of step 500 while 900 and 1000 exist (the audit's g_branch.py): the newer tags are moved,
+    not deleted, and --resume auto / retention only see this run's branch."""
+    ck = tmp_path / "checkpoints"
+    for s in (500, 900, 1000):
+        make_tag(ck, s)
+    (ck / "step_00001000_universal").mkdir()
+    C._atomic_write(ck / "latest", "step_00001000")
+    dest = C.set_aside_newer(ck, 500)
+    assert sorted(p.name for p in dest.iterdir()) == ["step_00000900", "step_00001000", "step_00001000_universal"]
+    assert (ck / "latest").read_text() == "step_00000500"
+    for s in (600, 700):  # what save() does after each commit
+        make_tag(ck, s)
+        C._retain(ck, 2, keep=C.tag_for(s))
+    assert C.complete_tags(ck) == ["step_00000600", "step_00000700"]
+    assert C.resolve_resume("auto", tmp_path) == (ck, "step_00000700")
+    assert (dest / "step_00001000" / C.MARKER).is_file()  # the user's data is still there
+    assert C.set_aside_newer(ck, 700) is None  # nothing newer: nothing moves
+    assert C.set_aside_newer(tmp_path / "nothing", 0) is None
+
+
+def test_config_changes_lists_dotted_keys():
+    old = {"train": {"lr": 2e-3, "betas": [0.9, 0.98]}, "model": {"embed_dim": 32}, "gone": 1}
+    new = {"train": {"lr": 1e-3, "betas": (0.9, 0.98)}, "model": {"embed_dim": 32}, "added": 2}
+    ch = C.config_changes(old, new)
+    assert list(ch) == ["added", "gone", "train.lr"] and ch["train.lr"] == (2e-3, 1e-3)
+
+
+def test_apply_hparams_puts_this_runs_optimizer_settings_back():
+    """After a load restored a checkpoint's optimizer and LambdaLR (other lr, weight decay, betas, eps),
+    the run's own settings win: per group, and the LR for the restored step from the new base LR."""
+    from types import SimpleNamespace
+
+    import torch
+
+    def make(lr, wd, betas, eps):
+        ps = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))]
+        opt = torch.optim.AdamW([{"params": ps[:1], "weight_decay": wd}, {"params": ps[1:], "weight_decay": 0.0}],
+                                lr=lr, betas=betas, eps=eps)
+        return SimpleNamespace(optimizer=opt, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / 10))
+
+    old, new = make(2e-3, 0.3, (0.8, 0.9), 1e-6), make(1e-3, 0.1, (0.9, 0.98), 1e-8)
+    for _ in range(3):
+        old.optimizer.step()
+        old.lr_scheduler.step()
+    hp = C._hparams(new)
+    new.optimizer.load_state_dict(old.optimizer.state_dict())  # what DeepSpeed's load does
+    new.lr_scheduler.load_state_dict(old.lr_scheduler.state_dict())
+    assert new.optimizer.param_groups[0]["weight_decay"] == 0.3 and new.lr_scheduler.base_lrs == [2e-3, 2e-3]
+    C._apply_hparams(new, hp)
+    groups = new.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-8 for g in groups)
+    assert new.lr_scheduler.base_lrs == [1e-3, 1e-3] and new.lr_scheduler.last_epoch == 3
+    assert [g["lr"] for g in groups] == new.lr_scheduler.get_last_lr() == [1e-3 * 0.4] * 2
+    new.lr_scheduler.step()
+    assert [g["lr"] for g in groups] == [1e-3 * 0.5] * 2

@@ -59,7 +59,26 @@ class Method(nn.Module):
 
     def commit(self, embeddings: dict) -> None:
         """Update per-step state from a finished batch's embeddings (DeCLIP's queue); called once per
-        optimizer step by contrastive accumulation, and by ``forward`` itself where a method has such state."""
+        optimizer step by contrastive accumulation, and by ``forward`` itself (through
+        ``commit_after_forward``) where a method has such state."""
+
+    # The trainer sets ``defer_commit``: forward() then keeps its embeddings, and the trainer calls
+    # ``commit_deferred(keep)`` once the bad-step guard has judged the loss (a skipped micro-batch must
+    # not reach the queue). Unset (tests, scripts), forward() commits at once.
+    defer_commit = False
+    _deferred = None
+
+    def commit_after_forward(self, embeddings: dict) -> None:
+        if self.defer_commit:
+            self._deferred = embeddings
+        else:
+            self.commit(embeddings)
+
+    def commit_deferred(self, keep: bool = True) -> None:
+        """``commit()`` what the last forward deferred (``keep``) or drop it (a skipped micro-batch)."""
+        embeddings, self._deferred = self._deferred, None
+        if keep and embeddings is not None:
+            self.commit(embeddings)
 
     # ------------------------------------------------------------------ state beyond parameters
     def scale_parameters(self) -> list[nn.Parameter]:

@@ -172,7 +172,7 @@ class DeCLIP(Method):
         e = self.embed(batch)
         out = self.loss_from_embeddings(e)
         if self.training:
-            self.commit(e)
+            self.commit_after_forward(e)  # deferred by the trainer until the guard has judged the loss
         return out
 
     def tower_outputs(self, batch) -> tuple[dict, dict, dict]:

@@ -13,9 +13,18 @@ Layout of ``<output_dir>/checkpoints``::
                               plus our per-rank, weight, config and COMPLETE files); resumable at any
                               world size and ZeRO stage >= 1
     latest                    the newest complete tag, replaced atomically after COMPLETE
+    abandoned_<time>/         complete tags newer than the step a run resumed from (another branch, or
+                              tags that could not be loaded), moved here by ``set_aside_newer``; never
+                              resumed from, rolled back to or deleted automatically
 
 A tag without ``COMPLETE`` is never resumed from and never counts for retention, so a rank that
 dies mid-save loses nothing: the previous complete tag is still there and ``latest`` still names it.
+A complete tag whose files cannot be read on some rank is skipped by every rank together (``_agree``),
+with a warning naming the files, for the next older one (``resume_from``; not for a tag named with
+--resume PATH, and never back to step 0). Before loading, ``check_config`` compares the tag's
+``config.yaml`` with the run's: changes are logged, the optimizer settings of the run's config win
+(``OPTIMIZER_KEYS``), and changes that alter the parameters fail naming the keys. Test hook:
+``DECLIP_DS_FAULTS=load_fails@STEP:RANK`` fails the load of tag STEP after DeepSpeed restored it.
 
 World size and ZeRO stage are part of a ZeRO checkpoint: each rank's optimizer partition is its own
 file. ``plan_resume`` compares them with the run's before any process group exists; a different
@@ -78,8 +87,11 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 def read_marker(tag_dir: Path) -> dict:
     """The COMPLETE marker's JSON (older markers lack zero_stage / precision)."""
     try:
-        return json.loads((tag_dir / MARKER).read_text() or "{}")
-    except (OSError, json.JSONDecodeError) as e:
+        marker = json.loads((tag_dir / MARKER).read_text() or "{}")
+        if not isinstance(marker, dict):
+            raise ValueError(f"a JSON {type(marker).__name__}, not an object")
+        return marker
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"{tag_dir / MARKER}: unreadable commit marker ({e}). Resume from another tag.") from None
 
 
@@ -160,8 +172,10 @@ def mark_universal(module) -> None:
         setattr(module, UNIVERSAL_CHECKPOINT_INFO, info)
 
 
-def save(engine, method, ckpt_dir: Path, step: int, client_state: dict, config_yaml: str, keep_last: int) -> Path:
-    """Save ``step`` on every rank (collective), commit it, then apply retention."""
+def save(engine, method, ckpt_dir: Path, step: int, client_state: dict, config_yaml: str, keep_last: int,
+         guard_state: dict | None = None) -> Path:
+    """Save ``step`` on every rank (collective), commit it, then apply retention. ``guard_state``:
+    this rank's bad-step guard (running loss mean, counts), kept in its per-rank file."""
     from safetensors.torch import save_file
 
     mark_universal(engine.module)
@@ -176,7 +190,8 @@ def save(engine, method, ckpt_dir: Path, step: int, client_state: dict, config_y
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     if fault("crash_in_save", step):  # test hook: this rank dies half way through the save
         os._exit(9)
-    per_rank = {"rng": rng_state(), "method": method.extra_state(), "step": step, "world_size": D.world_size()}
+    per_rank = {"rng": rng_state(), "method": method.extra_state(), "step": step, "world_size": D.world_size(),
+                "guard": guard_state or {}}
     rank_file = tag_dir / f"rank_{D.rank():05d}.pt"
     torch.save(per_rank, rank_file.with_suffix(".tmp"))
     os.replace(rank_file.with_suffix(".tmp"), rank_file)
@@ -261,10 +276,21 @@ class ResumeTarget:
     universal: bool = False
     world_size: int | None = None
     zero_stage: int | None = None
+    explicit: bool = False  # the user named this tag (--resume PATH): no fallback to an older one
 
     @property
     def path(self) -> Path:
         return self.ckpt_dir / self.tag
+
+    @property
+    def step(self) -> int:
+        return tag_step(self.tag)
+
+
+def tag_step(tag: str) -> int:
+    """The step of ``step_XXXXXXXX`` or ``step_XXXXXXXX_universal`` (-1 for any other name)."""
+    m = TAG_RE.match(tag[: -len(UNIVERSAL_SUFFIX)] if tag.endswith(UNIVERSAL_SUFFIX) else tag)
+    return int(m.group(1)) if m else -1
 
 
 def plan_resume(resume: str, run_dir: Path, world_size: int, zero_stage: int) -> ResumeTarget | None:
@@ -281,15 +307,44 @@ def plan_resume(resume: str, run_dir: Path, world_size: int, zero_stage: int) ->
     if found is None:
         return None
     ckpt_dir, tag = found
-    marker = read_marker(ckpt_dir / tag)
+    if resume != "auto" and _is_tag_dir(Path(resume)):  # the user named this tag: it or nothing
+        return _fit(ckpt_dir, tag, world_size, zero_stage, read_marker(ckpt_dir / tag), explicit=True)
+    failures: list[str] = []
+    target = next_target(ckpt_dir, tag_step(tag) + 1, world_size, zero_stage, failures)
+    if target is None:
+        raise CheckpointError(f"no complete checkpoint in {ckpt_dir} can be read: {'; '.join(failures)}. Refusing to "
+                              f"start from step 0: repair or move them away, or pass --resume none to start over.")
+    return target
+
+
+def next_target(ckpt_dir: Path, below: int, world_size: int, zero_stage: int,
+                failures: list[str]) -> ResumeTarget | None:
+    """The newest complete tag in ``ckpt_dir`` before step ``below``, fitted to this run (``plan_resume``);
+    tags whose commit marker cannot be read are skipped with a warning and added to ``failures``."""
+    for tag in reversed(complete_tags(ckpt_dir)):
+        if tag_step(tag) >= below:
+            continue
+        try:
+            marker = read_marker(ckpt_dir / tag)
+        except CheckpointError as e:
+            log.warning("%s; trying the next older complete checkpoint", e)
+            failures.append(str(e))
+            continue
+        return _fit(ckpt_dir, tag, world_size, zero_stage, marker)
+    return None
+
+
+def _fit(ckpt_dir: Path, tag: str, world_size: int, zero_stage: int, marker: dict,
+         explicit: bool = False) -> ResumeTarget:
+    """``tag`` as a ResumeTarget for this world size and ZeRO stage (see ``plan_resume``)."""
     saved_world, saved_stage = marker.get("world_size"), saved_zero_stage(ckpt_dir / tag, marker)
     if marker.get("universal"):
         _check_universal_stage(ckpt_dir / tag, zero_stage, saved_stage)
-        return ResumeTarget(ckpt_dir, tag, True, saved_world, saved_stage)
+        return ResumeTarget(ckpt_dir, tag, True, saved_world, saved_stage, explicit)
     same_world = saved_world is None or int(saved_world) == world_size
     same_stage = saved_stage == zero_stage or (saved_stage is None and zero_stage in (1, 2))
     if (same_world and same_stage) or (saved_stage == 0 and zero_stage == 0):
-        return ResumeTarget(ckpt_dir, tag, False, saved_world, saved_stage)
+        return ResumeTarget(ckpt_dir, tag, False, saved_world, saved_stage, explicit)
     what = (f"{saved_world} rank(s), ZeRO stage {_stage_str(saved_stage)}",
             f"{world_size} rank(s), ZeRO stage {zero_stage}")
     if saved_stage == 0:
@@ -302,7 +357,7 @@ def plan_resume(resume: str, run_dir: Path, world_size: int, zero_stage: int) ->
         _check_universal_stage(sibling, zero_stage, saved_stage)
         log.info("%s was saved with %s; this run has %s: resuming from its universal conversion %s",
                  ckpt_dir / tag, *what, sibling)
-        return ResumeTarget(ckpt_dir, sibling.name, True, saved_world, saved_stage)
+        return ResumeTarget(ckpt_dir, sibling.name, True, saved_world, saved_stage, explicit)
     raise CheckpointError(
         f"{ckpt_dir / tag} was saved with {what[0]} but this run has {what[1]}. ZeRO checkpoints hold one "
         f"optimizer partition per rank, so they only load at the world size and stage that saved them. "
@@ -344,25 +399,273 @@ def load(engine, method, target: ResumeTarget, seed: int = 0) -> dict:
     saved_world = int(target.world_size or D.world_size())
     same_world = saved_world == D.world_size()
     per_rank_file = tag_dir / f"rank_{D.rank() % saved_world:05d}.pt"
-    if not per_rank_file.is_file():
-        raise CheckpointError(
-            f"{tag_dir} was saved by {saved_world} ranks but {per_rank_file.name} is missing; the checkpoint "
-            f"is damaged. Resume from an older tag in {target.ckpt_dir}.")
+    per_rank, err = None, None
+    try:  # first open what this rank will read, so a damaged file is found before anything is loaded
+        per_rank = _preflight(tag_dir, per_rank_file, saved_world)
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported, then the ranks agree
+        err = str(e) if isinstance(e, CheckpointError) else f"{per_rank_file}: {type(e).__name__}: {e}"
+    _agree(err)
     _set_load_universal(engine, target.universal)
-    path, client = engine.load_checkpoint(str(target.ckpt_dir), tag=target.tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {tag_dir}.")
-    client = client or {}
-    if target.universal:
-        _after_universal_load(engine, tag_dir)
-    per_rank = torch.load(per_rank_file, map_location="cpu", weights_only=True)
-    if same_world:
-        set_rng_state(per_rank["rng"])
-    else:
-        reseed(seed, D.rank(), int(client.get("step", per_rank.get("step", 0))))
-    method.load_extra_state(per_rank["method"])
+    try:
+        path, client = engine.load_checkpoint(str(target.ckpt_dir), tag=target.tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no model states file in {tag_dir}")
+        client = client or {}
+        if target.universal:
+            _after_universal_load(engine, tag_dir)
+        if fault("load_fails", target.step):  # test hook: the load fails after DeepSpeed restored the engine
+            raise RuntimeError("injected load failure (DECLIP_DS_FAULTS=load_fails)")
+        if same_world:
+            set_rng_state(per_rank["rng"])
+        else:
+            reseed(seed, D.rank(), int(client.get("step", per_rank.get("step", 0))))
+        method.load_extra_state(per_rank["method"])
+        client["guard"] = per_rank.get("guard")  # the bad-step guard's state (Guard.load_state_dict)
+    except Exception as e:  # noqa: BLE001
+        err = f"{tag_dir}: loading failed ({type(e).__name__}: {e})"
+    _agree(err)
     return client
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A file of the tag could not be read or loaded on at least one rank (raised on every rank)."""
+
+
+def _preflight(tag_dir: Path, per_rank_file: Path, saved_world: int) -> dict:
+    """Open every file of ``tag_dir`` that this rank reads: DeepSpeed's model states and this rank's
+    optimizer partition (their pickles only: ``mmap`` leaves the tensor bytes on disk; a truncated
+    file has no zip directory and fails here), the safetensors header and our per-rank file (returned)."""
+    from safetensors import safe_open
+
+    if not per_rank_file.is_file():
+        raise CheckpointError(f"{per_rank_file} is missing ({tag_dir} was saved by {saved_world} ranks)")
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if saved_world == D.world_size():
+        files += sorted(tag_dir.glob(f"*zero_pp_rank_{D.rank()}_mp_rank_*_states.pt"))
+    for f in files:
+        try:
+            torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{f}: {type(e).__name__}: {e}") from None
+    if (tag_dir / "model.safetensors").is_file():
+        try:
+            with safe_open(str(tag_dir / "model.safetensors"), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{tag_dir / 'model.safetensors'}: {type(e).__name__}: {e}") from None
+    try:
+        return torch.load(per_rank_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{per_rank_file}: {type(e).__name__}: {e}") from None
+
+
+def _gather(obj) -> list:
+    if D.world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * D.world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _agree(err: str | None) -> None:
+    """Collective: UnreadableCheckpoint on every rank as soon as one rank has an error, naming each
+    rank's, so all ranks go on to the same tag."""
+    errors = _gather(err)
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if bad:
+        raise UnreadableCheckpoint("; ".join(e if len(errors) == 1 else f"rank {r}: {e}" for r, e in bad))
+
+
+def resume_from(engine, method, target: ResumeTarget, seed: int, config: dict, world_size: int,
+                zero_stage: int) -> tuple[ResumeTarget, dict]:
+    """``load`` ``target``, checking first that the current config fits it; if a file of a tag cannot be
+    read on any rank, every rank warns and goes on to the next older complete tag together (not for a tag
+    the user named, and never back to step 0: when no tag loads, CheckpointError naming the files). A
+    later load overwrites all that a failed one may have restored (module, optimizer, scheduler,
+    counters, RNG, method state). Returns the tag loaded and its client state."""
+    hparams = _hparams(engine)  # this run's optimizer settings, from its config
+    failures = []
+    while True:
+        try:
+            changed = check_config(engine, target, config)
+            client = load(engine, method, target, seed)
+            break
+        except UnreadableCheckpoint as e:
+            if target.explicit:
+                raise CheckpointError(f"--resume {target.path}: cannot load this checkpoint: {e}. Name an older "
+                                      f"tag, or use --resume auto to fall back to one automatically.") from None
+            failures.append(str(e))
+            if D.rank() == 0:  # the message holds every rank's errors
+                log.warning("checkpoint %s cannot be loaded: %s; trying the next older complete checkpoint",
+                            target.tag, e)
+            older = next_target(target.ckpt_dir, target.step, world_size, zero_stage, failures)
+            if older is None:
+                raise CheckpointError(f"no complete checkpoint in {target.ckpt_dir} could be loaded: "
+                                      f"{'; '.join(failures)}. Refusing to start from step 0: repair or move "
+                                      f"them away, or pass --resume none to start over.") from None
+            target = older
+    if changed:
+        optim = [k for k in changed if k in OPTIMIZER_KEYS]
+        if optim:
+            _apply_hparams(engine, hparams)
+        if D.rank() == 0:
+            log.warning("the config differs from the one %s was saved with: %s.%s", target.tag,
+                        ", ".join(f"{k}: {_show(o)} -> {_show(n)}" for k, (o, n) in changed.items()),
+                        f" This run's {', '.join(optim)} win{'s' if len(optim) == 1 else ''}: the learning rate "
+                        f"schedule and every param group's lr, weight_decay, betas and eps were reset from the "
+                        f"current config after the load." if optim else "")
+    return target, client
+
+
+# the optimizer and schedule settings our config owns: the current config wins over the checkpoint's
+OPTIMIZER_KEYS = ("train.lr", "train.weight_decay", "train.betas", "train.eps", "train.warmup_steps",
+                  "train.warmup_init_lr", "train.min_lr", "train.steps")
+# settings that change which parameters exist or train (and so the optimizer's groups): a resume with
+# another value fails, or would load the wrong state into the wrong parameters
+FIXED_KEYS = ("method.name", "train.no_decay_embeddings", "model.vision.freeze_patch_embed")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _show(v) -> str:
+    return "(absent)" if v is _ABSENT else repr(v)
+
+
+_ABSENT = object()
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """Dotted key -> (saved value, current value) for every setting that differs."""
+    a, b = _flatten(saved), _flatten(current)
+    return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
+            if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+
+
+def check_config(engine, target: ResumeTarget, config: dict) -> dict[str, tuple]:
+    """Compare the tag's ``config.yaml`` and weights with this run before loading. Changed keys that
+    fix the parameters (``FIXED_KEYS``, or any whose change alters a tensor's name or shape) raise
+    CheckpointError naming them; the other changes are returned (key -> (old, new))."""
+    import yaml
+    from safetensors import safe_open
+
+    tag_dir, saved, shapes, err = target.path, None, None, None
+    try:
+        if (tag_dir / "config.yaml").is_file():
+            saved = yaml.safe_load((tag_dir / "config.yaml").read_text())
+        if (tag_dir / "model.safetensors").is_file():
+            with safe_open(str(tag_dir / "model.safetensors"), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        err = f"{tag_dir}: {type(e).__name__}: {e}"
+    _agree(err)
+    changed = config_changes(saved, config) if isinstance(saved, dict) else {}
+    fixed = [k for k in FIXED_KEYS if k in changed]
+    mismatch = _shape_mismatch(engine.module, shapes) if shapes is not None else []
+    if mismatch:
+        fixed += [k for k in changed if k.startswith(("model.", "method.")) and k not in fixed]
+    if fixed or mismatch:
+        keys = ", ".join(f"{k}: {_show(changed[k][0])} -> {_show(changed[k][1])}" for k in fixed)
+        raise CheckpointError(
+            f"{tag_dir} cannot be resumed with this config"
+            + (f": {keys} changed since it was saved" if keys else "")
+            + (f"; its tensors do not fit the model ({'; '.join(mismatch[:5])}"
+               f"{'; ...' if len(mismatch) > 5 else ''})" if mismatch else "")
+            + f". Resume with the saved values (see {tag_dir / 'config.yaml'}), or train a new run in another "
+              f"train.output_dir.")
+    return changed
+
+
+def _shape_mismatch(module, saved: dict[str, tuple]) -> list[str]:
+    """Tensor names / shapes of ``module``'s state dict that differ from ``saved`` (ZeRO-3: full shapes)."""
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    now = {}
+    for k, v in module.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            full = getattr(tensors.get(k), "ds_shape", None)  # a ZeRO-3 partition's full shape
+            now[k] = tuple(v.shape if full is None else full)
+    out = [f"{k}: saved {list(saved[k])}, now {list(now[k])}" for k in sorted(set(now) & set(saved)) if saved[k] != now[k]]
+    out += [f"{k}: not in the checkpoint" for k in sorted(set(now) - set(saved))]
+    out += [f"{k}: not in the model" for k in sorted(set(saved) - set(now))]
+    return out
+
+
+def _param_group_lists(engine) -> list:
+    """The param-group lists an optimizer step reads (DeepSpeed's wrapper and the scheduler's optimizer)."""
+    lists = [engine.optimizer.param_groups]
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is not None and sched.optimizer.param_groups is not lists[0]:
+        lists.append(sched.optimizer.param_groups)
+    return lists
+
+
+def _hparams(engine) -> dict:
+    sched = getattr(engine, "lr_scheduler", None)
+    groups = [{k: (list(g[k]) if k == "betas" else g[k]) for k in ("weight_decay", "betas", "eps") if k in g}
+              for g in engine.optimizer.param_groups]
+    return {"groups": groups, "base_lrs": list(sched.base_lrs) if sched is not None else None}
+
+
+def _apply_hparams(engine, hp: dict) -> None:
+    """Put this run's optimizer settings back after a load restored the checkpoint's: weight decay,
+    betas and eps per param group, and the LR schedule (LambdaLR base_lrs; its multipliers come from
+    the current config already) with each group's lr for the restored step."""
+    sched = getattr(engine, "lr_scheduler", None)
+    for groups in _param_group_lists(engine):
+        for g, saved in zip(groups, hp["groups"]):
+            g.update({k: (tuple(v) if k == "betas" and isinstance(g.get(k), tuple) else v) for k, v in saved.items()})
+    if sched is None or hp["base_lrs"] is None or not hasattr(sched, "lr_lambdas"):
+        return
+    sched.base_lrs = list(hp["base_lrs"])
+    lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    for groups in _param_group_lists(engine):
+        for g, base, lr in zip(groups, sched.base_lrs, lrs):
+            g["initial_lr"], g["lr"] = base, lr
+    sched._last_lr = lrs
+
+
+def set_aside_newer(ckpt_dir: Path, step: int) -> Path | None:
+    """Collective. Complete tags in ``ckpt_dir`` newer than ``step`` (the step this run resumed from, 0
+    for a fresh start) belong to a branch this run abandoned, or could not be loaded: rank 0 moves them
+    (with their universal conversions) into ``ckpt_dir/abandoned_<time>/``, where --resume auto,
+    rollback and retention never look, and says how to get them back. Nothing is deleted."""
+    D.barrier()  # every rank has loaded its checkpoint
+    dest = None
+    if D.rank() == 0:
+        newer = [t for t in complete_tags(ckpt_dir) if tag_step(t) > step]
+        if newer:
+            dest = ckpt_dir / f"abandoned_{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while dest.exists():
+                n += 1
+                dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+            dest.mkdir()
+            for t in newer:
+                for name in (t, t + UNIVERSAL_SUFFIX):
+                    if (ckpt_dir / name).exists():
+                        os.replace(ckpt_dir / name, dest / name)
+            remaining = complete_tags(ckpt_dir)
+            if remaining:
+                _atomic_write(ckpt_dir / "latest", remaining[-1])
+            elif (ckpt_dir / "latest").is_file():
+                (ckpt_dir / "latest").unlink()
+            log.warning("this run continues from step %d, but %s held newer checkpoints (%s): moved to %s so that "
+                        "--resume auto, rollback and train.keep_last leave them alone. To go back to them, move "
+                        "them back into %s (after moving this run's newer ones aside) or pass --resume %s.",
+                        step, ckpt_dir, ", ".join(newer), dest, ckpt_dir, dest / newer[-1])
+    D.barrier()
+    return dest
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from declip_ds.train import checkpoint as C
 from declip_ds.train import dist as D
 from declip_ds.train.ds_config import build_ds_config, read_ds_config, resolve_precision
 from declip_ds.train.accumulate import ContrastiveBatch
-from declip_ds.train.guard import BadStepsError, Guard
+from declip_ds.train.guard import BadStepsError, BatchStats, Guard
 
 log = logging.getLogger("declip_ds")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped early; rerun to resume
@@ -341,11 +341,17 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         config=ds_cfg, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(exp.train)),
     )
     dtype, device = DTYPES[precision], engine.device
+    guard = Guard(exp.train, run_dir)
+    method.defer_commit = True  # forward() leaves its per-step state (DeCLIP's queue) until the guard accepts
 
     # 4. resume
     def restore(found: C.ResumeTarget) -> tuple[int, int, int, int]:
-        """Engine, optimizer, scheduler, RNG and method state of a checkpoint; its data position."""
-        client = C.load(engine, method, found, exp.train.seed)  # also restores (or reseeds) every rank's RNGs
+        """Engine, optimizer, scheduler, RNG and method state of a checkpoint (or, if a file of it cannot
+        be read, of the next older complete one); its data position. Newer tags in this run's
+        checkpoints/ then belong to an abandoned branch and are moved aside."""
+        found, client = C.resume_from(engine, method, found, exp.train.seed, to_dict(exp), world, zero_stage)
+        C.set_aside_newer(run_dir / "checkpoints", int(client["step"]))
+        guard.load_state_dict(client.get("guard"))  # running loss mean and counts, so spike checks resume
         position = (client["step"], client["samples_seen"], client.get("epoch", 0), client.get("epoch_batches", 0))
         log.info("resumed from %s at step %d (%d samples seen)%s", found.path, position[0], position[1],
                  " through DeepSpeed's universal checkpoint loader" if found.universal else "")
@@ -362,6 +368,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     torch.manual_seed(exp.train.seed * 1000 + rank)  # per-rank randomness (dropout, ...) from here on
     if target is None:
         log.info("no checkpoint to resume from (--resume %s, %s): starting at step 0", resume, run_dir / "checkpoints")
+        C.set_aside_newer(run_dir / "checkpoints", 0)  # --resume none: an earlier run's tags are kept, aside
     else:
         step, samples_seen, epoch, epoch_batches = restore(target)
     clamp_scales(engine, method, exp.model.logit_scale_bounds)  # the reference raises the init into bounds
@@ -396,10 +403,63 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             log.warning("passing over batch %d of epoch %d: recorded in %s", epoch_batches, epoch, guard.path)
 
     stop, own_norm = StopRequest(exp.train.max_wall_minutes), None
-    guard = Guard(exp.train, run_dir)
     preempted = False
     t_last = time.perf_counter()
     contrastive = exp.train.accumulation == "contrastive"
+    bn_stats = BatchStats(method)  # saved before each forward, restored when the guard skips the batch
+    rollbacks = [None, 0]  # [checkpoint tag, rollbacks to it in a row] for train.max_rollbacks
+
+    def finish_window(inputs, loss) -> None:
+        """Before a rollback: complete DeepSpeed's gradient-accumulation window (the step's earlier
+        micro-batches are already back-propagated) with zero-weighted micro-steps, so that DeepSpeed runs
+        its own boundary on every ZeRO stage (reduction, optimizer step, gradients zeroed) and the engine
+        is at a boundary again; the checkpoint loaded next overwrites whatever that step changed."""
+        while engine.micro_steps % engine.gradient_accumulation_steps():
+            if loss is None:
+                loss = method.total_loss(engine(inputs))
+                method.commit_deferred(keep=False)
+            engine.backward(loss * 0.0)
+            engine.step()
+            loss = None
+
+    def on_bad_batch(reason: str, batches: list, finish=None) -> bool:
+        """The bad-step policy of both accumulation modes for a batch the guard skipped (``batches``: its
+        micro-batches' (epoch, epoch_batch, keys)): count, log, record; after train.max_bad_steps in a row,
+        stop (BadStepsError) or roll back to the last complete checkpoint, at most train.max_rollbacks
+        times in a row to the same one. True when it rolled back (``finish()`` first)."""
+        nonlocal step, samples_seen, epoch, epoch_batches, data_iter
+        guard.record(reason, step + 1, batches)
+        meter.bad_steps += 1
+        log.warning("step %d: %s; %s skipped on every rank (%d in a row, %d in all)", step + 1, reason,
+                    "micro-batch" if not contrastive else f"contrastive batch of {len(batches)} micro-batches",
+                    guard.in_a_row, guard.total)
+        if not guard.too_many():
+            return False
+        if exp.train.on_bad_steps == "stop" or C.resolve_resume("auto", run_dir) is None:
+            raise BadStepsError(
+                f"{guard.in_a_row} bad steps in a row (last: {reason}) at step {step + 1}; stopping. The "
+                f"batches are listed in {guard.path} and are passed over on restart; lower train.lr "
+                f"or set train.on_bad_steps=rollback.")
+        back = C.plan_resume("auto", run_dir, world, zero_stage)
+        done = rollbacks[1] if rollbacks[0] == back.tag else 0
+        if done >= exp.train.max_rollbacks:
+            raise BadStepsError(
+                f"{guard.in_a_row} bad steps in a row (last: {reason}) at step {step + 1} after {done} rollbacks "
+                f"in a row to {back.path} (train.max_rollbacks={exp.train.max_rollbacks}); stopping. The batches "
+                f"are listed in {guard.path} and are passed over on restart; lower train.lr or raise "
+                f"train.max_rollbacks.")
+        rollbacks[:] = [back.tag, done + 1]
+        if finish is not None:
+            finish()
+        step, samples_seen, epoch, epoch_batches = restore(back)  # also the guard's state (in_a_row = 0)
+        data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches))
+        meter.sums, meter.count = {}, 0  # the losses of the steps rolled back
+        if bar is not None:
+            bar.n = step
+            bar.refresh()
+        log.warning("rolled back to step %d after repeated bad steps (rollback %d of at most %d in a row to this "
+                    "checkpoint: train.max_rollbacks)", step, done + 1, exp.train.max_rollbacks)
+        return True
 
     def contrastive_backward(surrogate):
         nonlocal own_norm
@@ -411,19 +471,20 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         micro = 0
         while micro < exp.train.grad_accum:
             if contrastive:  # all k micro-batches form one contrastive batch
-                pending, t0 = [], time.perf_counter()
+                pending, where, t0 = [], [], time.perf_counter()
                 for _ in range(exp.train.grad_accum):
                     b = next_batch()
                     meter.add_skips(b.pop("_skips", None))
-                    b.pop("__key__", None), b.pop("__url__", None)
+                    where.append((epoch, epoch_batches, b.pop("__key__", None)))
+                    b.pop("__url__", None)
                     pending.append(to_device(b, device, dtype))
                 meter.data_time += time.perf_counter() - t0
+                bn_stats.save()
                 big = ContrastiveBatch(method, pending)
                 bad = guard.check(big.loss, step + 1)
                 if bad is not None:
-                    guard.record(bad, step + 1, epoch, epoch_batches, [])
-                    if guard.too_many():
-                        raise BadStepsError(f"{guard.in_a_row} bad steps in a row (last: {bad}) at step {step + 1}.")
+                    bn_stats.restore()  # the no-grad pass's (and the loss heads') statistics
+                    on_bad_batch(bad, where)  # no step taken: DeepSpeed is at a boundary
                     continue
                 big.backward(contrastive_backward)
                 meter.add({**big.out, "loss": big.loss.detach()})
@@ -435,25 +496,16 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             meter.add_skips(batch.pop("_skips", None))
             keys = batch.pop("__key__", None)
             batch.pop("__url__", None)
-            out = engine(to_device(batch, device, dtype))
+            inputs = to_device(batch, device, dtype)
+            bn_stats.save()
+            out = engine(inputs)
             loss = method.total_loss(out)
             bad = guard.check(loss, step + 1)  # collective: bad on any rank = skipped on every rank
+            method.commit_deferred(keep=bad is None)  # DeCLIP's queue: only a batch that is trained on
             if bad is not None:
-                guard.record(bad, step + 1, epoch, epoch_batches, keys)
-                meter.bad_steps += 1
-                log.warning("step %d: %s; micro-batch skipped on every rank (%d in a row, %d in all)",
-                            step + 1, bad, guard.in_a_row, guard.total)
-                if guard.too_many():
-                    if exp.train.on_bad_steps == "stop" or C.resolve_resume("auto", run_dir) is None:
-                        raise BadStepsError(
-                            f"{guard.in_a_row} bad steps in a row (last: {bad}) at step {step + 1}; stopping. The "
-                            f"batches are listed in {guard.path} and are passed over on restart; lower train.lr "
-                            f"or set train.on_bad_steps=rollback.")
-                    back = C.plan_resume("auto", run_dir, world, zero_stage)
-                    step, samples_seen, epoch, epoch_batches = restore(back)
-                    data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches))
-                    guard.in_a_row, micro = 0, 0
-                    log.warning("rolled back to step %d after repeated bad steps", step)
+                bn_stats.restore()  # a skipped micro-batch leaves no trace in the BatchNorm statistics
+                if on_bad_batch(bad, [(epoch, epoch_batches, keys)], finish=lambda: finish_window(inputs, loss)):
+                    micro = 0
                 continue
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
@@ -498,7 +550,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                       "config_hash": config_hash(exp), "world_size": world,
                       "zero_stage": engine.zero_optimization_stage(), "precision": precision,
                       "versions": _versions()}
-            C.save(engine, method, run_dir / "checkpoints", step, client, config_yaml, exp.train.keep_last)
+            C.save(engine, method, run_dir / "checkpoints", step, client, config_yaml, exp.train.keep_last,
+                   guard_state=guard.state_dict())
         if preempted:
             log.warning("stopping at step %d (%s): checkpoint saved; exit code %d; rerun the same command to "
                         "resume", step, stop.reason or "another rank was asked to stop", PREEMPTED_EXIT_CODE)

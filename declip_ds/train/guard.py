@@ -2,7 +2,10 @@
 skipped on every rank before backward (weights and optimizer moments untouched), counted and
 recorded with its data position in ``<output_dir>/bad_batches.jsonl``, so a restart skips the same
 batches. ``train.max_bad_steps`` in a row stop the run (``train.on_bad_steps: stop``) or roll back to
-the last complete checkpoint (``rollback``).
+the last complete checkpoint (``rollback``; more than ``train.max_rollbacks`` in a row to the same
+checkpoint stop the run). A skipped batch leaves no trace: the trainer restores the BatchNorm
+statistics its forward changed (``BatchStats``) and drops its deferred ``Method.commit``. The guard's
+running mean and counts are saved per rank in checkpoints.
 
 Test hooks (``DECLIP_DS_FAULTS``, comma-separated ``kind@step:rank`` or ``kind@stepxN:rank`` for N times,
 rank ``*`` = all): ``nan_loss``,
@@ -13,6 +16,7 @@ with code 9 after DeepSpeed wrote its part of checkpoint ``step``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -20,7 +24,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from declip_ds.config import ConfigError
 from declip_ds.train import dist as D
+
+log = logging.getLogger("declip_ds")
 
 
 class BadStepsError(RuntimeError):
@@ -28,17 +35,22 @@ class BadStepsError(RuntimeError):
 
 
 _FIRED: dict[str, int] = {}
+_SEEN: dict[str, int] = {}
 
 
 def fault(kind: str, step: int) -> bool:
     """Whether the test hook asks for fault ``kind`` at ``step`` on this rank. ``kind@step:rank`` fires
-    once, ``kind@stepxN:rank`` N times (a skipped step is retried at the same step number)."""
+    once, ``kind@stepxN:rank`` N times (a skipped step is retried at the same step number);
+    ``kind@step+S...`` lets the first S calls at that step pass (``nan_loss@4+1x2:*``: micro-batch 1
+    of step 4, and its retry, are bad)."""
     for item in filter(None, os.environ.get("DECLIP_DS_FAULTS", "").split(",")):
         name, _, where = item.partition("@")
         at, _, rank = where.partition(":")
         at, _, times = at.partition("x")
+        at, _, skip = at.partition("+")
         if name == kind and int(at) == step and rank in ("*", str(D.rank())):
-            if _FIRED.get(item, 0) < int(times or 1):
+            _SEEN[item] = _SEEN.get(item, 0) + 1
+            if _SEEN[item] > int(skip or 0) and _FIRED.get(item, 0) < int(times or 1):
                 _FIRED[item] = _FIRED.get(item, 0) + 1
                 return True
     return False
@@ -52,8 +64,21 @@ class Guard:
         self.path = run_dir / "bad_batches.jsonl"
         self.known = set()  # (epoch, batch-in-epoch) positions recorded by this or an earlier run
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                r = json.loads(line)
+            text = self.path.read_text()
+            lines = text.splitlines()
+            for i, line in enumerate(lines):
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:
+                        raise ConfigError(f"{self.path}, line {i + 1}, is not a JSON record: {line[:80]!r}. "
+                                          f"Fix or delete that line.") from None
+                    # the last line of a run killed mid-write: ignored, and cut off (rank 0) so that
+                    # the next record starts on a line of its own
+                    log.warning("%s: ignoring its partly written last line %r", self.path, line[:80])
+                    if D.rank() == 0:
+                        os.truncate(self.path, len(text.encode()) - len(text.splitlines(keepends=True)[-1].encode()))
+                    break
                 self.known.add((r["epoch"], r["epoch_batch"]))
 
     def is_known_bad(self, epoch: int, epoch_batch: int) -> bool:
@@ -79,15 +104,54 @@ class Guard:
             return None
         return "non-finite loss" if reason == 1 else f"loss above {self.factor} x its running mean ({self.mean:.4g})"
 
-    def record(self, reason: str, step: int, epoch: int, epoch_batch: int, keys) -> None:
-        """Count a skipped micro-batch; rank 0 appends it to bad_batches.jsonl."""
+    def record(self, reason: str, step: int, batches) -> None:
+        """Count one skipped batch (a micro-batch, or train.accumulation=contrastive's k micro-batches);
+        rank 0 appends each of its ``(epoch, epoch_batch, keys)`` to bad_batches.jsonl."""
         self.in_a_row += 1
         self.total += 1
-        self.known.add((epoch, epoch_batch))
+        for epoch, epoch_batch, _ in batches:
+            self.known.add((epoch, epoch_batch))
         if D.rank() == 0:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "epoch_batch": epoch_batch, "reason": reason,
-                                    "keys": list(keys or [])[:8]}) + "\n")
+                for epoch, epoch_batch, keys in batches:
+                    f.write(json.dumps({"step": step, "epoch": epoch, "epoch_batch": epoch_batch, "reason": reason,
+                                        "keys": list(keys or [])[:8]}) + "\n")
 
     def too_many(self) -> bool:
         return self.max_bad > 0 and self.in_a_row >= self.max_bad
+
+    # per-rank checkpoint state: the running mean is of this rank's losses
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "seen": self.seen, "total": self.total}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """A checkpoint's guard state (none in checkpoints older than it: spike detection then warms up
+        again). ``total`` never goes down: after a rollback it still counts the skips that caused it."""
+        if state:
+            self.mean, self.seen = state["mean"], int(state["seen"])
+            self.total = max(self.total, int(state["total"]))
+        self.in_a_row = 0
+
+
+class BatchStats:
+    """The buffers a train-mode forward changes (BatchNorm running statistics and batch counts):
+    ``save()`` before a forward, ``restore()`` when the guard skips that micro-batch, so a skipped
+    batch leaves no trace (one NaN would poison the running statistics, hence eval, for good)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.slots = [(m, name) for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                      for name in ("running_mean", "running_var", "num_batches_tracked") if getattr(m, name) is not None]
+        self.saved = None
+
+    @torch.no_grad()
+    def save(self) -> None:
+        if self.saved is None or any(s.dtype != getattr(m, n).dtype for s, (m, n) in zip(self.saved, self.slots)):
+            self.saved = [getattr(m, n).clone() for m, n in self.slots]
+        else:
+            for s, (m, n) in zip(self.saved, self.slots):
+                s.copy_(getattr(m, n))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for s, (m, n) in zip(self.saved or [], self.slots):
+            getattr(m, n).copy_(s)

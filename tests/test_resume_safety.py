@@ -1,0 +1,106 @@
+"""Resume never loses or silently changes a run: a damaged checkpoint falls back to the previous one
+(RELIABILITY.md §4.5), an abandoned branch is set aside, and config changes on resume are reported,
+applied (optimizer settings) or refused (model shape) (§4.19)."""
+
+import json
+import shutil
+
+import pytest
+
+from tests.test_reliability import assert_same_steps, cmd, metrics, run, run_with
+from tests.test_train_e2e import shapes  # noqa: F401  (fixture)
+
+
+def truncate(f):
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+def with_resume(args, path):
+    return [*args[:2], "--resume", str(path), *args[2:]]
+
+
+def straight(tmp_path, shapes, ds=None, ranks=1):
+    a = tmp_path / "run"
+    args = cmd(a, shapes, "train.steps=6", "train.save_every=3", ds=ds, ranks=ranks)
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    return a, args, metrics(a, 0)
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, shapes):
+    a, args, first = straight(tmp_path, shapes)
+    ck = a / "checkpoints"
+    # the load of step 6 fails after DeepSpeed restored module, optimizer and scheduler from it: the
+    # fallback to step 3 overwrites all of it (steps 4-6 repeat the straight run bit for bit)
+    rc, out = run_with(args, tmp_path, "load_fails@6:0")
+    assert rc == 0, out[-3000:]
+    assert "injected load failure" in out and "trying the next older complete checkpoint" in out
+    assert "resumed from" in out and "at step 3" in out
+    assert_same_steps(first, metrics(a, -1), range(4, 7))
+    aside = [p for p in ck.iterdir() if p.name.startswith("abandoned_")]
+    assert len(aside) == 1 and (aside[0] / "step_00000006").is_dir()  # moved, not deleted
+    # a truncated DeepSpeed file: the warning names it, and the run goes on from step 3
+    bad = ck / "step_00000006" / "mp_rank_00_model_states.pt"
+    truncate(bad)
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    assert f"{bad}: RuntimeError" in out and "at step 3" in out
+    assert_same_steps(first, metrics(a, -1), range(4, 7))
+    # a tag the user named is not replaced by another: exit 2 naming the file
+    truncate(bad)
+    rc, out = run(with_resume(args, ck / "step_00000006"), tmp_path)
+    assert rc == 2 and str(bad) in out and "Traceback" not in out, out[-3000:]
+    # every complete tag damaged: exit 2 naming the files, never a restart from step 0
+    truncate(ck / "step_00000003" / "rank_00000.pt")
+    rc, out = run(args, tmp_path)
+    assert rc == 2, out[-3000:]
+    assert "Refusing to start from step 0" in out and str(bad) in out and "step_00000003/rank_00000.pt" in out
+    assert "starting at step 0" not in out
+
+
+@pytest.mark.dist
+def test_file_unreadable_on_one_rank_makes_every_rank_fall_back(tmp_path, shapes):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    a, args, first = straight(tmp_path, shapes, ds=ds, ranks=2)
+    truncate(a / "checkpoints" / "step_00000006" / "rank_00001.pt")  # read by rank 1 only
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "rank 1: " in out and "step_00000006/rank_00001.pt" in out and "at step 3" in out
+    assert_same_steps(first, metrics(a, -1), range(4, 7))
+
+
+def test_resume_with_changed_lr_warns_and_follows_the_new_schedule(tmp_path, shapes):
+    a, args, first = straight(tmp_path, shapes)
+    shutil.rmtree(a / "checkpoints" / "step_00000006")
+    rc, out = run([*args, "train.lr=1e-3"], tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "train.lr: 0.002 -> 0.001" in out and "train.lr wins" in out
+    again = metrics(a, -1)
+    for s in (4, 5):  # warmup_init_lr = min_lr = 0: the whole schedule scales with train.lr
+        assert again[s]["lr"] == pytest.approx(first[s]["lr"] / 2, rel=1e-12), s
+
+
+def test_resume_with_changed_model_shape_exits_2_naming_the_key(tmp_path, shapes):
+    a = tmp_path / "run"
+    args = cmd(a, shapes, "train.steps=2", "train.save_every=2")
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    rc, out = run([*args, "train.steps=4", "model.embed_dim=48"], tmp_path)
+    assert rc == 2, out[-3000:]
+    assert "model.embed_dim: 32 -> 48" in out and "Traceback" not in out
+    assert (a / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+
+
+def test_resume_none_sets_the_earlier_run_aside(tmp_path, shapes):
+    a = tmp_path / "run"
+    args = cmd(a, shapes, "train.steps=2", "train.save_every=1")
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    rc, out = run(with_resume([*args, "train.steps=1"], "none"), tmp_path)
+    assert rc == 0, out[-3000:]
+    ck = a / "checkpoints"
+    aside = [p for p in ck.iterdir() if p.name.startswith("abandoned_")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_00000001", "step_00000002"]
+    assert [p.name for p in ck.iterdir() if p.name.startswith("step_")] == ["step_00000001"]
