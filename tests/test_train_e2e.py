@@ -141,5 +141,12 @@ def test_every_method_trains_and_evaluates_on_the_demo_config(tmp_path, shapes, 
     assert rc == 0, out[-4000:]
     lines = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in lines] == [1, 2] and all(math.isfinite(r["loss"]) for r in lines)
+    from declip_ds.config import load_config
+    from declip_ds.train.schedule import lr_at
+
+    t = load_config(ROOT / "experiments/demo_shapes.yaml", [*SMALL, "train.steps=2"]).train
+    used = [lr_at(s, lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps, warmup_init_lr=t.warmup_init_lr,
+                  min_lr=t.min_lr) for s in (0, 1)]
+    assert [r["lr"] for r in lines] == pytest.approx(used, rel=1e-12)  # the LR each logged step used
     results = final_eval(run_dir, 2)
     assert set(results) == {"shape", "color", "shape_color"} and results["shape"]["n"] == 16

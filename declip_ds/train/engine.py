@@ -290,6 +290,12 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
     return results
 
 
+def applied_lr(scheduler) -> float:
+    """The LR the last optimizer step used (``get_last_lr()`` is already the next step's): what a log
+    line of step s should show, lr_at(s - 1)."""
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](max(scheduler.last_epoch - 1, 0))
+
+
 def check_eval(exp: Experiment) -> None:
     """What the zero-shot evaluation will need, checked before training rather than at its end."""
     if exp.eval.at_end or exp.train.eval_every:
@@ -525,7 +531,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                 log.warning("non-finite loss at step %d: %s", step, values)
             elapsed = now - t_last
             values.update(
-                bad_steps=guard.total, lr=scheduler.get_last_lr()[0],
+                bad_steps=guard.total, lr=applied_lr(scheduler),
                 samples_per_s_per_rank=meter.count * exp.train.batch_size / elapsed,
                 data_wait=meter.data_time / elapsed, epoch=epoch,
             )
