@@ -107,6 +107,28 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(tmp_path, shapes
     assert_same_steps(metrics(a), metrics(b), range(1, 41))
 
 
+def test_wall_time_limit_and_sigusr1_save_and_exit_75(tmp_path, shapes):
+    """train.max_wall_minutes and SIGUSR1 (SLURM's --signal=USR1@T) stop the run like SIGTERM does."""
+    a = tmp_path / "wall"
+    rc, out = run(cmd(a, shapes, "train.steps=400", "train.save_every=1000", "train.max_wall_minutes=0.05"), tmp_path)
+    assert rc == 75, out[-3000:]
+    stopped_at = max(metrics(a))
+    assert 0 < stopped_at < 400 and "wall-time limit" in out
+    assert (a / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
+    b = tmp_path / "usr1"
+    proc = subprocess.Popen(cmd(b, shapes, "train.steps=400", "train.save_every=1000"), cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((b / "metrics.jsonl").is_file() and len(metrics(b)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    stopped_at = max(metrics(b))
+    assert stopped_at < 400 and f"signal {int(signal.SIGUSR1)}" in out
+    assert (b / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
+
+
 def fault_env(spec):
     return dict(env(), DECLIP_DS_FAULTS=spec)
 
