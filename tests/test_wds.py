@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -442,3 +443,53 @@ def test_skip_logging_is_rate_limited(caplog, monkeypatch):
     assert len(caplog.records) == wds._LOG_FIRST + 2  # first few by key, then a summary per 10
     assert "'k0'" in caplog.text and "'k9'" not in caplog.text and "20 skips so far" in caplog.text
     assert skips.take()["decode_error"] == 25 and skips.take()["decode_error"] == 0
+
+
+_CRASH_SCRIPT = """
+import sys, signal, time
+from declip_ds.data import wds
+from declip_ds.data.transforms import SampleTransform, clip_train_transform
+wds.WORKER_TERM_GRACE_S = {grace}
+loader = wds.build_train_loader({spec!r}, SampleTransform({{"image": clip_train_transform(16)}}), 4, rank=0,
+                                world_size=1, seed=0, workers=1, shuffle_buffer=4)
+it = iter(loader)
+next(it)
+if {signal_group}:
+    import os
+    signal.signal(signal.SIGTERM, lambda *a: None)  # the trainer's own handler (engine.StopRequest)
+    os.killpg(os.getpgrp(), signal.SIGTERM)  # what SLURM sends: the worker must outlive it
+    time.sleep(1)
+    next(it)  # the worker still serves batches
+    print("worker alive after SIGTERM", flush=True)
+    sys.exit(0)
+raise RuntimeError("trainer crashed with the loader's iterator alive")
+"""
+
+
+@pytest.mark.parametrize("signal_group", [False, True])
+def test_workers_outlive_a_group_sigterm_but_never_hang_the_exit(tmp_path, signal_group):
+    """Workers ignore SIGTERM for WORKER_TERM_GRACE_S (a process-group SIGTERM must not kill them before the
+    trainer's preemption save), but a SIGTERM from multiprocessing's exit handler (after an uncaught
+    exception) still ends them: the process exits instead of joining a worker forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec, _ = make_shards(tmp_path / "shards", n_shards=2)
+    script = tmp_path / "crash.py"
+    script.write_text(_CRASH_SCRIPT.format(grace=2, spec=spec, signal_group=signal_group))
+    start = time.time()
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    try:
+        out = p.communicate(timeout=90)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail("the process hung at exit joining a DataLoader worker")
+    if signal_group:
+        assert p.returncode == 0 and "worker alive after SIGTERM" in out, out[-2000:]
+    else:
+        assert p.returncode == 1 and "trainer crashed" in out, out[-2000:]
+    assert time.time() - start < 60

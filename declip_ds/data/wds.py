@@ -625,15 +625,35 @@ def _identity(x):
     return x
 
 
+# How long a DataLoader worker outlives a SIGTERM (see _ignore_stop_signals): the trainer's step boundary
+# comes first; SLURM and the deepspeed launcher follow their SIGTERM with SIGKILL after about 30 s anyway.
+WORKER_TERM_GRACE_S = 30
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn. SLURM and the deepspeed launcher send SIGTERM to the whole
     process group, workers included; a worker killed by it makes the trainer's next batch raise
     before the preemption checkpoint is written. The trainer handles SIGTERM / SIGUSR1 (it
-    saves at the step boundary, then shuts the workers down), so the workers ignore them."""
+    saves at the step boundary, then shuts the workers down), so a worker ignores SIGUSR1 and
+    outlives a SIGTERM by WORKER_TERM_GRACE_S, then exits: multiprocessing also SIGTERMs workers
+    (at interpreter exit, after an uncaught exception) and joins them, which must not hang."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_after_grace)
+
+
+_term_armed = False
+
+
+def _exit_after_grace(signum, frame) -> None:
+    global _term_armed
+    import signal
+
+    if not _term_armed:  # the first SIGTERM sets the deadline; the alarm then ends the process
+        _term_armed = True
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(WORKER_TERM_GRACE_S)
 
 
 def _loader_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
