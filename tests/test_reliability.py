@@ -31,9 +31,19 @@ def env():
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
-def run(args, cwd, timeout=400):
-    p = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout + p.stderr
+def run(args, cwd, timeout=400, environ=None):
+    """(exit code, stdout + stderr) of ``args``; on timeout the whole process group (launcher, ranks,
+    DataLoader workers) is killed before the test fails, so that a hung run leaves nothing behind."""
+    p = subprocess.Popen(args, cwd=cwd, env=environ or env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"timed out after {timeout} s (process group killed): {' '.join(map(str, args))}\n"
+                    f"{(out + err)[-3000:]}")
+    return p.returncode, out + err
 
 
 def metrics(run_dir, occurrence=-1):
@@ -81,6 +91,31 @@ def test_exact_resume_two_ranks(tmp_path, shapes, stage):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
     straight_vs_resumed(tmp_path, shapes, ds=ds, ranks=2)
+
+
+@pytest.mark.dist
+def test_zero3_resumed_run_saves_and_trains_on(tmp_path, shapes):
+    """ZeRO-3, 2 ranks, grad_accum 2: a resumed run that saves a checkpoint and then trains on. The save's
+    gather used to break the fetch trace DeepSpeed recorded after the load (the temperature was not in it):
+    the next backward stopped with "tracing error ... model.logit_scale ... but got ()"."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    a = tmp_path / "run"
+    args = cmd(a, shapes, "train.steps=5", "train.save_every=2", "train.keep_last=0", "train.grad_accum=2",
+               ds=ds, ranks=2)
+    rc, out = run(args, tmp_path, timeout=240)
+    assert rc == 0, out[-3000:]
+    import shutil
+
+    for tag in ("step_00000004", "step_00000005"):  # lost: the rerun resumes from step 2 and saves step 4 itself
+        shutil.rmtree(a / "checkpoints" / tag)
+    rc, out = run(args, tmp_path, timeout=240)
+    assert rc == 0, out[-3000:]
+    assert "at step 2" in out and (a / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+    first, again = metrics(a, 0), metrics(a, -1)
+    assert sorted(again) == [1, 2, 3, 4, 5]
+    assert all(first[s] is not again[s] for s in (3, 4, 5))
+    assert_same_steps(first, again, range(3, 6))  # step 5 comes after the resumed run's save
 
 
 def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(tmp_path, shapes):
@@ -134,8 +169,7 @@ def fault_env(spec):
 
 
 def run_with(args, cwd, spec, timeout=400):
-    p = subprocess.run(args, cwd=cwd, env=fault_env(spec), capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout + p.stderr
+    return run(args, cwd, timeout, environ=fault_env(spec))
 
 
 @pytest.mark.dist

@@ -133,6 +133,24 @@ def grad_norm(module: torch.nn.Module) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
+def register_scales(engine, method) -> None:
+    """ZeRO-3: make the temperatures external parameters of the method (the engine's module) from the start.
+
+    The methods' forwards read them directly (``self.model.scale()``), not through a forward of the module
+    that owns them, so ZeRO-3 gathers them only because DeepSpeed registers such a parameter with the
+    running forward's module the first time it is read while partitioned. In a fresh run that is the first
+    forward, inside the recorded fetch trace. After a checkpoint load it is not: the load gathers them
+    (persistent parameters), so the trace is recorded without them; the next save's gather re-partitions
+    them, the next forward registers them, and the following backward stops with DeepSpeed's "tracing error
+    ... expected ... model.logit_scale ... but got ()". Registered here, every run traces them alike."""
+    if engine.zero_optimization_stage() != 3:
+        return
+    import deepspeed
+
+    for p in method.scale_parameters():
+        deepspeed.zero.register_external_parameter(method, p)
+
+
 @torch.no_grad()
 def clamp_scales(engine, method, bounds) -> None:
     """Clamp the temperature parameters, including the optimizer's fp32 master copies (bf16, ZeRO):
@@ -347,6 +365,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         config=ds_cfg, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(exp.train)),
     )
     dtype, device = DTYPES[precision], engine.device
+    register_scales(engine, method)
     guard = Guard(exp.train, run_dir)
     method.defer_commit = True  # forward() leaves its per-step state (DeCLIP's queue) until the guard accepts
 
