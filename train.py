@@ -46,6 +46,14 @@ def main(argv=None) -> int:
     except BadStepsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except Exception:  # noqa: BLE001
+        # printed and released here rather than left to the interpreter: an uncaught exception keeps the
+        # trainer's frames (and its DataLoader iterator) alive until exit, where multiprocessing SIGTERMs and
+        # joins the workers, which outlive a SIGTERM by 30 s (data/wds.py): the exit would wait that long
+        import traceback
+
+        traceback.print_exc()
+        return 1
     return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 
