@@ -311,15 +311,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"],
                    help="checkpoint format (auto-detected by default)")
-    p.add_argument("--normalize-images", default=None, choices=["imagenet", "openai"],
-                   help="image normalisation (default: the run's data.normalize; 'imagenet' for DeCLIP releases, "
-                        "'openai' for OpenAI / open_clip ones, or what an open_clip_config.json next to them says)")
-    p.add_argument("--interpolation", default=None, choices=["bicubic", "bilinear"],
-                   help="resize interpolation (default: the run's eval.interpolation; bilinear for DeCLIP releases, "
-                        "bicubic for OpenAI / open_clip)")
-    p.add_argument("--crop-ratio", type=float, default=None,
-                   help="Resize(size / ratio) + CenterCrop(size), 0 < ratio <= 1 (default: the run's eval.crop_ratio; "
-                        "0.875 for DeCLIP releases, 1.0 for OpenAI / open_clip)")
+    from declip_ds.models.pretrained import add_preprocess_args
+
+    add_preprocess_args(p, normalize_flag="--normalize-images")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     p.add_argument("--verbose", action="store_true", help="print every point of the sweep")

@@ -166,15 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scoring", default=None, choices=["global", "token"],
                    help="zero-shot scoring (default: what the method trained for; token = FILIP's)")
     p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"])
-    p.add_argument("--normalize", default=None, choices=["imagenet", "openai"],
-                   help="image normalisation (default: the run's data.normalize; 'imagenet' for DeCLIP releases, "
-                        "'openai' for OpenAI / open_clip ones, or what an open_clip_config.json next to them says)")
-    p.add_argument("--interpolation", default=None, choices=["bicubic", "bilinear"],
-                   help="resize interpolation (default: the run's eval.interpolation; bilinear for DeCLIP releases, "
-                        "bicubic for OpenAI / open_clip)")
-    p.add_argument("--crop-ratio", type=float, default=None,
-                   help="Resize(size / ratio) + CenterCrop(size), 0 < ratio <= 1 (default: the run's eval.crop_ratio; "
-                        "0.875 for DeCLIP releases, 1.0 for OpenAI / open_clip)")
+    from declip_ds.models.pretrained import add_preprocess_args
+
+    add_preprocess_args(p)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class splits and of --val-fraction")

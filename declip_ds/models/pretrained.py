@@ -834,6 +834,20 @@ class EvalModel:
                 f"(from {p['source']})")
 
 
+def add_preprocess_args(p, normalize_flag: str = "--normalize") -> None:
+    """The eval-preprocessing overrides every evaluation CLI takes (``normalize_flag``, ``--interpolation``,
+    ``--crop-ratio``; None = the checkpoint's, see ``load_for_eval``)."""
+    p.add_argument(normalize_flag, default=None, choices=["imagenet", "openai"],
+                   help="image normalisation (default: the run's data.normalize; 'imagenet' for DeCLIP releases, "
+                        "'openai' for OpenAI / open_clip ones, or what an open_clip_config.json next to them says)")
+    p.add_argument("--interpolation", default=None, choices=["bicubic", "bilinear"],
+                   help="resize interpolation (default: the run's eval.interpolation; bilinear for DeCLIP releases, "
+                        "bicubic for OpenAI / open_clip)")
+    p.add_argument("--crop-ratio", type=float, default=None,
+                   help="Resize(size / ratio) + CenterCrop(size), 0 < ratio <= 1 (default: the run's eval.crop_ratio; "
+                        "0.875 for DeCLIP releases, 1.0 for OpenAI / open_clip)")
+
+
 def load_for_eval(path: str | Path, format: str = "auto", *, normalize=None, interpolation: str | None = None,
                   crop_ratio: float | None = None, config: dict | str | Path | None = None) -> EvalModel:
     """Load any supported checkpoint for the evaluation scripts.

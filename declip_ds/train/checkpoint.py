@@ -435,9 +435,8 @@ class UnreadableCheckpoint(CheckpointError):
 def _preflight(tag_dir: Path, per_rank_file: Path, saved_world: int) -> dict:
     """Open every file of ``tag_dir`` that this rank reads: DeepSpeed's model states and this rank's
     optimizer partition (their pickles only: ``mmap`` leaves the tensor bytes on disk; a truncated
-    file has no zip directory and fails here), the safetensors header and our per-rank file (returned)."""
-    from safetensors import safe_open
-
+    file has no zip directory and fails here) and our per-rank file (returned). The safetensors header is
+    read by ``check_config``, which runs first."""
     if not per_rank_file.is_file():
         raise CheckpointError(f"{per_rank_file} is missing ({tag_dir} was saved by {saved_world} ranks)")
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
@@ -448,12 +447,6 @@ def _preflight(tag_dir: Path, per_rank_file: Path, saved_world: int) -> dict:
             torch.load(f, map_location="cpu", mmap=True, weights_only=False)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{f}: {type(e).__name__}: {e}") from None
-    if (tag_dir / "model.safetensors").is_file():
-        try:
-            with safe_open(str(tag_dir / "model.safetensors"), framework="pt") as f:
-                f.keys()
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{tag_dir / 'model.safetensors'}: {type(e).__name__}: {e}") from None
     try:
         return torch.load(per_rank_file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
