@@ -11,7 +11,8 @@
 # Each step has its own time limit (STEP_SCALE=0.5 halves them all), so the whole run ends in about
 # 9 minutes (timeout_s=570; the last two steps are tile sweeps for tuning and can be cut first; with
 # a slow machine start, STEP_SCALE=0.8 leaves more of the 15-minute device budget) and what finished
-# comes back: $OUT/run.log (everything printed) and $OUT/results.tgz (CSV, PNG, JSON, per-step logs).
+# comes back: $OUT/run.log (everything printed) and $OUT/results.tgz (CSV, PNG, JSON, per-step logs;
+# rewritten after every step, so a run killed from outside still returns the steps that finished).
 # QUICK=1 runs the CPU-sized grids (to try this script on a laptop).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,6 +41,7 @@ step() {  # step NAME SECONDS CMD...
     local rc=$?
     tail -n 40 "$WORK/$name.log"
     echo "== $name: rc=$rc in $((SECONDS - t0))s"
+    tar -czf "$OUT/results.tgz" -C "$WORK" .  # after every step: a run killed from outside keeps what finished
 }
 
 if [ "${QUICK:-0}" = 1 ]; then
