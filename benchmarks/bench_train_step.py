@@ -236,7 +236,19 @@ def build_experiment(spec: Spec):
     if spec.data_workers >= 0:
         overrides.append(f"data.workers={spec.data_workers}")
     overrides.append("train.precision=auto")  # the precision comes from the DeepSpeed JSON (below)
-    return load_config(path, overrides + list(spec.overrides))
+    exp = load_config(path, overrides + list(spec.overrides))
+    if getattr(exp.method, "eda_require_wordnet", False):
+        from declip_ds.data.text_aug import wordnet_available
+
+        if not wordnet_available():
+            # The YFCC DeCLIP/DeFILIP recipes refuse to train without WordNet (EDA's synonym replacement).
+            # A step's time does not depend on it (captions are augmented on the host, before the timed
+            # phases; in-memory batches are augmented once), so the benchmark runs without it, and says so.
+            print(f"[bench_train_step] {spec.method}: NLTK WordNet is not installed here; EDA runs without "
+                  "synonym replacement (method.eda_require_wordnet=false), which the step time does not see",
+                  file=sys.stderr, flush=True)
+            exp = load_config(path, overrides + list(spec.overrides) + ["method.eda_require_wordnet=false"])
+    return exp
 
 
 def prepare_data(spec: Spec) -> None:

@@ -60,6 +60,24 @@ def test_cpu_report_schema(bench, tmp_path, capsys):
     assert "| method | ZeRO | ranks |" in printed and "| clip | 0 | 1 | 8 |" in printed
 
 
+@pytest.mark.parametrize("method", ["declip", "defilip"])
+def test_gpu_rows_of_the_wordnet_recipes_run_without_wordnet(bench, method, monkeypatch, capsys):
+    """The YFCC DeCLIP/DeFILIP recipes require WordNet (method.eda_require_wordnet); the GPU rows build
+    them (real towers) on machines without NLTK's data: the benchmark turns the requirement off, says so,
+    and the method's transform builds."""
+    from declip_ds.data import text_aug
+    from declip_ds.registry import get_method
+
+    monkeypatch.setattr(text_aug, "wordnet_available", lambda: False)
+    exp = bench.build_experiment(bench.Spec(method=method, zero="2", device="cuda",
+                                            vision="vit_base_patch32_clip_224"))
+    assert exp.method.eda_require_wordnet is False
+    assert "method.eda_require_wordnet=false" in capsys.readouterr().err
+    bench.TransformOnly(get_method(method), exp).sample_transform()  # no ConfigError
+    clip = bench.build_experiment(bench.Spec(method="clip", zero="2", device="cuda", vision="vit_base_patch32_clip_224"))
+    assert not getattr(clip.method, "eda_require_wordnet", False)
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_two_ranks_measure_the_loss_gather_and_gradient_reduction(bench, tmp_path):
