@@ -6,7 +6,8 @@ Methods, all on the same L2-normalised features (bf16 on a GPU, fp32 on a CPU):
 * eager:   the formula that materialises everything: autocast logits S = scale I T^T (b x b) and two
            F.cross_entropy (on S and S^T).
 * torch:   declip_ds.losses.clip_loss, the reference (imported, never copied).
-* triton:  declip_ds.kernels.fused_clip_loss (GPU only; rows are skipped on a CPU).
+* triton:  declip_ds.kernels.fused_clip_loss (GPU; on a CPU only under TRITON_INTERPRET=1, where the
+           times mean nothing: to try the kernel rows and --tiles specs before a GPU session).
 Per row: median time of --reps runs after --warmup runs (CUDA events on a GPU) of the forward and
 of forward + backward (gradients of both features and of scale); useful TFLOP/s (2B^2D forward,
 6B^2D forward + backward, KERNELS.md §1); fraction of the card's dense bf16 peak; and the rise of
@@ -96,7 +97,10 @@ def fmt(v, spec=".3g") -> str:
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
-    widths = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols}
+    if not rows:
+        print("(no rows)")
+        return
+    widths = {c: max([len(c)] + [len(fmt(r.get(c))) for r in rows]) for c in cols}
     print("  ".join(c.rjust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(fmt(r.get(c)).rjust(widths[c]) for c in cols))
@@ -152,9 +156,15 @@ def eager_loss(img, txt, scale):
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
+def kernel_rows() -> bool:
+    """The triton rows run on a GPU, and on the CPU under TRITON_INTERPRET=1 (to try this script's kernel
+    rows at tiny shapes: the interpreter's times mean nothing)."""
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def methods() -> dict:
     out = {"eager": eager_loss, "torch": clip_loss}
-    if torch.cuda.is_available():
+    if kernel_rows():
         from declip_ds.kernels import fused_clip_loss
 
         out["triton"] = fused_clip_loss
@@ -216,7 +226,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=None, help="subset of eager torch triton")
     p.add_argument("--tiles", nargs="+", default=[], metavar="KEY=INT,...",
-                   help="extra kernel rows 'triton[SPEC]' with these tile configurations (GPU only), e.g. "
+                   help="extra kernel rows 'triton[SPEC]' with these tile configurations (GPU, or interpreted), e.g. "
                         "fwd_bm=128,fwd_bn=128 bwd_bm=128,bwd_warps=4; keys: see declip_ds/kernels/contrastive.py")
     p.add_argument("--out", default=OUT_DIR)
     args = p.parse_args()
@@ -226,7 +236,8 @@ def main() -> None:
     print(f"device: {name}; bf16 peak: {fmt(peak)} TFLOP/s; inputs {dtype}; median of {args.reps} runs")
     if not cuda:
         torch.set_num_threads(1)  # a shared CPU box: numbers are indicative only
-        print("no CUDA device: the triton rows need a GPU and are skipped (tiny CPU grid, torch paths only)")
+        print("no CUDA device: triton rows run interpreted (TRITON_INTERPRET=1; times mean nothing)" if kernel_rows()
+              else "no CUDA device: the triton rows need a GPU and are skipped (tiny CPU grid, torch paths only)")
     todo = methods()
     if args.methods:
         todo = {k: v for k, v in todo.items() if k in args.methods}
@@ -236,7 +247,7 @@ def main() -> None:
             for mname, fn in todo.items():
                 rows.append(bench_one(mname, fn, B, D, dtype, args.reps, args.warmup, peak))
                 print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:7]), flush=True)
-            for spec, cfg in tiles.items() if cuda else ():
+            for spec, cfg in tiles.items() if kernel_rows() else ():
                 from declip_ds.kernels import contrastive, fused_clip_loss
 
                 rows.append(bench_one(f"triton[{spec}]", fused_clip_loss, B, D, dtype, args.reps, args.warmup, peak,

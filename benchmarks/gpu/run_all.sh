@@ -7,10 +7,10 @@
 #   4. benchmarks/bench_train_step.py   (real towers of the YFCC-15M recipes, bf16, per method)
 #
 # Here, first:   bash benchmarks/gpu/wheels.sh          (deepspeed, webdataset, ... into .whl/)
-# Then, with the device tool:  run(command="bash benchmarks/gpu/run_all.sh", carry=[".whl"], timeout_s=570)
+# Then, with the device tool:  run(command="bash benchmarks/gpu/run_all.sh", carry=[".whl"], timeout_s=590)
 # Each step has its own time limit (STEP_SCALE=0.5 halves them all), so the whole run ends in about
-# 9 minutes (timeout_s=570; the last two steps are tile sweeps for tuning and can be cut first; with
-# a slow machine start, STEP_SCALE=0.8 leaves more of the 15-minute device budget) and what finished
+# 9.5 minutes (timeout_s=590; the first H200 machine started in ~30 s; the last steps, the FILIP grid and
+# the train steps, can be cut first with STEP_SCALE=0.8) and what finished
 # comes back: $OUT/run.log (everything printed) and $OUT/results.tgz (CSV, PNG, JSON, per-step logs;
 # rewritten after every step, so a run killed from outside still returns the steps that finished).
 # QUICK=1 runs the CPU-sized grids (to try this script on a laptop).
@@ -44,46 +44,55 @@ step() {  # step NAME SECONDS CMD...
     tar -czf "$OUT/results.tgz" -C "$WORK" .  # after every step: a run killed from outside keeps what finished
 }
 
+# the tile sweeps (same lists in both modes, so QUICK=1 checks that every spec parses and runs)
+CLIP_TILES=(bwd_bd=256 bwd_bd=256,bwd_warps=4 fwd_bm=128,fwd_bn=64,fwd_warps=8 fwd_bm=128,fwd_bn=128,fwd_warps=8
+            bwd_stages=2 bwd_bn=32 groups=32)
+FILIP_TILES=(64x128x32 64x256x64 64x128x64x8x2,group=8 64x128x64x4x2 64x128x64x8x3 64x128x64x8x2,save=1,BD=256)
+
 if [ "${QUICK:-0}" = 1 ]; then
     step tests_gpu 120 python3 -m pytest -q tests/test_kernels.py -m gpu -p no:cacheprovider
     step tests_rest 600 python3 -m pytest -q -x tests/test_kernels.py -m "not gpu" -k fp32 -p no:cacheprovider
-    step contrastive 300 python3 benchmarks/bench_contrastive.py --out "$WORK" --reps 3 --warmup 1
+    step contrastive 300 python3 benchmarks/bench_contrastive.py --out "$WORK" --methods eager triton --reps 3 --warmup 1
+    mkdir -p "$WORK/contrastive_torch"
+    step contrastive_torch 300 python3 benchmarks/bench_contrastive.py --out "$WORK/contrastive_torch" --methods torch \
+        --reps 3 --warmup 1
     mkdir -p "$WORK/filip_target"
-    step filip_target 300 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --reps 3 --warmup 1
+    step filip_target 300 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --methods eager triton \
+        triton_saved --reps 3 --warmup 1
+    mkdir -p "$WORK/tiles"
+    # interpreted kernel rows (CPU: times mean nothing) at sizes that hold the GPU tiles
+    step tiles_contrastive 120 env TRITON_INTERPRET=1 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" \
+        --B 130 --D 72 --methods triton --reps 1 --warmup 0 --tiles "${CLIP_TILES[@]}"
+    step tiles_filip 120 env TRITON_INTERPRET=1 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --B 3 --Ti 50 \
+        --Tt 77 --D 72 --no-extra --methods triton triton_saved --reps 1 --warmup 0 --tiles "${FILIP_TILES[@]}"
     step filip 300 python3 benchmarks/bench_filip.py --out "$WORK" --reps 3 --warmup 1
     step train_step 600 python3 benchmarks/bench_train_step.py --methods clip --zero 0 --steps 2 --warmup 1 \
         --json "$WORK/train_step.json" --markdown
-    mkdir -p "$WORK/tiles"
-    step tiles_contrastive 120 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --reps 2 --warmup 1 \
-        --tiles fwd_bm=128,fwd_bn=128 bwd_bd=0
-    step tiles_filip 120 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --reps 2 --warmup 1 --tiles 64x256x32 \
-        64x128x32x8x2,group=1024 64x128x32x8x2,save=1,BD=64
 else
-    # the bf16 / large-shape / memory tests first (each new tile config JIT-compiles for seconds on
-    # a real GPU, so the whole file may not fit one limit); then the interpreter suite on real Triton
-    step tests_gpu 80 python3 -m pytest -q tests/test_kernels.py -m gpu -p no:cacheprovider
-    step tests_rest 50 python3 -m pytest -q tests/test_kernels.py -m "not gpu" -p no:cacheprovider
-    step contrastive 90 python3 benchmarks/bench_contrastive.py --out "$WORK" --reps 20 --warmup 3
-    # FILIP: the target shape first (KERNELS.md: >= 3x faster, >= 20x less memory than eager), both
-    # backward designs (triton = recompute, triton_saved = save_argmax), then the rest of the grid
+    # Limits from the first run (H200, 2026-11-27: 15 gpu tests in 44 s; the other 74 need ~90 s of JIT
+    # compiles; the chunked-torch reference takes 0.6 s per call at B=64k and 1.2 s for FILIP, so it gets
+    # only small shapes). Order: what issue #5 asks for first, tuning sweeps next, train steps last.
+    step tests_gpu 70 python3 -m pytest -q tests/test_kernels.py -m gpu -p no:cacheprovider
+    step tests_rest 80 python3 -m pytest -q tests/test_kernels.py -m "not gpu" -p no:cacheprovider
+    # KERNELS.md targets: fused loss <= 0.2 GB extra at B=32k D=512 and linear in B, >= 2x faster than eager
+    step contrastive 60 python3 benchmarks/bench_contrastive.py --out "$WORK" --methods eager triton --reps 10 --warmup 2
+    mkdir -p "$WORK/contrastive_torch"
+    step contrastive_torch 25 python3 benchmarks/bench_contrastive.py --out "$WORK/contrastive_torch" --B 4096 16384 \
+        --D 512 --methods torch --reps 5 --warmup 1
+    # FILIP target shape (>= 3x faster, >= 20x less memory than eager), both backward designs
     mkdir -p "$WORK/filip_target"
-    step filip_target 40 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --B 1024 --Ti 50 --Tt 77 \
-        --D 512 --no-extra --reps 20 --warmup 3
-    step filip 55 python3 benchmarks/bench_filip.py --out "$WORK" --reps 10 --warmup 2
-    step train_step 110 python3 benchmarks/bench_train_step.py --methods clip slip declip filip defilip --zero 2 \
-        --steps 10 --warmup 3 --json "$WORK/train_step.json" --markdown
-    # tile sweeps: the default kernel row next to alternatives, same shape, same run (tuning data;
-    # the defaults were picked without a GPU by declip_ds.kernels.compile_check: no register spills).
-    # FILIP: group=1024 is the plain 2-D grid order (no L2 bands); save=1 rows time the saved-index
-    # backward at other D chunks (BD; default 64 here) and at 64 x 256 tiles (70 % of the tile used instead
-    # of 47 %; compile_check: 0-16 B of spills in bf16)
+    step filip_target 45 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --B 1024 --Ti 50 --Tt 77 \
+        --D 512 --no-extra --methods eager triton triton_saved --reps 10 --warmup 2
+    # tile sweeps next to the defaults, same shape, same run (defaults since the first GPU run: CLIP forward
+    # 64 x 128 x 4 warps, backward D chunks of 512; FILIP 16-bit K chunks of 64 for <= 64-row tiles, saved BD 128)
     mkdir -p "$WORK/tiles"
-    # CLIP: bwd_bd=0 is the read-modify-write backward (the design before 2026-11-27), 128 / 512 other D chunks
-    step tiles_contrastive 50 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --B 32768 --D 512 \
-        --methods triton --reps 10 --warmup 2 --tiles bwd_bd=0 bwd_bd=512 bwd_bd=128 fwd_bm=128,fwd_bn=128 \
-        fwd_bm=64,fwd_bn=128,fwd_warps=4 bwd_bm=128,bwd_bn=64 bwd_warps=4 groups=32
-    step tiles_filip 60 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --B 1024 --Ti 50 --Tt 77 --D 512 \
-        --no-extra --methods triton triton_saved --reps 5 --warmup 1 --tiles 64x128x32x8x2,group=1024 \
-        64x128x32x8x2,group=8 64x256x32 64x128x64 64x128x32x8x2,save=1,BD=32 64x128x32x8x2,save=1,BD=128 \
-        64x256x32x8x2,save=1
+    step tiles_contrastive 40 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --B 32768 --D 512 \
+        --methods triton --reps 10 --warmup 2 --tiles "${CLIP_TILES[@]}"
+    step tiles_filip 50 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --B 1024 --Ti 50 --Tt 77 --D 512 \
+        --no-extra --methods triton triton_saved --reps 5 --warmup 1 --tiles "${FILIP_TILES[@]}"
+    # the rest of the FILIP grid (Ti=197 forces 256 x 128 tiles), then the real towers per method
+    step filip 60 python3 benchmarks/bench_filip.py --out "$WORK" --B 1024 2048 --methods eager triton triton_saved \
+        --reps 5 --warmup 1
+    step train_step 130 python3 benchmarks/bench_train_step.py --methods clip slip declip filip defilip --zero 2 \
+        --steps 5 --warmup 2 --json "$WORK/train_step.json" --markdown
 fi
