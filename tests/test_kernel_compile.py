@@ -58,12 +58,13 @@ def check_reports(reports, arch):
         if r["dtype"] != "float32":
             short_m = r["kernel"] == "_tm_bwd_y_saved_kernel" and "BN=32" in r["tiles"]
             assert r["mma"] == ("wgmma" if arch == 90 and not short_m else "mma.sync"), where
-        # no spills in the CLIP kernels, nor in FILIP tiles of one sample each (Ti, Tt <= 64 x 128), for both
-        # backward designs; the tiles a long sample forces (Ti=197 -> 256 x 128) and multi-sample tiles spill a
-        # little (up to 624 B recomputing / 756 B saved-index on sm_90 with triton 3.8; 0.8-1 KB before the
-        # two-phase epilogue)
+        # at most a few spilled registers in the CLIP kernels and in FILIP tiles of one sample each (Ti, Tt <=
+        # 64 x 128), for both backward designs: the tiles the H200 timed fastest spill 32 B (512-column CLIP
+        # backward), 76 B (fp16 CLIP forward) and 32-64 B (fp16 saved-index FILIP at BD=128) on sm_90; the
+        # tiles a long sample forces (Ti=197 -> 256 x 128) and multi-sample tiles spill more (up to 624 B
+        # recomputing / 756 B saved-index on sm_90 with triton 3.8; 0.8-1 KB before the two-phase epilogue)
         if r["kernel"].startswith("_clip") or "IB=1 JB=1 BM=64 BN=128" in r["tiles"]:
-            assert r["spill_bytes"] == 0, f"{where}: {r['spill_bytes']} bytes of register spills"
+            assert r["spill_bytes"] <= 128, f"{where}: {r['spill_bytes']} bytes of register spills"
         else:
             assert r["spill_bytes"] <= 768, f"{where}: {r['spill_bytes']} bytes of register spills"
 

@@ -248,15 +248,19 @@ def test_backward_register_accumulators_equal_the_read_modify_write_design(dtype
     check_fused_against_float64(img, txt, s, 1e-4 if dtype == torch.float32 else 5e-3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gpu_tile_configuration_gives_the_reference_result(monkeypatch, dtype):
-    """The tiles shipped for GPUs (128 x 64 forward, 64 x 64 backward, 16 groups; 16-bit: D chunks of 256 per
-    backward program; fp32: K chunks of 16, read-modify-write backward), run here by the interpreter: several
-    row/column groups, partial last tiles, D not a multiple of BK, two D chunks (the last partial)."""
+@pytest.mark.parametrize("dtype,arch", [(torch.float32, 90), (torch.float16, 90), (torch.float16, 80)])
+def test_gpu_tile_configuration_gives_the_reference_result(monkeypatch, dtype, arch):
+    """The tiles shipped for GPUs (16-bit on Hopper: 64 x 128 forward, 64 x 64 backward with D chunks of 512
+    per backward program; before Hopper: 128 x 64 forward, D chunks of 256; fp32: 64 x 64, K chunks of 16,
+    read-modify-write backward; 16 groups), run here by the interpreter: several row/column groups, partial
+    last tiles, D not a multiple of BK, and for 16-bit two D chunks (the last partial)."""
     monkeypatch.setattr(contrastive, "_FORCE_GPU_TILES", [True])
+    monkeypatch.setattr(contrastive, "_FORCE_ARCH", [arch])
     cfg = contrastive._config(torch.zeros(1, dtype=dtype))
-    assert cfg["fwd_bn"] == 64 and cfg["bwd_bd"] == (0 if dtype == torch.float32 else 256)
-    img, txt = features(200, 264, seed=21, dtype=dtype)
+    sixteen = dtype != torch.float32
+    want = (64, 64, 0) if not sixteen else (64, 128, 512) if arch >= 90 else (128, 64, 256)
+    assert (cfg["fwd_bm"], cfg["fwd_bn"], cfg["bwd_bd"]) == want
+    img, txt = features(200, cfg["bwd_bd"] + 8 if sixteen else 264, seed=21, dtype=dtype)
     check_fused_against_float64(img, txt, torch.tensor(30.0, device=DEV), 1e-4 if dtype == torch.float32 else 5e-3)
 
 
@@ -644,7 +648,11 @@ def test_choose_tiles_holds_whole_samples():
             assert t["BM"] >= Ti and t["BN"] >= Tt and t["BK"] >= 16
     # GPU: the 64 x 128 area budget (larger tiles spill in the backward, tests/test_kernel_compile.py)
     assert {k: token_max.choose_tiles(50, 77, 512, True)[k] for k in ("BM", "BN", "BK", "num_warps")} == \
-        dict(BM=64, BN=128, BK=32, num_warps=8)
+        dict(BM=64, BN=128, BK=64, num_warps=8)
+    assert token_max.choose_tiles(197, 77, 512, True)["BK"] == 32  # 256-row tiles: 64 would spill more
+    assert token_max.choose_tiles(50, 77, 512, True)["BD"] == 128  # saved-index backward, timed on an H200
+    pre_hopper = token_max.choose_tiles(50, 77, 512, True, arch=80)  # untimed there: the no-spill chunks
+    assert (pre_hopper["BM"], pre_hopper["BN"], pre_hopper["BK"], pre_hopper["BD"]) == (64, 128, 32, 64)
     assert token_max.choose_tiles(49, 16, 512, True)["BM"] * token_max.choose_tiles(49, 16, 512, True)["BN"] <= 64 * 128
     assert (token_max.choose_tiles(197, 77, 512, True)["BM"], token_max.choose_tiles(197, 77, 512, True)["BN"]) == (256, 128)
     assert token_max.choose_tiles(50, 77, 512, True, torch.float32)["BK"] == 16  # fp32 FMA dots: short K chunks

@@ -106,7 +106,7 @@ def _nvidia_tool(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _capture(into: list, label: str):
+def _capture(into: list, label: str, arch: int = 90):
     """Record kernel launches (JITFunction.run) instead of running them; GPU tiles are forced."""
     from triton.runtime.jit import JITFunction
 
@@ -120,16 +120,18 @@ def _capture(into: list, label: str):
 
     JITFunction.run = fake_run
     contrastive._FORCE_GPU_TILES[0] = True
+    contrastive._FORCE_ARCH[0] = arch
     try:
         yield
     finally:
         JITFunction.run = real_run
         contrastive._FORCE_GPU_TILES[0] = False
+        contrastive._FORCE_ARCH[0] = 90
 
 
-def capture_launches(dtype: torch.dtype) -> list[Launch]:
+def capture_launches(dtype: torch.dtype, arch: int = 90) -> list[Launch]:
     """Every kernel launch of fused_clip_loss and token_max_similarity (forward + backward, both backward
-    designs of the latter) for dtype."""
+    designs of the latter) for dtype, with the tiles chosen for sm_<arch>."""
     from declip_ds.kernels.contrastive import fused_clip_loss
     from declip_ds.kernels.token_max import token_max_similarity
 
@@ -138,13 +140,13 @@ def capture_launches(dtype: torch.dtype) -> list[Launch]:
         img = torch.zeros(B, D, dtype=dtype, requires_grad=True)
         txt = torch.zeros(B, D, dtype=dtype, requires_grad=True)
         scale = torch.tensor(14.3, requires_grad=True)
-        with _capture(launches, f"clip B={B} D={D}"):
+        with _capture(launches, f"clip B={B} D={D}", arch):
             torch.autograd.grad(fused_clip_loss(img, txt, scale), (img, txt, scale))
     for B, Ti, Tt, D in FILIP_SHAPES:
         x = torch.zeros(B, Ti, D, dtype=dtype, requires_grad=True)
         y = torch.zeros(B, Tt, D, dtype=dtype, requires_grad=True)
         for save in (False, True):  # the recomputing backward (default) and the saved-arg-max one
-            with _capture(launches, f"filip B={B} Ti={Ti} Tt={Tt} D={D} save_argmax={save}"):
+            with _capture(launches, f"filip B={B} Ti={Ti} Tt={Tt} D={D} save_argmax={save}", arch):
                 s1, s2 = token_max_similarity(x, y, save_argmax=save)
                 torch.autograd.grad(s1.sum() + s2.sum(), (x, y))
     # one compile per distinct (kernel, constexprs, options): shapes that share tiles share the binary
@@ -223,9 +225,8 @@ def check(archs=(90,), dtypes=("bf16", "fp16", "fp32")) -> list[Report]:
     _require_compiled_kernels()
     reports = []
     for name in dtypes:
-        launches = capture_launches(DTYPES[name])
-        for arch in archs:
-            reports.extend(compile_launch(ln, arch) for ln in launches)
+        for arch in archs:  # the tiles depend on the architecture (Hopper has its own timed ones)
+            reports.extend(compile_launch(ln, arch) for ln in capture_launches(DTYPES[name], arch))
     return reports
 
 

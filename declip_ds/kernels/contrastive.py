@@ -21,8 +21,10 @@ Backward (two recomputing kernels, the "10 B^2 D" design of KERNELS.md): a row-p
   column term. dT of the gathered texts is reduce-scattered (summed) back to their owners.
   16-bit inputs (``bwd_bd`` > 0): each program owns one tile of rows (columns) and one chunk of bwd_bd
   D columns, keeps that (64, bwd_bd) fp32 accumulator in registers over the whole loop and writes it
-  once (256 on a GPU: no spills on sm_90; 512 spills 32 B in the column kernel). S is recomputed once
-  per D chunk (2 chunks at D=512: 3 GEMMs per kernel instead of 2), which replaces reading and
+  once (512 on Hopper: all of D=512 in one chunk, 2 GEMMs per kernel; 32 B of spills in the column
+  kernel on sm_90, and still the fastest timed on an H200; 256 before Hopper, where 512 spills 264 B).
+  S is recomputed once per D chunk
+  (D=768: 2 chunks, 3 GEMMs per kernel instead of 2), which replaces reading and
   rewriting the fp32 gradient rows per tile (64 x D x 4 B x 2 per tile pair: 137 GB of traffic per
   backward at B=32k, D=512). fp32 inputs (``bwd_bd=0``): all of D per program, the fp32 rows read and
   rewritten per tile in BK chunks (their FMA GEMMs are the cost; a recompute per D chunk would multiply
@@ -44,14 +46,19 @@ from declip_ds.losses.gather import all_gather_no_grad, world_info
 _NEG = -1.0e30  # "minus infinity" that never makes inf - inf = nan
 NEG = tl.constexpr(_NEG)
 
-# Tile configuration. The GPU values are the largest tiles that compile for sm_90 and sm_80 without
-# register spills (``python -m declip_ds.kernels.compile_check``; 128 x 128 forward tiles spill ~0.5 KB
-# per thread on sm_90); their speed is still to be timed on a GPU. fp32 inputs use true-fp32 FMA dots
+# Tile configuration. The 16-bit values for Hopper (sm_90: H100/H200) are the fastest of the tile sweep
+# timed on an H200 at B=32k, D=512, bf16 (benchmarks/RESULTS.md): forward 64 x 128 with 4 warps (6.4 ms;
+# 8.1 at 128 x 64, 8 warps), backward one 512-column D chunk per program (fwd + bwd 32.5 ms; 48.7 with 256,
+# 86.9 with 128, 61.3 for the read-modify-write design); compile_check (sm_90, bf16): 0 / 0 / 32 B of
+# spills. Older cards keep the untimed no-spill tiles (the 512-column backward spills 264 B on sm_80).
+# fp32 inputs use true-fp32 FMA dots
 # (no tensor cores), which need smaller K chunks not to spill. bwd_bd: D columns per backward program
 # (register accumulator), 0 = the read-modify-write backward (see the module docstring). The interpreter
 # prefers few, large tiles. Tests override any key with ``tile_config``.
-_GPU = dict(fwd_bm=128, fwd_bn=64, fwd_bk=64, fwd_warps=8, fwd_stages=3,
-            bwd_bm=64, bwd_bn=64, bwd_bk=64, bwd_bd=256, bwd_warps=8, bwd_stages=3, groups=16)
+_GPU = dict(fwd_bm=64, fwd_bn=128, fwd_bk=64, fwd_warps=4, fwd_stages=3,
+            bwd_bm=64, bwd_bn=64, bwd_bk=64, bwd_bd=512, bwd_warps=8, bwd_stages=3, groups=16)
+_GPU_PRE_HOPPER = dict(fwd_bm=128, fwd_bn=64, fwd_bk=64, fwd_warps=8, fwd_stages=3,
+                       bwd_bm=64, bwd_bn=64, bwd_bk=64, bwd_bd=256, bwd_warps=8, bwd_stages=3, groups=16)
 _GPU_FP32 = dict(fwd_bm=64, fwd_bn=64, fwd_bk=16, fwd_warps=8, fwd_stages=3,
                  bwd_bm=64, bwd_bn=64, bwd_bk=16, bwd_bd=0, bwd_warps=8, bwd_stages=3, groups=16)
 _CPU = dict(fwd_bm=32, fwd_bn=32, fwd_bk=64, fwd_warps=4, fwd_stages=1,
@@ -60,11 +67,20 @@ _override: dict = {}
 # Set by declip_ds.kernels.compile_check while it captures launches from CPU tensors, so the captured
 # launches carry the GPU tile configuration it then compiles for a GPU architecture.
 _FORCE_GPU_TILES = [False]
+_FORCE_ARCH = [90]  # the architecture those captured launches are configured for
 
 
 def _gpu_tiles(t: torch.Tensor) -> bool:
     """Whether launches for tensor t use the GPU tile configuration."""
     return t.is_cuda or _FORCE_GPU_TILES[0]
+
+
+def gpu_arch(t: torch.Tensor) -> int:
+    """Compute capability of t's GPU as 90 / 89 / 80 (the forced one for captured CPU launches)."""
+    if t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return _FORCE_ARCH[0]
 
 
 @contextlib.contextmanager
@@ -113,7 +129,12 @@ def _launch(kernel, grid, *args, num_stages: int, what: str, **kwargs):
 
 
 def _config(t: torch.Tensor) -> dict:
-    base = (_GPU_FP32 if t.dtype == torch.float32 else _GPU) if _gpu_tiles(t) else _CPU
+    if not _gpu_tiles(t):
+        base = _CPU
+    elif t.dtype == torch.float32:
+        base = _GPU_FP32
+    else:
+        base = _GPU if gpu_arch(t) >= 90 else _GPU_PRE_HOPPER
     return {**base, **_override}
 
 

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from declip_ds.kernels.contrastive import _NEG, NEG, _gpu_tiles, _launch, _precision, _scores_tile
+from declip_ds.kernels.contrastive import _NEG, NEG, _gpu_tiles, _launch, _precision, _scores_tile, gpu_arch
 from declip_ds.losses.filip import _check_inputs, _DIRECTIONS, token_weights
 
 NEG_HALF = tl.constexpr(_NEG / 2)
@@ -76,14 +76,15 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
+def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool, dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> dict:
     """(BM, BN, BK, num_warps, num_stages, group, BD): tiles holding whole samples, picked to maximise the
-    fraction of used tile area within the area budget (see the module docstring)."""
+    fraction of used tile area within the area budget (see the module docstring). arch: the GPU's compute
+    capability (90 = Hopper, where the K and saved-backward D chunks were timed)."""
     # group: row tiles per band of the forward's program order (L2 reuse, see _tile_of)
     launch = dict(num_warps=8, num_stages=2, group=32) if cuda else dict(num_warps=4, num_stages=1, group=1)
     if _override:
         cfg = {**launch, **_override}
-        return {"BD": _saved_bd(cfg["BM"], cfg["BN"], D, cuda, dtype), **cfg}
+        return {"BD": _saved_bd(cfg["BM"], cfg["BN"], D, cuda, dtype, arch), **cfg}
     max_area = 64 * 128 if cuda else 64 * 64
     # the backward epilogue makes one pass over the tile per sample in it (IB + JB passes): its cost per
     # pair grows with IB + JB, and many samples per tile spill (IB=51, JB=2 at Ti=10: 13 KB/thread)
@@ -104,20 +105,27 @@ def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool, dtype: torch.dtype = torc
     else:
         BM, BN = best[1], best[2]
     # fp32 dots run on FMA units (true fp32, no tensor cores) and spill with K chunks over 16 on sm_90
-    BK = max(16, min((16 if dtype == torch.float32 else 32) if cuda else 64, _pow2(D)))
-    return dict(BM=BM, BN=BN, BK=BK, BD=_saved_bd(BM, BN, D, cuda, dtype), **launch)
+    # 16-bit on Hopper: 64-wide K chunks for tiles of <= 64 rows (H200, Ti=50 Tt=77, 64 x 128: forward +
+    # backward 387 ms instead of 510 with 32; no spills on sm_90), 32 for the 256-row tiles (64 spills 176 B
+    # at 256 x 32) and on older cards (untimed)
+    wide = arch >= 90 and BM <= 64
+    BK = max(16, min((16 if dtype == torch.float32 else 64 if wide else 32) if cuda else 64, _pow2(D)))
+    return dict(BM=BM, BN=BN, BK=BK, BD=_saved_bd(BM, BN, D, cuda, dtype, arch), **launch)
 
 
-def _saved_bd(BM: int, BN: int, D: int, cuda: bool, dtype: torch.dtype) -> int:
+def _saved_bd(BM: int, BN: int, D: int, cuda: bool, dtype: torch.dtype, arch: int = 90) -> int:
     """D columns per program of the saved-arg-max backward. Its registers hold the (BM, BN) fp32 dS tile and a
     (BM or BN, BD) fp32 accumulator, and each program rebuilds dS, so BD shrinks as the tile grows:
-    BM*BN*BD <= 2^19, BD <= 256. On sm_90 (``python -m declip_ds.kernels.compile_check``), bf16 and fp16:
-    64 x 128 -> 64, 64 x 64 -> 128, 256 x 32 -> 64 without spills (fp16 spills 32-64 B at 64 x 128 x 128;
-    256 x 32 x 128 needs 100 KB of shared memory, over sm_89's 99 KB); the 256 x 128 tiles of Ti=197 spill
-    whatever BD (0.7 KB per thread at 16 in the x kernel, like the recomputing kernels' 0.5-0.6 KB)."""
+    BM*BN*BD <= 2^20 for tiles of <= 64 rows on Hopper, else 2^19, BD <= 256: 64 x 128 -> 128,
+    64 x 64 -> 256, 256 x 32 -> 64, 256 x 128 -> 16. Timed on an H200 at Ti=50 Tt=77 (64 x 128, bf16): forward +
+    backward 372 ms at BD=128, 599 ms at 64, 1000 ms at 32 (``benchmarks/RESULTS.md``); the 256-row tiles are
+    not timed yet. On sm_90 (``python -m declip_ds.kernels.compile_check``): bf16 spills nothing at 64 x 128,
+    64 x 64 or 256 x 32 (fp16 32-64 B at 64 x 128 x 128; 256 x 32 x 128 would need 100 KB of shared memory,
+    over sm_89's 99 KB); the 256 x 128 tiles of Ti=197 spill whatever BD (0.7 KB per thread at 16 in the x
+    kernel, like the recomputing kernels' 0.5-0.6 KB; 0.8 KB at 32)."""
     if not cuda:
         return max(16, min(128, _pow2(D)))
-    budget = (1 << 19) // (BM * BN)
+    budget = (1 << (20 if arch >= 90 and BM <= 64 else 19)) // (BM * BN)
     return max(16, min(256, _pow2(D), 1 << (budget.bit_length() - 1)))
 
 
@@ -421,7 +429,7 @@ def _tm_bwd_y_saved_kernel(X, WX, WY, A1, A2, G1, G2, DY, norm_ptr, Bi, Bt, TI, 
 # ---------------------------------------------------------------------------------------- launchers
 def _geometry(x, y):
     (Bi, Ti, D), (Bt, Tt) = x.shape, y.shape[:2]
-    cfg = choose_tiles(Ti, Tt, D, _gpu_tiles(x), x.dtype)
+    cfg = choose_tiles(Ti, Tt, D, _gpu_tiles(x), x.dtype, gpu_arch(x) if _gpu_tiles(x) else 90)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     if BM < Ti or BN < Tt:
         raise ValueError(f"token_max tiles must hold one whole sample: BM={BM} < Ti={Ti} or BN={BN} < Tt={Tt}.")
