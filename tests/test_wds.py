@@ -479,7 +479,12 @@ def test_workers_outlive_a_group_sigterm_but_never_hang_the_exit(tmp_path, signa
 
     spec, _ = make_shards(tmp_path / "shards", n_shards=2)
     script = tmp_path / "crash.py"
-    script.write_text(_CRASH_SCRIPT.format(grace=2, spec=spec, signal_group=signal_group))
+    # After a group SIGTERM the worker must still serve the batch read 1 s later: a 2-s grace could end it
+    # (SIGALRM) in the middle of writing that batch on a loaded machine, and the reader then waits forever
+    # for the rest of the message (seen once in a full run beside another). 8 s keeps the check meaningful
+    # (the worker outlives the SIGTERM) without racing it; the crash case keeps 2 s (the exit waits for it).
+    grace = 8 if signal_group else 2
+    script.write_text(_CRASH_SCRIPT.format(grace=grace, spec=spec, signal_group=signal_group))
     start = time.time()
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
