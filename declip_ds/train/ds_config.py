@@ -82,12 +82,6 @@ def build_ds_config(exp: Experiment, ds: dict, world_size: int, src: str = "the 
     if "scheduler" in ds:
         raise ConfigError(f"{src}: has a 'scheduler' section, but the schedule belongs to train.lr, "
                           f"train.warmup_steps, train.warmup_init_lr and train.min_lr. Remove it from the JSON.")
-    if t.accumulation == "contrastive" and ds.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise ConfigError(
-            f"{src}: ZeRO stage 3 with train.accumulation=contrastive is not supported yet: the loss of the cached "
-            f"embeddings reads the temperature outside the module's forward, where ZeRO-3 has not gathered it, and "
-            f"routed through the module's forward the gradient still differed from the full batch's (2026-11-27, "
-            f"grad_accum 2). Use ZeRO stage 1 or 2 (ds_configs/zero2.json) or train.accumulation=standard.")
     prec = resolve_precision(exp, ds, src)
     out["bf16"] = {**ds.get("bf16", {}), "enabled": prec == "bf16"}
     out["fp16"] = {**ds.get("fp16", {}), "enabled": prec == "fp16"}

@@ -505,7 +505,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                     pending.append(to_device(b, device, dtype))
                 meter.data_time += time.perf_counter() - t0
                 bn_stats.save()
-                big = ContrastiveBatch(method, pending)
+                big = ContrastiveBatch(method, pending, runner=engine)
                 bad = guard.check(big.loss, step + 1)
                 if bad is not None:
                     bn_stats.restore()  # the no-grad pass's (and the loss heads') statistics
