@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def _free_port() -> int:
@@ -37,9 +40,32 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+        _release_shm_buffer()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _release_shm_buffer() -> None:
+    """Unlink this rank's /dev/shm file of DeepSpeed's CPU all-reduce, once every rank has mapped it.
+
+    On the CPU accelerator DeepSpeed's init creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>
+    _<rank>`` (69 MB) per rank and opens the other ranks' (deepspeed/ops/csrc/cpu/comm/shm.cpp), and nothing
+    ever removes them: every multi-rank CPU run left them behind (on the development box 300 such files,
+    20 GB of tmpfs, had used up the memory). The names only serve that init: after the barrier every rank
+    has mapped every buffer, the mappings outlive the names, so each rank unlinks its own, and a rank
+    killed later leaves nothing either."""
+    if torch.cuda.is_available():
+        return
+    barrier()
+    path = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # never fail a run over it
+        log.warning("could not remove %s (%s); it holds 69 MB of shared memory until deleted", path, e)
 
 
 def device() -> torch.device:
