@@ -138,3 +138,21 @@ def test_zero3_contrastive_accumulation_equals_the_full_batch_step(tmp_path, sha
     for s in (1, 2, 3):
         for f in ("loss", "grad_norm"):
             assert mb[s][f] == pytest.approx(ma[s][f], rel=1e-4, abs=1e-6), (s, f)
+
+
+@pytest.mark.dist
+def test_zero3_contrastive_accumulation_on_two_ranks_equals_the_global_batch(tmp_path, shapes):  # noqa: F811
+    """2 ranks, ZeRO-3: each rank's 2 x 4 micro-batches, gathered across ranks by the loss, give the step of
+    one global batch of 2 x 8 (the parameters and the temperature partitioned over both ranks)."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    a, b = tmp_path / "full", tmp_path / "accum"
+    rc, out = run(cmd(a, shapes, "train.steps=2", "train.save_every=100", ds=ds, ranks=2), tmp_path, timeout=300)
+    assert rc == 0, out[-3000:]
+    rc, out = run(cmd(b, shapes, "train.steps=2", "train.save_every=100", "train.batch_size=4", "train.grad_accum=2",
+                      "train.accumulation=contrastive", ds=ds, ranks=2), tmp_path, timeout=300)
+    assert rc == 0, out[-3000:]
+    ma, mb = metrics(a), metrics(b)
+    for s in (1, 2):
+        for f in ("loss", "grad_norm"):
+            assert mb[s][f] == pytest.approx(ma[s][f], rel=1e-4, abs=1e-6), (s, f)
