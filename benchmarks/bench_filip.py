@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_contrastive import (OUT_DIR, device_info, fmt, is_oom, median_seconds, peak_memory_mb,  # noqa: E402
-                               plot, print_table, write_csv)
+from bench_contrastive import (OUT_DIR, device_info, fmt, is_oom, kernel_rows, median_seconds,  # noqa: E402
+                               peak_memory_mb, plot, print_table, write_csv)
 from declip_ds.losses import filip_similarity  # noqa: E402
 
 
@@ -45,12 +45,6 @@ def eager_similarity(x, y, x_mask, y_mask):
     s_i2t = torch.einsum("ijk,ik->ij", s.masked_fill(~y_mask[None, :, None, :], -1e4).amax(3), wx)
     s_t2i = torch.einsum("ijr,jr->ij", s.masked_fill(~x_mask[:, None, :, None], -1e4).amax(2), wy)
     return s_i2t, s_t2i
-
-
-def kernel_rows() -> bool:
-    """The triton rows run on a GPU, and on the CPU under TRITON_INTERPRET=1 (to try this script's kernel
-    rows at tiny shapes: the interpreter's times mean nothing)."""
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def methods() -> dict:

@@ -23,9 +23,8 @@ Backward (two recomputing kernels, the "10 B^2 D" design of KERNELS.md): a row-p
   D columns, keeps that (64, bwd_bd) fp32 accumulator in registers over the whole loop and writes it
   once (512 on Hopper: all of D=512 in one chunk, 2 GEMMs per kernel; 32 B of spills in the column
   kernel on sm_90, and still the fastest timed on an H200; 256 before Hopper, where 512 spills 264 B).
-  S is recomputed once per D chunk
-  (D=768: 2 chunks, 3 GEMMs per kernel instead of 2), which replaces reading and
-  rewriting the fp32 gradient rows per tile (64 x D x 4 B x 2 per tile pair: 137 GB of traffic per
+  S is recomputed once per D chunk (D=768: 2 chunks, 3 GEMMs per kernel instead of 2), which replaces
+  reading and rewriting the fp32 gradient rows per tile (64 x D x 4 B x 2 per tile pair: 137 GB of traffic per
   backward at B=32k, D=512). fp32 inputs (``bwd_bd=0``): all of D per program, the fp32 rows read and
   rewritten per tile in BK chunks (their FMA GEMMs are the cost; a recompute per D chunk would multiply
   it). dX is cast to the input dtype for the MMA (fp32 stays IEEE fp32), after normalising the
@@ -51,14 +50,12 @@ NEG = tl.constexpr(_NEG)
 # 8.1 at 128 x 64, 8 warps), backward one 512-column D chunk per program (fwd + bwd 32.5 ms; 48.7 with 256,
 # 86.9 with 128, 61.3 for the read-modify-write design); compile_check (sm_90, bf16): 0 / 0 / 32 B of
 # spills. Older cards keep the untimed no-spill tiles (the 512-column backward spills 264 B on sm_80).
-# fp32 inputs use true-fp32 FMA dots
-# (no tensor cores), which need smaller K chunks not to spill. bwd_bd: D columns per backward program
+# fp32 inputs use true-fp32 FMA dots (no tensor cores), which need smaller K chunks not to spill. bwd_bd: D columns per backward program
 # (register accumulator), 0 = the read-modify-write backward (see the module docstring). The interpreter
 # prefers few, large tiles. Tests override any key with ``tile_config``.
 _GPU = dict(fwd_bm=64, fwd_bn=128, fwd_bk=64, fwd_warps=4, fwd_stages=3,
             bwd_bm=64, bwd_bn=64, bwd_bk=64, bwd_bd=512, bwd_warps=8, bwd_stages=3, groups=16)
-_GPU_PRE_HOPPER = dict(fwd_bm=128, fwd_bn=64, fwd_bk=64, fwd_warps=8, fwd_stages=3,
-                       bwd_bm=64, bwd_bn=64, bwd_bk=64, bwd_bd=256, bwd_warps=8, bwd_stages=3, groups=16)
+_GPU_PRE_HOPPER = dict(_GPU, fwd_bm=128, fwd_bn=64, fwd_warps=8, bwd_bd=256)
 _GPU_FP32 = dict(fwd_bm=64, fwd_bn=64, fwd_bk=16, fwd_warps=8, fwd_stages=3,
                  bwd_bm=64, bwd_bn=64, bwd_bk=16, bwd_bd=0, bwd_warps=8, bwd_stages=3, groups=16)
 _CPU = dict(fwd_bm=32, fwd_bn=32, fwd_bk=64, fwd_warps=4, fwd_stages=1,

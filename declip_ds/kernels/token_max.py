@@ -429,7 +429,7 @@ def _tm_bwd_y_saved_kernel(X, WX, WY, A1, A2, G1, G2, DY, norm_ptr, Bi, Bt, TI, 
 # ---------------------------------------------------------------------------------------- launchers
 def _geometry(x, y):
     (Bi, Ti, D), (Bt, Tt) = x.shape, y.shape[:2]
-    cfg = choose_tiles(Ti, Tt, D, _gpu_tiles(x), x.dtype, gpu_arch(x) if _gpu_tiles(x) else 90)
+    cfg = choose_tiles(Ti, Tt, D, _gpu_tiles(x), x.dtype, gpu_arch(x))
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     if BM < Ti or BN < Tt:
         raise ValueError(f"token_max tiles must hold one whole sample: BM={BM} < Ti={Ti} or BN={BN} < Tt={Tt}.")
