@@ -38,11 +38,12 @@ def test_bench_contrastive_kernel_rows_run_interpreted(tmp_path):
     """The kernel rows and --tiles rows (as run_all.sh sweeps them) go through the same code under the
     interpreter; with only kernel rows asked for on a CPU without it, the (empty) table still prints."""
     proc = run("bench_contrastive.py", tmp_path, "--B", "40", "--D", "24", "--methods", "triton",
-               "--tiles", "bwd_bd=16", "fwd_bm=16,fwd_bn=32,fwd_warps=4", interpret=True)
+               "--tiles", "bwd_bd=16", "fwd_bm=16,fwd_bn=32,fwd_warps=4", "bwd_chunk=16,g_bm=16", interpret=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "triton rows run interpreted" in proc.stdout
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "contrastive.csv"))}
-    assert set(rows) == {"triton", "triton[bwd_bd=16]", "triton[fwd_bm=16,fwd_bn=32,fwd_warps=4]"}
+    assert set(rows) == {"triton", "triton[bwd_bd=16]", "triton[fwd_bm=16,fwd_bn=32,fwd_warps=4]",
+                         "triton[bwd_chunk=16,g_bm=16]"}
     assert all(r["status"] == "ok" for r in rows.values())
     proc = run("bench_contrastive.py", tmp_path, "--B", "40", "--D", "24", "--methods", "triton", "--tiles", "bwd_bd=16")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -43,8 +43,9 @@ def compile_reports(tmp_path, *args, expect_rc=0):
 def check_reports(reports, arch):
     kernels = {r["kernel"] for r in reports}
     # every kernel of both public functions was captured and compiled, in every dtype asked for
-    # (fp32 CLIP inputs use the read-modify-write backward kernels, 16-bit ones the register-accumulator ones)
-    assert kernels == {"_clip_fwd_kernel", "_clip_bwd_rows_kernel", "_clip_bwd_cols_kernel",
+    # (fp32 CLIP inputs use the read-modify-write backward kernels, 16-bit ones the chunked backward's dX kernel
+    # by default and the register-accumulator ones with bwd_chunk=0)
+    assert kernels == {"_clip_fwd_kernel", "_clip_dlogits_kernel", "_clip_bwd_rows_kernel", "_clip_bwd_cols_kernel",
                        "_clip_bwd_rows_rmw_kernel", "_clip_bwd_cols_rmw_kernel", "_tm_fwd_kernel", "_tm_bwd_x_kernel",
                        "_tm_bwd_y_kernel", "_tm_bwd_x_saved_kernel", "_tm_bwd_y_saved_kernel"}, kernels
     assert {r["dtype"] for r in reports} == {"bfloat16", "float16", "float32"}

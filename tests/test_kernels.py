@@ -185,16 +185,16 @@ def test_fused_clip_loss_rejects_bad_inputs():
         fused_clip_loss(x, x, torch.tensor(1.0))
 
 
-def _clip_rank_fn(rank, world, img, txt, scale):
+def _clip_rank_fn(rank, world, img, txt, scale, chunk=0):
     b = img.shape[0] // world
     out = []
     for fn in (fused_clip_loss, clip_loss):
         li = img[rank * b:(rank + 1) * b].clone().requires_grad_()
         lt = txt[rank * b:(rank + 1) * b].clone().requires_grad_()
         s = scale.clone().requires_grad_()
-        with contrastive.tile_config(**SMALL_TILES):
+        with contrastive.tile_config(**SMALL_TILES, bwd_chunk=chunk, g_bm=16, g_bn=16, g_bk=32):
             loss = fn(li, lt, s, group=dist.group.WORLD)
-        loss.backward()
+            loss.backward()
         out.append((loss.detach(), li.grad, lt.grad, s.grad))
     return out
 
@@ -248,20 +248,74 @@ def test_backward_register_accumulators_equal_the_read_modify_write_design(dtype
     check_fused_against_float64(img, txt, s, 1e-4 if dtype == torch.float32 else 5e-3)
 
 
-@pytest.mark.parametrize("dtype,arch", [(torch.float32, 90), (torch.float16, 90), (torch.float16, 80)])
-def test_gpu_tile_configuration_gives_the_reference_result(monkeypatch, dtype, arch):
-    """The tiles shipped for GPUs (16-bit on Hopper: 64 x 128 forward, 64 x 64 backward with D chunks of 512
-    per backward program; before Hopper: 128 x 64 forward, D chunks of 256; fp32: 64 x 64, K chunks of 16,
-    read-modify-write backward; 16 groups), run here by the interpreter: several row/column groups, partial
-    last tiles, D not a multiple of BK, and for 16-bit two D chunks (the last partial)."""
+CHUNK_TILES = dict(SMALL_TILES, g_bm=16, g_bn=16, g_bk=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,D,chunk,scale", [(37, 40, 16, 20.0), (33, 96, 7, 100.0), (1, 16, 4, 14.3),
+                                             (50, 64, 100, 1.0)])
+def test_chunked_backward_matches_float64_and_the_fused_kernels(B, D, chunk, scale, dtype):
+    """bwd_chunk > 0 (16-bit default on GPUs): a Triton kernel writes dX for c rows at a time and two GEMMs
+    give dI and dT (dT accumulated over the chunks in fp32). Chunks of 16 over 37 rows (last partial), of 7
+    (not a multiple of the 16-row tiles), and one chunk larger than the batch; same gradients as the fused
+    design up to the order of the fp32 sums, and the float64 reference at KERNELS.md §3.3 tolerances."""
+    img, txt = features(B, D, seed=B + D, dtype=dtype)
+    s = torch.tensor(scale, device=DEV)
+    with contrastive.tile_config(**CHUNK_TILES, bwd_chunk=chunk):
+        assert contrastive._use_chunked_backward(img)
+        loss, grads = run_clip(fused_clip_loss, img, txt, s)
+        check_fused_against_float64(img, txt, s, 1e-4 if dtype == torch.float32 else 5e-3)
+    with contrastive.tile_config(**CHUNK_TILES, bwd_chunk=0):
+        loss0, grads0 = run_clip(fused_clip_loss, img, txt, s)
+    assert float(loss) == float(loss0)  # same forward
+    for g, g0 in zip(grads, grads0):
+        assert g.dtype == g0.dtype
+        # fp16: the same dX values rounded to fp16, summed in another order (one fp16 ulp of the result)
+        torch.testing.assert_close(g, g0, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-6 * scale)
+
+
+def test_chunked_backward_is_not_used_for_fp32_on_a_gpu(monkeypatch):
+    """fp32 features on a GPU keep the fused true-fp32 kernels: cuBLAS would follow torch's TF32 switch."""
+    class CudaLike:
+        is_cuda, dtype = True, torch.float32
+    monkeypatch.setattr(contrastive, "_config", lambda t: dict(contrastive._CPU, bwd_chunk=512))
+    assert not contrastive._use_chunked_backward(CudaLike())
+    assert contrastive._use_chunked_backward(torch.zeros(1, dtype=torch.float32))  # the interpreter on CPU
+    CudaLike.dtype = torch.bfloat16
+    assert contrastive._use_chunked_backward(CudaLike())
+
+
+def test_mm_f32_upcasts_off_cuda_and_accumulates_in_place():
+    a = torch.randn(5, 3, dtype=torch.float16)
+    b = torch.randn(3, 4, dtype=torch.float16)
+    assert not contrastive._mm_out_dtype_works(torch.device("cpu"))
+    out = contrastive._mm_f32(a, b)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, a.float() @ b.float())
+    acc = torch.ones(5, 4)
+    assert contrastive._mm_f32(a, b, acc=acc) is acc
+    torch.testing.assert_close(acc, 1 + a.float() @ b.float())
+
+
+@pytest.mark.parametrize("dtype,arch,chunk", [(torch.float32, 90, None), (torch.float16, 90, None),
+                                              (torch.float16, 90, 0), (torch.float16, 80, None)])
+def test_gpu_tile_configuration_gives_the_reference_result(monkeypatch, dtype, arch, chunk):
+    """The tiles shipped for GPUs (16-bit on Hopper: 64 x 128 forward, chunked backward with 128 x 128 dX tiles
+    in chunks of 512 rows; the fused backward kernels (bwd_chunk=0) 64 x 64 with D chunks of 512 per program;
+    before Hopper: 128 x 64 forward, D chunks of 256; fp32: 64 x 64, K chunks of 16, read-modify-write fused
+    backward; 16 groups), run here by the interpreter: several row/column groups, partial last tiles, D not a
+    multiple of BK, and for the fused 16-bit kernels two D chunks (the last partial)."""
     monkeypatch.setattr(contrastive, "_FORCE_GPU_TILES", [True])
     monkeypatch.setattr(contrastive, "_FORCE_ARCH", [arch])
     cfg = contrastive._config(torch.zeros(1, dtype=dtype))
     sixteen = dtype != torch.float32
-    want = (64, 64, 0) if not sixteen else (64, 128, 512) if arch >= 90 else (128, 64, 256)
-    assert (cfg["fwd_bm"], cfg["fwd_bn"], cfg["bwd_bd"]) == want
+    want = (64, 64, 0, 0) if not sixteen else (64, 128, 512, 512) if arch >= 90 else (128, 64, 256, 512)
+    assert (cfg["fwd_bm"], cfg["fwd_bn"], cfg["bwd_bd"], cfg["bwd_chunk"]) == want
     img, txt = features(200, cfg["bwd_bd"] + 8 if sixteen else 264, seed=21, dtype=dtype)
-    check_fused_against_float64(img, txt, torch.tensor(30.0, device=DEV), 1e-4 if dtype == torch.float32 else 5e-3)
+    with contrastive.tile_config(**({} if chunk is None else dict(bwd_chunk=chunk))):
+        assert contrastive._use_chunked_backward(img) == (sixteen and chunk is None)
+        check_fused_against_float64(img, txt, torch.tensor(30.0, device=DEV),
+                                    1e-4 if dtype == torch.float32 else 5e-3)
 
 
 def test_launch_falls_back_to_fewer_stages_then_names_the_fix(monkeypatch):
@@ -306,26 +360,43 @@ cpu_allocations = pytest.mark.skipif(torch.cuda.is_available(), reason="measures
                                      "test_gpu_*_memory tests measure max_memory_allocated")
 
 
+def _mm_f32_like_cublas(a, b, acc=None):
+    """What contrastive._mm_f32 allocates on a GPU (torch.mm / addmm with out_dtype=fp32: the fp32 result and
+    nothing else), computed here from 4 x 4 upcast blocks so that no fp32 copy of an operand is allocated."""
+    out = torch.zeros(a.shape[0], b.shape[1]) if acc is None else acc
+    for i in range(0, a.shape[0], 4):
+        for k in range(0, a.shape[1], 4):
+            out[i:i + 4].addmm_(a[i:i + 4, k:k + 4].float(), b[k:k + 4].float())
+    return out
+
+
 @cpu_allocations
+@pytest.mark.parametrize("chunk", [0, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_clip_loss_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype):
+def test_fused_clip_loss_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype, chunk):
     """KERNELS.md §3.1 memory, measured on the allocations (the same Python code runs on a GPU): forward +
     backward never holds more than the input-dtype gradients plus one fp32 (b, D) buffer and O(b) statistics,
-    so the rise is linear in B (at 32k x 512 bf16: 128 MiB + 12 MiB of statistics)."""
-    for name in ("_clip_fwd_kernel", "_clip_bwd_rows_kernel", "_clip_bwd_cols_kernel"):
+    so the rise is linear in B (at 32k x 512 bf16: 128 MiB + 12 MiB of statistics). The chunked backward
+    (chunk 32 <= D rows) adds a (chunk, D) fp32 product and its (chunk, N) dX buffer, which in 16 bits is no
+    larger than the returned dT and freed before dT's cast, so it does not raise the peak (in fp32 it does)."""
+    for name in ("_clip_fwd_kernel", "_clip_bwd_rows_kernel", "_clip_bwd_cols_kernel", "_clip_dlogits_kernel"):
         monkeypatch.setattr(contrastive, name, _CollectAfterLaunch(getattr(contrastive, name)))
     monkeypatch.setattr(contrastive, "_PAIR_ROWS", 64)  # the forward's s_ii is computed in row blocks
+    monkeypatch.setattr(contrastive, "_mm_f32", _mm_f32_like_cublas)
     D, ratios = 128, []
     for B in (128, 256):
         img, txt = (t.requires_grad_() for t in features(B, D, seed=B, dtype=dtype))
         s = torch.tensor(14.3, device=DEV, requires_grad=True)
-        with contrastive.tile_config(**SMALL_TILES):
+        with contrastive.tile_config(**CHUNK_TILES, bwd_chunk=chunk):
             peak = torch_peak_bytes(lambda: torch.autograd.grad(fused_clip_loss(img, txt, s), (img, txt, s)))
             G = SMALL_TILES["groups"]
         grads = 2 * B * D * img.element_size()  # the returned dI and dT
         fp32_buffer = B * D * 4 if dtype != torch.float32 else 0  # in fp32 the buffer *is* the gradient
+        # chunked: the (chunk, N) dX buffer (16 bits: no more than the dT cast that follows it) and one
+        # (chunk, D) fp32 product of dI at a time
+        dX = (chunk * B * img.element_size() if dtype == torch.float32 else 0) + chunk * D * 4
         stats = 3 * G * (B + B) * 4 + 16 * B * 4  # partial statistics + O(B) vectors (LSEs, s_ii, weights)
-        assert peak <= grads + fp32_buffer + stats, (peak, grads, fp32_buffer, stats)
+        assert peak <= grads + fp32_buffer + dX + stats, (peak, grads, fp32_buffer, dX, stats)
         assert peak >= grads  # the measurement sees the allocations at all
         ratios.append(peak / (B * D))
     assert ratios[1] == pytest.approx(ratios[0], rel=0.1)  # linear in B
@@ -333,11 +404,14 @@ def test_fused_clip_loss_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypa
 
 @pytest.mark.dist
 @_CPU_RANKS_ONLY
-def test_fused_clip_loss_two_ranks_equal_clip_loss_and_global_batch():
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_fused_clip_loss_two_ranks_equal_clip_loss_and_global_batch(chunk):
+    """Both backward designs: the fused kernels (chunk 0) and the chunked one (rows of 4, 4, 1 per rank, so
+    the positives of rank 1 sit at columns 9.. of the gathered texts)."""
     W, B, D = 2, 18, 24  # b = 9 per rank: partial tiles and two row/column groups
     img, txt = features(B, D, seed=3, dtype=torch.float32)
     scale = torch.tensor(14.0)
-    results = run_ranks(_clip_rank_fn, world=W, args=(img.cpu(), txt.cpu(), scale))
+    results = run_ranks(_clip_rank_fn, world=W, args=(img.cpu(), txt.cpu(), scale, chunk))
     gl, (gi, gt, gs) = run_clip(clip_loss, img.cpu(), txt.cpu(), scale)
     b = B // W
     for rank, (fused, ref) in enumerate(results):
@@ -717,6 +791,31 @@ def test_gpu_fused_clip_loss_bf16(B, D, scale):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("chunk", [0, 1000])
+def test_gpu_both_backward_designs_bf16(chunk):
+    """The fused backward kernels (chunk 0) and the chunked one with 5 chunks (the last partial) over 4097 rows."""
+    img, txt = features(4097, 512, seed=3, dtype=torch.bfloat16)
+    with contrastive.tile_config(bwd_chunk=chunk):
+        assert contrastive._use_chunked_backward(img) == (chunk > 0)
+        check_fused_against_float64(img, txt, torch.tensor(100.0, device=DEV), 5e-3)
+
+
+@gpu
+@needs_cuda
+def test_gpu_chunked_backward_gets_fp32_gemm_outputs():
+    """torch >= 2.8 on CUDA: bf16 GEMMs with fp32 output (the chunked backward's dI and dT), no upcast copies."""
+    assert contrastive._mm_out_dtype_works(torch.device(DEV))
+    dX = torch.randn(300, 1000, device=DEV, dtype=torch.bfloat16)[:250]  # a chunk's rows of the buffer
+    image = torch.randn(250, 64, device=DEV, dtype=torch.bfloat16)
+    acc = torch.ones(1000, 64, device=DEV)
+    assert contrastive._mm_f32(dX.t(), image, acc=acc) is acc  # the transposed view, as for dT
+    torch.testing.assert_close(acc, 1 + dX.t().float() @ image.float(), rtol=1e-4, atol=1e-3)
+    out = contrastive._mm_f32(dX, torch.randn(1000, 64, device=DEV, dtype=torch.bfloat16))
+    assert out.dtype == torch.float32 and out.shape == (250, 64)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_fused_clip_loss_large(dtype):
     img, txt = features(4097, 512, seed=1, dtype=dtype)
@@ -727,7 +826,8 @@ def test_gpu_fused_clip_loss_large(dtype):
 @needs_cuda
 def test_gpu_fused_clip_loss_memory_is_linear():
     """KERNELS.md §3.1: at 32k x 512 bf16 the rise of max_memory_allocated over forward + backward is at
-    most 0.2 GB: the bf16 gradients, one fp32 (B, D) buffer and the O(B) statistics; half at 16k."""
+    most 0.2 GB: the bf16 gradients, one fp32 (B, D) buffer, the chunked backward's (512, D) fp32 product
+    and the O(B) statistics; half at 16k."""
     rises = {}
     for B in (16384, 32768):
         D = 512
@@ -741,7 +841,7 @@ def test_gpu_fused_clip_loss_memory_is_linear():
         torch.cuda.synchronize()
         rises[B] = torch.cuda.max_memory_allocated() - base
         groups = contrastive._GPU["groups"]
-        expected = 2 * B * D * 2 + B * D * 4 + 3 * groups * 2 * B * 4 + 16 * B * 4
+        expected = 2 * B * D * 2 + B * D * 4 + 3 * groups * 2 * B * 4 + 16 * B * 4 + 512 * D * 4
         assert rises[B] <= expected + 8 * 2**20, (B, rises[B] / 2**20, expected / 2**20)
         del a, b, img, txt
     assert rises[32768] <= 0.2e9, rises[32768] / 2**20

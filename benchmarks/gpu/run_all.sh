@@ -45,8 +45,9 @@ step() {  # step NAME SECONDS CMD...
 }
 
 # the tile sweeps (same lists in both modes, so QUICK=1 checks that every spec parses and runs)
-CLIP_TILES=(bwd_bd=256 bwd_bd=256,bwd_warps=4 fwd_bm=128,fwd_bn=64,fwd_warps=8 fwd_bm=128,fwd_bn=128,fwd_warps=8
-            bwd_stages=2 bwd_bn=32 groups=32)
+# CLIP: bwd_chunk=0 is the fused backward (timed 32.5 ms fwd + bwd in the first run) next to the chunked default
+CLIP_TILES=(bwd_chunk=0 bwd_chunk=256 bwd_chunk=1024 bwd_chunk=2048 g_bm=64,g_bn=128,g_warps=4 g_bn=256 g_stages=4
+            g_bk=32 fwd_bm=128,fwd_bn=128,fwd_warps=8)
 FILIP_TILES=(64x128x32 64x256x64 64x128x64x8x2,group=8 64x128x64x4x2 64x128x64x8x3 64x128x64x8x2,save=1,BD=256)
 
 if [ "${QUICK:-0}" = 1 ]; then
@@ -84,9 +85,10 @@ else
     step filip_target 45 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --B 1024 --Ti 50 --Tt 77 \
         --D 512 --no-extra --methods eager triton triton_saved --reps 10 --warmup 2
     # tile sweeps next to the defaults, same shape, same run (defaults since the first GPU run: CLIP forward
-    # 64 x 128 x 4 warps, backward D chunks of 512; FILIP 16-bit K chunks of 64 for <= 64-row tiles, saved BD 128)
+    # 64 x 128 x 4 warps, fused backward D chunks of 512; FILIP 16-bit K chunks of 64 for <= 64-row tiles, saved
+    # BD 128; since then, untimed: the chunked CLIP backward, 512 rows, 128 x 128 x 64 dX tiles, 8 warps)
     mkdir -p "$WORK/tiles"
-    step tiles_contrastive 40 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --B 32768 --D 512 \
+    step tiles_contrastive 50 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --B 32768 --D 512 \
         --methods triton --reps 10 --warmup 2 --tiles "${CLIP_TILES[@]}"
     step tiles_filip 50 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --B 1024 --Ti 50 --Tt 77 --D 512 \
         --no-extra --methods triton triton_saved --reps 5 --warmup 1 --tiles "${FILIP_TILES[@]}"

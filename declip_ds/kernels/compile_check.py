@@ -131,8 +131,8 @@ def _capture(into: list, label: str, arch: int = 90):
 
 def capture_launches(dtype: torch.dtype, arch: int = 90) -> list[Launch]:
     """Every kernel launch of fused_clip_loss and token_max_similarity (forward + backward, both backward
-    designs of the latter) for dtype, with the tiles chosen for sm_<arch>."""
-    from declip_ds.kernels.contrastive import fused_clip_loss
+    designs of each) for dtype, with the tiles chosen for sm_<arch>."""
+    from declip_ds.kernels.contrastive import fused_clip_loss, tile_config
     from declip_ds.kernels.token_max import token_max_similarity
 
     launches: list[Launch] = []
@@ -140,8 +140,9 @@ def capture_launches(dtype: torch.dtype, arch: int = 90) -> list[Launch]:
         img = torch.zeros(B, D, dtype=dtype, requires_grad=True)
         txt = torch.zeros(B, D, dtype=dtype, requires_grad=True)
         scale = torch.tensor(14.3, requires_grad=True)
-        with _capture(launches, f"clip B={B} D={D}", arch):
-            torch.autograd.grad(fused_clip_loss(img, txt, scale), (img, txt, scale))
+        for over in ({}, {"bwd_chunk": 0}):  # the default backward, then the fused kernels (16-bit default: chunked)
+            with _capture(launches, f"clip B={B} D={D}{' bwd_chunk=0' if over else ''}", arch), tile_config(**over):
+                torch.autograd.grad(fused_clip_loss(img, txt, scale), (img, txt, scale))
     for B, Ti, Tt, D in FILIP_SHAPES:
         x = torch.zeros(B, Ti, D, dtype=dtype, requires_grad=True)
         y = torch.zeros(B, Tt, D, dtype=dtype, requires_grad=True)

@@ -13,7 +13,18 @@ Forward  (one GEMM pass): grid = (row groups, column groups); a program walks it
   read-modify-writes the column statistics of its row group in a small (G_r, N) buffer (each entry
   owned by one program: no atomics, deterministic). Torch merges the G partials (O((b+N)*G)).
   The sum of exp * s gives E[s] under each softmax, so d loss / d scale is known after the forward.
-Backward (two recomputing kernels, the "10 B^2 D" design of KERNELS.md): a row-parallel kernel
+Backward, two designs (``bwd_chunk`` picks; both tested against the float64 reference and each other):
+ - chunked (bwd_chunk = c > 0; the default for 16-bit inputs on GPUs): for c local rows at a time a Triton
+   kernel recomputes the logit tiles and writes dX (below) for those rows against all N columns into a (c, N)
+   buffer in the input dtype, then two cuBLAS GEMMs with fp32 accumulation and fp32 output give
+   dI[chunk] = dX @ T_all and dT += dX^T @ I[chunk]. 3 GEMM passes (8 B^2 D, the minimal fused count of
+   KERNELS.md), two of them at cuBLAS speed, for 6 bytes of HBM traffic per logit (dX written once, read
+   twice). c = 512 keeps the (c, N) buffer no larger than the returned dT at D = 512, so the peak memory
+   is the fused design's plus a (c, D) fp32 product. Chosen by that arithmetic over the fused kernels
+   (forward + backward 32.5 ms on an H200 at B=32k, D=512, the backward ~4/5 of it, at ~17 % of peak);
+   not yet timed on a GPU itself (benchmarks/gpu/run_all.sh sweeps both).
+   fp32 features on a GPU keep the fused kernels (cuBLAS would follow torch's TF32 switch).
+ - fused (bwd_chunk = 0; the "10 B^2 D" design of KERNELS.md): a row-parallel kernel
   recomputes S tile by tile and accumulates dI = scale * dX @ T; a column-parallel kernel
   recomputes S and accumulates dT = scale * dX^T @ I, with
   dX_ij = w_r (P_row_ij - [j = label_i]) + w_c(j) (P_col_ij - [j = label_i]),
@@ -51,15 +62,20 @@ NEG = tl.constexpr(_NEG)
 # 86.9 with 128, 61.3 for the read-modify-write design); compile_check (sm_90, bf16): 0 / 0 / 32 B of
 # spills. Older cards keep the untimed no-spill tiles (the 512-column backward spills 264 B on sm_80).
 # fp32 inputs use true-fp32 FMA dots (no tensor cores), which need smaller K chunks not to spill. bwd_bd: D columns per backward program
-# (register accumulator), 0 = the read-modify-write backward (see the module docstring). The interpreter
-# prefers few, large tiles. Tests override any key with ``tile_config``.
+# (register accumulator), 0 = the read-modify-write backward (see the module docstring). bwd_chunk: rows per
+# chunk of the chunked backward (0 = the fused backward kernels), whose dX kernel uses the g_* tiles (128 x 128
+# x 64, 8 warps: the usual Hopper GEMM tile; untimed). The interpreter prefers few, large tiles. Tests
+# override any key with ``tile_config``.
 _GPU = dict(fwd_bm=64, fwd_bn=128, fwd_bk=64, fwd_warps=4, fwd_stages=3,
-            bwd_bm=64, bwd_bn=64, bwd_bk=64, bwd_bd=512, bwd_warps=8, bwd_stages=3, groups=16)
+            bwd_bm=64, bwd_bn=64, bwd_bk=64, bwd_bd=512, bwd_warps=8, bwd_stages=3, groups=16,
+            bwd_chunk=512, g_bm=128, g_bn=128, g_bk=64, g_warps=8, g_stages=3)
 _GPU_PRE_HOPPER = dict(_GPU, fwd_bm=128, fwd_bn=64, fwd_warps=8, bwd_bd=256)
 _GPU_FP32 = dict(fwd_bm=64, fwd_bn=64, fwd_bk=16, fwd_warps=8, fwd_stages=3,
-                 bwd_bm=64, bwd_bn=64, bwd_bk=16, bwd_bd=0, bwd_warps=8, bwd_stages=3, groups=16)
+                 bwd_bm=64, bwd_bn=64, bwd_bk=16, bwd_bd=0, bwd_warps=8, bwd_stages=3, groups=16,
+                 bwd_chunk=0, g_bm=64, g_bn=64, g_bk=16, g_warps=8, g_stages=3)
 _CPU = dict(fwd_bm=32, fwd_bn=32, fwd_bk=64, fwd_warps=4, fwd_stages=1,
-            bwd_bm=32, bwd_bn=32, bwd_bk=64, bwd_bd=64, bwd_warps=4, bwd_stages=1, groups=2)
+            bwd_bm=32, bwd_bn=32, bwd_bk=64, bwd_bd=64, bwd_warps=4, bwd_stages=1, groups=2,
+            bwd_chunk=0, g_bm=32, g_bn=32, g_bk=64, g_warps=4, g_stages=1)
 _override: dict = {}
 # Set by declip_ds.kernels.compile_check while it captures launches from CPU tensors, so the captured
 # launches carry the GPU tile configuration it then compiles for a GPU architecture.
@@ -83,7 +99,7 @@ def gpu_arch(t: torch.Tensor) -> int:
 @contextlib.contextmanager
 def tile_config(**kw):
     """Temporarily override any key of the tile configuration (fwd_bm, fwd_bn, fwd_bk, fwd_warps, fwd_stages,
-    the same five for bwd_, bwd_bd, groups)."""
+    the same five for bwd_ and for g_ (the chunked backward's dX tiles), bwd_bd, bwd_chunk, groups)."""
     old = dict(_override)
     _override.update(kw)
     try:
@@ -312,6 +328,25 @@ def _clip_bwd_cols_rmw_kernel(I, T, scale_ptr, row_lse, col_lse, wr_ptr, wc, dT,
             tl.store(ptr, acc, mask=m2)
 
 
+@triton.jit
+def _clip_dlogits_kernel(I, T, scale_ptr, row_lse, col_lse, wr_ptr, wc, G, r0, r1, N, D, stride_i, stride_t,
+                         label_offset, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Chunked backward: G[i - r0, j] = dX_ij (normalised, cast to G's dtype) for the local rows r0 <= i < r1 and
+    all N columns, one (BM, BN) tile per program. Axis 0 walks the chunk's row tiles, so the programs that
+    run together share a column tile of T (read once from HBM, then from L2). dI and dT are cuBLAS GEMMs."""
+    rows = r0 + tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < r1
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = cols < N
+    scale = tl.load(scale_ptr)
+    wr = tl.load(wr_ptr)
+    lse_r = tl.load(row_lse + rows, mask=rmask, other=0.0)
+    s = _scores_tile(I, T, rows, cols, rmask, cmask, D, stride_i, stride_t, BM, BN, BK, PREC)
+    g = _dlogits(s, rows, cols, rmask, cmask, scale, lse_r, col_lse, wr, wc, label_offset)
+    ptr = G + (rows - r0).to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(ptr, g.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
 # ---------------------------------------------------------------------------------------- launchers
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs: true fp32 products (TF32 would cost ~1e-3 relative on the logits, 0.1 at scale 100)
@@ -369,6 +404,82 @@ def _launch_backward(which, image, all_text, scale32, row_lse, col_lse, wr, wc, 
         _launch(_clip_bwd_rows_rmw_kernel if rows else _clip_bwd_cols_rmw_kernel, (n_tiles,),
                 *args, out, *dims, **common)
     return out
+
+
+_MM_OUT_DTYPE: dict = {}  # device -> whether torch.mm / addmm take out_dtype=fp32 for 16-bit inputs there
+
+
+def _mm_out_dtype_works(device) -> bool:
+    """cuBLAS bf16/fp16 GEMMs that write fp32 (torch >= 2.8: ``torch.mm(a, b, out_dtype=torch.float32)`` and the
+    same for ``addmm`` into an fp32 accumulator, CUDA only). Probed once per device on a small product against the
+    upcast one, including the in-place accumulation, so an older torch or a cuBLAS without it falls back."""
+    key = str(device)
+    if key not in _MM_OUT_DTYPE:
+        ok = False
+        if device.type == "cuda":
+            try:
+                g = torch.Generator(device="cpu").manual_seed(0)
+                a = torch.randn(96, 64, generator=g).to(device, torch.bfloat16)
+                b = torch.randn(64, 80, generator=g).to(device, torch.bfloat16)
+                acc = torch.randn(96, 80, generator=g).to(device)
+                want = acc + a.float() @ b.float()
+                one = torch.mm(a, b, out_dtype=torch.float32)
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                ok = (one.dtype == torch.float32 and torch.allclose(one, a.float() @ b.float(), rtol=1e-4, atol=1e-3)
+                      and torch.allclose(acc, want, rtol=1e-4, atol=1e-3))
+            except (TypeError, RuntimeError, NotImplementedError):
+                ok = False
+        _MM_OUT_DTYPE[key] = ok
+    return _MM_OUT_DTYPE[key]
+
+
+def _mm_f32(a, b, acc=None):
+    """fp32 a @ b, or acc += a @ b in place into the fp32 acc, for a and b in the features' dtype. 16-bit CUDA
+    inputs: one cuBLAS GEMM with fp32 accumulation and fp32 output (no rounding to 16 bits in between). Elsewhere
+    (the interpreter on CPU, fp32 inputs, a torch without out_dtype) the operands are upcast, which is exact."""
+    if a.dtype != torch.float32 and a.is_cuda and _mm_out_dtype_works(a.device):
+        if acc is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    if acc is None:
+        return torch.mm(a.float(), b.float())
+    return acc.addmm_(a.float(), b.float())
+
+
+def _chunked_backward(image, all_text, scale32, row_lse, col_lse, wr, wc, label_offset, k):
+    """bwd_chunk > 0: (b, D) dI in the input dtype and the (N, D) fp32 dT of the gathered texts, both times k.
+
+    For each chunk of c local rows: a Triton kernel recomputes the logits tile by tile and writes the
+    normalised dX (c, N) in the input dtype (the dtype the fused kernels feed their MMAs too), then two cuBLAS
+    GEMMs with fp32 accumulation: dI[chunk] = dX @ T_all (c x N x D) and dT += dX^T @ I[chunk] (N x c x D, into
+    the fp32 dT). 3 GEMM passes (1 Triton, 2 cuBLAS) instead of the fused design's 4 Triton ones, at the cost of
+    writing and twice reading dX (6 bytes per logit in 16 bits). Extra memory: one (c, N) dX buffer, freed
+    before the caller casts dT; with c <= D it is no larger than the returned dT, so the peak is unchanged."""
+    b, D = image.shape
+    N = all_text.shape[0]
+    cfg = _config(image)
+    c = max(1, min(cfg["bwd_chunk"], b))
+    BM, BN, BK = cfg["g_bm"], cfg["g_bn"], cfg["g_bk"]
+    dX = torch.empty(c, N, device=image.device, dtype=image.dtype)
+    dI = torch.empty(b, D, device=image.device, dtype=image.dtype)
+    dT = torch.zeros(N, D, device=image.device, dtype=torch.float32)
+    for r0 in range(0, b, c):
+        r1 = min(r0 + c, b)
+        g = dX[:r1 - r0]
+        _launch(_clip_dlogits_kernel, (triton.cdiv(r1 - r0, BM), triton.cdiv(N, BN)),
+                image, all_text, scale32, row_lse, col_lse, wr, wc, g, r0, r1, N, D, image.stride(0),
+                all_text.stride(0), label_offset, BM=BM, BN=BN, BK=BK, PREC=_precision(image.dtype),
+                num_warps=cfg["g_warps"], num_stages=cfg["g_stages"], what="fused_clip_loss backward")
+        dI[r0:r1] = _mm_f32(g, all_text).mul_(k)  # (c, D), cast to the input dtype on assignment
+        _mm_f32(g.t(), image[r0:r1], acc=dT)  # (N, D) += (N, c) @ (c, D)
+    dX = g = None  # free the (c, N) buffer before the caller's cast of dT
+    return dI, dT.mul_(k)
+
+
+def _use_chunked_backward(image) -> bool:
+    """The chunked backward runs when bwd_chunk > 0, except for fp32 features on a GPU: cuBLAS would follow
+    torch's TF32 setting (1e-3 relative error on the logits), so those keep the fused true-fp32 kernels."""
+    return _config(image)["bwd_chunk"] > 0 and not (image.is_cuda and image.dtype == torch.float32)
 
 
 _PAIR_ROWS = 4096  # rows upcast at a time by _paired_dots: 2 * 4096 * D fp32 transient (16 MB at D=512)
@@ -448,8 +559,12 @@ class _FusedClipLoss(torch.autograd.Function):
         k = norm * scale32[0]
         # Peak memory: one fp32 (.., D) buffer at a time next to the input-dtype gradients (KERNELS.md
         # §3: extra memory linear in B); the fp32 dI is freed before the dT buffer is allocated.
-        dI = _launch_backward("rows", *launch).mul_(k).to(image.dtype)
-        dT = _sum_to_owners(_launch_backward("cols", *launch).mul_(k), ctx.group, b).to(all_text.dtype)
+        if _use_chunked_backward(image):
+            dI, dT32 = _chunked_backward(*launch, k)
+        else:
+            dI = _launch_backward("rows", *launch).mul_(k).to(image.dtype)
+            dT32 = _launch_backward("cols", *launch).mul_(k)
+        dT = _sum_to_owners(dT32, ctx.group, b).to(all_text.dtype)
         d_scale = (g[0] * dscale).reshape(ctx.scale_shape).to(ctx.scale_dtype)
         return dI, dT, d_scale, None
 
@@ -463,7 +578,8 @@ def fused_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, s
     labels rank*b + arange(b). The (b, W*b) logits never exist: extra memory is the gathered texts,
     3*G*(b + W*b) floats of partial statistics (G <= 16), and in the backward one fp32 gradient
     buffer at a time ((b, D) for the images, then (W*b, D) for the gathered texts) next to the
-    returned gradients.
+    returned gradients; the chunked backward (16-bit on GPUs) holds the (W*b, D) fp32 one, a (512, W*b)
+    dX buffer in the input dtype and a (512, D) fp32 product instead.
     Deterministic (no atomics).
     """
     if image_features.shape != text_features.shape or image_features.dim() != 2:
