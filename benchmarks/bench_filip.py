@@ -9,7 +9,8 @@ Methods, on the same L2-normalised tokens (bf16 on a GPU, fp32 on a CPU) with ra
 * triton:  declip_ds.kernels.token_max_similarity (GPU only), with the text mask; "triton_nomask"
            runs it without masks (KERNELS.md asks that masks cost under 5%); "triton_saved" with
            save_argmax=True (loss.filip_argmax=save: the backward reads the forward's arg-max indices
-           instead of recomputing the scores).
+           instead of recomputing the scores, and multiplies dS chunks built from them with cuBLAS);
+           "triton_saved_kernels" the same with the saved-index Triton kernels instead of the GEMMs.
 Per row: median of --reps runs after --warmup (CUDA events on a GPU) of the forward (both
 directions) and of forward + backward; useful forward TFLOP/s = 2 B^2 Ti Tt D / t_fwd on unpadded
 tokens; its fraction of the card's dense bf16 peak; backward / forward time; rise of
@@ -55,24 +56,34 @@ def methods() -> dict:
         out["triton"] = token_max_similarity
         out["triton_nomask"] = lambda x, y, xm, ym: token_max_similarity(x, y)
         out["triton_saved"] = lambda x, y, xm, ym: token_max_similarity(x, y, xm, ym, save_argmax=True)
+        out["triton_saved_kernels"] = saved_kernels
     return out
+
+
+def saved_kernels(x, y, xm, ym):
+    """save_argmax with the saved-index Triton kernels for the backward (the design is fixed at the forward)."""
+    from declip_ds.kernels import token_max
+
+    with token_max.saved_backward("kernels"):
+        return token_max.token_max_similarity(x, y, xm, ym, save_argmax=True)
 
 
 def parse_tiles(spec: str) -> dict:
     """"64x256x32" or "64x256x32x8x2", optionally followed by ",key=value" items (group: row tiles per band of
     the forward's program order; BD: D columns per saved-arg-max backward program; save=1: the row runs with
-    save_argmax) -> keyword arguments of token_max.tile_config, plus "save"."""
+    save_argmax; kernels=1: with the saved-index Triton kernels, not the GEMMs) -> keyword arguments of
+    token_max.tile_config, plus "save" and "kernels"."""
     head, *extras = spec.split(",")
     parts = head.lower().split("x")
     if len(parts) not in (3, 5) or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise SystemExit(f"--tiles {spec!r}: expected BMxBNxBK or BMxBNxBKxWARPSxSTAGES, then optional ,group=G ,BD=N "
-                         f",save=1, e.g. 64x256x32 or 64x128x32x8x2,group=1")
+                         f",save=1 ,kernels=1, e.g. 64x256x32 or 64x128x32x8x2,group=1")
     keys = ("BM", "BN", "BK", "num_warps", "num_stages")
     cfg = dict(zip(keys, map(int, parts)))
     for item in extras:
         key, _, value = item.partition("=")
-        if key not in ("group", "BD", "save") or not value.isdigit():
-            raise SystemExit(f"--tiles {spec!r}: {item!r} is not group=<int>, BD=<int> or save=0/1")
+        if key not in ("group", "BD", "save", "kernels") or not value.isdigit():
+            raise SystemExit(f"--tiles {spec!r}: {item!r} is not group=<int>, BD=<int>, save=0/1 or kernels=0/1")
         cfg[key] = int(value)
     return cfg
 
@@ -155,8 +166,9 @@ def main() -> None:
                 rows.append(dict(method=f"triton[{spec}]", B=B, Ti=Ti, Tt=Tt, D=D, dtype=str(dtype).replace("torch.", ""),
                                  status="skipped: tiles smaller than one sample"))
             else:
-                tiles_only = {k: v for k, v in cfg.items() if k != "save"}
-                fn = functools.partial(token_max_similarity, save_argmax=bool(cfg.get("save", 0)))
+                tiles_only = {k: v for k, v in cfg.items() if k not in ("save", "kernels")}
+                fn = saved_kernels if cfg.get("kernels") else \
+                    functools.partial(token_max_similarity, save_argmax=bool(cfg.get("save", 0)))
                 rows.append(bench_one(f"triton[{spec}]", fn, B, Ti, Tt, D, dtype, args.reps,
                                       args.warmup, peak, ctx=lambda c=tiles_only: token_max.tile_config(**c)))
             print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:9]), flush=True)

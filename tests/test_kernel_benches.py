@@ -61,13 +61,14 @@ def test_bench_filip_kernel_rows_run_interpreted(tmp_path):
     """The GPU-only rows (triton, triton_nomask, triton_saved and --tiles rows with their extras) go through
     the same code under the interpreter, so a GPU session does not find their bugs first."""
     proc = run("bench_filip.py", tmp_path, "--B", "3", "--Ti", "6", "--Tt", "5", "--D", "16",
-               "--methods", "triton", "triton_nomask", "triton_saved",
-               "--tiles", "16x16x16,group=1", "16x16x16x4x1,BD=16,save=1", "4x16x16", interpret=True)
+               "--methods", "triton", "triton_nomask", "triton_saved", "triton_saved_kernels",
+               "--tiles", "16x16x16,group=1", "16x16x16x4x1,BD=16,save=1,kernels=1", "16x32x16,save=1", "4x16x16",
+               interpret=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "triton rows run interpreted" in proc.stdout
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "filip.csv"))}
-    assert set(rows) == {"triton", "triton_nomask", "triton_saved", "triton[16x16x16,group=1]",
-                         "triton[16x16x16x4x1,BD=16,save=1]", "triton[4x16x16]"}
+    assert set(rows) == {"triton", "triton_nomask", "triton_saved", "triton_saved_kernels", "triton[16x16x16,group=1]",
+                         "triton[16x16x16x4x1,BD=16,save=1,kernels=1]", "triton[16x32x16,save=1]", "triton[4x16x16]"}
     assert rows["triton[4x16x16]"]["status"] == "skipped: tiles smaller than one sample"
     assert all(r["status"] == "ok" for k, r in rows.items() if k != "triton[4x16x16]")
 
@@ -78,8 +79,8 @@ def test_tile_specs_are_parsed_and_bad_ones_named():
     assert bench_filip.parse_tiles("128x128x32x8x2") == {"BM": 128, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 2}
     with pytest.raises(SystemExit, match="KEY one of fwd_bm"):
         bench_contrastive.parse_tiles("fwd_block=128")
-    assert bench_filip.parse_tiles("64x128x32x8x2,group=1,BD=64,save=1") == {
-        "BM": 64, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 2, "group": 1, "BD": 64, "save": 1}
+    assert bench_filip.parse_tiles("64x128x32x8x2,group=1,BD=64,save=1,kernels=1") == {
+        "BM": 64, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 2, "group": 1, "BD": 64, "save": 1, "kernels": 1}
     with pytest.raises(SystemExit, match="BMxBNxBK"):
         bench_filip.parse_tiles("64x256")
     with pytest.raises(SystemExit, match="'grp=1' is not group=<int>"):

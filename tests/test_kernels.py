@@ -461,16 +461,22 @@ def test_token_max_matches_float64(Bi, Bt, Ti, Tt, D, dtype):
 
 
 @cpu_allocations
-@pytest.mark.parametrize("save_argmax", [False, True])
+@pytest.mark.parametrize("mode", ["recompute", "kernels", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype, save_argmax):
+def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype, mode):
     """Forward + backward holds the token gradients and O(Bi*Bt + B*T) floats, never (B, B, Ti, Tt). Recompute:
     plus one fp32 token-gradient buffer (the larger side), never both at once. save_argmax: plus the
-    Bi*Bt*(Ti+Tt) bytes of indices and no fp32 buffer (gradients written in the input dtype from registers)."""
+    Bi*Bt*(Ti+Tt) bytes of indices and no fp32 buffer ("kernels": gradients written in the input dtype from
+    registers; "gemm": one dS chunk of at most _DS_CHUNK_BYTES, its scatter indices and one fp32 chunk product)."""
+    save_argmax = mode != "recompute"
     side = "_saved_kernel" if save_argmax else "_kernel"
     for name in ("_tm_fwd_kernel", "_tm_bwd_x" + side, "_tm_bwd_y" + side):
         monkeypatch.setattr(token_max, name, _CollectAfterLaunch(getattr(token_max, name)))
+    monkeypatch.setattr(token_max, "_SAVED_DESIGN", [mode if save_argmax else "gemm"])
+    monkeypatch.setattr(contrastive, "_mm_f32", _mm_f32_like_cublas)
     Bi, Bt, Ti, Tt, D = 16, 16, 12, 10, 64
+    chunk = 2 * Ti * Bt * Tt * 2  # 2 images (2 texts) of 16-bit dS per chunk, 1 of fp32
+    monkeypatch.setattr(token_max, "_DS_CHUNK_BYTES", [chunk])
     x, y, xm, ym = token_inputs(Bi, Bt, Ti, Tt, D, seed=3, dtype=dtype)
     a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
     w1, w2 = torch.randn(2, Bi, Bt).to(DEV)
@@ -484,19 +490,26 @@ def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, d
     fp32_buffer = max(Bi * Ti, Bt * Tt) * D * 4 if dtype != torch.float32 and not save_argmax else 0
     indices = Bi * Bt * (Ti + Tt) if save_argmax else 0
     small = 12 * Bi * Bt * 4 + 4 * (Bi * Ti + Bt * Tt) * 4  # scores, their grads, weights, masks
-    assert grads + indices <= peak <= grads + indices + fp32_buffer + small, (peak, grads, indices, fp32_buffer, small)
+    n = 2  # samples per chunk, at most
+    # the chunk, its fp32 product, and at most 4 scatter temporaries (int64 indices, fp32 values) alive at once
+    gemm = (chunk + n * max(Ti, Tt) * D * 4 + 4 * n * max(Ti, Tt) * max(Bi, Bt) * 8) if mode == "gemm" else 0
+    bound = grads + indices + fp32_buffer + gemm + small
+    assert grads + indices <= peak <= bound, (peak, grads, indices, fp32_buffer, gemm, small)
     assert small < min(Bi * Ti, Bt * Tt) * D * 4  # so the bound leaves no room for an fp32 buffer it does not count
+    if mode == "gemm":  # the chunk and its temporaries stay well below the full dS
+        assert gemm < Bi * Ti * Bt * Tt * x.element_size() / 2
 
 
-@pytest.mark.parametrize("save_argmax", [False, True])
+@pytest.mark.parametrize("save_argmax", [False, "kernels", "gemm"])
 @pytest.mark.parametrize("Ti,Tt", [(50, 77), (20, 16)])
 def test_token_max_gpu_tiles_give_the_reference_result(monkeypatch, Ti, Tt, save_argmax):
     """The GPU tile choice (64 x 128 for 50 x 77: one image and one text per tile; 64 x 64 for 20 x 16:
     3 images x 4 texts, the two-phase epilogue's multi-sample tables), run by the interpreter in fp16, with
-    both backward designs (the saved one in its GPU D chunks: 128 + 32 of D=160 at 64 x 128)."""
+    every backward design (the saved kernels in their GPU D chunks: 128 + 32 of D=160 at 64 x 128)."""
     from declip_ds.kernels import contrastive as c
 
     monkeypatch.setattr(c, "_FORCE_GPU_TILES", [True])
+    monkeypatch.setattr(token_max, "_SAVED_DESIGN", [save_argmax or "gemm"])
     x, y, xm, ym = token_inputs(5, 6, Ti, Tt, 160, seed=Ti, dtype=torch.float16)
     w = torch.randn(2, 5, 6, dtype=torch.float64).to(DEV)
     ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
@@ -572,16 +585,22 @@ def test_token_max_debug_mode_checks_the_recomputed_argmax(monkeypatch):
 SAVED_CASES = [(1, 1, 5, 7, 16), (7, 5, 4, 11, 16), (33, 7, 5, 7, 96)]
 
 
+SAVED_DESIGNS = pytest.mark.parametrize("design", ["gemm", "kernels"])
+
+
+@SAVED_DESIGNS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("Bi,Bt,Ti,Tt,D", SAVED_CASES)
-def test_token_max_saved_argmax_matches_float64_and_the_recompute(Bi, Bt, Ti, Tt, D, dtype):
+def test_token_max_saved_argmax_matches_float64_and_the_recompute(Bi, Bt, Ti, Tt, D, dtype, design):
     """save_argmax=True: the forward stores the arg-max indices, the backward builds dS from them (no scores
-    recomputed, gradients accumulated per D chunk in registers): same scores and gradients as the default."""
+    recomputed): "kernels" accumulates the gradients per D chunk in registers, "gemm" (default) scatters dS for
+    chunks of samples and multiplies with cuBLAS. Same scores and gradients as the default."""
     x, y, xm, ym = token_inputs(Bi, Bt, Ti, Tt, D, seed=Bi * 100 + D, dtype=dtype)
     w = torch.randn(2, Bi, Bt, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEV)
     ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
     base = run_sim(token_max_similarity, x, y, xm, ym, w)
-    saved = run_sim(lambda *a: token_max_similarity(*a, save_argmax=True), x, y, xm, ym, w)
+    with token_max.saved_backward(design):
+        saved = run_sim(lambda *a: token_max_similarity(*a, save_argmax=True), x, y, xm, ym, w)
     rel = 1e-5 if dtype == torch.float32 else 5e-3
     assert (saved[0].double() - ref[0]).abs().max() <= 1e-4 and (saved[1].double() - ref[1]).abs().max() <= 1e-4
     assert rel_frobenius(saved[2], ref[2]) <= rel and rel_frobenius(saved[3], ref[3]) <= rel
@@ -589,8 +608,49 @@ def test_token_max_saved_argmax_matches_float64_and_the_recompute(Bi, Bt, Ti, Tt
     assert saved[2].dtype == dtype and saved[3].dtype == dtype
     torch.testing.assert_close(saved[0], base[0], rtol=0, atol=0)  # the same forward
     torch.testing.assert_close(saved[1], base[1], rtol=0, atol=0)
-    for u, v in zip(saved[2:], base[2:]):  # same dS, same accumulation order over column / row tiles
-        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+    # kernels: same dS, same accumulation order over column / row tiles; gemm: cuBLAS's order (16 bits: the same
+    # fp32 sum may round to the neighbouring fp16 value)
+    tol = dict(rtol=1e-5, atol=1e-6) if design == "kernels" or dtype == torch.float32 else dict(rtol=2e-3, atol=1e-3)
+    for u, v in zip(saved[2:], base[2:]):
+        torch.testing.assert_close(u, v, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_max_gemm_backward_in_chunks_and_one_direction(monkeypatch, dtype):
+    """The GEMM backward's dS chunks (a budget of 3 images: 7 images -> 3 + 3 + 1, 5 texts -> 2 + 2 + 1), each
+    direction alone (one scatter map each), against one chunk and against the float64 reference."""
+    x, y, xm, ym = token_inputs(7, 5, 6, 9, 24, seed=17, dtype=dtype)
+    xm[3] = False  # an image without a valid token: its scores are 0, nothing flows
+    w = torch.randn(2, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEV)
+    ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
+    fn = lambda *a: token_max_similarity(*a, save_argmax=True)  # noqa: E731
+    one_chunk = run_sim(fn, x, y, xm, ym, w)
+    monkeypatch.setattr(token_max, "_DS_CHUNK_BYTES", [3 * 6 * 5 * 9 * x.element_size()])  # 3 images per chunk
+    chunks = run_sim(fn, x, y, xm, ym, w)
+    rel = 1e-5 if dtype == torch.float32 else 5e-3
+    for u, v, r in zip(chunks[2:], one_chunk[2:], ref[2:]):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)  # chunks of rows: the same sums per row
+        assert rel_frobenius(u, r) <= rel
+    assert chunks[2][3].abs().max() == 0
+    for direction, k in (("i2t", 0), ("t2i", 1)):
+        grads = {}
+        for design in ("gemm", "kernels"):
+            a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+            with token_max.saved_backward(design):
+                out = token_max_similarity(a, b, xm, ym, direction=direction, save_argmax=True)[k]
+                grads[design] = torch.autograd.grad((out.double() * w[k]).sum(), (a, b))
+        for u, v in zip(grads["gemm"], grads["kernels"]):
+            torch.testing.assert_close(u, v, **(dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32
+                                                else dict(rtol=2e-3, atol=1e-3)))
+
+
+def test_saved_backward_names_its_designs():
+    with pytest.raises(ValueError, match="'gemm' or 'kernels'"):
+        token_max.saved_backward("cublas")
+    assert token_max._SAVED_DESIGN == ["gemm"]
+    with token_max.saved_backward("kernels"):
+        assert token_max._SAVED_DESIGN == ["kernels"]
+    assert token_max._SAVED_DESIGN == ["gemm"]
 
 
 def test_token_max_saved_argmax_stores_the_forward_indices():
@@ -621,14 +681,15 @@ def test_token_max_saved_argmax_stores_the_forward_indices():
     assert s1.grad_fn is None
 
 
-def test_token_max_saved_argmax_long_samples_d_chunks_and_one_direction():
+@SAVED_DESIGNS
+def test_token_max_saved_argmax_long_samples_d_chunks_and_one_direction(design):
     """int16 indices (Ti=260), D split over programs (BD=16, D=40: a partial last chunk), the grouped
     forward order over several row tiles, and the single-direction calls filip_loss makes on many ranks (fp16:
     the saved path on a GPU too)."""
     x, y, xm, ym = token_inputs(3, 4, 260, 5, 40, seed=41, dtype=torch.float16)
     w = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(DEV)
     ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
-    with token_max.tile_config(BM=512, BN=16, BK=16, BD=16, group=2):
+    with token_max.tile_config(BM=512, BN=16, BK=16, BD=16, group=2), token_max.saved_backward(design):
         got = run_sim(lambda *a: token_max_similarity(*a, save_argmax=True), x, y, xm, ym, w)
     assert (got[0].double() - ref[0]).abs().max() <= 1e-4 and (got[1].double() - ref[1]).abs().max() <= 1e-4
     assert rel_frobenius(got[2], ref[2]) <= 5e-3 and rel_frobenius(got[3], ref[3]) <= 5e-3
@@ -637,13 +698,16 @@ def test_token_max_saved_argmax_long_samples_d_chunks_and_one_direction():
         outs = []
         for save in (False, True):
             a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
-            outs.append(torch.autograd.grad(
-                token_max_similarity(a, b, xm, ym, direction=direction, save_argmax=save)[k].sum(), (a, b)))
+            with token_max.saved_backward(design):
+                outs.append(torch.autograd.grad(
+                    token_max_similarity(a, b, xm, ym, direction=direction, save_argmax=save)[k].sum(), (a, b)))
         for u, v in zip(*outs):
             torch.testing.assert_close(u, v, rtol=1e-3, atol=1e-5)
 
 
-def test_token_max_saved_argmax_ties_and_padding():
+@SAVED_DESIGNS
+def test_token_max_saved_argmax_ties_and_padding(design, monkeypatch):
+    monkeypatch.setattr(token_max, "_SAVED_DESIGN", [design])
     e = torch.eye(16, dtype=torch.float16)  # fp16: the saved path on a GPU too
     x = torch.stack([e[0], e[0], e[1], e[0]])[None].to(DEV)  # image tokens 0, 1, 3 identical
     y = torch.stack([e[0], e[1], e[1]])[None].to(DEV)  # text tokens 1, 2 identical

@@ -28,12 +28,20 @@ Backward, two designs with the same result (``save_argmax``; config ``loss.filip
   written per tile in BK-wide D chunks). In all 4 GEMMs of the forward's size (S again and dS times
   the tokens, in each kernel), plus the arg-max reductions.
 * **save** (``save_argmax=True``): the forward also writes each token's arg-max token in every other
-  sample (Bi*Bt*(Ti+Tt) bytes, uint8; int16 past 255 tokens). The backward kernels read those tables
-  instead of recomputing S, and split D over programs: each program keeps a (tile rows, BD) fp32
-  accumulator in registers over the whole loop and writes its gradient block once, in the input dtype
-  (no fp32 (B, T, D) buffer, no per-tile read-modify-write). In all 2 GEMMs of the forward's size (dS
-  times the tokens), with dS rebuilt from the tables once per D chunk. Not used for fp32 tokens on a
-  GPU (they spill; see ``saved_backward_supported``).
+  sample (Bi*Bt*(Ti+Tt) bytes, uint8; int16 past 255 tokens), and the backward reads those tables
+  instead of recomputing S. Two implementations (``saved_backward("gemm" | "kernels")``, fixed at the forward):
+  - "gemm" (default): for a chunk of images (then of texts) torch scatters the two one-hot maps into a dense
+    dS (n, T_own, B_other, T_other) in the input dtype (at most 128 MiB, ``_DS_CHUNK_BYTES``), and one cuBLAS
+    GEMM with fp32 accumulation gives that chunk's gradient (``_gemm_backward_saved``): the 2 GEMMs of the
+    forward's size run at cuBLAS speed, dS costs 4 bytes of HBM traffic per score pair in 16 bits. The
+    tiles are then the forward's alone. Chosen over the kernels below by arithmetic (their 372 ms at
+    B=1024, Ti=50, Tt=77 on an H200 are ~9x their MMA time); not yet timed on a GPU itself.
+  - "kernels": split D over programs: each program keeps a (tile rows, BD) fp32 accumulator in registers
+    over the whole loop and writes its gradient block once, in the input dtype (no fp32 (B, T, D) buffer,
+    no per-tile read-modify-write). In all 2 GEMMs of the forward's size (dS times the tokens), with dS
+    rebuilt from the tables in registers once per D chunk.
+  Not used for fp32 tokens on a GPU (the kernels spill, and cuBLAS would follow torch's TF32 switch; see
+  ``saved_backward_supported``).
 In both, dS is the sum of two one-hot maps:
   dS[(i,k),(j,r)] = g_i2t[i,j] w_i[k] 1[r = argmax_r'] + g_t2i[i,j] w_j[r] 1[k = argmax_k']
 with ties resolved to the lowest token index (min over the positions equal to the max). The recomputing
@@ -130,10 +138,10 @@ def _saved_bd(BM: int, BN: int, D: int, cuda: bool, dtype: torch.dtype, arch: in
 
 
 def saved_backward_supported(cuda: bool, dtype: torch.dtype) -> bool:
-    """Whether save_argmax uses the saved-index backward. Not for fp32 tokens on a GPU: its fp32 FMA dots
-    (K = a whole tile side) spill 4.7 KB per thread on sm_80 at 64 x 128 and 13-14 KB on sm_90 at 256 x 128,
-    where the recomputing kernels (K chunks of 16) spill little or nothing; those calls recompute (same
-    result) and warn once. Training tokens are bf16."""
+    """Whether save_argmax uses the saved-index backward. Not for fp32 tokens on a GPU: the saved-index kernels'
+    fp32 FMA dots (K = a whole tile side) spill 4.7 KB per thread on sm_80 at 64 x 128 and 13-14 KB on sm_90 at
+    256 x 128, where the recomputing kernels (K chunks of 16) spill little or nothing, and the GEMM design's cuBLAS
+    would follow torch's TF32 switch; those calls recompute (same result) and warn once. Training tokens are bf16."""
     return not (cuda and dtype == torch.float32)
 
 
@@ -500,6 +508,79 @@ def _launch_backward_saved(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, 
     return dy
 
 
+# Saved-arg-max backward, which design: "gemm" (default: dS chunks built from the indices by torch scatters, then
+# cuBLAS GEMMs) or "kernels" (the Triton kernels above, which rebuild dS tiles in registers). Tests and the
+# benchmark switch it with ``saved_backward(design)``.
+_SAVED_DESIGN = ["gemm"]
+_DS_CHUNK_BYTES = [128 << 20]  # the GEMM backward's dS buffer: samples of one side per chunk x all of the other
+
+
+class saved_backward:
+    """Context manager choosing the saved-arg-max backward: "gemm" (default) or "kernels"; the design in force at
+    the forward is the one its backward runs."""
+
+    def __init__(self, design: str):
+        if design not in ("gemm", "kernels"):
+            raise ValueError(f"saved_backward design must be 'gemm' or 'kernels', got {design!r}.")
+        self.design = design
+
+    def __enter__(self):
+        self.old = _SAVED_DESIGN[0]
+        _SAVED_DESIGN[0] = self.design
+
+    def __exit__(self, *exc):
+        _SAVED_DESIGN[0] = self.old
+
+
+def _gemm_backward_saved(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, need_t2i):
+    """which="x" / "y": the (Bi, Ti, D) / (Bt, Tt, D) token gradient in the input dtype, times norm, from the saved
+    arg-max indices, as GEMMs. For the "own" side (images for x) in chunks of n samples, the dense
+    dS (n, T_own, B_oth, T_oth) in the input dtype is built by two scatters - the own side's arg-max ("for
+    token k of own sample b and other sample c, weight g_own[b, c] w_own[b, k] at c's arg-max token") and the other
+    side's ("for token r of other sample c, weight g_oth[b, c] w_oth[c, r] at b's arg-max token"); each puts at
+    most one entry per (token, sample) pair, so the result is deterministic - then one cuBLAS GEMM with fp32
+    accumulation: d_own[chunk] = dS @ other tokens ((n T_own) x (B_oth T_oth) x D). The GEMMs are the forward's
+    size (one per token gradient, 2 B^2 Ti Tt D FLOPs); dS costs a write and a read of 2 bytes per score pair
+    (16 GB at B=1024, Ti=50, Tt=77). No fp32 token buffer; the dS chunk is at most _DS_CHUNK_BYTES (one sample
+    at least). Padded tokens get weight 0 and are nobody's arg-max, so their gradient is exactly 0."""
+    from declip_ds.kernels.contrastive import _mm_f32
+
+    (Bi, Ti, D), (Bt, Tt) = x.shape, y.shape[:2]
+    if which == "x":
+        own, oth, w_own, w_oth, T_own, T_oth = x, y, wx, wy, Ti, Tt
+        a_own = a1.view(Bt, Bi, Ti) if need_i2t else None  # [c, b, k]: arg-max text token of image token (b, k)
+        a_oth = a2.view(Bi, Bt, Tt) if need_t2i else None  # [b, c, r]: arg-max image token of text token (c, r)
+        g_own, g_oth = g1, g2  # (Bi, Bt), rows = own samples
+    else:
+        own, oth, w_own, w_oth, T_own, T_oth = y, x, wy, wx, Tt, Ti
+        a_own = a2.view(Bi, Bt, Tt) if need_t2i else None
+        a_oth = a1.view(Bt, Bi, Ti) if need_i2t else None
+        g_own, g_oth = g2.t(), g1.t()  # (Bt, Bi)
+    B_own, B_oth = own.shape[0], oth.shape[0]
+    per_sample = T_own * B_oth * T_oth * own.element_size()
+    n = max(1, min(B_own, _DS_CHUNK_BYTES[0] // max(1, per_sample)))
+    out = torch.empty_like(own)
+    ds = torch.empty(n, T_own, B_oth, T_oth, device=own.device, dtype=own.dtype)
+    other_tokens = oth.reshape(B_oth * T_oth, D)
+    for s0 in range(0, B_own, n):
+        s1 = min(s0 + n, B_own)
+        d = ds[:s1 - s0]
+        d.zero_()
+        if a_own is not None:  # d[b, k, c, a_own[c, b, k]] = g_own[b, c] w_own[b, k]
+            idx = a_own[:, s0:s1].permute(1, 2, 0).long()  # (n, T_own, B_oth); T_oth = no valid token
+            val = torch.where(idx < T_oth, g_own[s0:s1, None, :] * w_own[s0:s1, :, None], 0.0)
+            d.scatter_(3, idx.clamp_(max=T_oth - 1).unsqueeze(-1), val.unsqueeze(-1).to(d.dtype))
+        if a_oth is not None:  # d[b, a_oth[b, c, r], c, r] += g_oth[b, c] w_oth[c, r]
+            idx = a_oth[s0:s1].long()  # (n, B_oth, T_oth); T_own = no valid token
+            val = torch.where(idx < T_own, g_oth[s0:s1, :, None] * w_oth[None, :, :], 0.0)
+            idx = idx.clamp_(max=T_own - 1).unsqueeze(1)  # (n, 1, B_oth, T_oth)
+            # where both maps hit one entry (mutual arg-max), add in fp32 and round once, as the kernels do
+            d.scatter_(1, idx, (d.gather(1, idx).float() + val.unsqueeze(1)).to(d.dtype))
+        prod = _mm_f32(d.view((s1 - s0) * T_own, B_oth * T_oth), other_tokens)  # ((s1-s0) T_own, D) fp32
+        out[s0:s1] = prod.mul_(norm).view(s1 - s0, T_own, D)
+    return out
+
+
 def _check_recompute(x, y, wx, wy, saved, direction):
     need_i2t, need_t2i = direction in ("both", "i2t"), direction in ("both", "t2i")
     again = _launch_forward(x, y, wx, wy, need_i2t, need_t2i)[:2]
@@ -524,7 +605,7 @@ class _TokenMaxSimilarity(torch.autograd.Function):
                        "backward runs instead (same result). bf16/fp16 tokens use it.")
         o1, o2, a1, a2 = _launch_forward(x, y, wx, wy, need_i2t, need_t2i, save=save)
         ctx.save_for_backward(x, y, wx, wy, a1, a2)
-        ctx.direction, ctx.saved_argmax = direction, save
+        ctx.direction, ctx.saved_argmax, ctx.saved_design = direction, save, _SAVED_DESIGN[0]
         ctx.debug_out = (o1.clone(), o2.clone()) if os.environ.get("DECLIP_DS_DEBUG_ARGMAX") == "1" else None
         return (o1 if need_i2t else None), (o2 if need_t2i else None)
 
@@ -545,8 +626,9 @@ class _TokenMaxSimilarity(torch.autograd.Function):
         G2 = (g2.float() / norm).contiguous() if need_t2i else dummy
         if ctx.saved_argmax:  # dS from the saved indices; gradients written in the input dtype, no fp32 buffer
             saved = (x, y, wx, wy, a1, a2, G1, G2, norm.reshape(1).contiguous(), need_i2t, need_t2i)
-            dx = _launch_backward_saved("x", *saved) if ctx.needs_input_grad[0] else None
-            dy = _launch_backward_saved("y", *saved) if ctx.needs_input_grad[1] else None
+            run = _gemm_backward_saved if ctx.saved_design == "gemm" else _launch_backward_saved
+            dx = run("x", *saved) if ctx.needs_input_grad[0] else None
+            dy = run("y", *saved) if ctx.needs_input_grad[1] else None
             return dx, dy, None, None, None, None
         # one fp32 token-gradient buffer at a time next to the input-dtype gradients
         dx = _launch_backward("x", x, y, wx, wy, G1, G2, need_i2t, need_t2i).mul_(norm).to(x.dtype)
@@ -568,7 +650,8 @@ def token_max_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, 
     save_argmax: False (default): the backward recomputes the tiles and the arg-max (lowest index on ties);
       nothing of size B^2*T is stored. True: the forward also stores the arg-max token indices (uint8, int16
       past 255 tokens: Bi*Bt*(Ti+Tt) bytes, 133 MB at B=1024, Ti=50, Tt=77) and the backward builds dS from
-      them without recomputing a score; same result.
+      them without recomputing a score (by default in chunks of at most 128 MiB multiplied with cuBLAS); same
+      result.
     Accumulation is fp32. Deterministic (no atomics).
     """
     _check_inputs(image_tokens, text_tokens, image_mask, text_mask)
