@@ -6,11 +6,13 @@ Methods, on the same L2-normalised tokens (bf16 on a GPU, fp32 on a CPU) with ra
 * eager:   x-clip style, materialises the (B, B, Ti, Tt) similarity tensor (autocast einsum), then
            masked max and mean in both directions.
 * torch:   declip_ds.losses.filip_similarity, the chunked reference (imported, never copied).
-* triton:  declip_ds.kernels.token_max_similarity (GPU only), with the text mask; "triton_nomask"
-           runs it without masks (KERNELS.md asks that masks cost under 5%); "triton_saved" with
-           save_argmax=True (loss.filip_argmax=save: the backward reads the forward's arg-max indices
-           instead of recomputing the scores, and multiplies dS chunks built from them with cuBLAS);
-           "triton_saved_kernels" the same with the saved-index Triton kernels instead of the GEMMs.
+* triton:  declip_ds.kernels.token_max_similarity (GPU only), with the text mask, its default backward
+           (recompute the arg-max per chunk with the forward kernel, scatter dS chunks, cuBLAS GEMMs);
+           "triton_nomask" runs it without masks (KERNELS.md asks that masks cost under 5%);
+           "triton_kernels" with the recomputing Triton backward kernels instead of the GEMMs;
+           "triton_saved" with save_argmax=True (loss.filip_argmax=save: the backward reads the
+           forward's arg-max indices instead of recomputing them), "triton_saved_kernels" the same with
+           the saved-index Triton kernels.
 Per row: median of --reps runs after --warmup (CUDA events on a GPU) of the forward (both
 directions) and of forward + backward; useful forward TFLOP/s = 2 B^2 Ti Tt D / t_fwd on unpadded
 tokens; its fraction of the card's dense bf16 peak; backward / forward time; rise of
@@ -55,23 +57,24 @@ def methods() -> dict:
 
         out["triton"] = token_max_similarity
         out["triton_nomask"] = lambda x, y, xm, ym: token_max_similarity(x, y)
+        out["triton_kernels"] = functools.partial(with_kernels, save=False)
         out["triton_saved"] = lambda x, y, xm, ym: token_max_similarity(x, y, xm, ym, save_argmax=True)
-        out["triton_saved_kernels"] = saved_kernels
+        out["triton_saved_kernels"] = functools.partial(with_kernels, save=True)
     return out
 
 
-def saved_kernels(x, y, xm, ym):
-    """save_argmax with the saved-index Triton kernels for the backward (the design is fixed at the forward)."""
+def with_kernels(x, y, xm, ym, save):
+    """token_max_similarity whose backward runs the Triton backward kernels (fixed at the forward), not the GEMMs."""
     from declip_ds.kernels import token_max
 
-    with token_max.saved_backward("kernels"):
-        return token_max.token_max_similarity(x, y, xm, ym, save_argmax=True)
+    with token_max.backward_design("kernels"):
+        return token_max.token_max_similarity(x, y, xm, ym, save_argmax=save)
 
 
 def parse_tiles(spec: str) -> dict:
     """"64x256x32" or "64x256x32x8x2", optionally followed by ",key=value" items (group: row tiles per band of
     the forward's program order; BD: D columns per saved-arg-max backward program; save=1: the row runs with
-    save_argmax; kernels=1: with the saved-index Triton kernels, not the GEMMs) -> keyword arguments of
+    save_argmax; kernels=1: with the Triton backward kernels, not the GEMMs) -> keyword arguments of
     token_max.tile_config, plus "save" and "kernels"."""
     head, *extras = spec.split(",")
     parts = head.lower().split("x")
@@ -167,8 +170,9 @@ def main() -> None:
                                  status="skipped: tiles smaller than one sample"))
             else:
                 tiles_only = {k: v for k, v in cfg.items() if k not in ("save", "kernels")}
-                fn = saved_kernels if cfg.get("kernels") else \
-                    functools.partial(token_max_similarity, save_argmax=bool(cfg.get("save", 0)))
+                save = bool(cfg.get("save", 0))
+                fn = functools.partial(with_kernels, save=save) if cfg.get("kernels") else \
+                    functools.partial(token_max_similarity, save_argmax=save)
                 rows.append(bench_one(f"triton[{spec}]", fn, B, Ti, Tt, D, dtype, args.reps,
                                       args.warmup, peak, ctx=lambda c=tiles_only: token_max.tile_config(**c)))
             print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:9]), flush=True)

@@ -61,14 +61,15 @@ def test_bench_filip_kernel_rows_run_interpreted(tmp_path):
     """The GPU-only rows (triton, triton_nomask, triton_saved and --tiles rows with their extras) go through
     the same code under the interpreter, so a GPU session does not find their bugs first."""
     proc = run("bench_filip.py", tmp_path, "--B", "3", "--Ti", "6", "--Tt", "5", "--D", "16",
-               "--methods", "triton", "triton_nomask", "triton_saved", "triton_saved_kernels",
-               "--tiles", "16x16x16,group=1", "16x16x16x4x1,BD=16,save=1,kernels=1", "16x32x16,save=1", "4x16x16",
-               interpret=True)
+               "--methods", "triton", "triton_nomask", "triton_kernels", "triton_saved", "triton_saved_kernels",
+               "--tiles", "16x16x16,group=1", "16x16x16x4x1,BD=16,save=1,kernels=1", "16x32x16,save=1",
+               "16x16x16,kernels=1", "4x16x16", interpret=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "triton rows run interpreted" in proc.stdout
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "filip.csv"))}
-    assert set(rows) == {"triton", "triton_nomask", "triton_saved", "triton_saved_kernels", "triton[16x16x16,group=1]",
-                         "triton[16x16x16x4x1,BD=16,save=1,kernels=1]", "triton[16x32x16,save=1]", "triton[4x16x16]"}
+    assert set(rows) == {"triton", "triton_nomask", "triton_kernels", "triton_saved", "triton_saved_kernels",
+                         "triton[16x16x16,group=1]", "triton[16x16x16x4x1,BD=16,save=1,kernels=1]",
+                         "triton[16x32x16,save=1]", "triton[16x16x16,kernels=1]", "triton[4x16x16]"}
     assert rows["triton[4x16x16]"]["status"] == "skipped: tiles smaller than one sample"
     assert all(r["status"] == "ok" for k, r in rows.items() if k != "triton[4x16x16]")
 

@@ -446,13 +446,17 @@ TM_CASES = [(1, 1, 5, 7, 16), (1, 7, 9, 6, 64), (7, 7, 9, 6, 96), (7, 5, 4, 11, 
             (33, 7, 5, 7, 96), (7, 33, 17, 5, 16)]
 
 
+@pytest.mark.parametrize("design", ["gemm", "kernels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("Bi,Bt,Ti,Tt,D", TM_CASES)
-def test_token_max_matches_float64(Bi, Bt, Ti, Tt, D, dtype):
+def test_token_max_matches_float64(Bi, Bt, Ti, Tt, D, dtype, design):
+    """The default (recomputing) backward in both implementations: the backward kernels, and the GEMMs on dS
+    chunks scattered from indices that the forward kernel recomputes per chunk."""
     x, y, xm, ym = token_inputs(Bi, Bt, Ti, Tt, D, seed=Bi * 1000 + Bt * 10 + D, dtype=dtype)
     w = torch.randn(2, Bi, Bt, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEV)
     r1, r2, rgx, rgy = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
-    k1, k2, kgx, kgy = run_sim(token_max_similarity, x, y, xm, ym, w)
+    with token_max.backward_design(design):
+        k1, k2, kgx, kgy = run_sim(token_max_similarity, x, y, xm, ym, w)
     assert k1.dtype == torch.float32 and k1.shape == (Bi, Bt)
     assert (k1.double() - r1).abs().max() <= 1e-4 and (k2.double() - r2).abs().max() <= 1e-4
     rel = 1e-5 if dtype == torch.float32 else 5e-3
@@ -461,18 +465,19 @@ def test_token_max_matches_float64(Bi, Bt, Ti, Tt, D, dtype):
 
 
 @cpu_allocations
-@pytest.mark.parametrize("mode", ["recompute", "kernels", "gemm"])
+@pytest.mark.parametrize("save_argmax,design", [(False, "kernels"), (False, "gemm"), (True, "kernels"), (True, "gemm")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype, mode):
-    """Forward + backward holds the token gradients and O(Bi*Bt + B*T) floats, never (B, B, Ti, Tt). Recompute:
-    plus one fp32 token-gradient buffer (the larger side), never both at once. save_argmax: plus the
-    Bi*Bt*(Ti+Tt) bytes of indices and no fp32 buffer ("kernels": gradients written in the input dtype from
-    registers; "gemm": one dS chunk of at most _DS_CHUNK_BYTES, its scatter indices and one fp32 chunk product)."""
-    save_argmax = mode != "recompute"
+def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype, save_argmax, design):
+    """Forward + backward holds the token gradients and O(Bi*Bt + B*T) floats, never (B, B, Ti, Tt). Recompute
+    with the kernels: plus one fp32 token-gradient buffer (the larger side), never both at once. save_argmax: plus
+    the Bi*Bt*(Ti+Tt) bytes of indices, and with the kernels no fp32 buffer (gradients written in the input dtype
+    from registers). "gemm": one dS chunk of at most _DS_CHUNK_BYTES, its scatter indices and one fp32 chunk
+    product (recompute: plus the chunk's own indices and scores), no fp32 token buffer."""
+    mode = design if save_argmax else "recompute" if design == "kernels" else "recompute-gemm"
     side = "_saved_kernel" if save_argmax else "_kernel"
     for name in ("_tm_fwd_kernel", "_tm_bwd_x" + side, "_tm_bwd_y" + side):
         monkeypatch.setattr(token_max, name, _CollectAfterLaunch(getattr(token_max, name)))
-    monkeypatch.setattr(token_max, "_SAVED_DESIGN", [mode if save_argmax else "gemm"])
+    monkeypatch.setattr(token_max, "_DESIGN", [design])
     monkeypatch.setattr(contrastive, "_mm_f32", _mm_f32_like_cublas)
     Bi, Bt, Ti, Tt, D = 16, 16, 12, 10, 64
     chunk = 2 * Ti * Bt * Tt * 2  # 2 images (2 texts) of 16-bit dS per chunk, 1 of fp32
@@ -481,35 +486,40 @@ def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, d
     a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
     w1, w2 = torch.randn(2, Bi, Bt).to(DEV)
 
-    def fwd_bwd():
-        s1, s2 = token_max_similarity(a, b, xm, ym, save_argmax=save_argmax)
-        torch.autograd.grad((s1 * w1).sum() + (s2 * w2).sum(), (a, b))
+    def fwd_bwd():  # one sample per 16 x 16 tile, so the recomputing GEMM backward's chunks hold any sample count
+        with token_max.tile_config(BM=16, BN=16, BK=16):
+            s1, s2 = token_max_similarity(a, b, xm, ym, save_argmax=save_argmax)
+            torch.autograd.grad((s1 * w1).sum() + (s2 * w2).sum(), (a, b))
 
     peak = torch_peak_bytes(fwd_bwd)
     grads = (Bi * Ti + Bt * Tt) * D * x.element_size()
-    fp32_buffer = max(Bi * Ti, Bt * Tt) * D * 4 if dtype != torch.float32 and not save_argmax else 0
+    fp32_buffer = max(Bi * Ti, Bt * Tt) * D * 4 if dtype != torch.float32 and mode == "recompute" else 0
     indices = Bi * Bt * (Ti + Tt) if save_argmax else 0
     small = 12 * Bi * Bt * 4 + 4 * (Bi * Ti + Bt * Tt) * 4  # scores, their grads, weights, masks
     n = 2  # samples per chunk, at most
     # the chunk, its fp32 product, and at most 4 scatter temporaries (int64 indices, fp32 values) alive at once
-    gemm = (chunk + n * max(Ti, Tt) * D * 4 + 4 * n * max(Ti, Tt) * max(Bi, Bt) * 8) if mode == "gemm" else 0
+    gemm = (chunk + n * max(Ti, Tt) * D * 4 + 4 * n * max(Ti, Tt) * max(Bi, Bt) * 8) if design == "gemm" else 0
+    if mode == "recompute-gemm":  # the chunk's recomputed indices and its two (n, B) score matrices
+        gemm += n * max(Bi, Bt) * (Ti + Tt) + 2 * n * max(Bi, Bt) * 4
     bound = grads + indices + fp32_buffer + gemm + small
     assert grads + indices <= peak <= bound, (peak, grads, indices, fp32_buffer, gemm, small)
     assert small < min(Bi * Ti, Bt * Tt) * D * 4  # so the bound leaves no room for an fp32 buffer it does not count
-    if mode == "gemm":  # the chunk and its temporaries stay well below the full dS
+    if design == "gemm":  # the chunk and its temporaries stay well below the full dS
         assert gemm < Bi * Ti * Bt * Tt * x.element_size() / 2
 
 
-@pytest.mark.parametrize("save_argmax", [False, "kernels", "gemm"])
+@pytest.mark.parametrize("save_argmax", [False, True])
+@pytest.mark.parametrize("design", ["kernels", "gemm"])
 @pytest.mark.parametrize("Ti,Tt", [(50, 77), (20, 16)])
-def test_token_max_gpu_tiles_give_the_reference_result(monkeypatch, Ti, Tt, save_argmax):
-    """The GPU tile choice (64 x 128 for 50 x 77: one image and one text per tile; 64 x 64 for 20 x 16:
-    3 images x 4 texts, the two-phase epilogue's multi-sample tables), run by the interpreter in fp16, with
-    every backward design (the saved kernels in their GPU D chunks: 128 + 32 of D=160 at 64 x 128)."""
+def test_token_max_gpu_tiles_give_the_reference_result(monkeypatch, Ti, Tt, design, save_argmax):
+    """The GPU tile choice, run by the interpreter in fp16, with every backward: for the kernels 64 x 128 for
+    50 x 77 (one image and one text per tile), 64 x 64 for 20 x 16 (3 images x 4 texts, the two-phase epilogue's
+    multi-sample tables), the saved kernels in their GPU D chunks (128 + 32 of D=160 at 64 x 128); for the GEMM
+    backward 64 x 256 (3 texts of 77 per tile; 20 x 16 keeps 64 x 64)."""
     from declip_ds.kernels import contrastive as c
 
     monkeypatch.setattr(c, "_FORCE_GPU_TILES", [True])
-    monkeypatch.setattr(token_max, "_SAVED_DESIGN", [save_argmax or "gemm"])
+    monkeypatch.setattr(token_max, "_DESIGN", [design])
     x, y, xm, ym = token_inputs(5, 6, Ti, Tt, 160, seed=Ti, dtype=torch.float16)
     w = torch.randn(2, 5, 6, dtype=torch.float64).to(DEV)
     ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
@@ -569,8 +579,13 @@ def test_token_max_single_direction_and_empty_sample():
     torch.testing.assert_close(s2.double(), r2, rtol=0, atol=1e-5)
 
 
-def test_token_max_debug_mode_checks_the_recomputed_argmax(monkeypatch):
+@pytest.mark.parametrize("design", ["gemm", "kernels"])
+def test_token_max_debug_mode_checks_the_recomputed_argmax(monkeypatch, design):
+    """Both implementations of the recompute design: the kernels' tiles, and (gemm) each chunk's forward re-run
+    (chunks of 2 images / texts here, whole tiles of the CPU's 64 x 64 tiles hold more: one chunk per tile)."""
     monkeypatch.setenv("DECLIP_DS_DEBUG_ARGMAX", "1")
+    monkeypatch.setattr(token_max, "_DESIGN", [design])
+    monkeypatch.setattr(token_max, "_DS_CHUNK_BYTES", [1])
     x, y, xm, ym = token_inputs(5, 4, 6, 7, 16, seed=17, dtype=torch.float32)
     a = x.clone().requires_grad_()
     s1, s2 = token_max_similarity(a, y, xm, ym)
@@ -594,12 +609,12 @@ SAVED_DESIGNS = pytest.mark.parametrize("design", ["gemm", "kernels"])
 def test_token_max_saved_argmax_matches_float64_and_the_recompute(Bi, Bt, Ti, Tt, D, dtype, design):
     """save_argmax=True: the forward stores the arg-max indices, the backward builds dS from them (no scores
     recomputed): "kernels" accumulates the gradients per D chunk in registers, "gemm" (default) scatters dS for
-    chunks of samples and multiplies with cuBLAS. Same scores and gradients as the default."""
+    chunks of samples and multiplies with cuBLAS. Same scores and gradients as the recompute design."""
     x, y, xm, ym = token_inputs(Bi, Bt, Ti, Tt, D, seed=Bi * 100 + D, dtype=dtype)
     w = torch.randn(2, Bi, Bt, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEV)
     ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
-    base = run_sim(token_max_similarity, x, y, xm, ym, w)
-    with token_max.saved_backward(design):
+    with token_max.backward_design(design):
+        base = run_sim(token_max_similarity, x, y, xm, ym, w)
         saved = run_sim(lambda *a: token_max_similarity(*a, save_argmax=True), x, y, xm, ym, w)
     rel = 1e-5 if dtype == torch.float32 else 5e-3
     assert (saved[0].double() - ref[0]).abs().max() <= 1e-4 and (saved[1].double() - ref[1]).abs().max() <= 1e-4
@@ -608,25 +623,26 @@ def test_token_max_saved_argmax_matches_float64_and_the_recompute(Bi, Bt, Ti, Tt
     assert saved[2].dtype == dtype and saved[3].dtype == dtype
     torch.testing.assert_close(saved[0], base[0], rtol=0, atol=0)  # the same forward
     torch.testing.assert_close(saved[1], base[1], rtol=0, atol=0)
-    # kernels: same dS, same accumulation order over column / row tiles; gemm: cuBLAS's order (16 bits: the same
-    # fp32 sum may round to the neighbouring fp16 value)
-    tol = dict(rtol=1e-5, atol=1e-6) if design == "kernels" or dtype == torch.float32 else dict(rtol=2e-3, atol=1e-3)
-    for u, v in zip(saved[2:], base[2:]):
-        torch.testing.assert_close(u, v, **tol)
+    for u, v in zip(saved[2:], base[2:]):  # the same dS (saved or recomputed indices), the same accumulation order
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("save", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_token_max_gemm_backward_in_chunks_and_one_direction(monkeypatch, dtype):
+def test_token_max_gemm_backward_in_chunks_and_one_direction(monkeypatch, dtype, save):
     """The GEMM backward's dS chunks (a budget of 3 images: 7 images -> 3 + 3 + 1, 5 texts -> 2 + 2 + 1), each
-    direction alone (one scatter map each), against one chunk and against the float64 reference."""
+    direction alone (one scatter map each), against one chunk and against the float64 reference; with the saved
+    indices and with indices recomputed per chunk (chunks of whole tiles: 16 x 16 tiles of 2 images / 1 text)."""
     x, y, xm, ym = token_inputs(7, 5, 6, 9, 24, seed=17, dtype=dtype)
     xm[3] = False  # an image without a valid token: its scores are 0, nothing flows
     w = torch.randn(2, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEV)
     ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
-    fn = lambda *a: token_max_similarity(*a, save_argmax=True)  # noqa: E731
-    one_chunk = run_sim(fn, x, y, xm, ym, w)
-    monkeypatch.setattr(token_max, "_DS_CHUNK_BYTES", [3 * 6 * 5 * 9 * x.element_size()])  # 3 images per chunk
-    chunks = run_sim(fn, x, y, xm, ym, w)
+    fn = lambda *a: token_max_similarity(*a, save_argmax=save)  # noqa: E731
+    tiles = token_max.tile_config(BM=16, BN=16, BK=16)
+    with tiles:
+        one_chunk = run_sim(fn, x, y, xm, ym, w)
+        monkeypatch.setattr(token_max, "_DS_CHUNK_BYTES", [3 * 6 * 5 * 9 * x.element_size()])  # 3 images per chunk
+        chunks = run_sim(fn, x, y, xm, ym, w)
     rel = 1e-5 if dtype == torch.float32 else 5e-3
     for u, v, r in zip(chunks[2:], one_chunk[2:], ref[2:]):
         torch.testing.assert_close(u, v, rtol=0, atol=0)  # chunks of rows: the same sums per row
@@ -636,21 +652,21 @@ def test_token_max_gemm_backward_in_chunks_and_one_direction(monkeypatch, dtype)
         grads = {}
         for design in ("gemm", "kernels"):
             a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
-            with token_max.saved_backward(design):
-                out = token_max_similarity(a, b, xm, ym, direction=direction, save_argmax=True)[k]
+            with token_max.backward_design(design), tiles:
+                out = token_max_similarity(a, b, xm, ym, direction=direction, save_argmax=save)[k]
                 grads[design] = torch.autograd.grad((out.double() * w[k]).sum(), (a, b))
         for u, v in zip(grads["gemm"], grads["kernels"]):
             torch.testing.assert_close(u, v, **(dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32
                                                 else dict(rtol=2e-3, atol=1e-3)))
 
 
-def test_saved_backward_names_its_designs():
+def test_backward_design_names_its_designs():
     with pytest.raises(ValueError, match="'gemm' or 'kernels'"):
-        token_max.saved_backward("cublas")
-    assert token_max._SAVED_DESIGN == ["gemm"]
-    with token_max.saved_backward("kernels"):
-        assert token_max._SAVED_DESIGN == ["kernels"]
-    assert token_max._SAVED_DESIGN == ["gemm"]
+        token_max.backward_design("cublas")
+    assert token_max._DESIGN == ["gemm"]
+    with token_max.backward_design("kernels"):
+        assert token_max._DESIGN == ["kernels"]
+    assert token_max._DESIGN == ["gemm"]
 
 
 def test_token_max_saved_argmax_stores_the_forward_indices():
@@ -689,7 +705,7 @@ def test_token_max_saved_argmax_long_samples_d_chunks_and_one_direction(design):
     x, y, xm, ym = token_inputs(3, 4, 260, 5, 40, seed=41, dtype=torch.float16)
     w = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(DEV)
     ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
-    with token_max.tile_config(BM=512, BN=16, BK=16, BD=16, group=2), token_max.saved_backward(design):
+    with token_max.tile_config(BM=512, BN=16, BK=16, BD=16, group=2), token_max.backward_design(design):
         got = run_sim(lambda *a: token_max_similarity(*a, save_argmax=True), x, y, xm, ym, w)
     assert (got[0].double() - ref[0]).abs().max() <= 1e-4 and (got[1].double() - ref[1]).abs().max() <= 1e-4
     assert rel_frobenius(got[2], ref[2]) <= 5e-3 and rel_frobenius(got[3], ref[3]) <= 5e-3
@@ -698,7 +714,7 @@ def test_token_max_saved_argmax_long_samples_d_chunks_and_one_direction(design):
         outs = []
         for save in (False, True):
             a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
-            with token_max.saved_backward(design):
+            with token_max.backward_design(design):
                 outs.append(torch.autograd.grad(
                     token_max_similarity(a, b, xm, ym, direction=direction, save_argmax=save)[k].sum(), (a, b)))
         for u, v in zip(*outs):
@@ -707,7 +723,7 @@ def test_token_max_saved_argmax_long_samples_d_chunks_and_one_direction(design):
 
 @SAVED_DESIGNS
 def test_token_max_saved_argmax_ties_and_padding(design, monkeypatch):
-    monkeypatch.setattr(token_max, "_SAVED_DESIGN", [design])
+    monkeypatch.setattr(token_max, "_DESIGN", [design])
     e = torch.eye(16, dtype=torch.float16)  # fp16: the saved path on a GPU too
     x = torch.stack([e[0], e[0], e[1], e[0]])[None].to(DEV)  # image tokens 0, 1, 3 identical
     y = torch.stack([e[0], e[1], e[1]])[None].to(DEV)  # text tokens 1, 2 identical
@@ -798,6 +814,17 @@ def test_choose_tiles_holds_whole_samples():
         t = token_max.choose_tiles(Ti, Tt, 256, True)
         assert t["BM"] // Ti + t["BN"] // Tt <= 8 or (t["BM"], t["BN"]) == (16, 16), (Ti, Tt, t)
     assert (token_max.choose_tiles(1, 1, 64, True)["BM"], token_max.choose_tiles(1, 1, 64, True)["BN"]) == (16, 16)
+    # the GEMM backward runs no Triton backward kernel: the forward alone limits the tiles to 64 x 256 (3 texts of
+    # 77 per tile); a 197-token image still needs 256 x 128, and at most 8 samples per tile still hold
+    gemm = token_max.choose_tiles(50, 77, 512, True, gemm=True)
+    assert (gemm["BM"], gemm["BN"], gemm["BK"]) == (64, 256, 64)
+    assert token_max.choose_tiles(50, 77, 512, False, gemm=True)["BM"] * 64 <= 64 * 64 * 64  # CPU: unchanged budget
+    assert (token_max.choose_tiles(197, 77, 512, True, gemm=True)["BM"],
+            token_max.choose_tiles(197, 77, 512, True, gemm=True)["BN"]) == (256, 128)
+    for Ti, Tt in ((20, 16), (49, 16), (3, 2)):
+        t = token_max.choose_tiles(Ti, Tt, 256, True, gemm=True)
+        assert t["BM"] * t["BN"] <= 64 * 256, (Ti, Tt, t)
+        assert t["BM"] // Ti + t["BN"] // Tt <= 8 or (t["BM"], t["BN"]) == (16, 16), (Ti, Tt, t)
 
 
 # ------------------------------------------------------------------------------- selection, packaging
@@ -914,13 +941,17 @@ def test_gpu_fused_clip_loss_memory_is_linear():
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("design", ["gemm", "kernels"])
 @pytest.mark.parametrize("save_argmax", [False, True])
 @pytest.mark.parametrize("B,Ti", [(64, 50), (257, 197), (3, 197)])
-def test_gpu_token_max_bf16(B, Ti, save_argmax):
+def test_gpu_token_max_bf16(B, Ti, save_argmax, design, monkeypatch):
+    """Every backward in bf16; the GEMM one in dS chunks of 8 MiB (several chunks at B=257)."""
+    monkeypatch.setattr(token_max, "_DS_CHUNK_BYTES", [8 << 20])
     x, y, xm, ym = token_inputs(B, B, Ti, 77, 256, seed=B, dtype=torch.bfloat16)
     w = torch.randn(2, B, B, dtype=torch.float64, device=DEV)
     r1, r2, rgx, rgy = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
-    k1, k2, kgx, kgy = run_sim(lambda *a: token_max_similarity(*a, save_argmax=save_argmax), x, y, xm, ym, w)
+    with token_max.backward_design(design):
+        k1, k2, kgx, kgy = run_sim(lambda *a: token_max_similarity(*a, save_argmax=save_argmax), x, y, xm, ym, w)
     assert (k1.double() - r1).abs().max() <= 1e-4 and (k2.double() - r2).abs().max() <= 1e-4
     assert rel_frobenius(kgx, rgx) <= 5e-3 and rel_frobenius(kgy, rgy) <= 5e-3
 
@@ -930,7 +961,8 @@ def test_gpu_token_max_bf16(B, Ti, save_argmax):
 @pytest.mark.parametrize("save_argmax", [False, True])
 def test_gpu_token_max_memory(save_argmax):
     """KERNELS.md §3.2: extra memory <= outputs + token gradients + 256 MB (B=1024, Ti=50, Tt=77, D=512);
-    with save_argmax, + the B^2 (Ti+Tt) bytes of indices (133 MB) and no fp32 gradient buffer."""
+    with save_argmax, + the B^2 (Ti+Tt) bytes of indices (133 MB). The default GEMM backward: a 128 MiB dS chunk,
+    no fp32 gradient buffer."""
     B, Ti, Tt, D = 1024, 50, 77, 512
     x, y, xm, ym = token_inputs(B, B, Ti, Tt, D, seed=0, dtype=torch.bfloat16)
     a, b = x.clone().requires_grad_(), y.clone().requires_grad_()

@@ -48,10 +48,11 @@ step() {  # step NAME SECONDS CMD...
 # CLIP: bwd_chunk=0 is the fused backward (timed 32.5 ms fwd + bwd in the first run) next to the chunked default
 CLIP_TILES=(bwd_chunk=0 bwd_chunk=256 bwd_chunk=1024 bwd_chunk=2048 g_bm=64,g_bn=128,g_warps=4 g_bn=256 g_stages=4
             g_bk=32 fwd_bm=128,fwd_bn=128,fwd_warps=8)
-# FILIP: save=1 rows time the saved-index GEMM backward, whose forward alone uses the tiles (64 x 256: 3 texts per
-# tile, 70 % of the tile used instead of 47 %, no spills on sm_90); kernels=1 the saved-index Triton kernels
-FILIP_TILES=(64x128x32 64x256x64 64x128x64x8x2,group=8 64x128x64x4x2 64x128x64x8x3 64x256x64x8x2,save=1
-             64x256x64x8x3,save=1 128x128x64x8x2,save=1 64x128x64x8x2,save=1,kernels=1,BD=256)
+# FILIP: without kernels=1 the rows time the GEMM backward (default), whose tiles only the forward kernel uses
+# (default 64 x 256: 3 texts per tile, 70 % of the tile used instead of 47 %, no spills on sm_90); save=1 with the
+# saved indices; kernels=1 the Triton backward kernels (64 x 128 x 64 and BD 128: their defaults)
+FILIP_TILES=(64x128x64x8x2 64x256x64x8x3 64x256x32x8x2 64x256x64x4x2 64x128x64x8x2,save=1 128x128x64x8x2,save=1
+             64x256x64x8x2,save=1,group=8 64x128x64x8x2,kernels=1,group=8 64x128x64x8x2,save=1,kernels=1,BD=256)
 
 if [ "${QUICK:-0}" = 1 ]; then
     step tests_gpu 120 python3 -m pytest -q tests/test_kernels.py -m gpu -p no:cacheprovider
@@ -62,13 +63,13 @@ if [ "${QUICK:-0}" = 1 ]; then
         --reps 3 --warmup 1
     mkdir -p "$WORK/filip_target"
     step filip_target 300 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --methods eager triton \
-        triton_saved triton_saved_kernels --reps 3 --warmup 1
+        triton_kernels triton_saved triton_saved_kernels --reps 3 --warmup 1
     mkdir -p "$WORK/tiles"
     # interpreted kernel rows (CPU: times mean nothing) at sizes that hold the GPU tiles
     step tiles_contrastive 120 env TRITON_INTERPRET=1 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" \
         --B 130 --D 72 --methods triton --reps 1 --warmup 0 --tiles "${CLIP_TILES[@]}"
     step tiles_filip 120 env TRITON_INTERPRET=1 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --B 3 --Ti 50 \
-        --Tt 77 --D 72 --no-extra --methods triton triton_saved triton_saved_kernels --reps 1 --warmup 0 \
+        --Tt 77 --D 72 --no-extra --methods triton triton_kernels triton_saved triton_saved_kernels --reps 1 --warmup 0 \
         --tiles "${FILIP_TILES[@]}"
     step filip 300 python3 benchmarks/bench_filip.py --out "$WORK" --reps 3 --warmup 1
     step train_step 600 python3 benchmarks/bench_train_step.py --methods clip --zero 0 --steps 2 --warmup 1 \
@@ -76,29 +77,31 @@ if [ "${QUICK:-0}" = 1 ]; then
 else
     # Limits from the first run (H200, 2026-11-27: 15 gpu tests in 44 s; the other 74 need ~90 s of JIT
     # compiles; the chunked-torch reference takes 0.6 s per call at B=64k and 1.2 s for FILIP, so it gets
-    # only small shapes). Order: what issue #5 asks for first, tuning sweeps next, train steps last.
-    step tests_gpu 70 python3 -m pytest -q tests/test_kernels.py -m gpu -p no:cacheprovider
-    step tests_rest 80 python3 -m pytest -q tests/test_kernels.py -m "not gpu" -p no:cacheprovider
+    # only small shapes). Order: what issue #5 asks for first (bf16 correctness, then the targets with every
+    # backward design side by side), tuning sweeps next, the fp32/fp16 suite, the rest, train steps last.
+    step tests_gpu 90 python3 -m pytest -q tests/test_kernels.py -m gpu -p no:cacheprovider
     # KERNELS.md targets: fused loss <= 0.2 GB extra at B=32k D=512 and linear in B, >= 2x faster than eager
     step contrastive 60 python3 benchmarks/bench_contrastive.py --out "$WORK" --methods eager triton --reps 10 --warmup 2
-    mkdir -p "$WORK/contrastive_torch"
-    step contrastive_torch 25 python3 benchmarks/bench_contrastive.py --out "$WORK/contrastive_torch" --B 4096 16384 \
-        --D 512 --methods torch --reps 5 --warmup 1
-    # FILIP target shape (>= 3x faster, >= 20x less memory than eager), both backward designs
+    # FILIP target shape (>= 3x faster, >= 20x less memory than eager), every backward
     mkdir -p "$WORK/filip_target"
-    step filip_target 55 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --B 1024 --Ti 50 --Tt 77 \
-        --D 512 --no-extra --methods eager triton triton_saved triton_saved_kernels --reps 10 --warmup 2
+    step filip_target 60 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --B 1024 --Ti 50 --Tt 77 \
+        --D 512 --no-extra --methods eager triton triton_kernels triton_saved triton_saved_kernels --reps 10 --warmup 2
     # tile sweeps next to the defaults, same shape, same run (defaults since the first GPU run: CLIP forward
     # 64 x 128 x 4 warps, fused backward D chunks of 512; FILIP 16-bit K chunks of 64 for <= 64-row tiles, saved
-    # BD 128; since then, untimed: the chunked CLIP backward, 512 rows, 128 x 128 x 64 dX tiles, 8 warps)
+    # BD 128; since then, untimed: the chunked CLIP backward, 512 rows, 128 x 128 x 64 dX tiles, 8 warps; the
+    # FILIP GEMM backward with 64 x 256 forward tiles)
     mkdir -p "$WORK/tiles"
     step tiles_contrastive 50 python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --B 32768 --D 512 \
         --methods triton --reps 10 --warmup 2 --tiles "${CLIP_TILES[@]}"
     step tiles_filip 60 python3 benchmarks/bench_filip.py --out "$WORK/tiles" --B 1024 --Ti 50 --Tt 77 --D 512 \
         --no-extra --methods triton triton_saved --reps 5 --warmup 1 --tiles "${FILIP_TILES[@]}"
+    step tests_rest 70 python3 -m pytest -q tests/test_kernels.py -m "not gpu" -p no:cacheprovider
+    mkdir -p "$WORK/contrastive_torch"
+    step contrastive_torch 20 python3 benchmarks/bench_contrastive.py --out "$WORK/contrastive_torch" --B 4096 16384 \
+        --D 512 --methods torch --reps 5 --warmup 1
     # the rest of the FILIP grid (Ti=197 forces 256 x 128 tiles), then the real towers per method
-    step filip 60 python3 benchmarks/bench_filip.py --out "$WORK" --B 1024 2048 --methods eager triton triton_saved \
+    step filip 50 python3 benchmarks/bench_filip.py --out "$WORK" --B 1024 2048 --methods eager triton triton_saved \
         --reps 5 --warmup 1
-    step train_step 130 python3 benchmarks/bench_train_step.py --methods clip slip declip filip defilip --zero 2 \
+    step train_step 100 python3 benchmarks/bench_train_step.py --methods clip slip declip filip defilip --zero 2 \
         --steps 5 --warmup 2 --json "$WORK/train_step.json" --markdown
 fi

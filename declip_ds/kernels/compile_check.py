@@ -133,7 +133,7 @@ def capture_launches(dtype: torch.dtype, arch: int = 90) -> list[Launch]:
     """Every kernel launch of fused_clip_loss and token_max_similarity (forward + backward, both backward
     designs of each) for dtype, with the tiles chosen for sm_<arch>."""
     from declip_ds.kernels.contrastive import fused_clip_loss, tile_config
-    from declip_ds.kernels.token_max import saved_backward, token_max_similarity
+    from declip_ds.kernels.token_max import backward_design, token_max_similarity
 
     launches: list[Launch] = []
     for B, D in CLIP_SHAPES:
@@ -146,13 +146,15 @@ def capture_launches(dtype: torch.dtype, arch: int = 90) -> list[Launch]:
     for B, Ti, Tt, D in FILIP_SHAPES:
         x = torch.zeros(B, Ti, D, dtype=dtype, requires_grad=True)
         y = torch.zeros(B, Tt, D, dtype=dtype, requires_grad=True)
-        # the recomputing backward (default) and the saved-arg-max one with its Triton kernels (its default GEMM
-        # design launches no kernel beyond the forward, and would scatter the uncomputed indices of a capture)
+        # both backward designs in their Triton-kernel implementation (the default GEMM one launches only the
+        # forward kernel with SAVE, captured here too, and would scatter the uncomputed indices of a capture)
         for save in (False, True):
             with _capture(launches, f"filip B={B} Ti={Ti} Tt={Tt} D={D} save_argmax={save}", arch), \
-                    saved_backward("kernels"):
+                    backward_design("kernels"):
                 s1, s2 = token_max_similarity(x, y, save_argmax=save)
                 torch.autograd.grad(s1.sum() + s2.sum(), (x, y))
+            with _capture(launches, f"filip B={B} Ti={Ti} Tt={Tt} D={D} save_argmax={save} gemm tiles", arch):
+                token_max_similarity(x, y, save_argmax=save)  # the forward in the GEMM backward's tiles
     # one compile per distinct (kernel, constexprs, options): shapes that share tiles share the binary
     seen, unique = set(), []
     for ln in launches:

@@ -20,28 +20,36 @@ Forward program order: one program per (row tile, column tile), numbered in band
 and text tiles in L2 (``_tile_of``); the 2-D grid's order, every row tile per column tile, would stream all
 image tokens from HBM once per column tile.
 
-Backward, two designs with the same result (``save_argmax``; config ``loss.filip_argmax``):
-* **recompute** (default; nothing of size B^2*T is saved). Two kernels, each recomputing S with the
-  same helper, tile shapes and D order as the forward (so the recomputed arg-max is the forward's):
-  a row-parallel kernel accumulates dX = dS @ Y over all column tiles, a column-parallel kernel
-  accumulates dY = dS^T @ X over all row tiles, both into fp32 buffers in global memory (read and
-  written per tile in BK-wide D chunks). In all 4 GEMMs of the forward's size (S again and dS times
-  the tokens, in each kernel), plus the arg-max reductions.
+Backward, two designs with the same result (``save_argmax``; config ``loss.filip_argmax``), each in two
+implementations (``backward_design("gemm" | "kernels")``, fixed at the forward; "gemm" is the default):
+* **recompute** (default; nothing of size B^2*T is kept between forward and backward).
+  - "gemm": for a chunk of images (then of texts) the forward kernel runs again with SAVE on that chunk
+    against all of the other side (same tiles, chunk a multiple of the samples per tile: the same score bits,
+    so the forward's arg-max), giving the chunk's arg-max indices; torch scatters the two one-hot maps into a
+    dense dS (n, T_own, B_other, T_other) in the input dtype (at most 128 MiB, ``_DS_CHUNK_BYTES``), and one
+    cuBLAS GEMM with fp32 accumulation gives the chunk's gradient (``_gemm_backward``). In all 2 forwards and
+    2 GEMMs of the forward's size, the GEMMs at cuBLAS speed; dS costs 4 bytes of HBM traffic per score pair
+    in 16 bits; no fp32 token buffer.
+  - "kernels": two kernels, each recomputing S with the same helper, tile shapes and D order as the forward
+    (so the recomputed arg-max is the forward's): a row-parallel kernel accumulates dX = dS @ Y over all
+    column tiles, a column-parallel kernel accumulates dY = dS^T @ X over all row tiles, both into fp32
+    buffers in global memory (read and written per tile in BK-wide D chunks). In all 4 GEMMs of the
+    forward's size (S again and dS times the tokens, in each kernel), plus the arg-max reductions; timed at
+    ~460 ms for the backward at B=1024, Ti=50, Tt=77 on an H200 (~10x its MMA time).
 * **save** (``save_argmax=True``): the forward also writes each token's arg-max token in every other
   sample (Bi*Bt*(Ti+Tt) bytes, uint8; int16 past 255 tokens), and the backward reads those tables
-  instead of recomputing S. Two implementations (``saved_backward("gemm" | "kernels")``, fixed at the forward):
-  - "gemm" (default): for a chunk of images (then of texts) torch scatters the two one-hot maps into a dense
-    dS (n, T_own, B_other, T_other) in the input dtype (at most 128 MiB, ``_DS_CHUNK_BYTES``), and one cuBLAS
-    GEMM with fp32 accumulation gives that chunk's gradient (``_gemm_backward_saved``): the 2 GEMMs of the
-    forward's size run at cuBLAS speed, dS costs 4 bytes of HBM traffic per score pair in 16 bits. The
-    tiles are then the forward's alone. Chosen over the kernels below by arithmetic (their 372 ms at
-    B=1024, Ti=50, Tt=77 on an H200 are ~9x their MMA time); not yet timed on a GPU itself.
+  instead of recomputing S.
+  - "gemm": as above without the forward re-runs: dS chunks scattered from the saved tables, cuBLAS GEMMs.
+    The tiles are then the forward's alone (a 64 x 256 forward tile holds 3 texts of 77: 70 % of it used,
+    against 47 % at 64 x 128; no spills on sm_90; swept by benchmarks/gpu/run_all.sh).
   - "kernels": split D over programs: each program keeps a (tile rows, BD) fp32 accumulator in registers
     over the whole loop and writes its gradient block once, in the input dtype (no fp32 (B, T, D) buffer,
     no per-tile read-modify-write). In all 2 GEMMs of the forward's size (dS times the tokens), with dS
-    rebuilt from the tables in registers once per D chunk.
-  Not used for fp32 tokens on a GPU (the kernels spill, and cuBLAS would follow torch's TF32 switch; see
-  ``saved_backward_supported``).
+    rebuilt from the tables in registers once per D chunk; timed at ~330 ms for the backward (same shape).
+  The "gemm" implementations were chosen over the kernels by that arithmetic; they are not timed on a GPU
+  yet. fp32 tokens on a GPU use the kernels, and their saved design recomputes (the saved-index kernels'
+  fp32 dots spill; cuBLAS would follow torch's TF32 switch; see ``saved_backward_supported`` and
+  ``gemm_backward_supported``).
 In both, dS is the sum of two one-hot maps:
   dS[(i,k),(j,r)] = g_i2t[i,j] w_i[k] 1[r = argmax_r'] + g_t2i[i,j] w_j[r] 1[k = argmax_k']
 with ties resolved to the lowest token index (min over the positions equal to the max). The recomputing
@@ -51,8 +59,8 @@ spills on sm_90; see ``python -m declip_ds.kernels.compile_check``); the saved d
 Padded tokens (mask False) are excluded from every max and carry weight 0, so they get exactly zero
 gradient. A pair where a side has no valid token scores 0 (as in ``filip_similarity``).
 
-Debug mode (``DECLIP_DS_DEBUG_ARGMAX=1``, recompute design): the backward re-runs the forward tiles and
-raises unless the recomputed maxima equal the forward's bit for bit. The arg-max is a deterministic function of
+Debug mode (``DECLIP_DS_DEBUG_ARGMAX=1``, recompute design): the backward re-runs the forward tiles (with
+"gemm", those of each chunk) and raises unless the recomputed maxima equal the forward's bit for bit. The arg-max is a deterministic function of
 the tile bits, so this asserts that the backward selects the tokens the forward used.
 """
 
@@ -84,7 +92,8 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool, dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> dict:
+def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool, dtype: torch.dtype = torch.bfloat16, arch: int = 90,
+                 gemm: bool = False) -> dict:
     """(BM, BN, BK, num_warps, num_stages, group, BD): tiles holding whole samples, picked to maximise the
     fraction of used tile area within the area budget (see the module docstring). arch: the GPU's compute
     capability (90 = Hopper, where the K and saved-backward D chunks were timed)."""
@@ -93,7 +102,9 @@ def choose_tiles(Ti: int, Tt: int, D: int, cuda: bool, dtype: torch.dtype = torc
     if _override:
         cfg = {**launch, **_override}
         return {"BD": _saved_bd(cfg["BM"], cfg["BN"], D, cuda, dtype, arch), **cfg}
-    max_area = 64 * 128 if cuda else 64 * 64
+    # gemm: no Triton backward kernel runs these tiles (the GEMM backward), so the forward's own limit applies:
+    # 64 x 256 (Ti=50, Tt=77: 3 texts per tile, 70 % used instead of 47 %; no spills on sm_90, bf16 and fp16)
+    max_area = (64 * 256 if gemm else 64 * 128) if cuda else 64 * 64
     # the backward epilogue makes one pass over the tile per sample in it (IB + JB passes): its cost per
     # pair grows with IB + JB, and many samples per tile spill (IB=51, JB=2 at Ti=10: 13 KB/thread)
     max_samples = 8 if cuda else 1 << 30
@@ -435,9 +446,9 @@ def _tm_bwd_y_saved_kernel(X, WX, WY, A1, A2, G1, G2, DY, norm_ptr, Bi, Bt, TI, 
 
 
 # ---------------------------------------------------------------------------------------- launchers
-def _geometry(x, y):
+def _geometry(x, y, gemm=False):
     (Bi, Ti, D), (Bt, Tt) = x.shape, y.shape[:2]
-    cfg = choose_tiles(Ti, Tt, D, _gpu_tiles(x), x.dtype, gpu_arch(x))
+    cfg = choose_tiles(Ti, Tt, D, _gpu_tiles(x), x.dtype, gpu_arch(x), gemm=gemm)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     if BM < Ti or BN < Tt:
         raise ValueError(f"token_max tiles must hold one whole sample: BM={BM} < Ti={Ti} or BN={BN} < Tt={Tt}.")
@@ -458,10 +469,11 @@ def index_dtype(Ti: int, Tt: int) -> torch.dtype:
     return torch.uint8 if max(Ti, Tt) <= 255 else torch.int16
 
 
-def _launch_forward(x, y, wx, wy, need_i2t, need_t2i, save=False):
+def _launch_forward(x, y, wx, wy, need_i2t, need_t2i, save=False, gemm=False):
     """(s_i2t, s_t2i, a_i2t, a_t2i): the (Bi, Bt) fp32 scores and, with save, the arg-max token indices
-    a_i2t (Bt, Bi*Ti) (text token per image token) and a_t2i (Bi, Bt*Tt) (image token per text token)."""
-    g = _geometry(x, y)
+    a_i2t (Bt, Bi*Ti) (text token per image token) and a_t2i (Bi, Bt*Tt) (image token per text token).
+    gemm: the tiles of the GEMM backward (see choose_tiles)."""
+    g = _geometry(x, y, gemm)
     o1 = torch.zeros(g["Bi"], g["Bt"], device=x.device, dtype=torch.float32)
     o2 = torch.zeros(g["Bi"], g["Bt"], device=x.device, dtype=torch.float32)
     idt = index_dtype(g["TI"], g["TT"])
@@ -508,76 +520,115 @@ def _launch_backward_saved(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, 
     return dy
 
 
-# Saved-arg-max backward, which design: "gemm" (default: dS chunks built from the indices by torch scatters, then
-# cuBLAS GEMMs) or "kernels" (the Triton kernels above, which rebuild dS tiles in registers). Tests and the
-# benchmark switch it with ``saved_backward(design)``.
-_SAVED_DESIGN = ["gemm"]
+# Backward, which implementation (both designs, recompute and save): "gemm" (default: dS chunks built from
+# arg-max indices by torch scatters, then cuBLAS GEMMs) or "kernels" (the Triton backward kernels above, which
+# build dS tiles in registers). Tests and the benchmark switch it with ``backward_design(design)``.
+_DESIGN = ["gemm"]
 _DS_CHUNK_BYTES = [128 << 20]  # the GEMM backward's dS buffer: samples of one side per chunk x all of the other
 
 
-class saved_backward:
-    """Context manager choosing the saved-arg-max backward: "gemm" (default) or "kernels"; the design in force at
-    the forward is the one its backward runs."""
+class backward_design:
+    """Context manager choosing the backward's implementation: "gemm" (default) or "kernels"; the one in force
+    at the forward is the one its backward runs."""
 
     def __init__(self, design: str):
         if design not in ("gemm", "kernels"):
-            raise ValueError(f"saved_backward design must be 'gemm' or 'kernels', got {design!r}.")
+            raise ValueError(f"backward_design must be 'gemm' or 'kernels', got {design!r}.")
         self.design = design
 
     def __enter__(self):
-        self.old = _SAVED_DESIGN[0]
-        _SAVED_DESIGN[0] = self.design
+        self.old = _DESIGN[0]
+        _DESIGN[0] = self.design
 
     def __exit__(self, *exc):
-        _SAVED_DESIGN[0] = self.old
+        _DESIGN[0] = self.old
 
 
-def _gemm_backward_saved(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, need_t2i):
-    """which="x" / "y": the (Bi, Ti, D) / (Bt, Tt, D) token gradient in the input dtype, times norm, from the saved
-    arg-max indices, as GEMMs. For the "own" side (images for x) in chunks of n samples, the dense
-    dS (n, T_own, B_oth, T_oth) in the input dtype is built by two scatters - the own side's arg-max ("for
-    token k of own sample b and other sample c, weight g_own[b, c] w_own[b, k] at c's arg-max token") and the other
-    side's ("for token r of other sample c, weight g_oth[b, c] w_oth[c, r] at b's arg-max token"); each puts at
-    most one entry per (token, sample) pair, so the result is deterministic - then one cuBLAS GEMM with fp32
-    accumulation: d_own[chunk] = dS @ other tokens ((n T_own) x (B_oth T_oth) x D). The GEMMs are the forward's
-    size (one per token gradient, 2 B^2 Ti Tt D FLOPs); dS costs a write and a read of 2 bytes per score pair
-    (16 GB at B=1024, Ti=50, Tt=77). No fp32 token buffer; the dS chunk is at most _DS_CHUNK_BYTES (one sample
-    at least). Padded tokens get weight 0 and are nobody's arg-max, so their gradient is exactly 0."""
+def gemm_backward_supported(x: torch.Tensor) -> bool:
+    """The GEMM backward runs for 16-bit tokens on a GPU and for any tokens off one; fp32 tokens on a GPU keep the
+    kernels (cuBLAS would follow torch's TF32 switch: 1e-3 relative error where true fp32 is asked for)."""
+    return not (x.is_cuda and x.dtype == torch.float32)
+
+
+def _ds_chunk_grad(d, a_own, a_oth, g_own, g_oth, w_own, w_oth, other_tokens, norm):
+    """One chunk of n own-side samples (images for dX, texts for dY): its (n, T_own, D) gradient, fp32, times norm.
+
+    d: (n, T_own, B_oth, T_oth) buffer in the tokens' dtype (overwritten); a_own: (B_oth, n, T_own) arg-max token
+    of the other sample for each own token ([other sample, own sample, own token]; T_oth = no valid token) or
+    None; a_oth: (n, B_oth, T_oth) arg-max own token for each other token (T_own = none), or None; g_own / g_oth:
+    (n, B_oth) normalised upstream gradients of the own / other side's direction; w_own: (n, T_own), w_oth:
+    (B_oth, T_oth) token weights (mask / n_valid); other_tokens: (B_oth * T_oth, D).
+    The two one-hot maps are scattered into d - "own token k of sample b, other sample c: weight g_own[b, c]
+    w_own[b, k] at c's arg-max token" and "other token r of sample c: g_oth[b, c] w_oth[c, r] at b's arg-max
+    token" - each one entry per (token, sample) pair, so no atomics and a deterministic result; where both hit
+    one entry (a mutual arg-max) they are added in fp32 and rounded once, as the kernels do. Then one GEMM with
+    fp32 accumulation: d @ other_tokens ((n T_own) x (B_oth T_oth) x D)."""
     from declip_ds.kernels.contrastive import _mm_f32
 
+    n, T_own, B_oth, T_oth = d.shape
+    d.zero_()
+    if a_own is not None:  # d[b, k, c, a_own[c, b, k]] = g_own[b, c] w_own[b, k]
+        idx = a_own.permute(1, 2, 0).long()  # (n, T_own, B_oth)
+        val = torch.where(idx < T_oth, g_own[:, None, :] * w_own[:, :, None], 0.0)
+        d.scatter_(3, idx.clamp_(max=T_oth - 1).unsqueeze(-1), val.unsqueeze(-1).to(d.dtype))
+    if a_oth is not None:  # d[b, a_oth[b, c, r], c, r] += g_oth[b, c] w_oth[c, r]
+        idx = a_oth.long()  # (n, B_oth, T_oth)
+        val = torch.where(idx < T_own, g_oth[:, :, None] * w_oth[None, :, :], 0.0)
+        idx = idx.clamp_(max=T_own - 1).unsqueeze(1)  # (n, 1, B_oth, T_oth)
+        d.scatter_(1, idx, (d.gather(1, idx).float() + val.unsqueeze(1)).to(d.dtype))
+    return _mm_f32(d.view(n * T_own, B_oth * T_oth), other_tokens).mul_(norm).view(n, T_own, -1)
+
+
+def _gemm_backward(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, need_t2i, check=None):
+    """which="x" / "y": the (Bi, Ti, D) / (Bt, Tt, D) token gradient in the input dtype, times norm, as GEMMs on
+    dS chunks (``_ds_chunk_grad``) of n own-side samples x all of the other side (at most _DS_CHUNK_BYTES, one
+    sample at least).
+
+    The arg-max indices come from the forward's saved tables (a1 (Bt, Bi*Ti), a2 (Bi, Bt*Tt)) or, when both are
+    None (the recompute design), from re-running the forward kernel with SAVE on the chunk against all of the
+    other side: the same tiles, and n a multiple of the samples per tile so every sample keeps its slot, hence
+    the same scores bit for bit and the same arg-max as the forward; only the chunk's indices ever exist. That
+    costs one forward per token gradient. The GEMMs are the forward's size (2 B^2 Ti Tt D FLOPs each), dS costs
+    4 bytes of HBM traffic per score pair in 16 bits; no fp32 token buffer. check: the forward's (s_i2t, s_t2i)
+    (debug mode): each recomputed chunk's scores must equal them bit for bit. Padded tokens get weight 0 and
+    are nobody's arg-max, so their gradient is exactly 0."""
     (Bi, Ti, D), (Bt, Tt) = x.shape, y.shape[:2]
-    if which == "x":
-        own, oth, w_own, w_oth, T_own, T_oth = x, y, wx, wy, Ti, Tt
-        a_own = a1.view(Bt, Bi, Ti) if need_i2t else None  # [c, b, k]: arg-max text token of image token (b, k)
-        a_oth = a2.view(Bi, Bt, Tt) if need_t2i else None  # [b, c, r]: arg-max image token of text token (c, r)
-        g_own, g_oth = g1, g2  # (Bi, Bt), rows = own samples
-    else:
-        own, oth, w_own, w_oth, T_own, T_oth = y, x, wy, wx, Tt, Ti
-        a_own = a2.view(Bi, Bt, Tt) if need_t2i else None
-        a_oth = a1.view(Bt, Bi, Ti) if need_i2t else None
-        g_own, g_oth = g2.t(), g1.t()  # (Bt, Bi)
+    recompute = a1 is None and a2 is None
+    xs = which == "x"
+    own, oth, w_own, w_oth, T_own, T_oth = (x, y, wx, wy, Ti, Tt) if xs else (y, x, wy, wx, Tt, Ti)
+    g_own, g_oth = (g1, g2) if xs else (g2.t(), g1.t())  # (B_own, B_oth) each (when needed)
+    need_own, need_oth = (need_i2t, need_t2i) if xs else (need_t2i, need_i2t)
     B_own, B_oth = own.shape[0], oth.shape[0]
-    per_sample = T_own * B_oth * T_oth * own.element_size()
-    n = max(1, min(B_own, _DS_CHUNK_BYTES[0] // max(1, per_sample)))
+    n = max(1, min(B_own, _DS_CHUNK_BYTES[0] // max(1, T_own * B_oth * T_oth * own.element_size())))
+    if recompute:
+        geo = _geometry(x, y, gemm=True)
+        per_tile = geo["IB"] if xs else geo["JB"]
+        n = max(per_tile, n // per_tile * per_tile)
     out = torch.empty_like(own)
-    ds = torch.empty(n, T_own, B_oth, T_oth, device=own.device, dtype=own.dtype)
+    d = torch.empty(min(n, B_own), T_own, B_oth, T_oth, device=own.device, dtype=own.dtype)
     other_tokens = oth.reshape(B_oth * T_oth, D)
     for s0 in range(0, B_own, n):
         s1 = min(s0 + n, B_own)
-        d = ds[:s1 - s0]
-        d.zero_()
-        if a_own is not None:  # d[b, k, c, a_own[c, b, k]] = g_own[b, c] w_own[b, k]
-            idx = a_own[:, s0:s1].permute(1, 2, 0).long()  # (n, T_own, B_oth); T_oth = no valid token
-            val = torch.where(idx < T_oth, g_own[s0:s1, None, :] * w_own[s0:s1, :, None], 0.0)
-            d.scatter_(3, idx.clamp_(max=T_oth - 1).unsqueeze(-1), val.unsqueeze(-1).to(d.dtype))
-        if a_oth is not None:  # d[b, a_oth[b, c, r], c, r] += g_oth[b, c] w_oth[c, r]
-            idx = a_oth[s0:s1].long()  # (n, B_oth, T_oth); T_own = no valid token
-            val = torch.where(idx < T_own, g_oth[s0:s1, :, None] * w_oth[None, :, :], 0.0)
-            idx = idx.clamp_(max=T_own - 1).unsqueeze(1)  # (n, 1, B_oth, T_oth)
-            # where both maps hit one entry (mutual arg-max), add in fp32 and round once, as the kernels do
-            d.scatter_(1, idx, (d.gather(1, idx).float() + val.unsqueeze(1)).to(d.dtype))
-        prod = _mm_f32(d.view((s1 - s0) * T_own, B_oth * T_oth), other_tokens)  # ((s1-s0) T_own, D) fp32
-        out[s0:s1] = prod.mul_(norm).view(s1 - s0, T_own, D)
+        m = s1 - s0
+        if recompute:  # the chunk's indices: c1 (Bt, m*Ti) / (m, Bi*Ti), c2 (m, Bt*Tt) / (Bi, m*Tt)
+            xc, yc, wxc, wyc = (x[s0:s1], y, wx[s0:s1], wy) if xs else (x, y[s0:s1], wx, wy[s0:s1])
+            o1, o2, c1, c2 = _launch_forward(xc, yc, wxc, wyc, need_i2t, need_t2i, save=True, gemm=True)
+            if check is not None:
+                part = (slice(s0, s1), slice(None)) if xs else (slice(None), slice(s0, s1))
+                for name, a, b, need in zip(("s_i2t", "s_t2i"), (o1, o2), check, (need_i2t, need_t2i)):
+                    if need and not torch.equal(a, b[part]):
+                        raise RuntimeError(f"token_max backward: recomputed {name} differs from the forward's by up "
+                                           f"to {(a - b[part]).abs().max().item():.3g}: the recomputed arg-max is "
+                                           f"not the forward's.")
+            a_i2t = None if c1 is None else c1.view(Bt, m, Ti) if xs else c1.view(m, Bi, Ti)
+            a_t2i = None if c2 is None else c2.view(m, Bt, Tt) if xs else c2.view(Bi, m, Tt)
+        else:
+            a_i2t = None if a1 is None else a1.view(Bt, Bi, Ti)[:, s0:s1] if xs else a1.view(Bt, Bi, Ti)[s0:s1]
+            a_t2i = None if a2 is None else a2.view(Bi, Bt, Tt)[s0:s1] if xs else a2.view(Bi, Bt, Tt)[:, s0:s1]
+        # the own side's map is i2t for images ([text, image, image token]), t2i for texts ([image, text, text token])
+        a_own, a_oth = (a_i2t, a_t2i) if xs else (a_t2i, a_i2t)
+        out[s0:s1] = _ds_chunk_grad(d[:m], a_own if need_own else None, a_oth if need_oth else None,
+                                    g_own[s0:s1], g_oth[s0:s1], w_own[s0:s1], w_oth, other_tokens, norm)
     return out
 
 
@@ -603,9 +654,10 @@ class _TokenMaxSimilarity(torch.autograd.Function):
             _warn_once("token_max_similarity: save_argmax (loss.filip_argmax=save) is not used for fp32 tokens on a "
                        "GPU: the saved-index backward's fp32 dots would spill registers heavily; the recomputing "
                        "backward runs instead (same result). bf16/fp16 tokens use it.")
-        o1, o2, a1, a2 = _launch_forward(x, y, wx, wy, need_i2t, need_t2i, save=save)
+        gemm = _DESIGN[0] == "gemm" and gemm_backward_supported(x)  # the backward's implementation, its tiles
+        o1, o2, a1, a2 = _launch_forward(x, y, wx, wy, need_i2t, need_t2i, save=save, gemm=gemm)
         ctx.save_for_backward(x, y, wx, wy, a1, a2)
-        ctx.direction, ctx.saved_argmax, ctx.saved_design = direction, save, _SAVED_DESIGN[0]
+        ctx.direction, ctx.saved_argmax, ctx.gemm = direction, save, gemm
         ctx.debug_out = (o1.clone(), o2.clone()) if os.environ.get("DECLIP_DS_DEBUG_ARGMAX") == "1" else None
         return (o1 if need_i2t else None), (o2 if need_t2i else None)
 
@@ -616,7 +668,7 @@ class _TokenMaxSimilarity(torch.autograd.Function):
         need_t2i = g2 is not None and ctx.direction in ("both", "t2i")
         if not (need_i2t or need_t2i):
             return None, None, None, None, None, None
-        if ctx.debug_out is not None and not ctx.saved_argmax:
+        if ctx.debug_out is not None and not ctx.saved_argmax and not ctx.gemm:
             _check_recompute(x, y, wx, wy, ctx.debug_out, ctx.direction)
         # normalise the upstream gradients so dS, cast to fp16/bf16 for the MMA, does not underflow
         gs = [t.detach().float() for t, n in ((g1, need_i2t), (g2, need_t2i)) if n]
@@ -624,11 +676,16 @@ class _TokenMaxSimilarity(torch.autograd.Function):
         dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
         G1 = (g1.float() / norm).contiguous() if need_i2t else dummy
         G2 = (g2.float() / norm).contiguous() if need_t2i else dummy
+        if ctx.gemm:  # dS chunks from the saved or (per chunk) recomputed indices, cuBLAS; no fp32 token buffer
+            args = (x, y, wx, wy, a1, a2, G1, G2, norm, need_i2t, need_t2i)
+            check = None if ctx.saved_argmax else ctx.debug_out
+            dx = _gemm_backward("x", *args, check=check) if ctx.needs_input_grad[0] else None
+            dy = _gemm_backward("y", *args, check=check) if ctx.needs_input_grad[1] else None
+            return dx, dy, None, None, None, None
         if ctx.saved_argmax:  # dS from the saved indices; gradients written in the input dtype, no fp32 buffer
             saved = (x, y, wx, wy, a1, a2, G1, G2, norm.reshape(1).contiguous(), need_i2t, need_t2i)
-            run = _gemm_backward_saved if ctx.saved_design == "gemm" else _launch_backward_saved
-            dx = run("x", *saved) if ctx.needs_input_grad[0] else None
-            dy = run("y", *saved) if ctx.needs_input_grad[1] else None
+            dx = _launch_backward_saved("x", *saved) if ctx.needs_input_grad[0] else None
+            dy = _launch_backward_saved("y", *saved) if ctx.needs_input_grad[1] else None
             return dx, dy, None, None, None, None
         # one fp32 token-gradient buffer at a time next to the input-dtype gradients
         dx = _launch_backward("x", x, y, wx, wy, G1, G2, need_i2t, need_t2i).mul_(norm).to(x.dtype)
