@@ -241,3 +241,29 @@ def test_two_cpu_ranks_leave_no_shared_memory_behind(tmp_path, shapes):
     assert rc == 0, out[-3000:]
     assert len(metrics(tmp_path / "run")) == 2  # the all-reduces kept working after the unlink
     assert glob.glob(pattern) == []
+
+
+@pytest.mark.dist
+def test_torchrun_restarts_after_a_killed_worker_and_resumes_exactly(tmp_path, shapes):
+    """RELIABILITY §4.20: under `torchrun --max-restarts=1`, rank 1 SIGKILLs itself at step 5 (checkpoints at 2
+    and 4). torchrun stops rank 0 and restarts both; the new workers form their group on a fresh key prefix of
+    the agent's store (without it the restarted gloo ranks read the dead ones' addresses and fail or hang), the
+    run resumes from step 4 and ends at step 6, and steps 1-6 equal an uninterrupted torchrun run bit for bit."""
+    def torchrun(run_dir, port):
+        base = cmd(run_dir, shapes, "train.steps=6", "train.save_every=2")
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+                "--master_port", str(port), *base[1:]]
+
+    port = 29300 + os.getpid() % 250  # the other 2-rank tests use 29600 + pid % 300
+    straight = tmp_path / "straight"
+    rc, out = run(torchrun(straight, port), tmp_path, timeout=240)
+    assert rc == 0, out[-3000:]
+    run_dir = tmp_path / "run"
+    rc, out = run_with(torchrun(run_dir, port + 1), tmp_path, "sigkill@5:1", timeout=300)
+    assert rc == 0, out[-3000:]
+    assert "exitcode: -9" in out and "rendezvous round 1" in out and "at step 4" in out, out[-3000:]
+    ck = run_dir / "checkpoints"
+    assert (ck / "latest").read_text() == "step_00000006" and (ck / "step_00000006" / "COMPLETE").is_file()
+    first, last = metrics(run_dir, 0), metrics(run_dir, -1)
+    assert sorted(first) == sorted(last) == [1, 2, 3, 4, 5, 6]  # step 5 died before it was logged
+    assert_same_steps(metrics(straight), last, range(1, 7))

@@ -39,11 +39,36 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
     import deepspeed
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _init_on_a_fresh_prefix(timedelta(seconds=timeout_s))  # torchrun: see there
+        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))  # joins an existing default group
         _release_shm_buffer()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _init_on_a_fresh_prefix(timeout: timedelta) -> None:
+    """The default process group under torchrun, on a key prefix of the agent's store that no earlier round used.
+
+    torchrun's agent keeps one TCPStore for the whole job, and a restart (``--max-restarts``) hands the new
+    workers the same store with the previous round's keys still in it: the peers' addresses that gloo (and NCCL)
+    exchange when a group forms. Seen with torch 2.14 and gloo: the restarted workers read the dead ones'
+    addresses and fail ("Connection refused") or hang in DeepSpeed's ``new_group`` until the 30-minute timeout.
+    ``TORCHELASTIC_RESTART_COUNT`` cannot name the round (it counts the local agent's restarts, which differ
+    between nodes), so every rank adds 1 to a counter when it joins: the k-th round's ranks read k*W+1 ..
+    (k+1)*W, i.e. the same round k, and the group lives under ``declip_ds/round_<k>/``."""
+    from deepspeed.accelerator import get_accelerator
+
+    world, rank_ = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout=timeout)
+    round_ = (agent.add("declip_ds/joined", 1) - 1) // world
+    backend = get_accelerator().communication_backend_name()
+    dist.init_process_group(backend, store=dist.PrefixStore(f"declip_ds/round_{round_}", agent), rank=rank_,
+                            world_size=world, timeout=timeout)
+    if round_:
+        log.warning("torchrun restart: rendezvous round %d (the process group ignores the earlier rounds' keys)",
+                    round_)
 
 
 def _release_shm_buffer() -> None:

@@ -9,8 +9,10 @@ running mean and counts are saved per rank in checkpoints.
 
 Test hooks (``DECLIP_DS_FAULTS``, comma-separated ``kind@step:rank`` or ``kind@stepxN:rank`` for N times,
 rank ``*`` = all): ``nan_loss``,
-``spike_loss`` (loss x 1000) at optimizer step ``step`` (1-based), ``crash_in_save`` (the rank exits
-with code 9 after DeepSpeed wrote its part of checkpoint ``step``).
+``spike_loss`` (loss x 1000) at optimizer step ``step`` (1-based), ``sigkill`` (the rank SIGKILLs itself
+at optimizer step ``step``, before its loss reaches the other ranks), ``crash_in_save`` (the rank exits
+with code 9 after DeepSpeed wrote its part of checkpoint ``step``). Under torchrun the hooks fire in the
+first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted run is not hit again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -42,7 +45,9 @@ def fault(kind: str, step: int) -> bool:
     """Whether the test hook asks for fault ``kind`` at ``step`` on this rank. ``kind@step:rank`` fires
     once, ``kind@stepxN:rank`` N times (a skipped step is retried at the same step number);
     ``kind@step+S...`` lets the first S calls at that step pass (``nan_loss@4+1x2:*``: micro-batch 1
-    of step 4, and its retry, are bad)."""
+    of step 4, and its retry, are bad). Never after a torchrun restart."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return False
     for item in filter(None, os.environ.get("DECLIP_DS_FAULTS", "").split(",")):
         name, _, where = item.partition("@")
         at, _, rank = where.partition(":")
@@ -87,6 +92,8 @@ class Guard:
     def check(self, loss: torch.Tensor, step: int) -> str | None:
         """Collective: the reason this micro-batch is bad on any rank, or None."""
         value = float(loss.detach())
+        if fault("sigkill", step):  # test hook: this worker dies mid-step (RELIABILITY §4.20)
+            os.kill(os.getpid(), signal.SIGKILL)
         if fault("nan_loss", step):
             value = float("nan")
         if fault("spike_loss", step):
