@@ -468,11 +468,12 @@ def test_token_max_matches_float64(Bi, Bt, Ti, Tt, D, dtype, design):
 @pytest.mark.parametrize("save_argmax,design", [(False, "kernels"), (False, "gemm"), (True, "kernels"), (True, "gemm")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype, save_argmax, design):
-    """Forward + backward holds the token gradients and O(Bi*Bt + B*T) floats, never (B, B, Ti, Tt). Recompute
-    with the kernels: plus one fp32 token-gradient buffer (the larger side), never both at once. save_argmax: plus
-    the Bi*Bt*(Ti+Tt) bytes of indices, and with the kernels no fp32 buffer (gradients written in the input dtype
-    from registers). "gemm": one dS chunk of at most _DS_CHUNK_BYTES, its scatter indices and one fp32 chunk
-    product (recompute: plus the chunk's own indices and scores), no fp32 token buffer."""
+    """Forward + backward holds the token gradients and O(Bi*Bt + B*T) floats, never (B, B, Ti, Tt). Recompute:
+    plus one fp32 token-gradient buffer (the kernels: the larger side, never both at once; the GEMMs: the texts'
+    dY, accumulated over the image chunks). save_argmax: plus the Bi*Bt*(Ti+Tt) bytes of indices and no fp32
+    buffer (the kernels write the gradients in the input dtype from registers, the GEMMs make one pass per side).
+    "gemm": one dS chunk of at most _DS_CHUNK_BYTES, its scatter indices and one fp32 chunk product (recompute:
+    plus the chunk's own indices and scores)."""
     mode = design if save_argmax else "recompute" if design == "kernels" else "recompute-gemm"
     side = "_saved_kernel" if save_argmax else "_kernel"
     for name in ("_tm_fwd_kernel", "_tm_bwd_x" + side, "_tm_bwd_y" + side):
@@ -493,7 +494,8 @@ def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, d
 
     peak = torch_peak_bytes(fwd_bwd)
     grads = (Bi * Ti + Bt * Tt) * D * x.element_size()
-    fp32_buffer = max(Bi * Ti, Bt * Tt) * D * 4 if dtype != torch.float32 and mode == "recompute" else 0
+    # recompute: one fp32 token-gradient buffer (the kernels: either side's; the GEMMs: the texts')
+    fp32_buffer = max(Bi * Ti, Bt * Tt) * D * 4 if dtype != torch.float32 and not save_argmax else 0
     indices = Bi * Bt * (Ti + Tt) if save_argmax else 0
     small = 12 * Bi * Bt * 4 + 4 * (Bi * Ti + Bt * Tt) * 4  # scores, their grads, weights, masks
     n = 2  # samples per chunk, at most
@@ -623,8 +625,11 @@ def test_token_max_saved_argmax_matches_float64_and_the_recompute(Bi, Bt, Ti, Tt
     assert saved[2].dtype == dtype and saved[3].dtype == dtype
     torch.testing.assert_close(saved[0], base[0], rtol=0, atol=0)  # the same forward
     torch.testing.assert_close(saved[1], base[1], rtol=0, atol=0)
-    for u, v in zip(saved[2:], base[2:]):  # the same dS (saved or recomputed indices), the same accumulation order
-        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+    # the same dS (saved or recomputed indices); the kernels sum in the same order, the GEMM backward's recompute
+    # design accumulates dY in fp32 over image chunks (fp16: the same sum may round to the neighbouring value)
+    for u, v in zip(saved[2:], base[2:]):
+        loose = design == "gemm" and dtype == torch.float16
+        torch.testing.assert_close(u, v, **(dict(rtol=2e-3, atol=1e-3) if loose else dict(rtol=1e-5, atol=1e-6)))
 
 
 @pytest.mark.parametrize("save", [True, False])
@@ -632,7 +637,8 @@ def test_token_max_saved_argmax_matches_float64_and_the_recompute(Bi, Bt, Ti, Tt
 def test_token_max_gemm_backward_in_chunks_and_one_direction(monkeypatch, dtype, save):
     """The GEMM backward's dS chunks (a budget of 3 images: 7 images -> 3 + 3 + 1, 5 texts -> 2 + 2 + 1), each
     direction alone (one scatter map each), against one chunk and against the float64 reference; with the saved
-    indices and with indices recomputed per chunk (chunks of whole tiles: 16 x 16 tiles of 2 images / 1 text)."""
+    indices and with indices recomputed per chunk of images (chunks of whole 16 x 16 tiles: 2 images each; the
+    texts' gradient then comes from the same pass, accumulated over the image chunks)."""
     x, y, xm, ym = token_inputs(7, 5, 6, 9, 24, seed=17, dtype=dtype)
     xm[3] = False  # an image without a valid token: its scores are 0, nothing flows
     w = torch.randn(2, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEV)
@@ -644,8 +650,12 @@ def test_token_max_gemm_backward_in_chunks_and_one_direction(monkeypatch, dtype,
         monkeypatch.setattr(token_max, "_DS_CHUNK_BYTES", [3 * 6 * 5 * 9 * x.element_size()])  # 3 images per chunk
         chunks = run_sim(fn, x, y, xm, ym, w)
     rel = 1e-5 if dtype == torch.float32 else 5e-3
-    for u, v, r in zip(chunks[2:], one_chunk[2:], ref[2:]):
-        torch.testing.assert_close(u, v, rtol=0, atol=0)  # chunks of rows: the same sums per row
+    for k, (u, v, r) in enumerate(zip(chunks[2:], one_chunk[2:], ref[2:])):
+        if save or k == 0:  # the gradient of the chunked side: the same sums per row
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+        else:  # recompute: dY accumulated in fp32 over the image chunks, in another order
+            torch.testing.assert_close(u, v, **(dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32
+                                                else dict(rtol=2e-3, atol=1e-3)))
         assert rel_frobenius(u, r) <= rel
     assert chunks[2][3].abs().max() == 0
     for direction, k in (("i2t", 0), ("t2i", 1)):

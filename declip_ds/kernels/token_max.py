@@ -23,13 +23,13 @@ image tokens from HBM once per column tile.
 Backward, two designs with the same result (``save_argmax``; config ``loss.filip_argmax``), each in two
 implementations (``backward_design("gemm" | "kernels")``, fixed at the forward; "gemm" is the default):
 * **recompute** (default; nothing of size B^2*T is kept between forward and backward).
-  - "gemm": for a chunk of images (then of texts) the forward kernel runs again with SAVE on that chunk
-    against all of the other side (same tiles, chunk a multiple of the samples per tile: the same score bits,
-    so the forward's arg-max), giving the chunk's arg-max indices; torch scatters the two one-hot maps into a
-    dense dS (n, T_own, B_other, T_other) in the input dtype (at most 128 MiB, ``_DS_CHUNK_BYTES``), and one
-    cuBLAS GEMM with fp32 accumulation gives the chunk's gradient (``_gemm_backward``). In all 2 forwards and
-    2 GEMMs of the forward's size, the GEMMs at cuBLAS speed; dS costs 4 bytes of HBM traffic per score pair
-    in 16 bits; no fp32 token buffer.
+  - "gemm": for a chunk of images the forward kernel runs again with SAVE on that chunk against all texts
+    (same tiles, chunk a multiple of the images per tile: the same score bits, so the forward's arg-max),
+    giving the chunk's arg-max indices; torch scatters the two one-hot maps into a dense dS (n, Ti, Bt, Tt) in
+    the input dtype (at most 128 MiB, ``_DS_CHUNK_BYTES``), and two cuBLAS GEMMs with fp32 accumulation give
+    the chunk's dX = dS @ Y and add dS^T @ X_chunk into an fp32 dY buffer (``_gemm_backward``). In all 1
+    forward and 2 GEMMs of the forward's size, the GEMMs at cuBLAS speed; dS costs 4 bytes of HBM traffic per
+    score pair in 16 bits, the dY buffer's read-modify-write 8 bytes per text token and D column per chunk.
   - "kernels": two kernels, each recomputing S with the same helper, tile shapes and D order as the forward
     (so the recomputed arg-max is the forward's): a row-parallel kernel accumulates dX = dS @ Y over all
     column tiles, a column-parallel kernel accumulates dY = dS^T @ X over all row tiles, both into fp32
@@ -39,7 +39,8 @@ implementations (``backward_design("gemm" | "kernels")``, fixed at the forward; 
 * **save** (``save_argmax=True``): the forward also writes each token's arg-max token in every other
   sample (Bi*Bt*(Ti+Tt) bytes, uint8; int16 past 255 tokens), and the backward reads those tables
   instead of recomputing S.
-  - "gemm": as above without the forward re-runs: dS chunks scattered from the saved tables, cuBLAS GEMMs.
+  - "gemm": dS chunks scattered from the saved tables and cuBLAS GEMMs as above, without the forward re-run,
+    one pass over image chunks for dX and one over text chunks for dY (no fp32 buffer).
     The tiles are then the forward's alone (a 64 x 256 forward tile holds 3 texts of 77: 70 % of it used,
     against 47 % at 64 x 128; no spills on sm_90; swept by benchmarks/gpu/run_all.sh).
   - "kernels": split D over programs: each program keeps a (tile rows, BD) fp32 accumulator in registers
@@ -579,7 +580,7 @@ def _ds_chunk_grad(d, a_own, a_oth, g_own, g_oth, w_own, w_oth, other_tokens, no
     return _mm_f32(d.view(n * T_own, B_oth * T_oth), other_tokens).mul_(norm).view(n, T_own, -1)
 
 
-def _gemm_backward(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, need_t2i, check=None):
+def _gemm_backward(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, need_t2i, check=None, other_acc=None):
     """which="x" / "y": the (Bi, Ti, D) / (Bt, Tt, D) token gradient in the input dtype, times norm, as GEMMs on
     dS chunks (``_ds_chunk_grad``) of n own-side samples x all of the other side (at most _DS_CHUNK_BYTES, one
     sample at least).
@@ -588,8 +589,11 @@ def _gemm_backward(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, need_t2i
     None (the recompute design), from re-running the forward kernel with SAVE on the chunk against all of the
     other side: the same tiles, and n a multiple of the samples per tile so every sample keeps its slot, hence
     the same scores bit for bit and the same arg-max as the forward; only the chunk's indices ever exist. That
-    costs one forward per token gradient. The GEMMs are the forward's size (2 B^2 Ti Tt D FLOPs each), dS costs
-    4 bytes of HBM traffic per score pair in 16 bits; no fp32 token buffer. check: the forward's (s_i2t, s_t2i)
+    costs one forward per pass. The GEMMs are the forward's size (2 B^2 Ti Tt D FLOPs each), dS costs 4 bytes of
+    HBM traffic per score pair in 16 bits. other_acc: an fp32 (B_oth * T_oth, D) buffer into which each chunk
+    also adds the other side's gradient, dS^T @ own tokens (unscaled: times norm later), so that one pass (and
+    one forward re-run) gives both gradients; what the recompute design does (the buffer's read-modify-write,
+    ~20 GB at B=1024, Ti=50, Tt=77: ~5 ms of HBM time (est.), against ~50 ms for a second forward). check: the forward's (s_i2t, s_t2i)
     (debug mode): each recomputed chunk's scores must equal them bit for bit. Padded tokens get weight 0 and
     are nobody's arg-max, so their gradient is exactly 0."""
     (Bi, Ti, D), (Bt, Tt) = x.shape, y.shape[:2]
@@ -629,6 +633,10 @@ def _gemm_backward(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, need_t2i
         a_own, a_oth = (a_i2t, a_t2i) if xs else (a_t2i, a_i2t)
         out[s0:s1] = _ds_chunk_grad(d[:m], a_own if need_own else None, a_oth if need_oth else None,
                                     g_own[s0:s1], g_oth[s0:s1], w_own[s0:s1], w_oth, other_tokens, norm)
+        if other_acc is not None:  # (B_oth T_oth, D) += dS^T @ own tokens of the chunk
+            from declip_ds.kernels.contrastive import _mm_f32
+
+            _mm_f32(d[:m].view(m * T_own, B_oth * T_oth).t(), own[s0:s1].reshape(m * T_own, D), acc=other_acc)
     return out
 
 
@@ -676,12 +684,19 @@ class _TokenMaxSimilarity(torch.autograd.Function):
         dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
         G1 = (g1.float() / norm).contiguous() if need_i2t else dummy
         G2 = (g2.float() / norm).contiguous() if need_t2i else dummy
-        if ctx.gemm:  # dS chunks from the saved or (per chunk) recomputed indices, cuBLAS; no fp32 token buffer
+        if ctx.gemm:  # dS chunks from the saved or (per chunk) recomputed indices, then cuBLAS GEMMs
             args = (x, y, wx, wy, a1, a2, G1, G2, norm, need_i2t, need_t2i)
-            check = None if ctx.saved_argmax else ctx.debug_out
-            dx = _gemm_backward("x", *args, check=check) if ctx.needs_input_grad[0] else None
-            dy = _gemm_backward("y", *args, check=check) if ctx.needs_input_grad[1] else None
-            return dx, dy, None, None, None, None
+            if ctx.saved_argmax:  # one pass per side, no fp32 token buffer
+                dx = _gemm_backward("x", *args) if ctx.needs_input_grad[0] else None
+                dy = _gemm_backward("y", *args) if ctx.needs_input_grad[1] else None
+                return dx, dy, None, None, None, None
+            # recompute: one pass over image chunks (one forward re-run) gives dX and, in an fp32 buffer, dY
+            (Bt, Tt, D), dy32 = y.shape, None
+            if ctx.needs_input_grad[1]:
+                dy32 = torch.zeros(Bt * Tt, D, device=y.device, dtype=torch.float32)
+            dx = _gemm_backward("x", *args, check=ctx.debug_out, other_acc=dy32)
+            dy = None if dy32 is None else dy32.mul_(norm).view(Bt, Tt, D).to(y.dtype)
+            return (dx if ctx.needs_input_grad[0] else None), dy, None, None, None, None
         if ctx.saved_argmax:  # dS from the saved indices; gradients written in the input dtype, no fp32 buffer
             saved = (x, y, wx, wy, a1, a2, G1, G2, norm.reshape(1).contiguous(), need_i2t, need_t2i)
             dx = _launch_backward_saved("x", *saved) if ctx.needs_input_grad[0] else None
