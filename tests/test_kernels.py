@@ -479,7 +479,7 @@ def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, d
     for name in ("_tm_fwd_kernel", "_tm_bwd_x" + side, "_tm_bwd_y" + side):
         monkeypatch.setattr(token_max, name, _CollectAfterLaunch(getattr(token_max, name)))
     monkeypatch.setattr(token_max, "_DESIGN", [design])
-    monkeypatch.setattr(contrastive, "_mm_f32", _mm_f32_like_cublas)
+    monkeypatch.setattr(token_max, "_mm_f32", _mm_f32_like_cublas)  # token_max's own binding of contrastive's
     Bi, Bt, Ti, Tt, D = 16, 16, 12, 10, 64
     chunk = 2 * Ti * Bt * Tt * 2  # 2 images (2 texts) of 16-bit dS per chunk, 1 of fp32
     monkeypatch.setattr(token_max, "_DS_CHUNK_BYTES", [chunk])

@@ -476,10 +476,17 @@ def _chunked_backward(image, all_text, scale32, row_lse, col_lse, wr, wc, label_
     return dI, dT.mul_(k)
 
 
+def cublas_keeps_fp32(t: torch.Tensor) -> bool:
+    """Whether a cuBLAS backward GEMM on t keeps the precision the kernels promise: not for fp32 tensors on a GPU,
+    where cuBLAS would follow torch's TF32 switch (1e-3 relative error where true fp32 is asked for); 16-bit
+    inputs accumulate in fp32 either way, and off a GPU the operands are upcast (``_mm_f32``)."""
+    return not (t.is_cuda and t.dtype == torch.float32)
+
+
 def _use_chunked_backward(image) -> bool:
-    """The chunked backward runs when bwd_chunk > 0, except for fp32 features on a GPU: cuBLAS would follow
-    torch's TF32 setting (1e-3 relative error on the logits), so those keep the fused true-fp32 kernels."""
-    return _config(image)["bwd_chunk"] > 0 and not (image.is_cuda and image.dtype == torch.float32)
+    """The chunked backward runs when bwd_chunk > 0, except where cuBLAS would lose precision (fp32 features on a
+    GPU keep the fused true-fp32 kernels)."""
+    return _config(image)["bwd_chunk"] > 0 and cublas_keeps_fp32(image)
 
 
 _PAIR_ROWS = 4096  # rows upcast at a time by _paired_dots: 2 * 4096 * D fp32 transient (16 MB at D=512)

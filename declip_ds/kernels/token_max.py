@@ -74,7 +74,8 @@ import torch
 import triton
 import triton.language as tl
 
-from declip_ds.kernels.contrastive import _NEG, NEG, _gpu_tiles, _launch, _precision, _scores_tile, gpu_arch
+from declip_ds.kernels.contrastive import (_NEG, NEG, _gpu_tiles, _launch, _mm_f32, _precision, _scores_tile,
+                                           cublas_keeps_fp32, gpu_arch)
 from declip_ds.losses.filip import _check_inputs, _DIRECTIONS, token_weights
 
 NEG_HALF = tl.constexpr(_NEG / 2)
@@ -547,8 +548,8 @@ class backward_design:
 
 def gemm_backward_supported(x: torch.Tensor) -> bool:
     """The GEMM backward runs for 16-bit tokens on a GPU and for any tokens off one; fp32 tokens on a GPU keep the
-    kernels (cuBLAS would follow torch's TF32 switch: 1e-3 relative error where true fp32 is asked for)."""
-    return not (x.is_cuda and x.dtype == torch.float32)
+    kernels (``cublas_keeps_fp32``)."""
+    return cublas_keeps_fp32(x)
 
 
 def _ds_chunk_grad(d, a_own, a_oth, g_own, g_oth, w_own, w_oth, other_tokens, norm):
@@ -564,8 +565,6 @@ def _ds_chunk_grad(d, a_own, a_oth, g_own, g_oth, w_own, w_oth, other_tokens, no
     token" - each one entry per (token, sample) pair, so no atomics and a deterministic result; where both hit
     one entry (a mutual arg-max) they are added in fp32 and rounded once, as the kernels do. Then one GEMM with
     fp32 accumulation: d @ other_tokens ((n T_own) x (B_oth T_oth) x D)."""
-    from declip_ds.kernels.contrastive import _mm_f32
-
     n, T_own, B_oth, T_oth = d.shape
     d.zero_()
     if a_own is not None:  # d[b, k, c, a_own[c, b, k]] = g_own[b, c] w_own[b, k]
@@ -619,11 +618,7 @@ def _gemm_backward(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, need_t2i
             o1, o2, c1, c2 = _launch_forward(xc, yc, wxc, wyc, need_i2t, need_t2i, save=True, gemm=True)
             if check is not None:
                 part = (slice(s0, s1), slice(None)) if xs else (slice(None), slice(s0, s1))
-                for name, a, b, need in zip(("s_i2t", "s_t2i"), (o1, o2), check, (need_i2t, need_t2i)):
-                    if need and not torch.equal(a, b[part]):
-                        raise RuntimeError(f"token_max backward: recomputed {name} differs from the forward's by up "
-                                           f"to {(a - b[part]).abs().max().item():.3g}: the recomputed arg-max is "
-                                           f"not the forward's.")
+                _require_same_scores((o1, o2), [c[part] for c in check], (need_i2t, need_t2i))
             a_i2t = None if c1 is None else c1.view(Bt, m, Ti) if xs else c1.view(m, Bi, Ti)
             a_t2i = None if c2 is None else c2.view(m, Bt, Tt) if xs else c2.view(Bi, m, Tt)
         else:
@@ -634,19 +629,21 @@ def _gemm_backward(which, x, y, wx, wy, a1, a2, g1, g2, norm, need_i2t, need_t2i
         out[s0:s1] = _ds_chunk_grad(d[:m], a_own if need_own else None, a_oth if need_oth else None,
                                     g_own[s0:s1], g_oth[s0:s1], w_own[s0:s1], w_oth, other_tokens, norm)
         if other_acc is not None:  # (B_oth T_oth, D) += dS^T @ own tokens of the chunk
-            from declip_ds.kernels.contrastive import _mm_f32
-
             _mm_f32(d[:m].view(m * T_own, B_oth * T_oth).t(), own[s0:s1].reshape(m * T_own, D), acc=other_acc)
     return out
 
 
-def _check_recompute(x, y, wx, wy, saved, direction):
-    need_i2t, need_t2i = direction in ("both", "i2t"), direction in ("both", "t2i")
-    again = _launch_forward(x, y, wx, wy, need_i2t, need_t2i)[:2]
-    for name, a, b, need in zip(("s_i2t", "s_t2i"), again, saved, (need_i2t, need_t2i)):
+def _require_same_scores(again, saved, needs):
+    """Debug mode: recomputed (s_i2t, s_t2i) must equal the forward's bit for bit where needed."""
+    for name, a, b, need in zip(("s_i2t", "s_t2i"), again, saved, needs):
         if need and not torch.equal(a, b):
             raise RuntimeError(f"token_max backward: recomputed {name} differs from the forward's by up to "
                                f"{(a - b).abs().max().item():.3g}: the recomputed arg-max is not the forward's.")
+
+
+def _check_recompute(x, y, wx, wy, saved, direction):
+    need_i2t, need_t2i = direction in ("both", "i2t"), direction in ("both", "t2i")
+    _require_same_scores(_launch_forward(x, y, wx, wy, need_i2t, need_t2i)[:2], saved, (need_i2t, need_t2i))
 
 
 class _TokenMaxSimilarity(torch.autograd.Function):
