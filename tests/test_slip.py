@@ -248,6 +248,16 @@ def test_config_errors(key, value, match):
         from_dict({**TINY, "method": {"name": "slip", key: value}})
 
 
+def test_official_slip_clip_gather_without_grad():
+    """method.clip_gather_grad=false takes the torch loss with gather_grad=False, whatever loss.impl auto picks;
+    an explicit Triton choice is refused, as the fused kernel always sends the columns' gradients back."""
+    method = tiny_slip(clip_gather_grad=False)
+    assert method.contrastive.func.__name__ == "clip_loss" and method.contrastive.keywords == {"gather_grad": False}
+    assert tiny_slip().contrastive.__name__ in ("clip_loss", "fused_clip_loss")
+    with pytest.raises(ConfigError, match="method.clip_gather_grad=false .* loss.impl=auto or torch"):
+        from_dict({**TINY, "method": {"name": "slip", "clip_gather_grad": False}, "loss": {"impl": "triton"}})
+
+
 # ----------------------------------------------------------------------------- the recipes
 
 

@@ -4,6 +4,7 @@ One step, top to bottom:
     views     base view "image" (RandomResizedCrop data.rrc_scale, no flip), two SSL views
               "image_ssl1", "image_ssl2" (MoCo-v2 RRC 0.2-1, or SimCLR RRC 0.08-1), one caption "text"
     CLIP      clip_loss on the base view's embedding and the caption's             -> clip_loss
+              (columns gathered with gradient; method.clip_gather_grad=false: without, as official SLIP)
     SSL       predictor_sim (Linear-BN-ReLU-Linear-BN-ReLU-Linear, 4096 -> 256) on each SSL view's
               pre-projection feature, NT-Xent tau=0.1 over gathered negatives     -> ssl_loss
     total     clip_weight * clip_loss + ssl_scale * ssl_loss (1 and 1)
@@ -15,6 +16,7 @@ linear3), so a DeCLIP-repo SLIP checkpoint's head maps one to one; the reference
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from declip_ds.config import ConfigError, MethodConfig
 from declip_ds.losses import simclr_loss
+from declip_ds.losses.clip import clip_loss
 from declip_ds.methods.base import Method
 from declip_ds.models.norm import BatchNorm1dFP32
 from declip_ds.registry import register_method
@@ -49,6 +52,10 @@ class SLIPConfig(MethodConfig):
     # feature_dim 2048 -- RN50's "pooled" is the attention-pool output, which already is the
     # embedding); "auto" = token_mean for ResNet towers, pooled otherwise.
     ssl_feature: str = "auto"
+    # the CLIP term's all-gather: true = with gradient (the DeCLIP-repo benchmark; the global-batch
+    # gradient under DeepSpeed's averaging); false = without, as the official SLIP repo's CLIPLoss
+    # (each rank's loss reaches only its own rows; torch loss path only)
+    clip_gather_grad: bool = True
 
     def validate(self, exp) -> None:
         if self.ssl_views not in SSL_VIEWS:
@@ -66,6 +73,11 @@ class SLIPConfig(MethodConfig):
         for k in ("ssl_mlp_dim", "ssl_emb_dim"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"method.{k}: must be > 0, got {getattr(self, k)}.")
+        if not self.clip_gather_grad and exp.loss.impl == "triton":
+            raise ConfigError("method.clip_gather_grad=false (the official SLIP repo's gather without gradient) has "
+                              "no Triton kernel: the fused loss always sends the columns' gradients back. Set "
+                              "loss.impl=auto or torch (the torch loss is used for the CLIP term), or "
+                              "method.clip_gather_grad=true.")
 
 
 class SimCLRHead(nn.Module):
@@ -109,6 +121,8 @@ class SLIP(Method):
         self.ssl_feature = feature
         in_dim = visual.pooled_dim if feature == "pooled" else visual.token_dim
         self.predictor_sim = SimCLRHead(in_dim, cfg.ssl_mlp_dim, cfg.ssl_emb_dim)
+        if not cfg.clip_gather_grad:  # the official SLIP CLIPLoss: columns gathered without gradient
+            self.contrastive = functools.partial(clip_loss, gather_grad=False)
 
     # ------------------------------------------------------------------ data
     def sample_transform(self):
@@ -147,9 +161,9 @@ class SLIP(Method):
 
     def loss_from_embeddings(self, e: dict) -> dict:
         scale = self.model.scale()  # 0-d; the DeCLIP-repo SLIP has no cap of 100 (model.logit_scale_exp_cap: 0)
-        # Gathered WITH gradient, as the DeCLIP repo's AllGather does. The official SLIP gathers its CLIP
-        # features without gradient (each rank's loss then only reaches its own rows); under DeepSpeed's
-        # gradient averaging the with-gradient gather is what gives the global-batch gradient.
+        # Gathered WITH gradient, as the DeCLIP repo's AllGather does (under DeepSpeed's gradient averaging
+        # that gives the global-batch gradient); method.clip_gather_grad=false gathers without, as the
+        # official SLIP repo (each rank's loss then only reaches its own rows).
         out = {"clip_loss": self.contrastive(e["image"], e["text"], scale, group=self.group)}
         z1, z2 = self.predictor_sim(e["ssl1"]), self.predictor_sim(e["ssl2"])  # (b, ssl_emb_dim) each
         out["ssl_loss"], out["ssl_acc"] = simclr_loss(z1, z2, self.cfg.ssl_temperature, group=self.group,
