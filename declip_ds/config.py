@@ -130,6 +130,10 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     keep_last: int = 2
+    # checkpoint files carry SHA-256 sums, checked on resume: fallback (a damaged tag is skipped with a
+    # warning for the next older one) | strict (a damaged or unverifiable tag stops the run, naming the
+    # file) | none (no sums written or checked)
+    checkpoint_integrity: str = "fallback"
     eval_every: int = 0  # 0 = only at the end
     no_decay_embeddings: bool = True  # no weight decay on token/positional embeddings
     max_wall_minutes: float = 0.0  # save and exit (code 75) after this long; 0 = no limit
@@ -389,6 +393,7 @@ def validate(exp: Experiment) -> None:
     if len(t.betas) != 2 or not all(0 <= x < 1 for x in t.betas):
         raise ConfigError(f"train.betas: need two values in [0, 1), got {t.betas}.")
     _choice(t.on_bad_steps, ("stop", "rollback"), "train.on_bad_steps")
+    _choice(t.checkpoint_integrity, ("fallback", "strict", "none"), "train.checkpoint_integrity")
     _choice(t.accumulation, ("standard", "contrastive"), "train.accumulation")
     if t.accumulation == "contrastive":
         from declip_ds.registry import get_method

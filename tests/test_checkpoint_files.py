@@ -141,3 +141,87 @@ def test_apply_hparams_puts_this_runs_optimizer_settings_back():
     assert [g["lr"] for g in groups] == new.lr_scheduler.get_last_lr() == [1e-3 * 0.4] * 2
     new.lr_scheduler.step()
     assert [g["lr"] for g in groups] == [1e-3 * 0.5] * 2
+
+
+# ----------------------------------------------------------------------------- checksums (RELIABILITY §4.5)
+
+
+def flip_a_bit(f, at=0.5):
+    data = bytearray(f.read_bytes())
+    data[int(len(data) * at)] ^= 0x10
+    f.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_tensor_loads_silently_without_checksums(tmp_path):
+    """Why the sums exist: torch.load does not check the zip CRCs, so a damaged tensor loads as data."""
+    import torch
+
+    f = tmp_path / "optim_states.pt"
+    torch.save({"exp_avg": torch.arange(50_000, dtype=torch.float32)}, f)
+    flip_a_bit(f)
+    assert not torch.equal(torch.load(f, weights_only=True)["exp_avg"], torch.arange(50_000, dtype=torch.float32))
+
+
+def test_share_hashes_every_file_once_and_spreads_the_bytes():
+    files = [(f"f{i}", s) for i, s in enumerate([100, 5, 90, 7, 50, 50, 3, 0])]
+    for world in (1, 2, 3, 8, 11):
+        shares = [C.share(files, world, r) for r in range(world)]
+        assert sorted(n for s in shares for n in s) == sorted(n for n, _ in files)
+    sizes = dict(files)
+    load = [sum(sizes[n] for n in C.share(files, 2, r)) for r in range(2)]
+    assert load == [153, 152]  # 100+50+3 | 90+50+7+5
+
+
+def test_checksums_written_and_verified_by_shares(tmp_path):
+    t = make_tag(tmp_path / "checkpoints", 3)
+    (t / "zero").mkdir()
+    (t / "zero" / "fp32.pt").write_bytes(b"a" * 1000)
+    (t / "rank_00000.pt").write_bytes(b"b" * 10)
+    (t / "rank_00000.tmp").write_bytes(b"leftover")  # temporary files are not covered
+    C.write_checksums(t)
+    sums = C.read_checksums(t)
+    assert sorted(sums) == ["mp_rank_00_model_states.pt", "rank_00000.pt", "zero/fp32.pt"]
+    # the format of sha256sum(1), so `sha256sum -c SHA256SUMS` checks a tag by hand
+    assert (t / C.CHECKSUMS).read_text().splitlines()[2] == f"{C.sha256_file(t / 'zero/fp32.pt')}  zero/fp32.pt"
+    for mode in ("fallback", "strict"):
+        assert C.verify_tag(t, mode) is None
+        assert [C.verify_tag(t, mode, r, 2) for r in range(2)] == [None, None]
+    flip_a_bit(t / "zero" / "fp32.pt")
+    (t / "rank_00000.pt").unlink()
+    problems = C.verify_tag(t, "fallback")
+    assert f"{t / 'zero/fp32.pt'}: SHA-256 checksum mismatch" in problems
+    assert f"{t / 'rank_00000.pt'}: missing (listed in SHA256SUMS)" in problems
+    # split over 2 ranks: the biggest file is rank 0's, and each problem is found by exactly one rank
+    by_rank = [C.verify_tag(t, "fallback", r, 2) for r in range(2)]
+    assert "zero/fp32.pt" in by_rank[0] and "rank_00000.pt" not in by_rank[0] and "rank_00000.pt" in by_rank[1]
+    assert C.verify_tag(t, "none") is None
+
+
+def test_tag_without_checksums_passes_unless_strict(tmp_path):
+    t = make_tag(tmp_path / "checkpoints", 3)
+    assert C.read_checksums(t) is None and C.verify_tag(t, "fallback") is None
+    assert "train.checkpoint_integrity=strict only resumes from verified checkpoints" in C.verify_tag(t, "strict")
+    (t / C.CHECKSUMS).write_text("not a checksum line\n")
+    with pytest.raises(C.CheckpointError, match="SHA256SUMS: unreadable checksum list"):
+        C.verify_tag(t, "fallback")
+
+
+def test_evaluation_refuses_weights_that_fail_their_checksum(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from declip_ds.config import Experiment, save_config
+    from declip_ds.models import build_model
+    from declip_ds.models.pretrained import CheckpointFormatError, _load_ours
+
+    exp = Experiment()
+    model = build_model(exp.model)
+    t = make_tag(tmp_path / "checkpoints", 3)
+    save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(t / "model.safetensors"))
+    save_config(exp, t / "config.yaml")
+    C.write_checksums(t)
+    loaded = _load_ours(t)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    flip_a_bit(t / "model.safetensors", at=0.9)
+    with pytest.raises(CheckpointFormatError, match="model.safetensors: SHA-256 checksum mismatch"):
+        _load_ours(t)

@@ -28,6 +28,14 @@ def straight(tmp_path, shapes, ds=None, ranks=1):
     return a, args, metrics(a, 0)
 
 
+def falls_back_to_step_3(args, tmp_path, first, message):
+    """Rerun ``straight``'s command: it warns with ``message`` and redoes steps 4-6 bit for bit from step 3."""
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    assert message in out and "at step 3" in out
+    assert_same_steps(first, metrics(tmp_path / "run", -1), range(4, 7))
+
+
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, shapes):
     a, args, first = straight(tmp_path, shapes)
     ck = a / "checkpoints"
@@ -40,13 +48,11 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, shapes):
     assert_same_steps(first, metrics(a, -1), range(4, 7))
     aside = [p for p in ck.iterdir() if p.name.startswith("abandoned_")]
     assert len(aside) == 1 and (aside[0] / "step_00000006").is_dir()  # moved, not deleted
-    # a truncated DeepSpeed file: the warning names it, and the run goes on from step 3
+    # a truncated DeepSpeed file: the warning names it (its checksum fails first), and the run goes on
+    # from step 3; without checksums, unpickling it fails and is reported the same way
     bad = ck / "step_00000006" / "mp_rank_00_model_states.pt"
     truncate(bad)
-    rc, out = run(args, tmp_path)
-    assert rc == 0, out[-3000:]
-    assert f"{bad}: RuntimeError" in out and "at step 3" in out
-    assert_same_steps(first, metrics(a, -1), range(4, 7))
+    falls_back_to_step_3(args, tmp_path, first, f"{bad}: SHA-256 checksum mismatch")
     # a tag the user named is not replaced by another: exit 2 naming the file
     truncate(bad)
     rc, out = run(with_resume(args, ck / "step_00000006"), tmp_path)
@@ -59,13 +65,44 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, shapes):
     assert "starting at step 0" not in out
 
 
+def flip_a_bit(f):
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside the tensor bytes: the file still unpickles
+    f.write_bytes(bytes(data))
+
+
+def test_flipped_bit_fails_the_checksum_falls_back_or_stops_in_strict_mode(tmp_path, shapes):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    a, args, first = straight(tmp_path, shapes, ds=ds)
+    ck = a / "checkpoints"
+    optim = ck / "step_00000006" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    assert optim.name in (ck / "step_00000006" / "SHA256SUMS").read_text()
+    # fallback (the default): the warning names the file, steps 4-6 are redone bit for bit from step 3
+    flip_a_bit(optim)
+    falls_back_to_step_3(args, tmp_path, first, f"{optim}: SHA-256 checksum mismatch")
+    # strict: exit 2 naming the file and the way out; nothing trained, moved or deleted
+    flip_a_bit(optim)
+    damaged = optim.read_bytes()
+    rc, out = run([*args, "train.checkpoint_integrity=strict"], tmp_path)
+    assert rc == 2 and "Traceback" not in out, out[-3000:]
+    assert f"{optim}: SHA-256 checksum mismatch" in out and "train.checkpoint_integrity=fallback" in out
+    assert "resumed from" not in out and optim.read_bytes() == damaged
+    assert len([p for p in ck.iterdir() if p.name.startswith("abandoned_")]) == 1  # only the first fallback's
+    # the control: without checksums the damaged optimizer state is taken as it is, silently
+    rc, out = run([*args, "train.checkpoint_integrity=none"], tmp_path)
+    assert rc == 0 and "resumed from" in out and "at step 6" in out and "checksum" not in out, out[-3000:]
+
+
 @pytest.mark.dist
 def test_file_unreadable_on_one_rank_makes_every_rank_fall_back(tmp_path, shapes):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     a, args, first = straight(tmp_path, shapes, ds=ds, ranks=2)
     truncate(a / "checkpoints" / "step_00000006" / "rank_00001.pt")  # read by rank 1 only
-    rc, out = run(args, tmp_path)
+    # no checksums: the unpickling check of the files each rank reads finds it (with checksums on, the
+    # rank whose share holds the file would, and the others follow the same way)
+    rc, out = run([*args, "train.checkpoint_integrity=none"], tmp_path)
     assert rc == 0, out[-3000:]
     assert "rank 1: " in out and "step_00000006/rank_00001.pt" in out and "at step 3" in out
     assert_same_steps(first, metrics(a, -1), range(4, 7))

@@ -111,8 +111,8 @@ def _capture_after_resume(rank, world, config, ovr, ds):
     seen = {}
     original = C.load
 
-    def load(engine, method, target, seed=0):
-        client = original(engine, method, target, seed)
+    def load(engine, method, target, seed=0, integrity="fallback"):
+        client = original(engine, method, target, seed, integrity)
         named = list(engine.module.named_parameters())
         with deepspeed.zero.GatheredParameters([p for _, p in named],
                                                enabled=engine.zero_optimization_stage() == 3):

@@ -113,12 +113,29 @@ def load_experiment(path: str | Path):
     raise FileNotFoundError(f"No config.yaml next to {weights}; it records the model's architecture.")
 
 
+def _check_sum(weights: Path) -> None:
+    """A tag's ``model.safetensors`` against the tag's ``SHA256SUMS`` (when it has one): numbers must not
+    come from weights damaged after training saved them."""
+    from declip_ds.train import checkpoint as C
+
+    try:
+        sums = C.read_checksums(weights.parent)
+    except C.CheckpointError as e:
+        raise CheckpointFormatError(str(e)) from None
+    if sums and weights.name in sums:
+        problems = C.verify_files(weights.parent, sums, [weights.name])
+        if problems:
+            raise CheckpointFormatError(f"{problems[0]}. Evaluate another tag of the run (pass its step_XXXXXXXX "
+                                        f"dir), or restore the file from a copy.")
+
+
 def _load_ours(path: Path):
     from safetensors.torch import load_file
 
     from declip_ds.models import build_model
 
     exp, weights = load_experiment(path)
+    _check_sum(weights)
     state = load_file(str(weights))
     model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     if not model_state:

@@ -6,6 +6,8 @@ Layout of ``<output_dir>/checkpoints``::
         rank_00000.pt         per-rank state: RNG states and method state (e.g. DeCLIP's queue)
         model.safetensors     the full model weights (fp32), for evaluation and export
         config.yaml           the resolved experiment config
+        SHA256SUMS            the SHA-256 of every file above (``sha256sum -c SHA256SUMS`` checks
+                              them by hand); hashed by all ranks, a share each, before the commit
         COMPLETE              written by rank 0 after a barrier: the commit marker (JSON: step,
                               world_size, zero_stage, precision)
     step_00000500_universal/  optional: the same step converted by ``python -m declip_ds.train.universal``
@@ -32,10 +34,19 @@ world size or stage resumes from the tag's universal conversion (DeepSpeed's
 ``checkpoint.load_universal``) or fails naming the command that makes it. Per-rank RNG states only
 apply at the world size that saved them; at another one every rank is reseeded from
 (seed, rank, step) instead (see ``load``).
+
+Integrity (``train.checkpoint_integrity``). A truncated file fails to unpickle, but a flipped bit in a
+tensor's bytes loads silently (torch does not check the zip CRCs) and would resume a run from damaged
+weights or Adam moments. So every save writes ``SHA256SUMS`` and every load first checks the files it
+lists (each rank a share, largest files spread first): ``fallback`` (default) treats a mismatch like an
+unreadable file (warning naming it, next older complete tag); ``strict`` refuses any tag that fails a
+check or has no ``SHA256SUMS`` (CheckpointError naming the file, no fallback: the user decides);
+``none`` neither writes nor checks checksums (the readability checks stay).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +67,7 @@ log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8})$")
 UNIVERSAL_SUFFIX = "_universal"
 MARKER = "COMPLETE"
+CHECKSUMS = "SHA256SUMS"
 CONVERT_CMD = "python -m declip_ds.train.universal"
 
 
@@ -173,9 +185,10 @@ def mark_universal(module) -> None:
 
 
 def save(engine, method, ckpt_dir: Path, step: int, client_state: dict, config_yaml: str, keep_last: int,
-         guard_state: dict | None = None) -> Path:
-    """Save ``step`` on every rank (collective), commit it, then apply retention. ``guard_state``:
-    this rank's bad-step guard (running loss mean, counts), kept in its per-rank file."""
+         guard_state: dict | None = None, integrity: str = "fallback") -> Path:
+    """Save ``step`` on every rank (collective), checksum its files (unless ``integrity`` is "none"),
+    commit it, then apply retention. ``guard_state``: this rank's bad-step guard (running loss mean,
+    counts), kept in its per-rank file."""
     from safetensors.torch import save_file
 
     mark_universal(engine.module)
@@ -201,6 +214,8 @@ def save(engine, method, ckpt_dir: Path, step: int, client_state: dict, config_y
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tag_dir / "model.safetensors"))
         _atomic_write(tag_dir / "config.yaml", config_yaml)
     D.barrier()  # every rank's files are on disk
+    if integrity != "none":
+        write_checksums(tag_dir)
     if D.rank() == 0:
         marker = {"step": step, "time": time.time(), "world_size": D.world_size(),
                   "zero_stage": engine.zero_optimization_stage(), "precision": client_state.get("precision")}
@@ -231,6 +246,124 @@ def _retain(ckpt_dir: Path, keep_last: int, keep: str) -> None:
                 shutil.rmtree(d)
             except OSError as e:  # never fatal: an extra old checkpoint is harmless
                 log.warning("could not delete old checkpoint %s: %s", d, e)
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tag_files(tag_dir: Path) -> list[tuple[str, int]]:
+    """(path relative to ``tag_dir``, size) of every file a checksum covers: all but the marker, the
+    manifest itself and temporary files, sorted by name."""
+    out = []
+    for p in sorted(tag_dir.rglob("*")):
+        rel = p.relative_to(tag_dir).as_posix()
+        if p.is_file() and rel not in (MARKER, CHECKSUMS) and ".tmp" not in p.name:
+            out.append((rel, p.stat().st_size))
+    return out
+
+
+def share(files: list[tuple[str, int]], world: int, rank: int) -> list[str]:
+    """This rank's share of ``files`` to hash: largest first, each onto the least loaded rank (ties: lowest
+    rank), so every file is hashed by exactly one rank and the bytes spread evenly."""
+    load = [0] * world
+    mine = []
+    for name, size in sorted(files, key=lambda f: (-f[1], f[0])):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += size
+        if r == rank:
+            mine.append(name)
+    return mine
+
+
+def write_checksums(tag_dir: Path) -> None:
+    """Collective: every rank hashes its share of rank 0's listing of ``tag_dir``; rank 0 writes
+    ``SHA256SUMS`` (``sha256sum``'s format). A file that cannot be read back fails the save on every
+    rank (the tag stays uncommitted; the previous one is untouched)."""
+    files = _gather(_tag_files(tag_dir) if D.rank() == 0 else None)[0]
+    digests, err = {}, None
+    try:
+        for name in share(files, D.world_size(), D.rank()):
+            digests[name] = sha256_file(tag_dir / name)
+    except OSError as e:
+        err = f"{e.filename or tag_dir}: cannot read it back to checksum it ({e.strerror or e})"
+    every = _gather((digests, err))
+    bad = [e for _, e in every if e]
+    if bad:
+        raise CheckpointError(f"saving {tag_dir} failed: {'; '.join(bad)}. The tag is left uncommitted; the "
+                              f"previous complete checkpoint is unchanged. Check the filesystem of train.output_dir.")
+    if D.rank() == 0:
+        merged = {k: v for d, _ in every for k, v in d.items()}
+        _atomic_write(tag_dir / CHECKSUMS, "".join(f"{merged[n]}  {n}\n" for n, _ in files))
+
+
+def read_checksums(tag_dir: Path) -> dict[str, str] | None:
+    """``SHA256SUMS`` of a tag as {relative path: hex digest}; None when the tag has none (saved before
+    checksums, or with train.checkpoint_integrity=none)."""
+    path = tag_dir / CHECKSUMS
+    if not path.is_file():
+        return None
+    out = {}
+    try:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            digest, sep, name = line.partition("  ")
+            if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"line {i} is not '<sha256>  <file>'")
+            out[name.lstrip("*")] = digest
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checksum list ({e})") from None
+    return out
+
+
+def verify_files(tag_dir: Path, sums: dict[str, str], names: list[str]) -> list[str]:
+    """Problems with ``names`` (keys of ``sums``) in ``tag_dir``: missing, unreadable or a digest that
+    differs from ``SHA256SUMS``, each naming the file."""
+    problems = []
+    for name in names:
+        path = tag_dir / name
+        try:
+            found = sha256_file(path)
+        except FileNotFoundError:
+            problems.append(f"{path}: missing (listed in {CHECKSUMS})")
+            continue
+        except OSError as e:
+            problems.append(f"{path}: unreadable ({e.strerror or e})")
+            continue
+        if found != sums[name]:
+            problems.append(f"{path}: SHA-256 checksum mismatch (saved {sums[name][:16]}..., now {found[:16]}...): "
+                            f"the file changed after it was saved (disk, copy or transfer damage)")
+    return problems
+
+
+def verify_tag(tag_dir: Path, integrity: str, rank: int = 0, world: int = 1) -> str | None:
+    """Check this rank's share of ``tag_dir``'s ``SHA256SUMS`` (all of it for rank 0 of 1); returns the
+    problems as one message, or None. A tag without the list passes unless ``integrity`` is "strict"."""
+    if integrity == "none":
+        return None
+    sums = read_checksums(tag_dir)
+    if sums is None:
+        if integrity == "strict":
+            return (f"{tag_dir / CHECKSUMS} is missing (the tag was saved before checksums, or with "
+                    f"train.checkpoint_integrity=none), and train.checkpoint_integrity=strict only resumes from "
+                    f"verified checkpoints")
+        return None
+    sizes = []
+    for name in sums:
+        try:
+            sizes.append((name, (tag_dir / name).stat().st_size))
+        except OSError:
+            sizes.append((name, 0))
+    problems = verify_files(tag_dir, sums, share(sizes, world, rank))
+    return "; ".join(problems) or None
 
 
 # ----------------------------------------------------------------------------- resume
@@ -390,16 +523,23 @@ def _set_load_universal(engine, universal: bool) -> None:
     engine._config.load_universal_checkpoint = universal
 
 
-def load(engine, method, target: ResumeTarget, seed: int = 0) -> dict:
+def load(engine, method, target: ResumeTarget, seed: int = 0, integrity: str = "fallback") -> dict:
     """Load engine state (+ optimizer and scheduler), this rank's RNG and method state; returns
-    client state. At another world size than the one that saved ``target`` (a universal or a ZeRO-0
-    checkpoint), rank r takes the method state of saved rank ``r % saved_world`` and reseeds its RNGs
-    from (seed, rank, step): saved RNG streams belong to ranks that no longer exist."""
+    client state. First the ranks check the tag's ``SHA256SUMS`` together (``verify_tag``, a share
+    each; ``integrity``: see the module docstring). At another world size than the one that saved
+    ``target`` (a universal or a ZeRO-0 checkpoint), rank r takes the method state of saved rank
+    ``r % saved_world`` and reseeds its RNGs from (seed, rank, step): saved RNG streams belong to ranks
+    that no longer exist."""
     tag_dir = target.path
     saved_world = int(target.world_size or D.world_size())
     same_world = saved_world == D.world_size()
     per_rank_file = tag_dir / f"rank_{D.rank() % saved_world:05d}.pt"
     per_rank, err = None, None
+    try:
+        err = verify_tag(tag_dir, integrity, D.rank(), D.world_size())
+    except CheckpointError as e:
+        err = str(e)
+    _agree(err)
     try:  # first open what this rank will read, so a damaged file is found before anything is loaded
         per_rank = _preflight(tag_dir, per_rank_file, saved_world)
     except Exception as e:  # noqa: BLE001 - any failure to read is reported, then the ranks agree
@@ -473,23 +613,30 @@ def _agree(err: str | None) -> None:
 
 
 def resume_from(engine, method, target: ResumeTarget, seed: int, config: dict, world_size: int,
-                zero_stage: int) -> tuple[ResumeTarget, dict]:
+                zero_stage: int, integrity: str = "fallback") -> tuple[ResumeTarget, dict]:
     """``load`` ``target``, checking first that the current config fits it; if a file of a tag cannot be
-    read on any rank, every rank warns and goes on to the next older complete tag together (not for a tag
-    the user named, and never back to step 0: when no tag loads, CheckpointError naming the files). A
-    later load overwrites all that a failed one may have restored (module, optimizer, scheduler,
-    counters, RNG, method state). Returns the tag loaded and its client state."""
+    read or fails its checksum on any rank, every rank warns and goes on to the next older complete tag
+    together (not for a tag the user named, not with ``integrity="strict"``, and never back to step 0:
+    when no tag loads, CheckpointError naming the files). A later load overwrites all that a failed one
+    may have restored (module, optimizer, scheduler, counters, RNG, method state). Returns the tag
+    loaded and its client state."""
     hparams = _hparams(engine)  # this run's optimizer settings, from its config
     failures = []
     while True:
         try:
             changed = check_config(engine, target, config)
-            client = load(engine, method, target, seed)
+            client = load(engine, method, target, seed, integrity)
             break
         except UnreadableCheckpoint as e:
             if target.explicit:
                 raise CheckpointError(f"--resume {target.path}: cannot load this checkpoint: {e}. Name an older "
                                       f"tag, or use --resume auto to fall back to one automatically.") from None
+            if integrity == "strict":
+                raise CheckpointError(
+                    f"{target.path} failed verification: {e}. train.checkpoint_integrity=strict does not fall back "
+                    f"to an older checkpoint by itself: restore the file(s) from a copy, or resume from an older "
+                    f"tag (--resume {target.ckpt_dir}/step_XXXXXXXX), or set train.checkpoint_integrity=fallback "
+                    f"to take the next older complete one automatically.") from None
             failures.append(str(e))
             if D.rank() == 0:  # the message holds every rank's errors
                 log.warning("checkpoint %s cannot be loaded: %s; trying the next older complete checkpoint",

@@ -374,7 +374,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         """Engine, optimizer, scheduler, RNG and method state of a checkpoint (or, if a file of it cannot
         be read, of the next older complete one); its data position. Newer tags in this run's
         checkpoints/ then belong to an abandoned branch and are moved aside."""
-        found, client = C.resume_from(engine, method, found, exp.train.seed, to_dict(exp), world, zero_stage)
+        found, client = C.resume_from(engine, method, found, exp.train.seed, to_dict(exp), world, zero_stage,
+                                       exp.train.checkpoint_integrity)
         C.set_aside_newer(run_dir / "checkpoints", int(client["step"]))
         guard.load_state_dict(client.get("guard"))  # running loss mean and counts, so spike checks resume
         position = (client["step"], client["samples_seen"], client.get("epoch", 0), client.get("epoch_batches", 0))
@@ -576,7 +577,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                       "zero_stage": engine.zero_optimization_stage(), "precision": precision,
                       "versions": _versions()}
             C.save(engine, method, run_dir / "checkpoints", step, client, config_yaml, exp.train.keep_last,
-                   guard_state=guard.state_dict())
+                   guard_state=guard.state_dict(), integrity=exp.train.checkpoint_integrity)
         if preempted:
             log.warning("stopping at step %d (%s): checkpoint saved; exit code %d; rerun the same command to "
                         "resume", step, stop.reason or "another rank was asked to stop", PREEMPTED_EXIT_CODE)

@@ -5,7 +5,8 @@
 A run dir or ``checkpoints`` dir means its newest complete tag. The result is written next to the
 tag as ``<tag>_universal`` (or to ``--out``): DeepSpeed's ``ds_to_universal`` layout
 (``zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt``, ``zero/optimizer_state.pt`` and the model-states
-file) plus our ``rank_*.pt``, ``model.safetensors`` and ``config.yaml``, and a ``COMPLETE`` marker
+file) plus our ``rank_*.pt``, ``model.safetensors`` and ``config.yaml``, their ``SHA256SUMS`` (the
+source tag's own sums are checked first: a damaged tag is refused), and a ``COMPLETE`` marker
 (``"universal": true``) written last: the conversion goes to ``<out>.tmp`` and is renamed into place,
 so an interrupted conversion is never resumed from. Then rerun the training command at the new size;
 ``--resume auto`` picks up ``<tag>_universal`` when the world size or stage differs from the tag's, and
@@ -39,6 +40,10 @@ def convert(src: str | Path, out: str | Path | None = None, workers: int = 4, fo
     marker = C.read_marker(tag_dir)
     if marker.get("universal"):
         raise C.CheckpointError(f"{tag_dir} is already a universal checkpoint; resume from it directly.")
+    problems = C.verify_tag(tag_dir, "fallback")  # a damaged tag would convert into a clean-looking one
+    if problems:
+        raise C.CheckpointError(f"{tag_dir} does not match its {C.CHECKSUMS}: {problems}. Convert an older tag "
+                                f"instead (pass its step_XXXXXXXX dir), or restore the file(s) from a copy.")
     stage = C.saved_zero_stage(tag_dir, marker)
     if stage == 0:
         raise C.CheckpointError(
@@ -62,6 +67,7 @@ def convert(src: str | Path, out: str | Path | None = None, workers: int = 4, fo
     for f in [*OURS, *(p.name for p in tag_dir.glob("rank_*.pt"))]:
         if (tag_dir / f).is_file():
             _link_or_copy(tag_dir / f, tmp / f)
+    C.write_checksums(tmp)  # checked like any tag's when a run resumes from the conversion
     marker = {**marker, "zero_stage": stage, "universal": True, "source": str(tag_dir)}
     C._atomic_write(tmp / C.MARKER, json.dumps(marker))  # last: the conversion is complete
     if out.exists():  # --force, or an incomplete earlier output: replaced only once the new one is whole
