@@ -300,7 +300,7 @@ class ShardBatches:
             self.epoch += 1
             self.it = self.build(self.epoch)
             batch = next(self.it)
-        for key in ("_skips", "__key__", "__url__"):
+        for key in ("_skips", "_cursor", "__key__", "__url__"):
             batch.pop(key, None)
         return to_device(batch, self.device, self.dtype)
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.test_train_e2e import ROOT, SMALL, shapes  # noqa: F401  (shapes is a fixture)
 
@@ -72,9 +73,12 @@ def straight_vs_resumed(tmp_path, shapes, ds=None, ranks=1):
     import shutil
 
     shutil.rmtree(a / "checkpoints" / "step_00000006")
+    for r in range(ranks):  # where each loader stream's consumed batches end: skipped undecoded on resume
+        data = torch.load(a / "checkpoints" / "step_00000003" / f"rank_{r:05d}.pt", weights_only=True)["data"]
+        assert data["epoch_batches"] == 3 and data["cursors"][0] >= 3 * 8, data  # batch 8, one worker
     rc, out = run(args, tmp_path)
     assert rc == 0, out[-3000:]
-    assert "at step 3" in out
+    assert "at step 3" in out and "1 loader stream(s) skip the" in out
     first, again = metrics(a, 0), metrics(a, -1)
     assert sorted(again) == list(range(1, 7))
     assert all(first[s] is not again[s] for s in (4, 5, 6))

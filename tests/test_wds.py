@@ -5,6 +5,7 @@ workers=0; workers=2 only where the worker split itself is under test.
 """
 
 import io
+import itertools
 import json
 import logging
 import tarfile
@@ -219,6 +220,45 @@ def test_resampled_resume_with_start_batch(tmp_path, workers):
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[5:]))  # same augmentations
 
 
+def _cursors(batches):
+    """What the trainer keeps of consumed batches: each stream's last "_cursor"."""
+    out = {}
+    for b in batches:
+        stream, end = b["_cursor"]
+        out[stream] = end
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_with_cursors_skips_consumed_samples_undecoded(tmp_path, workers, monkeypatch):
+    # bad samples inside the skipped region (a corrupt JPEG, a missing caption) must not shift the batches
+    extra = {s: [(f"bad{s}.jpg", b"not a jpeg"), (f"bad{s}.txt", b"broken")] for s in range(0, 6, 2)}
+    extra.update({s: [(f"nocap{s}.jpg", _jpeg(s))] for s in range(1, 6, 2)})
+    spec, _ = make_shards(tmp_path, n_shards=6, per_shard=8, extra=extra)
+    kw = dict(workers=workers, num_samples=64, batch_size=4)
+    full = list(_loader(spec, **kw))
+    assert _skip_totals(full)["decode_error"] >= 1 and _skip_totals(full)["missing_text"] >= 1
+    for start in ((1, 5, 9) if workers == 0 else (3, 6)):
+        resumed = list(_loader(spec, start_batch=start, cursors=_cursors(full[:start]), **kw))
+        assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[start:]], f"start_batch={start}"
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[start:]))  # same views
+        assert [b["_skips"] for b in resumed] == [b["_skips"] for b in full[start:]]
+        assert [b["_cursor"] for b in resumed] == [b["_cursor"] for b in full[start:]]
+    if workers == 0:  # nothing of the consumed batches is decoded again
+        decoded = []
+        real = wds.decode_image
+        monkeypatch.setattr(wds, "decode_image", lambda data, *a: decoded.append(data) or real(data, *a))
+        start = 9
+        resumed = list(_loader(spec, start_batch=start, cursors=_cursors(full[:start]), **kw))
+        n_after = sum(len(b["__key__"]) for b in full[start:])
+        assert len([d for d in decoded if d != b"not a jpeg"]) == n_after  # (+ the corrupt ones among them)
+        decoded.clear()
+        list(_loader(spec, start_batch=start, **kw))  # without cursors: the consumed batches are replayed
+        assert len(decoded) >= sum(len(b["__key__"]) for b in full)
+    with pytest.raises(ValueError, match="cursors need start_batch"):
+        _loader(spec, cursors={0: 4}, **kw)
+
+
 def _skip_totals(batches):
     totals = dict.fromkeys(wds.SKIP_KINDS, 0)
     for batch in batches:
@@ -249,19 +289,25 @@ def test_batches_discard_reports_each_skip_once(n, drop_last):
         for i in range(n):
             if i % 3 == 0:
                 skips("decode_error", "u.tar", str(i))
-            yield wds._Raw(str(i), "u.tar", b"", "jpg", b""), {"x": torch.tensor(i)}
+            yield wds._Raw(str(i), "u.tar", b"", "jpg", b""), {"x": torch.tensor(i)}, i
         skips("decode_error", "u.tar", "end")
 
-    def batches(discard):
+    def batches(discard, start=0):
         skips = wds._Skips(strict=False, where="test")
-        return list(wds._batches(stream(skips), 4, skips, drop_last, None, discard))
+        items = itertools.islice(stream(skips), start, None)  # a fast-forward skips items, not batches
+        return list(wds._batches(items, 4, skips, drop_last, None, discard, made=discard if start else 0))
 
     full = batches(0)
     assert _skip_totals(full)["decode_error"] == len(range(0, n, 3)) + 1
+    assert [b["_last"] for b in full] == [3, 7, 11][: n // 4] + ([n - 1] if n % 4 and not drop_last else [])
     for discard in range(1, len(full) + 2):
         resumed = batches(discard)
         assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[discard:]]
         assert _skip_totals(full[:discard] + resumed) == _skip_totals(full), f"discard={discard}"
+        if discard <= len(full):  # the same after skipping the items of the discarded batches
+            forwarded = batches(discard, start=full[discard - 1]["_last"] + 1)
+            assert [b["__key__"] for b in forwarded] == [b["__key__"] for b in full[discard:]]
+            assert [b["_skips"] for b in forwarded] == [b["_skips"] for b in resumed]
 
 
 def test_resampled_source_weights(tmp_path):

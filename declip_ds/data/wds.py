@@ -31,6 +31,7 @@ import collections
 import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -441,6 +442,10 @@ class _PrivateTorchRNG:
     def __init__(self, seed: int):
         # Not torch.manual_seed: it also reseeds every CUDA generator, i.e. the trainer's
         # dropout / drop_path masks on the GPU. The transforms run on the CPU generator.
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the private stream from ``seed`` (the caller's state is not touched)."""
         cpu = torch.default_generator
         outer = cpu.get_state()
         cpu.manual_seed(seed)
@@ -466,14 +471,15 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _collate(items: list[tuple[_Raw, dict]]) -> dict[str, Any]:
+def _collate(items: list[tuple]) -> dict[str, Any]:
+    """(raw, transformed[, ordinal]) items -> one batch dict."""
     names = list(items[0][1])
     batch: dict[str, Any] = {}
     for name in names:
-        values = [out[name] for _, out in items]
+        values = [item[1][name] for item in items]
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    batch["__key__"] = [raw.key for raw, _ in items]
-    batch["__url__"] = [raw.url for raw, _ in items]
+    batch["__key__"] = [item[0].key for item in items]
+    batch["__url__"] = [item[0].url for item in items]
     return batch
 
 
@@ -497,6 +503,9 @@ class _TrainStream(IterableDataset):
     worker_batches: int | None  # resampled: batches per worker per (virtual) epoch; None = forever
     start_batch: int
     draft_size: int | None
+    # stream -> its cursor after its last consumed batch (the "_cursor" of that batch): lets the stream
+    # skip the raw samples of the consumed batches without decoding or transforming them
+    cursors: dict[int, int] | None = None
     _progress: dict = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -510,10 +519,18 @@ class _TrainStream(IterableDataset):
         self._progress = {"shards": 0, "last_good": 0}
         urls = self._resampled(wseed) if self.mode == "resampled" else self._epoch_urls(worker, num_workers)
         raws = (raw for url in urls for raw in self._counted(url, skips))
-        raws = _shuffled(raws, self.shuffle_buffer, random.Random(_sub_seed(wseed, "shuffle")))
-        samples = self._transformed(raws, skips, _PrivateTorchRNG(_sub_seed(wseed, "torch")))
-        discard = self._discard(worker, num_workers)
-        yield from _batches(samples, self.batch_size, skips, self.drop_last, self.worker_batches, discard)
+        # (ordinal, raw): the ordinal of a raw sample in the shuffled stream seeds its augmentations, so a
+        # sample's views do not depend on how many samples before it were decoded
+        raws = enumerate(_shuffled(raws, self.shuffle_buffer, random.Random(_sub_seed(wseed, "shuffle"))))
+        discard, made = self._discard(worker, num_workers), 0
+        cursor = (self.cursors or {}).get(worker)
+        if discard and cursor is not None:  # fast-forward: skip the consumed batches' raw samples undecoded
+            raws = itertools.islice(raws, cursor, None)
+            made = discard
+        samples = self._transformed(raws, skips, _PrivateTorchRNG(0), _sub_seed(wseed, "torch"))
+        for batch in _batches(samples, self.batch_size, skips, self.drop_last, self.worker_batches, discard, made):
+            batch["_cursor"] = (worker, batch.pop("_last") + 1)
+            yield batch
         if skips.summary():
             log.info("[data rank %d worker %d] epoch %d done; skips: %s", self.rank, worker, self.epoch,
                      skips.summary())
@@ -541,12 +558,13 @@ class _TrainStream(IterableDataset):
             self._progress["last_good"] = self._progress["shards"]
             yield raw
 
-    def _transformed(self, raws: Iterable[_Raw], skips: _Skips, rng: _PrivateTorchRNG):
+    def _transformed(self, raws: Iterable[tuple[int, _Raw]], skips: _Skips, rng: _PrivateTorchRNG, seed: int):
         # Tolerance must not hide a broken pipeline: a transform that fails on the first 100
         # decodable samples is a bug, and a resampled stream that yields nothing never ends.
         good, failed_transforms, in_a_row = 0, 0, 0
-        for raw in raws:
+        for ordinal, raw in raws:
             try:
+                rng.reseed(_mix(f"{seed}/{ordinal}"))
                 out = self._one(raw, skips, rng)
             except DataError:
                 raise
@@ -560,7 +578,7 @@ class _TrainStream(IterableDataset):
                 in_a_row += 1
             else:
                 good, in_a_row = good + 1, 0
-                yield raw, out
+                yield raw, out, ordinal
             if self.mode == "resampled" and in_a_row >= 100_000:
                 raise DataError(f"{in_a_row} samples in a row failed to decode or transform on rank "
                                 f"{self.rank} (last: {raw.url}, key {raw.key!r}); check the data.")
@@ -584,22 +602,27 @@ class _TrainStream(IterableDataset):
 
 
 def _batches(samples: Iterable, batch_size: int, skips: _Skips, drop_last: bool,
-             max_batches: int | None, discard: int) -> Iterator[dict[str, Any]]:
+             max_batches: int | None, discard: int, made: int = 0) -> Iterator[dict[str, Any]]:
     """Group into batches; ``_skips`` of a batch = skips since the previous batch.
 
     One batch is held back until the next is complete (or the stream ends), so skips that
     happen after a worker's last batch, or in a dropped partial batch, still reach the
     trainer: summed over all batches of an epoch, ``_skips`` equals the worker's total.
-    The first ``discard`` batches are built (same RNG use) but not collated or yielded; the
-    skips up to where batch ``discard`` was released are dropped, as that batch reported them.
+    The first ``discard`` batches are built but not collated or yielded (``made`` of them were
+    skipped before ``samples`` started: a fast-forward); the skips up to where batch ``discard``
+    was released are dropped, as that batch reported them. ``_last``: the ordinal of the batch's
+    last sample (items are (raw, views, ordinal)).
     """
-    made, held, items = 0, None, []
+    held, items = None, []
     for item in samples:
         items.append(item)
         if len(items) < batch_size:
             continue
         made += 1
-        batch, items = (None if made <= discard else _collate(items)), []
+        batch = None if made <= discard else _collate(items)
+        if batch is not None:
+            batch["_last"] = items[-1][2]
+        items = []
         if held is not None:
             held["_skips"] = skips.take()
             yield held
@@ -613,6 +636,8 @@ def _batches(samples: Iterable, batch_size: int, skips: _Skips, drop_last: bool,
     if held is None and discard:
         skips.take()  # batch `discard` was held until the stream ended: it reported these
     last = _collate(items) if items and not drop_last and made >= discard else None
+    if last is not None:
+        last["_last"] = items[-1][2]
     if held is not None:
         held["_skips"] = skips.take()
         yield held
@@ -666,7 +691,7 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
                        seed: int, mode: str = "resampled", workers: int = 2, shuffle_buffer: int = 1000,
                        weights: Sequence[float] | None = None, strict: bool = False, epoch: int = 0,
                        num_samples: int | None = None, drop_last: bool = False, start_batch: int = 0,
-                       pin_memory: bool = False) -> DataLoader:
+                       cursors: dict[int, int] | None = None, pin_memory: bool = False) -> DataLoader:
     """Training batches for one rank: dicts of stacked views + "__key__", "__url__", "_skips".
 
     sources: a spec ("a/{00000..00015}.tar::b/{0..9}.tar"), a list of specs, or expand_urls'
@@ -678,8 +703,11 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
         "epoch" reads each shard once (shards shuffled by seed+epoch, split by rank then
         worker); fails fast via check_epoch_shards when there are fewer shards than readers.
     start_batch (resampled only): batches of this loader already consumed in this epoch;
-        each worker replays its share (decoded and transformed, not yielded) so the batches
-        that follow are those an uninterrupted run would have produced.
+        each worker skips its share so the batches that follow are those an uninterrupted run
+        would have produced. cursors: {stream: the "_cursor" of the stream's last consumed batch},
+        as the trainer keeps them in its checkpoints: a stream with one skips the raw samples (tar reading and
+        shuffling only: nothing decoded or transformed); a stream without one replays its batches.
+    Every batch carries "_cursor" = (stream, raw samples of the stream up to its end).
     Rebuild the loader with the next ``epoch`` for a new epoch / virtual epoch.
     """
     if mode not in ("resampled", "epoch"):
@@ -697,9 +725,12 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
     worker_batches = None
     if mode == "resampled" and num_samples:
         worker_batches = math.ceil(num_samples / (readers * batch_size))
+    if cursors and not start_batch:
+        raise ValueError("cursors need start_batch: they locate the batches already consumed.")
     dataset = _TrainStream(srcs, sample_transform, batch_size, rank, world_size, seed, epoch, mode,
                            shuffle_buffer, weights, strict, drop_last, worker_batches, start_batch,
-                           getattr(sample_transform, "draft_size", None))
+                           getattr(sample_transform, "draft_size", None),
+                           {int(k): int(v) for k, v in cursors.items()} if cursors else None)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                         pin_memory=pin_memory, prefetch_factor=2 if workers else None,
                         worker_init_fn=_ignore_stop_signals,

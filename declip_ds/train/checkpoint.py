@@ -3,7 +3,8 @@
 Layout of ``<output_dir>/checkpoints``::
 
     step_00000500/            DeepSpeed's files (model, optimizer / ZeRO partitions, scheduler)
-        rank_00000.pt         per-rank state: RNG states and method state (e.g. DeCLIP's queue)
+        rank_00000.pt         per-rank state: RNG states, method state (e.g. DeCLIP's queue), the bad-step
+                              guard's and where each loader stream's consumed batches end
         model.safetensors     the full model weights (fp32), for evaluation and export
         config.yaml           the resolved experiment config
         SHA256SUMS            the SHA-256 of every file above (``sha256sum -c SHA256SUMS`` checks
@@ -185,10 +186,10 @@ def mark_universal(module) -> None:
 
 
 def save(engine, method, ckpt_dir: Path, step: int, client_state: dict, config_yaml: str, keep_last: int,
-         guard_state: dict | None = None, integrity: str = "fallback") -> Path:
+         guard_state: dict | None = None, integrity: str = "fallback", data_state: dict | None = None) -> Path:
     """Save ``step`` on every rank (collective), checksum its files (unless ``integrity`` is "none"),
-    commit it, then apply retention. ``guard_state``: this rank's bad-step guard (running loss mean,
-    counts), kept in its per-rank file."""
+    commit it, then apply retention. Kept in this rank's file: ``guard_state`` (the bad-step guard's
+    running loss mean and counts) and ``data_state`` (where its loader's streams are)."""
     from safetensors.torch import save_file
 
     mark_universal(engine.module)
@@ -204,7 +205,7 @@ def save(engine, method, ckpt_dir: Path, step: int, client_state: dict, config_y
     if fault("crash_in_save", step):  # test hook: this rank dies half way through the save
         os._exit(9)
     per_rank = {"rng": rng_state(), "method": method.extra_state(), "step": step, "world_size": D.world_size(),
-                "guard": guard_state or {}}
+                "guard": guard_state or {}, "data": data_state or {}}
     rank_file = tag_dir / f"rank_{D.rank():05d}.pt"
     torch.save(per_rank, rank_file.with_suffix(".tmp"))
     os.replace(rank_file.with_suffix(".tmp"), rank_file)
@@ -562,6 +563,8 @@ def load(engine, method, target: ResumeTarget, seed: int = 0, integrity: str = "
             reseed(seed, D.rank(), int(client.get("step", per_rank.get("step", 0))))
         method.load_extra_state(per_rank["method"])
         client["guard"] = per_rank.get("guard")  # the bad-step guard's state (Guard.load_state_dict)
+        # this rank's loader streams: only where this rank's stream is the saved rank's (same world size)
+        client["data"] = per_rank.get("data") if same_world else None
     except Exception as e:  # noqa: BLE001
         err = f"{tag_dir}: loading failed ({type(e).__name__}: {e})"
     _agree(err)

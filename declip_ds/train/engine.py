@@ -83,10 +83,10 @@ def synthetic_sources(exp: Experiment) -> list[list[str]]:
     return [urls]
 
 
-def build_loader(exp: Experiment, method, sources, epoch: int, start_batch: int = 0):
+def build_loader(exp: Experiment, method, sources, epoch: int, start_batch: int = 0, cursors: dict | None = None):
     """The loader of one (virtual) epoch. Resampled mode is a pure function of (seed, epoch, rank,
-    worker), so ``start_batch`` resumes exactly where a checkpoint left off; epoch mode restarts
-    the epoch."""
+    worker), so ``start_batch`` resumes exactly where a checkpoint left off (``cursors``: where each
+    stream's consumed batches end, so they are skipped undecoded); epoch mode restarts the epoch."""
     from declip_ds.data.wds import build_train_loader, read_num_samples
 
     d = exp.data
@@ -96,6 +96,7 @@ def build_loader(exp: Experiment, method, sources, epoch: int, start_batch: int 
         seed=exp.train.seed, mode=d.mode, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
         weights=d.train_weights or None, strict=d.strict, epoch=epoch, num_samples=num_samples,
         drop_last=True, start_batch=start_batch if d.mode == "resampled" else 0,
+        cursors=cursors if d.mode == "resampled" and start_batch else None,
     )
 
 
@@ -379,6 +380,16 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         C.set_aside_newer(run_dir / "checkpoints", int(client["step"]))
         guard.load_state_dict(client.get("guard"))  # running loss mean and counts, so spike checks resume
         position = (client["step"], client["samples_seen"], client.get("epoch", 0), client.get("epoch_batches", 0))
+        cursors.clear()
+        data = client.get("data") or {}
+        if (data.get("epoch"), data.get("epoch_batches"), data.get("workers")) == (*position[2:], exp.data.workers):
+            cursors.update({int(k): int(v) for k, v in data.get("cursors", {}).items()})
+        if exp.data.mode == "resampled" and position[3]:
+            log.info("data: resuming at batch %d of epoch %d; %s", position[3], position[2],
+                     f"{len(cursors)} loader stream(s) skip the {sum(cursors.values())} samples they had read, "
+                     f"without decoding them" if cursors else
+                     "the checkpoint has no stream cursors for this world size and data.workers: the consumed "
+                     "batches are decoded again and dropped")
         log.info("resumed from %s at step %d (%d samples seen)%s", found.path, position[0], position[1],
                  " through DeepSpeed's universal checkpoint loader" if found.universal else "")
         saved_world = int(client.get("world_size") or found.world_size or world)
@@ -391,6 +402,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         return position
 
     step, samples_seen, epoch, epoch_batches = 0, 0, 0, 0
+    cursors: dict[int, int] = {}  # the loader's streams: where their consumed batches end (wds "_cursor")
     torch.manual_seed(exp.train.seed * 1000 + rank)  # per-rank randomness (dropout, ...) from here on
     if target is None:
         log.info("no checkpoint to resume from (--resume %s, %s): starting at step 0", resume, run_dir / "checkpoints")
@@ -401,7 +413,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
 
     # 5. steps
     config_yaml = yaml.safe_dump(to_dict(exp), sort_keys=False)
-    data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches))
+    data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches, cursors=cursors))
     logger, meter = Logger(exp, run_dir, rank), Meter()
     bar = None
     if rank == 0:
@@ -419,11 +431,14 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             batch = next(data_iter, None)
             if D.all_reduce_int(0 if batch is None else 1, op=dist.ReduceOp.MIN) == 0:
                 epoch, epoch_batches = epoch + 1, 0
+                cursors.clear()
                 data_iter = iter(build_loader(exp, method, sources, epoch))
                 batch = next(data_iter, None)
                 if batch is None:
                     raise RuntimeError(f"epoch {epoch} of the training data is empty on rank {rank}; check data.train_shards")
             epoch_batches += 1
+            stream, end = batch.pop("_cursor")
+            cursors[stream] = end
             if not guard.is_known_bad(epoch, epoch_batches):
                 return batch
             log.warning("passing over batch %d of epoch %d: recorded in %s", epoch_batches, epoch, guard.path)
@@ -478,7 +493,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         if finish is not None:
             finish()
         step, samples_seen, epoch, epoch_batches = restore(back)  # also the guard's state (in_a_row = 0)
-        data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches))
+        data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches, cursors=cursors))
         meter.sums, meter.count = {}, 0  # the losses of the steps rolled back
         if bar is not None:
             bar.n = step
@@ -577,7 +592,9 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                       "zero_stage": engine.zero_optimization_stage(), "precision": precision,
                       "versions": _versions()}
             C.save(engine, method, run_dir / "checkpoints", step, client, config_yaml, exp.train.keep_last,
-                   guard_state=guard.state_dict(), integrity=exp.train.checkpoint_integrity)
+                   guard_state=guard.state_dict(), integrity=exp.train.checkpoint_integrity,
+                   data_state={"epoch": epoch, "epoch_batches": epoch_batches, "workers": exp.data.workers,
+                               "cursors": dict(cursors)})
         if preempted:
             log.warning("stopping at step %d (%s): checkpoint saved; exit code %d; rerun the same command to "
                         "resume", step, stop.reason or "another rank was asked to stop", PREEMPTED_EXIT_CODE)
