@@ -70,6 +70,7 @@ def check_reports(reports, arch):
             assert r["spill_bytes"] <= 768, f"{where}: {r['spill_bytes']} bytes of register spills"
 
 
+@pytest.mark.slow  # 50 s on 2 cores: run it (python -m pytest -m slow -k compile) before spending GPU time
 def test_kernels_compile_for_sm90(tmp_path):
     reports, stdout = compile_reports(tmp_path, "--arch", "90")
     check_reports(reports, 90)

@@ -372,7 +372,7 @@ def _mm_f32_like_cublas(a, b, acc=None):
 
 @cpu_allocations
 @pytest.mark.parametrize("chunk", [0, 32])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.slow), torch.float16])  # 16-bit: what trains at scale
 def test_fused_clip_loss_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype, chunk):
     """KERNELS.md §3.1 memory, measured on the allocations (the same Python code runs on a GPU): forward +
     backward never holds more than the input-dtype gradients plus one fp32 (b, D) buffer and O(b) statistics,
@@ -466,7 +466,7 @@ def test_token_max_matches_float64(Bi, Bt, Ti, Tt, D, dtype, design):
 
 @cpu_allocations
 @pytest.mark.parametrize("save_argmax,design", [(False, "kernels"), (False, "gemm"), (True, "kernels"), (True, "gemm")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.slow), torch.float16])  # 16-bit: what trains at scale
 def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype, save_argmax, design):
     """Forward + backward holds the token gradients and O(Bi*Bt + B*T) floats, never (B, B, Ti, Tt). Recompute:
     plus one fp32 token-gradient buffer (the kernels: the larger side, never both at once; the GEMMs: the texts'
