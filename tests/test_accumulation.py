@@ -141,6 +141,19 @@ def test_zero3_contrastive_accumulation_equals_the_full_batch_step(tmp_path, sha
             assert mb[s][f] == pytest.approx(ma[s][f], rel=1e-4, abs=1e-6), (s, f)
 
 
+def zero3_full_vs_accumulated(tmp_path, shapes, steps, extra_ds=None):
+    """Metrics of 2 ZeRO-3 ranks: batches of 8 per rank, then 2 x 4 with contrastive accumulation."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, **(extra_ds or {})}))
+    a, b = tmp_path / "full", tmp_path / "accum"
+    rc, out = run(cmd(a, shapes, f"train.steps={steps}", "train.save_every=100", ds=ds, ranks=2), tmp_path, timeout=300)
+    assert rc == 0, out[-3000:]
+    rc, out = run(cmd(b, shapes, f"train.steps={steps}", "train.save_every=100", "train.batch_size=4",
+                      "train.grad_accum=2", "train.accumulation=contrastive", ds=ds, ranks=2), tmp_path, timeout=300)
+    assert rc == 0, out[-3000:]
+    return metrics(a), metrics(b)
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_zero3_bf16_contrastive_accumulation_on_two_ranks_matches_the_global_batch(tmp_path, shapes):  # noqa: F811
@@ -148,15 +161,7 @@ def test_zero3_bf16_contrastive_accumulation_on_two_ranks_matches_the_global_bat
     accumulation against one batch of 8 per rank: the same losses and gradient norms within bf16 rounding
     (the towers run in bf16 on different batch shapes; seen: within 7e-4 and 1.4e-3 relative). A lost or
     replaced micro-batch gradient is off by ~10 % (see the fp32 ZeRO-3 test above)."""
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}))
-    a, b = tmp_path / "full", tmp_path / "accum"
-    rc, out = run(cmd(a, shapes, "train.steps=3", "train.save_every=100", ds=ds, ranks=2), tmp_path, timeout=300)
-    assert rc == 0, out[-3000:]
-    rc, out = run(cmd(b, shapes, "train.steps=3", "train.save_every=100", "train.batch_size=4", "train.grad_accum=2",
-                      "train.accumulation=contrastive", ds=ds, ranks=2), tmp_path, timeout=300)
-    assert rc == 0, out[-3000:]
-    ma, mb = metrics(a), metrics(b)
+    ma, mb = zero3_full_vs_accumulated(tmp_path, shapes, 3, {"bf16": {"enabled": True}})
     for s in (1, 2, 3):
         for f in ("loss", "grad_norm"):
             assert mb[s][f] == pytest.approx(ma[s][f], rel=5e-3), (s, f)  # seen: <= 1.4e-3
@@ -166,15 +171,7 @@ def test_zero3_bf16_contrastive_accumulation_on_two_ranks_matches_the_global_bat
 def test_zero3_contrastive_accumulation_on_two_ranks_equals_the_global_batch(tmp_path, shapes):  # noqa: F811
     """2 ranks, ZeRO-3: each rank's 2 x 4 micro-batches, gathered across ranks by the loss, give the step of
     one global batch of 2 x 8 (the parameters and the temperature partitioned over both ranks)."""
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    a, b = tmp_path / "full", tmp_path / "accum"
-    rc, out = run(cmd(a, shapes, "train.steps=2", "train.save_every=100", ds=ds, ranks=2), tmp_path, timeout=300)
-    assert rc == 0, out[-3000:]
-    rc, out = run(cmd(b, shapes, "train.steps=2", "train.save_every=100", "train.batch_size=4", "train.grad_accum=2",
-                      "train.accumulation=contrastive", ds=ds, ranks=2), tmp_path, timeout=300)
-    assert rc == 0, out[-3000:]
-    ma, mb = metrics(a), metrics(b)
+    ma, mb = zero3_full_vs_accumulated(tmp_path, shapes, 2)
     for s in (1, 2):
         for f in ("loss", "grad_norm"):
             assert mb[s][f] == pytest.approx(ma[s][f], rel=1e-4, abs=1e-6), (s, f)

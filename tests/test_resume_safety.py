@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from tests.test_checkpoint_files import flip_a_bit  # inside the tensor bytes: it still unpickles
 from tests.test_reliability import assert_same_steps, cmd, metrics, run, run_with
 from tests.test_train_e2e import shapes  # noqa: F401  (fixture)
 
@@ -60,12 +61,6 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, shapes):
     assert rc == 2, out[-3000:]
     assert "Refusing to start from step 0" in out and str(bad) in out and "step_00000003/rank_00000.pt" in out
     assert "starting at step 0" not in out
-
-
-def flip_a_bit(f):
-    data = bytearray(f.read_bytes())
-    data[len(data) // 2] ^= 0x10  # inside the tensor bytes: the file still unpickles
-    f.write_bytes(bytes(data))
 
 
 def test_flipped_bit_fails_the_checksum_falls_back_or_stops_in_strict_mode(tmp_path, shapes):
