@@ -540,12 +540,12 @@ def load(engine, method, target: ResumeTarget, seed: int = 0, integrity: str = "
         err = verify_tag(tag_dir, integrity, D.rank(), D.world_size())
     except CheckpointError as e:
         err = str(e)
-    _agree(err)
-    try:  # first open what this rank will read, so a damaged file is found before anything is loaded
-        per_rank = _preflight(tag_dir, per_rank_file, saved_world)
-    except Exception as e:  # noqa: BLE001 - any failure to read is reported, then the ranks agree
-        err = str(e) if isinstance(e, CheckpointError) else f"{per_rank_file}: {type(e).__name__}: {e}"
-    _agree(err)
+    if err is None:  # then open what this rank will read, so a damaged file is found before anything is loaded
+        try:
+            per_rank = _preflight(tag_dir, per_rank_file, saved_world)
+        except Exception as e:  # noqa: BLE001 - any failure to read is reported, then the ranks agree
+            err = str(e) if isinstance(e, CheckpointError) else f"{per_rank_file}: {type(e).__name__}: {e}"
+    _agree(err)  # one collective for both checks
     _set_load_universal(engine, target.universal)
     try:
         path, client = engine.load_checkpoint(str(target.ckpt_dir), tag=target.tag, load_optimizer_states=True,
