@@ -338,8 +338,13 @@ def to_dict(exp: Experiment) -> dict:
     return dataclasses.asdict(exp)
 
 
-def config_hash(exp: Experiment) -> str:
-    return hashlib.sha256(json.dumps(to_dict(exp), sort_keys=True).encode()).hexdigest()[:12]
+def config_hash(exp: Experiment | dict) -> str:
+    """12 hex digits of the SHA-256 of the resolved config (sorted-key JSON). A checkpoint's hash is taken
+    over the mapping its ``config.yaml`` holds (``pass the dict``), not over that file re-parsed by this
+    version, which fills in keys added since: the eval records of one checkpoint then carry the hash its
+    training run recorded, whatever toolkit version evaluates it."""
+    data = to_dict(exp) if isinstance(exp, Experiment) else exp
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def save_config(exp: Experiment, path: str | Path) -> None:

@@ -394,6 +394,27 @@ def _resize_crop(em):
     return t[0].size, t[0].interpolation.value, t[1].size, tuple(t[-1].mean)
 
 
+def test_config_hash_of_a_checkpoint_is_the_one_its_run_recorded(tmp_path):
+    """The eval record's config_hash of one of our checkpoints is the hash of the config.yaml it was saved
+    with, as the trainer recorded it, also when this toolkit has keys that config lacks (an older run)."""
+    import yaml
+
+    from declip_ds.config import config_hash, from_dict, to_dict
+    from declip_ds.models.pretrained import load_for_eval
+
+    tag = _our_tag(tmp_path / "run", _tiny_ours())
+    exp = from_dict(yaml.safe_load((tag / "config.yaml").read_text()))  # resolved, as the trainer's
+    save_config(exp, tag / "config.yaml")  # as the trainer saves it
+    assert load_for_eval(tag).config_hash == config_hash(exp)  # what the trainer recorded
+    saved = yaml.safe_load((tag / "config.yaml").read_text())
+    # a run saved before train.checkpoint_integrity existed
+    del saved["train"]["checkpoint_integrity"]
+    (tag / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    em = load_for_eval(tag)
+    assert em.config_hash == config_hash(saved)
+    assert em.config_hash != config_hash(to_dict(from_dict(saved)))  # re-parsed, the new defaults appear
+
+
 def test_eval_preprocessing_per_checkpoint_format(vit224_ref, tmp_path):
     """OpenAI / open_clip: Resize(224) bicubic + CenterCrop(224), OpenAI mean/std; DeCLIP releases:
     Resize(256) bilinear + CenterCrop(224), ImageNet mean/std (METHODS.md §7, §9); ours: the run's config;

@@ -102,15 +102,25 @@ def find_our_checkpoint(path: str | Path) -> Path:
     )
 
 
+def saved_config(weights: Path) -> dict:
+    """The mapping in the ``config.yaml`` a checkpoint's weights file was saved with (the tag's, else the
+    run's), as written: keys added to the toolkit since are not filled in."""
+    for cfg_path in (weights.parent / "config.yaml", weights.parent.parent.parent / "config.yaml"):
+        if cfg_path.is_file():
+            data = yaml.safe_load(cfg_path.read_text())
+            if not isinstance(data, dict):
+                raise CheckpointFormatError(f"{cfg_path} does not hold a config mapping; restore it from the run "
+                                            f"directory's config.yaml.")
+            return data
+    raise FileNotFoundError(f"No config.yaml next to {weights}; it records the model's architecture.")
+
+
 def load_experiment(path: str | Path):
     """The Experiment a checkpoint was trained with (its ``config.yaml``) and its weights file."""
     from declip_ds.config import from_dict
 
     weights = find_our_checkpoint(path)
-    for cfg_path in (weights.parent / "config.yaml", weights.parent.parent.parent / "config.yaml"):
-        if cfg_path.is_file():
-            return from_dict(yaml.safe_load(cfg_path.read_text())), weights
-    raise FileNotFoundError(f"No config.yaml next to {weights}; it records the model's architecture.")
+    return from_dict(saved_config(weights)), weights
 
 
 def _check_sum(weights: Path) -> None:
@@ -891,7 +901,8 @@ def load_for_eval(path: str | Path, format: str = "auto", *, normalize=None, int
     if fmt == "ours":
         exp, weights = load_experiment(p)
         model = _load_ours(p)
-        em = EvalModel(model, weights, "ours", f"{exp.method.name}/{exp.model.vision.name}", config_hash(exp),
+        em = EvalModel(model, weights, "ours", f"{exp.method.name}/{exp.model.vision.name}",
+                       config_hash(saved_config(weights)),
                        exp.model.vision.image_size, exp.data.normalize, exp.model.text.context_length,
                        exp.model.text.mask_token, exp.method, exp.eval.interpolation, exp.eval.crop_ratio,
                        "the run config (data.normalize, eval.interpolation, eval.crop_ratio)")
