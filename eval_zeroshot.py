@@ -57,7 +57,7 @@ def evaluate_image_folder(model, tokenizer, root: Path, *, templates: str, image
     return zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
 
 
-def evaluate(model, tokenizer, d: Path, *, scoring: str, mask_padding: bool, **kw) -> dict:
+def evaluate(model, tokenizer, d: Path, *, scoring: str, token: dict, **kw) -> dict:
     from declip_ds.eval.datasets import is_image_folder
     from declip_ds.eval.zero_shot import evaluate_task_dir
 
@@ -65,7 +65,7 @@ def evaluate(model, tokenizer, d: Path, *, scoring: str, mask_padding: bool, **k
         if scoring != "global":
             raise ValueError(f"--scoring {scoring} is not supported on image folders; use --scoring global.")
         return evaluate_image_folder(model, tokenizer, d, **kw)
-    return evaluate_task_dir(model, tokenizer, d, scoring=scoring, mask_padding=mask_padding, **kw)
+    return evaluate_task_dir(model, tokenizer, d, scoring=scoring, **token, **kw)
 
 
 def main(argv=None) -> int:
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from declip_ds.data.tokenizer import Tokenizer
-    from declip_ds.eval.zero_shot import format_table
+    from declip_ds.eval.zero_shot import format_table, token_settings
     from declip_ds.models.pretrained import load_for_eval
 
     try:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                            batch_size=args.batch_size, rank=rank,
                            world_size=world, group=group, workers=args.workers,
                            scoring=args.scoring or getattr(em.method, "zero_shot_scoring", "global"),
-                           mask_padding=getattr(em.method, "mask_padding", True))
+                           token=token_settings(em.method))
             for name, d in tasks.items()
         }
     except (FileNotFoundError, ValueError) as e:

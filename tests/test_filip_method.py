@@ -107,3 +107,38 @@ def test_token_zero_shot_classifier_scores_image_to_text():
             valid = text_token_mask(ids).any(0)
             manual = (x @ y[valid].t()).max(-1).values.mean(-1)  # (3,)
             assert torch.allclose(logits[:, c], manual, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_token_zero_shot_class_renorm_is_the_reference_eval(mask_padding):
+    """renorm="class": per class, the prompt-averaged (L, d) token matrix divided by its Frobenius norm
+    (the DeCLIP reference's FILIP evaluate: ``label_text_pred /= label_text_pred.norm()``), scored as its
+    ``get_logits``: mean over image tokens of the max over the class's positions; not the per-position
+    renormalisation."""
+    from declip_ds.config import ConfigError, from_dict
+    from declip_ds.data.tokenizer import Tokenizer
+    from declip_ds.eval.zero_shot import zero_shot_token_classifier
+    from declip_ds.models import build_model
+
+    model_cfg = {"vision": {"name": "vit_tiny", "image_size": 32, "width": 32, "layers": 1, "heads": 2},
+                 "text": {"context_length": 12, "width": 32, "layers": 1, "heads": 2}, "embed_dim": 16}
+    torch.manual_seed(0)
+    model = build_model(from_dict({"model": model_cfg, "method": {"name": "filip"}}).model).eval()
+    tok, names = Tokenizer(context_length=12), ["circle", "red square", "tiny blue star"]
+    prompts = ["a {}.", "a photo of a {}.", "there is a {} in the picture"]
+    clf = zero_shot_token_classifier(model, tok, names, prompts, mask_padding=mask_padding, renorm="class")
+    per_position = zero_shot_token_classifier(model, tok, names, prompts, mask_padding=mask_padding)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        logits, logits_pos = clf.logits(model, images), per_position.logits(model, images)  # (4, 3)
+        x = F.normalize(model.encode_image_tokens(images), dim=-1)  # (4, Ti, d)
+        for c, name in enumerate(names):
+            ids = tok([t.format(name) for t in prompts])
+            y = F.normalize(model.encode_text_tokens(ids), dim=-1).mean(0)  # (L, d)
+            if mask_padding:
+                y = y[text_token_mask(ids).any(0)]
+            y = y / y.norm()  # one scalar for the whole matrix
+            assert torch.allclose(logits[:, c], (x @ y.t()).max(-1).values.mean(-1), atol=1e-5)
+    assert not torch.allclose(logits, logits_pos, atol=1e-3)
+    with pytest.raises(ConfigError, match="method.zero_shot_token_renorm: 'frobenius'.*position, class"):
+        from_dict({"model": model_cfg, "method": {"name": "filip", "zero_shot_token_renorm": "frobenius"}})

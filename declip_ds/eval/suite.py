@@ -56,7 +56,7 @@ def _extras(spec, data, split: str) -> dict:
 
 def zeroshot_one(model, tokenizer, name: str, *, root, transform, templates: str, image_size: int, batch_size: int,
                  workers: int, download: bool, seed: int, label_key: str, scoring: str = "global",
-                 mask_padding: bool = True) -> dict:
+                 mask_padding: bool = True, token_renorm: str = "position") -> dict:
     """Zero-shot metrics of one dataset's test split (plus the headline metric's name and provenance)."""
     from declip_ds.eval.downstream import get_spec, open_split
     from declip_ds.eval.zero_shot import (load_templates, zero_shot_classifier, zero_shot_evaluate,
@@ -66,7 +66,8 @@ def zeroshot_one(model, tokenizer, name: str, *, root, transform, templates: str
     data = open_split(name, "test", root, transform, download=download, seed=seed, label_key=label_key)
     prompts = spec.templates if templates == "default" else load_templates(templates)
     if scoring == "token":
-        W = zero_shot_token_classifier(model, tokenizer, data.classnames, prompts, mask_padding=mask_padding)
+        W = zero_shot_token_classifier(model, tokenizer, data.classnames, prompts, mask_padding=mask_padding,
+                                       renorm=token_renorm)
     else:
         W = zero_shot_classifier(model, tokenizer, data.classnames, prompts)
     metrics = zero_shot_evaluate(model, W, data.loader(batch_size, workers=workers), image_size=image_size)
@@ -224,6 +225,7 @@ def evaluate_all(em, names: list[str], args) -> list[dict]:
     from declip_ds.data.tokenizer import Tokenizer
     from declip_ds.eval.linear_probe import checkpoint_id, default_device
     from declip_ds.eval.report import make_record
+    from declip_ds.eval.zero_shot import token_settings
 
     device = default_device()
     model = em.model.to(device).eval()
@@ -237,7 +239,7 @@ def evaluate_all(em, names: list[str], args) -> list[dict]:
             tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
             scoring = args.scoring or getattr(em.method, "zero_shot_scoring", "global")
             one = functools.partial(zeroshot_one, model, tok, templates=args.templates, image_size=em.image_size,
-                                    scoring=scoring, mask_padding=getattr(em.method, "mask_padding", True), **common)
+                                    scoring=scoring, **token_settings(em.method), **common)
             extra = {"templates": args.templates, "scoring": scoring}
         else:
             one = functools.partial(linear_probe_one, model, model_id=checkpoint_id(em.weights),

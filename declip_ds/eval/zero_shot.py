@@ -44,7 +44,7 @@ def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: lis
 class TokenClassifier:
     """FILIP's zero-shot classifier: per class, the token embeddings of all prompts averaged position by
     position and renormalised (C, L, d); an image is scored image->text only, without a scale
-    (METHODS.md §4)."""
+    (METHODS.md §4). See ``zero_shot_token_classifier`` for the two renormalisations."""
 
     def __init__(self, tokens: torch.Tensor, mask: torch.Tensor | None):
         self.tokens, self.mask = tokens, mask  # (C, L, d), bool (C, L) or None
@@ -59,19 +59,43 @@ class TokenClassifier:
         return s_i2t  # (B, C)
 
 
+TOKEN_RENORMS = ("position", "class")
+
+
+def token_settings(method_cfg) -> dict:
+    """The token classifier's settings a FILIP-family method config carries (the defaults for others):
+    keyword arguments of ``evaluate_task_dir``."""
+    return {"mask_padding": getattr(method_cfg, "mask_padding", True),
+            "token_renorm": getattr(method_cfg, "zero_shot_token_renorm", "position")}
+
+
 @torch.no_grad()
 def zero_shot_token_classifier(model, tokenizer, classnames: list[str], templates: list[str], *,
-                               mask_padding: bool = True) -> TokenClassifier:
-    """Token-level classifier for FILIP-family models (``--scoring token``)."""
+                               mask_padding: bool = True, renorm: str = "position") -> TokenClassifier:
+    """Token-level classifier for FILIP-family models (``--scoring token``). Per class, each prompt's token
+    embeddings are L2-normalised and averaged over the prompts position by position, then renormalised:
+
+    renorm  ``position``: every position to unit length (each is a unit vector, as in training);
+            ``class``: the class's whole (L, d) matrix divided by its Frobenius norm (over the scored
+            positions), so positions keep their relative lengths and classes their relative scales: the
+            DeCLIP reference's FILIP evaluation (``label_text_pred /= label_text_pred.norm()``).
+    mask_padding  score only positions real (up to the EOT) in at least one prompt; False = all L."""
     from declip_ds.methods.filip import text_token_mask
 
+    if renorm not in TOKEN_RENORMS:
+        raise ValueError(f"Unknown token renormalisation '{renorm}': use one of {', '.join(TOKEN_RENORMS)}.")
     device = _param(model).device
     tokens, masks = [], []
     for c in classnames:
         ids = tokenizer([t.format(c) for t in templates]).to(device)  # (T, L)
         y = F.normalize(model.map_text_tokens(model.text_features(ids)["tokens"]).float(), dim=-1)  # (T, L, d)
-        tokens.append(F.normalize(y.mean(dim=0), dim=-1))  # (L, d)
-        masks.append(text_token_mask(ids).any(dim=0))  # (L,) positions real in at least one prompt
+        mean = y.mean(dim=0)  # (L, d)
+        valid = text_token_mask(ids).any(dim=0)  # (L,) positions real in at least one prompt
+        if renorm == "position":
+            tokens.append(F.normalize(mean, dim=-1))
+        else:
+            tokens.append(mean / (mean[valid] if mask_padding else mean).norm())
+        masks.append(valid)
     return TokenClassifier(torch.stack(tokens), torch.stack(masks) if mask_padding else None)
 
 
@@ -183,11 +207,12 @@ def check_templates(spec: str, key: str = "eval.templates") -> None:
 
 def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image_size: int, normalize,
                       batch_size: int = 128, rank: int = 0, world_size: int = 1, group=None, workers: int = 0,
-                      scoring: str = "global", mask_padding: bool = True, interpolation: str = "bicubic",
-                      crop_ratio: float = 224 / 256) -> dict:
+                      scoring: str = "global", mask_padding: bool = True, token_renorm: str = "position",
+                      interpolation: str = "bicubic", crop_ratio: float = 224 / 256) -> dict:
     """Zero-shot on one labelled shard directory (classnames.txt, *.tar with a ``cls`` key).
 
-    scoring: ``global`` (cosine of the global embeddings) or ``token`` (FILIP's token-wise scoring).
+    scoring: ``global`` (cosine of the global embeddings) or ``token`` (FILIP's token-wise scoring, with
+    ``mask_padding`` / ``token_renorm``: see ``zero_shot_token_classifier``).
     Images: ``eval_transform(image_size, normalize, crop_ratio, interpolation)``; the defaults are
     ``EvalConfig``'s (the trainer passes its exp.eval.interpolation / crop_ratio)."""
     from declip_ds.data.transforms import eval_transform
@@ -197,7 +222,8 @@ def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image
     classnames = read_lines(task_dir / "classnames.txt")
     prompts = load_templates(templates, task_dir)
     if scoring == "token":
-        W = zero_shot_token_classifier(model, tokenizer, classnames, prompts, mask_padding=mask_padding)
+        W = zero_shot_token_classifier(model, tokenizer, classnames, prompts, mask_padding=mask_padding,
+                                       renorm=token_renorm)
     elif scoring == "global":
         W = zero_shot_classifier(model, tokenizer, classnames, prompts)
     else:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from declip_ds.config import ConfigError
 from declip_ds.methods.declip import DeCLIP, DeCLIPConfig
-from declip_ds.methods.filip import FilipHead
+from declip_ds.methods.filip import FilipHead, check_token_renorm
 from declip_ds.registry import register_method
 
 
@@ -25,6 +25,7 @@ class DeFILIPConfig(DeCLIPConfig):
     topk: int = 0  # reference: 16
     logit_scale_dense_init: float = math.log(1 / 0.07)
     zero_shot_scoring: str = "global"
+    zero_shot_token_renorm: str = "position"  # for token scoring: see FILIPConfig
 
     def validate(self, exp) -> None:
         super().validate(exp)
@@ -34,6 +35,7 @@ class DeFILIPConfig(DeCLIPConfig):
             raise ConfigError(f"method.topk must be >= 0 (0 = all tokens), got {self.topk}.")
         if self.zero_shot_scoring not in ("token", "global"):
             raise ConfigError(f"method.zero_shot_scoring: '{self.zero_shot_scoring}' is not allowed. Choose token or global.")
+        check_token_renorm(self.zero_shot_token_renorm)
 
 
 @register_method("defilip")

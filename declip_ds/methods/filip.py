@@ -35,6 +35,9 @@ class FILIPConfig(MethodConfig):
     mlm_prob: float = 0.15
     logit_scale_dense_init: float = math.log(1 / 0.07)
     zero_shot_scoring: str = "token"  # token (FILIP's image->text token scoring) | global
+    # token scoring: the prompt-averaged token matrix renormalised per position, or as one matrix per
+    # class (the reference's FILIP eval): eval.zero_shot.zero_shot_token_classifier
+    zero_shot_token_renorm: str = "position"
 
     def validate(self, exp) -> None:
         if exp.model.token_dim <= 0:
@@ -43,10 +46,19 @@ class FILIPConfig(MethodConfig):
             raise ConfigError(f"method.image_view: '{self.image_view}' is not allowed. Choose one of: clip, moco_v2.")
         if self.zero_shot_scoring not in ("token", "global"):
             raise ConfigError(f"method.zero_shot_scoring: '{self.zero_shot_scoring}' is not allowed. Choose token or global.")
+        check_token_renorm(self.zero_shot_token_renorm)
         if self.mlm_mask_text and not exp.model.text.mask_token:
             raise ConfigError("method.mlm_mask_text=true needs the <|mask|> token: set model.text.mask_token=true.")
         if self.topk < 0:
             raise ConfigError(f"method.topk must be >= 0 (0 = all tokens), got {self.topk}.")
+
+
+def check_token_renorm(value: str) -> None:
+    from declip_ds.eval.zero_shot import TOKEN_RENORMS
+
+    if value not in TOKEN_RENORMS:
+        raise ConfigError(f"method.zero_shot_token_renorm: '{value}' is not allowed. Choose one of: "
+                          f"{', '.join(TOKEN_RENORMS)} (class = the DeCLIP reference's FILIP evaluation).")
 
 
 def text_token_mask(tokens: torch.Tensor) -> torch.Tensor:

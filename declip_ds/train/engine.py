@@ -278,7 +278,7 @@ class StopRequest:
 
 def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) -> dict:
     """Zero-shot on the configured eval tasks, every rank scoring its shards; the sums are exact."""
-    from declip_ds.eval.zero_shot import evaluate_task_dir, format_table
+    from declip_ds.eval.zero_shot import evaluate_task_dir, format_table, token_settings
 
     root = Path(exp.eval.data_root or Path(exp.data.synthetic_root) / "eval")
     tok = method.tokenizer()
@@ -296,7 +296,7 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
                 normalize=exp.data.normalize, interpolation=exp.eval.interpolation, crop_ratio=exp.eval.crop_ratio,
                 batch_size=exp.eval.batch_size, rank=D.rank(),
                 world_size=D.world_size(), group=group, scoring=getattr(method.cfg, "zero_shot_scoring", "global"),
-                mask_padding=getattr(method.cfg, "mask_padding", True),
+                **token_settings(method.cfg),
             )
     finally:
         method.train()
