@@ -137,6 +137,9 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     no_decay_embeddings: bool = True  # no weight decay on token/positional embeddings
     max_wall_minutes: float = 0.0  # save and exit (code 75) after this long; 0 = no limit
+    # a file whose appearance makes every rank save at the next step boundary and exit 75 (removed once
+    # saved): a stop request that works under any launcher; relative to output_dir; "" = none
+    stop_file: str = "STOP"
     # bad-step guard: a non-finite loss, or one above spike_factor x its running mean (0 = no spike
     # check), is skipped on every rank; max_bad_steps in a row -> on_bad_steps (stop | rollback)
     spike_factor: float = 0.0

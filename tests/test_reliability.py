@@ -230,6 +230,55 @@ def test_rank_killed_mid_save_loses_nothing(tmp_path, shapes):
     assert "at step 2" in out and (ck / "step_00000006" / "COMPLETE").is_file()
 
 
+def _stop_two_ranks(run_dir, args, cwd, request) -> tuple[int, str]:
+    """Launch ``args`` (2 ranks), call ``request(launcher)`` once two steps are logged, wait for the exit."""
+    proc = subprocess.Popen(args, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        n = len(metrics(run_dir)) if (run_dir / "metrics.jsonl").is_file() else 0
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= n + 2):
+            time.sleep(0.2)
+        request(proc)
+        return proc.wait(timeout=180), proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _sigterm_rank_1(launcher) -> None:
+    import psutil
+
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)  # not its DataLoader worker
+             if "--local_rank=1" in p.cmdline() and "deepspeed.launcher.launch" in p.parent().cmdline()]
+    assert len(ranks) == 1, [p.cmdline() for p in psutil.Process(launcher.pid).children(recursive=True)]
+    ranks[0].send_signal(signal.SIGTERM)
+
+
+@pytest.mark.dist
+def test_two_ranks_stop_on_rank_1s_signal_and_on_the_stop_file_exit_75(tmp_path, shapes):
+    """RELIABILITY §4.7: SIGTERM to rank 1 only makes both ranks save at the same step boundary and exit 75,
+    which the deepspeed launcher passes on. Then the rerun resumes there and <output_dir>/STOP
+    (train.stop_file) stops it the same way (the launcher-independent request: a signal sent to a launcher
+    gets the launcher's own exit status); the file is removed once the checkpoint is saved."""
+    run_dir = tmp_path / "run"
+    args = cmd(run_dir, shapes, "train.steps=400", "train.save_every=1000", ranks=2)
+    stops = []
+    for request in (_sigterm_rank_1, lambda launcher: (run_dir / "STOP").touch()):
+        rc, out = _stop_two_ranks(run_dir, args, tmp_path, request)
+        assert rc == 75, out[-3000:]
+        stopped_at = max(metrics(run_dir))
+        tag = run_dir / "checkpoints" / f"step_{stopped_at:08d}"
+        assert (tag / "COMPLETE").is_file() and (tag / "rank_00000.pt").is_file() and (tag / "rank_00001.pt").is_file()
+        assert out.count(f"stopping at step {stopped_at} (") == 2, out[-3000:]  # both ranks, one step
+        stops.append(stopped_at)
+        if len(stops) == 1:  # rank 1 got the signal, rank 0 followed
+            assert f"[rank 1] stopping at step {stopped_at} (signal {int(signal.SIGTERM)})" in out, out[-3000:]
+            assert f"[rank 0] stopping at step {stopped_at} (another rank was asked to stop)" in out
+    assert 2 <= stops[0] < stops[1] - 1 < 400 and f"at step {stops[0]}" in out
+    assert f"stop file {run_dir / 'STOP'}" in out and not (run_dir / "STOP").exists()
+
+
 @pytest.mark.dist
 def test_two_cpu_ranks_leave_no_shared_memory_behind(tmp_path, shapes):
     """DeepSpeed's CPU all-reduce creates a 69 MB /dev/shm file per rank and never removes it (300 of them

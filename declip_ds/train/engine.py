@@ -252,13 +252,17 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (on any rank) or the wall-time limit: every rank saves at the next step
-    boundary and the run exits with PREEMPTED_EXIT_CODE."""
+    """SIGTERM / SIGUSR1 (on any rank), the wall-time limit or the stop file (seen by rank 0): every rank
+    saves at the next step boundary and the run exits with PREEMPTED_EXIT_CODE.
 
-    def __init__(self, max_wall_minutes: float):
+    The stop file is the launcher-independent way: a launcher that receives a signal itself answers it
+    its own way (DeepSpeed's kills the ranks' process trees after 30 s and exits 1, or dies at once on
+    SIGUSR1), while ranks that stop by themselves exit 75, which the launchers pass on."""
+
+    def __init__(self, max_wall_minutes: float, stop_file: Path | None = None):
         import signal
 
-        self.reason = None
+        self.reason, self.stop_file = None, stop_file
         self.deadline = time.monotonic() + 60 * max_wall_minutes if max_wall_minutes > 0 else None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
@@ -270,7 +274,15 @@ class StopRequest:
         """Collective: true on every rank as soon as one rank was asked to stop."""
         if self.reason is None and self.deadline is not None and time.monotonic() > self.deadline:
             self.reason = "wall-time limit (train.max_wall_minutes)"
+        if self.reason is None and self.stop_file is not None and D.rank() == 0 and self.stop_file.exists():
+            self.reason = f"stop file {self.stop_file}"
         return D.all_reduce_int(0 if self.reason is None else 1, op=dist.ReduceOp.MAX) == 1
+
+    def consume(self) -> None:
+        """After the checkpoint is saved: rank 0 removes the stop file, so that the rerun goes on."""
+        if self.stop_file is not None and D.rank() == 0 and self.reason and self.reason.startswith("stop file"):
+            self.stop_file.unlink(missing_ok=True)
+            log.info("removed the stop file %s (the checkpoint is saved)", self.stop_file)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -443,7 +455,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                 return batch
             log.warning("passing over batch %d of epoch %d: recorded in %s", epoch_batches, epoch, guard.path)
 
-    stop, own_norm = StopRequest(exp.train.max_wall_minutes), None
+    stop_file = run_dir / exp.train.stop_file if exp.train.stop_file else None  # an absolute path stays itself
+    stop, own_norm = StopRequest(exp.train.max_wall_minutes, stop_file), None
     preempted = False
     t_last = time.perf_counter()
     contrastive = exp.train.accumulation == "contrastive"
@@ -596,6 +609,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                    data_state={"epoch": epoch, "epoch_batches": epoch_batches, "workers": exp.data.workers,
                                "cursors": dict(cursors)})
         if preempted:
+            stop.consume()
             log.warning("stopping at step %d (%s): checkpoint saved; exit code %d; rerun the same command to "
                         "resume", step, stop.reason or "another rank was asked to stop", PREEMPTED_EXIT_CODE)
             break
