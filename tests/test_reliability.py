@@ -191,6 +191,30 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, shapes):
     assert len(bad) == 1 and bad[0]["step"] == 3 and bad[0]["reason"] == "non-finite loss"
 
 
+def test_updates_deepspeed_skips_are_counted_logged_and_limited(tmp_path, shapes):
+    """A finite loss with non-finite gradients (bf16, ZeRO-2: DeepSpeed's overflow check skips the update) is
+    not silent (DeepSpeed #8415): logged, counted in skipped_updates, the weights unchanged by that step;
+    train.max_bad_steps such skips in a row stop the run with exit code 3."""
+    from safetensors.torch import load_file
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    run_dir = tmp_path / "run"
+    rc, out = run_with(cmd(run_dir, shapes, "train.steps=4", "train.save_every=1", "train.keep_last=0", ds=ds),
+                       tmp_path, "inf_grad@3:0")
+    assert rc == 0, out[-3000:]
+    assert "step 3: DeepSpeed skipped the optimizer update (a non-finite gradient under bf16); 1 in a row" in out
+    m = metrics(run_dir)
+    assert [m[s]["skipped_updates"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
+    assert all(math.isfinite(r["loss"]) for r in m.values())
+    w = {s: load_file(run_dir / "checkpoints" / f"step_{s:08d}" / "model.safetensors") for s in (2, 3, 4)}
+    assert all(torch.equal(w[2][k], w[3][k]) for k in w[2])  # step 3 changed nothing
+    assert not all(torch.equal(w[3][k], w[4][k]) for k in w[3])  # step 4 trained
+    rc, out = run_with(cmd(tmp_path / "again", shapes, "train.steps=8", "train.save_every=100",
+                           "train.max_bad_steps=3", ds=ds), tmp_path, "inf_grad@3:0,inf_grad@4:0,inf_grad@5:0")
+    assert rc == 3 and "DeepSpeed skipped 3 optimizer updates in a row" in out, out[-3000:]
+
+
 def test_bad_steps_in_a_row_stop_and_a_restart_passes_over_them(tmp_path, shapes):
     run_dir = tmp_path / "run"
     args = cmd(run_dir, shapes, "train.steps=6", "train.save_every=2", "train.max_bad_steps=3")

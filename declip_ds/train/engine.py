@@ -24,7 +24,7 @@ from declip_ds.train import checkpoint as C
 from declip_ds.train import dist as D
 from declip_ds.train.ds_config import build_ds_config, read_ds_config, resolve_precision
 from declip_ds.train.accumulate import ContrastiveBatch
-from declip_ds.train.guard import BadStepsError, BatchStats, Guard
+from declip_ds.train.guard import BadStepsError, BatchStats, Guard, SkippedUpdates, poison_grad
 
 log = logging.getLogger("declip_ds")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped early; rerun to resume
@@ -422,6 +422,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     else:
         step, samples_seen, epoch, epoch_batches = restore(target)
     clamp_scales(engine, method, exp.model.logit_scale_bounds)  # the reference raises the init into bounds
+    updates = SkippedUpdates(engine, precision, exp.train.max_bad_steps)  # DeepSpeed's own overflow skips
 
     # 5. steps
     config_yaml = yaml.safe_dump(to_dict(exp), sort_keys=False)
@@ -517,7 +518,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
 
     def contrastive_backward(surrogate):
         nonlocal own_norm
-        engine.backward(surrogate, scale_wrt_gas=False)  # the k surrogates add up to the big batch's gradient
+        engine.backward(poison_grad(surrogate, step + 1), scale_wrt_gas=False)  # the k surrogates add up to the big batch's gradient
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
             own_norm = grad_norm(method)
         engine.step()
@@ -561,7 +562,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                 if on_bad_batch(bad, [(epoch, epoch_batches, keys)], finish=lambda: finish_window(inputs, loss)):
                     micro = 0
                 continue
-            engine.backward(loss)
+            engine.backward(poison_grad(loss, step + 1))
             if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
                 own_norm = grad_norm(method)  # DeepSpeed reports none for ZeRO 0 without clipping
             engine.step()
@@ -569,6 +570,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             samples_seen += exp.train.batch_size * world
             micro += 1
         step += 1
+        updates.after_step(step)
         clamp_scales(engine, method, exp.model.logit_scale_bounds)
         if bar is not None:
             bar.update(1)
@@ -579,7 +581,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                 log.warning("non-finite loss at step %d: %s", step, values)
             elapsed = now - t_last
             values.update(
-                bad_steps=guard.total, lr=applied_lr(scheduler),
+                bad_steps=guard.total, skipped_updates=int(engine.skipped_steps), lr=applied_lr(scheduler),
                 samples_per_s_per_rank=meter.count * exp.train.batch_size / elapsed,
                 data_wait=meter.data_time / elapsed, epoch=epoch,
             )

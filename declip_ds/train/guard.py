@@ -61,6 +61,51 @@ def fault(kind: str, step: int) -> bool:
     return False
 
 
+class _InfGrad(torch.autograd.Function):
+    """Identity forward, non-finite backward: a finite loss whose gradients overflow (test hook)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def poison_grad(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Test hook ``inf_grad@STEP:RANK``: this rank's gradients of ``loss`` at ``step`` are non-finite while
+    the loss stays finite, so the loss guard lets it pass and DeepSpeed's overflow check must catch it."""
+    return _InfGrad.apply(loss) if fault("inf_grad", step) else loss
+
+
+class SkippedUpdates:
+    """Optimizer updates DeepSpeed skipped itself (its ``skipped_steps``: a non-finite gradient under fp16,
+    or under bf16 with ``check_grad_overflow``, whatever the loss): counted, logged and, unless fp16's loss
+    scaler is still finding its scale, limited to ``train.max_bad_steps`` in a row (then BadStepsError)."""
+
+    def __init__(self, engine, precision: str, max_in_a_row: int):
+        self.engine, self.precision, self.max = engine, precision, max_in_a_row
+        self.before, self.in_a_row = int(engine.skipped_steps), 0
+
+    def after_step(self, step: int) -> None:
+        now = int(self.engine.skipped_steps)  # the same on every rank: the overflow flag is all-reduced
+        if now <= self.before:  # applied (or a rollback restored an older count)
+            self.in_a_row, self.before = 0, now
+            return
+        self.in_a_row, self.before = self.in_a_row + 1, now
+        scale = getattr(self.engine.optimizer, "loss_scale", None) if self.precision == "fp16" else None
+        if D.rank() == 0:
+            log.warning("step %d: DeepSpeed skipped the optimizer update (a non-finite gradient under %s%s); "
+                        "%d in a row, %d in all", step, self.precision,
+                        f", loss scale now {scale:g}" if scale is not None else "", self.in_a_row, now)
+        if self.precision != "fp16" and self.max > 0 and self.in_a_row >= self.max:
+            raise BadStepsError(
+                f"DeepSpeed skipped {self.in_a_row} optimizer updates in a row for non-finite gradients (finite "
+                f"losses) up to step {step}; stopping. Lower train.lr, set train.grad_clip, or resume from an "
+                f"earlier checkpoint (--resume PATH).")
+
+
 class Guard:
     def __init__(self, train_cfg, run_dir: Path):
         self.factor, self.max_bad, self.action = train_cfg.spike_factor, train_cfg.max_bad_steps, train_cfg.on_bad_steps
