@@ -131,6 +131,11 @@ def test_two_deepspeed_ranks(tmp_path, shapes, stage, precision):
         for task in during:
             assert after[task]["acc1"] == pytest.approx(during[task]["acc1"])
     assert {t: r["n"] for t, r in after.items()} == {t: r["n"] for t, r in during.items()}
+    if stage == 1:  # eval_zeroshot.py under the deepspeed launcher (README): ranks split the data, same numbers
+        rc, out = run([*cmd[:7], str(ROOT / "eval_zeroshot.py"), "--checkpoint", str(run_dir), "--data",
+                       str(shapes / "eval"), "--out", str(tmp_path / "r2.json")], tmp_path, timeout=240)
+        assert rc == 0, out[-3000:]
+        assert json.loads((tmp_path / "r2.json").read_text())["metrics"] == after
 
 
 @pytest.mark.parametrize("method", ["declip", "slip", "filip", "defilip"])

@@ -283,6 +283,7 @@ def main(argv=None) -> int:
 
     add_preprocess_args(p)
     p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)
 
     from declip_ds.data.tokenizer import Tokenizer
