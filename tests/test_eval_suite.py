@@ -580,3 +580,23 @@ def test_eval_zeroshot_on_two_ranks_equals_one_process(tmp_path):
     for name in ("folder", "shards"):
         assert results[(name, 1)]["n"] == 20
         assert results[(name, 2)] == pytest.approx(results[(name, 1)])
+
+
+def test_eval_zeroshot_refuses_a_task_with_no_readable_sample(tmp_path, capsys):
+    """A task dir whose shards yield no labelled image (garbage bytes; samples without .cls) exits 2 naming
+    it, and writes no results JSON: a 0 % row would read as a result."""
+    import eval_zeroshot
+
+    exp, model = tiny_model()
+    ckpt = save_checkpoint(model, exp, tmp_path / "run" / "step_00000001")
+    for name, write in (("garbage", lambda p: p.write_bytes(b"not a tar" * 100)),
+                        ("unlabelled", lambda p: write_tar(p, [("k0.png", image_bytes(0)), ("k0.txt", b"red")]))):
+        task = tmp_path / name
+        task.mkdir()
+        write(task / "00000.tar")
+        (task / "classnames.txt").write_text("red\ngreen\n")
+        out = tmp_path / f"{name}.json"
+        assert eval_zeroshot.main(["--checkpoint", str(ckpt), "--data", str(task), "--templates", "simple",
+                                   "--out", str(out)]) == 2
+        assert f"No labelled image could be read from the 1 shard(s) in {task}" in capsys.readouterr().err
+        assert not out.exists()

@@ -234,7 +234,16 @@ def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image
     transform = eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio, interpolation=interpolation)
     loader = build_eval_loader(urls, transform, batch_size,
                                rank=rank, world_size=world_size, workers=workers)
-    return zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
+    result = zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
+    if result["n"] == 0:  # summed over the ranks: every rank raises
+        raise NoEvalSamples(f"No labelled image could be read from the {len(urls)} shard(s) in {task_dir} (a "
+                            f"sample needs an image and a .cls label; the skip warnings above say what was wrong), "
+                            f"so there is no accuracy to report for it. Rebuild the task's shards.")
+    return result
+
+
+class NoEvalSamples(ValueError):
+    """An evaluation task yielded no sample: a 0 % row would read as a result."""
 
 
 def format_table(results: dict[str, dict]) -> str:

@@ -290,7 +290,7 @@ class StopRequest:
 
 def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) -> dict:
     """Zero-shot on the configured eval tasks, every rank scoring its shards; the sums are exact."""
-    from declip_ds.eval.zero_shot import evaluate_task_dir, format_table, token_settings
+    from declip_ds.eval.zero_shot import NoEvalSamples, evaluate_task_dir, format_table, token_settings
 
     root = Path(exp.eval.data_root or Path(exp.data.synthetic_root) / "eval")
     tok = method.tokenizer()
@@ -303,13 +303,15 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
             if not (task_dir / "classnames.txt").is_file():
                 log.warning("zero-shot task '%s' skipped: %s/classnames.txt not found", task, task_dir)
                 continue
-            results[task] = evaluate_task_dir(
-                method.model, tok, task_dir, templates=exp.eval.templates, image_size=exp.model.vision.image_size,
-                normalize=exp.data.normalize, interpolation=exp.eval.interpolation, crop_ratio=exp.eval.crop_ratio,
-                batch_size=exp.eval.batch_size, rank=D.rank(),
-                world_size=D.world_size(), group=group, scoring=getattr(method.cfg, "zero_shot_scoring", "global"),
-                **token_settings(method.cfg),
-            )
+            try:
+                results[task] = evaluate_task_dir(
+                    method.model, tok, task_dir, templates=exp.eval.templates, image_size=exp.model.vision.image_size,
+                    normalize=exp.data.normalize, interpolation=exp.eval.interpolation, crop_ratio=exp.eval.crop_ratio,
+                    batch_size=exp.eval.batch_size, rank=D.rank(), world_size=D.world_size(), group=group,
+                    scoring=getattr(method.cfg, "zero_shot_scoring", "global"), **token_settings(method.cfg),
+                )
+            except NoEvalSamples as e:  # on every rank (the count is summed): the run goes on without it
+                log.warning("zero-shot task '%s' skipped: %s", task, e)
     finally:
         method.train()
     if D.rank() == 0 and results:
