@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -192,6 +193,20 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _yaml(text: str, where: str):
+    """``yaml.safe_load`` with its errors as a ConfigError naming ``where`` and the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}.") from None
+
+
 def _coerce(value: Any, tp, path: str):
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
@@ -219,6 +234,8 @@ def _coerce(value: Any, tp, path: str):
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}.")
         return float(value)
@@ -298,7 +315,12 @@ def from_dict(data: dict) -> Experiment:
 
 def parse_value(text: str):
     """A CLI override value: YAML scalars and lists (``3e-4``, ``true``, ``[0.9,0.98]``)."""
-    value = yaml.safe_load(text)
+    try:
+        value = _yaml(text, f"the value '{text}'")
+    except ConfigError as e:
+        raise ConfigError(f"{e} Quote list items that hold YAML's special characters ({{}}, :, #), e.g. "
+                          f"data.train_shards='[\"/data/{{00000..00009}}.tar\"]', or give one item without "
+                          f"brackets.") from None
     if isinstance(value, str):  # yaml reads "3e-4" as a string; accept it as a float
         try:
             return float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
@@ -319,7 +341,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"Override '{key}': '{p}' is a value, not a section.")
-        node[parts[-1]] = parse_value(text)
+        try:
+            node[parts[-1]] = parse_value(text)
+        except ConfigError as e:
+            raise ConfigError(f"Override '{key}': {e}") from None
     return data
 
 
@@ -330,9 +355,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"Config file '{p}' does not exist. Pass --config with a YAML from experiments/.")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _yaml(p.read_text(), f"Config file '{p}'")
+        if data is None:
+            raise ConfigError(f"Config file '{p}' is empty (or only comments): it would train the built-in "
+                              f"defaults. Pass a recipe from experiments/ (e.g. experiments/demo_shapes.yaml).")
         if not isinstance(data, dict):
-            raise ConfigError(f"Config file '{p}' must hold a mapping at the top level.")
+            raise ConfigError(f"Config file '{p}' must hold a mapping with the sections {', '.join(f.name for f in dataclasses.fields(Experiment))} at the "
+                              f"top level, not a {type(data).__name__}.")
     apply_overrides(data, overrides or [])
     return from_dict(data)
 

@@ -74,8 +74,29 @@ def test_missing_file_and_non_mapping(tmp_path):
         load_config(tmp_path / "nope.yaml")
     p = tmp_path / "list.yaml"
     p.write_text("- a\n- b\n")
-    with pytest.raises(ConfigError, match="mapping"):
+    with pytest.raises(ConfigError, match="mapping with the sections model, method, .* not a list"):
         load_config(p)
+    p.write_text("# only a comment\n")
+    with pytest.raises(ConfigError, match="list.yaml' is empty .* Pass a recipe from experiments/"):
+        load_config(p)
+    p.write_text("train:\n  lr: [1e-3\n")
+    with pytest.raises(ConfigError, match=r"list.yaml' is not valid YAML \(line 3, column 1\)"):
+        load_config(p)
+
+
+def test_yaml_numbers_without_a_dot_and_override_syntax_errors(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string: a float key takes it as the number (as overrides always did); an
+    override that is not valid YAML names the key and the quoting that fixes it."""
+    p = tmp_path / "x.yaml"
+    p.write_text("train:\n  lr: 1e-3\n  warmup_init_lr: 2.5E-5\n  steps: 7\n")
+    exp = load_config(p)
+    assert (exp.train.lr, exp.train.warmup_init_lr) == (1e-3, 2.5e-5)
+    with pytest.raises(ConfigError, match="train.weight_decay: expected a number, got str '1e-3x'"):
+        load_config(p, ["train.weight_decay=1e-3x"])
+    with pytest.raises(ConfigError, match=r"Override 'data.train_shards': the value .* is not valid YAML .*"
+                                          r"data.train_shards='\[\"/data/\{00000..00009\}.tar\"\]'"):
+        load_config(p, ["data.train_shards=[/data/{00000..00003}.tar]"])
+    assert load_config(p, ['data.train_shards=["/d/{00000..00003}.tar"]']).data.train_shards == ["/d/{00000..00003}.tar"]
 
 
 def write(tmp_path, data):
