@@ -25,7 +25,17 @@ def parse_args(argv=None):
                         "its checkpoints dir, a tag dir or a <tag>_universal dir)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 method.name=declip")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the flags
+
+
+def _own_message(e: Exception) -> str:
+    """An error raised in a DataLoader worker reaches the trainer as "Caught X in DataLoader worker process N."
+    plus the worker's traceback: keep the message it was raised with."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if last.startswith(type(e).__module__) and ": " in last else last
 
 
 def main(argv=None) -> int:
@@ -41,20 +51,35 @@ def main(argv=None) -> int:
 
         result = train(exp, ds_config=args.ds_config, resume=args.resume)
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_own_message(e)}", file=sys.stderr)
         return 2
     except BadStepsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except Exception:  # noqa: BLE001
-        # printed and released here rather than left to the interpreter: an uncaught exception keeps the
-        # trainer's frames (and its DataLoader iterator) alive until exit, where multiprocessing SIGTERMs and
-        # joins the workers, which outlive a SIGTERM by 30 s (data/wds.py): the exit would wait that long
+        # printed here rather than left to the interpreter, which would keep the trainer's frames alive to the end
         import traceback
 
         traceback.print_exc()
         return 1
+    finally:
+        _stop_loader_workers()
     return PREEMPTED_EXIT_CODE if result["preempted"] else 0
+
+
+def _stop_loader_workers() -> None:
+    """DataLoader workers still running when the trainer returns (after an error: the loader's shutdown
+    does not always reach them) are killed: at the interpreter's exit multiprocessing would SIGTERM them,
+    which they outlive by 30 s so that a preemption checkpoint can be written (data/wds.py)."""
+    import multiprocessing
+    import signal
+
+    children = multiprocessing.active_children()
+    if children:  # torch's SIGCHLD handler would report the kill as a worker failure
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+        child.join(5)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,26 @@ def test_config_error_exits_before_training(tmp_path, shapes):
     assert not (tmp_path / "run").exists()
 
 
+def test_data_errors_exit_2_with_their_own_message(tmp_path, shapes):
+    """An error raised in a DataLoader worker (no usable sample in a non-tar shard) exits 2 with its own
+    message, not torch's worker traceback, and without the 30 s the workers would outlive the exit; too few
+    shards for epoch mode exits 2 before training (RELIABILITY §4.11)."""
+    import time
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "00000.tar").write_text("not a tar file\n")
+    t0 = time.time()
+    rc, out = run(train_cmd(tmp_path / "run", shapes, f"data.train_shards=[{bad / '00000.tar'}]",
+                            "data.num_samples=100"), tmp_path, timeout=120)
+    assert rc == 2 and "error: No usable sample in the last 64 shards drawn on rank 0" in out, out[-3000:]
+    assert "Traceback" not in out and "DataLoader worker" not in out
+    assert time.time() - t0 < 30, "the exit waited for the DataLoader workers' SIGTERM grace"
+    rc, out = run(train_cmd(tmp_path / "run2", shapes, f"data.train_shards={shapes}/train/{{00000..00002}}.tar",
+                            "data.mode=epoch", "data.workers=4"), tmp_path, timeout=120)
+    assert rc == 2 and "Epoch mode needs at least one shard per rank and worker: got 3 shards" in out, out[-3000:]
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "bf16"), (3, "bf16")])
 def test_two_deepspeed_ranks(tmp_path, shapes, stage, precision):
@@ -155,3 +175,11 @@ def test_every_method_trains_and_evaluates_on_the_demo_config(tmp_path, shapes, 
     assert [r["lr"] for r in lines] == pytest.approx(used, rel=1e-12)  # the LR each logged step used
     results = final_eval(run_dir, 2)
     assert set(results) == {"shape", "color", "shape_color"} and results["shape"]["n"] == 16
+
+
+def test_overrides_may_come_before_and_after_flags():
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    args = train.parse_args(["--config", "x.yaml", "train.lr=1e-3", "--resume", "none", "model.embed_dim=64"])
+    assert (args.config, args.resume, args.overrides) == ("x.yaml", "none", ["train.lr=1e-3", "model.embed_dim=64"])

@@ -193,14 +193,14 @@ def _expected_size(url: str) -> int | None:
 def check_epoch_shards(num_shards: int, world_size: int, workers: int) -> None:
     """Epoch mode reads each shard once on one (rank, worker): every reader needs a shard.
 
-    Raises ``ValueError`` before training when ``num_shards < world_size * max(workers, 1)``
+    Raises ``DataError`` (a ValueError) before training when ``num_shards < world_size * max(workers, 1)``
     (a reader without shards would leave its rank short of batches and hang the collectives).
     """
     readers = world_size * max(workers, 1)
     if num_shards >= readers:
         return
     fit = max(num_shards // world_size, 0)
-    raise ValueError(
+    raise DataError(
         f"Epoch mode needs at least one shard per rank and worker: got {num_shards} shards for "
         f"{world_size} ranks x {max(workers, 1)} workers = {readers} readers. Fix: write at least "
         f"{readers} shards, or lower data.workers" + (f" to {fit}" if fit else "")
