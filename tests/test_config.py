@@ -125,6 +125,8 @@ def test_ds_config_is_filled(tmp_path):
     ({"scheduler": {"type": "WarmupLR"}}, [], r"'scheduler' section"),
     ({"gradient_clipping": 1.0}, [], r"train.grad_clip is 0"),
     ({"zero_optimisation": {"stage": 2}}, [], r"unknown top-level key"),
+    ({"zero_optimization": {"stage": 7, "overlap_comm": "maybe"}}, [],  # DeepSpeed's own check, before any build
+     r"zero_optimization.stage: Input should be 0, 1, 2, 3.* \(got 7\); zero_optimization.overlap_comm: .*'maybe'"),
 ])
 def test_ds_contradictions_are_errors(tmp_path, ds, overrides, match):
     exp = from_dict({"train": {"batch_size": 8}})

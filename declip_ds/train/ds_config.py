@@ -38,7 +38,26 @@ def read_ds_config(path: str | None) -> dict:
     unknown = sorted(set(data) - KNOWN_TOP_LEVEL)
     if unknown:  # DeepSpeed silently ignores unknown keys; a typo would silently change the run
         raise ConfigError(f"--ds_config {path}: unknown top-level key(s) {unknown}. Known: {sorted(KNOWN_TOP_LEVEL)}.")
+    _check_zero_section(data.get("zero_optimization"), path)
     return data
+
+
+def _check_zero_section(zero, path: str) -> None:
+    """The ``zero_optimization`` section through DeepSpeed's own model of it, before anything is built
+    (DeepSpeed would raise its validation error from inside ``deepspeed.initialize``)."""
+    if zero is None:
+        return
+    if not isinstance(zero, dict):
+        raise ConfigError(f"--ds_config {path}: zero_optimization must be a mapping, got {zero!r}.")
+    import pydantic
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except pydantic.ValidationError as e:
+        problems = "; ".join(f"zero_optimization.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+                             for err in e.errors())
+        raise ConfigError(f"--ds_config {path}: {problems}.") from None
 
 
 def resolve_precision(exp: Experiment, ds: dict, src: str = "the DeepSpeed config") -> str:
