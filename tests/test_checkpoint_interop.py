@@ -276,6 +276,21 @@ def test_malicious_pickle_is_refused(vit_ref, tmp_path):
     with pytest.raises(CheckpointFormatError, match="Refusing to load"):
         load_pretrained(path, format="openai")
     assert EXECUTED == []  # the payload never ran
+    whole = tmp_path / "module.pt"  # a whole model saved with torch.save(model): the class is named
+    torch.save(nn.Linear(2, 2), whole)
+    with pytest.raises(CheckpointFormatError, match=r"pickles a torch.nn.modules.linear.Linear object, .*"
+                                                    r"torch.save\(model\)\?.*model.state_dict\(\)") as e:
+        load_pretrained(whole)
+    assert "\x1b" not in str(e.value)
+    import pickle
+
+    for name, write in (("random.bin", lambda f: f.write_bytes(bytes(range(256)) * 16)),
+                        ("plain.pkl", lambda f: f.write_bytes(pickle.dumps({"a": [1, 2, 3]}, protocol=4)))):
+        with pytest.raises(CheckpointFormatError, match=f"'{tmp_path / name}' is not a PyTorch checkpoint"):
+            write(tmp_path / name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about the pickle protocol first
+                load_pretrained(tmp_path / name)
 
     scripted = tmp_path / "jit.pt"  # OpenAI's own .pt releases are TorchScript archives
     with warnings.catch_warnings():
@@ -553,3 +568,11 @@ def test_eval_scripts_run_on_a_released_checkpoint(vit_ref, tmp_path, capsys):
     assert eval_zeroshot.main(["--checkpoint", str(tmp_path / "junk.safetensors"), "--data", str(tmp_path / "test"),
                                "--templates", "simple"]) == 2
     assert "junk.safetensors" in capsys.readouterr().err
+
+
+def test_a_run_with_only_an_incomplete_tag_says_so(tmp_path):
+    tag = _our_tag(tmp_path / "run", _tiny_ours())
+    (tag / "COMPLETE").unlink()  # the save was interrupted
+    with pytest.raises(FileNotFoundError, match=r"\['step_00000010'\] have no COMPLETE marker.*pass its model.safetensors"):
+        load_pretrained(tmp_path / "run")
+    assert load_pretrained(tag / "model.safetensors") is not None  # named explicitly, it loads

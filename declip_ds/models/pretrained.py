@@ -98,7 +98,7 @@ def find_our_checkpoint(path: str | Path) -> Path:
             return d / tags[-1] / "model.safetensors"
     raise FileNotFoundError(
         f"No declip_ds checkpoint under '{p}': expected model.safetensors in it, or complete "
-        f"step_XXXXXXXX/ directories in it or in its checkpoints/ folder."
+        f"step_XXXXXXXX/ directories in it or in its checkpoints/ folder." + _incomplete_hint(p)
     )
 
 
@@ -174,13 +174,7 @@ def _torch_load(path: Path) -> Any:
                 raise
             return load(mmap=False)  # a legacy (non-zip) torch file
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointFormatError(
-            f"Refusing to load '{path}': it pickles objects other than tensors and plain containers "
-            f"(torch.load(weights_only=True) said: {reason}). Unpickling it could run arbitrary code. "
-            f"If you trust the file, re-save its state dict in a trusted environment, e.g. "
-            f"safetensors.torch.save_file(state_dict, 'weights.safetensors'), and load that."
-        ) from None
+        raise CheckpointFormatError(_unpickling_message(path, str(e))) from None
     except RuntimeError as e:
         if "TorchScript" in str(e):
             raise CheckpointFormatError(
@@ -191,6 +185,26 @@ def _torch_load(path: Path) -> Any:
                 f"or use open_clip's non-JIT state dicts."
             ) from None
         raise
+
+
+def _unpickling_message(path: Path, said: str) -> str:
+    """What torch.load(weights_only=True)'s refusal means for this file: a pickled class (e.g. a whole model
+    saved with torch.save(model)), or no torch checkpoint at all (an unknown pickle opcode)."""
+    glob = re.search(r"Unsupported global: GLOBAL (\S+)", said)
+    if glob:
+        return (f"Refusing to load '{path}': it pickles a {glob.group(1)} object, not only tensors and plain "
+                f"containers (a whole model saved with torch.save(model)?), and unpickling it could run arbitrary "
+                f"code. If you trust the file, re-save its state dict in a trusted environment, e.g. "
+                f"safetensors.torch.save_file(model.state_dict(), 'weights.safetensors'), and load that.")
+    operand = re.search(r"Unsupported operand (\d+)", said)
+    if operand:
+        return (f"'{path}' is not a PyTorch checkpoint: neither safetensors nor a torch.save file (torch's "
+                f"unpickler met an unknown instruction, byte {operand.group(1)}: another format, a plain pickle or "
+                f"a damaged file). Pass a model.safetensors, a torch.save state dict, or a run / tag dir.")
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", said).strip().replace("\n", " ")[:400] or "no reason given"
+    return (f"Refusing to load '{path}': torch.load(weights_only=True) could not read it as tensors and plain "
+            f"containers ({reason}). If you trust the file, re-save its state dict in a trusted environment, e.g. "
+            f"safetensors.torch.save_file(state_dict, 'weights.safetensors'), and load that.")
 
 
 def _safetensors_keys(path: Path) -> list[str]:
@@ -255,7 +269,18 @@ def _weights_in_dir(d: Path) -> Path:
     raise FileNotFoundError(
         f"'{d}' is neither a declip_ds checkpoint (model.safetensors + config.yaml, or step_XXXXXXXX/ "
         f"tags) nor a folder with one weights file (found {[p.name for p in found]}); pass the file."
+        + _incomplete_hint(d)
     )
+
+
+def _incomplete_hint(d: Path) -> str:
+    """A sentence on the checkpoint tags under ``d`` (or its checkpoints/) that lack the COMPLETE marker."""
+    tags = sorted(t for base in (d, d / "checkpoints") if base.is_dir() for t in base.glob("step_*")
+                  if t.is_dir() and not (t / "COMPLETE").exists())
+    if not tags:
+        return ""
+    return (f" Its checkpoint tag(s) {[t.name for t in tags]} have no COMPLETE marker: their save did not finish "
+            f"(a crash or a kill mid-save); to evaluate one anyway, pass its model.safetensors.")
 
 
 # ============================================================================ format detection
