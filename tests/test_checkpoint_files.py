@@ -225,3 +225,13 @@ def test_evaluation_refuses_weights_that_fail_their_checksum(tmp_path):
     flip_a_bit(t / "model.safetensors", at=0.9)
     with pytest.raises(CheckpointFormatError, match="model.safetensors: SHA-256 checksum mismatch"):
         _load_ours(t)
+
+
+def test_the_universal_converter_names_its_own_argument(tmp_path):
+    from declip_ds.train.universal import convert
+
+    for path, match in ((tmp_path / "nope", "checkpoint .*nope: no such file or directory"),
+                        (tmp_path, "checkpoint .*: no complete checkpoint")):
+        with pytest.raises(C.CheckpointError, match=match) as e:
+            convert(path)
+        assert "--resume" not in str(e.value)  # train.py's flag, not this command's

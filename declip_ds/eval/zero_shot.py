@@ -172,7 +172,9 @@ def load_templates(spec: str, task_dir: Path | None = None) -> list[str]:
 
     if spec == "synthetic":
         if task_dir is None or not (task_dir / "templates.txt").is_file():
-            raise FileNotFoundError(f"templates 'synthetic' need {task_dir}/templates.txt; pass eval.templates=simple or a file.")
+            raise FileNotFoundError(f"templates 'synthetic' need {task_dir}/templates.txt; choose other templates "
+                                    f"(--templates for the eval commands, eval.templates in a training config): "
+                                    f"simple, imagenet80 or a file.")
         return read_lines(task_dir / "templates.txt")
     if spec == "simple":
         return list(T.SIMPLE_TEMPLATES)

@@ -375,10 +375,10 @@ def _is_tag_dir(p: Path) -> bool:
     return bool(TAG_RE.match(name)) or (p / MARKER).is_file()
 
 
-def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
+def resolve_resume(resume: str, run_dir: Path, what: str = "--resume") -> tuple[Path, str] | None:
     """``auto`` -> newest complete tag under ``run_dir`` (None: start fresh); ``none`` -> None;
     otherwise a path to a run dir, its ``checkpoints`` dir or a tag dir (a universal one too),
-    which must exist."""
+    which must exist. ``what``: how errors name the path's source ("--resume", or another command's)."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -386,18 +386,19 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
         return (run_dir / "checkpoints", tags[-1]) if tags else None
     p = Path(resume)
     if not p.exists():
-        raise CheckpointError(f"--resume {resume}: no such file or directory. Pass an existing checkpoint "
-                              f"directory, or --resume auto to continue from the newest one in train.output_dir.")
+        raise CheckpointError(f"{what} {resume}: no such file or directory. Pass an existing checkpoint directory"
+                              + (", or --resume auto to continue from the newest one in train.output_dir."
+                                 if what == "--resume" else "."))
     if _is_tag_dir(p):
         if not (p / MARKER).is_file():
-            raise CheckpointError(f"--resume {p}: this checkpoint is incomplete (no {MARKER} marker; its save "
-                                  f"was interrupted). Resume from an older tag in {p.parent}.")
+            raise CheckpointError(f"{what} {p}: this checkpoint is incomplete (no {MARKER} marker; its save "
+                                  f"was interrupted). Use an older tag in {p.parent}.")
         return p.parent, p.name
     for d in (p / "checkpoints", p):
         tags = complete_tags(d)
         if tags:
             return d, tags[-1]
-    raise CheckpointError(f"--resume {p}: no complete checkpoint (step_XXXXXXXX/{MARKER}) found there.")
+    raise CheckpointError(f"{what} {p}: no complete checkpoint (step_XXXXXXXX/{MARKER}) found there.")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ OURS = ("model.safetensors", "config.yaml")
 
 def convert(src: str | Path, out: str | Path | None = None, workers: int = 4, force: bool = False) -> Path:
     """Convert the tag ``src`` (or the newest complete tag under it) and return the universal tag dir."""
-    found = C.resolve_resume(str(src), Path(src))
+    found = C.resolve_resume(str(src), Path(src), what="checkpoint")
     if found is None:  # resolve_resume raises for any explicit path without a complete tag
         raise C.CheckpointError(f"{src}: no complete checkpoint found.")
     tag_dir = found[0] / found[1]
