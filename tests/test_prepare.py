@@ -349,6 +349,12 @@ def test_bad_arguments_and_inputs(tmp_path, monkeypatch, capsys):
     # the CLI: exit status 2 and the message on stderr, no traceback
     assert prep.main(["--input", table, "--out", out, "--shard-size", "-1"]) == 2
     assert "error: --shard-size must be an integer >= 1" in capsys.readouterr().err
+    # every row skipped (the images are not where the table's relative paths point): exit 2 and why
+    missing = _write_table(tmp_path / "m.csv", ["filepath", "caption"], [["imgs/a.jpg", "a cat"], ["imgs/b.jpg", "b"]])
+    assert prep.main(["--input", missing, "--out", str(tmp_path / "m"), "--workers", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: no sample was written: every row was skipped, most for missing_file (first: row 0, "
+            f"{tmp_path / 'imgs' / 'a.jpg'}). Relative image paths are resolved against --base-dir") in err
 
 
 def test_parquet_when_available(tmp_path):

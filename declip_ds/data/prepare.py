@@ -987,7 +987,31 @@ def main(argv=None) -> int:
         return 2
     if not ns.quiet:
         print(_format_summary(summary, os.path.abspath(ns.out)))
+    if summary["samples"] == 0:
+        print(f"error: no sample was written: {_why_nothing(summary, os.path.abspath(ns.out), ns.base_dir)}",
+              file=sys.stderr)
+        return 2
     return 0
+
+
+def _why_nothing(summary: dict, out: str, base_dir: str | None) -> str:
+    """Why a run wrote no sample, from its most common skip reason and that reason's first row."""
+    if not summary["rows"]:
+        return "the input has no data rows (a table with one line has only its header)."
+    reason = max(summary["skipped_by_reason"].items(), key=lambda kv: kv[1])[0] if summary["skipped_by_reason"] else "?"
+    first = None
+    try:
+        with open(os.path.join(out, "skipped.jsonl")) as f:
+            first = next((r for r in map(json.loads, f) if r.get("reason") == reason), None)
+    except OSError:
+        pass
+    text = f"every row was skipped, most for {reason}"
+    if first is not None:
+        text += f" (first: row {first.get('index')}, {first.get('detail')})"
+    if reason == "missing_file":
+        where = base_dir or "default: the table's directory"
+        text += f". Relative image paths are resolved against --base-dir ({where}); set it to the folder they start from"
+    return text + f". All skipped rows: {os.path.join(out, 'skipped.jsonl')}."
 
 
 if __name__ == "__main__":
