@@ -584,7 +584,8 @@ def test_eval_zeroshot_on_two_ranks_equals_one_process(tmp_path):
 
 def test_eval_zeroshot_refuses_a_task_with_no_readable_sample(tmp_path, capsys):
     """A task dir whose shards yield no labelled image (garbage bytes; samples without .cls) exits 2 naming
-    it, and writes no results JSON: a 0 % row would read as a result."""
+    it, and writes no results JSON: a 0 % row would read as a result. An unreadable image in an image folder
+    exits 2 naming the file."""
     import eval_zeroshot
 
     exp, model = tiny_model()
@@ -600,3 +601,7 @@ def test_eval_zeroshot_refuses_a_task_with_no_readable_sample(tmp_path, capsys):
                                    "--out", str(out)]) == 2
         assert f"No labelled image could be read from the 1 shard(s) in {task}" in capsys.readouterr().err
         assert not out.exists()
+    folder = write_folder(tmp_path / "folder", ["red", "green"], per_class=2)
+    (folder / "green" / "img1.png").write_bytes(image_bytes(1)[:60])  # truncated
+    assert eval_zeroshot.main(["--checkpoint", str(ckpt), "--data", str(folder), "--templates", "simple"]) == 2
+    assert f"Cannot read the image {folder / 'green' / 'img1.png'}" in capsys.readouterr().err

@@ -154,6 +154,10 @@ def folder_classnames(folders: list[str], root: Path) -> tuple[list[str], str]:
     return plain
 
 
+class UnreadableImage(ValueError):
+    """An image file of an evaluation folder that PIL cannot decode."""
+
+
 class ImageFolderData(Dataset):
     """``root/<class>/<image>``; ``self[i] -> (image_tensor, label)``. ``wnid_names=False``: name wnid
     folders after the folder, for a caller that names the classes itself."""
@@ -191,8 +195,14 @@ class ImageFolderData(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            return self.transform(im.convert("RGB")), label
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable or truncated files
+            raise UnreadableImage(f"Cannot read the image {path} ({type(e).__name__}: {e}). Replace or remove it: "
+                                  f"the evaluation scores every image of {self.root}, as published numbers "
+                                  f"assume.") from None
+        return self.transform(image), label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         return (self[i] for i in range(len(self)))
