@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +142,9 @@ def test_precision_auto_follows_the_json():
     exp = from_dict({})
     assert resolve_precision(exp, {"bf16": {"enabled": True}}) == "bf16"
     assert resolve_precision(exp, {}) == "fp32"
+    shipped = {f.name: resolve_precision(exp, read_ds_config(str(f))) for f in Path("ds_configs").glob("*.json")}
+    assert shipped == {"zero0.json": "bf16", "zero1.json": "bf16", "zero2.json": "bf16", "zero3.json": "bf16",
+                       "zero2_offload.json": "bf16", "zero2_fp32.json": "fp32"}
 
 
 def test_missing_ds_config_file():
