@@ -73,7 +73,8 @@ def straight_vs_resumed(tmp_path, shapes, ds=None, ranks=1):
     assert rc == 0, out[-3000:]
     import shutil
 
-    shutil.rmtree(a / "checkpoints" / "step_00000006")
+    straight6 = tmp_path / "straight_step_6"
+    shutil.move(a / "checkpoints" / "step_00000006", straight6)  # lost to the run, kept for the comparison
     for r in range(ranks):  # where each loader stream's consumed batches end: skipped undecoded on resume
         data = torch.load(a / "checkpoints" / "step_00000003" / f"rank_{r:05d}.pt", weights_only=True)["data"]
         assert data["epoch_batches"] == 3 and data["cursors"][0] >= 3 * 8, data  # batch 8, one worker
@@ -84,6 +85,36 @@ def straight_vs_resumed(tmp_path, shapes, ds=None, ranks=1):
     assert sorted(again) == list(range(1, 7))
     assert all(first[s] is not again[s] for s in (4, 5, 6))
     assert_same_steps(first, again, range(4, 7))
+    assert_same_state(straight6, a / "checkpoints" / "step_00000006")
+
+
+def _tensors(obj, prefix=""):
+    """Every tensor in a (nested) checkpoint object, by its path."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def assert_same_state(tag_a, tag_b):
+    """The two tags hold the same weights (model.safetensors), optimizer state (fp32 master partitions, Adam
+    moments, DeepSpeed's model states) bit for bit (RELIABILITY §4.1)."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tag_a / "model.safetensors"), load_file(tag_b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    files = sorted(f.name for f in tag_a.glob("*states.pt"))
+    assert files and files == sorted(f.name for f in tag_b.glob("*states.pt"))
+    for name in files:
+        ta = dict(_tensors(torch.load(tag_a / name, map_location="cpu", weights_only=False)))
+        tb = dict(_tensors(torch.load(tag_b / name, map_location="cpu", weights_only=False)))
+        assert ta.keys() == tb.keys() and ta, name
+        different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+        assert not different, f"{name}: {different[:5]}"
 
 
 def test_exact_resume_single_process(tmp_path, shapes):
