@@ -270,20 +270,23 @@ def test_loss_spike_is_skipped(tmp_path, shapes):
 
 @pytest.mark.dist
 def test_rank_killed_mid_save_loses_nothing(tmp_path, shapes):
-    """Rank 1 dies after DeepSpeed wrote its part of step 4: step 4 never becomes complete, `latest`
-    still names step 2, and the relaunch resumes from step 2."""
+    """Rank 1 dies after DeepSpeed wrote its part of step 6 (keep_last=2, saves at 2, 4, 6): step 6 never
+    becomes complete, `latest` still names step 4, and retention has deleted neither 2 nor 4 (RELIABILITY
+    §4.4, §4.8); the relaunch resumes from step 4, and its step-6 save then retires step 2."""
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     run_dir = tmp_path / "run"
-    args = cmd(run_dir, shapes, "train.steps=6", "train.save_every=2", ds=ds, ranks=2)
-    rc, out = run_with(args, tmp_path, "crash_in_save@4:1")
+    args = cmd(run_dir, shapes, "train.steps=6", "train.save_every=2", "train.keep_last=2", ds=ds, ranks=2)
+    rc, out = run_with(args, tmp_path, "crash_in_save@6:1")
     assert rc != 0
     ck = run_dir / "checkpoints"
-    assert (ck / "latest").read_text() == "step_00000002"
-    assert not (ck / "step_00000004" / "COMPLETE").exists()
+    assert (ck / "latest").read_text() == "step_00000004"
+    assert all((ck / f"step_{s:08d}" / "COMPLETE").is_file() for s in (2, 4))
+    assert not (ck / "step_00000006" / "COMPLETE").exists()
     rc, out = run(args, tmp_path)
     assert rc == 0, out[-3000:]
-    assert "at step 2" in out and (ck / "step_00000006" / "COMPLETE").is_file()
+    assert "at step 4" in out and (ck / "step_00000006" / "COMPLETE").is_file()
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000004", "step_00000006"]
 
 
 def _stop_two_ranks(run_dir, args, cwd, request) -> tuple[int, str]:
