@@ -137,6 +137,10 @@ class TrainConfig:
     checkpoint_integrity: str = "fallback"
     eval_every: int = 0  # 0 = only at the end
     no_decay_embeddings: bool = True  # no weight decay on token/positional embeddings
+    # the DeCLIP reference exempts the biases of Linear/Conv/norm layers only, so nn.MultiheadAttention's
+    # in_proj_bias is decayed there: true decays the attention input-projection biases of the transformer
+    # blocks (text attn.in_proj_bias, timm ViT attn.qkv.bias); false exempts every 1-D tensor
+    decay_attention_in_proj_bias: bool = False
     max_wall_minutes: float = 0.0  # save and exit (code 75) after this long; 0 = no limit
     # a file whose appearance makes every rank save at the next step boundary and exit 75 (removed once
     # saved): a stop request that works under any launcher; relative to output_dir; "" = none

@@ -56,6 +56,42 @@ def test_param_groups_exclude_norms_biases_embeddings_and_temperature():
     assert total == sum(1 for p in model.parameters() if p.requires_grad)
 
 
+def test_recipes_decay_the_attention_in_proj_biases_as_the_reference():
+    """The DeCLIP reference exempts only Linear/Conv/norm biases: nn.MultiheadAttention's in_proj_bias is
+    decayed. With train.decay_attention_in_proj_bias (every *_yfcc15m recipe) the text blocks'
+    attn.in_proj_bias and the ViT blocks' attn.qkv.bias are decayed, every other 1-D tensor is not."""
+    import glob
+
+    from declip_ds.config import load_config
+    from declip_ds.models import build_model
+
+    model = build_model(from_dict({}).model)  # vit_tiny + the text transformer
+    def decayed(flag):
+        groups = engine.param_groups(model, 0.1, no_decay_embeddings=False, decay_attention_in_proj_bias=flag)
+        return {n for n, p in model.named_parameters() if any(p is q for q in groups[0]["params"])}
+    one_d = {n for n, p in model.named_parameters() if p.ndim < 2}
+    in_proj = {n for n in one_d if n.endswith(("attn.in_proj_bias", "attn.qkv.bias"))}
+    assert {n.split(".")[0] for n in in_proj} == {"visual", "text"}  # both towers have them
+    assert decayed(True) & one_d == in_proj and not decayed(False) & one_d
+    assert decayed(True) - in_proj == decayed(False)
+    recipes = sorted(glob.glob("experiments/*_yfcc15m.yaml"))
+    assert recipes and all(load_config(r).train.decay_attention_in_proj_bias for r in recipes)
+
+
+def test_a_checkpoint_config_without_newer_keys_is_not_a_change():
+    """A tag saved before a key existed (here two, one of them FIXED_KEYS) compares equal to a run that
+    keeps their defaults: the default keeps the old behaviour, so it is neither a change nor a refusal."""
+    from declip_ds.config import to_dict
+    from declip_ds.train import checkpoint as C
+
+    current = to_dict(from_dict({"train": {"lr": 1e-3}}))
+    saved = to_dict(from_dict({"train": {"lr": 1e-3}}))
+    del saved["train"]["decay_attention_in_proj_bias"], saved["train"]["stop_file"]
+    assert C.config_changes(C._with_defaults(saved), current) == {}
+    current["train"]["decay_attention_in_proj_bias"] = True
+    assert list(C.config_changes(C._with_defaults(saved), current)) == ["train.decay_attention_in_proj_bias"]
+
+
 def test_missing_sample_count_is_an_error_before_training(tmp_path):
     from declip_ds.data.wds import DataError
 

@@ -669,7 +669,8 @@ OPTIMIZER_KEYS = ("train.lr", "train.weight_decay", "train.betas", "train.eps", 
                   "train.warmup_init_lr", "train.min_lr", "train.steps")
 # settings that change which parameters exist or train (and so the optimizer's groups): a resume with
 # another value fails, or would load the wrong state into the wrong parameters
-FIXED_KEYS = ("method.name", "train.no_decay_embeddings", "model.vision.freeze_patch_embed")
+FIXED_KEYS = ("method.name", "train.no_decay_embeddings", "train.decay_attention_in_proj_bias",
+              "model.vision.freeze_patch_embed")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -696,6 +697,18 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
             if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A saved config with the keys added to the toolkit since filled in with their defaults (which keep the
+    behaviour of the version that saved it), so that they do not read as changes; as saved if it no longer
+    parses."""
+    from declip_ds.config import ConfigError, from_dict, to_dict
+
+    try:
+        return to_dict(from_dict(saved))
+    except (ConfigError, TypeError, ValueError):
+        return saved
+
+
 def check_config(engine, target: ResumeTarget, config: dict) -> dict[str, tuple]:
     """Compare the tag's ``config.yaml`` and weights with this run before loading. Changed keys that
     fix the parameters (``FIXED_KEYS``, or any whose change alters a tensor's name or shape) raise
@@ -713,7 +726,7 @@ def check_config(engine, target: ResumeTarget, config: dict) -> dict[str, tuple]
     except Exception as e:  # noqa: BLE001
         err = f"{tag_dir}: {type(e).__name__}: {e}"
     _agree(err)
-    changed = config_changes(saved, config) if isinstance(saved, dict) else {}
+    changed = config_changes(_with_defaults(saved), config) if isinstance(saved, dict) else {}
     fixed = [k for k in FIXED_KEYS if k in changed]
     mismatch = _shape_mismatch(engine.module, shapes) if shapes is not None else []
     if mismatch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ log = logging.getLogger("declip_ds")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped early; rerun to resume
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_DECAY_NAMES = ("token_embedding", "positional_embedding", "pos_embed", "cls_token", "class_embedding")
+# the transformer blocks' attention input-projection biases (text tower: MHA's in_proj_bias; timm ViT: qkv)
+ATTN_IN_PROJ_BIAS = re.compile(r"(\.attn\.in_proj_bias|blocks\.\d+\.attn\.qkv\.bias)$")
 
 
 def setup_logging(rank: int) -> None:
@@ -114,14 +117,17 @@ def to_device(batch: dict, device, dtype) -> dict:
 # ----------------------------------------------------------------------------- optimisation
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float, no_decay_embeddings: bool) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms (every <2-D tensor), the temperatures and,
-    if asked, embeddings; frozen parameters are left out."""
+def param_groups(module: torch.nn.Module, weight_decay: float, no_decay_embeddings: bool,
+                 decay_attention_in_proj_bias: bool = False) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms (every <2-D tensor; with
+    ``decay_attention_in_proj_bias`` except the attention input-projection biases, as the DeCLIP
+    reference), the temperatures and, if asked, embeddings; frozen parameters are left out."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or "logit_scale" in name or (no_decay_embeddings and any(n in name for n in NO_DECAY_NAMES))
+        one_d = p.ndim < 2 and not (decay_attention_in_proj_bias and ATTN_IN_PROJ_BIAS.search(name))
+        skip = one_d or "logit_scale" in name or (no_decay_embeddings and any(n in name for n in NO_DECAY_NAMES))
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
@@ -376,7 +382,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     from declip_ds.train.schedule import lr_lambda
 
     engine, _, _, scheduler = deepspeed.initialize(
-        model=method, model_parameters=param_groups(method, exp.train.weight_decay, exp.train.no_decay_embeddings),
+        model=method, model_parameters=param_groups(method, exp.train.weight_decay, exp.train.no_decay_embeddings,
+                                                    exp.train.decay_attention_in_proj_bias),
         config=ds_cfg, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(exp.train)),
     )
     dtype, device = DTYPES[precision], engine.device
