@@ -236,6 +236,8 @@ def test_text_projection_linear_with_bias():
         out = model.text_features(tokens)
         torch.testing.assert_close(out["embedding"], out["pooled"] @ proj.weight.T + proj.bias)
     assert model.encode_text(tokens).shape == (2, 48)
+    # the reference re-initialises the weight only; the bias keeps nn.Linear's U(-1/sqrt(64), 1/sqrt(64))
+    assert proj.bias.abs().max() <= 64**-0.5 and proj.bias.std() > 0.3 * 64**-0.5
 
 
 def test_no_token_heads_error_and_unknown_tower():

@@ -80,8 +80,8 @@ def mlm_mask(tokens: torch.Tensor, vocab, prob: float = 0.15, generator: Optiona
     p=0.1, stays with p=0.1. ``labels`` holds the original id at selected positions and -100 elsewhere.
 
     Random ids come from the whole vocabulary, special tokens included, as in the reference. An
-    inserted EOT (chance ~3e-6 per token) moves the text tower's argmax pooling to that earlier
-    position; ``random_excludes_special=True`` draws from the ordinary ids only.
+    inserted EOT (chance 0.15 x 0.1 / 49,409 = 3e-7 per token) moves the text tower's argmax pooling to
+    that earlier position; ``random_excludes_special=True`` draws from the ordinary ids only.
     Draws (in the reference's order) from ``generator``, else torch's global RNG.
     """
     if tokens.dim() != 1:

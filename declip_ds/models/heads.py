@@ -17,10 +17,9 @@ def make_text_projection(width: int, embed_dim: int, bias: bool) -> nn.Parameter
     Registered under the same attribute name either way, so both checkpoints load without renaming
     (``text_projection`` vs ``text_projection.weight`` / ``text_projection.bias``).
     """
-    if bias:
+    if bias:  # the reference re-initialises the weight only: the bias keeps nn.Linear's U(+-1/sqrt(width))
         linear = nn.Linear(width, embed_dim)
         nn.init.normal_(linear.weight, std=width**-0.5)
-        nn.init.zeros_(linear.bias)
         return linear
     return nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
 
