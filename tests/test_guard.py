@@ -40,6 +40,22 @@ def test_truncated_last_line_of_bad_batches_is_ignored_and_cut_off(tmp_path, cap
         Guard(exp.train, tmp_path)
 
 
+def test_recorded_bad_batches_apply_to_their_own_data_stream(tmp_path, caplog):
+    """A position (epoch, batch) names the same samples only at the same world size, data.workers, seed and
+    mode: a record of another stream is not passed over (with a warning); records without a stream (older
+    runs) still are."""
+    exp = from_dict({})
+    two = {"world_size": 2, "workers": 1, "seed": 0, "mode": "resampled"}
+    Guard(exp.train, tmp_path, two).record("non-finite loss", 4, [(0, 4, ["k"])])
+    assert json.loads((tmp_path / "bad_batches.jsonl").read_text())["stream"] == two
+    with (tmp_path / "bad_batches.jsonl").open("a") as f:  # a record of an older version, no stream
+        f.write(json.dumps({"step": 7, "epoch": 0, "epoch_batch": 7, "reason": "non-finite loss", "keys": []}) + "\n")
+    assert Guard(exp.train, tmp_path, two).known == {(0, 4), (0, 7)}
+    with caplog.at_level(logging.WARNING, logger="declip_ds"):
+        one = Guard(exp.train, tmp_path, {**two, "world_size": 1})
+    assert one.known == {(0, 7)} and "1 recorded bad batch(es) come from another data stream" in caplog.text
+
+
 def test_max_rollbacks_is_validated():
     assert from_dict({}).train.max_rollbacks == 3
     with pytest.raises(ConfigError, match="train.max_rollbacks"):

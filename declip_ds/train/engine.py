@@ -388,7 +388,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     )
     dtype, device = DTYPES[precision], engine.device
     register_scales(engine, method)
-    guard = Guard(exp.train, run_dir)
+    stream = {"world_size": world, "workers": exp.data.workers, "seed": exp.train.seed, "mode": exp.data.mode}
+    guard = Guard(exp.train, run_dir, stream)  # the positions of bad batches mean the same samples in this stream
     method.defer_commit = True  # forward() leaves its per-step state (DeCLIP's queue) until the guard accepts
 
     # 4. resume

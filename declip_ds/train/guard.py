@@ -107,12 +107,19 @@ class SkippedUpdates:
 
 
 class Guard:
-    def __init__(self, train_cfg, run_dir: Path):
+    """The bad-step guard: checks each loss (``check``), records skipped batches by their data position in
+    ``bad_batches.jsonl`` (``record``), which a restart reads to pass over them. A position names the same
+    samples only for the same data stream: ``stream`` (world size, data.workers, seed, mode) is written with
+    each record, and records of another stream are not passed over (with a warning)."""
+
+    def __init__(self, train_cfg, run_dir: Path, stream: dict | None = None):
         self.factor, self.max_bad, self.action = train_cfg.spike_factor, train_cfg.max_bad_steps, train_cfg.on_bad_steps
         self.momentum, self.mean, self.seen = 0.98, None, 0
         self.in_a_row, self.total = 0, 0
         self.path = run_dir / "bad_batches.jsonl"
+        self.stream = stream
         self.known = set()  # (epoch, batch-in-epoch) positions recorded by this or an earlier run
+        other = 0
         if self.path.is_file():
             text = self.path.read_text()
             lines = text.splitlines()
@@ -129,7 +136,14 @@ class Guard:
                     if D.rank() == 0:
                         os.truncate(self.path, len(text.encode()) - len(text.splitlines(keepends=True)[-1].encode()))
                     break
+                if stream is not None and r.get("stream", stream) != stream:
+                    other += 1
+                    continue
                 self.known.add((r["epoch"], r["epoch_batch"]))
+        if other and D.rank() == 0:
+            log.warning("%s: %d recorded bad batch(es) come from another data stream (world size, data.workers, "
+                        "seed or data.mode changed): their positions hold other samples now, so they are not "
+                        "passed over", self.path, other)
 
     def is_known_bad(self, epoch: int, epoch_batch: int) -> bool:
         return (epoch, epoch_batch) in self.known
@@ -167,7 +181,7 @@ class Guard:
             with open(self.path, "a") as f:
                 for epoch, epoch_batch, keys in batches:
                     f.write(json.dumps({"step": step, "epoch": epoch, "epoch_batch": epoch_batch, "reason": reason,
-                                        "keys": list(keys or [])[:8]}) + "\n")
+                                        "keys": list(keys or [])[:8], "stream": self.stream}) + "\n")
 
     def too_many(self) -> bool:
         return self.max_bad > 0 and self.in_a_row >= self.max_bad
