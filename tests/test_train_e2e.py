@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -59,6 +60,19 @@ def test_train_checkpoint_resume_evaluate(tmp_path, shapes):
     for tag in ("step_00000002", "step_00000004"):
         names = {p.name for p in (ck / tag).iterdir()}
         assert {"COMPLETE", "model.safetensors", "config.yaml", "rank_00000.pt"} <= names
+    # what saved it (RELIABILITY §4.19): the marker names the versions, config hash, world size, ZeRO stage
+    import yaml
+
+    import declip_ds
+    from declip_ds.config import config_hash
+    from declip_ds.train.checkpoint import read_marker
+
+    marker = read_marker(ck / "step_00000004")
+    assert (marker["step"], marker["world_size"], marker["zero_stage"], marker["precision"]) == (4, 1, 0, "fp32")
+    assert marker["versions"]["declip_ds"] == declip_ds.__version__ and {"torch", "deepspeed"} <= set(marker["versions"])
+    assert marker["config_hash"] == config_hash(yaml.safe_load((ck / "step_00000004" / "config.yaml").read_text()))
+    data = torch.load(ck / "step_00000004" / "rank_00000.pt", weights_only=True)["data"]
+    assert data["epoch_batches"] == 4  # and the data position
     assert (run_dir / "config.yaml").is_file() and (run_dir / "tb").is_dir()
 
     # same command with more steps: resumes from step 4, not from scratch

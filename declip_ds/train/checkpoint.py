@@ -98,7 +98,8 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 
 
 def read_marker(tag_dir: Path) -> dict:
-    """The COMPLETE marker's JSON (older markers lack zero_stage / precision)."""
+    """The COMPLETE marker's JSON: step, time, world_size, zero_stage, precision, config_hash and the
+    declip_ds / torch / deepspeed versions (older markers lack the last four)."""
     try:
         marker = json.loads((tag_dir / MARKER).read_text() or "{}")
         if not isinstance(marker, dict):
@@ -219,7 +220,8 @@ def save(engine, method, ckpt_dir: Path, step: int, client_state: dict, config_y
         write_checksums(tag_dir)
     if D.rank() == 0:
         marker = {"step": step, "time": time.time(), "world_size": D.world_size(),
-                  "zero_stage": engine.zero_optimization_stage(), "precision": client_state.get("precision")}
+                  "zero_stage": engine.zero_optimization_stage(), "precision": client_state.get("precision"),
+                  "config_hash": client_state.get("config_hash"), "versions": client_state.get("versions")}
         _atomic_write(tag_dir / MARKER, json.dumps(marker))
         _atomic_write(ckpt_dir / "latest", tag)
         _retain(ckpt_dir, keep_last, keep=tag)
