@@ -8,6 +8,7 @@ path and the allowed keys. The ``method`` section is parsed with the chosen meth
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -264,8 +265,11 @@ def _build(cls, data: dict, path: str):
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        owner = f" (the {data['name']} method's)" if path == "method" and isinstance(data.get("name"), str) else ""
         raise ConfigError(
-            f"Unknown config key '{where}'. Allowed keys{' in ' + path if path else ''}: {', '.join(names)}."
+            f"Unknown config key '{where}'." + (f" Did you mean '{close[0]}'?" if close else "")
+            + f" Allowed keys{' in ' + path if path else ''}{owner}: {', '.join(names)}."
         )
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)

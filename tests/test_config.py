@@ -23,7 +23,9 @@ def test_demo_config_loads_and_overrides_are_typed():
 
 
 @pytest.mark.parametrize("override,match", [
-    (["train.lrr=1"], r"Unknown config key 'train.lrr'.*Allowed keys in train: .*\blr\b"),
+    (["train.lrr=1"], r"Unknown config key 'train.lrr'. Did you mean 'lr'\? Allowed keys in train: .*\blr\b"),
+    (["method.name=declip", "method.queue_sze=8"],
+     r"'method.queue_sze'. Did you mean 'queue_size'\? Allowed keys in method \(the declip method's\)"),
     (["bogus.x=1"], r"Unknown config key 'bogus'"),
     (["model.vision.nam=vit"], r"'model.vision.nam'"),
     (["train.steps=abc"], r"train.steps: expected an integer"),

@@ -379,3 +379,45 @@ def test_torchrun_restarts_after_a_killed_worker_and_resumes_exactly(tmp_path, s
     first, last = metrics(run_dir, 0), metrics(run_dir, -1)
     assert sorted(first) == sorted(last) == [1, 2, 3, 4, 5, 6]  # step 5 died before it was logged
     assert_same_steps(metrics(straight), last, range(1, 7))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_zero3_with_a_frozen_patch_embedding_saves_resumes_and_exports(tmp_path, shapes):
+    """RELIABILITY §4.17 with the ViT recipes' frozen patch embedding, under ZeRO-3 on 2 ranks: the frozen
+    weights stay as initialised and are in model.safetensors with every other key (a strict load of the
+    model), the resume from step 2 repeats steps 3-4 bit for bit, and the export to open_clip gives the same
+    embeddings."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from declip_ds.data.tokenizer import Tokenizer
+    from declip_ds.models import load_pretrained
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    a = tmp_path / "run"
+    args = cmd(a, shapes, "train.steps=4", "train.save_every=1", "train.keep_last=0",
+               "model.vision.freeze_patch_embed=true", ds=ds, ranks=2)
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    ck = a / "checkpoints"
+    w = {s: load_file(ck / f"step_{s:08d}" / "model.safetensors") for s in (1, 4)}
+    frozen = [k for k in w[1] if "patch_embed" in k]
+    assert frozen and all(torch.equal(w[1][k], w[4][k]) for k in frozen)
+    assert not all(torch.equal(w[1][k], w[4][k]) for k in w[1] if k not in frozen)
+    ours = load_pretrained(ck / "step_00000004").eval()  # strict: every key of the model, no other
+    shutil.rmtree(ck / "step_00000003"), shutil.rmtree(ck / "step_00000004")
+    rc, out = run(args, tmp_path)
+    assert rc == 0 and "at step 2" in out, out[-3000:]
+    assert_same_steps(metrics(a, 0), metrics(a, -1), range(3, 5))
+    out_dir = tmp_path / "open_clip"
+    rc, out = run([sys.executable, "-m", "declip_ds.export", "--to", "open_clip", str(ck / "step_00000004"),
+                   str(out_dir)], tmp_path)
+    assert rc == 0, out[-3000:]
+    exported = load_pretrained(out_dir / "open_clip_model.safetensors").eval()
+    images, tokens = torch.randn(2, 3, 64, 64), Tokenizer(32)(["a red circle", "two blue squares"])
+    with torch.no_grad():
+        torch.testing.assert_close(exported.encode_image(images), ours.encode_image(images), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(exported.encode_text(tokens), ours.encode_text(tokens), atol=1e-5, rtol=1e-4)
