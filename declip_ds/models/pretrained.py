@@ -924,10 +924,13 @@ def load_for_eval(path: str | Path, format: str = "auto", *, normalize=None, int
     p = Path(path)
     fmt, src = _resolve_format(p, format)  # an external file is read once, here
     if fmt == "ours":
-        exp, weights = load_experiment(p)
+        from declip_ds.config import from_dict
+
+        weights = find_our_checkpoint(p)
+        saved = saved_config(weights)  # read once: the Experiment and the hash its run recorded
+        exp = from_dict(saved)
         model = _load_ours(p)
-        em = EvalModel(model, weights, "ours", f"{exp.method.name}/{exp.model.vision.name}",
-                       config_hash(saved_config(weights)),
+        em = EvalModel(model, weights, "ours", f"{exp.method.name}/{exp.model.vision.name}", config_hash(saved),
                        exp.model.vision.image_size, exp.data.normalize, exp.model.text.context_length,
                        exp.model.text.mask_token, exp.method, exp.eval.interpolation, exp.eval.crop_ratio,
                        "the run config (data.normalize, eval.interpolation, eval.crop_ratio)")
