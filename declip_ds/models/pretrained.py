@@ -274,12 +274,14 @@ def _weights_in_dir(d: Path) -> Path:
 
 
 def _incomplete_hint(d: Path) -> str:
-    """A sentence on the checkpoint tags under ``d`` (or its checkpoints/) that lack the COMPLETE marker."""
+    """A sentence on the checkpoint tags under ``d`` (or its checkpoints/) that lack the completion marker."""
+    from declip_ds.train.checkpoint import MARKER
+
     tags = sorted(t for base in (d, d / "checkpoints") if base.is_dir() for t in base.glob("step_*")
-                  if t.is_dir() and not (t / "COMPLETE").exists())
+                  if t.is_dir() and not (t / MARKER).exists())
     if not tags:
         return ""
-    return (f" Its checkpoint tag(s) {[t.name for t in tags]} have no COMPLETE marker: their save did not finish "
+    return (f" Its checkpoint tag(s) {[t.name for t in tags]} have no {MARKER} marker: their save did not finish "
             f"(a crash or a kill mid-save); to evaluate one anyway, pass its model.safetensors.")
 
 
