@@ -604,3 +604,50 @@ def test_recipes_load_with_the_reference_hyperparameters(name, tower, embed):
     assert (t.steps, t.batch_size, t.grad_accum) == (128001, 128, 1)
     assert (t.weight_decay, t.betas, t.eps) == (0.1, [0.9, 0.98], 1e-8)
     assert exp.data.num_samples == 15388848 and exp.data.normalize == "imagenet"
+
+
+def test_simsiam_heads_are_the_reference_layers():
+    """METHODS.md §2: projector Linear(d->1024)-BN-ReLU-Linear(1024->1024)-BN-ReLU-Linear(1024->1024)-BN,
+    predictor Linear(1024->512)-BN-ReLU-Linear(512->1024) (no output BN), per-GPU BatchNorm1d in training
+    mode: the heads give what torch's layers in that order give with the same weights."""
+    from declip_ds.methods.declip import PredictionMLP, ProjectionMLP
+
+    torch.manual_seed(0)
+    cfg = get_method("declip").Config()
+    proj = ProjectionMLP(512, cfg.projector_hidden_dim, cfg.projector_out_dim).train()
+    pred = PredictionMLP(cfg.projector_out_dim, cfg.predictor_hidden_dim, cfg.projector_out_dim).train()
+    nn = torch.nn
+    ref_proj = nn.Sequential(nn.Linear(512, 1024), nn.BatchNorm1d(1024), nn.ReLU(), nn.Linear(1024, 1024),
+                             nn.BatchNorm1d(1024), nn.ReLU(), nn.Linear(1024, 1024), nn.BatchNorm1d(1024)).train()
+    ref_pred = nn.Sequential(nn.Linear(1024, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 1024)).train()
+    for ours, ref in ((proj, ref_proj), (pred, ref_pred)):
+        params = [p for m in ours.modules() if isinstance(m, (nn.Linear, nn.BatchNorm1d)) for p in m.parameters()]
+        ref_params = list(ref.parameters())
+        assert [p.shape for p in params] == [p.shape for p in ref_params]
+        with torch.no_grad():
+            for p, q in zip(params, ref_params):
+                q.add_(0.05 * torch.randn_like(q))  # torch's init, moved off BatchNorm's 1 / 0
+                p.copy_(q)
+    x = torch.randn(16, 512)
+    z = proj(x)
+    torch.testing.assert_close(z, ref_proj(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pred(z), ref_pred(z), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(z.mean(0), ref_proj[-1].bias, atol=1e-5)  # the projector's output is batch-normalised
+
+
+@pytest.mark.parametrize("name", ["declip", "defilip"])
+def test_view_scale_reaches_both_image_views(name):
+    """method.view_scale is the RandomResizedCrop scale of both MoCo-v2 views (METHODS.md §2: 0.2-1 in the
+    reference), with the data normalisation and size of the experiment."""
+    from tests.test_methods import TINY
+
+    for scale in ([0.2, 1.0], [0.5, 0.9]):
+        exp = from_dict({**TINY, "method": {"name": name, "view_scale": scale}})
+        views = get_method(name)(exp).sample_transform().image_views
+        assert sorted(views) == ["image", "image2"] and views["image"] is not views["image2"]
+        for v in views.values():
+            rrc = v.transforms[0]
+            assert type(rrc).__name__ == "RandomResizedCrop" and rrc.scale == tuple(scale)
+            assert rrc.size == (32, 32) and type(v.transforms[-1]).__name__ == "Normalize"
+            assert [type(t).__name__ for t in v.transforms[1:5]] == [
+                "RandomApply", "RandomGrayscale", "RandomApply", "RandomHorizontalFlip"]

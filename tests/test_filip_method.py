@@ -142,3 +142,35 @@ def test_token_zero_shot_class_renorm_is_the_reference_eval(mask_padding):
     assert not torch.allclose(logits, logits_pos, atol=1e-3)
     with pytest.raises(ConfigError, match="method.zero_shot_token_renorm: 'frobenius'.*position, class"):
         from_dict({"model": model_cfg, "method": {"name": "filip", "zero_shot_token_renorm": "frobenius"}})
+
+
+@pytest.mark.parametrize("topk,mask_padding", [(0, True), (4, False)])
+def test_defilip_token_term_pairs_image_view_1_with_the_masked_caption(topk, mask_padding):
+    """METHODS.md §5: DeFILIP's FILIP term is image view 1's tokens against the tokens of T1 (the MLM-masked
+    caption), weighted 0.2 on top of DeCLIP's terms: it equals the FILIP loss recomputed from those two tower
+    passes, does not move when image view 2 or the EDA caption change, and does when view 1 does."""
+    from declip_ds.registry import get_method
+    from tests.test_methods import make_batch, tiny_experiment
+
+    torch.manual_seed(0)
+    method = get_method("defilip")(tiny_experiment("defilip", topk=topk, mask_padding=mask_padding)).double().eval()
+    batch = make_batch(method, n=6)
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    masked = batch["mlm_labels"] != -100
+    assert (batch["text"][masked] == 49406).any() and not torch.equal(batch["text"], batch["text2"])  # <|mask|>
+    with torch.no_grad():
+        out = method(batch)
+        m = method.model
+        x, y = m.image_features(batch["image"])["tokens"], m.text_features(batch["text"])["tokens"]
+        expected = method.filip(m, x, y, batch["text"], None)
+        assert out["filip_loss"] == pytest.approx(float(expected), rel=1e-12, abs=0)
+        weights = method.loss_weights()
+        assert {k: weights[k] for k in ("mvs_loss", "simsiam_loss", "mlm_loss", "nn_loss", "filip_loss")} == {
+            "mvs_loss": 0.4, "simsiam_loss": 0.2, "mlm_loss": 0.2, "nn_loss": 0.2, "filip_loss": 0.2}
+        total = sum(weights[k] * out[k] for k in out if k.endswith("_loss") and weights[k])
+        assert float(method.total_loss(out)) == pytest.approx(float(total), rel=1e-12)
+
+        other = dict(batch, image2=batch["image2"].flip(0), text2=batch["text2"].flip(0))
+        assert float(method(other)["filip_loss"]) == pytest.approx(float(out["filip_loss"]), rel=1e-12, abs=0)
+        moved = dict(batch, image=batch["image2"])
+        assert float(method(moved)["filip_loss"]) != pytest.approx(float(out["filip_loss"]), rel=1e-6)

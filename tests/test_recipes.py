@@ -33,3 +33,64 @@ def test_every_method_has_its_benchmark_recipes():
     for method in ("clip", "declip", "slip", "filip"):
         assert {f"{method}_vit_b32_yfcc15m", f"{method}_rn50_yfcc15m"} <= names
     assert "defilip_vit_b32_yfcc15m" in names
+
+
+def _shared_reference_setup(exp, tower, embed):
+    """METHODS.md §0 / §11: what every DeCLIP-repo YFCC-15M recipe shares."""
+    import math
+
+    m, t = exp.model, exp.train
+    assert (m.vision.name, m.vision.image_size, m.embed_dim, m.vocab_size) == (tower, 224, embed, 49409)
+    assert m.vision.freeze_patch_embed == tower.startswith("vit")  # conv1 frozen at its random init
+    assert (m.text.width, m.text.layers, m.text.heads, m.text.context_length) == (512, 12, 8, 77)
+    assert m.text.mask_token and m.text.proj_bias  # <|mask|> in the vocabulary; Linear text projection with bias
+    assert m.logit_scale_bounds == [3.0, 6.0] and m.logit_scale_exp_cap == 100.0
+    assert math.isclose(m.logit_scale_init, math.log(1 / 0.07))
+    assert (t.warmup_steps, t.warmup_init_lr, t.min_lr, t.steps, t.batch_size, t.grad_accum) == (
+        2500, 1e-4, 0.0, 128001, 128, 1)
+    assert (t.betas, t.eps, t.grad_clip) == ([0.9, 0.98], 1e-8, 0.0)
+    assert not t.no_decay_embeddings and t.decay_attention_in_proj_bias  # the reference's param_group_all
+    assert exp.data.num_samples == 15388848 and exp.data.normalize == "imagenet"
+    assert (exp.eval.templates, exp.eval.interpolation, exp.eval.crop_ratio) == ("imagenet80", "bilinear", 0.875)
+
+
+@pytest.mark.parametrize("name,tower,embed", [("clip_vit_b32_yfcc15m", "vit_base_patch32_clip_224", 512),
+                                              ("clip_rn50_yfcc15m", "resnet50_clip", 1024)])
+def test_clip_recipes_have_the_reference_hyperparameters(name, tower, embed):
+    """METHODS.md §1: one RandomResizedCrop(224, 0.5-1) view, weight 1, peak LR 1e-3, wd 0.1."""
+    exp = load_config(RECIPES[0].parent / f"{name}.yaml")
+    _shared_reference_setup(exp, tower, embed)
+    assert exp.method.name == "clip" and exp.method.clip_weight == 1.0
+    assert exp.data.rrc_scale == [0.5, 1.0]
+    assert (exp.train.lr, exp.train.weight_decay) == (1e-3, 0.1)
+
+
+@pytest.mark.parametrize("name,tower,embed", [("filip_vit_b32_yfcc15m", "vit_base_patch32_clip_224", 768),
+                                              ("filip_rn50_yfcc15m", "resnet50_clip", 1024)])
+def test_filip_recipes_have_the_reference_hyperparameters(name, tower, embed):
+    """METHODS.md §4 (DeCLIP-repo FILIP): the dense loss alone (clip weight 0), top-16 tokens with padding
+    kept, 256-d tokens, MLM-masked (15%) training text, view 1 of MoCo-v2, embed 768 / 1024, LR 5e-4, wd 0.5;
+    zero-shot by token scoring with the per-class (Frobenius) renormalisation."""
+    exp = load_config(RECIPES[0].parent / f"{name}.yaml")
+    _shared_reference_setup(exp, tower, embed)
+    c = exp.method
+    assert c.name == "filip" and (c.filip_weight, c.clip_weight) == (1.0, 0.0)
+    assert (c.topk, c.mask_padding, exp.model.token_dim) == (16, False, 256)
+    assert (c.mlm_mask_text, c.mlm_prob, c.image_view) == (True, 0.15, "moco_v2")
+    assert (c.zero_shot_scoring, c.zero_shot_token_renorm) == ("token", "class")
+    assert (exp.train.lr, exp.train.weight_decay) == (5e-4, 0.5)
+
+
+def test_defilip_recipe_has_the_reference_hyperparameters():
+    """METHODS.md §5: DeCLIP's terms (MVS 0.4, SimSiam 0.2, MLM 0.2, NN 0.2) plus FILIP 0.2 with top-16 tokens,
+    padding kept, 256-d tokens; ViT-B/32, embed 512, LR 1e-3, wd 0.1; zero-shot on the global embeddings."""
+    exp = load_config(RECIPES[0].parent / "defilip_vit_b32_yfcc15m.yaml")
+    _shared_reference_setup(exp, "vit_base_patch32_clip_224", 512)
+    c = exp.method
+    assert c.name == "defilip"
+    assert (c.mvs_weight, c.simsiam_weight, c.mlm_weight, c.nn_weight, c.filip_weight) == (0.4, 0.2, 0.2, 0.2, 0.2)
+    assert (c.mlm_prob, c.mlm_random_excludes_special, c.queue_size, c.eda) == (0.15, False, 65536, True)
+    assert (c.projector_hidden_dim, c.projector_out_dim, c.predictor_hidden_dim) == (1024, 1024, 512)
+    assert (c.topk, c.mask_padding, exp.model.token_dim) == (16, False, 256)
+    assert c.view_scale == [0.2, 1.0] and c.zero_shot_scoring == "global"
+    assert (exp.train.lr, exp.train.weight_decay) == (1e-3, 0.1)
