@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,7 +73,6 @@ def straight_vs_resumed(tmp_path, shapes, ds=None, ranks=1):
     args = cmd(a, shapes, "train.steps=6", "train.save_every=3", "model.vision.drop_path=0.2", ds=ds, ranks=ranks)
     rc, out = run(args, tmp_path)
     assert rc == 0, out[-3000:]
-    import shutil
 
     straight6 = tmp_path / "straight_step_6"
     shutil.move(a / "checkpoints" / "step_00000006", straight6)  # lost to the run, kept for the comparison
@@ -142,7 +143,6 @@ def test_zero3_resumed_run_saves_and_trains_on(tmp_path, shapes):
                ds=ds, ranks=2)
     rc, out = run(args, tmp_path, timeout=240)
     assert rc == 0, out[-3000:]
-    import shutil
 
     for tag in ("step_00000004", "step_00000005"):  # lost: the rerun resumes from step 2 and saves step 4 itself
         shutil.rmtree(a / "checkpoints" / tag)
@@ -269,6 +269,62 @@ def test_loss_spike_is_skipped(tmp_path, shapes):
     assert "above 5.0 x its running mean" in out and metrics(run_dir)[14]["bad_steps"] == 1
 
 
+def _corrupt_copy(src, dst):
+    """``src`` (a synthetic training shard of 32 samples) with 4 of its samples made bad, one of each kind
+    RELIABILITY §4.9 names: an undecodable JPEG, a missing .txt, a zero-byte image, a key seen before."""
+    import io
+    import tarfile
+
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        first_key = tin.getmembers()[0].name.rsplit(".", 1)[0]
+        for m in tin.getmembers():
+            key, ext = m.name.rsplit(".", 1)
+            data = tin.extractfile(m).read()
+            n = int(re.search(r"(\d+)$", key).group(1)) % 32
+            if n == 5 and ext == "jpg":
+                data = b"\xff\xd8\xff\xe0 not really a jpeg"
+            elif n == 10 and ext == "txt":
+                continue
+            elif n == 15 and ext == "jpg":
+                data = b""
+            elif n == 20:
+                m.name = f"{first_key}.{ext}"  # the shard's first key again
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.dist
+def test_corrupt_samples_two_ranks_epoch_mode(tmp_path, shapes):
+    """RELIABILITY §4.9 through the trainer: 2 ranks, epoch mode, one shard each, one of them with 4 bad
+    samples (bad JPEG, missing .txt, zero-byte image, duplicate key). Its rank has 28 samples (3 batches of
+    8), the other 32 (4): the run completes, the 4 skips are logged once per kind, and both ranks start
+    epoch 1 together after 3 steps (the other rank's 4th batch is not waited for) and save the same
+    data position."""
+    from declip_ds.data.wds import SAMPLE_SKIP_KINDS
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    _corrupt_copy(shapes / "train" / "00000.tar", data / "00000.tar")
+    shutil.copy(shapes / "train" / "00001.tar", data / "00001.tar")
+    (data / "sizes.json").write_text(json.dumps({"00000.tar": 32, "00001.tar": 32}))
+    run_dir = tmp_path / "run"
+    rc, out = run(cmd(run_dir, shapes, f"data.train_shards={data}/{{00000..00001}}.tar", "data.mode=epoch",
+                      "train.steps=4", "train.save_every=4", ranks=2), tmp_path)
+    assert rc == 0, out[-3000:]
+    m = metrics(run_dir)
+    assert sorted(m) == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in m.values())
+    assert [m[s]["epoch"] for s in (1, 2, 3, 4)] == [0, 0, 0, 1]
+    kinds = ("decode_error", "missing_text", "empty_member", "duplicate_key")
+    epoch0 = {k: sum(m[s].get(f"skipped/{k}", 0) for s in (1, 2, 3)) for k in SAMPLE_SKIP_KINDS}
+    assert {k: v for k, v in epoch0.items() if v} == dict.fromkeys(kinds, 1)
+    for k in kinds:  # each bad sample is named with its shard
+        assert re.search(rf"skipped {k} in shard \S*0000[01].tar", out), k
+    tag = run_dir / "checkpoints" / "step_00000004"
+    states = [torch.load(tag / f"rank_{r:05d}.pt", weights_only=True)["data"] for r in (0, 1)]
+    assert [(s["epoch"], s["epoch_batches"]) for s in states] == [(1, 1), (1, 1)]
+
+
 @pytest.mark.dist
 def test_rank_killed_mid_save_loses_nothing(tmp_path, shapes):
     """Rank 1 dies after DeepSpeed wrote its part of step 6 (keep_last=2, saves at 2, 4, 6): step 6 never
@@ -381,8 +437,6 @@ def test_zero3_with_a_frozen_patch_embedding_saves_resumes_and_exports(tmp_path,
     weights stay as initialised and are in model.safetensors with every other key (a strict load of the
     model), the resume from step 2 repeats steps 3-4 bit for bit, and the export to open_clip gives the same
     embeddings."""
-    import shutil
-
     from safetensors.torch import load_file
 
     from declip_ds.data.tokenizer import Tokenizer
