@@ -364,3 +364,40 @@ def test_bf16_exact_resume_two_ranks_zero2(tmp_path, shapes):
     for k in ("fp32", "exp_avg", "exp_avg_sq"):
         for n, t in straight[k].items():
             torch.testing.assert_close(resumed[k][n].float(), t.float(), atol=1e-3, rtol=1e-3, msg=f"{k} {n}")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_zero3_two_ranks_to_one_rank_through_the_universal_checkpoint(tmp_path, shapes):
+    """A ZeRO-3 tag saved at 2 ranks, converted, resumed at 1 rank with ZeRO-3 holds what the 2-rank resume
+    of the tag as saved holds: weights, fp32 master weights, Adam moments and param groups, bit for bit
+    (the reference is DeepSpeed's own 2-rank ZeRO-3 load, gathered); then it trains on. A ZeRO-2 resume of
+    the conversion is refused before training (DeepSpeed's ZeRO-3 fragments load only at ZeRO-3)."""
+    run_dir = saved_at_step_4(tmp_path, shapes, 3)
+    z3 = ds_json(tmp_path / "z3.json", 3)
+    ovr = overrides(run_dir, shapes)
+    ref = run_ranks(_capture_after_resume, world=2, args=(CONFIG, ovr, z3), timeout=400)[0]
+    assert not ref["universal"] and ref["step"] == 4
+    rc, out = convert(run_dir, tmp_path)
+    assert rc == 0, out[-3000:]
+    uni = run_dir / "checkpoints" / (TAG + "_universal")
+    assert json.loads((uni / "COMPLETE").read_text())["zero_stage"] == 3
+
+    seen = run_ranks(_capture_after_resume, world=1, args=(CONFIG, ovr, z3), timeout=300)[0]
+    assert seen["universal"] and seen["step"] == 4 and seen["last_epoch"] == ref["last_epoch"] == 4
+    assert sorted(seen["fp32"]) == sorted(ref["fp32"])
+    for k in ("weights", "fp32", "exp_avg", "exp_avg_sq", "buffers"):
+        for n, t in ref[k].items():
+            assert torch.equal(seen[k][n], t), f"{k} {n}"
+    for live, orig in zip(seen["groups"], ref["groups"], strict=True):
+        for k in ("lr", "weight_decay", "betas", "eps"):
+            assert live[k] == orig[k], f"param group {k}: {live[k]} != {orig[k]}"
+
+    rc, out = run(cmd(run_dir, shapes, "train.steps=6", "train.save_every=4", ds=ds_json(tmp_path / "z2.json", 2)),
+                  tmp_path)
+    assert rc == 2 and "only its ZeRO-3 loader reads" in out, out[-3000:]
+    rc, out = run(cmd(run_dir, shapes, "train.steps=6", "train.save_every=4", ds=z3), tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "at step 4" in out and "universal checkpoint loader" in out
+    m = metrics(run_dir)
+    assert {5, 6} <= set(m) and all(torch.isfinite(torch.tensor(m[s]["loss"])) for s in (5, 6))
