@@ -651,3 +651,33 @@ def test_view_scale_reaches_both_image_views(name):
             assert rrc.size == (32, 32) and type(v.transforms[-1]).__name__ == "Normalize"
             assert [type(t).__name__ for t in v.transforms[1:5]] == [
                 "RandomApply", "RandomGrayscale", "RandomApply", "RandomHorizontalFlip"]
+
+
+def test_declip_losses_are_the_reference_terms_of_the_masked_caption():
+    """METHODS.md §2 end to end in float64: from the towers' outputs, MVS is the mean of the four CLIP terms of
+    (I1, I2) x (masked T1, EDA T2), NN the image->text CE against the old queue's top-1 neighbours of T1 and T2,
+    SimSiam on the projected (unnormalised) image embeddings, MLM on the masked caption's ln_final outputs;
+    the total is 0.4 MVS + 0.2 SimSiam + 0.2 MLM + 0.2 NN."""
+    torch.manual_seed(0)
+    method = tiny_declip().double().train()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in pil_batch(method).items()}
+    assert (batch["text"] == MASK).any()
+    bank = method.nn_queue.bank.double().clone()  # as it was before the step
+    out = method(batch)
+    m = method.model
+    with torch.no_grad():
+        f1 = m.image_features(batch["image"])
+        i1, i2 = f1["embedding"], m.image_features(batch["image2"])["embedding"]
+        t1 = m.text_features(batch["text"])  # the masked caption
+        e1, e2 = F.normalize(t1["embedding"], dim=-1), F.normalize(m.text_features(batch["text2"])["embedding"], dim=-1)
+        scale = m.scale()
+        n1, n2 = (bank[(e @ bank.t()).argmax(dim=1)] for e in (e1, e2))
+        images = [F.normalize(i1, dim=-1), F.normalize(i2, dim=-1)]
+        z1, z2 = method.projector(i1), method.projector(i2)
+        want = {"mvs_loss": ref_mvs(images, [e1, e2], scale), "nn_loss": ref_nn(images, [n1, n2], scale),
+                "simsiam_loss": ref_simsiam(method.predictor(z1), method.predictor(z2), z1, z2),
+                "mlm_loss": ref_mlm(method.text_label_predictor(t1["tokens"]), batch["mlm_labels"])}
+    for k, v in want.items():  # the contrastive terms compute their logits in fp32
+        assert float(out[k].detach()) == pytest.approx(float(v), rel=1e-6), k
+    total = 0.4 * want["mvs_loss"] + 0.2 * (want["simsiam_loss"] + want["mlm_loss"] + want["nn_loss"])
+    assert float(method.total_loss(out).detach()) == pytest.approx(float(total), rel=1e-6)
