@@ -336,10 +336,14 @@ def test_zero1_to_zero3_through_the_universal_checkpoint(tmp_path, shapes):
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_bf16_exact_resume_two_ranks_zero2(tmp_path, shapes):
-    """8 steps straight vs 4 + resume + 4, bf16 on 2 ranks with ZeRO-2: losses within 1e-3 (the bar of
-    RELIABILITY.md §4 item 1), LRs equal, and the step-8 fp32 master weights and moments close."""
-    ds = ds_json(tmp_path / "bf16.json", 2, bf16=True)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_exact_resume_two_ranks(tmp_path, shapes, stage):
+    """8 steps straight vs 4 + resume + 4, bf16 on 2 ranks with ZeRO 1, 2 and 3: the losses, LRs and gradient
+    norms of steps 5-8 and the step-8 checkpoints (bf16 weights, fp32 master partitions, Adam moments) are
+    bit for bit the same (RELIABILITY.md §4 item 1 asks for 1e-3 in bf16; the restore is exact)."""
+    from tests.test_reliability import assert_same_state
+
+    ds = ds_json(tmp_path / "bf16.json", stage, bf16=True)
     a = tmp_path / "run"
     args = cmd(a, shapes, "train.steps=8", "train.save_every=4", ds=ds, ranks=2)
     rc, out = run(args, tmp_path)
@@ -353,17 +357,10 @@ def test_bf16_exact_resume_two_ranks_zero2(tmp_path, shapes):
     first, again = metrics(a, 0), metrics(a, -1)
     assert sorted(again) == list(range(1, 9))
     for s in range(5, 9):
-        assert first[s] is not again[s]
-        assert again[s]["lr"] == first[s]["lr"]
-        for f in ("loss", "clip_loss", "grad_norm", "logit_scale"):
-            assert again[s][f] == pytest.approx(first[s][f], abs=1e-3), f"step {s} {f}"
-    # fp32 masters and moments of the two step-8 checkpoints (bf16 model, fp32 optimizer state)
-    resumed = reference_state(ck / "step_00000008")
-    shutil.move(str(straight_8), ck / "straight_00000008")
-    straight = reference_state(ck / "straight_00000008")
-    for k in ("fp32", "exp_avg", "exp_avg_sq"):
-        for n, t in straight[k].items():
-            torch.testing.assert_close(resumed[k][n].float(), t.float(), atol=1e-3, rtol=1e-3, msg=f"{k} {n}")
+        assert first[s] is not again[s] and "grad_norm" in again[s]
+        for f in ("lr", "loss", "clip_loss", "grad_norm", "logit_scale"):
+            assert again[s][f] == first[s][f], f"step {s} {f}: {again[s][f]!r} != {first[s][f]!r}"
+    assert_same_state(straight_8, ck / "step_00000008")
 
 
 @pytest.mark.dist
