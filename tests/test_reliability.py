@@ -298,9 +298,9 @@ def _corrupt_copy(src, dst):
 def test_corrupt_samples_two_ranks_epoch_mode(tmp_path, shapes):
     """RELIABILITY §4.9 through the trainer: 2 ranks, epoch mode, one shard each, one of them with 4 bad
     samples (bad JPEG, missing .txt, zero-byte image, duplicate key). Its rank has 28 samples (3 batches of
-    8), the other 32 (4): the run completes, the 4 skips are logged once per kind, and both ranks start
-    epoch 1 together after 3 steps (the other rank's 4th batch is not waited for) and save the same
-    data position."""
+    8), the other 32 (4): the run completes, the 4 skips are logged once per kind and in the run's
+    skipped_samples total (checkpointed, carried over a resume), and both ranks start epoch 1 together after
+    3 steps (the other rank's 4th batch is not waited for) and save the same data position."""
     from declip_ds.data.wds import SAMPLE_SKIP_KINDS
 
     data = tmp_path / "shards"
@@ -320,9 +320,17 @@ def test_corrupt_samples_two_ranks_epoch_mode(tmp_path, shapes):
     assert {k: v for k, v in epoch0.items() if v} == dict.fromkeys(kinds, 1)
     for k in kinds:  # each bad sample is named with its shard
         assert re.search(rf"skipped {k} in shard \S*0000[01].tar", out), k
+    assert m[3]["skipped_samples"] == 4 and m[4]["skipped_samples"] >= 4  # the run's total, both ranks
     tag = run_dir / "checkpoints" / "step_00000004"
     states = [torch.load(tag / f"rank_{r:05d}.pt", weights_only=True)["data"] for r in (0, 1)]
     assert [(s["epoch"], s["epoch_batches"]) for s in states] == [(1, 1), (1, 1)]
+    saved = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["skipped_total"]
+    assert sum(saved[k] for k in SAMPLE_SKIP_KINDS) == m[4]["skipped_samples"]
+    # the total carries over a resume (here on one process: ZeRO 0 resumes at any world size)
+    rc, out = run(cmd(run_dir, shapes, f"data.train_shards={data}/{{00000..00001}}.tar", "data.mode=epoch",
+                      "train.steps=5", "train.save_every=100"), tmp_path)
+    assert rc == 0 and "at step 4" in out, out[-3000:]
+    assert metrics(run_dir)[5]["skipped_samples"] >= m[4]["skipped_samples"]
 
 
 @pytest.mark.dist

@@ -113,11 +113,16 @@ def barrier() -> None:
 
 
 def all_reduce_int(value: int, op=dist.ReduceOp.SUM) -> int:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device())
+    return all_reduce_ints([value], op)[0]
+
+
+def all_reduce_ints(values: list[int], op=dist.ReduceOp.SUM) -> list[int]:
+    """One collective for several integers (every rank passes the same number of them)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not values:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long, device=device())
     dist.all_reduce(t, op=op)
-    return int(t.item())
+    return [int(v) for v in t.tolist()]
 
 
 def init_eval_ranks(model):

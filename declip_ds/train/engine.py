@@ -348,6 +348,8 @@ def check_eval(exp: Experiment) -> None:
 
 def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto") -> dict:
     """Train ``exp``; returns the last logged losses and the final zero-shot results."""
+    from declip_ds.data.wds import SAMPLE_SKIP_KINDS, SKIP_KINDS
+
     # 1. everything that can fail without a process group or a loader
     src = ds_config or "the default DeepSpeed config (ZeRO 0)"
     ds_user = read_ds_config(ds_config)
@@ -399,6 +401,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         checkpoints/ then belong to an abandoned branch and are moved aside."""
         found, client = C.resume_from(engine, method, found, exp.train.seed, to_dict(exp), world, zero_stage,
                                        exp.train.checkpoint_integrity)
+        skipped_total.clear()  # the run's skip counts up to the checkpoint, summed over ranks
+        skipped_total.update({k: int(client.get("skipped_total", {}).get(k, 0)) for k in SKIP_KINDS})
         C.set_aside_newer(run_dir / "checkpoints", int(client["step"]))
         guard.load_state_dict(client.get("guard"))  # running loss mean and counts, so spike checks resume
         position = (client["step"], client["samples_seen"], client.get("epoch", 0), client.get("epoch_batches", 0))
@@ -424,6 +428,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         return position
 
     step, samples_seen, epoch, epoch_batches = 0, 0, 0, 0
+    skipped_total = dict.fromkeys(SKIP_KINDS, 0)  # logged skips since the run began, summed over ranks
     cursors: dict[int, int] = {}  # the loader's streams: where their consumed batches end (wds "_cursor")
     torch.manual_seed(exp.train.seed * 1000 + rank)  # per-rank randomness (dropout, ...) from here on
     if target is None:
@@ -518,7 +523,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             finish()
         step, samples_seen, epoch, epoch_batches = restore(back)  # also the guard's state (in_a_row = 0)
         data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches, cursors=cursors))
-        meter.sums, meter.count = {}, 0  # the losses of the steps rolled back
+        meter.sums, meter.count, meter.skips = {}, 0, {}  # the losses and skips of the steps rolled back
         if bar is not None:
             bar.n = step
             bar.refresh()
@@ -599,7 +604,11 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             gn = own_norm if gn is None else gn
             if gn is not None:
                 values["grad_norm"] = float(gn)
-            skipped = {f"skipped/{k}": D.all_reduce_int(v) for k, v in sorted(meter.skips.items())}
+            counts = D.all_reduce_ints([meter.skips.get(k, 0) for k in SKIP_KINDS])
+            skipped = {f"skipped/{k}": n for k, n in zip(SKIP_KINDS, counts) if k in meter.skips}
+            for k, n in zip(SKIP_KINDS, counts):
+                skipped_total[k] += n
+            values["skipped_samples"] = sum(skipped_total[k] for k in SAMPLE_SKIP_KINDS)  # since the run began
             last = values
             logger.scalars({**values, **skipped}, step)
             if rank == 0:
@@ -615,7 +624,10 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                       "config": to_dict(exp),
                       "config_hash": config_hash(exp), "world_size": world,
                       "zero_stage": engine.zero_optimization_stage(), "precision": precision,
-                      "versions": _versions()}
+                      "versions": _versions(),
+                      # with the skips of the steps since the last log line (collective: every rank saves here)
+                      "skipped_total": {k: skipped_total[k] + n for k, n in
+                                        zip(SKIP_KINDS, D.all_reduce_ints([meter.skips.get(k, 0) for k in SKIP_KINDS]))}}
             C.save(engine, method, run_dir / "checkpoints", step, client, config_yaml, exp.train.keep_last,
                    guard_state=guard.state_dict(), integrity=exp.train.checkpoint_integrity,
                    data_state={"epoch": epoch, "epoch_batches": epoch_batches, "workers": exp.data.workers,
