@@ -55,6 +55,12 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, shapes):
     truncate(bad)
     rc, out = run(with_resume(args, ck / "step_00000006"), tmp_path)
     assert rc == 2 and str(bad) in out and "Traceback" not in out, out[-3000:]
+    # without checksums a missing model-states file still stops (DeepSpeed's load returns (None, None))
+    kept = bad.read_bytes()
+    bad.unlink()
+    rc, out = run([*with_resume(args, ck / "step_00000006"), "train.checkpoint_integrity=none"], tmp_path)
+    assert rc == 2 and f"{bad} (DeepSpeed's model states) is missing" in out and "step 0" not in out, out[-3000:]
+    bad.write_bytes(kept)
     # every complete tag damaged: exit 2 naming the files, never a restart from step 0
     truncate(ck / "step_00000003" / "rank_00000.pt")
     rc, out = run(args, tmp_path)

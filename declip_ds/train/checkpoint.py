@@ -545,7 +545,7 @@ def load(engine, method, target: ResumeTarget, seed: int = 0, integrity: str = "
         err = str(e)
     if err is None:  # then open what this rank will read, so a damaged file is found before anything is loaded
         try:
-            per_rank = _preflight(tag_dir, per_rank_file, saved_world)
+            per_rank = _preflight(tag_dir, per_rank_file, saved_world, None if target.universal else target.zero_stage)
         except Exception as e:  # noqa: BLE001 - any failure to read is reported, then the ranks agree
             err = str(e) if isinstance(e, CheckpointError) else f"{per_rank_file}: {type(e).__name__}: {e}"
     _agree(err)  # one collective for both checks
@@ -578,16 +578,30 @@ class UnreadableCheckpoint(CheckpointError):
     """A file of the tag could not be read or loaded on at least one rank (raised on every rank)."""
 
 
-def _preflight(tag_dir: Path, per_rank_file: Path, saved_world: int) -> dict:
+def _preflight(tag_dir: Path, per_rank_file: Path, saved_world: int, zero_stage: int | None = None) -> dict:
     """Open every file of ``tag_dir`` that this rank reads: DeepSpeed's model states and this rank's
     optimizer partition (their pickles only: ``mmap`` leaves the tensor bytes on disk; a truncated
     file has no zip directory and fails here) and our per-rank file (returned). The safetensors header is
-    read by ``check_config``, which runs first."""
+    read by ``check_config``, which runs first. ``zero_stage`` (of a non-universal tag, when known): the
+    DeepSpeed files that stage writes must be there (without checksums DeepSpeed's own load would fail
+    on a missing one with a bare assertion)."""
     if not per_rank_file.is_file():
         raise CheckpointError(f"{per_rank_file} is missing ({tag_dir} was saved by {saved_world} ranks)")
+    same_world, r = saved_world == D.world_size(), D.rank()
+    needed = {}  # what -> the file name DeepSpeed gave it
+    if zero_stage is not None and zero_stage < 3:
+        needed["DeepSpeed's model states"] = "mp_rank_00_model_states.pt"
+    elif zero_stage == 3 and same_world:
+        needed[f"rank {r}'s ZeRO-3 model states"] = f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+    if zero_stage and same_world:
+        needed[f"rank {r}'s ZeRO optimizer partition"] = f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+    for what, name in needed.items():
+        if not any(tag_dir.glob(f"*{name}")):  # a bf16 run's partitions are named bf16_zero_pp_rank_...
+            raise CheckpointError(f"{tag_dir / name} ({what}) is missing: restore it from a copy, or resume "
+                                  f"from an older tag")
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    if saved_world == D.world_size():
-        files += sorted(tag_dir.glob(f"*zero_pp_rank_{D.rank()}_mp_rank_*_states.pt"))
+    if same_world:
+        files += sorted(tag_dir.glob(f"*zero_pp_rank_{r}_mp_rank_*_states.pt"))
     for f in files:
         try:
             torch.load(f, map_location="cpu", mmap=True, weights_only=False)
