@@ -99,6 +99,14 @@ def test_expand_urls_braces_sources_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         wds.expand_urls(f"{a}::{bad}")
     assert bad in str(e.value) and "nope/00000.tar" in str(e.value) and "data.train_shards" in str(e.value)
+    # a shard listed twice would be read twice as often: overlapping ranges, the same file under another path
+    overlap = f"{tmp_path}/a/{{00001..00002}}.tar"
+    (tmp_path / "also_a").symlink_to(tmp_path / "a")
+    for spec in (f"{a}::{overlap}", [a, f"{tmp_path}/also_a/00000.tar"], f"{tmp_path}/a/{{00000..00002}}.tar::{a}"):
+        with pytest.raises(wds.DataError, match=r"listed more than once .*00000?[012]\.tar.*data\.train_weights"):
+            wds.expand_urls(spec)
+    with pytest.raises(wds.DataError, match="Empty shard source"):
+        wds.expand_urls(f"{a}::")
 
 
 def test_read_num_samples(tmp_path):

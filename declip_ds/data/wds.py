@@ -101,7 +101,7 @@ def _local_path(url: str) -> str:
 def _expand_source(source: str) -> list[str]:
     source = source.strip()
     if not source:
-        raise ValueError("Empty shard source (a stray '::' or an empty string in data.train_shards?).")
+        raise DataError("Empty shard source (a stray '::' or an empty string in data.train_shards?).")
     if not _is_remote(source) and any(c in source for c in "*?["):
         urls = sorted(glob.glob(os.path.expanduser(_local_path(source))))
     else:
@@ -130,8 +130,21 @@ def expand_urls(spec: str | Sequence[str]) -> list[list[str]]:
     """
     items = [spec] if isinstance(spec, str) else list(spec)
     if not items:
-        raise ValueError("No shard source given: data.train_shards is empty.")
-    return [_expand_source(src) for item in items for src in str(item).split("::")]
+        raise DataError("No shard source given: data.train_shards is empty.")
+    sources = [_expand_source(src) for item in items for src in str(item).split("::")]
+    seen, twice = set(), []
+    for url in (u for urls in sources for u in urls):
+        key = url if _is_remote(url) else os.path.realpath(url)
+        if key in seen:
+            twice.append(url)
+        seen.add(key)
+    if twice:
+        shown = ", ".join(twice[:3]) + (f" ... ({len(twice)} in all)" if len(twice) > 3 else "")
+        raise DataError(f"Shard(s) listed more than once by the shard patterns (overlapping ranges or sources?): "
+                        f"{shown}. Their samples would be read twice as often (twice per epoch in epoch mode). "
+                        f"Remove the overlap from data.train_shards (or the eval shard path); to draw one source "
+                        f"more often, give data.train_weights (resampled mode).")
+    return sources
 
 
 def _flatten_urls(urls) -> list[str]:
