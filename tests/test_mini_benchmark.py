@@ -16,17 +16,17 @@ def test_mini_benchmark_writes_table_and_section(tmp_path):
     overrides += ["data.synthetic.eval_samples_per_class=8"]
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# Measured results\n\nkept text\n\n" + mini.START + "\nold\n" + mini.END + "\n\ntail\n")
-    assert mini.main(["--steps", "2", "--methods", "clip", "slip", "--work-dir", str(tmp_path / "w"),
+    assert mini.main(["--steps", "2", "--methods", "slip", "--work-dir", str(tmp_path / "w"),
                       "--results", str(results_md), *overrides]) == 0
     data = json.loads((tmp_path / "w" / "results.json").read_text())
-    assert list(data["results"]) == ["clip", "slip"] and data["meta"]["steps"] == 2
+    assert list(data["results"]) == ["slip"] and data["meta"]["steps"] == 2  # one row: each method is a run
     for r in data["results"].values():
         assert set(r["zeroshot"]) == {"shape", "color", "shape_color"}
         assert set(r["probe"]) == {"shape", "color"}
         assert all(0.0 <= v <= 1.0 for v in [*r["zeroshot"].values(), *r["probe"].values()]) and r["wall_s"] > 0
     text = results_md.read_text()
     assert "kept text" in text and "tail" in text and "\nold\n" not in text  # only the section is replaced
-    assert text.count(mini.START) == 1 and "| `clip` |" in text and "| `slip` |" in text and "| chance |" in text
+    assert text.count(mini.START) == 1 and "| `slip` |" in text and "| chance |" in text
     # the heading is the command the user typed; the runs got the benchmark's caption default first
     assert data["meta"]["overrides"] == overrides and data["meta"]["run_overrides"] == [mini.DEFAULT_CAPTIONS, *overrides]
     assert "captions=rich" not in text.split("\n## Mini CLIP-Benchmark (`", 1)[1].split("`)", 1)[0]
