@@ -130,6 +130,10 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     seed: int = 0
     log_every: int = 10
+    # each rank appends the __key__s of the samples it trained on, one JSON line per step ({"step", "rank",
+    # "keys"}), to <output_dir>/sample_keys/rank_XXXXX.jsonl: which samples the run saw, in order (a resumed
+    # or rolled-back run appends the steps it redoes again: the last line of a step counts)
+    log_sample_keys: bool = False
     save_every: int = 500
     keep_last: int = 2
     # checkpoint files carry SHA-256 sums, checked on resume: fallback (a damaged tag is skipped with a

@@ -138,12 +138,17 @@ def test_rollback_in_the_middle_of_accumulation_equals_a_restart(tmp_path, shape
         ds.write_text(json.dumps(zero))
     args = cmd(run_dir, shapes, "train.steps=6", "train.save_every=2", "train.grad_accum=2",
                "train.on_bad_steps=rollback", "train.max_bad_steps=2", "train.keep_last=0",
-               ds=ds, ranks=ranks)
+               "train.log_sample_keys=true", ds=ds, ranks=ranks)
     rc, out = run_with(args, tmp_path, "nan_loss@4+1x2:0")
     assert rc == 0, out[-3000:]
     assert out.count("rolled back to step 2") == ranks  # logged by every rank
     rolled = metrics(run_dir)
     assert sorted(rolled) == list(range(1, 7))
+    key_log = run_dir / "sample_keys" / "rank_00000.jsonl"
+    before = [json.loads(x) for x in key_log.read_text().splitlines()]
+    # the steps redone after the rollback are logged again; step 4's first try (one micro-batch trained
+    # on, then the rollback) is not
+    assert [x["step"] for x in before] == [1, 2, 3, 3, 4, 5, 6] and all(len(x["keys"]) == 16 for x in before)
     for tag in ("step_00000004", "step_00000006"):
         shutil.rmtree(run_dir / "checkpoints" / tag)
     rc, out = run(args, tmp_path)
@@ -152,6 +157,8 @@ def test_rollback_in_the_middle_of_accumulation_equals_a_restart(tmp_path, shape
     for s in range(3, 7):
         for f in ("loss", "lr", "grad_norm", "logit_scale"):
             assert rolled[s][f] == restarted[s][f], f"step {s} {f}: {rolled[s][f]!r} != {restarted[s][f]!r}"
+    again = [json.loads(x) for x in key_log.read_text().splitlines()][len(before):]
+    assert [x["step"] for x in again] == [3, 4, 5, 6] and [x["keys"] for x in again] == [x["keys"] for x in before[3:]]
 
 
 def test_rollbacks_to_the_same_checkpoint_are_limited(tmp_path, shapes):
@@ -169,7 +176,8 @@ def test_contrastive_accumulation_shares_the_bad_step_policy(tmp_path, shapes):
     skipped contrastive batch), and on_bad_steps=rollback rolls back instead of stopping."""
     run_dir = tmp_path / "run"
     args = cmd(run_dir, shapes, "train.steps=4", "train.save_every=2", "train.grad_accum=2",
-               "train.accumulation=contrastive", "train.on_bad_steps=rollback", "train.max_bad_steps=2")
+               "train.accumulation=contrastive", "train.on_bad_steps=rollback", "train.max_bad_steps=2",
+               "train.log_sample_keys=true")
     rc, out = run_with(args, tmp_path, "nan_loss@3x2:0")
     assert rc == 0, out[-3000:]
     assert out.count("skipped on every rank") == 2 and out.count("rolled back to step 2") == 1
@@ -177,6 +185,8 @@ def test_contrastive_accumulation_shares_the_bad_step_policy(tmp_path, shapes):
     assert len(bad) == 4 and len({(r["epoch"], r["epoch_batch"]) for r in bad}) == 4
     assert metrics(run_dir)[4]["bad_steps"] == 2
     assert (run_dir / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+    logged = [json.loads(x) for x in (run_dir / "sample_keys" / "rank_00000.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged] == [1, 2, 3, 4] and all(len(x["keys"]) == 16 for x in logged)
 
 
 def test_guard_state_resumes_exactly(tmp_path, shapes):

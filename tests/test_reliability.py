@@ -70,7 +70,8 @@ def straight_vs_resumed(tmp_path, shapes, ds=None, ranks=1):
     and the same command resumes from 3: steps 4-6 must repeat bit for bit. The ViT's stochastic depth
     (drop_path) draws from the trainer's torch RNG, so this holds only if the checkpoint restores it."""
     a = tmp_path / "run"
-    args = cmd(a, shapes, "train.steps=6", "train.save_every=3", "model.vision.drop_path=0.2", ds=ds, ranks=ranks)
+    args = cmd(a, shapes, "train.steps=6", "train.save_every=3", "model.vision.drop_path=0.2",
+               "train.log_sample_keys=true", ds=ds, ranks=ranks)
     rc, out = run(args, tmp_path)
     assert rc == 0, out[-3000:]
 
@@ -87,6 +88,16 @@ def straight_vs_resumed(tmp_path, shapes, ds=None, ranks=1):
     assert all(first[s] is not again[s] for s in (4, 5, 6))
     assert_same_steps(first, again, range(4, 7))
     assert_same_state(straight6, a / "checkpoints" / "step_00000006")
+    # RELIABILITY §4.2 from the sample-key log: after the resume each rank trains on the keys the
+    # straight run trained on at those steps, in order (no gap, no repeat); the ranks' streams differ
+    logged = []
+    for r in range(ranks):
+        lines = [json.loads(x) for x in (a / "sample_keys" / f"rank_{r:05d}.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6, 4, 5, 6] and {x["rank"] for x in lines} == {r}
+        assert all(len(x["keys"]) == 8 and all(k.startswith("train_") for k in x["keys"]) for x in lines)
+        assert [x["keys"] for x in lines[6:]] == [x["keys"] for x in lines[3:6]]
+        logged.append([x["keys"] for x in lines[:6]])
+    assert ranks == 1 or logged[0] != logged[1]
 
 
 def _tensors(obj, prefix=""):

@@ -211,6 +211,22 @@ class Meter:
             self.skips[k] = self.skips.get(k, 0) + int(v)
 
 
+class SampleKeyLog:
+    """train.log_sample_keys: ``<run_dir>/sample_keys/rank_XXXXX.jsonl``, one line per step with the keys of
+    the samples this rank trained on in it (in micro-batch order)."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        path = run_dir / "sample_keys" / f"rank_{rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.rank, self.f = rank, open(path, "a", buffering=1)  # line-buffered: a crash loses at most one step
+
+    def write(self, step: int, keys: list) -> None:
+        self.f.write(json.dumps({"step": step, "rank": self.rank, "keys": [str(k) for k in keys]}) + "\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class Logger:
     def __init__(self, exp: Experiment, run_dir: Path, rank: int):
         self.rank, self.tb, self.wandb = rank, None, None
@@ -537,8 +553,9 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
             own_norm = grad_norm(method)
         engine.step()
+    key_log = SampleKeyLog(run_dir, rank) if exp.train.log_sample_keys else None
     while step < exp.train.steps:
-        micro = 0
+        micro, step_keys = 0, []
         while micro < exp.train.grad_accum:
             if contrastive:  # all k micro-batches form one contrastive batch
                 pending, where, t0 = [], [], time.perf_counter()
@@ -557,6 +574,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                     on_bad_batch(bad, where)  # no step taken: DeepSpeed is at a boundary
                     continue
                 big.backward(contrastive_backward)
+                step_keys = [k for _, _, keys in where for k in (keys or [])]
                 meter.add({**big.out, "loss": big.loss.detach()})
                 samples_seen += exp.train.batch_size * world * exp.train.grad_accum
                 break
@@ -575,16 +593,19 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             if bad is not None:
                 bn_stats.restore()  # a skipped micro-batch leaves no trace in the BatchNorm statistics
                 if on_bad_batch(bad, [(epoch, epoch_batches, keys)], finish=lambda: finish_window(inputs, loss)):
-                    micro = 0
+                    micro, step_keys = 0, []  # rolled back: this step starts again
                 continue
             engine.backward(poison_grad(loss, step + 1))
             if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
                 own_norm = grad_norm(method)  # DeepSpeed reports none for ZeRO 0 without clipping
             engine.step()
             meter.add({**out, "loss": loss.detach()})
+            step_keys += keys or []
             samples_seen += exp.train.batch_size * world
             micro += 1
         step += 1
+        if key_log is not None:
+            key_log.write(step, step_keys)
         updates.after_step(step)
         clamp_scales(engine, method, exp.model.logit_scale_bounds)
         if bar is not None:
@@ -641,6 +662,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             evaluate(exp, method, step, logger, run_dir)
     if bar is not None:
         bar.close()
+    if key_log is not None:
+        key_log.close()
     if exp.eval.at_end and not preempted:
         results = evaluate(exp, method, step, logger, run_dir)
     logger.close()
