@@ -66,6 +66,9 @@ class ModelConfig:
     logit_scale_bounds: list[float] = field(default_factory=lambda: [0.0, math.log(100.0)])
     logit_scale_exp_cap: float = 0.0  # cap on exp(logit_scale) in the forward; 0 = none (reference: 100)
     grad_checkpointing: bool = False
+    # the transformer MLPs' activation: OpenAI's QuickGELU x*sigmoid(1.702x) (OpenAI CLIP, the DeCLIP reference)
+    # or nn.GELU (false: most open_clip / LAION / DataComp models; open_clip's config key of the same name)
+    quick_gelu: bool = True
 
     @property
     def vocab_size(self) -> int:

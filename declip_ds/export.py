@@ -16,8 +16,8 @@ OUT    a directory -> ``OUT/open_clip_model.safetensors`` + ``OUT/open_clip_conf
 
 Targets: ``open_clip`` (open_clip's CLIP names; a DeCLIP-style text projection with bias is written
 as open_clip's ``text_cfg.proj_bias``) and ``openai`` (strictly OpenAI's names: refuses the bias).
-What neither can represent is refused naming the config field (the tiny ResNet, a non-QuickGELU or
-non-CLIP ViT). The mask-token row of a DeCLIP vocabulary is removed (standard tokenizer ids), and
+What neither can represent is refused naming the config field (the tiny ResNet, a non-CLIP ViT; GELU
+for --to openai). The mask-token row of a DeCLIP vocabulary is removed (standard tokenizer ids), and
 FILIP token heads (``image_mapping`` / ``text_mapping``) are left out with a warning: open_clip has no
 slot for them. ``load_pretrained`` reads the export back (the JSON next to it gives the heads).
 
@@ -77,8 +77,8 @@ def _vision_cfg(model) -> dict:
         width, heads = trunk.embed_dim, trunk.blocks[0].attn.num_heads
         act = type(trunk.blocks[0].mlp.act).__name__
         problems = []
-        if act != "QuickGELU":
-            problems.append(f"activation {act} (open_clip's quick_gelu models use QuickGELU)")
+        if act != ("QuickGELU" if model.cfg.quick_gelu else "GELU"):
+            problems.append(f"activation {act} (open_clip's models use QuickGELU or GELU, as quick_gelu says)")
         if trunk.blocks[0].mlp.fc1.out_features != 4 * width:
             problems.append(f"MLP width {trunk.blocks[0].mlp.fc1.out_features} != 4 x {width}")
         no_ln_pre = isinstance(trunk.norm_pre, torch.nn.Identity)
@@ -124,7 +124,10 @@ def open_clip_config(model, target: str = "open_clip") -> dict:
             raise ExportError("model.text.proj_bias=true: the installed open_clip has no text_cfg.proj_bias (needs "
                               ">= 2.24); upgrade open_clip or export a model trained with proj_bias=false.")
         text_cfg["proj_bias"] = True
-    return {"embed_dim": model.cfg.embed_dim, "quick_gelu": True, "vision_cfg": _vision_cfg(model),
+    if target == "openai" and not model.cfg.quick_gelu:
+        raise ExportError("model.quick_gelu=false (nn.GELU): OpenAI's CLIP is QuickGELU only. Use --to open_clip "
+                          "(its config records quick_gelu).")
+    return {"embed_dim": model.cfg.embed_dim, "quick_gelu": bool(model.cfg.quick_gelu), "vision_cfg": _vision_cfg(model),
             "text_cfg": text_cfg}
 
 

@@ -166,9 +166,45 @@ def test_config_next_to_weights_gives_the_heads(vit_ref, tmp_path):
     _assert_same(model, ref4, 32)
     with pytest.raises(AssertionError):  # the head count matters: OpenAI's default rule gives other outputs
         _assert_same(load_pretrained(path, config=VIT), ref4, 32)
-    gelu = dict(cfg, quick_gelu=False)
-    with pytest.raises(CheckpointFormatError, match="quick_gelu"):
-        load_pretrained(path, config=gelu)
+
+
+def test_open_clip_gelu_model_loads_with_gelu_from_its_config(vit_ref, tmp_path, caplog):
+    """Most open_clip models use nn.GELU (quick_gelu absent from their config = false): with the config next to
+    the weights, or passed, the towers are built with GELU and match; without one the loader assumes QuickGELU,
+    says so with a warning, and its outputs differ."""
+    gelu_cfg = {k: v for k, v in VIT.items() if k != "quick_gelu"}  # as open_clip's own configs write it
+    ref = CLIP(**gelu_cfg).eval()
+    ref.load_state_dict(vit_ref.state_dict())
+    assert type(ref.visual.transformer.resblocks[0].mlp.gelu).__name__ == "GELU"
+    hub = tmp_path / "hub"  # the HF-hub / local-dir layout
+    hub.mkdir()
+    save_file(_state(ref), str(hub / "open_clip_model.safetensors"))
+    (hub / "open_clip_config.json").write_text(json.dumps({"model_cfg": gelu_cfg, "preprocess_cfg": {}}))
+    for model in (load_pretrained(hub / "open_clip_model.safetensors"),
+                  load_pretrained(tmp_path / "hub" / "open_clip_model.safetensors", config={"quick_gelu": False})):
+        assert model.cfg.quick_gelu is False
+        _assert_same(model, ref, 32)
+    bare = tmp_path / "bare.safetensors"
+    save_file(_state(ref), str(bare))
+    with caplog.at_level(logging.WARNING, logger="declip_ds.models.pretrained"):
+        guessed = load_pretrained(bare)
+    assert guessed.cfg.quick_gelu and "assuming OpenAI's QuickGELU" in caplog.text and "open_clip_config.json" in caplog.text
+    with pytest.raises(AssertionError):
+        _assert_same(guessed, ref, 32)
+
+
+def test_export_of_a_gelu_model_round_trips_through_open_clip(tmp_path):
+    tag = _our_tag(tmp_path / "run", _tiny_ours(quick_gelu=False))
+    ours = load_pretrained(tmp_path / "run")
+    assert ours.cfg.quick_gelu is False and type(ours.text.transformer.resblocks[0].mlp.gelu).__name__ == "GELU"
+    out = tmp_path / "export"
+    assert export_main(["--to", "open_clip", str(tag), str(out)]) == 0
+    assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["quick_gelu"] is False
+    ref = open_clip.create_model("local-dir:" + str(out)).eval()
+    _assert_same(ours, ref, 32)
+    _assert_same(load_pretrained(out), ref, 32)
+    with pytest.raises(ExportError, match="quick_gelu=false"):
+        export(ours, tmp_path / "openai", target="openai")
 
 
 def test_open_clip_rn50_matches(rn50_ref, tmp_path):
@@ -182,18 +218,23 @@ def test_open_clip_rn50_matches(rn50_ref, tmp_path):
 def test_full_size_layouts_map_onto_named_towers():
     """ViT-B/32, ViT-B/16 and RN50 at full size, shapes only (meta device: no memory, no compute)."""
     cases = {"ViT-B-32-quickgelu": "vit_base_patch32_clip_224", "ViT-B-16-quickgelu": "vit_base_patch16_clip_224",
-             "RN50-quickgelu": "resnet50_clip"}
+             "RN50-quickgelu": "resnet50_clip", "ViT-B-32": "vit_base_patch32_clip_224"}
     for name, tower in cases.items():
+        oc = open_clip.get_model_config(name)
         with torch.device("meta"):
-            ref = CLIP(**open_clip.get_model_config(name))
+            ref = CLIP(**oc)
         state = dict(ref.state_dict(), logit_scale=torch.tensor(4.6))  # the one value read, not just shaped
-        cfg, ours, _ = _openai_to_ours(state, None, "openai")
+        cfg, ours, _ = _openai_to_ours(state, oc, "open_clip")
+        assert cfg.quick_gelu == name.endswith("quickgelu"), name
         assert cfg.vision.name == tower, name
         assert (cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.embed_dim) == (
             512, 8, 12, 1024 if "RN50" in name else 512), name
         with torch.device("meta"):
-            expected = build_model(cfg).state_dict()
+            model = build_model(cfg)
+            expected = model.state_dict()
         assert sorted(ours) == sorted(expected), name
+        acts = {type(m).__name__ for m in model.modules() if type(m).__name__ in ("GELU", "QuickGELU")}
+        assert acts == {"QuickGELU" if cfg.quick_gelu else "GELU"}, name
         assert all(ours[k].shape == expected[k].shape for k in expected), name
 
 

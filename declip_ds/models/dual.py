@@ -36,8 +36,8 @@ class DualEncoder(nn.Module):
         self.context_length = cfg.text.context_length
         self.image_size = cfg.vision.image_size
         self.token_dim = cfg.token_dim
-        self.visual = build_vision_tower(cfg.vision, cfg.embed_dim)
-        self.text = TextTransformer(cfg.text, cfg.vocab_size, cfg.embed_dim)
+        self.visual = build_vision_tower(cfg.vision, cfg.embed_dim, cfg.quick_gelu)
+        self.text = TextTransformer(cfg.text, cfg.vocab_size, cfg.embed_dim, cfg.quick_gelu)
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.logit_scale_init)))  # (1,)
         if cfg.token_dim > 0:
             self.image_mapping, self.text_mapping = make_token_mappings(

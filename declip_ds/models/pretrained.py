@@ -24,8 +24,9 @@ it could run arbitrary code.
 
 What the tensor shapes cannot tell (attention heads, the activation) comes from an open_clip model
 config JSON when one sits next to the weights (``<weights stem>.json`` or ``open_clip_config.json``,
-as ``declip_ds.export`` writes them) or is passed as ``config=``; otherwise OpenAI's rules apply
-(heads = width // 64, QuickGELU), and the log says so.
+as ``declip_ds.export`` writes them) or is passed as ``config=``: its ``quick_gelu`` (absent = false, as in
+open_clip) picks QuickGELU or nn.GELU. Otherwise OpenAI's rules apply (heads = width // 64, QuickGELU), with
+a warning (DeCLIP releases: QuickGELU, their reference's activation).
 
 ``load_for_eval`` adds the evaluation preprocessing (``EvalModel.transform()``): the run's config for
 ours, OpenAI's Resize(224) bicubic + CenterCrop(224) with OpenAI mean/std for openai / open_clip, the
@@ -371,8 +372,6 @@ _FIXED_TEXT = {"mlp_ratio": 4.0, "ls_init_value": None, "embed_cls": False, "no_
 
 def _check_open_clip_config(cfg: dict) -> None:
     bad = []
-    if not cfg.get("quick_gelu", False):
-        bad.append("quick_gelu=false (nn.GELU; our towers use OpenAI's QuickGELU)")
     if cfg.get("init_logit_bias") is not None:
         bad.append(f"init_logit_bias={cfg['init_logit_bias']} (a SigLIP model)")
     for section, fixed in (("vision_cfg", _FIXED_VISION), ("text_cfg", _FIXED_TEXT)):
@@ -631,8 +630,11 @@ def _openai_to_ours(state: dict, hints: dict | None, family: str):
     hints = hints or {}
     if hints:
         _check_open_clip_config(hints)
-    else:
-        log.info("No open_clip model config next to the weights: assuming OpenAI's QuickGELU activation")
+    elif family != "declip":
+        log.warning("No open_clip model config next to the weights: assuming OpenAI's QuickGELU activation and "
+                    "heads = width // 64. Weights trained with nn.GELU (most open_clip / LAION / DataComp models, "
+                    "whose open_clip names lack '-quickgelu') give lower accuracy that way, silently: put the "
+                    "model's open_clip_config.json next to the weights, or pass config={'quick_gelu': False}.")
     vision, e_img = _infer_vision(state, hints.get("vision_cfg") or {})
     text, e_txt = _infer_text(state, hints.get("text_cfg") or {})
     embed_dim = e_img or e_txt
@@ -640,7 +642,9 @@ def _openai_to_ours(state: dict, hints: dict | None, family: str):
         raise CheckpointFormatError("Neither visual.proj / visual.attnpool.c_proj nor text_projection found: "
                                     "cannot tell the embedding width.")
     token_dim = state["image_mapping.weight"].shape[0] if "image_mapping.weight" in state else 0
-    cfg = ModelConfig(vision=vision, text=text, embed_dim=embed_dim, token_dim=token_dim)
+    # open_clip configs say quick_gelu only when it is true (absent = nn.GELU); no config = OpenAI's QuickGELU
+    quick_gelu = bool(hints.get("quick_gelu", False)) if hints and family != "declip" else True
+    cfg = ModelConfig(vision=vision, text=text, embed_dim=embed_dim, token_dim=token_dim, quick_gelu=quick_gelu)
     if family == "declip":  # the reference's temperature handling (clamp [3, 6], cap exp at 100)
         cfg.logit_scale_bounds, cfg.logit_scale_exp_cap = [3.0, 6.0], 100.0
     if "logit_scale" in state:
@@ -660,7 +664,7 @@ def _describe(cfg) -> str:
         vis += f" (width {v.width}, {v.layers} layers, {v.heads} heads, patch {v.patch_size})"
     return (f"{vis}; text width {t.width}, {t.layers} layers, {t.heads} heads, context {t.context_length}"
             f"{', projection with bias' if t.proj_bias else ''}; embed_dim {cfg.embed_dim}"
-            f"{f', token_dim {cfg.token_dim}' if cfg.token_dim else ''}")
+            f"{f', token_dim {cfg.token_dim}' if cfg.token_dim else ''}; {'QuickGELU' if cfg.quick_gelu else 'GELU'}")
 
 
 def load_strict(model, state: dict, what: str, origin: dict | None = None) -> None:

@@ -49,13 +49,14 @@ class CausalSelfAttention(nn.MultiheadAttention):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, quick_gelu: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = CausalSelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
+        act = QuickGELU() if quick_gelu else nn.GELU()  # OpenAI / DeCLIP: QuickGELU; most open_clip models: GELU
         self.mlp = nn.Sequential(
-            OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width))
+            OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=act, c_proj=nn.Linear(4 * width, width))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,10 +65,10 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool = True):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, W) -> (B, L, W)
@@ -82,14 +83,14 @@ class Transformer(nn.Module):
 class TextTransformer(nn.Module):
     """tokens (B, L) -> dict(pooled (B, W) at EOT, tokens (B, L, W) after ln_final, embedding (B, E))."""
 
-    def __init__(self, cfg: TextConfig, vocab_size: int, embed_dim: int):
+    def __init__(self, cfg: TextConfig, vocab_size: int, embed_dim: int, quick_gelu: bool = True):
         super().__init__()
         if cfg.width % cfg.heads:
             raise ValueError(f"model.text.width ({cfg.width}) must be divisible by model.text.heads ({cfg.heads}).")
         self.context_length, self.vocab_size, self.width = cfg.context_length, vocab_size, cfg.width
         self.token_embedding = nn.Embedding(vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, quick_gelu)
         self.ln_final = nn.LayerNorm(cfg.width)
         # bare (W, E) matrix (OpenAI) or nn.Linear(W, E) with bias (DeCLIP reference)
         self.text_projection = make_text_projection(cfg.width, embed_dim, cfg.proj_bias)

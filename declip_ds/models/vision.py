@@ -35,7 +35,8 @@ from timm.models.vision_transformer import VisionTransformer
 from declip_ds.config import VisionConfig
 from declip_ds.models.norm import make_batchnorms_fp32_
 
-# our name -> timm model name (the OpenAI CLIP ViTs use QuickGELU, as does the DeCLIP reference)
+# our name -> timm model name (the OpenAI CLIP ViTs use QuickGELU, as does the DeCLIP reference); with
+# model.quick_gelu=false the timm tower of the same name (nn.GELU, as most open_clip / LAION models)
 TIMM_VITS = {
     "vit_base_patch32_clip_224": "vit_base_patch32_clip_quickgelu_224",
     "vit_base_patch16_clip_224": "vit_base_patch16_clip_quickgelu_224",
@@ -107,8 +108,8 @@ def _check_divisible(cfg: VisionConfig, stride: int) -> None:
         )
 
 
-def _custom_vit(cfg: VisionConfig) -> VisionTransformer:
-    """OpenAI-style ViT from the config fields: pre-norm (ln_pre), QuickGELU, CLS, bias-free conv."""
+def _custom_vit(cfg: VisionConfig, quick_gelu: bool = True) -> VisionTransformer:
+    """OpenAI-style ViT from the config fields: pre-norm (ln_pre), QuickGELU (or GELU), CLS, bias-free conv."""
     if cfg.width % cfg.heads:
         raise ValueError(f"model.vision.width ({cfg.width}) must be divisible by model.vision.heads ({cfg.heads}).")
     return VisionTransformer(
@@ -119,7 +120,7 @@ def _custom_vit(cfg: VisionConfig) -> VisionTransformer:
         num_heads=cfg.heads,
         pre_norm=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-5),
-        act_layer="quick_gelu",
+        act_layer="quick_gelu" if quick_gelu else "gelu",
         num_classes=0,
         drop_path_rate=cfg.drop_path,
     )
@@ -137,14 +138,15 @@ def _tiny_resnet(cfg: VisionConfig, embed_dim: int) -> nn.Module:
     return ByobNet(arch, num_classes=embed_dim, img_size=cfg.image_size, drop_path_rate=cfg.drop_path)
 
 
-def build_vision_tower(cfg: VisionConfig, embed_dim: int) -> ViTTower | ResNetTower:
-    """The image tower named by ``cfg.name`` (see ``SUPPORTED``), randomly initialised."""
+def build_vision_tower(cfg: VisionConfig, embed_dim: int, quick_gelu: bool = True) -> ViTTower | ResNetTower:
+    """The image tower named by ``cfg.name`` (see ``SUPPORTED``), randomly initialised. ``quick_gelu``: the
+    ViTs' MLP activation (the ResNets have none)."""
     if cfg.name in CUSTOM_VITS:
         _check_divisible(cfg, cfg.patch_size)
-        return ViTTower(_custom_vit(cfg), embed_dim, cfg.freeze_patch_embed)
+        return ViTTower(_custom_vit(cfg, quick_gelu), embed_dim, cfg.freeze_patch_embed)
     if cfg.name in TIMM_VITS:
         trunk = timm.create_model(
-            TIMM_VITS[cfg.name], pretrained=False, num_classes=0, img_size=cfg.image_size, drop_path_rate=cfg.drop_path
+            TIMM_VITS[cfg.name] if quick_gelu else cfg.name, pretrained=False, num_classes=0, img_size=cfg.image_size, drop_path_rate=cfg.drop_path
         )
         _check_divisible(cfg, trunk.patch_embed.patch_size[0])
         return ViTTower(trunk, embed_dim, cfg.freeze_patch_embed)

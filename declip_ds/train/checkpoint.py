@@ -685,7 +685,7 @@ OPTIMIZER_KEYS = ("train.lr", "train.weight_decay", "train.betas", "train.eps", 
                   "train.warmup_init_lr", "train.min_lr", "train.steps")
 # settings that change which parameters exist or train (and so the optimizer's groups): a resume with
 # another value fails, or would load the wrong state into the wrong parameters
-FIXED_KEYS = ("method.name", "train.no_decay_embeddings", "train.decay_attention_in_proj_bias",
+FIXED_KEYS = ("method.name", "model.quick_gelu", "train.no_decay_embeddings", "train.decay_attention_in_proj_bias",
               "model.vision.freeze_patch_embed")
 
 
