@@ -339,6 +339,23 @@ def test_imagenet_wnid_folders_get_class_names(tmp_path):
     assert ds.classnames == ["n01440764", "n01443537", "n99999999"]
 
 
+def test_imagenetv2_numbered_folders_are_imagenet_classes_in_numeric_order(tmp_path):
+    """ImageNetV2's release names its class folders 0 ... 999 (the ILSVRC-2012 indices): sorted as numbers and
+    named with OpenAI's ImageNet names, never 'a photo of a 10.'; other numbered folders need a class index."""
+    from declip_ds.eval.templates import IMAGENET_CLASSNAMES
+
+    root = write_folder(tmp_path / "v2", [str(i) for i in range(1000)], per_class=1)
+    ds = open_dataset(root, image_size=32)
+    assert ds.folders[:12] == [str(i) for i in range(12)] and ds.classnames == list(IMAGENET_CLASSNAMES)
+    assert ds.classnames_source.startswith("ImageNet class indices")
+    assert [label for path, label in ds.samples if path.parent.name == "10"] == [10]
+    few = write_folder(tmp_path / "few", ["0", "1", "2", "10"], per_class=1)
+    with pytest.raises(ValueError, match=r"are numbers \(0, 1, 2, \.\.\.; 4 of them\).*classnames\.txt"):
+        open_dataset(few, image_size=32)
+    (few / "classnames.txt").write_text("0\tcat\n1\tdog\n10\tfox\n2\tcow\n")  # an index names them
+    assert open_dataset(few, image_size=32).classnames == ["cat", "dog", "fox", "cow"]
+
+
 def test_eval_zeroshot_prompts_imagenet_folders_with_class_names(tmp_path, monkeypatch):
     import eval_zeroshot
     from declip_ds.eval import zero_shot

@@ -154,6 +154,22 @@ def folder_classnames(folders: list[str], root: Path) -> tuple[list[str], str]:
     return plain
 
 
+def numbered_classes(folders: list[str], root: Path) -> tuple[list[str], list[str], str]:
+    """(folders in class order, class names, where from) for class folders named by number: ImageNetV2's
+    release layout (0 ... 999 = the ILSVRC-2012 class indices) gets OpenAI's ImageNet names in numeric order
+    (sorted as text, "10" would come before "2"); any other numbering cannot be named."""
+    from declip_ds.eval.templates import IMAGENET_CLASSNAMES
+
+    ordered = sorted(folders, key=int)
+    if [int(f) for f in ordered] == list(range(len(IMAGENET_CLASSNAMES))):
+        return ordered, list(IMAGENET_CLASSNAMES), "ImageNet class indices (ImageNetV2 layout; OpenAI's class names)"
+    raise ValueError(
+        f"The class folders of '{root}' are numbers ({', '.join(ordered[:3])}, ...; {len(ordered)} of them) but not "
+        f"ImageNet's 0 ... 999: the prompts would read 'a photo of a {ordered[0]}.'. Name the classes with a "
+        f"classnames.txt ('folder<TAB>name' lines) or classnames.json ({{folder: name}}) in the folder, or pass a "
+        f"class index.")
+
+
 class UnreadableImage(ValueError):
     """An image file of an evaluation folder that PIL cannot decode."""
 
@@ -181,6 +197,8 @@ class ImageFolderData(Dataset):
                     + ("; " if missing and extra else "")
                     + (f"folders {extra[:5]} are not in the index" if extra else "") + ".")
             self.classnames_source = f"class index ({index})"
+        elif wnid_names and present and all(f.isdigit() for f in present):
+            self.folders, self.classnames, self.classnames_source = numbered_classes(present, self.root)
         else:
             self.folders = present
             self.classnames, self.classnames_source = folder_classnames(present, self.root) if wnid_names else \
