@@ -249,7 +249,7 @@ def test_download_only_with_the_flag(tmp_path, checkpoint, no_downloads, monkeyp
 
 def test_suite_uses_the_checkpoints_preprocessing_and_records_it(tmp_path, checkpoint, no_downloads, monkeypatch):
     root = tmp_path / "data"
-    write_mnist(root)
+    write_mnist(root, n_train=60)  # 6 per class: the probe's 20 % validation split has one of each
     seen = []
     real = D.open_split
     monkeypatch.setattr(D, "open_split", lambda name, split, r, transform, **k: seen.append(transform) or
@@ -263,6 +263,30 @@ def test_suite_uses_the_checkpoints_preprocessing_and_records_it(tmp_path, check
     for task in ("zeroshot", "linear_probe"):
         rec = report.load_record(tmp_path / "out2" / f"{task}.json")["preprocess"]
         assert (rec["resize"], rec["crop"], rec["interpolation"], rec["normalize"]) == (64, 32, "bilinear", "imagenet")
+
+
+def test_a_dataset_that_fails_is_not_taken_for_a_missing_one(tmp_path, checkpoint, no_downloads, monkeypatch, capsys):
+    """A dataset that is there but whose evaluation raises (here a RuntimeError, e.g. out of memory) is listed as
+    FAILED, the others still run and are written, and the suite exits 1: not a quiet 'skipped' and a smaller
+    average."""
+    root = tmp_path / "data"
+    write_mnist(root)
+    write_mnist(root, "FashionMNIST")
+    real = D.open_split
+
+    def open_split(name, split, r, transform, **k):
+        if name == "fashion_mnist":
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(name, split, r, transform, **k)
+
+    monkeypatch.setattr(D, "open_split", open_split)
+    assert run_suite(checkpoint, root, tmp_path / "out", "--suite", "mnist,fashion_mnist,cifar10") == 1
+    rec = report.load_record(tmp_path / "out" / "zeroshot.json")
+    assert rec["failed"] == ["fashion_mnist"] and "n" in rec["metrics"]["mnist"]
+    assert rec["skipped"]["fashion_mnist"].startswith("FAILED: RuntimeError: CUDA out of memory")
+    assert not rec["skipped"]["cifar10"].startswith("FAILED")  # absent: skipped as before
+    captured = capsys.readouterr()
+    assert "fashion_mnist: FAILED" in captured.err and "the evaluation of 1 dataset(s) failed (zeroshot/fashion_mnist" in captured.err
 
 
 def test_nothing_found_is_an_error_not_a_crash(tmp_path, checkpoint, no_downloads, capsys):

@@ -6,7 +6,8 @@
 
 Every dataset of the suite found under DIR (raw files, or a webdataset copy DIR/<name>_wds/<split>/*.tar)
 is evaluated; the others are skipped and listed with the reason (which files were expected where, and
-how to get them). Suites: declip11 (the DeCLIP paper's transfer table: CIFAR-10, CIFAR-100, Food-101,
+how to get them). A dataset that is there but whose evaluation fails is listed as FAILED (the record's
+``failed``), the others still run, and the suite exits 1. Suites: declip11 (the DeCLIP paper's transfer table: CIFAR-10, CIFAR-100, Food-101,
 Oxford Pets, Flowers-102, SUN397, Stanford Cars, DTD, Caltech-101, FGVC-Aircraft, ImageNet), quick, all,
 or a comma-separated list of dataset names. Datasets, splits and metrics: declip_ds/eval/downstream.py.
 
@@ -33,7 +34,11 @@ from pathlib import Path
 import torch
 
 TASKS = ("zeroshot", "linear_probe")
-SKIPPABLE = (FileNotFoundError, NotADirectoryError, RuntimeError, ValueError, ImportError, OSError)
+# the dataset (or a library to read it) is not there: skipped and listed
+UNAVAILABLE = (FileNotFoundError, NotADirectoryError, ImportError)
+# it is there but evaluating it failed (a corrupt file, out of memory, a bug): listed as failed, the other
+# datasets still run, and the suite exits 1 so that a partial table is not taken for a complete one
+FAILURES = (RuntimeError, ValueError, OSError)
 
 
 def log(msg: str) -> None:
@@ -122,22 +127,27 @@ def linear_probe_one(model, name: str, *, root, transform, model_id: str, cache_
 # ----------------------------------------------------------------------------- the suite
 
 
-def run_suite(names: list[str], task: str, evaluate_one) -> tuple[dict, dict]:
-    """({name: metrics or {"skipped": reason}}, {name: reason}) of ``evaluate_one(name)`` over ``names``."""
-    metrics, skipped = {}, {}
+def run_suite(names: list[str], task: str, evaluate_one) -> tuple[dict, dict, list]:
+    """({name: metrics or {"skipped": reason}}, {name: reason}, [failed names]) of ``evaluate_one(name)``
+    over ``names``: a dataset that is not there is skipped; one whose evaluation fails is skipped too, with
+    the reason starting "FAILED", and listed as failed."""
+    metrics, skipped, failed = {}, {}, []
     for name in names:
         t0 = time.time()
         try:
             result = evaluate_one(name)
-        except SKIPPABLE as e:
-            skipped[name] = _reason(e)
+        except (*UNAVAILABLE, *FAILURES) as e:
+            bad = not isinstance(e, UNAVAILABLE)
+            skipped[name] = ("FAILED: " if bad else "") + _reason(e)
             metrics[name] = {"skipped": skipped[name]}
-            log(f"[{task}] {name}: skipped ({skipped[name].splitlines()[0][:200]})")
+            if bad:
+                failed.append(name)
+            log(f"[{task}] {name}: {'FAILED' if bad else 'skipped'} ({skipped[name].splitlines()[0][:200]})")
             continue
         metrics[name] = result
         key = result["headline_metric"]
         log(f"[{task}] {name}: {key} {100 * result[key]:.2f}  (n={result['n']}, {time.time() - t0:.1f}s)")
-    return metrics, skipped
+    return metrics, skipped, failed
 
 
 def format_skipped(records: list[dict]) -> str:
@@ -246,15 +256,16 @@ def evaluate_all(em, names: list[str], args) -> list[dict]:
                                     cache_dir=args.cache_dir, val_fraction=args.val_fraction, max_iter=args.max_iter,
                                     device=device, **common)
             extra = {"val_fraction": args.val_fraction}
-        metrics, skipped = run_suite(names, task, one)
+        metrics, skipped, failed = run_suite(names, task, one)
         records.append(make_record(model=em.name, checkpoint=str(em.weights), dataset=str(args.data_root), task=task,
                                    metrics=metrics, config_hash=em.config_hash, suite=args.suite, datasets=names,
-                                   skipped=skipped, seed=args.seed, preprocess=em.preprocess(), **extra))
+                                   skipped=skipped, failed=failed, seed=args.seed, preprocess=em.preprocess(), **extra))
     return records
 
 
 def finish(records: list[dict], args, names: list[str]) -> int:
-    """Print (and write) the table and the skipped datasets; exit 2 when nothing could be evaluated."""
+    """Print (and write) the table and the skipped datasets; exit 1 when a dataset's evaluation failed, 2 when
+    nothing could be evaluated."""
     from declip_ds.eval.report import report, write_record
 
     text = report(records)
@@ -267,6 +278,11 @@ def finish(records: list[dict], args, names: list[str]) -> int:
         (out / "table.txt").write_text(text + ("\n\n" + skipped if skipped else "") + "\n")
         (out / "table.md").write_text(report(records, markdown=True) + "\n")
     evaluated = [n for rec in records for n in rec["metrics"] if n not in rec["skipped"]]
+    failed = [f"{rec['task']}/{n}" for rec in records for n in rec.get("failed", [])]
+    if failed:
+        print(f"error: the evaluation of {len(failed)} dataset(s) failed ({', '.join(failed)}; reasons above); the "
+              f"averages leave them out. Fix the cause and rerun those (--suite NAME,...).", file=sys.stderr)
+        return 1
     if not evaluated:
         print(f"error: none of the {len(names)} datasets of '{args.suite}' could be evaluated under "
               f"'{args.data_root}' (reasons above; python -m declip_ds.eval.suite --list shows the expected files).",
