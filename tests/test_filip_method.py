@@ -174,3 +174,30 @@ def test_defilip_token_term_pairs_image_view_1_with_the_masked_caption(topk, mas
         assert float(method(other)["filip_loss"]) == pytest.approx(float(out["filip_loss"]), rel=1e-12, abs=0)
         moved = dict(batch, image=batch["image2"])
         assert float(method(moved)["filip_loss"]) != pytest.approx(float(out["filip_loss"]), rel=1e-6)
+
+
+def _token_eval_rank(rank, world, n_batches):
+    """zero_shot_evaluate with FILIP token scoring on ``n_batches[rank]`` batches: which modules ran per loop."""
+    from declip_ds.eval.zero_shot import TokenClassifier, zero_shot_evaluate
+    from declip_ds.registry import get_method
+    from tests.test_methods import tiny_experiment
+
+    torch.manual_seed(0)
+    model = get_method("filip")(tiny_experiment("filip", mlm_mask_text=False)).model.eval()
+    calls = []
+    real = model.map_image_tokens
+    model.map_image_tokens = lambda t: calls.append(t.shape[0]) or real(t)
+    W = TokenClassifier(F.normalize(torch.randn(3, 16, model.cfg.token_dim), dim=-1), None)
+    g = torch.Generator().manual_seed(rank)
+    loader = [(torch.randn(2, 3, 32, 32, generator=g), torch.tensor([0, 1])) for _ in range(n_batches[rank])]
+    res = zero_shot_evaluate(model, W, loader, group=dist.group.WORLD, image_size=32)
+    return res["n"], calls
+
+
+def test_token_scoring_rank_out_of_data_runs_the_same_modules():
+    """Uneven eval data on 2 ranks with FILIP token scoring: the rank that is out of data runs its throwaway
+    forward through the token mapping too (under ZeRO-3 its parameter gather is a collective the other rank
+    waits in), and the counts are summed."""
+    res = run_ranks(_token_eval_rank, world=2, args=((3, 1),), timeout=120)
+    assert [n for n, _ in res] == [8, 8]
+    assert [len(c) for _, c in res] == [3, 3] and res[1][1] == [2, 1, 1]  # one real batch, then two throwaways

@@ -135,9 +135,11 @@ def zero_shot_evaluate(model, W: torch.Tensor, loader, *, group=None, image_size
     total = torch.zeros(C, dtype=torch.long, device=dev)
     correct5 = torch.zeros((), dtype=torch.long, device=dev)
     for batch in _synced(loader, group, dev):
-        if batch is None:  # this rank is out of data; others are not: run a throwaway forward
+        if batch is None:  # this rank is out of data; others are not: a throwaway forward through the same
+            # modules as theirs (under ZeRO-3 every module's parameter gather is a collective, FILIP's token
+            # mapping included)
             size = image_size or getattr(model, "image_size", 224)
-            model.encode_image(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+            _logits(model, torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype), W)
             continue
         images, labels = batch[0].to(p.device, p.dtype), batch[1].to(dev).long()
         logits = _logits(model, images, W).to(dev)  # (B, C)
