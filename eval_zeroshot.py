@@ -44,15 +44,23 @@ def task_dirs(data: Path, tasks: list[str] | None) -> dict[str, Path]:
 
 def evaluate_image_folder(model, tokenizer, root: Path, *, templates: str, image_size: int, normalize,
                           batch_size: int, rank: int, world_size: int, group, workers: int,
-                          interpolation: str = "bicubic", crop_ratio: float = 224 / 256) -> dict:
-    """Zero-shot on an image folder (class names from its class index, ImageNet wnids or folder names)."""
+                          interpolation: str = "bicubic", crop_ratio: float = 224 / 256, scoring: str = "global",
+                          mask_padding: bool = True, token_renorm: str = "position") -> dict:
+    """Zero-shot on an image folder (class names from its class index, ImageNet wnids or folder names);
+    ``scoring`` global (embeddings) or token (FILIP's token classifier, ``mask_padding`` / ``token_renorm``)."""
     from declip_ds.data.transforms import eval_transform
     from declip_ds.eval.datasets import open_dataset
-    from declip_ds.eval.zero_shot import load_templates, zero_shot_classifier, zero_shot_evaluate
+    from declip_ds.eval.zero_shot import (load_templates, zero_shot_classifier, zero_shot_evaluate,
+                                          zero_shot_token_classifier)
 
     data = open_dataset(root, eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio,
                                              interpolation=interpolation))
-    W = zero_shot_classifier(model, tokenizer, data.classnames, load_templates(templates, root))
+    prompts = load_templates(templates, root)
+    if scoring == "token":
+        W = zero_shot_token_classifier(model, tokenizer, data.classnames, prompts, mask_padding=mask_padding,
+                                       renorm=token_renorm)
+    else:
+        W = zero_shot_classifier(model, tokenizer, data.classnames, prompts)
     loader = data.loader(batch_size, rank=rank, world_size=world_size, workers=workers)
     return zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
 
@@ -62,9 +70,7 @@ def evaluate(model, tokenizer, d: Path, *, scoring: str, token: dict, **kw) -> d
     from declip_ds.eval.zero_shot import evaluate_task_dir
 
     if is_image_folder(d):
-        if scoring != "global":
-            raise ValueError(f"--scoring {scoring} is not supported on image folders; use --scoring global.")
-        return evaluate_image_folder(model, tokenizer, d, **kw)
+        return evaluate_image_folder(model, tokenizer, d, scoring=scoring, **token, **kw)
     return evaluate_task_dir(model, tokenizer, d, scoring=scoring, **token, **kw)
 
 
@@ -78,7 +84,10 @@ def main(argv=None) -> int:
                    help="global embeddings, or FILIP token-wise scoring (default: what the method trained for)")
     p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"],
                    help="checkpoint format (auto-detected by default)")
+    from declip_ds.eval.zero_shot import add_token_args
     from declip_ds.models.pretrained import add_preprocess_args
+
+    add_token_args(p)
 
     add_preprocess_args(p)
     p.add_argument("--batch-size", type=int, default=128)
@@ -114,7 +123,7 @@ def main(argv=None) -> int:
                            batch_size=args.batch_size, rank=rank,
                            world_size=world, group=group, workers=args.workers,
                            scoring=args.scoring or getattr(em.method, "zero_shot_scoring", "global"),
-                           token=token_settings(em.method))
+                           token=token_settings(em.method, args))
             for name, d in tasks.items()
         }
     except (FileNotFoundError, ValueError) as e:
@@ -127,8 +136,11 @@ def main(argv=None) -> int:
         if args.out:
             from declip_ds.eval.report import make_record, write_record
 
+            scoring = args.scoring or getattr(em.method, "zero_shot_scoring", "global")
+            token = token_settings(em.method, args) if scoring == "token" else {}
             write_record(make_record(model=em.name, checkpoint=str(weights),
                                      dataset=str(args.data), task="zeroshot", templates=args.templates,
+                                     scoring=scoring, **token,
                                      preprocess=em.preprocess(), metrics=results, config_hash=em.config_hash),
                          args.out)
     if group is not None:

@@ -256,6 +256,25 @@ def test_declip_release_vit_matches_with_standard_tokenizer(vit_ref, tmp_path, c
     _assert_same(load_pretrained(path, format="declip"), vit_ref, 32)
 
 
+def test_filip_family_releases_are_evaluated_as_the_reference_does(vit_ref, tmp_path):
+    """A DeCLIP-repo release with FILIP's token heads: FILIP (no SimSiam heads) by token scoring over all
+    positions with the per-class norm, DeFILIP by its global embeddings; a plain DeCLIP release carries no
+    method settings (global, the default)."""
+    from declip_ds.eval.zero_shot import token_settings
+    from declip_ds.models.pretrained import load_for_eval
+
+    full = _declip_state(vit_ref)
+    filip = {k: v for k, v in full.items() if k.split(".")[1] not in ("projector", "predictor", "text_label_predictor")}
+    plain = {k: v for k, v in full.items() if k.split(".")[1] not in ("image_mapping", "text_mapping")}
+    ems = {name: load_for_eval(_save_declip(tmp_path / f"{name}.pth.tar", state))
+           for name, state in (("filip", filip), ("defilip", full), ("declip", plain))}
+    assert (ems["filip"].method.name, ems["filip"].method.zero_shot_scoring) == ("filip", "token")
+    assert (ems["defilip"].method.name, ems["defilip"].method.zero_shot_scoring) == ("defilip", "global")
+    for name in ("filip", "defilip"):
+        assert token_settings(ems[name].method) == {"mask_padding": False, "token_renorm": "class"}
+    assert ems["declip"].method is None and ems["declip"].model.cfg.token_dim == 0
+
+
 def test_declip_release_rn50_without_bn_counters(rn50_ref, tmp_path):
     path = _save_declip(tmp_path / "declip_rn50.pth.tar", _declip_state(rn50_ref, rn=True))
     model = load_pretrained(path)

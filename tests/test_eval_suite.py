@@ -622,3 +622,33 @@ def test_eval_zeroshot_refuses_a_task_with_no_readable_sample(tmp_path, capsys):
     (folder / "green" / "img1.png").write_bytes(image_bytes(1)[:60])  # truncated
     assert eval_zeroshot.main(["--checkpoint", str(ckpt), "--data", str(folder), "--templates", "simple"]) == 2
     assert f"Cannot read the image {folder / 'green' / 'img1.png'}" in capsys.readouterr().err
+
+
+def test_eval_zeroshot_token_scoring_on_an_image_folder_with_flags(tmp_path, monkeypatch):
+    """A FILIP run scores an image folder (ImageNet val layout) by tokens, as it trained for; --mask-padding and
+    --token-renorm override the method's settings, and the record says which were used."""
+    import eval_zeroshot
+    from declip_ds.config import from_dict
+    from declip_ds.eval import zero_shot
+    from declip_ds.models import build_model
+
+    torch.manual_seed(0)
+    exp = from_dict({"model": {**TINY["model"], "token_dim": 8}, "method": {"name": "filip", "mlm_mask_text": False}})
+    ckpt = save_checkpoint(build_model(exp.model).eval(), exp, tmp_path / "run" / "step_00000001")
+    root = write_folder(tmp_path / "imagenet" / "val", ["n01440764", "n01443537"], per_class=2)
+    seen = []
+    real = zero_shot.zero_shot_token_classifier
+    monkeypatch.setattr(zero_shot, "zero_shot_token_classifier",
+                        lambda *a, **k: seen.append(k) or real(*a, **k))
+    out = tmp_path / "r.json"
+    base = ["--checkpoint", str(ckpt), "--data", str(root), "--templates", "simple", "--out", str(out)]
+    assert eval_zeroshot.main(base) == 0
+    assert seen[-1] == {"mask_padding": True, "renorm": "position"}  # the method's defaults
+    rec = json.loads(out.read_text())
+    assert (rec["scoring"], rec["mask_padding"], rec["token_renorm"]) == ("token", True, "position")
+    assert rec["metrics"]["imagenet"]["n"] == 4
+    assert eval_zeroshot.main([*base, "--mask-padding", "false", "--token-renorm", "class"]) == 0
+    assert seen[-1] == {"mask_padding": False, "renorm": "class"}
+    assert (json.loads(out.read_text())["mask_padding"], json.loads(out.read_text())["token_renorm"]) == (False, "class")
+    assert eval_zeroshot.main([*base, "--scoring", "global"]) == 0 and len(seen) == 2
+    assert json.loads(out.read_text())["scoring"] == "global"

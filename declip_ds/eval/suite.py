@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default (each dataset's CLIP templates) | simple | imagenet80 | FILE")
     p.add_argument("--scoring", default=None, choices=["global", "token"],
                    help="zero-shot scoring (default: what the method trained for; token = FILIP's)")
+    from declip_ds.eval.zero_shot import add_token_args
+
+    add_token_args(p)
     p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"])
     from declip_ds.models.pretrained import add_preprocess_args
 
@@ -249,8 +252,9 @@ def evaluate_all(em, names: list[str], args) -> list[dict]:
             tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
             scoring = args.scoring or getattr(em.method, "zero_shot_scoring", "global")
             one = functools.partial(zeroshot_one, model, tok, templates=args.templates, image_size=em.image_size,
-                                    scoring=scoring, **token_settings(em.method), **common)
-            extra = {"templates": args.templates, "scoring": scoring}
+                                    scoring=scoring, **token_settings(em.method, args), **common)
+            extra = {"templates": args.templates, "scoring": scoring,
+                     **(token_settings(em.method, args) if scoring == "token" else {})}
         else:
             one = functools.partial(linear_probe_one, model, model_id=checkpoint_id(em.weights),
                                     cache_dir=args.cache_dir, val_fraction=args.val_fraction, max_iter=args.max_iter,

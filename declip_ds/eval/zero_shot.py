@@ -62,11 +62,27 @@ class TokenClassifier:
 TOKEN_RENORMS = ("position", "class")
 
 
-def token_settings(method_cfg) -> dict:
-    """The token classifier's settings a FILIP-family method config carries (the defaults for others):
-    keyword arguments of ``evaluate_task_dir``."""
-    return {"mask_padding": getattr(method_cfg, "mask_padding", True),
-            "token_renorm": getattr(method_cfg, "zero_shot_token_renorm", "position")}
+def token_settings(method_cfg, args=None) -> dict:
+    """The token classifier's settings a FILIP-family method config carries (the defaults for others), then
+    the command line's ``--mask-padding`` / ``--token-renorm`` (``add_token_args``): keyword arguments of
+    ``evaluate_task_dir``."""
+    out = {"mask_padding": getattr(method_cfg, "mask_padding", True),
+           "token_renorm": getattr(method_cfg, "zero_shot_token_renorm", "position")}
+    if getattr(args, "mask_padding", None) is not None:
+        out["mask_padding"] = args.mask_padding == "true"
+    if getattr(args, "token_renorm", None) is not None:
+        out["token_renorm"] = args.token_renorm
+    return out
+
+
+def add_token_args(p) -> None:
+    """The token classifier's command-line overrides (``--scoring token``)."""
+    p.add_argument("--mask-padding", choices=["true", "false"], default=None,
+                   help="token scoring: score only the prompt positions up to the EOT (true) or all context "
+                        "positions (false, the DeCLIP reference's FILIP); default: the checkpoint's method")
+    p.add_argument("--token-renorm", choices=TOKEN_RENORMS, default=None,
+                   help="token scoring: renormalise each averaged position (position) or each class's token "
+                        "matrix by its norm (class, the DeCLIP reference); default: the checkpoint's method")
 
 
 @torch.no_grad()

@@ -906,6 +906,30 @@ def add_preprocess_args(p, normalize_flag: str = "--normalize") -> None:
                         "0.875 for DeCLIP releases, 1.0 for OpenAI / open_clip)")
 
 
+@dataclass
+class ReleaseMethod:
+    """The zero-shot settings of a DeCLIP-repo FILIP-family release (it carries FILIP's token heads), as the
+    reference evaluates it: FILIP by token scoring over all 77 positions with each class's matrix divided by its
+    Frobenius norm (filip_solver.evaluate); DeFILIP by its global embeddings (its FILIP branch is off)."""
+
+    name: str
+    zero_shot_scoring: str
+    mask_padding: bool = False
+    zero_shot_token_renorm: str = "class"
+
+
+def _release_method(fmt: str, state: dict) -> ReleaseMethod | None:
+    heads = {k.removeprefix("module.").split(".")[0] for k in state}
+    if fmt != "declip" or "image_mapping" not in heads:
+        return None
+    defilip = bool(heads & {"projector", "predictor"})  # DeCLIP's SimSiam heads too
+    release = ReleaseMethod("defilip", "global") if defilip else ReleaseMethod("filip", "token")
+    log.info("A DeCLIP-repo %s release (FILIP token heads%s): zero-shot by %s scoring by default, token scoring "
+             "over all positions with the per-class norm, as the reference", release.name.upper(),
+             ", SimSiam heads" if defilip else "", release.zero_shot_scoring)
+    return release
+
+
 def load_for_eval(path: str | Path, format: str = "auto", *, normalize=None, interpolation: str | None = None,
                   crop_ratio: float | None = None, config: dict | str | Path | None = None) -> EvalModel:
     """Load any supported checkpoint for the evaluation scripts.
@@ -941,11 +965,12 @@ def load_for_eval(path: str | Path, format: str = "auto", *, normalize=None, int
                        exp.model.text.mask_token, exp.method, exp.eval.interpolation, exp.eval.crop_ratio,
                        "the run config (data.normalize, eval.interpolation, eval.crop_ratio)")
     else:
+        release = _release_method(fmt, src.state)  # read before _load_external drops the method heads
         model = _load_external(fmt, src, config)
         arch = json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str)
         norm, interp, ratio = FORMAT_PREPROCESS[fmt]
         em = EvalModel(model, p, fmt, f"{fmt}/{model.cfg.vision.name}", hashlib.sha256(arch.encode()).hexdigest()[:12],
-                       model.cfg.vision.image_size, norm, model.cfg.text.context_length, False, None, interp, ratio,
+                       model.cfg.vision.image_size, norm, model.cfg.text.context_length, False, release, interp, ratio,
                        f"the {fmt} format's default")
         hints, where = _sidecar_preprocess(src.path, config)
         if hints:
