@@ -110,6 +110,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model, weights = em.model, em.weights
+    if (args.scoring or getattr(em.method, "zero_shot_scoring", "global")) == "global":
+        em.warn_if_global_untrained("zero-shot with --scoring global")
     from declip_ds.train.dist import init_eval_ranks
 
     model, rank, world, group = init_eval_ranks(model)

@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         em = load_for_eval(args.ckpt, args.source, normalize=args.normalize, interpolation=args.interpolation,
                            crop_ratio=args.crop_ratio)
+        em.warn_if_global_untrained("an export (open_clip / OpenAI have no slot for FILIP's token heads)")
         files = export(em, args.out, args.to)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

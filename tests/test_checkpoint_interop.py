@@ -273,6 +273,8 @@ def test_filip_family_releases_are_evaluated_as_the_reference_does(vit_ref, tmp_
     for name in ("filip", "defilip"):
         assert token_settings(ems[name].method) == {"mask_padding": False, "token_renorm": "class"}
     assert ems["declip"].method is None and ems["declip"].model.cfg.token_dim == 0
+    # retrieval, linear probes and exports use the global embeddings, which a FILIP release never trained
+    assert [ems[n].warn_if_global_untrained("retrieval") for n in ("filip", "defilip", "declip")] == [True, False, False]
 
 
 def test_declip_release_rn50_without_bn_counters(rn50_ref, tmp_path):

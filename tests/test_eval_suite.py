@@ -3,6 +3,7 @@ and the three command lines on a tiny random DualEncoder with images written to 
 
 import io
 import json
+import logging
 import tarfile
 
 import numpy as np
@@ -624,7 +625,7 @@ def test_eval_zeroshot_refuses_a_task_with_no_readable_sample(tmp_path, capsys):
     assert f"Cannot read the image {folder / 'green' / 'img1.png'}" in capsys.readouterr().err
 
 
-def test_eval_zeroshot_token_scoring_on_an_image_folder_with_flags(tmp_path, monkeypatch):
+def test_eval_zeroshot_token_scoring_on_an_image_folder_with_flags(tmp_path, monkeypatch, caplog):
     """A FILIP run scores an image folder (ImageNet val layout) by tokens, as it trained for; --mask-padding and
     --token-renorm override the method's settings, and the record says which were used."""
     import eval_zeroshot
@@ -650,5 +651,8 @@ def test_eval_zeroshot_token_scoring_on_an_image_folder_with_flags(tmp_path, mon
     assert eval_zeroshot.main([*base, "--mask-padding", "false", "--token-renorm", "class"]) == 0
     assert seen[-1] == {"mask_padding": False, "renorm": "class"}
     assert (json.loads(out.read_text())["mask_padding"], json.loads(out.read_text())["token_renorm"]) == (False, "class")
-    assert eval_zeroshot.main([*base, "--scoring", "global"]) == 0 and len(seen) == 2
+    assert "got no gradient" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="declip_ds.models.pretrained"):
+        assert eval_zeroshot.main([*base, "--scoring", "global"]) == 0 and len(seen) == 2
     assert json.loads(out.read_text())["scoring"] == "global"
+    assert "FILIP model trained on its token-wise loss alone (clip_weight 0)" in caplog.text  # global: untrained

@@ -326,6 +326,7 @@ def main(argv=None) -> int:
     try:
         em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize_images,
                            interpolation=args.interpolation, crop_ratio=args.crop_ratio)
+        em.warn_if_global_untrained("a linear probe")
         model = em.model.to(default_device())
         result = evaluate_linear_probe(
             model, args.train, args.test, model_id=checkpoint_id(em.weights), cache_dir=args.cache_dir,

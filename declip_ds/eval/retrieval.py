@@ -294,6 +294,7 @@ def main(argv=None) -> int:
         resolve_source(args.data)
         em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize,
                            interpolation=args.interpolation, crop_ratio=args.crop_ratio)
+        em.warn_if_global_untrained("retrieval")
         model = em.model
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -251,11 +251,14 @@ def evaluate_all(em, names: list[str], args) -> list[dict]:
         if task == "zeroshot":
             tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
             scoring = args.scoring or getattr(em.method, "zero_shot_scoring", "global")
+            if scoring == "global":
+                em.warn_if_global_untrained("zero-shot with --scoring global")
             one = functools.partial(zeroshot_one, model, tok, templates=args.templates, image_size=em.image_size,
                                     scoring=scoring, **token_settings(em.method, args), **common)
             extra = {"templates": args.templates, "scoring": scoring,
                      **(token_settings(em.method, args) if scoring == "token" else {})}
         else:
+            em.warn_if_global_untrained("a linear probe")
             one = functools.partial(linear_probe_one, model, model_id=checkpoint_id(em.weights),
                                     cache_dir=args.cache_dir, val_fraction=args.val_fraction, max_iter=args.max_iter,
                                     device=device, **common)

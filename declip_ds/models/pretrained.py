@@ -876,6 +876,19 @@ class EvalModel:
         return eval_transform(self.image_size, normalize=self.normalize, crop_ratio=self.crop_ratio,
                               interpolation=self.interpolation)
 
+    def warn_if_global_untrained(self, what: str) -> bool:
+        """Warn (log) when ``what`` uses global embeddings this model never trained: a FILIP model
+        whose loss was the token-wise term alone (clip_weight 0, the reference's recipe, and every DeCLIP-repo
+        FILIP release), whose global projections got no gradient and were shrunk by weight decay."""
+        m = self.method
+        if getattr(m, "name", None) != "filip" or getattr(m, "clip_weight", 0.0):
+            return False
+        msg = (f"{self.weights} is a FILIP model trained on its token-wise loss alone (clip_weight 0): its "
+               f"global embeddings got no gradient, so {what} on them does not measure the model (zero-shot: use "
+               f"--scoring token)")
+        log.warning(msg)
+        return True
+
     def preprocess(self) -> dict:
         """The preprocessing, as the results JSON records it (``"preprocess"``)."""
         norm = self.normalize if isinstance(self.normalize, str) else \
