@@ -165,6 +165,8 @@ def test_two_deepspeed_ranks(tmp_path, shapes, stage, precision):
         for task in during:
             assert after[task]["acc1"] == pytest.approx(during[task]["acc1"])
     assert {t: r["n"] for t, r in after.items()} == {t: r["n"] for t, r in during.items()}
+    record = json.loads((run_dir / "eval" / "zeroshot_step_00000003.json").read_text())
+    assert record["dtype"] == ("bfloat16" if precision == "bf16" else "float32")  # what the in-run eval ran in
     if stage == 1:  # eval_zeroshot.py under the deepspeed launcher (README): ranks split the data, same numbers
         rc, out = run([*cmd[:7], str(ROOT / "eval_zeroshot.py"), "--checkpoint", str(run_dir), "--data",
                        str(shapes / "eval"), "--out", str(tmp_path / "r2.json")], tmp_path, timeout=240)

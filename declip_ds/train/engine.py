@@ -336,11 +336,16 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
                 log.warning("zero-shot task '%s' skipped: %s", task, e)
     finally:
         method.train()
+    # the live (DeepSpeed) module: bf16 / fp16 weights under those precisions, unlike the fp32 model.safetensors
+    dtype = str(next(method.model.parameters()).dtype).removeprefix("torch.")
     if D.rank() == 0 and results:
-        log.info("zero-shot at step %d:\n%s", step, format_table(results))
+        note = "" if dtype == "float32" else (f" (the training model, in {dtype}; the saved fp32 weights, e.g. through "
+                                              f"eval_zeroshot.py, can differ slightly)")
+        log.info("zero-shot at step %d%s:\n%s", step, note, format_table(results))
         logger.scalars({f"zeroshot/{t}/{m}": v for t, r in results.items() for m, v in r.items() if m != "n"}, step)
         (run_dir / "eval").mkdir(exist_ok=True)
-        record = {"step": step, "config_hash": config_hash(exp), "method": exp.method.name, "results": results}
+        record = {"step": step, "config_hash": config_hash(exp), "method": exp.method.name, "dtype": dtype,
+                  "results": results}
         (run_dir / "eval" / f"zeroshot_step_{step:08d}.json").write_text(json.dumps(record, indent=2))
     return results
 
