@@ -174,6 +174,18 @@ def test_sweep_picks_light_regularisation_when_data_is_plentiful():
     assert next(h["val_acc1"] for h in history if h["weight_decay"] == wd) == 1.0
 
 
+def test_a_choice_at_the_grid_edge_is_flagged(caplog):
+    """Plentiful, separable data wants (almost) no regularisation: the lowest grid point wins, which the record
+    and the log say (the optimum may lie beyond the grid); the record names the protocol."""
+    (Xtr, ytr), (Xv, yv) = correlated_data()
+    with caplog.at_level(logging.WARNING, logger="declip_ds.eval.linear_probe"):
+        out = lp.linear_probe(torch.cat([Xtr, Xv]), torch.cat([ytr, yv]), Xv, yv, 5, device="cpu")
+    assert out["weight_decay"] == lp.GRID[0] and out["at_grid_edge"] is True and out["protocol"] == lp.PROTOCOL
+    assert "at the low end of the grid" in caplog.text
+    X, y = blobs(n_per_class=20)
+    assert lp.linear_probe(X, y, X, y, 5, device="cpu")["at_grid_edge"] is False
+
+
 def test_split_is_stratified_and_deterministic():
     y = torch.tensor([0] * 10 + [1] * 5 + [2] * 1)
     tr, va = lp.split_train_val(y, 0.2, seed=3)
