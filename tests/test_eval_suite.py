@@ -668,3 +668,16 @@ def test_eval_zeroshot_token_scoring_on_an_image_folder_with_flags(tmp_path, mon
         assert eval_zeroshot.main([*base, "--scoring", "global"]) == 0 and len(seen) == 2
     assert json.loads(out.read_text())["scoring"] == "global"
     assert "FILIP model trained on its token-wise loss alone (clip_weight 0)" in caplog.text  # global: untrained
+
+
+def test_imagenet_prompts_and_names_are_openais():
+    """The 80 ImageNet templates and 1000 class names, string for string and in order, as open_clip ships OpenAI's
+    (METHODS.md §7: prompt80 = OpenAI's 80; DeCLIP's prompt80 is the same list); 'simple' is DeCLIP's prompt1."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES as OC_NAMES
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from declip_ds.eval.templates import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, SIMPLE_TEMPLATES
+
+    assert list(IMAGENET_TEMPLATES) == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES] and len(IMAGENET_TEMPLATES) == 80
+    assert list(IMAGENET_CLASSNAMES) == list(OC_NAMES) and len(IMAGENET_CLASSNAMES) == 1000
+    assert SIMPLE_TEMPLATES == ("a photo of a {}.",)
