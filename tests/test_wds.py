@@ -464,6 +464,20 @@ def test_draft_decode_keeps_enough_pixels():
 # ----------------------------------------------------------------------------- eval
 
 
+def test_eval_images_from_shards_equal_a_full_decode(tmp_path):
+    """A large JPEG in an eval shard gives the tensor of a full PIL decode + eval_transform (no DCT draft
+    downscale): shards and image folders score the same images the same way, as the reference decodes."""
+    rng = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(600, 640, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    _write_tar(tmp_path / "00000.tar", [("big.jpg", buf.getvalue()), ("big.cls", b"0")])
+    t = eval_transform(32)
+    images, labels, keys = next(iter(wds.build_eval_loader(str(tmp_path / "00000.tar"), t, 4)))
+    full = t(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert keys == ["big"] and labels.tolist() == [0] and torch.equal(images[0], full)
+
+
 def test_eval_loader_splits_uneven_shards_across_ranks(tmp_path):
     root, expected = tmp_path / "eval", {}
     root.mkdir()

@@ -121,12 +121,15 @@ def eval_transform(image_size: int, normalize="imagenet", crop_ratio: float = 22
         raise ValueError(f"crop_ratio must be in (0, 1] (0.875 = resize to 256 then crop 224; 1.0 = resize the "
                          f"short side to the crop size), got {crop_ratio}.")
     resize = round(image_size / crop_ratio)
+    # No JPEG draft decode (draft_size None): the reference decodes in full before the Resize, and a DCT
+    # downscale moves pixels (up to ~0.035 after normalisation), so shards and image folders would score
+    # the same images differently. Evaluation decodes in full; training views keep the faster draft.
     return _with_draft(T.Compose([
         T.Resize(resize, interpolation=_interpolation(interpolation)),
         T.CenterCrop(image_size),
         T.ToTensor(),
         _normalize(normalize),
-    ]), resize)
+    ]), None)
 
 
 ImageView = Callable[[Image.Image], torch.Tensor]

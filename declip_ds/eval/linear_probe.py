@@ -262,7 +262,8 @@ def checkpoint_id(weights: str | Path) -> str:
 
 def feature_cache_path(cache_dir: str | Path, *, model_id: str, data, split: str, normalize: bool) -> Path:
     key = json.dumps({"model": model_id, "data": data.fingerprint(), "split": split, "normalize": normalize,
-                      "transform": repr(data.transform)}, sort_keys=True)
+                      "transform": repr(data.transform),
+                      "draft_size": getattr(data.transform, "draft_size", None)}, sort_keys=True)  # JPEG decode
     return Path(cache_dir) / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
