@@ -13,7 +13,8 @@ Recipes (see shared/METHODS.md):
 
 Each returned Compose carries ``draft_size``: the shortest source side the transform
 needs at full detail. The loader decodes JPEGs at reduced resolution (``Image.draft``)
-down to that size, which is much cheaper than a full decode followed by a downscale.
+down to that size, which is much cheaper than a full decode followed by a downscale. The
+training views do; ``eval_transform`` has none (a full decode, as the reference evaluates).
 """
 
 from __future__ import annotations
