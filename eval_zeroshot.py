@@ -62,7 +62,12 @@ def evaluate_image_folder(model, tokenizer, root: Path, *, templates: str, image
     else:
         W = zero_shot_classifier(model, tokenizer, data.classnames, prompts)
     loader = data.loader(batch_size, rank=rank, world_size=world_size, workers=workers)
-    return zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
+    result = zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
+    from declip_ds.eval.report import dataset_name
+    from declip_ds.eval.zero_shot import check_imagenet_task
+
+    check_imagenet_task(dataset_name(root), data.classnames, result["n"])
+    return result
 
 
 def evaluate(model, tokenizer, d: Path, *, scoring: str, token: dict, **kw) -> dict:

@@ -681,3 +681,19 @@ def test_imagenet_prompts_and_names_are_openais():
     assert list(IMAGENET_TEMPLATES) == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES] and len(IMAGENET_TEMPLATES) == 80
     assert list(IMAGENET_CLASSNAMES) == list(OC_NAMES) and len(IMAGENET_CLASSNAMES) == 1000
     assert SIMPLE_TEMPLATES == ("a photo of a {}.",)
+
+
+def test_imagenet_task_checks_its_class_names_and_image_count(caplog):
+    """A 1000-class task named imagenet* is the standard benchmark only with OpenAI's class names and the 50,000
+    val images; otherwise the warnings say why its number is not comparable. Other tasks are not checked."""
+    from declip_ds.eval.templates import IMAGENET_CLASSNAMES
+    from declip_ds.eval.zero_shot import check_imagenet_task
+
+    names = list(IMAGENET_CLASSNAMES)
+    assert check_imagenet_task("imagenet", names, 50_000) == []
+    renamed = names[:2] + ["great_white_shark"] + names[3:]
+    with caplog.at_level(logging.WARNING, logger="declip_ds.eval.zero_shot"):
+        got = check_imagenet_task("imagenet", renamed, 49_990)
+    assert len(got) == 2 and "1 of its 1000 class names differ" in got[0] and "'great_white_shark'" in got[0]
+    assert "49990 images scored, not ImageNet val's 50000" in got[1] and got[1] in caplog.text
+    assert check_imagenet_task("shapes", renamed, 10) == [] and check_imagenet_task("imagenet_a", names[:200], 7) == []

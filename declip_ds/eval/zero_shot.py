@@ -7,11 +7,14 @@ every forward, so all ranks must run the same number of them).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 def _param(model) -> torch.Tensor:
@@ -259,7 +262,33 @@ def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image
         raise NoEvalSamples(f"No labelled image could be read from the {len(urls)} shard(s) in {task_dir} (a "
                             f"sample needs an image and a .cls label; the skip warnings above say what was wrong), "
                             f"so there is no accuracy to report for it. Rebuild the task's shards.")
+    check_imagenet_task(task_dir.name, classnames, result["n"])
     return result
+
+
+IMAGENET_VAL_IMAGES = 50_000
+
+
+def check_imagenet_task(name: str, classnames: list[str], n: int) -> list[str]:
+    """Warnings for a 1000-class task named imagenet* whose class names are not OpenAI's (the list the
+    literature's zero-shot numbers use, METHODS.md §7) or that scored other than ImageNet val's 50,000 images
+    (skipped samples change top-1): a number reported from it is then not the standard one."""
+    from declip_ds.eval.templates import IMAGENET_CLASSNAMES
+
+    if not name.lower().startswith("imagenet") or len(classnames) != len(IMAGENET_CLASSNAMES):
+        return []
+    out = []
+    differ = [(i, a, b) for i, (a, b) in enumerate(zip(classnames, IMAGENET_CLASSNAMES)) if a != b]
+    if differ:
+        shown = "; ".join(f"class {i}: {a!r} (OpenAI: {b!r})" for i, a, b in differ[:3])
+        out.append(f"'{name}': {len(differ)} of its 1000 class names differ from OpenAI's ImageNet names ({shown}); "
+                   f"zero-shot top-1 depends on them, so the number is not comparable with published ones")
+    if n != IMAGENET_VAL_IMAGES:
+        out.append(f"'{name}': {n} images scored, not ImageNet val's {IMAGENET_VAL_IMAGES} (skipped or missing "
+                   f"samples: see the warnings above); the number is not the full validation set's")
+    for w in out:
+        log.warning(w)
+    return out
 
 
 class NoEvalSamples(ValueError):
