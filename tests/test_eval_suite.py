@@ -697,3 +697,20 @@ def test_imagenet_task_checks_its_class_names_and_image_count(caplog):
     assert len(got) == 2 and "1 of its 1000 class names differ" in got[0] and "'great_white_shark'" in got[0]
     assert "49990 images scored, not ImageNet val's 50000" in got[1] and got[1] in caplog.text
     assert check_imagenet_task("shapes", renamed, 10) == [] and check_imagenet_task("imagenet_a", names[:200], 7) == []
+
+
+def test_declip_style_prompt_files_with_positional_slots_give_the_same_classifier(tmp_path):
+    """The DeCLIP repo's prompt files write the class slot as '{0}': the classifier equals the '{}' one;
+    a template with no slot or two is refused."""
+    from declip_ds.data.tokenizer import Tokenizer
+    from declip_ds.eval.zero_shot import load_templates, zero_shot_classifier
+
+    _, model = tiny_model()
+    tok = Tokenizer(16)
+    (tmp_path / "declip.txt").write_text("a photo of a {0}.\na drawing of the {0}.\n")
+    positional = zero_shot_classifier(model, tok, ["cat", "dog"], load_templates(str(tmp_path / "declip.txt")))
+    auto = zero_shot_classifier(model, tok, ["cat", "dog"], ["a photo of a {}.", "a drawing of the {}."])
+    assert torch.equal(positional, auto)
+    for bad in (["a photo."], ["a {} and a {0}."]):
+        with pytest.raises(ValueError, match="one '\\{\\}' \\(or '\\{0\\}'\\)"):
+            zero_shot_classifier(model, tok, ["cat"], bad)

@@ -108,7 +108,7 @@ def test_bad_eval_templates_fail_before_training(tmp_path):
     for spec in ("synthetic", "simple", "imagenet80"):
         check_templates(spec)
     good = tmp_path / "prompts.txt"
-    good.write_text("a photo of a {}.\n\na drawing of a {}.\n")
+    good.write_text("a photo of a {}.\n\na drawing of a {0}.\n")  # "{0}": the DeCLIP repo's prompt files
     check_templates(str(good))
     bad = tmp_path / "bad.txt"
     bad.write_text("a photo of a {}.\na photo of a thing.\n")

@@ -21,17 +21,28 @@ def _param(model) -> torch.Tensor:
     return next(model.parameters())
 
 
+def _one_slot(template: str) -> bool:
+    """One place for the class name: "{}" or "{0}" (``str.format`` fills either)."""
+    return template.count("{}") + template.count("{0}") == 1
+
+
+def _check_slots(templates: list[str]) -> None:
+    bad = [t for t in templates if not _one_slot(t)]
+    if bad:
+        raise ValueError(f"Templates must contain one '{{}}' (or '{{0}}') where the class name goes; these do not: "
+                         f"{bad[:3]}")
+
+
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: list[str], *, class_batch: int = 64) -> torch.Tensor:
     """(E, C) classifier: per class, the mean of the L2-normalised prompt embeddings, renormalised.
 
-    ``templates`` are format strings with one "{}" (e.g. "a photo of a {}.").
+    ``templates`` are format strings with one "{}" (e.g. "a photo of a {}.") or "{0}" (the DeCLIP repo's prompt
+    files).
     """
     if not classnames or not templates:
         raise ValueError("zero_shot_classifier needs at least one class name and one template.")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ValueError(f"Templates must contain '{{}}' where the class name goes; these do not: {bad[:3]}")
+    _check_slots(templates)
     device = _param(model).device
     columns = []
     for start in range(0, len(classnames), class_batch):
@@ -103,6 +114,7 @@ def zero_shot_token_classifier(model, tokenizer, classnames: list[str], template
 
     if renorm not in TOKEN_RENORMS:
         raise ValueError(f"Unknown token renormalisation '{renorm}': use one of {', '.join(TOKEN_RENORMS)}.")
+    _check_slots(templates)
     device = _param(model).device
     tokens, masks = [], []
     for c in classnames:
@@ -211,7 +223,7 @@ TEMPLATE_SETS = ("synthetic", "simple", "imagenet80")
 
 def check_templates(spec: str, key: str = "eval.templates") -> None:
     """Fail now, naming ``key``, if ``spec`` is neither a known template set nor a readable file whose
-    every line has one "{}" (the trainer checks before training, not at its first evaluation)."""
+    every line has one "{}" or "{0}" (the trainer checks before training, not at its first evaluation)."""
     from declip_ds.config import ConfigError
 
     if spec in TEMPLATE_SETS:
@@ -222,9 +234,9 @@ def check_templates(spec: str, key: str = "eval.templates") -> None:
                           "file; pick a set or give the path of a file with one prompt per line, e.g. "
                           "'a photo of a {}.'.")
     lines = read_lines(path)
-    bad = [t for t in lines if t.count("{}") != 1]
+    bad = [t for t in lines if not _one_slot(t)]
     if not lines or bad:
-        raise ConfigError(f"{key}: every line of {path} must be a prompt with one '{{}}' for the class name; "
+        raise ConfigError(f"{key}: every line of {path} must be a prompt with one '{{}}' (or '{{0}}') for the class name; "
                           + (f"{len(bad)} are not, e.g. {bad[0]!r}." if bad else "the file is empty."))
 
 
