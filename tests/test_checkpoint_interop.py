@@ -256,6 +256,27 @@ def test_declip_release_vit_matches_with_standard_tokenizer(vit_ref, tmp_path, c
     _assert_same(load_pretrained(path, format="declip"), vit_ref, 32)
 
 
+def test_declip_release_square_text_projection_with_a_bias(tmp_path):
+    """METHODS.md §9 with the real model's square text projection (width = embed_dim, so a missing transpose
+    would fit the shapes) and a non-zero bias: the text embedding is OpenAI's x @ P plus the bias; the (1,)
+    logit_scale becomes the model's scale."""
+    cfg = json.loads(json.dumps(VIT))
+    cfg["embed_dim"] = cfg["text_cfg"]["width"] = 128
+    torch.manual_seed(1)
+    ref = _randomize(CLIP(**cfg), 7)
+    state = _declip_state(ref)
+    bias = torch.randn(128, generator=torch.Generator().manual_seed(8))
+    state["module.encode_text.text_projection.bias"] = bias
+    state["module.logit_scale"] = torch.tensor([4.2])
+    model = load_pretrained(_save_declip(tmp_path / "square.pth.tar", state))
+    assert model.cfg.embed_dim == 128 and model.cfg.text.proj_bias
+    images, tokens = _inputs(32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens), ref.encode_text(tokens) + bias, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.encode_image(images), ref.encode_image(images), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.scale(), torch.tensor(4.2).exp().clamp(max=100.0))
+
+
 def test_filip_family_releases_are_evaluated_as_the_reference_does(vit_ref, tmp_path):
     """A DeCLIP-repo release with FILIP's token heads: FILIP (no SimSiam heads) by token scoring over all
     positions with the per-class norm, DeFILIP by its global embeddings; a plain DeCLIP release carries no
