@@ -47,14 +47,14 @@ def loader(spec: str, workers: int, batch_size: int, start_batch: int = 0, curso
                                   workers=workers, shuffle_buffer=1000, start_batch=start_batch, cursors=cursors)
 
 
-def cursors_after(spec: str, workers: int, batch_size: int, start_batch: int) -> dict[int, int]:
+def cursors_after(spec: str, workers: int, batch_size: int, start_batch: int) -> dict[int, tuple[int, int]]:
     """What the trainer would have saved after consuming ``start_batch`` batches."""
     out = {}
     for i, batch in enumerate(loader(spec, workers, batch_size)):
         if i == start_batch:
             break
-        stream, end = batch["_cursor"]
-        out[stream] = end
+        stream, end, made = batch["_cursor"]
+        out[stream] = (end, made)
     return out
 
 

@@ -79,7 +79,8 @@ def straight_vs_resumed(tmp_path, shapes, ds=None, ranks=1):
     shutil.move(a / "checkpoints" / "step_00000006", straight6)  # lost to the run, kept for the comparison
     for r in range(ranks):  # where each loader stream's consumed batches end: skipped undecoded on resume
         data = torch.load(a / "checkpoints" / "step_00000003" / f"rank_{r:05d}.pt", weights_only=True)["data"]
-        assert data["epoch_batches"] == 3 and data["cursors"][0] >= 3 * 8, data  # batch 8, one worker
+        assert data["epoch_batches"] == 3 and data["cursors"][0][0] >= 3 * 8, data  # batch 8, one worker
+        assert data["cursors"][0][1] == 3 and data["last_stream"] == 0, data  # its 3rd batch
     rc, out = run(args, tmp_path)
     assert rc == 0, out[-3000:]
     assert "at step 3" in out and "1 loader stream(s) skip the" in out
@@ -131,6 +132,39 @@ def assert_same_state(tag_a, tag_b):
 
 def test_exact_resume_single_process(tmp_path, shapes):
     straight_vs_resumed(tmp_path, shapes)
+
+
+def test_epoch_mode_resumes_mid_epoch_exactly(tmp_path, shapes):
+    """data.mode=epoch, 3 loader workers on 4 shards: one stream reads two shards (8 batches), two read one
+    (4), so after batch 12 only one stream is left. A resume from step 13 (in that tail) continues with the
+    batches the straight run trained on, through the start of epoch 1 (16 batches per epoch), bit for bit;
+    nothing of the epoch is seen twice."""
+    data = tmp_path / "shards"
+    data.mkdir()
+    for i in range(4):
+        shutil.copy(shapes / "train" / f"{i:05d}.tar", data / f"{i:05d}.tar")
+    (data / "sizes.json").write_text(json.dumps({f"{i:05d}.tar": 32 for i in range(4)}))
+    a = tmp_path / "run"
+    args = cmd(a, shapes, f"data.train_shards={data}/{{00000..00003}}.tar", "data.mode=epoch", "data.workers=3",
+               "train.steps=18", "train.save_every=13", "train.log_sample_keys=true")
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    shutil.move(a / "checkpoints" / "step_00000018", tmp_path / "straight_step_18")
+    data_state = torch.load(a / "checkpoints" / "step_00000013" / "rank_00000.pt", weights_only=True)["data"]
+    assert data_state["epoch_batches"] == 13 and sorted(m for _, m in data_state["cursors"].values()) == [4, 4, 5]
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "at step 13" in out and "3 loader stream(s) skip the" in out and "resumes at the start" not in out
+    first, again = metrics(a, 0), metrics(a, -1)
+    assert [first[s]["epoch"] for s in (16, 17)] == [0, 1]
+    assert all(first[s] is not again[s] for s in range(14, 19))
+    assert_same_steps(first, again, range(14, 19))
+    assert_same_state(tmp_path / "straight_step_18", a / "checkpoints" / "step_00000018")
+    lines = [json.loads(x) for x in (a / "sample_keys" / "rank_00000.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [*range(1, 19), *range(14, 19)]
+    assert [x["keys"] for x in lines[18:]] == [x["keys"] for x in lines[13:18]]
+    epoch0 = [k for x in lines[:16] for k in x["keys"]]
+    assert len(epoch0) == len(set(epoch0)) == 128  # each of the 4 shards' samples once
 
 
 @pytest.mark.dist

@@ -43,18 +43,20 @@ def _sample(key, i, label=None):
 
 
 def make_shards(root, n_shards=6, per_shard=8, extra=None):
-    """``{00000..}.tar`` + sizes.json; extra: shard index -> list of members appended."""
+    """``{00000..}.tar`` + sizes.json; per_shard: a count or one per shard; extra: shard index -> list of
+    members appended."""
     root.mkdir(parents=True, exist_ok=True)
     keys, sizes = [], {}
+    counts = list(per_shard) if isinstance(per_shard, (list, tuple)) else [per_shard] * n_shards
     for s in range(n_shards):
         members = []
-        for j in range(per_shard):
+        for j in range(counts[s]):
             key = f"s{s}k{j}"
             keys.append(key)
-            members += _sample(key, s * per_shard + j)
+            members += _sample(key, sum(counts[:s]) + j)
         members += (extra or {}).get(s, [])
         _write_tar(root / f"{s:05d}.tar", members)
-        sizes[f"{s:05d}.tar"] = per_shard
+        sizes[f"{s:05d}.tar"] = counts[s]
     (root / "sizes.json").write_text(json.dumps(sizes))
     return f"{root}/{{00000..{n_shards - 1:05d}}}.tar", keys
 
@@ -228,12 +230,13 @@ def test_resampled_resume_with_start_batch(tmp_path, workers):
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[5:]))  # same augmentations
 
 
-def _cursors(batches):
-    """What the trainer keeps of consumed batches: each stream's last "_cursor"."""
+def _cursors(batches, counted=True):
+    """What the trainer keeps of consumed batches: each stream's last "_cursor" (counted=False: the raw
+    sample count alone, as checkpoints before the batch count was kept)."""
     out = {}
     for b in batches:
-        stream, end = b["_cursor"]
-        out[stream] = end
+        stream, end, made = b["_cursor"]
+        out[stream] = (end, made) if counted else end
     return out
 
 
@@ -247,7 +250,7 @@ def test_resume_with_cursors_skips_consumed_samples_undecoded(tmp_path, workers,
     full = list(_loader(spec, **kw))
     assert _skip_totals(full)["decode_error"] >= 1 and _skip_totals(full)["missing_text"] >= 1
     for start in ((1, 5, 9) if workers == 0 else (3, 6)):
-        resumed = list(_loader(spec, start_batch=start, cursors=_cursors(full[:start]), **kw))
+        resumed = list(_loader(spec, start_batch=start, cursors=_cursors(full[:start], counted=start != 5), **kw))
         assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[start:]], f"start_batch={start}"
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[start:]))  # same views
         assert [b["_skips"] for b in resumed] == [b["_skips"] for b in full[start:]]
@@ -263,8 +266,46 @@ def test_resume_with_cursors_skips_consumed_samples_undecoded(tmp_path, workers,
         decoded.clear()
         list(_loader(spec, start_batch=start, **kw))  # without cursors: the consumed batches are replayed
         assert len(decoded) >= sum(len(b["__key__"]) for b in full)
-    with pytest.raises(ValueError, match="cursors need start_batch"):
+    with pytest.raises(ValueError, match="cursors and last_stream need start_batch"):
         _loader(spec, cursors={0: 4}, **kw)
+    with pytest.raises(ValueError, match="not from the same checkpoint"):
+        _loader(spec, start_batch=4, cursors={0: (40, 3)}, **kw)
+    with pytest.raises(ValueError, match="data.workers"):
+        _loader(spec, start_batch=4, cursors={5: (40, 4)}, **kw)
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_epoch_mode_resumes_at_the_exact_batch(tmp_path, workers):
+    """Epoch mode's streams end at different batches (uneven shards, bad samples); the DataLoader then
+    asks the streams still running in turn. A resume from the trainer's cursors (each stream's last
+    "_cursor") and the last consumed batch's stream gives the rest of the epoch batch for batch, views,
+    skip reports and cursors included, before and after a stream has run dry."""
+    extra = {0: [("bad0.jpg", b"not a jpeg"), ("bad0.txt", b"x")], 2: [("nocap2.jpg", _jpeg(2))]}
+    spec, keys = make_shards(tmp_path, n_shards=5, per_shard=[3, 6, 13, 10, 20], extra=extra)
+    kw = dict(mode="epoch", workers=workers, batch_size=3, drop_last=True)
+    full = list(_loader(spec, **kw))
+    made = {}
+    for b in full:
+        made[b["_cursor"][0]] = b["_cursor"][2]
+    assert sum(made.values()) == len(full) and len(set(sum((b["__key__"] for b in full), []))) == 3 * len(full)
+    if workers:
+        streams = [b["_cursor"][0] for b in full]
+        assert sorted(made.values())[0] < sorted(made.values())[-1] - 1  # one stream ran dry well before the other
+        dry = next(i for i in range(len(full)) if streams[i:] == [streams[-1]] * (len(full) - i))
+        starts = sorted({1, 2, dry - 1, dry, dry + 1, len(full) - 1})
+    else:
+        starts = (1, len(full) // 2, len(full) - 1)
+    for start in starts:
+        resumed = list(_loader(spec, start_batch=start, cursors=_cursors(full[:start]),
+                               last_stream=full[start - 1]["_cursor"][0], **kw))
+        assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[start:]], f"start_batch={start}"
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[start:]))
+        assert [b["_skips"] for b in resumed] == [b["_skips"] for b in full[start:]]
+        assert [b["_cursor"] for b in resumed] == [b["_cursor"] for b in full[start:]]
+    with pytest.raises(ValueError, match="counted cursors"):
+        _loader(spec, start_batch=2, cursors=_cursors(full[:2], counted=False), last_stream=0, **kw)
+    with pytest.raises(ValueError, match="counted cursors"):
+        _loader(spec, start_batch=2, cursors=_cursors(full[:2]), **kw)
 
 
 def _skip_totals(batches):

@@ -516,17 +516,22 @@ class _TrainStream(IterableDataset):
     worker_batches: int | None  # resampled: batches per worker per (virtual) epoch; None = forever
     start_batch: int
     draft_size: int | None
-    # stream -> its cursor after its last consumed batch (the "_cursor" of that batch): lets the stream
-    # skip the raw samples of the consumed batches without decoding or transforming them
-    cursors: dict[int, int] | None = None
+    # stream -> (raw samples up to the end of its last consumed batch, batches it made): from the "_cursor"
+    # of that batch; lets the stream skip the consumed batches' raw samples without decoding them
+    cursors: dict[int, tuple[int, int | None]] | None = None
+    last_stream: int | None = None  # epoch mode: the stream of the last consumed batch
     _progress: dict = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         physical, num_workers = _worker()
-        # The DataLoader fetches batch g from physical worker g % num_workers, starting at 0.
-        # After start_batch batches the next one belongs to stream start_batch % num_workers,
-        # so physical worker p plays stream (p + start_batch) % num_workers.
-        worker = (physical + self.start_batch) % num_workers
+        # The DataLoader asks its physical workers in turn, starting at 0, and drops a worker for good
+        # when it runs dry (epoch mode: streams end at different batches); the order is round robin
+        # over the streams still running. After the batches consumed so far the next one belongs to the
+        # stream after the last consumed batch's (resampled: start_batch % num_workers, as no stream
+        # ends early), so physical worker p plays stream (p + rotation) % num_workers; a stream that
+        # had run dry yields nothing again and is dropped at its first turn, as before.
+        rotation = self.start_batch if self.last_stream is None else self.last_stream + 1
+        worker = (physical + rotation) % num_workers
         wseed = worker_seed(self.seed, self.rank, worker, self.epoch)
         skips = _Skips(self.strict, f"rank {self.rank} worker {worker}")
         self._progress = {"shards": 0, "last_good": 0}
@@ -538,11 +543,12 @@ class _TrainStream(IterableDataset):
         discard, made = self._discard(worker, num_workers), 0
         cursor = (self.cursors or {}).get(worker)
         if discard and cursor is not None:  # fast-forward: skip the consumed batches' raw samples undecoded
-            raws = itertools.islice(raws, cursor, None)
+            raws = itertools.islice(raws, cursor[0], None)
             made = discard
         samples = self._transformed(raws, skips, _PrivateTorchRNG(0), _sub_seed(wseed, "torch"))
-        for batch in _batches(samples, self.batch_size, skips, self.drop_last, self.worker_batches, discard, made):
-            batch["_cursor"] = (worker, batch.pop("_last") + 1)
+        for n, batch in enumerate(_batches(samples, self.batch_size, skips, self.drop_last, self.worker_batches,
+                                           discard, made), start=discard + 1):
+            batch["_cursor"] = (worker, batch.pop("_last") + 1, n)
             yield batch
         if skips.summary():
             log.info("[data rank %d worker %d] epoch %d done; skips: %s", self.rank, worker, self.epoch,
@@ -610,7 +616,13 @@ class _TrainStream(IterableDataset):
             raise _TransformFailed() from e
 
     def _discard(self, worker: int, num_workers: int) -> int:
-        # stream `worker` made batches worker, worker + W, ... of the start_batch already used
+        """How many batches of stream ``worker`` were consumed before this loader started."""
+        cursor = (self.cursors or {}).get(worker)
+        if cursor is not None and cursor[1] is not None:
+            return cursor[1]  # counted: exact whether or not streams ended early
+        if self.last_stream is not None:
+            return 0  # epoch mode resumes from counted cursors only; a stream without one had made none
+        # resampled, round robin from the start: stream `worker` made batches worker, worker + W, ...
         return max(0, (self.start_batch - worker + num_workers - 1) // num_workers)
 
 
@@ -704,7 +716,8 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
                        seed: int, mode: str = "resampled", workers: int = 2, shuffle_buffer: int = 1000,
                        weights: Sequence[float] | None = None, strict: bool = False, epoch: int = 0,
                        num_samples: int | None = None, drop_last: bool = False, start_batch: int = 0,
-                       cursors: dict[int, int] | None = None, pin_memory: bool = False) -> DataLoader:
+                       cursors: dict | None = None, last_stream: int | None = None,
+                       pin_memory: bool = False) -> DataLoader:
     """Training batches for one rank: dicts of stacked views + "__key__", "__url__", "_skips".
 
     sources: a spec ("a/{00000..00015}.tar::b/{0..9}.tar"), a list of specs, or expand_urls'
@@ -715,12 +728,17 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
         num_samples samples (ceil(num_samples / (world_size * batch_size * workers)) batches).
         "epoch" reads each shard once (shards shuffled by seed+epoch, split by rank then
         worker); fails fast via check_epoch_shards when there are fewer shards than readers.
-    start_batch (resampled only): batches of this loader already consumed in this epoch;
-        each worker skips its share so the batches that follow are those an uninterrupted run
-        would have produced. cursors: {stream: the "_cursor" of the stream's last consumed batch},
-        as the trainer keeps them in its checkpoints: a stream with one skips the raw samples (tar reading and
-        shuffling only: nothing decoded or transformed); a stream without one replays its batches.
-    Every batch carries "_cursor" = (stream, raw samples of the stream up to its end).
+    start_batch: batches of this loader already consumed in this epoch; each stream (one per
+        worker) skips its share so the batches that follow are those an uninterrupted run would
+        have produced. cursors: {stream: (end, made)} from the "_cursor" of each stream's last
+        consumed batch, as the trainer keeps them in its checkpoints: a stream with one skips its
+        first ``end`` raw samples (tar reading and shuffling only: nothing decoded or transformed).
+        Resampled mode: a stream without one replays (decodes and drops) its batches; a bare
+        ``end`` (checkpoints from before ``made`` was saved) is accepted. Epoch mode needs the
+        counted cursors and last_stream (the stream of the last consumed batch), as its streams
+        end at different batches.
+    Every batch carries "_cursor" = (stream, raw samples of the stream up to its end, batches of
+    the stream up to and including it).
     Rebuild the loader with the next ``epoch`` for a new epoch / virtual epoch.
     """
     if mode not in ("resampled", "epoch"):
@@ -732,18 +750,15 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
     weights = _check_weights(weights, srcs, mode)
     if mode == "epoch":
         check_epoch_shards(sum(len(s) for s in srcs), world_size, workers)
-        if start_batch:
-            raise ValueError("start_batch needs mode='resampled'; epoch mode resumes at epoch boundaries.")
     readers = world_size * max(workers, 1)
     worker_batches = None
     if mode == "resampled" and num_samples:
         worker_batches = math.ceil(num_samples / (readers * batch_size))
-    if cursors and not start_batch:
-        raise ValueError("cursors need start_batch: they locate the batches already consumed.")
+    cursors = _check_position(start_batch, cursors, last_stream, mode, max(workers, 1))
     dataset = _TrainStream(srcs, sample_transform, batch_size, rank, world_size, seed, epoch, mode,
                            shuffle_buffer, weights, strict, drop_last, worker_batches, start_batch,
-                           getattr(sample_transform, "draft_size", None),
-                           {int(k): int(v) for k, v in cursors.items()} if cursors else None)
+                           getattr(sample_transform, "draft_size", None), cursors,
+                           None if last_stream is None else int(last_stream))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                         pin_memory=pin_memory, prefetch_factor=2 if workers else None,
                         worker_init_fn=_ignore_stop_signals,
@@ -756,6 +771,33 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
     else:
         loader.num_batches = None
     return loader
+
+
+def _check_position(start_batch: int, cursors: dict | None, last_stream: int | None, mode: str,
+                    streams: int) -> dict[int, tuple[int, int | None]] | None:
+    """build_train_loader's resume position, checked; cursors as {stream: (end, made or None)}."""
+    if start_batch < 0:
+        raise ValueError(f"start_batch={start_batch}: a count of consumed batches cannot be negative.")
+    if (cursors or last_stream is not None) and not start_batch:
+        raise ValueError("cursors and last_stream need start_batch: they locate the batches already consumed.")
+    out = {}
+    for k, v in (cursors or {}).items():
+        end, made = (v, None) if isinstance(v, (int, float)) else (v[0], v[1] if len(v) > 1 else None)
+        out[int(k)] = (int(end), None if made is None else int(made))
+        if not 0 <= int(k) < streams:
+            raise ValueError(f"cursors name stream {k}, but this loader has {streams} (data.workers); "
+                             "cursors only fit the worker count they were saved with.")
+    counted = bool(out) and all(made is not None for _, made in out.values())
+    if mode == "epoch" and start_batch and (not counted or last_stream is None):
+        raise ValueError("Epoch mode resumes mid-epoch only from counted cursors ({stream: (end, made)}) and "
+                         "last_stream, as its streams end at different batches; without them start the epoch "
+                         "over (start_batch=0).")
+    if counted and sum(made for _, made in out.values()) != start_batch:
+        raise ValueError(f"cursors count {sum(made for _, made in out.values())} consumed batches, start_batch "
+                         f"says {start_batch}: they are not from the same checkpoint.")
+    if last_stream is not None and not 0 <= int(last_stream) < streams:
+        raise ValueError(f"last_stream={last_stream}, but this loader has {streams} streams (data.workers).")
+    return out or None
 
 
 def _is_expanded(sources) -> bool:

@@ -86,10 +86,13 @@ def synthetic_sources(exp: Experiment) -> list[list[str]]:
     return [urls]
 
 
-def build_loader(exp: Experiment, method, sources, epoch: int, start_batch: int = 0, cursors: dict | None = None):
-    """The loader of one (virtual) epoch. Resampled mode is a pure function of (seed, epoch, rank,
-    worker), so ``start_batch`` resumes exactly where a checkpoint left off (``cursors``: where each
-    stream's consumed batches end, so they are skipped undecoded); epoch mode restarts the epoch."""
+def build_loader(exp: Experiment, method, sources, epoch: int, start_batch: int = 0, cursors: dict | None = None,
+                 last_stream: int | None = None):
+    """The loader of one (virtual) epoch. Both modes are pure functions of (seed, epoch, rank, worker),
+    so ``start_batch`` resumes exactly where a checkpoint left off (``cursors``: where each stream's
+    consumed batches end and how many it made, so they are skipped undecoded; ``last_stream``: the
+    stream of the last consumed batch, which epoch mode needs as its streams run dry at different
+    batches)."""
     from declip_ds.data.wds import build_train_loader, read_num_samples
 
     d = exp.data
@@ -98,8 +101,8 @@ def build_loader(exp: Experiment, method, sources, epoch: int, start_batch: int 
         sources, method.sample_transform(), exp.train.batch_size, rank=D.rank(), world_size=D.world_size(),
         seed=exp.train.seed, mode=d.mode, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
         weights=d.train_weights or None, strict=d.strict, epoch=epoch, num_samples=num_samples,
-        drop_last=True, start_batch=start_batch if d.mode == "resampled" else 0,
-        cursors=cursors if d.mode == "resampled" and start_batch else None,
+        drop_last=True, start_batch=start_batch, cursors=cursors if start_batch else None,
+        last_stream=last_stream if start_batch else None,
     )
 
 
@@ -420,6 +423,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         """Engine, optimizer, scheduler, RNG and method state of a checkpoint (or, if a file of it cannot
         be read, of the next older complete one); its data position. Newer tags in this run's
         checkpoints/ then belong to an abandoned branch and are moved aside."""
+        nonlocal last_stream
         found, client = C.resume_from(engine, method, found, exp.train.seed, to_dict(exp), world, zero_stage,
                                        exp.train.checkpoint_integrity)
         skipped_total.clear()  # the run's skip counts up to the checkpoint, summed over ranks
@@ -429,12 +433,16 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         position = (client["step"], client["samples_seen"], client.get("epoch", 0), client.get("epoch_batches", 0))
         cursors.clear()
         data = client.get("data") or {}
+        last_stream = None
         if (data.get("epoch"), data.get("epoch_batches"), data.get("workers")) == (*position[2:], exp.data.workers):
-            cursors.update({int(k): int(v) for k, v in data.get("cursors", {}).items()})
-        if exp.data.mode == "resampled" and position[3]:
+            for k, v in data.get("cursors", {}).items():  # [end, made]; a bare end before made was kept
+                cursors[int(k)] = (int(v), None) if isinstance(v, int) else (int(v[0]), int(v[1]))
+            last_stream = data.get("last_stream")
+        counted = bool(cursors) and last_stream is not None and all(m is not None for _, m in cursors.values())
+        if position[3] and (exp.data.mode == "resampled" or counted):
             log.info("data: resuming at batch %d of epoch %d; %s", position[3], position[2],
-                     f"{len(cursors)} loader stream(s) skip the {sum(cursors.values())} samples they had read, "
-                     f"without decoding them" if cursors else
+                     f"{len(cursors)} loader stream(s) skip the {sum(e for e, _ in cursors.values())} samples they "
+                     f"had read, without decoding them" if cursors else
                      "the checkpoint has no stream cursors for this world size and data.workers: the consumed "
                      "batches are decoded again and dropped")
         log.info("resumed from %s at step %d (%d samples seen)%s", found.path, position[0], position[1],
@@ -442,15 +450,21 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         saved_world = int(client.get("world_size") or found.world_size or world)
         if saved_world != world:
             position = _position_at_new_world_size(position, saved_world, world)
-        if exp.data.mode == "epoch" and position[3]:
-            log.warning("data.mode=epoch resumes at the start of epoch %d (%d batches of it are seen again); "
-                        "data.mode=resampled resumes at the exact batch", position[2], position[3])
+        if exp.data.mode == "epoch" and position[3] and not (counted and saved_world == world):
+            log.warning("data.mode=epoch resumes at the start of epoch %d (%d batches of it are seen again): the "
+                        "checkpoint's stream cursors do not fit this run (a different world size or data.workers, "
+                        "or a checkpoint from before they were counted)", position[2], position[3])
             position = (*position[:3], 0)
+            cursors.clear()
+            last_stream = None
         return position
 
     step, samples_seen, epoch, epoch_batches = 0, 0, 0, 0
     skipped_total = dict.fromkeys(SKIP_KINDS, 0)  # logged skips since the run began, summed over ranks
-    cursors: dict[int, int] = {}  # the loader's streams: where their consumed batches end (wds "_cursor")
+    # the loader's streams: where their consumed batches end and how many they made (wds "_cursor"), and
+    # the stream of the last consumed batch
+    cursors: dict[int, tuple[int, int | None]] = {}
+    last_stream: int | None = None
     torch.manual_seed(exp.train.seed * 1000 + rank)  # per-rank randomness (dropout, ...) from here on
     if target is None:
         log.info("no checkpoint to resume from (--resume %s, %s): starting at step 0", resume, run_dir / "checkpoints")
@@ -462,7 +476,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
 
     # 5. steps
     config_yaml = yaml.safe_dump(to_dict(exp), sort_keys=False)
-    data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches, cursors=cursors))
+    data_iter = iter(build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
     logger, meter = Logger(exp, run_dir, rank), Meter()
     bar = None
     if rank == 0:
@@ -475,19 +489,19 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         """The next micro-batch; when any rank's (virtual) epoch is over, all ranks start the next one
         together (ranks can run dry at different batches in epoch mode; a collective would hang).
         Batches recorded as bad by the guard (this run or an earlier one) are passed over."""
-        nonlocal data_iter, epoch, epoch_batches
+        nonlocal data_iter, epoch, epoch_batches, last_stream
         while True:
             batch = next(data_iter, None)
             if D.all_reduce_int(0 if batch is None else 1, op=dist.ReduceOp.MIN) == 0:
-                epoch, epoch_batches = epoch + 1, 0
+                epoch, epoch_batches, last_stream = epoch + 1, 0, None
                 cursors.clear()
                 data_iter = iter(build_loader(exp, method, sources, epoch))
                 batch = next(data_iter, None)
                 if batch is None:
                     raise RuntimeError(f"epoch {epoch} of the training data is empty on rank {rank}; check data.train_shards")
             epoch_batches += 1
-            stream, end = batch.pop("_cursor")
-            cursors[stream] = end
+            stream, end, made = batch.pop("_cursor")
+            cursors[stream], last_stream = (end, made), stream
             if not guard.is_known_bad(epoch, epoch_batches):
                 return batch
             log.warning("passing over batch %d of epoch %d: recorded in %s", epoch_batches, epoch, guard.path)
@@ -543,7 +557,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         if finish is not None:
             finish()
         step, samples_seen, epoch, epoch_batches = restore(back)  # also the guard's state (in_a_row = 0)
-        data_iter = iter(build_loader(exp, method, sources, epoch, start_batch=epoch_batches, cursors=cursors))
+        data_iter = iter(build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
         meter.sums, meter.count, meter.skips = {}, 0, {}  # the losses and skips of the steps rolled back
         if bar is not None:
             bar.n = step
@@ -657,7 +671,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             C.save(engine, method, run_dir / "checkpoints", step, client, config_yaml, exp.train.keep_last,
                    guard_state=guard.state_dict(), integrity=exp.train.checkpoint_integrity,
                    data_state={"epoch": epoch, "epoch_batches": epoch_batches, "workers": exp.data.workers,
-                               "cursors": dict(cursors)})
+                               "cursors": {k: list(v) for k, v in cursors.items()}, "last_stream": last_stream})
         if preempted:
             stop.consume()
             log.warning("stopping at step %d (%s): checkpoint saved; exit code %d; rerun the same command to "
