@@ -80,6 +80,8 @@ def evaluate(model, tokenizer, d: Path, *, scoring: str, token: dict, **kw) -> d
 
 
 def main(argv=None) -> int:
+    from declip_ds.models.pretrained import FORMATS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, step_XXXXXXXX dir or model.safetensors")
     p.add_argument("--data", "--dataset", dest="data", required=True, help="task dir or dir of task dirs")
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--templates", default="synthetic", help="synthetic (the task's templates.txt) | simple | imagenet80 | FILE")
     p.add_argument("--scoring", default=None, choices=["global", "token"],
                    help="global embeddings, or FILIP token-wise scoring (default: what the method trained for)")
-    p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"],
+    p.add_argument("--format", default="auto", choices=list(FORMATS),
                    help="checkpoint format (auto-detected by default)")
     from declip_ds.eval.zero_shot import add_token_args
     from declip_ds.models.pretrained import add_preprocess_args

@@ -31,14 +31,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    # timm model name ("vit_base_patch32_clip_224", "vit_base_patch16_clip_224", "resnet50_clip")
-    # or one of our tiny CPU flavours ("vit_tiny", "vit_custom" with the fields below).
+    # timm model name ("vit_base_patch32_clip_224", "vit_base_patch16_clip_224", "resnet50_clip"), one of
+    # our tiny CPU flavours ("vit_tiny", "vit_custom" with the fields below), or a plain timm ImageNet ViT as
+    # the official SLIP trains ("vit_small_mocov3_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
+    # "vit_small_patch16_224", or "vit_plain" with the fields below): no ln_pre, nn.GELU whatever quick_gelu says
     name: str = "vit_tiny"
     image_size: int = 64
-    patch_size: int = 8  # vit_custom / vit_tiny only
-    width: int = 128  # vit_custom / vit_tiny only
-    layers: int = 4  # vit_custom / vit_tiny only
-    heads: int = 4  # vit_custom / vit_tiny only
+    patch_size: int = 8  # vit_custom / vit_tiny / vit_plain only
+    width: int = 128  # vit_custom / vit_tiny / vit_plain only
+    layers: int = 4  # vit_custom / vit_tiny / vit_plain only
+    heads: int = 4  # vit_custom / vit_tiny / vit_plain only
     freeze_patch_embed: bool = False  # the reference code's frozen conv1 (MoCo-v3 trick)
     drop_path: float = 0.0
 

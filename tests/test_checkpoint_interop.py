@@ -308,6 +308,136 @@ def test_declip_release_rn50_without_bn_counters(rn50_ref, tmp_path):
 # ----------------------------------------------------------------------------- detection and refusals
 
 
+# ----------------------------------------------------------------------------- official SLIP checkpoints
+
+
+class _SlipRef(nn.Module):
+    """The official SLIP model's computation (its models.py CLIP): a timm ImageNet ViT, CLS out, times
+    image_projection; the text tower is OpenAI's (here the open_clip reference's, QuickGELU)."""
+
+    def __init__(self, text_ref, width=128, layers=2, heads=2, patch=8, size=32, seed=7):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        torch.manual_seed(seed)
+        self.visual = VisionTransformer(img_size=size, patch_size=patch, embed_dim=width, depth=layers,
+                                        num_heads=heads, num_classes=0)
+        embed = text_ref.text_projection.shape[1]
+        self.image_projection = nn.Parameter(width ** -0.5 * torch.randn(width, embed))
+        self.image_mlp = nn.Sequential(nn.Linear(width, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16))
+        _randomize(self, seed)
+        self.text_ref = text_ref
+
+    def encode_image(self, images):
+        return self.visual(images) @ self.image_projection
+
+    def encode_text(self, tokens):
+        return self.text_ref.encode_text(tokens)
+
+    def slip_state(self) -> dict[str, torch.Tensor]:
+        """SLIP's model.state_dict() under DDP: visual.*, image_projection, image_mlp.*, OpenAI text names."""
+        sd = {k: v for k, v in _state(self).items() if not k.startswith("text_ref.")}
+        sd.update({k: v for k, v in _state(self.text_ref).items() if not k.startswith("visual.")})
+        return {"module." + k: v for k, v in sd.items()}
+
+
+def _save_slip(path: Path, state: dict, **args) -> Path:
+    import argparse
+
+    torch.save({"epoch": 25, "state_dict": state, "optimizer": {"state": {}, "param_groups": []},
+                "scaler": {"scale": 65536.0}, "best_acc1": 42.8,
+                "args": argparse.Namespace(**{"ssl_mlp_dim": 4096, "ssl_emb_dim": 256, "betas": (0.9, 0.98), **args})},
+               path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slip_ref(vit_ref):
+    return _SlipRef(vit_ref).eval()
+
+
+def test_official_slip_checkpoint_matches_the_reference(slip_ref, tmp_path, caplog):
+    """SLIP's checkpoint_best.pt (its args Namespace included, nothing else unpickled): a timm ViT tower
+    (no ln_pre, nn.GELU, eps 1e-6) + image_projection and the QuickGELU text tower give SLIP's embeddings;
+    the SimCLR head is dropped; zero-shot preprocessing is SLIP's Resize(224) + CenterCrop(224), ImageNet
+    mean/std, bilinear."""
+    from declip_ds.models.pretrained import load_for_eval
+
+    path = _save_slip(tmp_path / "checkpoint_best.pt", slip_ref.slip_state(), model="SLIP_TINY")
+    assert _detect(path) == "slip"
+    with caplog.at_level(logging.INFO, logger="declip_ds.models.pretrained"):
+        model = load_pretrained(path)
+    assert model.cfg.vision.name == "vit_plain" and model.cfg.vision.heads == 2 and model.cfg.quick_gelu
+    assert model.visual.trunk.blocks[0].mlp.act.__class__ is nn.GELU and model.visual.ln_post.eps == 1e-6
+    assert "SLIP_TINY" in caplog.text and "image_mlp (9 tensors)" in caplog.text
+    _assert_same(model, slip_ref, 32)
+    assert model.logit_scale.item() == pytest.approx(slip_ref.text_ref.logit_scale.item())
+    em = load_for_eval(path)
+    assert _preprocess(em) == ("slip", "imagenet", "bilinear", 1.0)
+    from declip_ds.data.transforms import NORMALIZE
+
+    assert _resize_crop(em) == (32, "bilinear", (32, 32), NORMALIZE["imagenet"][0])
+    assert load_pretrained(path, format="slip").cfg == model.cfg
+    with pytest.raises(CheckpointFormatError, match="looks like 'slip'"):
+        load_pretrained(path, format="openai")
+    with pytest.raises(ValueError, match="Leave config out"):
+        load_pretrained(path, config={"quick_gelu": False})
+    evil = _save_slip(tmp_path / "evil.pt", slip_ref.slip_state(), model="SLIP_TINY", trap=_Evil())
+    with pytest.raises(CheckpointFormatError, match="Refusing to load"):
+        load_pretrained(evil)  # the Namespace is allowed, what it holds is not
+    assert EXECUTED == []
+    towers = {k: v for k, v in slip_ref.slip_state().items() if k.startswith(("module.visual.", "module.image_"))}
+    _save_slip(tmp_path / "image_only.pt", towers, model="SLIP_TINY")
+    with pytest.raises(CheckpointFormatError, match="no text tower"):
+        load_pretrained(tmp_path / "image_only.pt")
+
+
+def test_slip_tower_shapes_and_heads_come_from_args_model(caplog):
+    """SLIP's ViT-S is MoCo v3's (12 heads of 32), not timm's vit_small (6 of 64): args.model decides; without
+    it the shapes pick SLIP's tower (warned); a contradiction is an error."""
+    from declip_ds.models.pretrained import _slip_vision
+
+    def vit(width, layers):
+        st = {f"visual.blocks.{i}.norm1.weight": torch.empty(width, device="meta") for i in range(layers)}
+        st.update({"visual.cls_token": torch.empty(1, 1, width, device="meta"),
+                   "visual.pos_embed": torch.empty(1, 197, width, device="meta"),
+                   "visual.patch_embed.proj.weight": torch.empty(width, 3, 16, 16, device="meta"),
+                   "visual.blocks.0.mlp.fc1.weight": torch.empty(4 * width, width, device="meta"),
+                   "image_projection": torch.empty(width, 512, device="meta")})
+        return st
+
+    cfg, embed = _slip_vision(vit(384, 12), "SLIP_VITS16")
+    assert (cfg.name, cfg.image_size, embed) == ("vit_small_mocov3_patch16_224", 224, 512)
+    assert _slip_vision(vit(768, 12), "CLIP_VITB16")[0].name == "vit_base_patch16_224"
+    assert _slip_vision(vit(1024, 24), "SLIP_VITL16")[0].name == "vit_large_patch16_224"
+    with caplog.at_level(logging.WARNING, logger="declip_ds.models.pretrained"):
+        assert _slip_vision(vit(384, 12), None)[0].name == "vit_small_mocov3_patch16_224"
+    assert "does not record args.model" in caplog.text and "12 attention heads" in caplog.text
+    with pytest.raises(CheckpointFormatError, match="args.model='SLIP_VITB16' names vit_base_patch16_224.*width 384"):
+        _slip_vision(vit(384, 12), "SLIP_VITB16")
+    from declip_ds.models.vision import build_vision_tower
+
+    tower = build_vision_tower(cfg, 512)
+    assert tower.trunk.blocks[0].attn.num_heads == 12 and tower.trunk.embed_dim == 384 and len(tower.trunk.blocks) == 12
+
+
+def test_plain_vit_tower_is_timms_imagenet_vit():
+    """vit_base_patch16_224 (the official SLIP tower) is timm's model of that name: its weights load into our
+    trunk (norm -> ln_post) and the pooled output is timm's, bit for bit."""
+    import timm
+
+    from declip_ds.models.vision import build_vision_tower
+
+    ref = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=32).eval()
+    _randomize(ref, 9)
+    tower = build_vision_tower(VisionConfig(name="vit_base_patch16_224", image_size=32), 512).eval()
+    sd = {("ln_post." + k[5:]) if k.startswith("norm.") else "trunk." + k: v for k, v in ref.state_dict().items()}
+    tower.load_state_dict({**sd, "proj": tower.proj.detach()}, strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(tower(x)["pooled"], ref(x))
+
+
 def test_auto_detection_picks_each_format(vit_ref, tmp_path):
     sd = _state(vit_ref)
     save_file(sd, str(tmp_path / "a.safetensors"))
@@ -460,7 +590,10 @@ def test_export_refuses_what_open_clip_cannot_hold(tmp_path):
         export(tiny_rn, tmp_path / "a")
     with pytest.raises(ExportError, match="model.text.proj_bias"):
         export(build_model(_tiny_ours(text=dict(proj_bias=True))), tmp_path / "b", target="openai")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    plain = VisionConfig(name="vit_plain", image_size=32, patch_size=8, width=64, layers=1, heads=2)  # SLIP's kind
+    with pytest.raises(ExportError, match="model.vision.name='vit_plain'.*no ln_pre"):
+        export(build_model(_tiny_ours(vision=plain)), tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_export_cli_reports_errors(tmp_path):

@@ -14,7 +14,10 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.y
 def test_recipe_loads(path):
     exp = load_config(path)
     header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
-    if path.stem.endswith("_yfcc15m"):
+    if path.stem.endswith("_yfcc15m") and "_official_" in path.stem:  # a method's own repo: its own test
+        assert exp.method.name == path.stem.split("_")[0]
+        assert "deepspeed --hostfile hosts train.py" in header and "Expected" in header
+    elif path.stem.endswith("_yfcc15m"):
         method, arch = path.stem.split("_")[0], path.stem.split("_", 1)[1].rsplit("_", 1)[0]
         assert exp.method.name == method
         assert ("vit_base_patch32" in exp.model.vision.name) == (arch == "vit_b32")
@@ -94,3 +97,45 @@ def test_defilip_recipe_has_the_reference_hyperparameters():
     assert (c.topk, c.mask_padding, exp.model.token_dim) == (16, False, 256)
     assert c.view_scale == [0.2, 1.0] and c.zero_shot_scoring == "global"
     assert (exp.train.lr, exp.train.weight_decay) == (1e-3, 0.1)
+
+
+def test_official_slip_recipe_has_the_slip_repos_hyperparameters():
+    """METHODS.md §3 (official repo): timm ViT-B/16 + image_projection, OpenAI text tower and vocabulary,
+    SimCLR views, CLIP features gathered without gradient, LR 3e-3, wd 0.1 with SLIP's exemptions, 25 epochs
+    with 1 warmup epoch from 1e-6 and cosine to 1e-5 at a global batch of 4,096, logit scale in [0, ln 100],
+    Resize(224) + CenterCrop(224) zero-shot."""
+    import math
+
+    import torch
+
+    from declip_ds.registry import get_method
+    from declip_ds.train.engine import param_groups
+
+    path = next(p for p in RECIPES if p.stem == "slip_official_vit_b16_yfcc15m")
+    exp = load_config(path)
+    m, t, meth, d = exp.model, exp.train, exp.method, exp.data
+    assert (m.vision.name, m.vision.image_size, m.vision.freeze_patch_embed) == ("vit_base_patch16_224", 224, False)
+    assert (m.text.width, m.text.layers, m.text.heads, m.text.context_length, m.embed_dim) == (512, 12, 8, 77, 512)
+    assert m.vocab_size == 49408 and not m.text.proj_bias and m.quick_gelu
+    assert m.logit_scale_bounds[0] == 0.0 and math.isclose(m.logit_scale_bounds[1], math.log(100), abs_tol=1e-4)
+    assert m.logit_scale_exp_cap == 0.0 and math.isclose(m.logit_scale_init, math.log(1 / 0.07))
+    assert (meth.ssl_views, meth.ssl_feature, meth.clip_gather_grad) == ("simclr", "pooled", False)
+    assert (meth.clip_weight, meth.ssl_scale, meth.ssl_temperature, meth.ssl_mlp_dim, meth.ssl_emb_dim) == (
+        1.0, 1.0, 0.1, 4096, 256)
+    assert d.rrc_scale == [0.5, 1.0] and d.normalize == "imagenet" and d.num_samples == 15388848
+    ranks = 32  # "4 nodes x 8 GPUs"
+    assert "4 nodes x 8 GPUs = 32 ranks" in path.read_text() and t.batch_size * t.grad_accum * ranks == 4096
+    assert t.steps == math.ceil(25 * d.num_samples / 4096) and t.warmup_steps == d.num_samples // 4096
+    assert (t.lr, t.warmup_init_lr, t.min_lr, t.weight_decay) == (3e-3, 1e-6, 1e-5, 0.1)
+    assert (t.betas, t.eps, t.grad_clip) == ([0.9, 0.98], 1e-8, 0.0)
+    assert (exp.eval.templates, exp.eval.interpolation, exp.eval.crop_ratio) == ("imagenet80", "bilinear", 1.0)
+    # SLIP's weight-decay rule (main.py: p.ndim < 2 or 'bias' / 'ln' / 'bn' in the name -> no decay) picks the
+    # same parameters as ours under this recipe
+    with torch.device("meta"):
+        method = get_method("slip")(exp)
+    groups = param_groups(method, t.weight_decay, t.no_decay_embeddings, t.decay_attention_in_proj_bias)
+    decayed = {id(p) for p in groups[0]["params"]}
+    named = list(method.named_parameters())
+    slip_rule = {n for n, p in named if p.ndim < 2 or any(s in n for s in ("bias", "ln", "bn"))}
+    assert {n for n, p in named if id(p) not in decayed} == slip_rule
+    assert "model.visual.trunk.cls_token" not in slip_rule and method.model.visual.trunk.blocks[0].attn.num_heads == 12

@@ -314,6 +314,8 @@ def evaluate_linear_probe(model, train_root, test_root, *, model_id: str, cache_
 
 
 def main(argv=None) -> int:
+    from declip_ds.models.pretrained import FORMATS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, step_XXXXXXXX dir or model.safetensors")
     p.add_argument("--train", required=True, help="train split: image folder or labelled shard dir")
@@ -326,7 +328,7 @@ def main(argv=None) -> int:
     p.add_argument("--label-key", default="cls", help="label member of shards")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"],
+    p.add_argument("--format", default="auto", choices=list(FORMATS),
                    help="checkpoint format (auto-detected by default)")
     from declip_ds.models.pretrained import add_preprocess_args
 

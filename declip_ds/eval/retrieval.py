@@ -271,13 +271,15 @@ def evaluate_retrieval(model, tokenizer, data, *, image_size: int = 224, normali
 
 
 def main(argv=None) -> int:
+    from declip_ds.models.pretrained import FORMATS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, step_XXXXXXXX dir or model.safetensors")
     p.add_argument("--data", required=True, help="shard dir, captions file (.tsv/.json) or dir holding one")
     p.add_argument("--name", default=None, help="dataset name in the results (default: from --data)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"],
+    p.add_argument("--format", default="auto", choices=list(FORMATS),
                    help="checkpoint format (auto-detected by default)")
     from declip_ds.models.pretrained import add_preprocess_args
 

@@ -162,6 +162,7 @@ def format_skipped(records: list[dict]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from declip_ds.eval.linear_probe import DEFAULT_CACHE
+    from declip_ds.models.pretrained import FORMATS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="run dir, checkpoints dir, step dir, model.safetensors, or an OpenAI / "
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     from declip_ds.eval.zero_shot import add_token_args
 
     add_token_args(p)
-    p.add_argument("--format", default="auto", choices=["auto", "ours", "openai", "open_clip", "declip"])
+    p.add_argument("--format", default="auto", choices=list(FORMATS))
     from declip_ds.models.pretrained import add_preprocess_args
 
     add_preprocess_args(p)

@@ -16,6 +16,12 @@ declip      the DeCLIP repo's releases (shared/METHODS.md §9): ``{"model": ...,
             removed here so the standard tokenizer works), ``text_projection`` an ``nn.Linear`` with
             bias (kept: ``TextConfig.proj_bias=True``), method heads (dropped, logged), FILIP's
             ``image_mapping`` / ``text_mapping`` (kept as our token heads).
+slip        the official SLIP repo's checkpoints (``checkpoint_best.pt``: ``{"state_dict": ..., "args":
+            Namespace(model="SLIP_VITB16", ...), ...}``, keys under ``module.``): a timm ImageNet ViT under
+            ``visual.*`` (no ln_pre, nn.GELU; ViT-S is MoCo v3's, 12 heads), ``image_projection`` (width, E),
+            OpenAI's text names (QuickGELU), and the SimCLR head ``image_mlp.*`` (dropped, logged). The
+            ``args`` Namespace is the one object besides tensors and containers that is unpickled; its
+            ``model`` names the tower (heads included).
 
 Files: safetensors, or torch files that ``torch.load(weights_only=True)`` reads (a state dict, or a
 dict holding it under ``state_dict`` / ``model``). A pickle that holds anything else (custom
@@ -30,7 +36,8 @@ a warning (DeCLIP releases: QuickGELU, their reference's activation).
 
 ``load_for_eval`` adds the evaluation preprocessing (``EvalModel.transform()``): the run's config for
 ours, OpenAI's Resize(224) bicubic + CenterCrop(224) with OpenAI mean/std for openai / open_clip, the
-DeCLIP repo's Resize(256) bilinear + CenterCrop(224) with ImageNet mean/std for declip, overridden by a
+DeCLIP repo's Resize(256) bilinear + CenterCrop(224) with ImageNet mean/std for declip, SLIP's
+Resize(224) bilinear + CenterCrop(224) with ImageNet mean/std for slip, overridden by a
 ``preprocess_cfg`` next to the weights and then by explicit arguments.
 
 The architecture is inferred from the shapes: ViT (any width / depth / patch / image size; the
@@ -40,6 +47,7 @@ B/32 and B/16 shapes map onto timm's named towers) or the standard RN50 Modified
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -58,8 +66,8 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "ours", "openai", "open_clip", "declip")
-FAMILY = {"ours": "ours", "openai": "openai", "open_clip": "openai", "declip": "declip"}
+FORMATS = ("auto", "ours", "openai", "open_clip", "declip", "slip")
+FAMILY = {"ours": "ours", "openai": "openai", "open_clip": "openai", "declip": "declip", "slip": "slip"}
 
 OPENAI_VOCAB = 49408  # OpenAI's BPE vocabulary (SOT 49406, EOT 49407)
 DECLIP_MASK_ROW = 49406  # DeCLIP inserts <|mask|> here (mask 49406, SOT 49407, EOT 49408)
@@ -69,6 +77,10 @@ DECLIP_HEADS = ("projector", "predictor", "text_label_predictor", "predictor_sim
                 "projector_text", "predictor_text", "projector_nn_text", "predictor_nn_text",
                 "projector_d", "predictor_d", "nn_replacer_img", "nn_replacer_text")
 TOKEN_HEADS = ("image_mapping", "text_mapping")  # FILIP token projections: same names as ours
+# the official SLIP repo's model names (args.model = "SLIP_VITB16", "CLIP_VITL16", ...) -> our plain ViT towers
+SLIP_TOWERS = {"VITS16": "vit_small_mocov3_patch16_224", "VITB16": "vit_base_patch16_224",
+               "VITL16": "vit_large_patch16_224"}
+SLIP_HEADS = ("image_mlp",)  # the SimCLR head, not needed for the towers
 # preferred weight files inside a directory holding an exported / open_clip model
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors",
                 "pytorch_model.bin", "model.pt", "model.pth")
@@ -165,7 +177,9 @@ def _torch_load(path: Path) -> Any:
     def load(mmap: bool):
         with warnings.catch_warnings():  # torch warns before refusing a TorchScript archive
             warnings.simplefilter("ignore")
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            # the official SLIP checkpoints keep their argparse Namespace under "args" (plain attributes)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
 
     try:
         try:
@@ -228,6 +242,7 @@ class _Source:
     wrapper: str | None = None  # "state_dict" / "model" when the tensors sat inside a dict
     extra_keys: list[str] = field(default_factory=list)  # the wrapper's other entries
     stripped_module: bool = False
+    meta: dict = field(default_factory=dict)  # e.g. {"model": "SLIP_VITB16"} from a SLIP checkpoint's args
 
 
 def _read_state(path: Path) -> _Source:
@@ -239,8 +254,11 @@ def _read_state(path: Path) -> _Source:
         obj: Any = load_file(str(path))
     else:
         obj = _torch_load(path)
-    wrapper, extra = None, []
+    wrapper, extra, meta = None, [], {}
     if isinstance(obj, dict):
+        args = obj.get("args")
+        if isinstance(args, argparse.Namespace) and isinstance(getattr(args, "model", None), str):
+            meta["model"] = args.model
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 wrapper, extra = key, sorted(str(k) for k in obj if k != key)
@@ -257,7 +275,7 @@ def _read_state(path: Path) -> _Source:
     stripped = all(k.startswith("module.") for k in state)
     if stripped:  # DistributedDataParallel / the DeCLIP repo's DistModule wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
-    return _Source(path, state, wrapper, extra, stripped)
+    return _Source(path, state, wrapper, extra, stripped, meta)
 
 
 def _weights_in_dir(d: Path) -> Path:
@@ -295,6 +313,8 @@ def _family_of_keys(keys) -> str | None:
         return "declip"
     if any(k.startswith(("model.visual.", "model.text.", "visual.trunk.")) for k in keys):
         return "ours"
+    if "image_projection" in keys and any(k.startswith("visual.blocks.") for k in keys):
+        return "slip"
     has_text = "token_embedding.weight" in keys or "text.token_embedding.weight" in keys
     if has_text and any(k.startswith("visual.") for k in keys):
         return "openai"
@@ -320,6 +340,9 @@ def _inspect(path: Path) -> tuple[str, _Source | None, str]:
     if family == "declip":
         text = "encode_text" if any(k.startswith("encode_text.") for k in src.state) else "text_encoder (SLIP)"
         return "declip", src, f"DeCLIP-repo release ({text}.*, wrapper '{src.wrapper}', other entries {src.extra_keys})"
+    if family == "slip":
+        return "slip", src, (f"official SLIP checkpoint (timm ViT visual.*, image_projection; args.model "
+                             f"{src.meta.get('model', 'not recorded')!r}, other entries {src.extra_keys})")
     if family == "openai":
         open_clip_marks = src.wrapper == "state_dict" or "text.token_embedding.weight" in src.state or (
             _sidecar_config(path, quiet=True) is not None)
@@ -329,7 +352,8 @@ def _inspect(path: Path) -> tuple[str, _Source | None, str]:
     raise CheckpointFormatError(
         f"Could not recognise the checkpoint format of '{path}' (first keys: {sample}). Known: declip_ds "
         f"checkpoints (format='ours'), OpenAI/open_clip CLIP state dicts ('openai' / 'open_clip': visual.*, "
-        f"token_embedding.weight, ...), DeCLIP-repo releases ('declip': module.visual.*, module.encode_text.*)."
+        f"token_embedding.weight, ...), DeCLIP-repo releases ('declip': module.visual.*, module.encode_text.*), "
+        f"official SLIP checkpoints ('slip': module.visual.blocks.*, module.image_projection, text names as OpenAI's)."
     )
 
 
@@ -527,8 +551,8 @@ def _infer_vision(state: dict, hints: dict):
     sample = sorted(k for k in state if k.startswith("visual."))[:6]
     raise CheckpointFormatError(
         f"Unrecognised image tower (keys like {sample}): expected OpenAI's ViT (visual.conv1.weight, "
-        f"visual.class_embedding, ...) or ModifiedResNet (visual.layer1.0.conv1.weight, ...) names. timm-style "
-        f"towers (e.g. the official SLIP releases) are not supported."
+        f"visual.class_embedding, ...) or ModifiedResNet (visual.layer1.0.conv1.weight, ...) names. (timm ViT "
+        f"names with an image_projection are the official SLIP layout: format='slip'.)"
     )
 
 
@@ -657,10 +681,91 @@ def _openai_to_ours(state: dict, hints: dict | None, family: str):
     return cfg, ours, origin
 
 
+def _slip_vision(state: dict, model: str | None):
+    """(VisionConfig, embed_dim) of an official SLIP checkpoint's timm ViT; ``model``: its args.model."""
+    from declip_ds.config import VisionConfig
+    from declip_ds.models.vision import PLAIN_VITS
+
+    width = state["visual.cls_token"].shape[-1]
+    layers = _count_blocks(state, "visual.blocks.")
+    patch = state["visual.patch_embed.proj.weight"].shape[-1]
+    n = state["visual.pos_embed"].shape[1] - 1
+    grid = math.isqrt(n)
+    if grid * grid != n or state["visual.patch_embed.proj.weight"].shape[-2] != patch:
+        raise CheckpointFormatError(f"Non-square ViT patches or grid: visual.pos_embed "
+                                    f"{tuple(state['visual.pos_embed'].shape)}, patch {patch}.")
+    fc = state.get("visual.blocks.0.mlp.fc1.weight")
+    if fc is not None and fc.shape[0] != 4 * width:
+        raise CheckpointFormatError(f"visual.blocks.0.mlp.fc1.weight {tuple(fc.shape)}: an MLP ratio other than 4 "
+                                    f"is not supported (width {width}).")
+    shape = (width, layers, patch, grid * patch)
+    named = {k: v for k, v in PLAIN_VITS.items() if v is not None}
+    tower = SLIP_TOWERS.get((model or "").rsplit("_", 1)[-1])
+    if tower is not None and (named[tower][0], named[tower][1], named[tower][3]) != shape[:3]:
+        raise CheckpointFormatError(f"args.model={model!r} names {tower} (width {named[tower][0]}, "
+                                    f"{named[tower][1]} blocks, patch {named[tower][3]}), but visual.* has width "
+                                    f"{width}, {layers} blocks, patch {patch}: the checkpoint is inconsistent.")
+    if tower is None:
+        candidates = [k for k in SLIP_TOWERS.values() if (named[k][0], named[k][1], named[k][3]) == shape[:3]]
+        if candidates:
+            tower = candidates[0]
+            log.warning("The SLIP checkpoint does not record args.model (%r): %s from the shapes (width %d, %d "
+                        "blocks), with %d attention heads as SLIP builds it", model, tower, width, layers,
+                        named[tower][2])
+    if tower is not None:
+        return VisionConfig(name=tower, image_size=grid * patch), state["image_projection"].shape[1]
+    heads = max(1, width // 64)
+    log.warning("SLIP checkpoint with a ViT SLIP never released (width %d, %d blocks, patch %d; args.model %r): "
+                "vit_plain with heads = width // 64 = %d", width, layers, patch, model, heads)
+    cfg = VisionConfig(name="vit_plain", image_size=grid * patch, patch_size=patch, width=width, layers=layers,
+                       heads=heads)
+    return cfg, state["image_projection"].shape[1]
+
+
+def _slip_to_ours(state: dict, meta: dict):
+    """(ModelConfig, our state dict, {our key: source key}) from an official SLIP model state (``module.``
+    stripped): visual.norm -> ln_post, visual.* -> visual.trunk.*, image_projection -> visual.proj, the
+    text tower by OpenAI's names; the SimCLR head is dropped."""
+    from declip_ds.config import ModelConfig
+
+    if "token_embedding.weight" not in state:
+        raise CheckpointFormatError("The SLIP checkpoint has no text tower (a SIMCLR_* model?): zero-shot "
+                                    "evaluation needs one; evaluate its image tower by linear probing elsewhere.")
+    vision, embed_dim = _slip_vision(state, meta.get("model"))
+    text, e_txt = _infer_text(state, {})
+    if e_txt is not None and e_txt != embed_dim:
+        raise CheckpointFormatError(f"image_projection gives embed_dim {embed_dim}, text_projection {e_txt}.")
+    cfg = ModelConfig(vision=vision, text=text, embed_dim=embed_dim, quick_gelu=True)  # SLIP's text: QuickGELU
+    if "logit_scale" in state:
+        cfg.logit_scale_init = float(state["logit_scale"].reshape(-1)[0])
+    ours, origin, dropped = {}, {}, Counter()
+    for k, v in state.items():
+        if k.split(".")[0] in SLIP_HEADS:
+            dropped[k.split(".")[0]] += 1
+            continue
+        if k.startswith("visual.norm."):
+            new = "visual.ln_post." + k[len("visual.norm."):]
+        elif k.startswith("visual."):
+            new = "visual.trunk." + k[len("visual."):]
+        elif k == "image_projection":
+            new = "visual.proj"
+        elif TEXT_KEYS.fullmatch(k):
+            new = "text." + k
+        elif k == "logit_scale":
+            new, v = k, v.reshape(1)
+        else:
+            new = f"<unmapped> {k}"
+        ours[new], origin[new] = v, k
+    if dropped:
+        log.info("SLIP checkpoint: dropped the SimCLR head, not needed for the towers: %s",
+                 ", ".join(f"{g} ({n} tensors)" for g, n in sorted(dropped.items())))
+    return cfg, ours, origin
+
+
 def _describe(cfg) -> str:
     v, t = cfg.vision, cfg.text
     vis = f"{v.name} {v.image_size}px"
-    if v.name == "vit_custom":
+    if v.name in ("vit_custom", "vit_plain"):
         vis += f" (width {v.width}, {v.layers} layers, {v.heads} heads, patch {v.patch_size})"
     return (f"{vis}; text width {t.width}, {t.layers} layers, {t.heads} heads, context {t.context_length}"
             f"{', projection with bias' if t.proj_bias else ''}; embed_dim {cfg.embed_dim}"
@@ -700,7 +805,7 @@ def load_strict(model, state: dict, what: str, origin: dict | None = None) -> No
 def load_pretrained(path: str | Path, format: str = "auto", *, config: dict | str | Path | None = None):
     """A DualEncoder (eval mode) with the weights of ``path``; see the module docstring for the formats.
 
-    format: auto | ours | openai | open_clip | declip. ``auto`` detects the format from the keys and
+    format: auto | ours | openai | open_clip | declip | slip. ``auto`` detects the format from the keys and
     logs what it found. config: an open_clip model config (dict or JSON path) for the fields the
     shapes cannot tell (attention heads, activation); by default one next to the weights is used.
     The returned model uses the standard OpenAI token layout (a DeCLIP release's mask-token row is
@@ -738,6 +843,15 @@ def _load_external(fmt: str, src: _Source, config: dict | str | Path | None):
             f"format='{fmt}' was requested, but '{src.path}' does not have that layout"
             f"{f' (it looks like {found!r})' if found else ''}; use format='auto' to detect it."
         )
+    if FAMILY[fmt] == "slip":
+        if config is not None:
+            raise ValueError("config= describes open_clip models; an official SLIP checkpoint's architecture comes "
+                             "from its args.model and the shapes. Leave config out.")
+        cfg, ours, origin = _slip_to_ours(src.state, src.meta)
+        log.info("%s (%s): %s", src.path, fmt, _describe(cfg))
+        model = build_model(cfg)
+        load_strict(model, ours, f"'{src.path}' (format '{fmt}', inferred {_describe(cfg)})", origin)
+        return model.eval()
     state = _declip_to_openai(src.state) if FAMILY[fmt] == "declip" else src.state
     if isinstance(config, (str, Path)):
         data = json.loads(Path(config).read_text())
@@ -758,6 +872,7 @@ FORMAT_PREPROCESS = {
     "openai": ("openai", "bicubic", 1.0),      # OpenAI's clip.load: Resize(224, bicubic) + CenterCrop(224)
     "open_clip": ("openai", "bicubic", 1.0),   # open_clip's PreprocessCfg defaults (resize_mode "shortest")
     "declip": ("imagenet", "bilinear", 224 / 256),  # the DeCLIP repo: Resize(256) + CenterCrop(224) (METHODS §7, §9)
+    "slip": ("imagenet", "bilinear", 1.0),  # SLIP's eval_zeroshot.py: Resize(224) + CenterCrop(224) (METHODS §3)
 }
 # our top-level key in open_clip_config.json (open_clip reads only model_cfg / preprocess_cfg): what
 # open_clip's preprocess_cfg cannot say, i.e. {"crop_ratio": 0.875} for Resize(256) + CenterCrop(224)
@@ -857,7 +972,7 @@ class EvalModel:
 
     model: Any                  # DualEncoder in eval mode
     weights: Path               # the weights file (or directory) that was read
-    format: str                 # ours | openai | open_clip | declip
+    format: str                 # ours | openai | open_clip | declip | slip
     name: str                   # "<method>/<vision>" for ours, "<format>/<vision>" otherwise
     config_hash: str            # ours: the run config's hash; otherwise the inferred architecture's
     image_size: int
@@ -953,6 +1068,7 @@ def load_for_eval(path: str | Path, format: str = "auto", *, normalize=None, int
       openai /    "openai" mean/std, bicubic, crop_ratio 1.0 (Resize(224) + CenterCrop(224), as OpenAI)
       open_clip
       declip      "imagenet" mean/std, bilinear, crop_ratio 224/256 (Resize(256) + CenterCrop(224))
+      slip        "imagenet" mean/std, bilinear, crop_ratio 1.0 (Resize(224) + CenterCrop(224), as SLIP)
       sidecar     an external checkpoint's preprocess_cfg (open_clip_config.json, X.json, or the export's
                   X.preprocess.json, or ``config=``): mean/std ("imagenet"/"openai" when they match, else the
                   pair), interpolation, resize_mode "shortest" = crop_ratio 1.0 unless our "declip_ds":

@@ -43,14 +43,25 @@ TIMM_VITS = {
 }
 TIMM_RESNETS = {"resnet50_clip": "resnet50_clip"}
 CUSTOM_VITS = ("vit_tiny", "vit_custom")  # architecture read from the VisionConfig fields
+# timm's ImageNet ViT design (no ln_pre, LayerNorm eps 1e-6, nn.GELU, patch-embedding bias): the official
+# SLIP towers (METHODS.md §3). name -> (width, layers, heads, patch, image size); "vit_plain" reads the
+# VisionConfig fields. SLIP's ViT-S is MoCo v3's (12 heads of 32), not timm's vit_small (6 of 64).
+PLAIN_VITS = {
+    "vit_small_patch16_224": (384, 12, 6, 16, 224),
+    "vit_small_mocov3_patch16_224": (384, 12, 12, 16, 224),
+    "vit_base_patch16_224": (768, 12, 12, 16, 224),
+    "vit_large_patch16_224": (1024, 24, 16, 16, 224),
+    "vit_plain": None,
+}
 # OpenAI's ModifiedResNet layout (timm ByobNet, attention pool) shrunk for CPU runs: one bottleneck
 # per stage, widths from VisionConfig.width, total stride 16 (a 4x4 map at 64 px)
 CUSTOM_RESNETS = ("resnet_tiny_clip",)
-SUPPORTED = tuple(sorted([*TIMM_VITS, *TIMM_RESNETS, *CUSTOM_VITS, *CUSTOM_RESNETS]))
+SUPPORTED = tuple(sorted([*TIMM_VITS, *TIMM_RESNETS, *CUSTOM_VITS, *PLAIN_VITS, *CUSTOM_RESNETS]))
 
 
 class ViTTower(nn.Module):
-    """A pre-norm CLIP ViT: timm trunk (patch embed, CLS, pos embed, ln_pre, blocks) + ln_post + proj."""
+    """A CLIP ViT: timm trunk (patch embed, CLS, pos embed, ln_pre, blocks) + ln_post + proj. The plain
+    (SLIP) ViTs have no ln_pre; their final norm is ln_post and proj is SLIP's image_projection."""
 
     def __init__(self, trunk: VisionTransformer, embed_dim: int, freeze_patch_embed: bool = False):
         super().__init__()
@@ -126,6 +137,18 @@ def _custom_vit(cfg: VisionConfig, quick_gelu: bool = True) -> VisionTransformer
     )
 
 
+def _plain_vit(cfg: VisionConfig) -> VisionTransformer:
+    """timm's ImageNet ViT (VisionTransformer's defaults: no ln_pre, LayerNorm eps 1e-6, nn.GELU, qkv and
+    patch-embedding biases, CLS token), the shape from PLAIN_VITS or, for vit_plain, the config fields."""
+    # the named shapes' image size (224) is their default; the position embedding follows model.vision.image_size
+    width, layers, heads, patch, _ = PLAIN_VITS[cfg.name] or (cfg.width, cfg.layers, cfg.heads, cfg.patch_size, None)
+    if width % heads:
+        raise ValueError(f"model.vision.width ({width}) must be divisible by model.vision.heads ({heads}).")
+    _check_divisible(cfg, patch)
+    return VisionTransformer(img_size=cfg.image_size, patch_size=patch, embed_dim=width, depth=layers,
+                             num_heads=heads, num_classes=0, drop_path_rate=cfg.drop_path)
+
+
 def _tiny_resnet(cfg: VisionConfig, embed_dim: int) -> nn.Module:
     """A small CLIP ModifiedResNet (3-conv stem, avg-pool downsampling, attention pool) for CPU runs."""
     from dataclasses import replace
@@ -140,7 +163,10 @@ def _tiny_resnet(cfg: VisionConfig, embed_dim: int) -> nn.Module:
 
 def build_vision_tower(cfg: VisionConfig, embed_dim: int, quick_gelu: bool = True) -> ViTTower | ResNetTower:
     """The image tower named by ``cfg.name`` (see ``SUPPORTED``), randomly initialised. ``quick_gelu``: the
-    ViTs' MLP activation (the ResNets have none)."""
+    CLIP ViTs' MLP activation (the plain ViTs use nn.GELU, as timm and SLIP define them; the ResNets have
+    none)."""
+    if cfg.name in PLAIN_VITS:
+        return ViTTower(_plain_vit(cfg), embed_dim, cfg.freeze_patch_embed)
     if cfg.name in CUSTOM_VITS:
         _check_divisible(cfg, cfg.patch_size)
         return ViTTower(_custom_vit(cfg, quick_gelu), embed_dim, cfg.freeze_patch_embed)
