@@ -371,7 +371,7 @@ def _mm_f32_like_cublas(a, b, acc=None):
 
 
 @cpu_allocations
-@pytest.mark.parametrize("chunk", [0, 32])
+@pytest.mark.parametrize("chunk", [0, pytest.param(32, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.slow), torch.float16])  # 16-bit: what trains at scale
 def test_fused_clip_loss_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype, chunk):
     """KERNELS.md §3.1 memory, measured on the allocations (the same Python code runs on a GPU): forward +
@@ -465,7 +465,8 @@ def test_token_max_matches_float64(Bi, Bt, Ti, Tt, D, dtype, design):
 
 
 @cpu_allocations
-@pytest.mark.parametrize("save_argmax,design", [(False, "kernels"), (False, "gemm"), (True, "kernels"), (True, "gemm")])
+@pytest.mark.parametrize("save_argmax,design", [(False, "kernels"), pytest.param(False, "gemm", marks=pytest.mark.slow),
+                                                (True, "gemm"), pytest.param(True, "kernels", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.slow), torch.float16])  # 16-bit: what trains at scale
 def test_token_max_memory_is_one_fp32_buffer_beyond_the_gradients(monkeypatch, dtype, save_argmax, design):
     """Forward + backward holds the token gradients and O(Bi*Bt + B*T) floats, never (B, B, Ti, Tt). Recompute:

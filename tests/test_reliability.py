@@ -130,6 +130,7 @@ def assert_same_state(tag_a, tag_b):
         assert not different, f"{name}: {different[:5]}"
 
 
+@pytest.mark.slow  # the default run: the 2-rank case below and test_epoch_mode_resumes_mid_epoch_exactly
 def test_exact_resume_single_process(tmp_path, shapes):
     straight_vs_resumed(tmp_path, shapes)
 

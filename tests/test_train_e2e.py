@@ -131,7 +131,7 @@ def test_data_errors_exit_2_with_their_own_message(tmp_path, shapes):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "bf16"), (3, "bf16")])
+@pytest.mark.parametrize("stage,precision", [pytest.param(1, "fp32", marks=pytest.mark.slow), (2, "bf16"), (3, "bf16")])
 def test_two_deepspeed_ranks(tmp_path, shapes, stage, precision):
     ds = tmp_path / "ds.json"
     cfg = {"zero_optimization": {"stage": stage}}
