@@ -773,21 +773,34 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
     return loader
 
 
-def _check_position(start_batch: int, cursors: dict | None, last_stream: int | None, mode: str,
-                    streams: int) -> dict[int, tuple[int, int | None]] | None:
-    """build_train_loader's resume position, checked; cursors as {stream: (end, made or None)}."""
-    if start_batch < 0:
-        raise ValueError(f"start_batch={start_batch}: a count of consumed batches cannot be negative.")
-    if (cursors or last_stream is not None) and not start_batch:
-        raise ValueError("cursors and last_stream need start_batch: they locate the batches already consumed.")
+def read_cursors(cursors: dict | None) -> dict[int, tuple[int, int | None]]:
+    """Stream cursors as {stream: (end, made or None)}, from what a checkpoint holds ({stream: [end, made]},
+    string keys after a round trip, or a bare ``end`` from before ``made`` was kept)."""
     out = {}
     for k, v in (cursors or {}).items():
         end, made = (v, None) if isinstance(v, (int, float)) else (v[0], v[1] if len(v) > 1 else None)
         out[int(k)] = (int(end), None if made is None else int(made))
-        if not 0 <= int(k) < streams:
+    return out
+
+
+def counted_cursors(cursors: dict[int, tuple[int, int | None]]) -> bool:
+    """Whether every stream's cursor says how many batches it made (what epoch mode resumes from)."""
+    return bool(cursors) and all(made is not None for _, made in cursors.values())
+
+
+def _check_position(start_batch: int, cursors: dict | None, last_stream: int | None, mode: str,
+                    streams: int) -> dict[int, tuple[int, int | None]] | None:
+    """build_train_loader's resume position, checked; cursors as read_cursors gives them."""
+    if start_batch < 0:
+        raise ValueError(f"start_batch={start_batch}: a count of consumed batches cannot be negative.")
+    if (cursors or last_stream is not None) and not start_batch:
+        raise ValueError("cursors and last_stream need start_batch: they locate the batches already consumed.")
+    out = read_cursors(cursors)
+    for k in out:
+        if not 0 <= k < streams:
             raise ValueError(f"cursors name stream {k}, but this loader has {streams} (data.workers); "
                              "cursors only fit the worker count they were saved with.")
-    counted = bool(out) and all(made is not None for _, made in out.values())
+    counted = counted_cursors(out)
     if mode == "epoch" and start_batch and (not counted or last_stream is None):
         raise ValueError("Epoch mode resumes mid-epoch only from counted cursors ({stream: (end, made)}) and "
                          "last_stream, as its streams end at different batches; without them start the epoch "

@@ -698,20 +698,23 @@ def _slip_vision(state: dict, model: str | None):
     if fc is not None and fc.shape[0] != 4 * width:
         raise CheckpointFormatError(f"visual.blocks.0.mlp.fc1.weight {tuple(fc.shape)}: an MLP ratio other than 4 "
                                     f"is not supported (width {width}).")
-    shape = (width, layers, patch, grid * patch)
-    named = {k: v for k, v in PLAIN_VITS.items() if v is not None}
+    def dims(name):  # (width, blocks, patch) of a named tower
+        w, blocks, _, p = PLAIN_VITS[name]
+        return w, blocks, p
+
     tower = SLIP_TOWERS.get((model or "").rsplit("_", 1)[-1])
-    if tower is not None and (named[tower][0], named[tower][1], named[tower][3]) != shape[:3]:
-        raise CheckpointFormatError(f"args.model={model!r} names {tower} (width {named[tower][0]}, "
-                                    f"{named[tower][1]} blocks, patch {named[tower][3]}), but visual.* has width "
-                                    f"{width}, {layers} blocks, patch {patch}: the checkpoint is inconsistent.")
+    if tower is not None and dims(tower) != (width, layers, patch):
+        w, blocks, p = dims(tower)
+        raise CheckpointFormatError(f"args.model={model!r} names {tower} (width {w}, {blocks} blocks, patch {p}), "
+                                    f"but visual.* has width {width}, {layers} blocks, patch {patch}: the "
+                                    f"checkpoint is inconsistent.")
     if tower is None:
-        candidates = [k for k in SLIP_TOWERS.values() if (named[k][0], named[k][1], named[k][3]) == shape[:3]]
+        candidates = [k for k in SLIP_TOWERS.values() if dims(k) == (width, layers, patch)]
         if candidates:
             tower = candidates[0]
             log.warning("The SLIP checkpoint does not record args.model (%r): %s from the shapes (width %d, %d "
                         "blocks), with %d attention heads as SLIP builds it", model, tower, width, layers,
-                        named[tower][2])
+                        PLAIN_VITS[tower][2])
     if tower is not None:
         return VisionConfig(name=tower, image_size=grid * patch), state["image_projection"].shape[1]
     heads = max(1, width // 64)
@@ -848,16 +851,13 @@ def _load_external(fmt: str, src: _Source, config: dict | str | Path | None):
             raise ValueError("config= describes open_clip models; an official SLIP checkpoint's architecture comes "
                              "from its args.model and the shapes. Leave config out.")
         cfg, ours, origin = _slip_to_ours(src.state, src.meta)
-        log.info("%s (%s): %s", src.path, fmt, _describe(cfg))
-        model = build_model(cfg)
-        load_strict(model, ours, f"'{src.path}' (format '{fmt}', inferred {_describe(cfg)})", origin)
-        return model.eval()
-    state = _declip_to_openai(src.state) if FAMILY[fmt] == "declip" else src.state
-    if isinstance(config, (str, Path)):
-        data = json.loads(Path(config).read_text())
-        config = data.get("model_cfg", data)
-    hints = config if config is not None else _sidecar_config(src.path)
-    cfg, ours, origin = _openai_to_ours(state, hints, FAMILY[fmt])
+    else:
+        state = _declip_to_openai(src.state) if FAMILY[fmt] == "declip" else src.state
+        if isinstance(config, (str, Path)):
+            data = json.loads(Path(config).read_text())
+            config = data.get("model_cfg", data)
+        hints = config if config is not None else _sidecar_config(src.path)
+        cfg, ours, origin = _openai_to_ours(state, hints, FAMILY[fmt])
     log.info("%s (%s): %s", src.path, fmt, _describe(cfg))
     model = build_model(cfg)
     load_strict(model, ours, f"'{src.path}' (format '{fmt}', inferred {_describe(cfg)})", origin)

@@ -44,13 +44,14 @@ TIMM_VITS = {
 TIMM_RESNETS = {"resnet50_clip": "resnet50_clip"}
 CUSTOM_VITS = ("vit_tiny", "vit_custom")  # architecture read from the VisionConfig fields
 # timm's ImageNet ViT design (no ln_pre, LayerNorm eps 1e-6, nn.GELU, patch-embedding bias): the official
-# SLIP towers (METHODS.md §3). name -> (width, layers, heads, patch, image size); "vit_plain" reads the
-# VisionConfig fields. SLIP's ViT-S is MoCo v3's (12 heads of 32), not timm's vit_small (6 of 64).
+# SLIP towers (METHODS.md §3). name -> (width, layers, heads, patch), at model.vision.image_size (224 in
+# their names); "vit_plain" reads the VisionConfig fields. SLIP's ViT-S is MoCo v3's (12 heads of 32), not
+# timm's vit_small (6 of 64).
 PLAIN_VITS = {
-    "vit_small_patch16_224": (384, 12, 6, 16, 224),
-    "vit_small_mocov3_patch16_224": (384, 12, 12, 16, 224),
-    "vit_base_patch16_224": (768, 12, 12, 16, 224),
-    "vit_large_patch16_224": (1024, 24, 16, 16, 224),
+    "vit_small_patch16_224": (384, 12, 6, 16),
+    "vit_small_mocov3_patch16_224": (384, 12, 12, 16),
+    "vit_base_patch16_224": (768, 12, 12, 16),
+    "vit_large_patch16_224": (1024, 24, 16, 16),
     "vit_plain": None,
 }
 # OpenAI's ModifiedResNet layout (timm ByobNet, attention pool) shrunk for CPU runs: one bottleneck
@@ -140,8 +141,7 @@ def _custom_vit(cfg: VisionConfig, quick_gelu: bool = True) -> VisionTransformer
 def _plain_vit(cfg: VisionConfig) -> VisionTransformer:
     """timm's ImageNet ViT (VisionTransformer's defaults: no ln_pre, LayerNorm eps 1e-6, nn.GELU, qkv and
     patch-embedding biases, CLS token), the shape from PLAIN_VITS or, for vit_plain, the config fields."""
-    # the named shapes' image size (224) is their default; the position embedding follows model.vision.image_size
-    width, layers, heads, patch, _ = PLAIN_VITS[cfg.name] or (cfg.width, cfg.layers, cfg.heads, cfg.patch_size, None)
+    width, layers, heads, patch = PLAIN_VITS[cfg.name] or (cfg.width, cfg.layers, cfg.heads, cfg.patch_size)
     if width % heads:
         raise ValueError(f"model.vision.width ({width}) must be divisible by model.vision.heads ({heads}).")
     _check_divisible(cfg, patch)

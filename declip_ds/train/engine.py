@@ -372,7 +372,7 @@ def check_eval(exp: Experiment) -> None:
 
 def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto") -> dict:
     """Train ``exp``; returns the last logged losses and the final zero-shot results."""
-    from declip_ds.data.wds import SAMPLE_SKIP_KINDS, SKIP_KINDS
+    from declip_ds.data.wds import SAMPLE_SKIP_KINDS, SKIP_KINDS, counted_cursors, read_cursors
 
     # 1. everything that can fail without a process group or a loader
     src = ds_config or "the default DeepSpeed config (ZeRO 0)"
@@ -435,10 +435,9 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         data = client.get("data") or {}
         last_stream = None
         if (data.get("epoch"), data.get("epoch_batches"), data.get("workers")) == (*position[2:], exp.data.workers):
-            for k, v in data.get("cursors", {}).items():  # [end, made]; a bare end before made was kept
-                cursors[int(k)] = (int(v), None) if isinstance(v, int) else (int(v[0]), int(v[1]))
+            cursors.update(read_cursors(data.get("cursors")))
             last_stream = data.get("last_stream")
-        counted = bool(cursors) and last_stream is not None and all(m is not None for _, m in cursors.values())
+        counted = last_stream is not None and counted_cursors(cursors)
         if position[3] and (exp.data.mode == "resampled" or counted):
             log.info("data: resuming at batch %d of epoch %d; %s", position[3], position[2],
                      f"{len(cursors)} loader stream(s) skip the {sum(e for e, _ in cursors.values())} samples they "
