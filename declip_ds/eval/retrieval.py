@@ -1,6 +1,8 @@
 """Image-text retrieval: recall@1/5/10 in both directions, several captions per image.
 
     python -m declip_ds.eval.retrieval --checkpoint CKPT --data DIR --out results.json
+    python -m declip_ds.eval.retrieval --checkpoint CKPT --data dataset_coco.json --split test \
+        --images /data/coco --out coco.json                   # COCO 5k test (Karpathy split)
 
 DIR is one of
     shards          DIR/*.tar, each sample an image + ``txt`` (one caption per line) and/or ``json``
@@ -8,10 +10,31 @@ DIR is one of
     a captions file captions.tsv: ``image_path<TAB>caption[<TAB>caption...]`` per line (a path repeated on
                     several lines collects all its captions; a first line "image<TAB>caption..." is a
                     header); or captions.json: ``[{"image": path, "captions": [...]}, ...]`` (``caption``:
-                    str also accepted) or ``{path: [captions]}``. Paths are relative to the file's folder.
-                    --data may name the file, or a directory holding captions.tsv / captions.json.
+                    str also accepted) or ``{path: [captions]}``. --data may name the file, or a directory
+                    holding captions.tsv / captions.json.
+    a Karpathy split file  ``dataset_coco.json`` / ``dataset_flickr30k.json`` (Karpathy & Fei-Fei's splits,
+                    the ones the CLIP, ALIGN, FILIP and ALBEF papers report): ``{"images": [{"filepath",
+                    "filename", "split", "sentences": [{"raw": ...}]}], "dataset": ...}``. ``--split``
+                    picks the images (default ``test``: COCO's 5,000 images with their 25,010 captions,
+                    Flickr30k's 1,000 with 5,000); every caption of an image is kept (as CLIP_benchmark).
+                    An image is ``--images``/filepath/filename (COCO: ``val2014/COCO_val2014_...jpg``;
+                    Flickr30k has no filepath: point --images at the folder of its jpgs).
+Image paths in a captions file are relative to ``--images`` (default: the file's folder); every listed
+image is checked before anything is embedded, and a missing one is an error that names it.
 
-Metrics (cosine similarities of the L2-normalised embeddings):
+Scoring (``--scoring``, default: what the checkpoint's method trained for, as zero-shot):
+    global  cosine similarity of the L2-normalised global embeddings (CLIP, DeCLIP, SLIP, DeFILIP)
+    token   FILIP's token-wise late interaction (Yao et al. 2021, its retrieval protocol): image->text ranks captions by s_i2t (each image token's best caption token,
+            averaged over the image tokens), text->image ranks images by s_t2i (each caption token's best
+            image token, averaged over the caption's tokens); tokens L2-normalised after the token
+            projections, as in training. ``--mask-padding`` (default: the method's ``mask_padding``;
+            ``false`` for DeCLIP-repo FILIP releases) scores only caption positions up to the EOT, else
+            all context positions. The gallery's token embeddings are held in float32 on the CPU
+            (COCO 5k, token_dim 256, ViT-B/32: 0.26 GB of image tokens, at most 2 GB of caption tokens,
+            25,010 x 77 x 256; with --mask-padding true the positions past the longest caption are dropped)
+            and scored on the model's device, one block of queries at a time.
+
+Metrics (on the scores above):
     image->text  R@k: an image is a hit when any of its captions is among its k best-scored captions
     text->image  R@k: a caption is a hit when its image is among its k best-scored images
     mean_recall: the mean of the six numbers (the retrieval column of the report table).
@@ -25,11 +48,14 @@ file entries, the embeddings are gathered and every rank computes the same metri
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import math
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -91,6 +117,56 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     return {**out, "n_images": len(img), "n_texts": len(txt)}
 
 
+class TokenEmbeddings(NamedTuple):
+    """A gallery's FILIP token embeddings, each token L2-normalised (float32, CPU)."""
+
+    image_tokens: torch.Tensor         # (Ni, Ti, d)
+    text_tokens: torch.Tensor          # (Nt, Lt, d)
+    text_mask: torch.Tensor | None     # bool (Nt, Lt), True = a position scored; None = all Lt
+    text_to_image: torch.Tensor        # (Nt,) the image of each caption
+
+
+def token_block_size(Ti: int, Tt: int, device) -> int:
+    """Samples per side of one filip_similarity block: 2^22 similarities on the CPU (16 MB), 2^26 on a GPU."""
+    budget = (1 << 26) if torch.device(device).type == "cuda" else (1 << 22)
+    return max(1, int(math.sqrt(budget / max(1, Ti * Tt))))
+
+
+@torch.no_grad()
+def token_retrieval_metrics(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_to_image: torch.Tensor,
+                            text_mask: torch.Tensor | None = None, ks=KS, *, chunk: int = 256, device=None,
+                            similarity=None) -> dict:
+    """Recalls under FILIP's token-wise scoring: image->text by s_i2t, text->image by s_t2i.
+
+    image_tokens (Ni, Ti, d), text_tokens (Nt, Lt, d), L2-normalised per token; text_mask bool (Nt, Lt) or
+    None; text_to_image (Nt,). ``chunk`` queries are scored against the whole gallery at a time on
+    ``device`` (default: where the tokens are), so no (Ni, Nt) matrix is held whole. ``similarity``: a
+    function with filip_similarity's signature and ``direction`` keyword (default filip_similarity)."""
+    from declip_ds.losses.filip import filip_similarity
+
+    dev = torch.device(device) if device is not None else image_tokens.device
+    x, y = image_tokens.to(dev, torch.float32), text_tokens.to(dev, torch.float32)  # (Ni, Ti, d), (Nt, Lt, d)
+    mask = None if text_mask is None else text_mask.to(dev, torch.bool)  # (Nt, Lt)
+    t2img = text_to_image.long().to(dev)
+    if similarity is None:
+        block = token_block_size(x.shape[1], y.shape[1], dev)
+        similarity = functools.partial(filip_similarity, chunk_size=block)
+    i2t = []
+    for s in range(0, len(x), chunk):
+        scores, _ = similarity(x[s:s + chunk], y, None, mask, direction="i2t")  # (c, Nt)
+        i2t.append(_i2t_ranks(scores, torch.arange(s, s + len(scores), device=dev), t2img).cpu())
+    t2i = []
+    for s in range(0, len(y), chunk):
+        part = None if mask is None else mask[s:s + chunk]
+        _, scores = similarity(x, y[s:s + chunk], None, part, direction="t2i")  # (Ni, c)
+        t2i.append(_t2i_ranks(scores.t(), t2img[s:s + chunk]).cpu())
+    i2t = torch.cat(i2t) if i2t else torch.zeros(0, dtype=torch.long)
+    t2i = torch.cat(t2i) if t2i else torch.zeros(0, dtype=torch.long)
+    out = {**_recalls(i2t, "i2t", ks), **_recalls(t2i, "t2i", ks)}
+    out["mean_recall"] = sum(out.values()) / len(out)
+    return {**out, "n_images": len(x), "n_texts": len(y)}
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -112,16 +188,66 @@ def sample_captions(members: dict[str, bytes]) -> list[str]:
     return []
 
 
-def read_captions_file(path: str | Path) -> list[tuple[Path, list[str]]]:
-    """(image path, captions) per image of a TSV or JSON captions file, in file order."""
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+def is_karpathy(data) -> bool:
+    """Whether parsed JSON is a Karpathy split file (``{"images": [{"filename", "split", "sentences"}]}``)."""
+    images = data.get("images") if isinstance(data, dict) else None
+    return isinstance(images, list) and bool(images) and isinstance(images[0], dict) and "sentences" in images[0]
+
+
+def _karpathy_entries(data: dict, path: Path, split: str) -> list[tuple[str, list[str]]]:
+    """(filepath/filename, raw captions) of the images of ``split``, in file order."""
+    counts = Counter(str(d.get("split")) for d in data["images"])
+    if split not in counts:
+        have = ", ".join(f"{k} ({n} images)" for k, n in sorted(counts.items()))
+        raise ValueError(f"{path} is a Karpathy split file without a '{split}' split; it has {have}. Pick one "
+                         f"with --split.")
+    entries = []
+    for d in data["images"]:
+        if str(d.get("split")) != split:
+            continue
+        if not d.get("filename"):
+            raise ValueError(f"{path}: an image of split '{split}' (imgid {d.get('imgid', '?')}) has no 'filename'.")
+        caps = [str(c.get("raw") or " ".join(c.get("tokens") or [])).strip() for c in d.get("sentences") or []]
+        entries.append((str(Path(d.get("filepath") or "") / d["filename"]), [c for c in caps if c]))
+    return entries
+
+
+def karpathy_name(data: dict, path: Path, split: str) -> str:
+    """The results' column name of a Karpathy split: the dataset ("coco", "flickr30k") for its test split,
+    "<dataset>_<split>" otherwise."""
+    dataset = str(data.get("dataset") or Path(path).stem.removeprefix("dataset_"))
+    return dataset if split == "test" else f"{dataset}_{split}"
+
+
+def read_captions_file(path: str | Path, *, split: str | None = None,
+                       images: str | Path | None = None) -> list[tuple[Path, list[str]]]:
+    """(image path, captions) per image of a TSV, JSON or Karpathy captions file, in file order.
+
+    split: the Karpathy split to read (default "test"); other files have no splits and refuse one.
+    images: the folder image paths are relative to (default: the file's folder)."""
+    return _read_captions(path, split=split, images=images)[0]
+
+
+def _read_captions(path, *, split=None, images=None) -> tuple[list[tuple[Path, list[str]]], str | None]:
+    """read_captions_file's entries and the results' default name (Karpathy files; None otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Captions file '{path}' does not exist.")
     entries: dict[str, list[str]] = {}
+    name = None
     if path.suffix.lower() == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
-        items = data.items() if isinstance(data, dict) else \
-            ((d.get("image") or d.get("filepath") or d.get("file_name"), d.get("captions", d.get("caption"))) for d in data)
+        if is_karpathy(data):
+            split = split or "test"
+            items, name = _karpathy_entries(data, path, split), karpathy_name(data, path, split)
+        elif isinstance(data, dict):
+            items = data.items()
+        else:
+            items = ((d.get("image") or d.get("filepath") or d.get("file_name"), d.get("captions", d.get("caption")))
+                     for d in data)
         for image, caps in items:
             if image is None:
                 raise ValueError(f"{path}: an entry has no 'image' field; expected {{'image': path, 'captions': [...]}}.")
@@ -136,26 +262,48 @@ def read_captions_file(path: str | Path) -> list[tuple[Path, list[str]]]:
             if len(fields) < 2:
                 raise ValueError(f"{path}, line {n}: expected 'image_path<TAB>caption', got {line[:80]!r}.")
             entries.setdefault(fields[0].strip(), []).extend(c.strip() for c in fields[1:] if c.strip())
-    return [(Path(image) if Path(image).is_absolute() else path.parent / image, caps) for image, caps in entries.items()]
+    if split is not None and name is None:
+        raise ValueError(f"--split {split} applies to Karpathy split files (dataset_coco.json, "
+                         f"dataset_flickr30k.json); {path} has no splits: drop --split.")
+    base = Path(images) if images is not None else path.parent
+    return [(Path(image) if Path(image).is_absolute() else base / image, caps) for image, caps in entries.items()], name
 
 
-def resolve_source(data: str | Path) -> tuple[str, list]:
-    """("shards", urls) or ("file", entries) for --data; errors name what was expected where."""
+class Source(NamedTuple):
+    """What --data names: ``kind`` "shards" (items: urls) or "file" (items: (image path, captions));
+    ``name``: the results' default column name when the source knows it (Karpathy files), else None."""
+
+    kind: str
+    items: list
+    name: str | None = None
+
+
+def resolve_source(data: str | Path, *, split: str | None = None, images: str | Path | None = None) -> Source:
+    """The shards or captions-file entries of --data (split / images: see read_captions_file); every image
+    a captions file lists must exist. Errors name what was expected where."""
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"Retrieval data '{data}' does not exist. Expected a directory of *.tar shards "
-                                f"(image + txt/json captions), a captions file (.tsv/.json) or a directory holding "
-                                f"{' or '.join(CAPTION_FILES)}.")
-    if data.is_file():
-        return "file", read_captions_file(data)
-    urls = sorted(str(p) for p in data.glob("*.tar"))
+                                f"(image + txt/json captions), a captions file (.tsv/.json, or a Karpathy "
+                                f"dataset_coco.json) or a directory holding {' or '.join(CAPTION_FILES)}.")
+    urls = [] if data.is_file() else sorted(str(p) for p in data.glob("*.tar"))
     if urls:
-        return "shards", urls
-    for name in CAPTION_FILES:
-        if (data / name).is_file():
-            return "file", read_captions_file(data / name)
-    raise FileNotFoundError(f"No retrieval data in '{data}': expected *.tar shards there, or "
-                            f"{' or '.join(str(data / n) for n in CAPTION_FILES)}.")
+        if split is not None or images is not None:
+            raise ValueError(f"--split / --images apply to captions files; '{data}' holds *.tar shards: drop them.")
+        return Source("shards", urls)
+    file = data if data.is_file() else next((data / n for n in CAPTION_FILES if (data / n).is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"No retrieval data in '{data}': expected *.tar shards there, or "
+                                f"{' or '.join(str(data / n) for n in CAPTION_FILES)}.")
+    entries, name = _read_captions(file, split=split, images=images)
+    missing = [str(image) for image, caps in entries if caps and not image.is_file()]
+    if missing:
+        base = Path(images) if images is not None else file.parent
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(entries)} images listed in {file} are not under {base} (e.g. {missing[0]}). "
+            f"Point --images at the folder the file's paths are relative to (COCO: the folder holding val2014/; "
+            f"Flickr30k: the folder of its jpgs).")
+    return Source("file", entries, name)
 
 
 class _CaptionStream(IterableDataset):
@@ -214,9 +362,10 @@ def _collate(items):
 
 
 def build_loader(data, transform: Callable, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 workers: int = 0) -> DataLoader:
-    """Batches ``(images (B, 3, H, W), captions: list of B lists, keys)`` of this rank's part of ``data``."""
-    kind, items = resolve_source(data)
+                 workers: int = 0, split: str | None = None, images: str | Path | None = None) -> DataLoader:
+    """Batches ``(images (B, 3, H, W), captions: list of B lists, keys)`` of this rank's part of ``data``
+    (a path, see resolve_source, or a resolved ``Source``)."""
+    kind, items, _ = data if isinstance(data, Source) else resolve_source(data, split=split, images=images)
     return DataLoader(_CaptionStream(kind, items, transform, rank, world_size), batch_size=batch_size,
                       num_workers=workers, collate_fn=_collate)
 
@@ -242,6 +391,55 @@ def embed(model, tokenizer, loader, *, text_batch: int = 256) -> tuple[torch.Ten
     return cat(images), cat(texts), torch.tensor(owners, dtype=torch.long)
 
 
+def _require_token_heads(model) -> None:
+    if getattr(model, "image_mapping", None) is None:
+        raise ValueError("Token scoring (--scoring token) needs a FILIP-family model with token projections; this "
+                         "checkpoint has none (model.token_dim 0): use --scoring global.")
+
+
+def _cat_tokens(parts: list[torch.Tensor], masks: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate (n_i, L_i, d) token blocks along samples, zero-padding L to the longest (the padding
+    masked out); empty blocks are skipped."""
+    keep = [i for i, t in enumerate(parts) if t.numel()]
+    if not keep:
+        return torch.zeros(0, 0, 0), (None if masks is None else torch.zeros(0, 0, dtype=torch.bool))
+    L = max(parts[i].shape[1] for i in keep)
+    tokens = torch.cat([F.pad(parts[i], (0, 0, 0, L - parts[i].shape[1])) for i in keep])  # (N, L, d)
+    if masks is None:
+        return tokens, None
+    return tokens, torch.cat([F.pad(masks[i], (0, L - masks[i].shape[1]), value=False) for i in keep])  # (N, L)
+
+
+@torch.no_grad()
+def embed_tokens(model, tokenizer, loader, *, mask_padding: bool = True, text_batch: int = 256) -> TokenEmbeddings:
+    """The gallery's FILIP token embeddings, each token L2-normalised after the token projections (as the
+    loss sees them), float32 on CPU. mask_padding: caption positions past the EOT are masked, and those
+    past every caption's EOT dropped (exact: they score nothing); else all context positions are kept."""
+    from declip_ds.methods.filip import text_token_mask
+
+    _require_token_heads(model)
+    p = next(model.parameters())
+    images, texts, masks, owners, n_images = [], [], [], [], 0
+    for batch_images, captions, _ in loader:
+        x = model.encode_image_tokens(batch_images.to(p.device, p.dtype))  # (b, Ti, d)
+        images.append(F.normalize(x.float(), dim=-1).cpu())
+        flat = [c for caps in captions for c in caps]
+        owners += [n_images + i for i, caps in enumerate(captions) for _ in caps]
+        n_images += len(batch_images)
+        for s in range(0, len(flat), text_batch):
+            ids = tokenizer(flat[s:s + text_batch]).to(p.device)  # (n, L)
+            y = F.normalize(model.encode_text_tokens(ids).float(), dim=-1)  # (n, L, d)
+            if mask_padding:
+                m = text_token_mask(ids)  # (n, L) True up to each caption's EOT
+                keep = int(m.sum(dim=1).max())
+                y, m = y[:, :keep], m[:, :keep]
+                masks.append(m.cpu())
+            texts.append(y.cpu())
+    image_tokens, _ = _cat_tokens(images, None)
+    text_tokens, text_mask = _cat_tokens(texts, masks if mask_padding else None)
+    return TokenEmbeddings(image_tokens, text_tokens, text_mask, torch.tensor(owners, dtype=torch.long))
+
+
 def gather_embeddings(image_emb, text_emb, text_to_image, group=None):
     """All ranks' embeddings concatenated in rank order, text owners offset to the global image index."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
@@ -255,15 +453,49 @@ def gather_embeddings(image_emb, text_emb, text_to_image, group=None):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat(owners)
 
 
+def gather_token_embeddings(emb: TokenEmbeddings, group=None) -> TokenEmbeddings:
+    """All ranks' token embeddings in rank order (caption lengths padded to the longest, masked), text
+    owners offset to the global image index."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return emb
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, tuple(emb), group=group)
+    offset, owners = 0, []
+    for img, _, _, own in parts:
+        owners.append(own + offset)
+        offset += len(img)
+    image_tokens, _ = _cat_tokens([q[0] for q in parts], None)
+    masked = emb.text_mask is not None
+    text_tokens, text_mask = _cat_tokens([q[1] for q in parts], [q[2] for q in parts] if masked else None)
+    return TokenEmbeddings(image_tokens, text_tokens, text_mask, torch.cat(owners))
+
+
+SCORINGS = ("global", "token")
+
+
 def evaluate_retrieval(model, tokenizer, data, *, image_size: int = 224, normalize="imagenet", batch_size: int = 64,
                        rank: int = 0, world_size: int = 1, group=None, workers: int = 0, ks=KS,
-                       interpolation: str = "bicubic", crop_ratio: float = 224 / 256) -> dict:
-    """Recall@k both ways on ``data`` (shard dir or captions file / dir); images through
-    ``eval_transform(image_size, normalize, crop_ratio, interpolation)``."""
+                       interpolation: str = "bicubic", crop_ratio: float = 224 / 256, scoring: str = "global",
+                       mask_padding: bool = True, split: str | None = None, images: str | Path | None = None) -> dict:
+    """Recall@k both ways on ``data`` (shard dir, captions file / dir or Karpathy split file; ``split`` and
+    ``images`` as read_captions_file); images through ``eval_transform(image_size, normalize, crop_ratio,
+    interpolation)``. scoring: ``global`` cosine of the global embeddings, or ``token`` (FILIP's token-wise
+    similarities, ``mask_padding`` as the method's): see the module docstring."""
     from declip_ds.data.transforms import eval_transform
 
+    if scoring not in SCORINGS:
+        raise ValueError(f"Unknown retrieval scoring '{scoring}': use one of {', '.join(SCORINGS)}.")
+    if scoring == "token":
+        _require_token_heads(model)
     transform = eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio, interpolation=interpolation)
-    loader = build_loader(data, transform, batch_size, rank=rank, world_size=world_size, workers=workers)
+    loader = build_loader(data, transform, batch_size, rank=rank, world_size=world_size, workers=workers,
+                          split=split, images=images)
+    if scoring == "token":
+        emb = gather_token_embeddings(embed_tokens(model, tokenizer, loader, mask_padding=mask_padding), group)
+        if len(emb.image_tokens) == 0:
+            raise ValueError(f"No captioned image in '{data}'; nothing to evaluate.")
+        return token_retrieval_metrics(emb.image_tokens, emb.text_tokens, emb.text_to_image, emb.text_mask, ks=ks,
+                                       device=next(model.parameters()).device)
     img, txt, owners = gather_embeddings(*embed(model, tokenizer, loader), group=group)
     if len(img) == 0:
         raise ValueError(f"No captioned image in '{data}'; nothing to evaluate.")
@@ -275,7 +507,18 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, step_XXXXXXXX dir or model.safetensors")
-    p.add_argument("--data", required=True, help="shard dir, captions file (.tsv/.json) or dir holding one")
+    p.add_argument("--data", required=True,
+                   help="shard dir, captions file (.tsv/.json) or dir holding one, or a Karpathy dataset_*.json")
+    p.add_argument("--split", default=None, choices=KARPATHY_SPLITS,
+                   help="the split of a Karpathy file (default: test)")
+    p.add_argument("--images", default=None,
+                   help="the folder a captions file's image paths are relative to (default: the file's folder)")
+    p.add_argument("--scoring", default=None, choices=SCORINGS,
+                   help="global embeddings, or FILIP's token-wise similarities (default: what the method trained "
+                        "for, as zero-shot)")
+    p.add_argument("--mask-padding", choices=["true", "false"], default=None,
+                   help="token scoring: score caption positions up to the EOT only (true) or all context positions "
+                        "(false, the DeCLIP reference's FILIP); default: the checkpoint's method")
     p.add_argument("--name", default=None, help="dataset name in the results (default: from --data)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
@@ -293,10 +536,16 @@ def main(argv=None) -> int:
     from declip_ds.models.pretrained import load_for_eval
 
     try:
-        resolve_source(args.data)
+        source = resolve_source(args.data, split=args.split, images=args.images)
         em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize,
                            interpolation=args.interpolation, crop_ratio=args.crop_ratio)
-        em.warn_if_global_untrained("retrieval")
+        scoring = args.scoring or getattr(em.method, "zero_shot_scoring", "global")
+        mask_padding = getattr(em.method, "mask_padding", True) if args.mask_padding is None \
+            else args.mask_padding == "true"
+        if scoring == "token":
+            _require_token_heads(em.model)
+        else:
+            em.warn_if_global_untrained("retrieval with --scoring global")
         model = em.model
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -305,19 +554,22 @@ def main(argv=None) -> int:
 
     model, rank, world, group = init_eval_ranks(model)
     tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
-    result = evaluate_retrieval(model, tok, args.data, image_size=em.image_size,
+    result = evaluate_retrieval(model, tok, source, image_size=em.image_size,
                                 normalize=em.normalize, interpolation=em.interpolation, crop_ratio=em.crop_ratio,
-                                batch_size=args.batch_size, rank=rank,
-                                world_size=world, group=group, workers=args.workers)
+                                batch_size=args.batch_size, rank=rank, world_size=world, group=group,
+                                workers=args.workers, scoring=scoring, mask_padding=mask_padding)
     if rank == 0:
-        name = args.name or dataset_name(args.data)
+        name = args.name or source.name or dataset_name(args.data)
+        how = "token-wise scoring" + ("" if mask_padding else ", all positions") if scoring == "token" else "global"
         cells = "  ".join(f"{k} {100 * v:.2f}" for k, v in result.items() if "@" in k)
         print(f"{name}: {cells}  mean {100 * result['mean_recall']:.2f}  "
-              f"({result['n_images']} images, {result['n_texts']} captions)")
+              f"({result['n_images']} images, {result['n_texts']} captions; {how})")
         if args.out:
+            extra = {"scoring": scoring, **({"mask_padding": mask_padding} if scoring == "token" else {}),
+                     **({"split": args.split or "test"} if source.name else {})}
             write_record(make_record(model=em.name, checkpoint=str(em.weights),
                                      dataset=str(args.data), task="retrieval", metrics={name: result},
-                                     preprocess=em.preprocess(), config_hash=em.config_hash), args.out)
+                                     preprocess=em.preprocess(), config_hash=em.config_hash, **extra), args.out)
     if group is not None:
         dist.destroy_process_group()
     return 0

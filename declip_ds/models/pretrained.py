@@ -999,8 +999,8 @@ class EvalModel:
         if getattr(m, "name", None) != "filip" or getattr(m, "clip_weight", 0.0):
             return False
         msg = (f"{self.weights} is a FILIP model trained on its token-wise loss alone (clip_weight 0): its "
-               f"global embeddings got no gradient, so {what} on them does not measure the model (zero-shot: use "
-               f"--scoring token)")
+               f"global embeddings got no gradient, so {what} on them does not measure the model (zero-shot and "
+               f"retrieval: use --scoring token)")
         log.warning(msg)
         return True
 
