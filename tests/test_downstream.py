@@ -167,12 +167,12 @@ def test_class_names_and_templates(name):
 def test_suites_and_names():
     assert D.SUITES["declip11"] == ("cifar10", "cifar100", "food101", "pets", "flowers", "sun397", "cars", "dtd",
                                     "caltech101", "aircraft", "imagenet")
-    assert set(COUNTS) == set(D.REGISTRY) == set(D.suite_datasets("all"))
+    assert set(COUNTS) == set(D.REGISTRY) and D.suite_datasets("all") == [*D.REGISTRY, "flickr30k", "coco"]
     assert D.suite_datasets("fgvc_aircraft,MNIST") == ["aircraft", "mnist"]
     assert D.get_spec("imagenet1k").name == "imagenet"
     assert [n for n in D.REGISTRY if D.get_spec(n).has_split("val")] == [
         "flowers", "dtd", "aircraft", "eurosat", "country211", "rendered_sst2", "pcam"]
-    with pytest.raises(ValueError, match="Unknown suite 'declip12'. Known suites: declip11, quick, all"):
+    with pytest.raises(ValueError, match="Unknown suite 'declip12'. Known suites: declip11, quick, retrieval, all"):
         D.suite_datasets("declip12")
     with pytest.raises(ValueError, match="Unknown dataset 'flower'. Known: cifar10, cifar100"):
         D.get_spec("flower")

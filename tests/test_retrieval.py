@@ -241,3 +241,52 @@ def test_retrieval_command_scores_filip_models_token_wise(tmp_path, capsys, capl
     plain = save_checkpoint(model0, exp0, tmp_path / "clip" / "step_00000001")
     assert retrieval.main(["--checkpoint", str(plain), "--data", str(coco), "--scoring", "token"]) == 2
     assert "needs a FILIP-family model with token projections" in capsys.readouterr().err
+
+
+def test_suite_retrieval_task(tmp_path, capsys):
+    """--task retrieval evaluates the suite's retrieval datasets (Karpathy files or webdataset copies), with
+    the checkpoint's preprocessing and scoring; a missing one is skipped with what to get where; tasks and
+    suites that share no dataset are refused."""
+    from declip_ds.data.tokenizer import Tokenizer
+    from declip_ds.eval import downstream as D
+    from declip_ds.eval import suite
+    from declip_ds.models.pretrained import load_for_eval
+
+    exp, model = filip_model()
+    ckpt = save_checkpoint(model, exp, tmp_path / "run" / "step_00000001")
+    root = tmp_path / "data"
+    _karpathy(root / "coco")
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(ckpt), "--data-root", str(root), "--workers", "0", "--out", str(out)]
+    assert suite.main([*args, "--suite", "retrieval", "--task", "retrieval"]) == 0
+    rec = report.load_record(out / "retrieval.json")
+    assert (rec["task"], rec["datasets"], rec["scoring"], rec["mask_padding"]) == (
+        "retrieval", ["flickr30k", "coco"], "token", True)
+    assert "dataset_flickr30k.json" in rec["skipped"]["flickr30k"] and "caption_datasets.zip" in rec["skipped"]["flickr30k"]
+    coco = rec["metrics"]["coco"]
+    assert (coco["headline_metric"], coco["n"], coco["n_texts"], coco["layout"]) == ("mean_recall", 2, 11, "karpathy")
+    em = load_for_eval(ckpt)
+    direct = retrieval.evaluate_retrieval(em.model, Tokenizer(context_length=16), root / "coco" / "dataset_coco.json",
+                                          transform=em.transform(), scoring="token")
+    assert {k: coco[k] for k in direct} == pytest.approx(direct)
+    table = (out / "table.txt").read_text()
+    assert "retrieval mean recall (%)" in table and "flickr30k" in table
+    # a webdataset copy of the test split; --scoring global is recorded as such
+    _shards(root / "flickr30k_wds" / "test", n_images=4)
+    assert suite.main([*args, "--suite", "flickr30k,coco", "--task", "retrieval", "--scoring", "global"]) == 0
+    rec = report.load_record(out / "retrieval.json")
+    assert rec["skipped"] == {} and rec["scoring"] == "global" and "mask_padding" not in rec
+    assert (rec["metrics"]["flickr30k"]["layout"], rec["metrics"]["flickr30k"]["n"]) == ("shards", 4)
+    # all = the classification tasks over classification datasets, retrieval over retrieval ones
+    assert D.suite_datasets("coco,CIFAR10") == ["coco", "cifar10"] and D.suite_datasets("all")[-2:] == ["flickr30k", "coco"]
+    capsys.readouterr()
+    assert suite.main([*args, "--suite", "declip11", "--task", "retrieval"]) == 2
+    assert "Suite 'declip11' has no retrieval dataset for --task retrieval (try --suite retrieval)" in capsys.readouterr().err
+    assert suite.main([*args, "--suite", "retrieval", "--task", "both"]) == 2
+    assert "no classification dataset for --task both" in capsys.readouterr().err
+    assert suite.main([*args, "--suite", "coco,cifar10", "--task", "all", "--templates", "simple"]) == 0
+    recs = {t: report.load_record(out / f"{t}.json") for t in ("zeroshot", "linear_probe", "retrieval")}
+    assert [r["datasets"] for r in recs.values()] == [["cifar10"], ["cifar10"], ["coco"]]
+    assert "cifar10" in recs["zeroshot"]["skipped"] and recs["retrieval"]["skipped"] == {}
+    with pytest.raises(ValueError, match="'coco' is a retrieval dataset"):
+        D.get_spec("coco")

@@ -67,6 +67,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from declip_ds.eval.retrieval import RETRIEVAL_REGISTRY
+
 PROMPTS_FILE = Path(__file__).with_name("downstream_prompts.json")
 SPLITS = ("train", "val", "test")
 METRICS = ("acc1", "mean_per_class_recall")
@@ -299,10 +301,13 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
 
 DECLIP11 = ("cifar10", "cifar100", "food101", "pets", "flowers", "sun397", "cars", "dtd", "caltech101", "aircraft",
             "imagenet")
+# image-text retrieval benchmarks (declip_ds.eval.retrieval.RETRIEVAL_REGISTRY): the suite's retrieval task
+RETRIEVAL = tuple(RETRIEVAL_REGISTRY)
 SUITES: dict[str, tuple[str, ...]] = {
     "declip11": DECLIP11,  # the DeCLIP paper's transfer table (11 datasets incl. ImageNet)
     "quick": ("cifar10", "cifar100", "mnist", "fashion_mnist"),  # small, all downloadable by torchvision
-    "all": tuple(REGISTRY),
+    "retrieval": RETRIEVAL,  # Flickr30k 1k / MSCOCO 5k test (Karpathy splits): the CLIP and FILIP tables
+    "all": (*REGISTRY, *RETRIEVAL),
 }
 
 
@@ -311,18 +316,25 @@ def get_spec(name: str) -> DatasetSpec:
     for spec in REGISTRY.values():
         if key == spec.name or key in spec.aliases:
             return spec
-    raise ValueError(f"Unknown dataset '{name}'. Known: {', '.join(REGISTRY)}.")
+    raise ValueError(f"Unknown dataset '{name}'. Known: {', '.join(REGISTRY)}"
+                     + (f"; retrieval: {', '.join(RETRIEVAL)}" if key not in RETRIEVAL else
+                        f"; '{key}' is a retrieval dataset (the suite's --task retrieval)") + ".")
+
+
+def is_retrieval(name: str) -> bool:
+    return name.strip().lower() in RETRIEVAL
 
 
 def suite_datasets(suite: str) -> list[str]:
-    """The dataset names of a suite, or of a comma-separated list of dataset names."""
+    """The dataset names of a suite, or of a comma-separated list of dataset names (classification datasets
+    of REGISTRY and retrieval datasets of RETRIEVAL alike)."""
     if suite in SUITES:
         return list(SUITES[suite])
     try:
-        return [get_spec(n).name for n in suite.split(",") if n.strip()]
+        return [n.strip().lower() if is_retrieval(n) else get_spec(n).name for n in suite.split(",") if n.strip()]
     except ValueError:
         raise ValueError(f"Unknown suite '{suite}'. Known suites: {', '.join(SUITES)}; or dataset names separated "
-                         f"by commas (known: {', '.join(REGISTRY)}).") from None
+                         f"by commas (known: {', '.join((*REGISTRY, *RETRIEVAL))}).") from None
 
 
 # ----------------------------------------------------------------------------- seeded per-class splits

@@ -54,6 +54,7 @@ import logging
 import math
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -306,6 +307,47 @@ def resolve_source(data: str | Path, *, split: str | None = None, images: str | 
     return Source("file", entries, name)
 
 
+# ----------------------------------------------------------------------------- named retrieval datasets
+
+
+_KARPATHY_ZIP = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+
+
+@dataclass(frozen=True)
+class RetrievalSpec:
+    """A standard retrieval benchmark under the suite's data root: Karpathy's split file and the folder its
+    image paths are relative to, or a webdataset copy ``DIR/<name>_wds/test/*.tar``."""
+
+    name: str
+    title: str
+    file: str     # the split file, relative to the data root
+    images: str   # the folder the file's paths are relative to, relative to the data root
+    get: str      # how to obtain the files, for the error message
+
+    def source(self, root: str | Path, split: str = "test") -> Source:
+        """The test split's Source; FileNotFoundError naming the expected files when neither copy is there."""
+        root = Path(root)
+        if (root / self.file).is_file():
+            return resolve_source(root / self.file, split=split, images=root / self.images)._replace(name=self.name)
+        shards = root / f"{self.name}_wds" / split
+        if shards.is_dir() and any(shards.glob("*.tar")):
+            return resolve_source(shards)._replace(name=self.name)
+        raise FileNotFoundError(f"{self.title} is not under '{root}': expected {root / self.file} with its images "
+                                f"under {root / self.images}/ (or shards {shards}/*.tar). Get them: {self.get}.")
+
+
+RETRIEVAL_REGISTRY: dict[str, RetrievalSpec] = {s.name: s for s in [
+    RetrievalSpec("flickr30k", "Flickr30k (1k test)", "flickr30k/dataset_flickr30k.json", "flickr30k/flickr30k-images",
+                  f"dataset_flickr30k.json from Karpathy's {_KARPATHY_ZIP} into DIR/flickr30k, and the Flickr30k "
+                  "images (flickr30k-images/, on request from https://shannon.cs.illinois.edu/DenotationGraph/) "
+                  "into DIR/flickr30k"),
+    RetrievalSpec("coco", "MSCOCO (5k test)", "coco/dataset_coco.json", "coco",
+                  f"dataset_coco.json from Karpathy's {_KARPATHY_ZIP} into DIR/coco, and COCO 2014's val images "
+                  "(http://images.cocodataset.org/zips/val2014.zip, the Karpathy test split's source) as "
+                  "DIR/coco/val2014"),
+]}
+
+
 class _CaptionStream(IterableDataset):
     """(image tensor, captions, key) of this rank's (and worker's) part of the source."""
 
@@ -476,10 +518,11 @@ SCORINGS = ("global", "token")
 def evaluate_retrieval(model, tokenizer, data, *, image_size: int = 224, normalize="imagenet", batch_size: int = 64,
                        rank: int = 0, world_size: int = 1, group=None, workers: int = 0, ks=KS,
                        interpolation: str = "bicubic", crop_ratio: float = 224 / 256, scoring: str = "global",
-                       mask_padding: bool = True, split: str | None = None, images: str | Path | None = None) -> dict:
+                       mask_padding: bool = True, split: str | None = None, images: str | Path | None = None,
+                       transform: Callable | None = None) -> dict:
     """Recall@k both ways on ``data`` (shard dir, captions file / dir or Karpathy split file; ``split`` and
-    ``images`` as read_captions_file); images through ``eval_transform(image_size, normalize, crop_ratio,
-    interpolation)``. scoring: ``global`` cosine of the global embeddings, or ``token`` (FILIP's token-wise
+    ``images`` as read_captions_file); images through ``transform``, by default ``eval_transform(image_size,
+    normalize, crop_ratio, interpolation)``. scoring: ``global`` cosine of the global embeddings, or ``token`` (FILIP's token-wise
     similarities, ``mask_padding`` as the method's): see the module docstring."""
     from declip_ds.data.transforms import eval_transform
 
@@ -487,7 +530,9 @@ def evaluate_retrieval(model, tokenizer, data, *, image_size: int = 224, normali
         raise ValueError(f"Unknown retrieval scoring '{scoring}': use one of {', '.join(SCORINGS)}.")
     if scoring == "token":
         _require_token_heads(model)
-    transform = eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio, interpolation=interpolation)
+    if transform is None:
+        transform = eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio,
+                                   interpolation=interpolation)
     loader = build_loader(data, transform, batch_size, rank=rank, world_size=world_size, workers=workers,
                           split=split, images=images)
     if scoring == "token":

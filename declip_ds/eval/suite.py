@@ -1,23 +1,30 @@
-"""Zero-shot and linear-probe transfer of one checkpoint over a suite of downstream datasets.
+"""Zero-shot, linear-probe and retrieval transfer of one checkpoint over a suite of downstream datasets.
 
     python -m declip_ds.eval.suite --checkpoint CKPT --suite declip11 --data-root DIR \
-        --task zeroshot|linear_probe|both [--out DIR] [--download]
+        --task zeroshot|linear_probe|both|retrieval|all [--out DIR] [--download]
+    python -m declip_ds.eval.suite --checkpoint CKPT --suite retrieval --data-root DIR --task retrieval
     python -m declip_ds.eval.suite --list          # the datasets, their splits, metrics and files
 
 Every dataset of the suite found under DIR (raw files, or a webdataset copy DIR/<name>_wds/<split>/*.tar)
 is evaluated; the others are skipped and listed with the reason (which files were expected where, and
 how to get them). A dataset that is there but whose evaluation fails is listed as FAILED (the record's
 ``failed``), the others still run, and the suite exits 1. Suites: declip11 (the DeCLIP paper's transfer table: CIFAR-10, CIFAR-100, Food-101,
-Oxford Pets, Flowers-102, SUN397, Stanford Cars, DTD, Caltech-101, FGVC-Aircraft, ImageNet), quick, all,
-or a comma-separated list of dataset names. Datasets, splits and metrics: declip_ds/eval/downstream.py.
+Oxford Pets, Flowers-102, SUN397, Stanford Cars, DTD, Caltech-101, FGVC-Aircraft, ImageNet), quick,
+retrieval (Flickr30k 1k and MSCOCO 5k test, Karpathy splits), all, or a comma-separated list of dataset
+names. Classification datasets, splits and metrics: declip_ds/eval/downstream.py; retrieval datasets:
+``RETRIEVAL_REGISTRY`` in declip_ds/eval/retrieval.py. Each task evaluates the suite's datasets of its
+kind (zero-shot and linear probe the classification ones, retrieval the retrieval ones); ``both`` is
+zero-shot + linear probe, ``all`` adds retrieval.
 
 Zero-shot: the test split, the dataset's CLIP prompt templates (``--templates`` overrides them for all
 datasets: simple | imagenet80 | FILE), ``zero_shot_classifier`` + ``zero_shot_evaluate``.
 Linear probe: linear_probe.py's protocol on cached features; the weight decay is swept on the official
 val split where the dataset has one (Flowers, DTD, Aircraft, ...) and refitted on train+val, else on a
 stratified ``--val-fraction`` of train (refitted on all of train).
+Retrieval: recall@1/5/10 both ways on the test split, every caption kept, mean recall as the headline;
+``--scoring`` / ``--mask-padding`` as for zero-shot (FILIP-family models token-wise by default).
 
-Output (``--out DIR``): ``DIR/zeroshot.json`` / ``DIR/linear_probe.json`` in the report schema
+Output (``--out DIR``): ``DIR/<task>.json`` per task in the report schema
 (declip_ds/eval/report.py; skipped datasets appear as ``{"skipped": reason}``), and ``DIR/table.txt`` /
 ``DIR/table.md``: the report tool's table, datasets as columns plus the average. The headline is top-1
 except mean per-class accuracy for Pets, Flowers, Caltech-101 and Aircraft, as the literature reports.
@@ -33,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-TASKS = ("zeroshot", "linear_probe")
+TASKS = ("zeroshot", "linear_probe", "retrieval")
+TASK_SETS = {"both": ("zeroshot", "linear_probe"), "all": TASKS}
 # the dataset (or a library to read it) is not there: skipped and listed
 UNAVAILABLE = (FileNotFoundError, NotADirectoryError, ImportError)
 # it is there but evaluating it failed (a corrupt file, out of memory, a bug): listed as failed, the other
@@ -124,6 +132,28 @@ def linear_probe_one(model, name: str, *, root, transform, model_id: str, cache_
     return {**out, **_extras(spec, splits["test"], "test")}
 
 
+# ----------------------------------------------------------------------------- retrieval
+
+
+def retrieval_one(model, tokenizer, name: str, *, root, transform, batch_size: int, workers: int,
+                  scoring: str = "global", mask_padding: bool = True, **_) -> dict:
+    """Recall@1/5/10 both ways on one retrieval dataset's test split (mean recall the headline)."""
+    from declip_ds.eval.retrieval import RETRIEVAL_REGISTRY, evaluate_retrieval
+
+    source = RETRIEVAL_REGISTRY[name].source(root)
+    metrics = evaluate_retrieval(model, tokenizer, source, transform=transform, batch_size=batch_size, workers=workers,
+                                 scoring=scoring, mask_padding=mask_padding)
+    return {**metrics, "headline_metric": "mean_recall", "n": metrics["n_images"], "split": "test",
+            "layout": "shards" if source.kind == "shards" else "karpathy"}
+
+
+def task_datasets(names: list[str], task: str) -> list[str]:
+    """The datasets of ``names`` that ``task`` evaluates: retrieval ones for retrieval, the others otherwise."""
+    from declip_ds.eval.downstream import is_retrieval
+
+    return [n for n in names if is_retrieval(n) == (task == "retrieval")]
+
+
 # ----------------------------------------------------------------------------- the suite
 
 
@@ -169,14 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "open_clip / DeCLIP checkpoint")
     p.add_argument("--suite", default="declip11", help="declip11 | quick | all | name,name,... (default: %(default)s)")
     p.add_argument("--data-root", help="the folder holding the datasets (torchvision's root)")
-    p.add_argument("--task", default="zeroshot", choices=[*TASKS, "both"])
+    p.add_argument("--task", default="zeroshot", choices=[*TASKS, *TASK_SETS],
+                   help="zeroshot | linear_probe | retrieval, both (zero-shot + linear probe) or all three")
     p.add_argument("--out", default=None, help="write <task>.json and table.txt / table.md here")
     p.add_argument("--download", action="store_true", help="let torchvision download missing datasets into "
                                                            "--data-root (off by default)")
     p.add_argument("--templates", default="default",
                    help="default (each dataset's CLIP templates) | simple | imagenet80 | FILE")
     p.add_argument("--scoring", default=None, choices=["global", "token"],
-                   help="zero-shot scoring (default: what the method trained for; token = FILIP's)")
+                   help="zero-shot and retrieval scoring (default: what the method trained for; token = FILIP's)")
     from declip_ds.eval.zero_shot import add_token_args
 
     add_token_args(p)
@@ -204,6 +235,12 @@ def list_datasets() -> str:
         lines.append("  " + describe(name))
         lines.append("      files: " + ", ".join(" or ".join(e) if isinstance(e, tuple) else e
                                                  for e in dict.fromkeys(x for v in spec.files.values() for x in v)))
+    from declip_ds.eval.retrieval import RETRIEVAL_REGISTRY
+
+    lines.append("retrieval datasets (name, title; recall@1/5/10 both ways, headline mean_recall):")
+    for spec in RETRIEVAL_REGISTRY.values():
+        lines.append(f"  {spec.name:<14}{spec.title}")
+        lines.append(f"      files: {spec.file}, {spec.images}/ (or {spec.name}_wds/test/*.tar)")
     lines.append("suites: " + "; ".join(f"{k} = {', '.join(v)}" for k, v in SUITES.items()))
     return "\n".join(lines)
 
@@ -225,6 +262,12 @@ def main(argv=None) -> int:
         if not Path(args.data_root).is_dir():
             raise FileNotFoundError(f"--data-root '{args.data_root}' is not a directory; pass the folder holding "
                                     "the datasets (see --list for the layout).")
+        tasks = TASK_SETS.get(args.task, (args.task,))
+        if not any(task_datasets(names, t) for t in tasks):
+            kind = "retrieval" if args.task == "retrieval" else "classification"
+            raise ValueError(f"Suite '{args.suite}' has no {kind} dataset for --task {args.task}"
+                             + (" (use --task retrieval for retrieval datasets, or a classification suite)"
+                                if kind == "classification" else " (try --suite retrieval)") + ".")
         em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize,
                            interpolation=args.interpolation, crop_ratio=args.crop_ratio)
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
@@ -248,25 +291,35 @@ def evaluate_all(em, names: list[str], args) -> list[dict]:
     common = dict(root=Path(args.data_root), transform=transform, batch_size=args.batch_size, workers=args.workers,
                   download=args.download, seed=args.seed, label_key=args.label_key)
     records = []
-    for task in (TASKS if args.task == "both" else (args.task,)):
+    tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
+    scoring = args.scoring or getattr(em.method, "zero_shot_scoring", "global")
+    tokens = token_settings(em.method, args)
+    for task in TASK_SETS.get(args.task, (args.task,)):
+        task_names = task_datasets(names, task)
+        if not task_names:
+            log(f"[{task}] suite '{args.suite}' has no dataset for this task; no {task} record")
+            continue
         if task == "zeroshot":
-            tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
-            scoring = args.scoring or getattr(em.method, "zero_shot_scoring", "global")
             if scoring == "global":
                 em.warn_if_global_untrained("zero-shot with --scoring global")
             one = functools.partial(zeroshot_one, model, tok, templates=args.templates, image_size=em.image_size,
-                                    scoring=scoring, **token_settings(em.method, args), **common)
-            extra = {"templates": args.templates, "scoring": scoring,
-                     **(token_settings(em.method, args) if scoring == "token" else {})}
+                                    scoring=scoring, **tokens, **common)
+            extra = {"templates": args.templates, "scoring": scoring, **(tokens if scoring == "token" else {})}
+        elif task == "retrieval":
+            if scoring == "global":
+                em.warn_if_global_untrained("retrieval with --scoring global")
+            one = functools.partial(retrieval_one, model, tok, scoring=scoring, mask_padding=tokens["mask_padding"],
+                                    **common)
+            extra = {"scoring": scoring, **({"mask_padding": tokens["mask_padding"]} if scoring == "token" else {})}
         else:
             em.warn_if_global_untrained("a linear probe")
             one = functools.partial(linear_probe_one, model, model_id=checkpoint_id(em.weights),
                                     cache_dir=args.cache_dir, val_fraction=args.val_fraction, max_iter=args.max_iter,
                                     device=device, **common)
             extra = {"val_fraction": args.val_fraction}
-        metrics, skipped, failed = run_suite(names, task, one)
+        metrics, skipped, failed = run_suite(task_names, task, one)
         records.append(make_record(model=em.name, checkpoint=str(em.weights), dataset=str(args.data_root), task=task,
-                                   metrics=metrics, config_hash=em.config_hash, suite=args.suite, datasets=names,
+                                   metrics=metrics, config_hash=em.config_hash, suite=args.suite, datasets=task_names,
                                    skipped=skipped, failed=failed, seed=args.seed, preprocess=em.preprocess(), **extra))
     return records
 
