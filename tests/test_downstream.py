@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 
+from declip_ds.data import transforms
 from declip_ds.eval import downstream as D
 from declip_ds.eval import linear_probe as lp
 from declip_ds.eval import report, suite
@@ -25,8 +26,10 @@ COUNTS = {
     "sun397": (397, 2), "cars": (196, 8), "dtd": (47, 8), "caltech101": (102, 34), "aircraft": (100, 2),
     "imagenet": (1000, 80), "mnist": (10, 1), "fashion_mnist": (10, 4), "stl10": (10, 2), "svhn": (10, 6),
     "gtsrb": (43, 3), "eurosat": (10, 3), "country211": (211, 5), "rendered_sst2": (2, 1), "fer2013": (7, 6),
-    "pcam": (2, 2),
+    "pcam": (2, 2), "imagenet_v2": (1000, 80), "imagenet_sketch": (1000, 80), "imagenet_a": (200, 80),
+    "imagenet_r": (200, 80),
 }
+SHIFTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 PER_CLASS = {"pets", "flowers", "caltech101", "aircraft"}
 
 
@@ -80,8 +83,10 @@ def write_cifar(root, monkeypatch, hundred=False, per_batch=4, n_test=8):
 
 def write_imagenet_val(root, per_class=1):
     """The ImageNet val layout: 1000 wnid folders (sorted = the standard class order)."""
-    for c in range(1000):
-        d = root / "imagenet" / "val" / f"n{c:08d}"
+    from declip_ds.eval.templates import imagenet_wnid_classnames
+
+    for c, wnid in enumerate(sorted(imagenet_wnid_classnames())):
+        d = root / "imagenet" / "val" / wnid
         d.mkdir(parents=True)
         for j in range(per_class):
             (d / f"ILSVRC2012_val_{c:05d}{j}.png").write_bytes(image_bytes(c + j, size=8))
@@ -158,10 +163,10 @@ def test_class_names_and_templates(name):
     n_classes, n_templates = COUNTS[name]
     assert len(spec.classnames) == n_classes
     # distinct names, except OpenAI's ImageNet list, which names 'missile' and 'sunglasses' twice
-    assert len(set(spec.classnames)) == n_classes - (2 if name == "imagenet" else 0)
+    assert len(set(spec.classnames)) == n_classes - (2 if n_classes == 1000 else 0)
     assert len(spec.templates) == n_templates and all("{}" in t for t in spec.templates)
     assert spec.metric == ("mean_per_class_recall" if name in PER_CLASS else "acc1")
-    assert "test" in spec.splits and "train" in spec.splits
+    assert "test" in spec.splits and ("train" in spec.splits) == (name not in SHIFTS)
 
 
 def test_suites_and_names():
@@ -172,7 +177,7 @@ def test_suites_and_names():
     assert D.get_spec("imagenet1k").name == "imagenet"
     assert [n for n in D.REGISTRY if D.get_spec(n).has_split("val")] == [
         "flowers", "dtd", "aircraft", "eurosat", "country211", "rendered_sst2", "pcam"]
-    with pytest.raises(ValueError, match="Unknown suite 'declip12'. Known suites: declip11, quick, retrieval, all"):
+    with pytest.raises(ValueError, match="Unknown suite 'declip12'. Known suites: declip11, quick, robustness, retrieval, all"):
         D.suite_datasets("declip12")
     with pytest.raises(ValueError, match="Unknown dataset 'flower'. Known: cifar10, cifar100"):
         D.get_spec("flower")
@@ -238,7 +243,7 @@ def test_download_only_with_the_flag(tmp_path, checkpoint, no_downloads, monkeyp
     assert "FashionMNIST/raw/train" not in rec["skipped"]["fashion_mnist"]  # zero-shot needs the test files only
     assert str(root / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte") in rec["skipped"]["fashion_mnist"]
     out = capsys.readouterr().out
-    assert "zeroshot: skipped 20 of 21 datasets:" in out and "  cars: Stanford Cars (cars) test split" in out
+    assert f"zeroshot: skipped {len(D.REGISTRY) - 1} of {len(D.REGISTRY)} datasets:" in out and "  cars: Stanford Cars (cars) test split" in out
 
     fetched = []
     monkeypatch.setattr(tvd.FashionMNIST, "download", lambda self: fetched.append(self.root) or write_mnist(root, "FashionMNIST"))
@@ -432,3 +437,55 @@ def test_probe_with_official_val_refits_on_train_and_val():
     assert (out["n_train"], out["n_val"], out["n"]) == (30, 15, 15) and out["val_split"] == "official"
     assert out["weight_decay"] in lp.GRID and out["C"] == pytest.approx(1 / (out["weight_decay"] * 45))
     assert out["acc1"] > 0.8
+
+
+# ----------------------------------------------------------------------------- ImageNet shifts
+
+
+def write_class_folders(base, folders, per_class=1):
+    for c, name in enumerate(folders):
+        (base / name).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            (base / name / f"{j}.png").write_bytes(image_bytes(c + j, size=8))
+    return base
+
+
+def test_imagenet_shifts_are_read_with_imagenets_classes(tmp_path, checkpoint, no_downloads):
+    """ImageNet-V2 (numbered folders, numeric order), -Sketch (1000 wnid folders, under either release path),
+    -A and -R (their 200 wnid folders) get OpenAI's ImageNet names in label order; another folder set is
+    refused, a short copy warned about; the robustness suite zero-shots them and the probe leaves them out."""
+    from declip_ds.eval.templates import imagenet_subset_wnids, imagenet_wnid_classnames
+
+    table = imagenet_wnid_classnames()
+    root = tmp_path / "data"
+    write_class_folders(root / "imagenetv2-matched-frequency-format-val", [str(i) for i in range(1000)])
+    write_class_folders(root / "imagenet-sketch" / "sketch", sorted(table))
+    a = write_class_folders(root / "imagenet-a", imagenet_subset_wnids("a"))
+    (a / "README.txt").write_text("ImageNet-A\n")
+    tf = transforms.eval_transform(32)
+    with pytest.warns(UserWarning, match="ImageNet-V2 at .* has 1,000 images; the release has 10,000"):
+        v2 = D.open_split("imagenetv2", "test", root, tf)
+    assert v2.folders[:3] == ["0", "1", "2"] and v2.folders[10] == "10" and v2.classnames[:2] == ["tench", "goldfish"]
+    assert v2.classnames_source == "registry" and v2.samples[10][1] == 10
+    with pytest.warns(UserWarning, match="has 200 images; the release has 7,500"):
+        ia = D.open_split("imagenet_a", "test", root, tf)
+    assert len(ia.classnames) == 200 and ia.classnames[0] == "stingray" == table["n01498041"]
+    assert ia.folders == list(imagenet_subset_wnids("a")) and ia.classnames == D.get_spec("imagenet_a").classnames
+    with pytest.warns(UserWarning, match="ImageNet-Sketch"):
+        assert len(D.open_split("imagenet-sketch", "test", root, tf).classnames) == 1000
+    with pytest.raises(D.DatasetUnavailable, match=r"imagenet-r.*hendrycks/imagenet-r.tar"):
+        D.open_split("imagenet_r", "test", root, tf)
+    # ImageNet-A's folder holding ImageNet-R's classes: refused, not scored against the wrong labels
+    write_class_folders(root / "imagenet-r", imagenet_subset_wnids("a"))
+    with pytest.raises(ValueError, match=r"ImageNet-R test folder .* has 200 class folders; expected the 200 "
+                                         r"ImageNet-R class folders \(n01443537, ...\); missing"):
+        D.open_split("imagenet_r", "test", root, tf)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning):
+        rc = run_suite(checkpoint, root, out, "--suite", "robustness", "--task", "both", "--templates", "simple")
+    assert rc == 1  # imagenet-r is there but wrong: FAILED, the others still ran
+    zs, probe = (report.load_record(out / f"{t}.json") for t in ("zeroshot", "linear_probe"))
+    assert zs["datasets"] == list(D.SUITES["robustness"]) and probe["datasets"] == ["imagenet"]
+    assert set(zs["skipped"]) == {"imagenet", "imagenet_r"} and zs["failed"] == ["imagenet_r"]
+    assert [zs["metrics"][n]["n"] for n in ("imagenet_v2", "imagenet_sketch", "imagenet_a")] == [1000, 1000, 200]
+    assert zs["metrics"]["imagenet_a"]["n_classes"] == 200 and zs["metrics"]["imagenet_a"]["acc5"] is not None

@@ -697,6 +697,10 @@ def test_imagenet_task_checks_its_class_names_and_image_count(caplog):
     assert len(got) == 2 and "1 of its 1000 class names differ" in got[0] and "'great_white_shark'" in got[0]
     assert "49990 images scored, not ImageNet val's 50000" in got[1] and got[1] in caplog.text
     assert check_imagenet_task("shapes", renamed, 10) == [] and check_imagenet_task("imagenet_a", names[:200], 7) == []
+    # the shifts with 1000 classes are held to their own release's size
+    assert check_imagenet_task("imagenetv2-matched-frequency-format-val", names, 10_000) == []
+    assert check_imagenet_task("imagenet-sketch", names, 50_889) == []
+    assert "10 images scored, not ImageNet-V2's 10000" in check_imagenet_task("ImageNetV2", names, 10)[0]
 
 
 def test_declip_style_prompt_files_with_positional_slots_give_the_same_classifier(tmp_path):

@@ -68,6 +68,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from declip_ds.eval.retrieval import RETRIEVAL_REGISTRY
+from declip_ds.eval.templates import imagenet_subset_wnids, imagenet_wnid_classnames
 
 PROMPTS_FILE = Path(__file__).with_name("downstream_prompts.json")
 SPLITS = ("train", "val", "test")
@@ -110,6 +111,10 @@ class DatasetSpec:
     check_names: bool = True  # compare our class names with the dataset's own (catches a label-order mismatch)
     requires: tuple = ()    # Python packages torchvision needs for it
     aliases: tuple = ()
+    # "1k" / "a" / "r": image folders of ImageNet classes (all 1000, or ImageNet-A's / -R's 200), read by
+    # _imagenet_split and named with OpenAI's ImageNet class names and templates
+    imagenet_classes: str = ""
+    n_images: int = 0       # the release's test images, where known: another count is warned about
 
     def __post_init__(self):
         if self.metric not in METRICS or "test" not in self.splits or not set(self.splits) <= set(SPLITS):
@@ -118,15 +123,25 @@ class DatasetSpec:
 
     @property
     def classnames(self) -> list[str]:
-        if self.name == "imagenet":
+        if self.imagenet_classes == "1k":
             from declip_ds.eval.templates import IMAGENET_CLASSNAMES
 
             return list(IMAGENET_CLASSNAMES)
+        if self.imagenet_classes:
+            table = imagenet_wnid_classnames()
+            return [table[w] for w in self.wnids]
         return list(_prompts()[self.name]["classnames"])
 
     @property
+    def wnids(self) -> list[str]:
+        """The class folders, in label order, of an ImageNet-family dataset."""
+        if self.imagenet_classes == "1k":
+            return sorted(imagenet_wnid_classnames())
+        return list(imagenet_subset_wnids(self.imagenet_classes))
+
+    @property
     def templates(self) -> list[str]:
-        if self.name == "imagenet":
+        if self.imagenet_classes:
             from declip_ds.eval.templates import IMAGENET_TEMPLATES
 
             return list(IMAGENET_TEMPLATES)
@@ -260,7 +275,24 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
                 "ImageNet can't be downloaded automatically: get ILSVRC2012 from https://image-net.org and sort "
                 "the validation images into one folder per wnid (torchvision.datasets.ImageNet('DIR/imagenet', "
                 "split='val') does it from ILSVRC2012_img_val.tar + ILSVRC2012_devkit_t12.tar.gz)",
-                downloadable=False, aliases=("imagenet1k", "imagenet-1k")),
+                downloadable=False, aliases=("imagenet1k", "imagenet-1k"), imagenet_classes="1k", n_images=50_000),
+    # natural distribution shifts of ImageNet (the CLIP paper's robustness table): test sets only, zero-shot
+    DatasetSpec("imagenet_v2", "ImageNet-V2", None, {"test": "test"},
+                {"test": ("imagenetv2-matched-frequency-format-val",)},
+                "download https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/"
+                "imagenetv2-matched-frequency.tar.gz and extract it into DIR (class folders 0 ... 999)",
+                downloadable=False, aliases=("imagenetv2", "imagenet-v2"), imagenet_classes="1k", n_images=10_000),
+    DatasetSpec("imagenet_sketch", "ImageNet-Sketch", None, {"test": "test"},
+                {"test": (("sketch", "imagenet-sketch/sketch"),)},
+                "get ImageNet-Sketch.zip from https://github.com/HaohanWang/ImageNet-Sketch and extract it into "
+                "DIR (it unpacks to sketch/<wnid>/)",
+                downloadable=False, aliases=("imagenet-sketch",), imagenet_classes="1k", n_images=50_889),
+    DatasetSpec("imagenet_a", "ImageNet-A", None, {"test": "test"}, {"test": ("imagenet-a",)},
+                "extract https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar into DIR",
+                downloadable=False, aliases=("imagenet-a",), imagenet_classes="a", n_images=7_500),
+    DatasetSpec("imagenet_r", "ImageNet-R", None, {"test": "test"}, {"test": ("imagenet-r",)},
+                "extract https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar into DIR",
+                downloadable=False, aliases=("imagenet-r",), imagenet_classes="r", n_images=30_000),
     DatasetSpec("mnist", "MNIST", _tv("MNIST", "train"), _TTS, _mnist_files("MNIST"),
                 "--download (torchvision fetches the four IDX files into DIR/MNIST/raw)", check_names=False),
     DatasetSpec("fashion_mnist", "Fashion-MNIST", _tv("FashionMNIST", "train"), _TTS, _mnist_files("FashionMNIST"),
@@ -306,6 +338,9 @@ RETRIEVAL = tuple(RETRIEVAL_REGISTRY)
 SUITES: dict[str, tuple[str, ...]] = {
     "declip11": DECLIP11,  # the DeCLIP paper's transfer table (11 datasets incl. ImageNet)
     "quick": ("cifar10", "cifar100", "mnist", "fashion_mnist"),  # small, all downloadable by torchvision
+    # ImageNet and its natural distribution shifts (zero-shot; the CLIP paper's robustness table without
+    # ObjectNet and the video sets)
+    "robustness": ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"),
     "retrieval": RETRIEVAL,  # Flickr30k 1k / MSCOCO 5k test (Karpathy splits): the CLIP and FILIP tables
     "all": (*REGISTRY, *RETRIEVAL),
 }
@@ -577,7 +612,7 @@ def open_split(name: str, split: str, root: str | Path, transform: Callable, *, 
         if not (download and spec.downloadable):
             raise DatasetUnavailable(unavailable_message(spec, root, split))
     _check_requires(spec)
-    if spec.name == "imagenet":
+    if spec.imagenet_classes:
         return _imagenet_split(spec, root, split, transform)
     return _torchvision_split(spec, root, split, transform, download=download and not raw_here, seed=seed)
 
@@ -601,20 +636,39 @@ def _torchvision_split(spec: DatasetSpec, root: Path, split: str, transform: Cal
 
 
 def _imagenet_split(spec: DatasetSpec, root: Path, split: str, transform: Callable):
-    """ImageNet's train / val image folder; OpenAI's class names when the 1000 wnid folders are in the
-    standard (sorted) order."""
+    """An image folder of ImageNet classes: ImageNet's train / val, ImageNet-V2 (folders 0 ... 999),
+    ImageNet-Sketch (1000 wnid folders), ImageNet-A / -R (their 200 wnid folders). Class folders in the
+    standard order get OpenAI's class names; a class index in the folder (classnames.txt / .json) wins;
+    anything else is refused, since labels and prompts would not line up. A test split with another number
+    of images than the release's is warned about (a partial copy is not comparable with published numbers)."""
     from declip_ds.eval.datasets import ImageFolderData
 
-    folder = root / spec.files[split][0]
-    data = ImageFolderData(folder, transform, wnid_names=False)  # named below (sorted folders = class index)
-    if len(data.folders) != 1000:
-        raise ValueError(f"ImageNet {split} folder '{folder}' has {len(data.folders)} class folders; expected the "
-                         "1000 ILSVRC2012 wnid folders (n01440764, ...). For another image folder use "
-                         "eval_zeroshot.py --data.")
-    if data.folders == sorted(data.folders):
+    entry = spec.files[split][0]
+    folder = next((root / rel for rel in (entry if isinstance(entry, tuple) else (entry,)) if (root / rel).is_dir()),
+                  root / (entry[0] if isinstance(entry, tuple) else entry))
+    if not folder.is_dir():
+        raise DatasetUnavailable(unavailable_message(spec, root, split))
+    numbered = [f.name for f in folder.iterdir() if f.is_dir() and f.name.isdigit()]
+    # wnid folders are named below (their standard order = the label order); ImageNet-V2's numbered folders by
+    # ImageFolderData (numeric order = ImageNet's class indices)
+    data = ImageFolderData(folder, transform, wnid_names=bool(numbered))
+    expected = [str(i) for i in range(1000)] if numbered and spec.imagenet_classes == "1k" else spec.wnids
+    if data.folders == expected:
         data.classnames, data.classnames_source = spec.classnames, "registry"
-    else:
+    elif data.class_index is not None and sorted(data.folders) == sorted(expected):
         data.classnames_source = f"class index ({data.class_index})"
+    else:
+        extra = sorted(set(data.folders) - set(expected))
+        missing = sorted(set(expected) - set(data.folders))
+        raise ValueError(f"{spec.title} {split} folder '{folder}' has {len(data.folders)} class folders; expected the "
+                         f"{len(expected)} {'ILSVRC2012' if spec.imagenet_classes == '1k' else spec.title} class "
+                         f"folders ({expected[0]}, ...)"
+                         + (f"; missing {missing[:3]}" if missing else "") + (f"; unexpected {extra[:3]}" if extra else "")
+                         + ". Check that it is the standard release, fully extracted. For another image folder use "
+                         "eval_zeroshot.py --data.")
+    if split == "test" and spec.n_images and len(data) != spec.n_images:
+        warnings.warn(f"{spec.title} at '{folder}' has {len(data):,} images; the release has {spec.n_images:,}. "
+                      "Numbers on a partial or modified copy are not comparable with published ones.", stacklevel=2)
     return data
 
 

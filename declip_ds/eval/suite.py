@@ -10,8 +10,8 @@ is evaluated; the others are skipped and listed with the reason (which files wer
 how to get them). A dataset that is there but whose evaluation fails is listed as FAILED (the record's
 ``failed``), the others still run, and the suite exits 1. Suites: declip11 (the DeCLIP paper's transfer table: CIFAR-10, CIFAR-100, Food-101,
 Oxford Pets, Flowers-102, SUN397, Stanford Cars, DTD, Caltech-101, FGVC-Aircraft, ImageNet), quick,
-retrieval (Flickr30k 1k and MSCOCO 5k test, Karpathy splits), all, or a comma-separated list of dataset
-names. Classification datasets, splits and metrics: declip_ds/eval/downstream.py; retrieval datasets:
+robustness (ImageNet and its shifts V2, Sketch, A, R: zero-shot only), retrieval (Flickr30k 1k and MSCOCO
+5k test, Karpathy splits), all, or a comma-separated list of dataset names. Classification datasets, splits and metrics: declip_ds/eval/downstream.py; retrieval datasets:
 ``RETRIEVAL_REGISTRY`` in declip_ds/eval/retrieval.py. Each task evaluates the suite's datasets of its
 kind (zero-shot and linear probe the classification ones, retrieval the retrieval ones); ``both`` is
 zero-shot + linear probe, ``all`` adds retrieval.
@@ -148,10 +148,13 @@ def retrieval_one(model, tokenizer, name: str, *, root, transform, batch_size: i
 
 
 def task_datasets(names: list[str], task: str) -> list[str]:
-    """The datasets of ``names`` that ``task`` evaluates: retrieval ones for retrieval, the others otherwise."""
-    from declip_ds.eval.downstream import is_retrieval
+    """The datasets of ``names`` that ``task`` evaluates: retrieval ones for retrieval, the classification ones
+    otherwise (for the linear probe those with a train split: not the test-only ImageNet shifts)."""
+    from declip_ds.eval.downstream import get_spec, is_retrieval
 
-    return [n for n in names if is_retrieval(n) == (task == "retrieval")]
+    if task == "retrieval":
+        return [n for n in names if is_retrieval(n)]
+    return [n for n in names if not is_retrieval(n) and (task != "linear_probe" or get_spec(n).has_split("train"))]
 
 
 # ----------------------------------------------------------------------------- the suite

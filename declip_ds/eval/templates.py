@@ -1118,3 +1118,25 @@ def imagenet_wnid_classnames() -> dict[str, str]:
         raise RuntimeError(f"timm's ImageNet synset list has {len(wnids)} entries or is not sorted; expected the "
                            f"{len(IMAGENET_CLASSNAMES)} sorted ILSVRC-2012 wnids.")
     return dict(zip(wnids, IMAGENET_CLASSNAMES))
+
+
+IMAGENET_SUBSETS = ("a", "r")
+
+
+@functools.lru_cache(maxsize=None)
+def imagenet_subset_wnids(subset: str) -> tuple[str, ...]:
+    """The sorted wnids of the 200 ImageNet classes of ImageNet-A (``"a"``, Hendrycks et al. 2021, "Natural
+    Adversarial Examples") or ImageNet-R (``"r"``, "The Many Faces of Robustness"), from timm's copies of the
+    authors' lists (timm/data/_info/imagenet_{a,r}_synsets.txt). Zero-shot on them, as in CLIP and
+    CLIP_benchmark, classifies among these 200 classes, labelled in this order."""
+    import pkgutil
+
+    if subset not in IMAGENET_SUBSETS:
+        raise ValueError(f"Unknown ImageNet subset '{subset}': use one of {', '.join(IMAGENET_SUBSETS)}.")
+    data = pkgutil.get_data("timm.data", f"_info/imagenet_{subset}_synsets.txt")
+    wnids = tuple(data.decode("utf-8").split()) if data else ()
+    table = imagenet_wnid_classnames()
+    if len(wnids) != 200 or list(wnids) != sorted(wnids) or any(w not in table for w in wnids):
+        raise RuntimeError(f"timm's ImageNet-{subset.upper()} synset list has {len(wnids)} entries, is unsorted or "
+                           "names classes outside ILSVRC-2012; expected 200 sorted ILSVRC-2012 wnids.")
+    return wnids

@@ -8,6 +8,7 @@ every forward, so all ranks must run the same number of them).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -281,10 +282,24 @@ def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image
 IMAGENET_VAL_IMAGES = 50_000
 
 
+def imagenet_release(name: str) -> tuple[str, int]:
+    """(release, images) a 1000-class task named ``name`` should score: ImageNet-V2 (``imagenetv2*``, 10,000),
+    ImageNet-Sketch (``*sketch*``, 50,889) or ImageNet val (50,000); counts from the downstream registry."""
+    from declip_ds.eval.downstream import get_spec
+
+    key = re.sub(r"[-_ ]", "", name.lower())
+    if "imagenetv2" in key:
+        return "ImageNet-V2", get_spec("imagenet_v2").n_images
+    if "sketch" in key:
+        return "ImageNet-Sketch", get_spec("imagenet_sketch").n_images
+    return "ImageNet val", IMAGENET_VAL_IMAGES
+
+
 def check_imagenet_task(name: str, classnames: list[str], n: int) -> list[str]:
     """Warnings for a 1000-class task named imagenet* whose class names are not OpenAI's (the list the
-    literature's zero-shot numbers use, METHODS.md §7) or that scored other than ImageNet val's 50,000 images
-    (skipped samples change top-1): a number reported from it is then not the standard one."""
+    literature's zero-shot numbers use, METHODS.md §7) or that scored other than its release's images
+    (ImageNet val's 50,000, ImageNet-V2's 10,000, ImageNet-Sketch's 50,889: skipped samples change top-1):
+    a number reported from it is then not the standard one."""
     from declip_ds.eval.templates import IMAGENET_CLASSNAMES
 
     if not name.lower().startswith("imagenet") or len(classnames) != len(IMAGENET_CLASSNAMES):
@@ -295,9 +310,10 @@ def check_imagenet_task(name: str, classnames: list[str], n: int) -> list[str]:
         shown = "; ".join(f"class {i}: {a!r} (OpenAI: {b!r})" for i, a, b in differ[:3])
         out.append(f"'{name}': {len(differ)} of its 1000 class names differ from OpenAI's ImageNet names ({shown}); "
                    f"zero-shot top-1 depends on them, so the number is not comparable with published ones")
-    if n != IMAGENET_VAL_IMAGES:
-        out.append(f"'{name}': {n} images scored, not ImageNet val's {IMAGENET_VAL_IMAGES} (skipped or missing "
-                   f"samples: see the warnings above); the number is not the full validation set's")
+    release, expected = imagenet_release(name)
+    if n != expected:
+        out.append(f"'{name}': {n} images scored, not {release}'s {expected} (skipped or missing "
+                   f"samples: see the warnings above); the number is not the full {release} set's")
     for w in out:
         log.warning(w)
     return out
