@@ -27,9 +27,9 @@ COUNTS = {
     "imagenet": (1000, 80), "mnist": (10, 1), "fashion_mnist": (10, 4), "stl10": (10, 2), "svhn": (10, 6),
     "gtsrb": (43, 3), "eurosat": (10, 3), "country211": (211, 5), "rendered_sst2": (2, 1), "fer2013": (7, 6),
     "pcam": (2, 2), "imagenet_v2": (1000, 80), "imagenet_sketch": (1000, 80), "imagenet_a": (200, 80),
-    "imagenet_r": (200, 80),
+    "imagenet_r": (200, 80), "imagenet_v2_top": (1000, 80), "imagenet_v2_threshold": (1000, 80),
 }
-SHIFTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+SHIFTS = ("imagenet_v2", "imagenet_v2_top", "imagenet_v2_threshold", "imagenet_sketch", "imagenet_a", "imagenet_r")
 PER_CLASS = {"pets", "flowers", "caltech101", "aircraft"}
 
 
@@ -177,7 +177,7 @@ def test_suites_and_names():
     assert D.get_spec("imagenet1k").name == "imagenet"
     assert [n for n in D.REGISTRY if D.get_spec(n).has_split("val")] == [
         "flowers", "dtd", "aircraft", "eurosat", "country211", "rendered_sst2", "pcam"]
-    with pytest.raises(ValueError, match="Unknown suite 'declip12'. Known suites: declip11, quick, robustness, retrieval, all"):
+    with pytest.raises(ValueError, match="Unknown suite 'declip12'. Known suites: declip11, quick, robustness, declip_robustness, retrieval, all"):
         D.suite_datasets("declip12")
     with pytest.raises(ValueError, match="Unknown dataset 'flower'. Known: cifar10, cifar100"):
         D.get_spec("flower")
@@ -471,6 +471,10 @@ def test_imagenet_shifts_are_read_with_imagenets_classes(tmp_path, checkpoint, n
         ia = D.open_split("imagenet_a", "test", root, tf)
     assert len(ia.classnames) == 200 and ia.classnames[0] == "stingray" == table["n01498041"]
     assert ia.folders == list(imagenet_subset_wnids("a")) and ia.classnames == D.get_spec("imagenet_a").classnames
+    (root / "imagenetv2-matched-frequency-format-val").rename(root / "imagenetv2-top-images-format-val")
+    with pytest.warns(UserWarning, match="ImageNet-V2 top-images at .* has 1,000 images; the release has 10,000"):
+        assert D.open_split("imagenet_v2_top", "test", root, tf).classnames_source == "registry"
+    (root / "imagenetv2-top-images-format-val").rename(root / "imagenetv2-matched-frequency-format-val")
     with pytest.warns(UserWarning, match="ImageNet-Sketch"):
         assert len(D.open_split("imagenet-sketch", "test", root, tf).classnames) == 1000
     with pytest.raises(D.DatasetUnavailable, match=r"imagenet-r.*hendrycks/imagenet-r.tar"):

@@ -282,6 +282,17 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
                 "download https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/"
                 "imagenetv2-matched-frequency.tar.gz and extract it into DIR (class folders 0 ... 999)",
                 downloadable=False, aliases=("imagenetv2", "imagenet-v2"), imagenet_classes="1k", n_images=10_000),
+    # ImageNet-V2's two other sampling strategies; the DeCLIP repo's 88M configs report top-images
+    DatasetSpec("imagenet_v2_top", "ImageNet-V2 top-images", None, {"test": "test"},
+                {"test": ("imagenetv2-top-images-format-val",)},
+                "download https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/"
+                "imagenetv2-top-images.tar.gz and extract it into DIR (class folders 0 ... 999)",
+                downloadable=False, imagenet_classes="1k", n_images=10_000),
+    DatasetSpec("imagenet_v2_threshold", "ImageNet-V2 threshold-0.7", None, {"test": "test"},
+                {"test": ("imagenetv2-threshold0.7-format-val",)},
+                "download https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/"
+                "imagenetv2-threshold0.7.tar.gz and extract it into DIR (class folders 0 ... 999)",
+                downloadable=False, imagenet_classes="1k", n_images=10_000),
     DatasetSpec("imagenet_sketch", "ImageNet-Sketch", None, {"test": "test"},
                 {"test": (("sketch", "imagenet-sketch/sketch"),)},
                 "get ImageNet-Sketch.zip from https://github.com/HaohanWang/ImageNet-Sketch and extract it into "
@@ -341,6 +352,8 @@ SUITES: dict[str, tuple[str, ...]] = {
     # ImageNet and its natural distribution shifts (zero-shot; the CLIP paper's robustness table without
     # ObjectNet and the video sets)
     "robustness": ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"),
+    # what the DeCLIP repo's 88M configs report besides ImageNet (less ObjectNet, not supported yet)
+    "declip_robustness": ("imagenet", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_v2_top"),
     "retrieval": RETRIEVAL,  # Flickr30k 1k / MSCOCO 5k test (Karpathy splits): the CLIP and FILIP tables
     "all": (*REGISTRY, *RETRIEVAL),
 }
