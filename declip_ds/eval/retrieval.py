@@ -24,8 +24,9 @@ image is checked before anything is embedded, and a missing one is an error that
 
 Scoring (``--scoring``, default: what the checkpoint's method trained for, as zero-shot):
     global  cosine similarity of the L2-normalised global embeddings (CLIP, DeCLIP, SLIP, DeFILIP)
-    token   FILIP's token-wise late interaction (Yao et al. 2021, its retrieval protocol): image->text ranks captions by s_i2t (each image token's best caption token,
-            averaged over the image tokens), text->image ranks images by s_t2i (each caption token's best
+    token   FILIP's token-wise late interaction (Yao et al. 2021, its retrieval protocol): image->text
+            ranks captions by s_i2t (each image token's best caption token, averaged over the image
+            tokens), text->image ranks images by s_t2i (each caption token's best
             image token, averaged over the caption's tokens); tokens L2-normalised after the token
             projections, as in training. ``--mask-padding`` (default: the method's ``mask_padding``;
             ``false`` for DeCLIP-repo FILIP releases) scores only caption positions up to the EOT, else
