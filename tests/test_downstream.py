@@ -8,6 +8,7 @@ import hashlib
 import json
 import pickle
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -493,3 +494,61 @@ def test_imagenet_shifts_are_read_with_imagenets_classes(tmp_path, checkpoint, n
     assert set(zs["skipped"]) == {"imagenet", "imagenet_r"} and zs["failed"] == ["imagenet_r"]
     assert [zs["metrics"][n]["n"] for n in ("imagenet_v2", "imagenet_sketch", "imagenet_a")] == [1000, 1000, 200]
     assert zs["metrics"]["imagenet_a"]["n_classes"] == 200 and zs["metrics"]["imagenet_a"]["acc5"] is not None
+
+
+# ----------------------------------------------------------------------------- webdataset copies
+
+
+def _items(data):
+    loader = data.loader(16)
+    return [(img, int(label)) for images, labels, _ in loader for img, label in zip(images, labels)]
+
+
+def test_make_shards_copies_score_like_the_raw_files(tmp_path, monkeypatch, capsys):
+    """make_shards writes <name>_wds/<split>/ copies that the suite reads instead of the raw files, with the same
+    pixels, labels, class names and order (torchvision archives as PNG, image files copied), and retrieval
+    copies with every caption; partial and existing copies are handled; a missing dataset is skipped."""
+    from declip_ds.data.tokenizer import Tokenizer
+    from declip_ds.eval import make_shards
+    from declip_ds.eval.retrieval import RETRIEVAL_REGISTRY, evaluate_retrieval
+    from declip_ds.eval.templates import imagenet_subset_wnids
+    from tests.test_retrieval import _karpathy
+
+    root, out = tmp_path / "raw", tmp_path / "copies"
+    write_cifar(root, monkeypatch)
+    for c, wnid in enumerate(imagenet_subset_wnids("a")):  # JPEG files, as the release ships them
+        (root / "imagenet-a" / wnid).mkdir(parents=True, exist_ok=True)
+        (root / "imagenet-a" / wnid / f"{c}.jpg").write_bytes(image_bytes(c, fmt="JPEG", size=12))
+    _karpathy(root / "coco")
+    (out / "cifar10_wds" / "test.partial").mkdir(parents=True)  # a crashed earlier run's leftover
+    args = ["--data-root", str(root), "--out", str(out), "--shard-size", "7"]
+    with pytest.warns(UserWarning, match="ImageNet-A"):
+        assert make_shards.main([*args, "--suite", "cifar10,imagenet_a,coco,cars"]) == 0
+    err = capsys.readouterr().err
+    assert "cifar10/train: 20 samples" in err and "imagenet_a/test: 200 samples" in err and "coco/test: 2 samples" in err
+    assert "skipped cars/train: Stanford Cars" in err
+    assert sorted(p.name for p in (out / "imagenet_a_wds" / "test").iterdir())[:2] == [
+        "classnames.txt", "imagenet_a-test-00000.tar"]
+    assert len(list((out / "imagenet_a_wds" / "test").glob("*.tar"))) == 29  # 200 / 7
+    assert not list(out.rglob("*.partial"))
+    tf = transforms.eval_transform(16)
+    for name, split in (("cifar10", "train"), ("cifar10", "test"), ("imagenet_a", "test")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw, copy = D.open_split(name, split, root, tf), D.open_split(name, split, out, tf)
+        assert copy.layout == "shards" and copy.classnames == raw.classnames
+        a, b = _items(raw), _items(copy)
+        assert len(a) == len(b) and all(la == lb and torch.equal(x, y) for (x, la), (y, lb) in zip(a, b)), name
+    _, model = tiny_model()
+    tok = Tokenizer(context_length=16)
+    raw, copy = (evaluate_retrieval(model, tok, RETRIEVAL_REGISTRY["coco"].source(r), image_size=32)
+                 for r in (root, out))
+    assert copy == raw and copy["n_texts"] == 11
+    # an existing copy is kept unless --overwrite; a suite with nothing under the root is an error
+    stamp = (out / "coco_wds" / "test" / "coco-test-00000.tar").stat().st_mtime_ns
+    assert make_shards.main([*args, "--suite", "coco"]) == 0
+    assert "exists, kept" in capsys.readouterr().err
+    assert (out / "coco_wds" / "test" / "coco-test-00000.tar").stat().st_mtime_ns == stamp
+    assert make_shards.main([*args, "--suite", "cars"]) == 2
+    assert make_shards.main([*args, "--suite", "cifar10", "--splits", "tset"]) == 2
+    assert "--splits: tset is not a split" in capsys.readouterr().err

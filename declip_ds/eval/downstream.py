@@ -15,7 +15,8 @@ ImageNet is read as image folders ``DIR/imagenet/val/<wnid>/*.JPEG`` (and ``DIR/
 linear probe) by ``declip_ds.eval.datasets`` -- exactly what ``torchvision.datasets.ImageNet(DIR/imagenet)``
 leaves after it sorts the official tarballs.
 
-Webdataset copies (for clusters without the raw files): ``DIR/<name>_wds/<split>/*.tar`` (or CLIP_benchmark's
+Webdataset copies (for clusters without the raw files; ``python -m declip_ds.eval.make_shards`` writes them
+from the raw files): ``DIR/<name>_wds/<split>/*.tar`` (or CLIP_benchmark's
 ``DIR/wds_<name>/<split>/*.tar``), each sample an image (jpg/png/webp) and an integer label member
 (``cls`` unless ``label_key`` says otherwise), labels numbered as torchvision numbers them. A
 ``classnames.txt`` in the split folder or above it, if present, names the labels (one per line); it
