@@ -177,6 +177,9 @@ class EvalConfig:
     # 0.875 = 224/256 (DeCLIP's protocol, with bilinear); 1.0 = resize the short side to the crop (OpenAI's)
     interpolation: str = "bicubic"  # bicubic | bilinear
     crop_ratio: float = 0.875
+    # image-text retrieval at every evaluation (declip_ds.eval.retrieval): shard dirs, captions files or
+    # Karpathy split files (their test split), scored like the zero-shot tasks (the method's scoring)
+    retrieval: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -142,6 +142,7 @@ def _ranked_retrieval(rank, world, root, mask_padding):
                                         scoring="token", mask_padding=mask_padding)
 
 
+@pytest.mark.dist
 def test_token_retrieval_on_two_ranks_equals_one_process(tmp_path):
     """Each rank embeds its own shard (captions of different lengths), the token embeddings are gathered,
     padded to the longest caption and masked: both ranks compute what one process does."""
@@ -154,6 +155,46 @@ def test_token_retrieval_on_two_ranks_equals_one_process(tmp_path):
     assert (one["n_images"], one["n_texts"]) == (7, 10)
     ranks = run_ranks(_ranked_retrieval, 2, (root, True))
     assert ranks[0] == pytest.approx(one) and ranks[1] == pytest.approx(one)
+
+
+def _counted_embedding(rank, world, root, scoring):
+    """Embed this rank's shard (5 images on rank 0, 2 on rank 1), counting the tower forwards."""
+    from declip_ds.data.tokenizer import Tokenizer
+    from declip_ds.data.transforms import eval_transform
+
+    torch.set_num_threads(1)
+    _, model = filip_model()
+    calls = {"image": 0, "text": 0}
+    for name, kind in (("encode_image", "image"), ("encode_text", "text"), ("encode_image_tokens", "image"),
+                       ("encode_text_tokens", "text")):
+        def counted(*a, _f=getattr(model, name), _k=kind, **k):
+            calls[_k] += 1
+            return _f(*a, **k)
+        setattr(model, name, counted)
+    loader = retrieval.build_loader(root, eval_transform(32), 2, rank=rank, world_size=world)
+    group = torch.distributed.group.WORLD
+    if scoring == "token":
+        emb = retrieval.embed_tokens(model, Tokenizer(context_length=16), loader, text_batch=2, group=group,
+                                     image_size=32)
+        n = (len(emb.image_tokens), len(emb.text_tokens))
+    else:
+        img, txt, _ = retrieval.embed(model, Tokenizer(context_length=16), loader, text_batch=2, group=group,
+                                      image_size=32)
+        n = (len(img), len(txt))
+    return calls, n
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("scoring", ["global", "token"])
+def test_ranks_with_unequal_shards_run_the_same_forwards(tmp_path, scoring):
+    """Under ZeRO-3 every module forward is a collective: a rank with fewer images or caption chunks runs
+    throwaway forwards, so both ranks call each tower equally often (no hang), embedding only their own data."""
+    root = _shards(tmp_path / "s", n_images=7, per_shard=5)
+    (c0, n0), (c1, n1) = run_ranks(_counted_embedding, 2, (root, scoring))
+    assert n0 == (5, 7) and n1 == (2, 3)  # images, captions (image i has 1 + i % 2)
+    # rank 0: batches of 2, 2 and 1 images with 3, 3 and 1 captions (2 + 2 + 1 chunks of 2); rank 1 alone
+    # would run 1 image and 2 text forwards
+    assert c0 == c1 == {"image": 3, "text": 5}
 
 
 def _karpathy(root, dataset="coco"):
@@ -290,3 +331,22 @@ def test_suite_retrieval_task(tmp_path, capsys):
     assert "cifar10" in recs["zeroshot"]["skipped"] and recs["retrieval"]["skipped"] == {}
     with pytest.raises(ValueError, match="'coco' is a retrieval dataset"):
         D.get_spec("coco")
+
+
+def test_training_retrieval_sources_are_checked_before_training(tmp_path):
+    """eval.retrieval: a missing path or a Karpathy file without a test split fails at start, naming the key."""
+    from declip_ds.config import ConfigError, from_dict
+    from declip_ds.train.engine import check_eval
+
+    coco = _karpathy(tmp_path / "coco")
+    exp = from_dict({**TINY, "eval": {"retrieval": [str(coco), str(tmp_path / "nope")]}})
+    with pytest.raises(ConfigError, match=r"eval.retrieval\[1\]: Retrieval data '.*nope' does not exist.*drop it"):
+        check_eval(exp)
+    data = json.loads(coco.read_text())
+    for d in data["images"]:
+        d["split"] = "val" if d["split"] == "test" else d["split"]
+    coco.write_text(json.dumps(data))
+    exp = from_dict({**TINY, "eval": {"retrieval": [str(coco)]}})
+    with pytest.raises(ConfigError, match=r"eval.retrieval\[0\]: .* without a 'test' split"):
+        check_eval(exp)
+    check_eval(from_dict({**TINY, "eval": {"retrieval": [str(_shards(tmp_path / "s", n_images=2))]}}))

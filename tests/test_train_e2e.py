@@ -144,10 +144,15 @@ def test_two_deepspeed_ranks(tmp_path, shapes, stage, precision):
            str(ROOT / "train.py"), "--ds_config", str(ds)]
     # the reference's temperature clamp [3, 6] sits above the init ln(1/0.07) = 2.66: it must hold in
     # the optimizer's fp32 master copy too, or the next step would undo it
+    # the end-of-run evaluation also scores retrieval on the training shards, each rank embedding its own
+    # (under ZeRO-3 every tower forward is a collective: the ranks must run the same forwards)
     rc, out = run(cmd + train_cmd(run_dir, shapes, "train.steps=3", "train.save_every=2", "train.log_every=1",
-                                  "model.logit_scale_bounds=[3.0,6.0]")[2:], tmp_path, timeout=420)
+                                  "model.logit_scale_bounds=[3.0,6.0]", f"eval.retrieval=[{shapes / 'train'}]")[2:],
+                  tmp_path, timeout=420)
     assert rc == 0, out[-4000:]
-    assert "step 3/3" in out and "zero-shot at step 3" in out
+    assert "step 3/3" in out and "zero-shot at step 3" in out and "retrieval at step 3" in out
+    (ret,) = json.loads((run_dir / "eval" / "retrieval_step_00000003.json").read_text())["results"].values()
+    assert (ret["n_images"], ret["n_texts"]) == (256, 256)
     files = {p.name for p in (run_dir / "checkpoints" / "step_00000003").iterdir()}
     assert {"rank_00000.pt", "rank_00001.pt", "model.safetensors", "COMPLETE"} <= files
     from safetensors.torch import load_file
@@ -178,8 +183,16 @@ def test_two_deepspeed_ranks(tmp_path, shapes, stage, precision):
 def test_every_method_trains_and_evaluates_on_the_demo_config(tmp_path, shapes, method):
     """The README's promise: experiments/demo_shapes.yaml method.name=X trains and evaluates."""
     run_dir = tmp_path / "run"
-    rc, out = run(train_cmd(run_dir, shapes, f"method.name={method}", "train.steps=2", "train.log_every=1"), tmp_path)
+    # FILIP also scores retrieval on the training shards at the end, token-wise (its zero_shot_scoring)
+    extra = [f"eval.retrieval=[{shapes / 'train'}]"] if method == "filip" else []
+    rc, out = run(train_cmd(run_dir, shapes, f"method.name={method}", "train.steps=2", "train.log_every=1", *extra),
+                  tmp_path)
     assert rc == 0, out[-4000:]
+    if method == "filip":
+        record = json.loads((run_dir / "eval" / "retrieval_step_00000002.json").read_text())
+        (result,) = record["results"].values()  # named after the data folder
+        assert record["scoring"] == "token" and (result["n_images"], result["n_texts"]) == (256, 256)
+        assert "retrieval at step 2" in out
     lines = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in lines] == [1, 2] and all(math.isfinite(r["loss"]) for r in lines)
     from declip_ds.config import load_config

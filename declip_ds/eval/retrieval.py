@@ -417,18 +417,51 @@ def build_loader(data, transform: Callable, batch_size: int, *, rank: int = 0, w
 
 
 @torch.no_grad()
-def embed(model, tokenizer, loader, *, text_batch: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image_emb (Ni, E), text_emb (Nt, E), text_to_image (Nt,)), normalised, float32 on CPU."""
+def _encode_gallery(model, tokenizer, loader, encode_images: Callable, encode_texts: Callable, *,
+                    text_batch: int = 256, group=None, image_size: int = 224) -> tuple[list, list, list[int]]:
+    """The loader's images through ``encode_images(images)`` and its captions, ``text_batch`` at a time, through
+    ``encode_texts(ids)``: (image outputs, text outputs, the image index of every caption).
+
+    Under ``group`` every rank runs the same number of image and text forwards: a rank out of data, or with
+    fewer caption chunks in a step, runs throwaway forwards (a blank image, an empty caption), so a ZeRO-3
+    model, whose every module forward gathers its parameters collectively, cannot hang on unequal shards."""
     p = next(model.parameters())
-    images, texts, owners = [], [], []
-    for batch_images, captions, _ in loader:
-        base = sum(len(x) for x in images)
-        images.append(F.normalize(model.encode_image(batch_images.to(p.device, p.dtype)).float(), dim=-1).cpu())
-        flat = [c for caps in captions for c in caps]
-        owners += [base + i for i, caps in enumerate(captions) for _ in caps]
-        for s in range(0, len(flat), text_batch):
-            tokens = tokenizer(flat[s:s + text_batch]).to(p.device)
-            texts.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    flag_device = p.device if p.device.type == "cuda" else torch.device("cpu")
+    images_out, texts_out, owners, n_images = [], [], [], 0
+    it = iter(loader)
+    while True:
+        batch = next(it, None)
+        flat = [] if batch is None else [c for caps in batch[1] for c in caps]
+        chunks = [flat[s:s + text_batch] for s in range(0, len(flat), text_batch)]
+        counts = torch.tensor([int(batch is not None), len(chunks)], device=flag_device)
+        if world > 1:
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+        if counts[0].item() == 0:
+            return images_out, texts_out, owners
+        if batch is None:  # out of data while another rank is not
+            encode_images(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+        else:
+            images, captions = batch[0], batch[1]
+            images_out.append(encode_images(images.to(p.device, p.dtype)))
+            owners += [n_images + i for i, caps in enumerate(captions) for _ in caps]
+            n_images += len(images)
+        for c in range(int(counts[1].item())):
+            if c < len(chunks):
+                texts_out.append(encode_texts(tokenizer(chunks[c]).to(p.device)))
+            else:
+                encode_texts(tokenizer([""]).to(p.device))
+
+
+@torch.no_grad()
+def embed(model, tokenizer, loader, *, text_batch: int = 256, group=None,
+          image_size: int = 224) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image_emb (Ni, E), text_emb (Nt, E), text_to_image (Nt,)), normalised, float32 on CPU; ``group`` /
+    ``image_size``: see _encode_gallery (every rank then runs the same forwards)."""
+    images, texts, owners = _encode_gallery(
+        model, tokenizer, loader, lambda x: F.normalize(model.encode_image(x).float(), dim=-1).cpu(),
+        lambda ids: F.normalize(model.encode_text(ids).float(), dim=-1).cpu(), text_batch=text_batch, group=group,
+        image_size=image_size)
     E = getattr(model, "embed_dim", 0)
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, E)
     return cat(images), cat(texts), torch.tensor(owners, dtype=torch.long)
@@ -454,32 +487,30 @@ def _cat_tokens(parts: list[torch.Tensor], masks: list[torch.Tensor] | None) -> 
 
 
 @torch.no_grad()
-def embed_tokens(model, tokenizer, loader, *, mask_padding: bool = True, text_batch: int = 256) -> TokenEmbeddings:
+def embed_tokens(model, tokenizer, loader, *, mask_padding: bool = True, text_batch: int = 256, group=None,
+                 image_size: int = 224) -> TokenEmbeddings:
     """The gallery's FILIP token embeddings, each token L2-normalised after the token projections (as the
     loss sees them), float32 on CPU. mask_padding: caption positions past the EOT are masked, and those
-    past every caption's EOT dropped (exact: they score nothing); else all context positions are kept."""
+    past every caption's EOT dropped (exact: they score nothing); else all context positions are kept.
+    ``group`` / ``image_size``: see _encode_gallery (every rank then runs the same forwards)."""
     from declip_ds.methods.filip import text_token_mask
 
     _require_token_heads(model)
-    p = next(model.parameters())
-    images, texts, masks, owners, n_images = [], [], [], [], 0
-    for batch_images, captions, _ in loader:
-        x = model.encode_image_tokens(batch_images.to(p.device, p.dtype))  # (b, Ti, d)
-        images.append(F.normalize(x.float(), dim=-1).cpu())
-        flat = [c for caps in captions for c in caps]
-        owners += [n_images + i for i, caps in enumerate(captions) for _ in caps]
-        n_images += len(batch_images)
-        for s in range(0, len(flat), text_batch):
-            ids = tokenizer(flat[s:s + text_batch]).to(p.device)  # (n, L)
-            y = F.normalize(model.encode_text_tokens(ids).float(), dim=-1)  # (n, L, d)
-            if mask_padding:
-                m = text_token_mask(ids)  # (n, L) True up to each caption's EOT
-                keep = int(m.sum(dim=1).max())
-                y, m = y[:, :keep], m[:, :keep]
-                masks.append(m.cpu())
-            texts.append(y.cpu())
+
+    def texts(ids):  # (n, L) -> tokens (n, L', d), mask (n, L') or None
+        y = F.normalize(model.encode_text_tokens(ids).float(), dim=-1)  # (n, L, d)
+        if not mask_padding:
+            return y.cpu(), None
+        m = text_token_mask(ids)  # (n, L) True up to each caption's EOT
+        keep = int(m.sum(dim=1).max())
+        return y[:, :keep].cpu(), m[:, :keep].cpu()
+
+    images, text_parts, owners = _encode_gallery(
+        model, tokenizer, loader, lambda x: F.normalize(model.encode_image_tokens(x).float(), dim=-1).cpu(),
+        texts, text_batch=text_batch, group=group, image_size=image_size)
     image_tokens, _ = _cat_tokens(images, None)
-    text_tokens, text_mask = _cat_tokens(texts, masks if mask_padding else None)
+    text_tokens, text_mask = _cat_tokens([t for t, _ in text_parts],
+                                         [m for _, m in text_parts] if mask_padding else None)
     return TokenEmbeddings(image_tokens, text_tokens, text_mask, torch.tensor(owners, dtype=torch.long))
 
 
@@ -537,12 +568,14 @@ def evaluate_retrieval(model, tokenizer, data, *, image_size: int = 224, normali
     loader = build_loader(data, transform, batch_size, rank=rank, world_size=world_size, workers=workers,
                           split=split, images=images)
     if scoring == "token":
-        emb = gather_token_embeddings(embed_tokens(model, tokenizer, loader, mask_padding=mask_padding), group)
+        emb = gather_token_embeddings(embed_tokens(model, tokenizer, loader, mask_padding=mask_padding, group=group,
+                                                   image_size=image_size), group)
         if len(emb.image_tokens) == 0:
             raise ValueError(f"No captioned image in '{data}'; nothing to evaluate.")
         return token_retrieval_metrics(emb.image_tokens, emb.text_tokens, emb.text_to_image, emb.text_mask, ks=ks,
                                        device=next(model.parameters()).device)
-    img, txt, owners = gather_embeddings(*embed(model, tokenizer, loader), group=group)
+    img, txt, owners = gather_embeddings(*embed(model, tokenizer, loader, group=group, image_size=image_size),
+                                         group=group)
     if len(img) == 0:
         raise ValueError(f"No captioned image in '{data}'; nothing to evaluate.")
     return retrieval_metrics(img, txt, owners, ks=ks)

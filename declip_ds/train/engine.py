@@ -337,10 +337,22 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
                 )
             except NoEvalSamples as e:  # on every rank (the count is summed): the run goes on without it
                 log.warning("zero-shot task '%s' skipped: %s", task, e)
+        retrieval = evaluate_retrieval_sources(exp, method, tok, group)
     finally:
         method.train()
     # the live (DeepSpeed) module: bf16 / fp16 weights under those precisions, unlike the fp32 model.safetensors
     dtype = str(next(method.model.parameters()).dtype).removeprefix("torch.")
+    if D.rank() == 0 and retrieval:
+        log.info("retrieval at step %d:\n%s", step, "\n".join(
+            f"{name}: " + "  ".join(f"{k} {100 * v:.2f}" for k, v in r.items() if "@" in k)
+            + f"  mean {100 * r['mean_recall']:.2f}  ({r['n_images']} images, {r['n_texts']} captions)"
+            for name, r in retrieval.items()))
+        logger.scalars({f"retrieval/{n}/{k}": v for n, r in retrieval.items() for k, v in r.items()
+                        if "@" in k or k == "mean_recall"}, step)
+        (run_dir / "eval").mkdir(exist_ok=True)
+        record = {"step": step, "config_hash": config_hash(exp), "method": exp.method.name, "dtype": dtype,
+                  "scoring": getattr(method.cfg, "zero_shot_scoring", "global"), "results": retrieval}
+        (run_dir / "eval" / f"retrieval_step_{step:08d}.json").write_text(json.dumps(record, indent=2))
     if D.rank() == 0 and results:
         note = "" if dtype == "float32" else (f" (the training model, in {dtype}; the saved fp32 weights, e.g. through "
                                               f"eval_zeroshot.py, can differ slightly)")
@@ -353,6 +365,28 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
     return results
 
 
+def evaluate_retrieval_sources(exp: Experiment, method, tok, group) -> dict:
+    """Recall@k of every ``eval.retrieval`` source (every rank embeds its part, all compute the same numbers),
+    by the method's scoring; a source that vanished or holds no captioned image is skipped with a warning."""
+    from declip_ds.eval.report import dataset_name
+    from declip_ds.eval.retrieval import evaluate_retrieval, resolve_source
+
+    out = {}
+    for path in exp.eval.retrieval:
+        try:
+            source = resolve_source(path)
+            name = source.name or dataset_name(path)
+            out[name] = evaluate_retrieval(
+                method.model, tok, source, image_size=exp.model.vision.image_size, normalize=exp.data.normalize,
+                interpolation=exp.eval.interpolation, crop_ratio=exp.eval.crop_ratio, batch_size=exp.eval.batch_size,
+                rank=D.rank(), world_size=D.world_size(), group=group,
+                scoring=getattr(method.cfg, "zero_shot_scoring", "global"),
+                mask_padding=getattr(method.cfg, "mask_padding", True))
+        except (FileNotFoundError, ValueError) as e:  # the same on every rank (shared files): the run goes on
+            log.warning("retrieval on '%s' skipped: %s", path, e)
+    return out
+
+
 def applied_lr(scheduler) -> float:
     """The LR the last optimizer step used (``get_last_lr()`` is already the next step's): what a log
     line of step s should show, lr_at(s - 1)."""
@@ -362,9 +396,15 @@ def applied_lr(scheduler) -> float:
 def check_eval(exp: Experiment) -> None:
     """What the zero-shot evaluation will need, checked before training rather than at its end."""
     if exp.eval.at_end or exp.train.eval_every:
+        from declip_ds.eval.retrieval import resolve_source
         from declip_ds.eval.zero_shot import check_templates
 
         check_templates(exp.eval.templates)
+        for i, path in enumerate(exp.eval.retrieval):
+            try:
+                resolve_source(path)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"eval.retrieval[{i}]: {e} Fix the path or drop it from eval.retrieval.") from None
 
 
 # ----------------------------------------------------------------------------- the run
