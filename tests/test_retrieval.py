@@ -185,7 +185,7 @@ def _counted_embedding(rank, world, root, scoring):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("scoring", ["global", "token"])
+@pytest.mark.parametrize("scoring", [pytest.param("global", marks=pytest.mark.slow), "token"])  # one sync path
 def test_ranks_with_unequal_shards_run_the_same_forwards(tmp_path, scoring):
     """Under ZeRO-3 every module forward is a collective: a rank with fewer images or caption chunks runs
     throwaway forwards, so both ranks call each tower equally often (no hang), embedding only their own data."""
