@@ -21,11 +21,13 @@ def queue_state(method):
     return method.nn_queue.state_dict() if hasattr(method, "nn_queue") else None
 
 
-@pytest.mark.parametrize("name", ["clip", "slip", "filip", "declip", "defilip"])
-def test_gradient_equals_the_full_batch_gradient(name):
+@pytest.mark.parametrize("name,extra", [("clip", {}), ("slip", {}), ("filip", {}), ("declip", {}), ("defilip", {}),
+                                        ("declip", {"contrastive_text": "raw"})],
+                         ids=["clip", "slip", "filip", "declip", "defilip", "declip-raw-text"])
+def test_gradient_equals_the_full_batch_gradient(name, extra):
     torch.manual_seed(0)
     # float64, so the only difference left is the order of sums (float32 leaves ~1e-5 through BatchNorm heads)
-    method = get_method(name)(from_dict({**TINY, "method": {"name": name}})).train().double()
+    method = get_method(name)(from_dict({**TINY, "method": {"name": name, **extra}})).train().double()
     batch = {k: v.double() if v.is_floating_point() else v for k, v in make_batch(method, n=8).items()}
     before = queue_state(method)
     if before is not None:  # a queue with a few real texts in it, so the neighbours are not all random rows

@@ -599,6 +599,7 @@ def test_recipes_load_with_the_reference_hyperparameters(name, tower, embed):
     assert math.isclose(m.logit_scale_init, math.log(1 / 0.07))
     assert (c.mvs_weight, c.simsiam_weight, c.mlm_weight, c.nn_weight) == (0.4, 0.2, 0.2, 0.2)
     assert (c.mlm_prob, c.mlm_random_excludes_special, c.queue_size, c.eda) == (0.15, False, 65536, True)
+    assert c.contrastive_text == "masked"  # the reference's T1 in MVS, NN and the queue
     assert (c.projector_hidden_dim, c.projector_out_dim, c.predictor_hidden_dim) == (1024, 1024, 512)
     assert (t.lr, t.warmup_steps, t.warmup_init_lr, t.min_lr) == (1e-3, 2500, 1e-4, 0.0)
     assert (t.steps, t.batch_size, t.grad_accum) == (128001, 128, 1)
@@ -681,3 +682,56 @@ def test_declip_losses_are_the_reference_terms_of_the_masked_caption():
         assert float(out[k].detach()) == pytest.approx(float(v), rel=1e-6), k
     total = 0.4 * want["mvs_loss"] + 0.2 * (want["simsiam_loss"] + want["mlm_loss"] + want["nn_loss"])
     assert float(method.total_loss(out).detach()) == pytest.approx(float(total), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["declip", "defilip"])
+def test_raw_contrastive_text_keeps_the_mask_to_the_mlm_head(name):
+    """method.contrastive_text=raw (the paper's views): T1 is the caption unmasked in MVS, NN (and DeFILIP's token
+    term); the MLM head reads a second pass over the masked copy, with the same masking as the masked mode's T1."""
+    torch.manual_seed(0)
+    kw = {"token_dim": 8} if name == "defilip" else {}
+    exp = from_dict({**TINY, "model": {**TINY["model"], **kw},
+                     "method": {"name": name, **SMALL_HEADS, "contrastive_text": "raw"}})
+    method = get_method(name)(exp).double().train()
+    torch.manual_seed(3)
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in pil_batch(method).items()}
+    assert set(batch) == {"image", "image2", "text", "text_mlm", "mlm_labels", "text2"}
+    raw_ids = method.tokenizer()(CAPTIONS)
+    sel = batch["mlm_labels"] != -100
+    assert torch.equal(batch["text"], raw_ids) and sel.any()  # T1: the caption as it is
+    assert (batch["text_mlm"][sel] == MASK).any() and torch.equal(batch["text_mlm"][~sel], raw_ids[~sel])
+    assert torch.equal(batch["mlm_labels"][sel], raw_ids[sel])
+    # the same draws make the same masking as the masked mode's T1
+    masked_method = get_method(name)(from_dict({**TINY, "model": {**TINY["model"], **kw},
+                                                "method": {"name": name, **SMALL_HEADS}}))
+    torch.manual_seed(3)
+    masked_batch = pil_batch(masked_method)
+    assert torch.equal(masked_batch["text"], batch["text_mlm"])
+    assert torch.equal(masked_batch["mlm_labels"], batch["mlm_labels"])
+
+    bank = method.nn_queue.bank.double().clone()
+    out = method(batch)
+    m = method.model
+    with torch.no_grad():
+        i1, i2 = (m.image_features(batch[k])["embedding"] for k in ("image", "image2"))
+        t1 = m.text_features(batch["text"])
+        e1, e2 = F.normalize(t1["embedding"], dim=-1), F.normalize(m.text_features(batch["text2"])["embedding"], dim=-1)
+        scale = m.scale()
+        n1, n2 = (bank[(e @ bank.t()).argmax(dim=1)] for e in (e1, e2))
+        images = [F.normalize(i1, dim=-1), F.normalize(i2, dim=-1)]
+        mlm_tokens = m.text_features(batch["text_mlm"])["tokens"]
+        want = {"mvs_loss": ref_mvs(images, [e1, e2], scale), "nn_loss": ref_nn(images, [n1, n2], scale),
+                "mlm_loss": ref_mlm(method.text_label_predictor(mlm_tokens), batch["mlm_labels"])}
+        masked_t1 = F.normalize(m.text_features(batch["text_mlm"])["embedding"], dim=-1)
+        assert float(ref_mvs(images, [masked_t1, e2], scale)) != pytest.approx(float(want["mvs_loss"]), rel=1e-4)
+        if name == "defilip":
+            want["filip_loss"] = method.filip(m, m.image_features(batch["image"])["tokens"], t1["tokens"],
+                                              batch["text"], None)
+    for k, v in want.items():
+        assert float(out[k].detach()) == pytest.approx(float(v), rel=1e-6), k
+    method.total_loss(out).backward()
+    assert method.text_label_predictor.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(method.nn_queue.bank[:4].double(), e2)  # T2 then T1 enqueued, T1 unmasked
+    torch.testing.assert_close(method.nn_queue.bank[4:8].double(), e1)
+    with pytest.raises(ConfigError, match="method.contrastive_text: 'unmasked' is not allowed.*masked, raw"):
+        from_dict({**TINY, "method": {"name": "declip", "contrastive_text": "unmasked"}})

@@ -95,6 +95,7 @@ def test_defilip_recipe_has_the_reference_hyperparameters():
     assert (c.mlm_prob, c.mlm_random_excludes_special, c.queue_size, c.eda) == (0.15, False, 65536, True)
     assert (c.projector_hidden_dim, c.projector_out_dim, c.predictor_hidden_dim) == (1024, 1024, 512)
     assert (c.topk, c.mask_padding, exp.model.token_dim) == (16, False, 256)
+    assert c.contrastive_text == "masked"  # the token term and the contrastive terms see the masked caption
     assert c.view_scale == [0.2, 1.0] and c.zero_shot_scoring == "global"
     assert (exp.train.lr, exp.train.weight_decay) == (1e-3, 0.1)
 

@@ -2,7 +2,9 @@
 
 One step, top to bottom:
     views     two MoCo-v2 image views; T1 = the caption MLM-masked, T2 = an EDA augmentation of it
+              (``contrastive_text: raw``: T1 = the caption unmasked, plus its MLM-masked copy for MLM only)
     towers    one pass per view: I1, I2 (projected, unnormalised), T1 (+ its ln_final tokens), T2
+              (raw: one more text pass, the masked copy, whose ln_final tokens feed the MLM head)
     SimSiam   projector/predictor on I1, I2 before normalisation       -> simsiam_loss
     MLM       Linear(text width -> 49,409) on T1's masked token outputs -> mlm_loss
     MVS       clip_loss on (I1,T1), (I2,T1), (I1,T2), (I2,T2), averaged -> mvs_loss
@@ -34,6 +36,9 @@ from declip_ds.registry import register_method
 from declip_ds.models.norm import BatchNorm1dFP32
 
 
+CONTRASTIVE_TEXTS = ("masked", "raw")
+
+
 @dataclass
 class DeCLIPConfig(MethodConfig):
     name: str = "declip"
@@ -51,6 +56,10 @@ class DeCLIPConfig(MethodConfig):
     projector_hidden_dim: int = 1024
     projector_out_dim: int = 1024
     predictor_hidden_dim: int = 512
+    # the T1 the contrastive terms (MVS, NN look-up and queue, DeFILIP's token term) see: masked (the reference
+    # code: the MLM-masked caption, one text pass serves MLM too) | raw (the caption unmasked, as the paper
+    # describes the views; the MLM head reads a second pass over the masked copy: one more text forward)
+    contrastive_text: str = "masked"
     # T2: EDA augmentation of the caption (false: the raw caption)
     eda: bool = True
     # without NLTK's WordNet data EDA cannot replace synonyms; true: stop before training (exit 2) with the
@@ -70,6 +79,9 @@ class DeCLIPConfig(MethodConfig):
             v = getattr(self, k)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"method.{k}: must be a finite number >= 0, got {v}.")
+        if self.contrastive_text not in CONTRASTIVE_TEXTS:
+            raise ConfigError(f"method.contrastive_text: '{self.contrastive_text}' is not allowed. Choose one of: "
+                              f"{', '.join(CONTRASTIVE_TEXTS)} (masked = the reference code's MLM-masked caption).")
         if not 0 < self.mlm_prob < 1:
             raise ConfigError(f"method.mlm_prob: must be in (0, 1) (reference 0.15), got {self.mlm_prob}.")
         for k in ("queue_size", "projector_hidden_dim", "projector_out_dim", "predictor_hidden_dim"):
@@ -135,7 +147,7 @@ class DeCLIP(Method):
 
     # ------------------------------------------------------------------ data
     def sample_transform(self):
-        from declip_ds.data.text_aug import EDA, WORDNET_INSTALL_HINT, EDAView, MLMView, wordnet_available
+        from declip_ds.data.text_aug import EDA, WORDNET_INSTALL_HINT, CaptionView, EDAView, MLMView, wordnet_available
         from declip_ds.data.transforms import SampleTransform, moco_v2_transform
 
         cfg, d, tok = self.cfg, self.exp.data, self.tokenizer()
@@ -149,11 +161,14 @@ class DeCLIP(Method):
                 "and random deletion only.")
         if eda is not None:
             eda.has_synonyms()  # warn about missing WordNet data once, here, not in every loader worker
+        raw = cfg.contrastive_text == "raw"  # T1 unmasked; the masked copy goes to text_mlm for MLM only
+        mlm = MLMView(tok, cfg.mlm_prob, cfg.mlm_random_excludes_special,
+                      text_key="text_mlm" if raw else "text")  # masked ids + mlm_labels
+        text_views = {"text": CaptionView(tok), "text_mlm": mlm} if raw else {"text": mlm}
         return SampleTransform(
             image_views={"image": moco_v2_transform(size, scale=tuple(cfg.view_scale), normalize=d.normalize),
                          "image2": moco_v2_transform(size, scale=tuple(cfg.view_scale), normalize=d.normalize)},
-            text_views={"text": MLMView(tok, cfg.mlm_prob, cfg.mlm_random_excludes_special),  # text + mlm_labels
-                        "text2": EDAView(tok, eda)},
+            text_views={**text_views, "text2": EDAView(tok, eda)},
         )
 
     # ------------------------------------------------------------------ losses
@@ -176,20 +191,24 @@ class DeCLIP(Method):
         return out
 
     def tower_outputs(self, batch) -> tuple[dict, dict, dict]:
-        """Per-sample embeddings (see ``embed``) and the tower outputs of image view 1 and the masked
-        caption (DeFILIP takes its token term from them without a second tower pass)."""
+        """Per-sample embeddings (see ``embed``) and the tower outputs of image view 1 and of T1, the
+        caption the contrastive terms see (DeFILIP takes its token term from them without a second
+        tower pass)."""
         m = self.model
         f1 = m.image_features(batch["image"])  # pooled, tokens (b, Ti, W), embedding (b, E)
         img2 = m.image_features(batch["image2"])["embedding"]  # (b, E)
-        t1 = m.text_features(batch["text"])  # masked caption: pooled, tokens (b, L, W), embedding (b, E)
+        t1 = m.text_features(batch["text"])  # T1: pooled, tokens (b, L, W), embedding (b, E)
         t2 = m.text_features(batch["text2"])["embedding"]  # (b, E) EDA caption
+        # the masked caption's ln_final outputs: T1's own (masked T1), or a pass over the masked copy (raw T1)
+        raw = self.cfg.contrastive_text == "raw"
+        mlm_tokens = m.text_features(batch["text_mlm"])["tokens"] if raw else t1["tokens"]  # (b, L, W)
 
         # MLM on the causal tower's ln_final outputs; the head only sees the masked positions. Kept per
         # sample (sum of cross-entropies, count) so the mean can span several micro-batches.
         labels = batch["mlm_labels"]  # (b, L), -100 where not masked
         masked = labels != -100
         rows = masked.nonzero(as_tuple=True)[0]  # (n,) the sample each masked position belongs to
-        logits = self.text_label_predictor(t1["tokens"][masked])  # (n, V)
+        logits = self.text_label_predictor(mlm_tokens[masked])  # (n, V)
         target = labels[masked]  # (n,)
         b = labels.shape[0]
         with torch.no_grad():
