@@ -336,3 +336,64 @@ def test_resnet_batchnorms_run_in_fp32_under_bf16_parameters():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and out.shape == ref.shape
     bn = next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     assert bn.running_mean.dtype == torch.float32
+
+
+def _std(t: torch.Tensor) -> float:
+    return float(t.detach().float().std())
+
+
+def test_reference_init_of_the_vit_tower():
+    """model.vision.init=reference (auto's choice for the CLIP ViTs) initialises as the DeCLIP reference's
+    visual_transformer.py: CLS and proj N(0, w^-1/2), positions N(0, 0.01), qkv N(0, w^-1/2), attention out and
+    fc2 N(0, w^-1/2 (2L)^-1/2), fc1 N(0, (2w)^-1/2), attention biases 0, MLP biases nn.Linear's U(+-fan_in^-1/2),
+    LayerNorms 1/0, the patch conv torch's default; timm keeps timm's 0.02; the plain (SLIP) ViTs default to timm."""
+    vision = {"name": "vit_custom", "width": 256, "layers": 6, "heads": 4, "patch_size": 8, "image_size": 64}
+    torch.manual_seed(0)
+    ref = build_model(tiny_cfg(vision=vision)).visual
+    assert build_model(tiny_cfg(vision={**vision, "init": "reference"})).visual.trunk.cls_token.std() > 0.03
+    w, L = 256, 6
+    attn_std, fc_std, proj_std = w**-0.5, (2 * w) ** -0.5, w**-0.5 * (2 * L) ** -0.5
+    t = ref.trunk
+    assert _std(t.cls_token) == pytest.approx(w**-0.5, rel=0.15)
+    assert _std(t.pos_embed) == pytest.approx(0.01, rel=0.05) and _std(ref.proj) == pytest.approx(w**-0.5, rel=0.05)
+    conv = t.patch_embed.proj.weight
+    assert _std(conv) == pytest.approx((3 * conv[0].numel()) ** -0.5, rel=0.05)  # torch's kaiming-uniform default
+    for blk in t.blocks:
+        assert _std(blk.attn.qkv.weight) == pytest.approx(attn_std, rel=0.05)
+        assert _std(blk.attn.proj.weight) == pytest.approx(proj_std, rel=0.05)
+        assert _std(blk.mlp.fc1.weight) == pytest.approx(fc_std, rel=0.05)
+        assert _std(blk.mlp.fc2.weight) == pytest.approx(proj_std, rel=0.05)
+        assert not blk.attn.qkv.bias.any() and not blk.attn.proj.bias.any()
+        for fc in (blk.mlp.fc1, blk.mlp.fc2):
+            bound = fc.in_features**-0.5
+            assert fc.bias.abs().max() <= bound and _std(fc.bias) == pytest.approx(bound / 3**0.5, rel=0.15)
+        assert torch.equal(blk.norm1.weight, torch.ones(w)) and not blk.norm2.bias.any()
+
+    timm_tower = build_model(tiny_cfg(vision={**vision, "init": "timm"})).visual
+    assert _std(timm_tower.trunk.blocks[0].attn.proj.weight) == pytest.approx(0.02, rel=0.05)
+    assert not timm_tower.trunk.blocks[0].mlp.fc1.bias.any() and _std(timm_tower.trunk.cls_token) < 1e-4
+    plain = build_model(tiny_cfg(vision={**vision, "name": "vit_plain"})).visual  # auto -> timm for SLIP's ViTs
+    assert _std(plain.trunk.blocks[0].attn.proj.weight) == pytest.approx(0.02, rel=0.05)
+    with pytest.raises(Exception, match=r"model.vision.init: 'openai' is not allowed. Choose one of: auto, reference, timm"):
+        from declip_ds.config import from_dict
+
+        from_dict({"model": {"vision": {"init": "openai"}}})
+
+
+def test_reference_init_of_the_resnet_tower():
+    """init=reference for the ModifiedResNets as the reference's modified_resnet.py: convs torch's default,
+    BatchNorms 1/0 with each bottleneck's last one 0, attention-pool q/k/v/out N(0, in^-1/2) with nn.Linear's
+    default biases, positional table N(0, in^-1/2)."""
+    torch.manual_seed(0)
+    trunk = build_model(tiny_cfg(vision={"name": "resnet_tiny_clip", "width": 64})).visual.trunk
+    convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(_std(c.weight) == pytest.approx((3 * c.weight[0].numel()) ** -0.5, rel=0.2) for c in convs)
+    bns = dict((n, m) for n, m in trunk.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    last = [n for n in bns if n.endswith("conv3_1x1.bn")]
+    assert last and all(not bns[n].weight.any() for n in last)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any()
+               for n, m in bns.items() if n not in last)
+    head, d = trunk.head, trunk.head.q.in_features
+    for lin in (head.q, head.k, head.v, head.proj):
+        assert _std(lin.weight) == pytest.approx(d**-0.5, rel=0.05) and 0 < lin.bias.abs().max() <= d**-0.5
+    assert _std(head.pos_embed) == pytest.approx(d**-0.5, rel=0.1)

@@ -162,9 +162,75 @@ def _tiny_resnet(cfg: VisionConfig, embed_dim: int) -> nn.Module:
 
 
 def build_vision_tower(cfg: VisionConfig, embed_dim: int, quick_gelu: bool = True) -> ViTTower | ResNetTower:
-    """The image tower named by ``cfg.name`` (see ``SUPPORTED``), randomly initialised. ``quick_gelu``: the
-    CLIP ViTs' MLP activation (the plain ViTs use nn.GELU, as timm and SLIP define them; the ResNets have
-    none)."""
+    """The image tower named by ``cfg.name`` (see ``SUPPORTED``), randomly initialised as ``cfg.init`` says
+    (``init_tower_``). ``quick_gelu``: the CLIP ViTs' MLP activation (the plain ViTs use nn.GELU, as timm
+    and SLIP define them; the ResNets have none)."""
+    tower = _build_tower(cfg, embed_dim, quick_gelu)
+    init = cfg.init if cfg.init != "auto" else ("timm" if cfg.name in PLAIN_VITS else "reference")
+    if init == "reference":
+        init_tower_(tower)
+    return tower
+
+
+def init_tower_(tower: ViTTower | ResNetTower) -> None:
+    """Re-initialise a tower built by timm (timm's init: truncated normal 0.02, zero biases; convs by
+    fan-out) as the DeCLIP reference code initialises its towers (``visual_transformer.py`` /
+    ``modified_resnet.py``, OpenAI CLIP's scheme):
+
+    ViT     CLS token and proj ~ N(0, width^-1/2); positional table ~ N(0, 0.01); per block, with
+            attn_std = width^-1/2, proj_std = attn_std (2 layers)^-1/2, fc_std = (2 width)^-1/2:
+            qkv ~ N(0, attn_std), attn out ~ N(0, proj_std) (their biases 0, as nn.MultiheadAttention),
+            mlp fc1 ~ N(0, fc_std), fc2 ~ N(0, proj_std) (biases nn.Linear's default); LayerNorms 1 / 0;
+            the patch-embedding conv keeps torch's default (the frozen conv1 of the reference recipes)
+    ResNet  convs torch's default (kaiming-uniform, a = sqrt 5); BatchNorms 1 / 0, the last one of each
+            bottleneck 0; attention pool q, k, v, out ~ N(0, in^-1/2) (biases nn.Linear's default),
+            positional table ~ N(0, 1) / in^1/2
+    """
+    with torch.no_grad():
+        if isinstance(tower, ViTTower):
+            _init_vit_(tower)
+        else:
+            _init_resnet_(tower.trunk)
+
+
+def _init_vit_(tower: ViTTower) -> None:
+    trunk = tower.trunk
+    width, layers = trunk.embed_dim, len(trunk.blocks)
+    attn_std, fc_std = width**-0.5, (2 * width) ** -0.5
+    proj_std = attn_std * (2 * layers) ** -0.5  # residual-branch outputs shrink with depth
+    if trunk.cls_token is not None:
+        nn.init.normal_(trunk.cls_token, std=width**-0.5)
+    nn.init.normal_(trunk.pos_embed, std=0.01)
+    nn.init.normal_(tower.proj, std=width**-0.5)
+    for block in trunk.blocks:
+        for linear, std in ((block.attn.qkv, attn_std), (block.attn.proj, proj_std)):
+            nn.init.normal_(linear.weight, std=std)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        for linear, std in ((block.mlp.fc1, fc_std), (block.mlp.fc2, proj_std)):
+            linear.reset_parameters()  # the bias: nn.Linear's default, U(+-1/sqrt(fan_in))
+            nn.init.normal_(linear.weight, std=std)
+    for module in tower.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.reset_parameters()
+
+
+def _init_resnet_(trunk: nn.Module) -> None:
+    head = trunk.head  # timm's AttentionPool2d: q, k, v, proj, pos_embed
+    for module in trunk.modules():
+        if isinstance(module, nn.Conv2d):
+            module.reset_parameters()
+    for name, module in trunk.named_modules():  # timm already zeroes each bottleneck's last BN weight
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not name.endswith("conv3_1x1.bn"):
+            module.reset_parameters()
+    in_dim = head.q.in_features
+    for linear in (head.q, head.k, head.v, head.proj):
+        linear.reset_parameters()
+        nn.init.normal_(linear.weight, std=in_dim**-0.5)
+    nn.init.normal_(head.pos_embed, std=in_dim**-0.5)
+
+
+def _build_tower(cfg: VisionConfig, embed_dim: int, quick_gelu: bool) -> ViTTower | ResNetTower:
     if cfg.name in PLAIN_VITS:
         return ViTTower(_plain_vit(cfg), embed_dim, cfg.freeze_patch_embed)
     if cfg.name in CUSTOM_VITS:
