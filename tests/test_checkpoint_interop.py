@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 import warnings
@@ -254,6 +255,13 @@ def test_declip_release_vit_matches_with_standard_tokenizer(vit_ref, tmp_path, c
     torch.testing.assert_close(model.image_mapping.weight, _declip_state(vit_ref)["module.image_mapping.weight"])
     _assert_same(model, vit_ref, 32)  # Tokenizer() ids: SOT/EOT land on the right rows
     _assert_same(load_pretrained(path, format="declip"), vit_ref, 32)
+    # the temperature as the reference's forward treats it: clamp [3, 6]; exp capped at 100 except in its SLIP
+    state = _declip_state(vit_ref, text_prefix)
+    state["module.logit_scale"] = torch.tensor([4.8])  # exp = 121.5
+    model = load_pretrained(_save_declip(tmp_path / "scale.pth.tar", state))
+    assert model.cfg.logit_scale_bounds == [3.0, 6.0]
+    want = 100.0 if text_prefix == "encode_text." else math.exp(4.8)
+    assert float(model.scale()) == pytest.approx(want, rel=1e-6)
 
 
 def test_declip_release_square_text_projection_with_a_bias(tmp_path):

@@ -858,6 +858,8 @@ def _load_external(fmt: str, src: _Source, config: dict | str | Path | None):
             config = data.get("model_cfg", data)
         hints = config if config is not None else _sidecar_config(src.path)
         cfg, ours, origin = _openai_to_ours(state, hints, FAMILY[fmt])
+        if FAMILY[fmt] == "declip" and any(k.startswith("text_encoder.") for k in src.state):
+            cfg.logit_scale_exp_cap = 0.0  # the reference's SLIP forward does not cap exp(scale) at 100
     log.info("%s (%s): %s", src.path, fmt, _describe(cfg))
     model = build_model(cfg)
     load_strict(model, ours, f"'{src.path}' (format '{fmt}', inferred {_describe(cfg)})", origin)
