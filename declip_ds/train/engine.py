@@ -181,11 +181,34 @@ def clamp_scales(engine, method, bounds) -> None:
             if partition is not None and partition.numel():
                 partition.clamp_(lo, hi)
         else:
-            master = safe_get_full_fp32_param(p)  # None when DeepSpeed keeps no separate copy
+            master = safe_get_full_fp32_param(p)  # ZeRO-1/2 and the BF16_Optimizer; None otherwise
             if master is not None and not bool(((master >= lo) & (master <= hi)).all()):
                 safe_set_full_fp32_param(p, master.clamp(lo, hi))
+            elif master is None:  # ZeRO-0 with bf16/fp16: the FP16 optimizers' masters, found by position
+                view = fp16_optimizer_master(engine.optimizer, p)
+                if view is not None:
+                    view.clamp_(lo, hi)
         if p.numel() > 0:  # ZeRO-3 partitions leave an empty local tensor
             p.data.clamp_(lo, hi)
+
+
+def fp16_optimizer_master(optimizer, p: torch.Tensor) -> torch.Tensor | None:
+    """The fp32 master copy of ``p`` (a view to clamp in place) under DeepSpeed's ZeRO-0 16-bit optimizers,
+    which link no ``_hp_mapping`` for ``safe_get_full_fp32_param``: FP16_UnfusedOptimizer keeps one fp32
+    tensor per parameter (``fp32_groups``), FP16_Optimizer (fused Adam) one flat tensor per group
+    (``fp32_groups_flat``), laid out in ``fp16_groups`` order. None for any other optimizer (fp32 training
+    keeps no copy). Without this the clamp reached only the working copy: the master drifted past the
+    bound, and the temperature stayed stuck there long after the gradient turned."""
+    for g, group in enumerate(getattr(optimizer, "fp16_groups", None) or []):
+        for i, q in enumerate(group):
+            if q is not p:
+                continue
+            if hasattr(optimizer, "fp32_groups"):
+                return optimizer.fp32_groups[g][i].data
+            if hasattr(optimizer, "fp32_groups_flat"):
+                offset = sum(x.numel() for x in group[:i])
+                return optimizer.fp32_groups_flat[g].data.narrow(0, offset, p.numel()).view_as(p)
+    return None
 
 
 # ----------------------------------------------------------------------------- logging
