@@ -112,6 +112,11 @@ class DataConfig:
     shuffle_buffer: int = 1000
     workers: int = 2
     strict: bool = False  # raise on a corrupt sample instead of skipping it
+    # training JPEGs decoded DCT-downscaled (PIL's draft, by a power of two) while the shorter side stays at
+    # least what the views' smallest crop needs at full resolution: much faster on large images, pixels close
+    # to (not equal to) a full decode + resize. false: decode in full, as the reference code does (shards
+    # already resized to the training size, e.g. prepare --resize-shorter 256, are never drafted anyway)
+    jpeg_draft: bool = True
     normalize: str = "imagenet"  # imagenet | openai
     rrc_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     synthetic_root: str = "data/shapes"  # where the demo shards live (train/ and eval/)

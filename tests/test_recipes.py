@@ -46,6 +46,7 @@ def _shared_reference_setup(exp, tower, embed):
     assert (m.vision.name, m.vision.image_size, m.embed_dim, m.vocab_size) == (tower, 224, embed, 49409)
     assert m.vision.freeze_patch_embed == tower.startswith("vit")  # conv1 frozen at its random init
     assert m.vision.init == "reference"  # the reference's (OpenAI's) tower init, not timm's
+    assert exp.data.jpeg_draft is False  # training JPEGs decoded in full, as the reference
     assert (m.text.width, m.text.layers, m.text.heads, m.text.context_length) == (512, 12, 8, 77)
     assert m.text.mask_token and m.text.proj_bias  # <|mask|> in the vocabulary; Linear text projection with bias
     assert m.logit_scale_bounds == [3.0, 6.0] and m.logit_scale_exp_cap == 100.0
@@ -118,6 +119,7 @@ def test_official_slip_recipe_has_the_slip_repos_hyperparameters():
     m, t, meth, d = exp.model, exp.train, exp.method, exp.data
     assert (m.vision.name, m.vision.image_size, m.vision.freeze_patch_embed) == ("vit_base_patch16_224", 224, False)
     assert m.vision.init == "timm"  # SLIP builds its ViT with timm.create_model
+    assert exp.data.jpeg_draft is False
     assert (m.text.width, m.text.layers, m.text.heads, m.text.context_length, m.embed_dim) == (512, 12, 8, 77, 512)
     assert m.vocab_size == 49408 and not m.text.proj_bias and m.quick_gelu
     assert m.logit_scale_bounds[0] == 0.0 and math.isclose(m.logit_scale_bounds[1], math.log(100), abs_tol=1e-4)

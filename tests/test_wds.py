@@ -502,6 +502,35 @@ def test_draft_decode_keeps_enough_pixels():
     assert small.mode == "RGB" and 30 <= small.size[0] < 128
 
 
+class _SizeView:
+    """An image view that reports the decoded size; its draft_size asks for a 30-px shorter side."""
+
+    draft_size = 30
+
+    def __call__(self, image):
+        return torch.tensor(image.size)
+
+
+@pytest.mark.parametrize("jpeg_draft", [True, False])
+def test_training_jpeg_draft_can_be_switched_off(tmp_path, jpeg_draft):
+    """data.jpeg_draft: training JPEGs are DCT-downscaled to the views' draft_size, or decoded in full."""
+    from declip_ds.data.transforms import SampleTransform
+
+    _write_tar(tmp_path / "00000.tar", [("big.jpg", _jpeg(1, size=256)), ("big.txt", b"a big picture")])
+    loader = wds.build_train_loader(str(tmp_path / "00000.tar"), SampleTransform({"size": _SizeView()}), 1,
+                                    rank=0, world_size=1, seed=0, workers=0, mode="epoch", jpeg_draft=jpeg_draft)
+    size = next(iter(loader))["size"][0].tolist()
+    assert size == ([32, 32] if jpeg_draft else [256, 256])
+    # the trainer's loader follows data.jpeg_draft
+    from declip_ds.config import from_dict
+    from declip_ds.registry import get_method
+    from declip_ds.train.engine import build_loader
+
+    exp = from_dict({"data": {"jpeg_draft": jpeg_draft, "workers": 0, "num_samples": 1}, "train": {"batch_size": 1}})
+    built = build_loader(exp, get_method("clip")(exp), [[str(tmp_path / "00000.tar")]], epoch=0)
+    assert (built.dataset.draft_size is not None) == jpeg_draft
+
+
 # ----------------------------------------------------------------------------- eval
 
 

@@ -717,7 +717,7 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
                        weights: Sequence[float] | None = None, strict: bool = False, epoch: int = 0,
                        num_samples: int | None = None, drop_last: bool = False, start_batch: int = 0,
                        cursors: dict | None = None, last_stream: int | None = None,
-                       pin_memory: bool = False) -> DataLoader:
+                       pin_memory: bool = False, jpeg_draft: bool = True) -> DataLoader:
     """Training batches for one rank: dicts of stacked views + "__key__", "__url__", "_skips".
 
     sources: a spec ("a/{00000..00015}.tar::b/{0..9}.tar"), a list of specs, or expand_urls'
@@ -739,6 +739,8 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
         end at different batches.
     Every batch carries "_cursor" = (stream, raw samples of the stream up to its end, batches of
     the stream up to and including it).
+    jpeg_draft: decode JPEGs DCT-downscaled to the transform's ``draft_size`` (``decode_image``); false:
+        in full.
     Rebuild the loader with the next ``epoch`` for a new epoch / virtual epoch.
     """
     if mode not in ("resampled", "epoch"):
@@ -757,7 +759,7 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
     cursors = _check_position(start_batch, cursors, last_stream, mode, max(workers, 1))
     dataset = _TrainStream(srcs, sample_transform, batch_size, rank, world_size, seed, epoch, mode,
                            shuffle_buffer, weights, strict, drop_last, worker_batches, start_batch,
-                           getattr(sample_transform, "draft_size", None), cursors,
+                           getattr(sample_transform, "draft_size", None) if jpeg_draft else None, cursors,
                            None if last_stream is None else int(last_stream))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                         pin_memory=pin_memory, prefetch_factor=2 if workers else None,
