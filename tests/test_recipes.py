@@ -130,7 +130,8 @@ def test_official_slip_recipe_has_the_slip_repos_hyperparameters():
     assert d.rrc_scale == [0.5, 1.0] and d.normalize == "imagenet" and d.num_samples == 15388848
     ranks = 32  # "4 nodes x 8 GPUs"
     assert "4 nodes x 8 GPUs = 32 ranks" in path.read_text() and t.batch_size * t.grad_accum * ranks == 4096
-    assert t.steps == math.ceil(25 * d.num_samples / 4096) and t.warmup_steps == d.num_samples // 4096
+    # SLIP's DataLoader drops the last partial batch: an epoch is N // 4096 steps, 25 of them in all
+    assert t.steps == 25 * (d.num_samples // 4096) == 93925 and t.warmup_steps == d.num_samples // 4096
     assert (t.lr, t.warmup_init_lr, t.min_lr, t.weight_decay) == (3e-3, 1e-6, 1e-5, 0.1)
     assert (t.betas, t.eps, t.grad_clip) == ([0.9, 0.98], 1e-8, 0.0)
     assert (exp.eval.templates, exp.eval.interpolation, exp.eval.crop_ratio) == ("imagenet80", "bilinear", 1.0)
