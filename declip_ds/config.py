@@ -43,8 +43,9 @@ class VisionConfig:
     heads: int = 4  # vit_custom / vit_tiny / vit_plain only
     freeze_patch_embed: bool = False  # the reference code's frozen conv1 (MoCo-v3 trick)
     drop_path: float = 0.0
-    # random init of the tower: reference (the DeCLIP reference code's / OpenAI CLIP's: depth-scaled normal
-    # ViT block weights, CLS and projection width^-0.5, torch-default convs, attention pool in^-0.5) | timm
+    # random init of the tower: reference (the DeCLIP reference code's: depth-scaled normal ViT block weights
+    # as OpenAI's text tower, CLS and projection width^-0.5; OpenAI's ResNet: torch-default convs, attention
+    # pool in^-0.5) | timm
     # (timm's: truncated normal 0.02, zero biases) | auto (reference for the CLIP towers, timm for the plain
     # ViTs, which the official SLIP builds with timm). Only a fresh run's step 0 depends on it.
     init: str = "auto"

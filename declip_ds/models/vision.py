@@ -174,8 +174,8 @@ def build_vision_tower(cfg: VisionConfig, embed_dim: int, quick_gelu: bool = Tru
 
 def init_tower_(tower: ViTTower | ResNetTower) -> None:
     """Re-initialise a tower built by timm (timm's init: truncated normal 0.02, zero biases; convs by
-    fan-out) as the DeCLIP reference code initialises its towers (``visual_transformer.py`` /
-    ``modified_resnet.py``, OpenAI CLIP's scheme):
+    fan-out) as the DeCLIP reference code initialises its towers (``visual_transformer.py``: OpenAI CLIP's
+    text-tower scheme applied to the ViT blocks; ``modified_resnet.py``: OpenAI CLIP's ResNet init):
 
     ViT     CLS token and proj ~ N(0, width^-1/2); positional table ~ N(0, 0.01); per block, with
             attn_std = width^-1/2, proj_std = attn_std (2 layers)^-1/2, fc_std = (2 width)^-1/2:
