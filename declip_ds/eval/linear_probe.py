@@ -1,4 +1,5 @@
-"""Linear probe on frozen image features, the CLIP-paper / CLIP_benchmark protocol.
+"""Linear probe on frozen image features: CLIP_benchmark's weight-decay grid and the CLIP paper's coarse-to-fine
+search, fitted with L-BFGS (a protocol of its own: see "Comparability" below).
 
     python -m declip_ds.eval.linear_probe --checkpoint CKPT --train DIR --test DIR \
         [--val-fraction 0.2] [--cache-dir DIR] --out results.json
@@ -15,7 +16,7 @@ DIR is any dataset ``open_dataset`` reads (an image folder or labelled shards). 
    best so far, the points 8, 4, 2 and 1 grid steps to each side. A choice at either end of the grid is
    logged as a warning and recorded (``at_grid_edge``): the optimum may lie outside it. Best = highest validation top-1, ties broken by lower validation cross-entropy
    (so among equally accurate values the better-calibrated one wins), then by the earlier grid point.
-3. The chosen weight decay is refitted on train+val; the test split gives top-1, top-5 (>= 5 classes)
+3. The chosen weight decay is refitted on train+val; the test split gives top-1, top-5 (> 5 classes)
    and mean per-class recall.
 
 Classifier and regularisation convention
@@ -35,7 +36,7 @@ the value chosen on the train split carries over to the train+val refit unchange
 changes with N); the results report both.
 
 Comparability: this is a protocol of its own, recorded as ``"protocol": PROTOCOL``. The CLIP paper fits
-sklearn's L-BFGS on unnormalised features over C in [1e-6, 1e6]; CLIP_benchmark trains a linear layer with
+sklearn's L-BFGS on unnormalised features (for ViTs taken before the projection) over C in [1e-6, 1e6]; CLIP_benchmark trains a linear layer with
 AdamW on normalised features over this weight-decay grid. Here the grid is CLIP_benchmark's, read as the L2
 coefficient of the L-BFGS objective above, so the least regularised point is C = 1e6 / N (about 0.8 on
 ImageNet-1k's 1.28M images). Numbers are comparable between models probed here, not with either table.
@@ -158,7 +159,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     n = int(total.sum())
     return {
         "acc1": float(hit1.double().mean()) if n else 0.0,
-        "acc5": float((top == labels[:, None]).any(dim=-1).double().mean()) if num_classes >= 5 and n else None,
+        # with <= 5 classes top-5 is trivially 1: reported from 6 classes on, as CLIP_benchmark does
+        "acc5": float((top == labels[:, None]).any(dim=-1).double().mean()) if num_classes > 5 and n else None,
         "mean_per_class_recall": float((correct[seen].double() / total[seen].double()).mean()) if n else 0.0,
         "n": n,
     }

@@ -187,7 +187,7 @@ def zero_shot_evaluate(model, W: torch.Tensor, loader, *, group=None, image_size
     seen = total > 0
     return {
         "acc1": float(correct1.sum()) / max(n, 1),
-        "acc5": float(correct5) / max(n, 1) if C >= 5 else None,
+        "acc5": float(correct5) / max(n, 1) if C > 5 else None,  # with <= 5 classes top-5 is trivially 1
         "mean_per_class_recall": float((correct1[seen].float() / total[seen].float()).mean()) if n else 0.0,
         "n": n,
     }
