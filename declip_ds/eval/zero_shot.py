@@ -155,7 +155,7 @@ def _synced(loader, group, device):
 
 @torch.no_grad()
 def zero_shot_evaluate(model, W: torch.Tensor, loader, *, group=None, image_size: int | None = None) -> dict:
-    """Top-1, top-5 (with >= 5 classes) and mean per-class recall of ``images @ W``.
+    """Top-1, top-5 (with more than 5 classes) and mean per-class recall of ``images @ W``.
 
     ``loader`` yields ``(images, labels)`` or ``(images, labels, keys)``. With ``group``, the counts of
     all ranks are summed, so the result equals a single-process run over the union of their data.
