@@ -205,8 +205,18 @@ def test_class_names_checked_against_the_dataset():
     raw = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert D.resolve_classnames(spec, raw, "x") == (spec.classnames, "registry")
     with pytest.warns(UserWarning, match="10 of 10 class names differ"):
+        names, source = D.resolve_classnames(spec, [f"class {n}" for n in raw[::-1]], "x")
+    assert names == [f"class {n}" for n in raw[::-1]] and source == "dataset (x)"  # keep labels and prompts aligned
+    with pytest.warns(UserWarning, match="the registry's in another order"):
         names, source = D.resolve_classnames(spec, raw[::-1], "x")
-    assert names == raw[::-1] and source == "dataset (x)"  # another label order: keep labels and prompts aligned
+    assert names == spec.classnames[::-1] and source == "registry, in the order of the dataset (x)"
+    # CLIP_benchmark's FER2013 copy (an ImageFolder: alphabetical labels) against torchvision's CSV order, whose
+    # names the registry keeps unchecked (check_names=False): still realigned, with the registry's names
+    fer = D.get_spec("fer2013")
+    cb = ["angry", "disgusted", "fearful", "happy", "neutral", "sad", "surprised"]
+    with pytest.warns(UserWarning, match="label 4 is 'neutral', the registry's class 4 is 'sad'"):
+        assert D.resolve_classnames(fer, cb, "wds_fer2013")[0] == cb
+    assert D.resolve_classnames(fer, list(fer.classnames), "x") == (fer.classnames, "registry")
     with pytest.raises(ValueError, match="has 9 classes; the standard release has 10"):
         D.resolve_classnames(spec, raw[:9], "x")
     flowers = D.get_spec("flowers")  # CLIP renamed two of torchvision's names: still the registry's

@@ -469,6 +469,14 @@ def resolve_classnames(spec: DatasetSpec, found: list[str] | None, where: str) -
                          f"{len(names)}. Check that the files are the standard release (python -m "
                          "declip_ds.eval.suite --list shows the expected layout).")
     differ = [i for i, (a, b) in enumerate(zip(found, names)) if _norm(a) != _norm(b)]
+    ours = {_norm(n): n for n in names}
+    if differ and len(ours) == len(names) and sorted(map(_norm, found)) == sorted(ours):
+        # the registry's classes in another label order (CLIP_benchmark's FER2013 copy is an ImageFolder:
+        # alphabetical, where torchvision's CSV order puts 'neutral' last): prompt in the dataset's order
+        warnings.warn(f"{spec.title} at '{where}': its class names are the registry's in another order (label "
+                      f"{differ[0]} is '{found[differ[0]]}', the registry's class {differ[0]} is '{names[differ[0]]}'); "
+                      "prompting in the dataset's label order.")
+        return [ours[_norm(n)] for n in found], f"registry, in the order of the dataset ({where})"
     if not spec.check_names or len(differ) <= len(names) // 10:
         return names, "registry"
     i = differ[0]
