@@ -562,3 +562,26 @@ def test_make_shards_copies_score_like_the_raw_files(tmp_path, monkeypatch, caps
     assert make_shards.main([*args, "--suite", "cars"]) == 2
     assert make_shards.main([*args, "--suite", "cifar10", "--splits", "tset"]) == 2
     assert "--splits: tset is not a split" in capsys.readouterr().err
+
+
+def test_other_tools_copies_of_seeded_split_datasets_warn(tmp_path):
+    """EuroSAT, Caltech-101 and SUN397 have no official split here (a seeded per-class one): a CLIP_benchmark-style
+    copy (wds_<name>) carries that tool's split, which the suite says; our own <name>_wds copies do not warn."""
+    import shutil
+    import warnings
+
+    for folder in ("wds_eurosat", "eurosat_wds"):
+        (tmp_path / folder / "test").mkdir(parents=True)
+        (tmp_path / folder / "test" / "0.tar").write_bytes(b"")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = D.open_split("eurosat", "test", tmp_path, None)
+        assert data.root == tmp_path / folder / "test"
+        assert any("not this registry's seeded per-class split" in str(w.message) for w in caught) == (
+            folder == "wds_eurosat"), [str(w.message) for w in caught]
+        shutil.rmtree(tmp_path / folder)
+    (tmp_path / "wds_cifar10" / "test").mkdir(parents=True)  # an official split: nothing to say
+    (tmp_path / "wds_cifar10" / "test" / "0.tar").write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        D.open_split("cifar10", "test", tmp_path, None)

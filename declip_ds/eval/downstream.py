@@ -630,6 +630,12 @@ def open_split(name: str, split: str, root: str | Path, transform: Callable, *, 
     if not raw_here:
         folder = wds_folder(spec, root, split)
         if folder is not None:
+            if spec.seeded is not None and not folder.parent.name.endswith("_wds"):
+                warnings.warn(f"{spec.title}: reading '{folder}', a copy another tool made (CLIP_benchmark names its "
+                              f"copies wds_<name>): its {split} split is that tool's, not this registry's seeded "
+                              "per-class split, so the numbers compare with that tool's, not with ours on the raw "
+                              "files. python -m declip_ds.eval.make_shards writes <name>_wds copies with the "
+                              "registry's split.")
             return _shard_split(spec, folder, transform, label_key)
         if not (download and spec.downloadable):
             raise DatasetUnavailable(unavailable_message(spec, root, split))
