@@ -45,9 +45,8 @@ class VisionConfig:
     drop_path: float = 0.0
     # random init of the tower: reference (the DeCLIP reference code's: depth-scaled normal ViT block weights
     # as OpenAI's text tower, CLS and projection width^-0.5; OpenAI's ResNet: torch-default convs, attention
-    # pool in^-0.5) | timm
-    # (timm's: truncated normal 0.02, zero biases) | auto (reference for the CLIP towers, timm for the plain
-    # ViTs, which the official SLIP builds with timm). Only a fresh run's step 0 depends on it.
+    # pool in^-0.5) | timm (timm's: truncated normal 0.02, zero biases) | auto (reference for the CLIP towers,
+    # timm for the plain ViTs, which the official SLIP builds with timm). Only a fresh run's step 0 depends on it.
     init: str = "auto"
 
 

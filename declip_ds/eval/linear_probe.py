@@ -36,8 +36,8 @@ the value chosen on the train split carries over to the train+val refit unchange
 changes with N); the results report both.
 
 Comparability: this is a protocol of its own, recorded as ``"protocol": PROTOCOL``. The CLIP paper fits
-sklearn's L-BFGS on unnormalised features (for ViTs taken before the projection) over C in [1e-6, 1e6]; CLIP_benchmark trains a linear layer with
-AdamW on normalised features over this weight-decay grid. Here the grid is CLIP_benchmark's, read as the L2
+sklearn's L-BFGS on unnormalised features (for ViTs taken before the projection) over C in [1e-6, 1e6];
+CLIP_benchmark trains a linear layer with AdamW on normalised features over this weight-decay grid. Here the grid is CLIP_benchmark's, read as the L2
 coefficient of the L-BFGS objective above, so the least regularised point is C = 1e6 / N (about 0.8 on
 ImageNet-1k's 1.28M images). Numbers are comparable between models probed here, not with either table.
 """

@@ -338,7 +338,7 @@ def _inspect(path: Path) -> tuple[str, _Source | None, str]:
             f"file; load the step_XXXXXXXX directory (its config.yaml records the architecture)."
         )
     if family == "declip":
-        text = "encode_text" if any(k.startswith("encode_text.") for k in src.state) else "text_encoder (SLIP)"
+        text = "encode_text" if _declip_text_prefix(src.state) == "encode_text." else "text_encoder (SLIP)"
         return "declip", src, f"DeCLIP-repo release ({text}.*, wrapper '{src.wrapper}', other entries {src.extra_keys})"
     if family == "slip":
         return "slip", src, (f"official SLIP checkpoint (timm ViT visual.*, image_projection; args.model "
@@ -579,9 +579,14 @@ def _infer_text(state: dict, hints: dict):
 # ============================================================================ conversion
 
 
+def _declip_text_prefix(state) -> str:
+    """Where a DeCLIP-repo release keeps its text tower: ``encode_text.``, or ``text_encoder.`` in its SLIP models."""
+    return "encode_text." if any(k.startswith("encode_text.") for k in state) else "text_encoder."
+
+
 def _declip_to_openai(state: dict) -> dict:
     """A DeCLIP-repo model state (``module.`` already stripped) -> OpenAI names (+ FILIP token heads)."""
-    text_prefix = "encode_text." if any(k.startswith("encode_text.") for k in state) else "text_encoder."
+    text_prefix = _declip_text_prefix(state)
     if any(k.startswith(text_prefix + "text_transformer.") for k in state):
         raise CheckpointFormatError(f"'{text_prefix}text_transformer.*': DeCLIP's BERT / GPT-2 / RoBERTa text "
                                     f"encoders are not supported, only its CLIP text transformer.")
@@ -858,7 +863,7 @@ def _load_external(fmt: str, src: _Source, config: dict | str | Path | None):
             config = data.get("model_cfg", data)
         hints = config if config is not None else _sidecar_config(src.path)
         cfg, ours, origin = _openai_to_ours(state, hints, FAMILY[fmt])
-        if FAMILY[fmt] == "declip" and any(k.startswith("text_encoder.") for k in src.state):
+        if FAMILY[fmt] == "declip" and _declip_text_prefix(src.state) == "text_encoder.":
             cfg.logit_scale_exp_cap = 0.0  # the reference's SLIP forward does not cap exp(scale) at 100
     log.info("%s (%s): %s", src.path, fmt, _describe(cfg))
     model = build_model(cfg)

@@ -210,9 +210,7 @@ def _init_vit_(tower: ViTTower) -> None:
         for linear, std in ((block.mlp.fc1, fc_std), (block.mlp.fc2, proj_std)):
             linear.reset_parameters()  # the bias: nn.Linear's default, U(+-1/sqrt(fan_in))
             nn.init.normal_(linear.weight, std=std)
-    for module in tower.modules():
-        if isinstance(module, nn.LayerNorm):
-            module.reset_parameters()
+    # LayerNorms: timm's are already the reference's (weight 1, bias 0)
 
 
 def _init_resnet_(trunk: nn.Module) -> None:
@@ -220,9 +218,7 @@ def _init_resnet_(trunk: nn.Module) -> None:
     for module in trunk.modules():
         if isinstance(module, nn.Conv2d):
             module.reset_parameters()
-    for name, module in trunk.named_modules():  # timm already zeroes each bottleneck's last BN weight
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not name.endswith("conv3_1x1.bn"):
-            module.reset_parameters()
+    # BatchNorms: timm's are already the reference's (1 / 0, each bottleneck's last weight 0)
     in_dim = head.q.in_features
     for linear in (head.q, head.k, head.v, head.proj):
         linear.reset_parameters()
