@@ -216,6 +216,32 @@ def test_open_clip_rn50_matches(rn50_ref, tmp_path):
     _assert_same(model, rn50_ref, 64)
 
 
+def test_clip_paper_probe_features_are_the_penultimate_layer(vit_ref, rn50_ref, tmp_path):
+    """The clip-paper probe's "pooled" features of a loaded OpenAI-layout model are what the CLIP paper
+    probes: for a ViT the CLS after ln_post, before visual.proj (open_clip's output with proj=None); for the
+    ResNet the attention pool's output, which is its embedding."""
+    import copy
+
+    from declip_ds.eval import linear_probe as lp
+
+    for ref, size in ((vit_ref, 32), (rn50_ref, 64)):
+        path = tmp_path / f"m{size}.safetensors"
+        save_file(_state(ref), str(path))
+        model = load_pretrained(path)
+        images, _ = _inputs(size)
+        loader = [(images, torch.tensor([0, 1]))]
+        ours, _ = lp.extract_features(model, loader, normalize=False, features="pooled")
+        with torch.no_grad():
+            if size == 32:
+                headless = copy.deepcopy(ref.visual)
+                headless.proj = None
+                want = headless(images)
+                assert want.shape == (2, 128)  # the width, not embed_dim 32
+            else:
+                want = ref.encode_image(images)  # (2, 64): attnpool output, no separate projection
+        torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-4)
+
+
 def test_full_size_layouts_map_onto_named_towers():
     """ViT-B/32, ViT-B/16 and RN50 at full size, shapes only (meta device: no memory, no compute)."""
     cases = {"ViT-B-32-quickgelu": "vit_base_patch32_clip_224", "ViT-B-16-quickgelu": "vit_base_patch16_clip_224",
@@ -782,7 +808,17 @@ def test_eval_scripts_run_on_a_released_checkpoint(vit_ref, tmp_path, capsys):
 
     assert lp.main(["--checkpoint", str(path), "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
                     "--cache-dir", str(tmp_path / "cache"), "--max-iter", "20", "--out", str(tmp_path / "lp.json")]) == 0
-    assert load_record(tmp_path / "lp.json")["model"] == em.name
+    rec = load_record(tmp_path / "lp.json")
+    assert rec["model"] == em.name and (rec["protocol"], rec["normalize"], rec["val_fraction"]) == (lp.PROTOCOL, True, 0.2)
+    assert lp.main(["--checkpoint", str(path), "--train", str(tmp_path / "train"), "--val", str(tmp_path / "test"),
+                    "--test", str(tmp_path / "test"), "--protocol", "clip-paper", "--cache-dir", str(tmp_path / "cache"),
+                    "--max-iter", "20", "--out", str(tmp_path / "lp_paper.json")]) == 0
+    rec = load_record(tmp_path / "lp_paper.json")
+    (m,) = rec["metrics"].values()
+    assert (rec["protocol"], rec["normalize"], rec["val"], rec["val_fraction"]) == ("clip-paper", False,
+                                                                                   str(tmp_path / "test"), None)
+    assert (m["features"], m["val_split"], m["n_train"], m["n_val"]) == ("pooled", "official", 12, 12)
+    assert m["C"] in lp.C_GRID and m["weight_decay"] == pytest.approx(1 / (m["C"] * 24))
     (tmp_path / "caps.tsv").write_text("test/cat/0.png\ta cat\tcat photo\ntest/dog/0.png\ta dog\n")
     assert retrieval.main(["--checkpoint", str(path), "--data", str(tmp_path / "caps.tsv"),
                            "--out", str(tmp_path / "ret.json")]) == 0

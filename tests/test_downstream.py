@@ -281,6 +281,24 @@ def test_suite_uses_the_checkpoints_preprocessing_and_records_it(tmp_path, check
         assert (rec["resize"], rec["crop"], rec["interpolation"], rec["normalize"]) == (64, 32, "bilinear", "imagenet")
 
 
+def test_suite_probe_protocol_is_chosen_and_recorded(tmp_path, checkpoint, no_downloads):
+    """--probe-protocol clip-paper: the probe fits the pre-projection features unnormalised over the C grid,
+    and the record and each dataset's metrics say so; the default protocol is recorded as well."""
+    root = tmp_path / "data"
+    write_mnist(root, n_train=60)
+    assert run_suite(checkpoint, root, tmp_path / "paper", "--suite", "mnist", "--task", "linear_probe",
+                     "--probe-protocol", "clip-paper") == 0
+    rec = report.load_record(tmp_path / "paper" / "linear_probe.json")
+    m = rec["metrics"]["mnist"]
+    assert rec["protocol"] == m["protocol"] == "clip-paper" and (m["features"], m["normalized"]) == ("pooled", False)
+    assert m["C"] in lp.C_GRID and {h["C"] for h in m["sweep"]} >= set(lp.C_GRID[::lp.COARSE_STEP])
+    assert run_suite(checkpoint, root, tmp_path / "default", "--suite", "mnist", "--task", "linear_probe") == 0
+    rec = report.load_record(tmp_path / "default" / "linear_probe.json")
+    m = rec["metrics"]["mnist"]
+    assert rec["protocol"] == m["protocol"] == lp.PROTOCOL and (m["features"], m["normalized"]) == ("embedding", True)
+    assert m["weight_decay"] in lp.GRID
+
+
 def test_a_dataset_that_fails_is_not_taken_for_a_missing_one(tmp_path, checkpoint, no_downloads, monkeypatch, capsys):
     """A dataset that is there but whose evaluation raises (here a RuntimeError, e.g. out of memory) is listed as
     FAILED, the others still run and are written, and the suite exits 1: not a quiet 'skipped' and a smaller

@@ -226,6 +226,80 @@ def test_feature_cache_is_reused_without_calling_the_model(tmp_path):
     assert counting.calls == 10 + 3  # the train split changed, the test split's features are reused
 
 
+def test_clip_paper_protocol_sweeps_sklearns_C_and_refits_with_it():
+    """clip-paper: the grid is sklearn's C over [1e-6, 1e6] at 8 per decade, started at the paper's 7 points
+    1e-6, 1e-4, ..., 1e6; each point is sklearn's LogisticRegression(C) on the sweep's train part, and the
+    chosen C (not the weight decay) is what the train+val refit keeps."""
+    from sklearn.linear_model import LogisticRegression
+
+    proto = lp.PROTOCOLS[lp.CLIP_PAPER]
+    assert len(proto.grid) == 97 and proto.grid[0] == pytest.approx(1e-6) and proto.grid[-1] == pytest.approx(1e6)
+    assert proto.grid[8] == pytest.approx(10.0 ** -5)  # 8 points per decade
+    assert [proto.grid[i] for i in range(0, 97, lp.COARSE_STEP)] == pytest.approx([10.0 ** k for k in range(-6, 7, 2)])
+    (Xtr, ytr), (Xv, yv) = shortcut_data()
+    Xte, yte = shortcut_data(seed=9)[1]
+    out = lp.linear_probe(Xtr, ytr, Xte, yte, 5, protocol=lp.CLIP_PAPER, val=(Xv, yv), device="cpu")
+    assert out["protocol"] == "clip-paper" and out["val_split"] == "official"
+    assert (out["n_train"], out["n_val"]) == (30, 200)
+    Cs = [h["C"] for h in out["sweep"]]
+    assert set(proto.grid[::lp.COARSE_STEP]) <= set(Cs) and len(Cs) <= 7 + 2 * len(lp.REFINE_SPANS)
+    chosen = [h for h in out["sweep"] if h["val_acc1"] == out["val_acc1"]]
+    assert out["C"] in {h["C"] for h in chosen} and out["C"] in proto.grid  # the swept C itself, refitted
+    assert out["weight_decay"] == pytest.approx(1 / (out["C"] * 230))  # ... on train + val (N = 30 + 200)
+    for h in out["sweep"][::3]:  # each point: sklearn's fit with that C on the 30 train samples, scored on val
+        sk = LogisticRegression(C=h["C"], max_iter=10000, tol=1e-10).fit(Xtr.double().numpy(), ytr.numpy())
+        assert h["val_acc1"] == pytest.approx(sk.score(Xv.double().numpy(), yv.numpy()), abs=1 / 200 + 1e-9)
+        assert h["weight_decay"] == pytest.approx(1 / (h["C"] * 30))
+    X, y = torch.cat([Xtr, Xv]), torch.cat([ytr, yv])
+    sk = LogisticRegression(C=out["C"], max_iter=10000, tol=1e-10).fit(X.double().numpy(), y.numpy())
+    assert out["acc1"] == pytest.approx(sk.score(Xte.double().numpy(), yte.numpy()), abs=1 / 200 + 1e-9)
+    # the default protocol instead keeps the weight decay: its C changes with N
+    default = lp.linear_probe(Xtr, ytr, Xte, yte, 5, val=(Xv, yv), device="cpu")
+    assert default["protocol"] == lp.PROTOCOL and default["weight_decay"] in lp.GRID
+    with pytest.raises(ValueError, match="Unknown linear-probe protocol 'sklearn'.*--protocol"):
+        lp.linear_probe(Xtr, ytr, Xte, yte, 5, protocol="sklearn")
+
+
+def test_clip_paper_probe_reads_unnormalised_pre_projection_features(tmp_path):
+    """clip-paper features are the tower's output before the projection (a ViT's CLS after ln_post), not
+    normalised, cached under their own key; the default protocol's stay the normalised embeddings."""
+    _, model = tiny_model()
+    train = write_folder(tmp_path / "pets" / "train", ["cat", "dog"], per_class=4)
+    val = write_folder(tmp_path / "pets" / "val", ["cat", "dog"], per_class=2, start=2)
+    test = write_folder(tmp_path / "pets" / "test", ["cat", "dog"], per_class=2, start=1)
+    data = open_dataset(train, lp_transform())
+    pooled, labels = lp.extract_features(model, data.loader(3), normalize=False, features="pooled")
+    assert pooled.shape == (8, 32) and labels.tolist() == [0] * 4 + [1] * 4  # (N, width 32), not (N, embed 16)
+    with torch.no_grad():
+        x = next(iter(data.loader(8)))[0]  # (8, 3, 32, 32), the same images in one batch
+        want = model.visual.ln_post(model.visual.trunk(x)[:, 0])
+    torch.testing.assert_close(pooled, want)
+    assert not torch.allclose(pooled.norm(dim=-1), torch.ones(8))
+    embedded, _ = lp.extract_features(model, data.loader(3))
+    torch.testing.assert_close(embedded, F.normalize(want @ model.visual.proj, dim=-1))
+    with pytest.raises(ValueError, match="features must be one of"):
+        lp.extract_features(model, data.loader(3), features="tokens")
+
+    kw = dict(model_id="tiny", cache_dir=tmp_path / "cache", image_size=32, batch_size=4, device="cpu", max_iter=50)
+    paper = lp.evaluate_linear_probe(model, train, test, val_root=val, protocol="clip-paper", **kw)
+    assert (paper["features"], paper["normalized"], paper["protocol"]) == ("pooled", False, "clip-paper")
+    assert (paper["n_train"], paper["n_val"], paper["n"], paper["val_split"]) == (8, 4, 4, "official")
+    default = lp.evaluate_linear_probe(model, train, test, val_root=val, **kw)
+    assert (default["features"], default["normalized"]) == ("embedding", True)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 6  # 3 splits x 2 kinds of features
+    cached = {torch.load(f, weights_only=True)["kind"] for f in (tmp_path / "cache").glob("train-*.pt")}
+    assert cached == {"pooled", "embedding"}
+    wrong = write_folder(tmp_path / "other" / "val", ["cat", "dog", "bird"], per_class=1)
+    with pytest.raises(ValueError, match="the val split .* all splits must share one class index"):
+        lp.evaluate_linear_probe(model, train, test, val_root=wrong, **kw)
+
+
+def lp_transform():
+    from declip_ds.data.transforms import eval_transform
+
+    return eval_transform(32, normalize="imagenet", crop_ratio=224 / 256, interpolation="bicubic")
+
+
 # ----------------------------------------------------------------------------- zero-shot metrics
 
 

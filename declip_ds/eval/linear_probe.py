@@ -1,23 +1,24 @@
-"""Linear probe on frozen image features: CLIP_benchmark's weight-decay grid and the CLIP paper's coarse-to-fine
-search, fitted with L-BFGS (a protocol of its own: see "Comparability" below).
+"""Linear probe on frozen image features, fitted with L-BFGS, under one of two protocols
+(``--protocol``; see "Protocols" below).
 
-    python -m declip_ds.eval.linear_probe --checkpoint CKPT --train DIR --test DIR \
-        [--val-fraction 0.2] [--cache-dir DIR] --out results.json
+    python -m declip_ds.eval.linear_probe --checkpoint CKPT --train DIR [--val DIR] --test DIR \
+        [--protocol lbfgs-l2-wd-grid|clip-paper] [--val-fraction 0.2] [--cache-dir DIR] --out results.json
 
 DIR is any dataset ``open_dataset`` reads (an image folder or labelled shards). Steps:
 
-1. Features: ``encode_image`` of every image under the eval transform, L2-normalised (CLIP_benchmark's
-   default; ``--no-normalize`` keeps the raw embeddings). Computed once per (checkpoint, dataset files,
-   split, transform) and cached as ``<cache-dir>/<split>-<hash>.pt``; a later run with the same key
-   loads the file and never runs the model.
-2. Weight-decay sweep (CLIP paper appendix A.3's coarse-to-fine search, with CLIP_benchmark's grid): a
-   stratified ``val_fraction`` of the train split is held out; the grid is 97 log-spaced values in [1e-6, 1e2]
-   (12 per decade). Every 16th point (1e-6, 10^-4.67, ..., 1e2: 7 points) is fitted first; then, around the
-   best so far, the points 8, 4, 2 and 1 grid steps to each side. A choice at either end of the grid is
-   logged as a warning and recorded (``at_grid_edge``): the optimum may lie outside it. Best = highest validation top-1, ties broken by lower validation cross-entropy
-   (so among equally accurate values the better-calibrated one wins), then by the earlier grid point.
-3. The chosen weight decay is refitted on train+val; the test split gives top-1, top-5 (> 5 classes)
-   and mean per-class recall.
+1. Features of every image under the eval transform: the protocol's kind (the projected embedding or the
+   tower's output before the projection), L2-normalised or not. Computed once per (checkpoint, dataset
+   files, split, transform, kind, normalisation) and cached as ``<cache-dir>/<split>-<hash>.pt``; a later run
+   with the same key loads the file and never runs the model.
+2. Regularisation sweep (CLIP paper appendix A.3's coarse-to-fine search) on a validation split: the one
+   given (``--val``; a dataset's official val split) or else a stratified ``val_fraction`` of the train
+   split. The grid has 97 log-spaced points; every 16th (7 points) is fitted first, then, around the best so
+   far, the points 8, 4, 2 and 1 grid steps to each side. A choice at either end of the grid is logged as a
+   warning and recorded (``at_grid_edge``): the optimum may lie outside it. Best = highest validation top-1,
+   ties broken by lower validation cross-entropy (so among equally accurate values the better-calibrated one
+   wins), then by the earlier grid point.
+3. The chosen value is refitted on train+val; the test split gives top-1, top-5 (> 5 classes) and mean
+   per-class recall.
 
 Classifier and regularisation convention
 ----------------------------------------
@@ -31,15 +32,28 @@ scikit-learn's ``LogisticRegression(C=C)`` (lbfgs, multinomial, intercept not pe
 
     weight_decay = 1 / (C * N)        <=>        C = 1 / (weight_decay * N)
 
-with N the number of samples the classifier is fitted on. The weight decay is a per-sample quantity, so
-the value chosen on the train split carries over to the train+val refit unchanged (the equivalent C then
-changes with N); the results report both.
+with N the number of samples the classifier is fitted on. Fits stop when the largest gradient entry of L is
+below 1e-7 or after ``max_iter`` (1000) iterations: tighter than scikit-learn's default tol of 1e-4.
 
-Comparability: this is a protocol of its own, recorded as ``"protocol": PROTOCOL``. The CLIP paper fits
-sklearn's L-BFGS on unnormalised features (for ViTs taken before the projection) over C in [1e-6, 1e6];
-CLIP_benchmark trains a linear layer with AdamW on normalised features over this weight-decay grid. Here the grid is CLIP_benchmark's, read as the L2
-coefficient of the L-BFGS objective above, so the least regularised point is C = 1e6 / N (about 0.8 on
-ImageNet-1k's 1.28M images). Numbers are comparable between models probed here, not with either table.
+Protocols
+---------
+``lbfgs-l2-wd-grid`` (default; ``PROTOCOL``): L2-normalised projected embeddings (CLIP_benchmark's
+default features); the grid is CLIP_benchmark's weight-decay grid, 1e-6 to 1e2 at 12 points per decade, read
+as the per-sample L2 coefficient above. The weight decay chosen on the sweep's train part carries over to
+the train+val refit unchanged (the equivalent C then changes with N; the results report both). The least
+regularised point is C = 1e6 / N (about 0.8 on ImageNet-1k's 1.28M images). CLIP_benchmark itself trains
+the layer with AdamW over this grid, so these numbers are comparable between models probed here, not with
+CLIP_benchmark's tables.
+
+``clip-paper`` (``CLIP_PAPER``): the CLIP paper's appendix A.3 -- scikit-learn-style L-BFGS on the features
+of the penultimate layer, unnormalised: for ViTs the CLS token after ln_post, before the projection to the
+embedding space (I_f of the paper's Figure 3); for the CLIP ResNets the attention pool's output, which is
+their embedding (no separate projection). The grid is sklearn's C from 1e-6 to 1e6 at 8 points per decade
+(the paper's 96 steps; its start points 1e-6, 1e-4, ..., 1e6 are the 7 coarse points), and the chosen C is
+refitted on train+val as sklearn would refit it (C fixed, so the per-sample weight decay shrinks with the
+larger N). Validation: the dataset's own val split where there is one, else a split of train, as the paper.
+Differences left: the paper does not say what share of train it held out (``val_fraction``), and fits to
+sklearn's tolerance, not ours; numbers are meant to be comparable with the paper's linear-probe tables.
 """
 
 from __future__ import annotations
@@ -56,10 +70,43 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-GRID = torch.logspace(-6, 2, 97, dtype=torch.float64).tolist()  # 12 points per decade
-COARSE_STEP = 16  # grid indices 0, 16, ..., 96: 1e-6, 10^-4.67, ..., 1e2
-PROTOCOL = "lbfgs-l2-wd-grid"  # see the module docstring: L-BFGS, per-sample L2 over CLIP_benchmark's wd grid
+GRID = torch.logspace(-6, 2, 97, dtype=torch.float64).tolist()  # weight decay, 12 points per decade
+C_GRID = torch.logspace(-6, 6, 97, dtype=torch.float64).tolist()  # sklearn's C, 8 points per decade (CLIP paper)
+COARSE_STEP = 16  # grid indices 0, 16, ..., 96: GRID 1e-6, 10^-4.67, ..., 1e2; C_GRID 1e-6, 1e-4, ..., 1e6
 REFINE_SPANS = (8, 4, 2, 1)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What a probe fits on and what it sweeps (the module docstring's "Protocols")."""
+
+    name: str
+    features: str  # "embedding": the projected embedding | "pooled": the image tower's output before it
+    normalize: bool  # L2-normalise the features
+    param: str  # what the grid holds and the refit keeps: "weight_decay" (per sample) | "C" (sklearn's)
+    grid: tuple[float, ...]  # ascending
+
+    def weight_decay(self, value: float, n: int) -> float:
+        """The objective's weight decay for grid value ``value`` on a fit of n samples."""
+        return value if self.param == "weight_decay" else weight_decay_from_C(value, n)
+
+
+PROTOCOL = "lbfgs-l2-wd-grid"  # the default: L-BFGS, per-sample L2 over CLIP_benchmark's wd grid
+CLIP_PAPER = "clip-paper"
+PROTOCOLS = {
+    PROTOCOL: Protocol(PROTOCOL, features="embedding", normalize=True, param="weight_decay", grid=tuple(GRID)),
+    CLIP_PAPER: Protocol(CLIP_PAPER, features="pooled", normalize=False, param="C", grid=tuple(C_GRID)),
+}
+FEATURES = ("embedding", "pooled")
+
+
+def get_protocol(protocol: str | Protocol) -> Protocol:
+    if isinstance(protocol, Protocol):
+        return protocol
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown linear-probe protocol '{protocol}'; choose one of {sorted(PROTOCOLS)} "
+                         "(--protocol).")
+    return PROTOCOLS[protocol]
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(os.environ.get("DECLIP_DS_CACHE", Path.home() / ".cache" / "declip_ds")) / "features"
 
@@ -185,23 +232,27 @@ def split_train_val(y: torch.Tensor, val_fraction: float, seed: int = 0) -> tupl
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
-def sweep_weight_decay(Xtr, ytr, Xval, yval, num_classes: int, *, grid=GRID, max_iter: int = 1000,
-                       device=None, verbose: bool = False) -> tuple[float, list[dict]]:
-    """The weight decay of ``grid`` with the best validation score, searched coarse-to-fine.
+def sweep(Xtr, ytr, Xval, yval, num_classes: int, *, protocol: str | Protocol = PROTOCOL, max_iter: int = 1000,
+          device=None, verbose: bool = False) -> tuple[float, list[dict]]:
+    """The value of the protocol's grid (a weight decay or a C) with the best validation score, searched
+    coarse-to-fine; each point is fitted on (Xtr, ytr) and scored on (Xval, yval).
 
-    Returns (best weight decay, the evaluated points in grid order: weight_decay, val_acc1, val_loss)."""
+    Returns (best grid value, the evaluated points in grid order: weight_decay, C, val_acc1, val_loss)."""
+    proto = get_protocol(protocol)
+    grid, n = proto.grid, len(ytr)
     scores: dict[int, tuple[float, float]] = {}
 
     def score(i: int) -> tuple[float, float]:
         if i not in scores:
-            clf = fit_logistic_regression(Xtr, ytr, num_classes, grid[i], max_iter=max_iter, device=device)
+            clf = fit_logistic_regression(Xtr, ytr, num_classes, proto.weight_decay(grid[i], n), max_iter=max_iter,
+                                          device=device)
             logits = clf.logits(Xval)
             labels = yval.to(logits.device).long()
             acc = float((logits.argmax(dim=-1) == labels).double().mean())
             loss = float(F.cross_entropy(logits, labels))
             scores[i] = (acc, loss)
             if verbose:
-                print(f"  weight_decay {grid[i]:.3g}: val acc1 {100 * acc:.2f}, val loss {loss:.4f}", file=sys.stderr)
+                print(f"  {proto.param} {grid[i]:.3g}: val acc1 {100 * acc:.2f}, val loss {loss:.4f}", file=sys.stderr)
         return scores[i]
 
     def best(idxs) -> int:  # highest accuracy, then lowest loss, then the first listed
@@ -210,45 +261,82 @@ def sweep_weight_decay(Xtr, ytr, Xval, yval, num_classes: int, *, grid=GRID, max
     peak = best(list(range(0, len(grid), COARSE_STEP)))
     for span in REFINE_SPANS:
         peak = best([max(peak - span, 0), peak, min(peak + span, len(grid) - 1)])
-    history = [{"weight_decay": grid[i], "val_acc1": a, "val_loss": l} for i, (a, l) in sorted(scores.items())]
+    history = []
+    for i, (acc, loss) in sorted(scores.items()):
+        wd = proto.weight_decay(grid[i], n)
+        point = {"weight_decay": wd, "C": sklearn_C(wd, n), proto.param: grid[i]}  # the grid's value exactly
+        history.append({**point, "val_acc1": acc, "val_loss": loss})
     return grid[peak], history
 
 
+def sweep_weight_decay(Xtr, ytr, Xval, yval, num_classes: int, *, max_iter: int = 1000, device=None,
+                       verbose: bool = False) -> tuple[float, list[dict]]:
+    """``sweep`` under the default protocol: (best weight decay of ``GRID``, the evaluated points)."""
+    return sweep(Xtr, ytr, Xval, yval, num_classes, protocol=PROTOCOL, max_iter=max_iter, device=device,
+                 verbose=verbose)
+
+
 def linear_probe(Xtrain, ytrain, Xtest, ytest, num_classes: int, *, val_fraction: float = 0.2, seed: int = 0,
-                 weight_decay: float | None = None, max_iter: int = 1000, device=None, verbose: bool = False) -> dict:
-    """Sweep on a validation split of the train features (unless ``weight_decay`` is given), refit on
-    all train features, score the test features. Returns the test metrics and the choice made."""
+                 weight_decay: float | None = None, max_iter: int = 1000, device=None, verbose: bool = False,
+                 protocol: str | Protocol = PROTOCOL, val: tuple | None = None) -> dict:
+    """Sweep the protocol's grid on a validation split (unless ``weight_decay`` is given), refit on train+val,
+    score the test features. ``val = (Xval, yval)``: an official validation split, swept against with all of
+    train, then refitted on train+val; without it a stratified ``val_fraction`` of train is held out for the
+    sweep and the refit is on all of train. Returns the test metrics and the choice made."""
+    proto = get_protocol(protocol)
     out = {}
+    if val is not None:
+        Xfit, yfit = torch.cat([Xtrain, val[0]]), torch.cat([ytrain, val[1]])
+    else:
+        Xfit, yfit = Xtrain, ytrain
     if weight_decay is None:
-        tr, va = split_train_val(ytrain, val_fraction, seed)
-        if len(va) == 0:
-            raise ValueError(f"val_fraction={val_fraction} leaves no validation sample (classes have too few "
-                             "samples); raise it or pass a fixed weight decay.")
-        weight_decay, history = sweep_weight_decay(Xtrain[tr], ytrain[tr], Xtrain[va], ytrain[va], num_classes,
-                                                   max_iter=max_iter, device=device, verbose=verbose)
-        val_acc1 = next(h["val_acc1"] for h in history if h["weight_decay"] == weight_decay)
-        edge = weight_decay in (GRID[0], GRID[-1])
+        if val is not None:
+            (Xs, ys), (Xv, yv), how = (Xtrain, ytrain), val, "official"
+        else:
+            tr, va = split_train_val(ytrain, val_fraction, seed)
+            if len(va) == 0:
+                raise ValueError(f"val_fraction={val_fraction} leaves no validation sample (classes have too few "
+                                 "samples); raise it or pass a fixed weight decay.")
+            (Xs, ys), (Xv, yv), how = (Xtrain[tr], ytrain[tr]), (Xtrain[va], ytrain[va]), f"{val_fraction:g} of train"
+        value, history = sweep(Xs, ys, Xv, yv, num_classes, protocol=proto, max_iter=max_iter, device=device,
+                               verbose=verbose)
+        chosen = next(h for h in history if h[proto.param] == value)
+        edge = value in (proto.grid[0], proto.grid[-1])
         if edge:
-            log.warning("linear probe: the chosen weight decay %.3g is at the %s end of the grid [%.0e, %.0e]; the "
-                        "optimum may lie beyond it", weight_decay, "low" if weight_decay == GRID[0] else "high",
-                        GRID[0], GRID[-1])
-        out = {"n_train": len(tr), "n_val": len(va), "val_acc1": val_acc1, "at_grid_edge": edge, "sweep": history}
-    clf = fit_logistic_regression(Xtrain, ytrain, num_classes, weight_decay, max_iter=max_iter, device=device)
+            log.warning("linear probe: the chosen %s %.3g is at the %s end of the grid [%.0e, %.0e]; the optimum may "
+                        "lie beyond it", proto.param, value, "low" if value == proto.grid[0] else "high",
+                        proto.grid[0], proto.grid[-1])
+        weight_decay = proto.weight_decay(value, len(yfit))  # C kept (clip-paper) or weight decay kept (default)
+        out = {proto.param: value,  # exactly the grid's value (the other one is derived from it below)
+               "n_train": len(ys), "n_val": len(yv), "val_acc1": chosen["val_acc1"], "val_split": how,
+               "at_grid_edge": edge, "sweep": history}
+    clf = fit_logistic_regression(Xfit, yfit, num_classes, weight_decay, max_iter=max_iter, device=device)
     metrics = classification_metrics(clf.logits(Xtest), ytest, num_classes)
-    return {**metrics, "weight_decay": weight_decay, "C": sklearn_C(weight_decay, len(ytrain)), "protocol": PROTOCOL,
-            **out}
+    return {**metrics, "weight_decay": weight_decay, "C": sklearn_C(weight_decay, len(yfit)), "protocol": proto.name,
+            **out}  # (out's exact grid value overrides the derived one)
 
 
 # ----------------------------------------------------------------------------- features
 
 
 @torch.no_grad()
-def extract_features(model, loader, *, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, E) float32 on CPU, labels (N,) long) of a loader of (images, labels[, keys])."""
+def extract_features(model, loader, *, normalize: bool = True,
+                     features: str = "embedding") -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, E) float32 on CPU, labels (N,) long) of a loader of (images, labels[, keys]).
+
+    ``features``: "embedding" = ``model.encode_image`` (projected); "pooled" = the image tower's output before
+    the projection (``model.image_features(...)["pooled"]``: a ViT's CLS after ln_post, (N, width); a CLIP
+    ResNet's attention-pool output, its embedding)."""
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got '{features}'.")
     p = next(model.parameters())
     feats, labels = [], []
     for images, y, *_ in loader:
-        f = model.encode_image(images.to(p.device, p.dtype)).float()  # (B, E)
+        images = images.to(p.device, p.dtype)
+        if features == "pooled":
+            f = model.image_features(images)["pooled"].float()  # (B, Wv)
+        else:
+            f = model.encode_image(images).float()  # (B, E)
         feats.append((F.normalize(f, dim=-1) if normalize else f).cpu())
         labels.append(y.long().cpu())
     if not feats:
@@ -262,54 +350,66 @@ def checkpoint_id(weights: str | Path) -> str:
     return f"{Path(weights).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def feature_cache_path(cache_dir: str | Path, *, model_id: str, data, split: str, normalize: bool) -> Path:
-    key = json.dumps({"model": model_id, "data": data.fingerprint(), "split": split, "normalize": normalize,
-                      "transform": repr(data.transform),
-                      "draft_size": getattr(data.transform, "draft_size", None)}, sort_keys=True)  # JPEG decode
-    return Path(cache_dir) / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+def feature_cache_path(cache_dir: str | Path, *, model_id: str, data, split: str, normalize: bool,
+                       features: str = "embedding") -> Path:
+    key = {"model": model_id, "data": data.fingerprint(), "split": split, "normalize": normalize,
+           "transform": repr(data.transform), "draft_size": getattr(data.transform, "draft_size", None)}  # JPEG decode
+    if features != "embedding":  # (embedding keys as before the choice existed: their caches stay valid)
+        key["features"] = features
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{split}-{digest}.pt"
 
 
 def cached_features(model, data, *, model_id: str, split: str, cache_dir: str | Path = DEFAULT_CACHE,
-                    batch_size: int = 256, normalize: bool = True, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    batch_size: int = 256, normalize: bool = True, workers: int = 0,
+                    features: str = "embedding") -> tuple[torch.Tensor, torch.Tensor]:
     """Features of ``data`` (an ``open_dataset`` result), from the cache when present, else computed
     and saved there. The key covers ``model_id`` (e.g. ``checkpoint_id(weights)``), the dataset's files,
-    the split name, the transform and ``normalize``."""
-    path = feature_cache_path(cache_dir, model_id=model_id, data=data, split=split, normalize=normalize)
+    the split name, the transform, ``features`` and ``normalize``."""
+    path = feature_cache_path(cache_dir, model_id=model_id, data=data, split=split, normalize=normalize,
+                              features=features)
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         return cached["features"], cached["labels"]
-    X, y = extract_features(model, data.loader(batch_size, workers=workers), normalize=normalize)
+    X, y = extract_features(model, data.loader(batch_size, workers=workers), normalize=normalize, features=features)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"features": X, "labels": y, "model": model_id, "split": split}, tmp)
+    torch.save({"features": X, "labels": y, "model": model_id, "split": split, "kind": features}, tmp)
     os.replace(tmp, path)  # a reader never sees half a file
     return X, y
 
 
 def evaluate_linear_probe(model, train_root, test_root, *, model_id: str, cache_dir=DEFAULT_CACHE,
-                          image_size: int = 224, normalize_images="imagenet", normalize: bool = True,
+                          image_size: int = 224, normalize_images="imagenet", normalize: bool | None = None,
                           val_fraction: float = 0.2, seed: int = 0, weight_decay: float | None = None,
                           batch_size: int = 256, workers: int = 0, label_key: str = "cls", max_iter: int = 1000,
                           device=None, verbose: bool = False, interpolation: str = "bicubic",
-                          crop_ratio: float = 224 / 256) -> dict:
-    """The whole protocol on two dataset directories (image folders or labelled shards); images through
-    ``eval_transform(image_size, normalize_images, crop_ratio, interpolation)``."""
+                          crop_ratio: float = 224 / 256, protocol: str | Protocol = PROTOCOL,
+                          val_root=None) -> dict:
+    """The whole protocol on dataset directories (image folders or labelled shards); images through
+    ``eval_transform(image_size, normalize_images, crop_ratio, interpolation)``. ``val_root``: an official
+    validation split to sweep on (then refitted on train+val); ``normalize`` None = the protocol's."""
     from declip_ds.data.transforms import eval_transform
     from declip_ds.eval.datasets import open_dataset
 
+    proto = get_protocol(protocol)
+    normalize = proto.normalize if normalize is None else normalize
     transform = eval_transform(image_size, normalize=normalize_images, crop_ratio=crop_ratio,
                                interpolation=interpolation)
-    train = open_dataset(train_root, transform, label_key=label_key)
-    test = open_dataset(test_root, transform, label_key=label_key)
-    if train.classnames != test.classnames:
-        raise ValueError(f"The train split '{train_root}' has {len(train.classnames)} classes and the test split "
-                         f"'{test_root}' {len(test.classnames)}, or they are in another order; both must share "
-                         "one class index.")
-    kw = dict(model_id=model_id, cache_dir=cache_dir, batch_size=batch_size, normalize=normalize, workers=workers)
-    Xtr, ytr = cached_features(model, train, split="train", **kw)
-    Xte, yte = cached_features(model, test, split="test", **kw)
-    return linear_probe(Xtr, ytr, Xte, yte, len(train.classnames), val_fraction=val_fraction, seed=seed,
-                        weight_decay=weight_decay, max_iter=max_iter, device=device, verbose=verbose)
+    roots = {"train": train_root, "val": val_root, "test": test_root}
+    data = {s: open_dataset(r, transform, label_key=label_key) for s, r in roots.items() if r is not None}
+    for s, d in data.items():
+        if d.classnames != data["train"].classnames:
+            raise ValueError(f"The train split '{train_root}' has {len(data['train'].classnames)} classes and the {s} "
+                             f"split '{roots[s]}' {len(d.classnames)}, or they are in another order; all splits must "
+                             "share one class index.")
+    kw = dict(model_id=model_id, cache_dir=cache_dir, batch_size=batch_size, normalize=normalize, workers=workers,
+              features=proto.features)
+    feats = {s: cached_features(model, d, split=s, **kw) for s, d in data.items()}
+    out = linear_probe(*feats["train"], *feats["test"], len(data["train"].classnames), val_fraction=val_fraction,
+                       seed=seed, weight_decay=weight_decay, max_iter=max_iter, device=device, verbose=verbose,
+                       protocol=proto, val=feats.get("val"))
+    return {**out, "features": proto.features, "normalized": normalize}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -322,11 +422,17 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, step_XXXXXXXX dir or model.safetensors")
     p.add_argument("--train", required=True, help="train split: image folder or labelled shard dir")
     p.add_argument("--test", required=True, help="test split: image folder or labelled shard dir")
+    p.add_argument("--val", default=None, help="an official validation split to sweep on (then refitted on "
+                                               "train+val); default: --val-fraction of the train split")
+    p.add_argument("--protocol", default=PROTOCOL, choices=list(PROTOCOLS),
+                   help="features and grid (module docstring): %(default)s (normalised embeddings, weight-decay "
+                        "grid) or clip-paper (the CLIP paper's: pre-projection features, C in [1e-6, 1e6])")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the train split held out for the sweep")
     p.add_argument("--weight-decay", type=float, default=None, help="skip the sweep and use this weight decay")
     p.add_argument("--name", default=None, help="dataset name in the results (default: from --test)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="feature cache (default: %(default)s)")
-    p.add_argument("--no-normalize", action="store_true", help="probe the raw, not L2-normalised, embeddings")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="probe unnormalised features (the default protocol L2-normalises; clip-paper never does)")
     p.add_argument("--label-key", default="cls", help="label member of shards")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)
@@ -350,10 +456,11 @@ def main(argv=None) -> int:
         em.warn_if_global_untrained("a linear probe")
         model = em.model.to(default_device())
         result = evaluate_linear_probe(
-            model, args.train, args.test, model_id=checkpoint_id(em.weights), cache_dir=args.cache_dir,
+            model, args.train, args.test, val_root=args.val, protocol=args.protocol,
+            model_id=checkpoint_id(em.weights), cache_dir=args.cache_dir,
             image_size=em.image_size, normalize_images=em.normalize, interpolation=em.interpolation,
             crop_ratio=em.crop_ratio,
-            normalize=not args.no_normalize, val_fraction=args.val_fraction, seed=args.seed,
+            normalize=False if args.no_normalize else None, val_fraction=args.val_fraction, seed=args.seed,
             weight_decay=args.weight_decay, batch_size=args.batch_size, workers=args.workers,
             label_key=args.label_key, max_iter=args.max_iter, verbose=args.verbose)
     except (FileNotFoundError, NotADirectoryError, ValueError, NotImplementedError) as e:
@@ -368,7 +475,8 @@ def main(argv=None) -> int:
         write_record(make_record(model=em.name, checkpoint=str(em.weights),
                                  dataset=str(args.test), task="linear_probe", metrics={name: result},
                                  config_hash=em.config_hash, train=str(args.train),
-                                 val_fraction=args.val_fraction, normalize=not args.no_normalize,
+                                 val=args.val, val_fraction=None if args.val else args.val_fraction,
+                                 protocol=args.protocol, normalize=result["normalized"],
                                  preprocess=em.preprocess()), args.out)
     return 0
 

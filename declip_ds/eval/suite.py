@@ -18,7 +18,8 @@ zero-shot + linear probe, ``all`` adds retrieval.
 
 Zero-shot: the test split, the dataset's CLIP prompt templates (``--templates`` overrides them for all
 datasets: simple | imagenet80 | FILE), ``zero_shot_classifier`` + ``zero_shot_evaluate``.
-Linear probe: linear_probe.py's protocol on cached features; the weight decay is swept on the official
+Linear probe: linear_probe.py's protocol (``--probe-protocol``: the default weight-decay grid on normalised
+embeddings, or clip-paper, the CLIP paper's) on cached features; the regularisation is swept on the official
 val split where the dataset has one (Flowers, DTD, Aircraft, ...) and refitted on train+val, else on a
 stratified ``--val-fraction`` of train (refitted on all of train).
 Retrieval: recall@1/5/10 both ways on the test split, every caption kept, mean recall as the headline;
@@ -37,8 +38,6 @@ import functools
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 TASKS = ("zeroshot", "linear_probe", "retrieval")
 TASK_SETS = {"both": ("zeroshot", "linear_probe"), "all": TASKS}
@@ -93,43 +92,34 @@ def zeroshot_one(model, tokenizer, name: str, *, root, transform, templates: str
 
 
 def probe_with_val(Xtr, ytr, Xval, yval, Xte, yte, num_classes: int, *, max_iter: int = 1000, device=None,
-                   verbose: bool = False) -> dict:
-    """Sweep the weight decay on an official val split, refit on train+val, score test."""
+                   verbose: bool = False, protocol: str = "lbfgs-l2-wd-grid") -> dict:
+    """Sweep on an official val split, refit on train+val, score test (``linear_probe`` with ``val``)."""
     from declip_ds.eval import linear_probe as lp
 
-    wd, history = lp.sweep_weight_decay(Xtr, ytr, Xval, yval, num_classes, max_iter=max_iter, device=device,
-                                        verbose=verbose)
-    X, y = torch.cat([Xtr, Xval]), torch.cat([ytr, yval])
-    clf = lp.fit_logistic_regression(X, y, num_classes, wd, max_iter=max_iter, device=device)
-    metrics = lp.classification_metrics(clf.logits(Xte), yte, num_classes)
-    val_acc1 = next(h["val_acc1"] for h in history if h["weight_decay"] == wd)
-    return {**metrics, "weight_decay": wd, "C": lp.sklearn_C(wd, len(y)), "n_train": len(ytr), "n_val": len(yval),
-            "val_acc1": val_acc1, "val_split": "official", "sweep": history}
+    return lp.linear_probe(Xtr, ytr, Xte, yte, num_classes, max_iter=max_iter, device=device, verbose=verbose,
+                           protocol=protocol, val=(Xval, yval))
 
 
 def linear_probe_one(model, name: str, *, root, transform, model_id: str, cache_dir, batch_size: int, workers: int,
                      download: bool, seed: int, label_key: str, val_fraction: float, max_iter: int,
-                     device=None, verbose: bool = False) -> dict:
+                     device=None, verbose: bool = False, protocol: str = "lbfgs-l2-wd-grid") -> dict:
     """Linear-probe metrics of one dataset: features of train (+ val) and test, sweep, refit, score."""
     from declip_ds.eval import linear_probe as lp
     from declip_ds.eval.downstream import get_spec, open_split
 
     spec = get_spec(name)
+    proto = lp.get_protocol(protocol)
     kw = dict(download=download, seed=seed, label_key=label_key)
     splits = {s: open_split(name, s, root, transform, **kw) for s in ("train", "val", "test") if spec.has_split(s)}
     if len({tuple(d.classnames) for d in splits.values()}) != 1:
         raise ValueError(f"{spec.title}'s splits name their classes differently; they must share one label order.")
     feats = {s: lp.cached_features(model, d, model_id=model_id, split=f"{name}-{s}", cache_dir=cache_dir,
-                                   batch_size=batch_size, workers=workers) for s, d in splits.items()}
-    C = len(splits["test"].classnames)
-    (Xtr, ytr), (Xte, yte) = feats["train"], feats["test"]
-    if "val" in feats:
-        out = probe_with_val(Xtr, ytr, *feats["val"], Xte, yte, C, max_iter=max_iter, device=device, verbose=verbose)
-    else:
-        out = lp.linear_probe(Xtr, ytr, Xte, yte, C, val_fraction=val_fraction, seed=seed, max_iter=max_iter,
-                              device=device, verbose=verbose)
-        out["val_split"] = f"{val_fraction:g} of train"
-    return {**out, **_extras(spec, splits["test"], "test")}
+                                   batch_size=batch_size, workers=workers, normalize=proto.normalize,
+                                   features=proto.features) for s, d in splits.items()}
+    out = lp.linear_probe(*feats["train"], *feats["test"], len(splits["test"].classnames), val_fraction=val_fraction,
+                          seed=seed, max_iter=max_iter, device=device, verbose=verbose, protocol=proto,
+                          val=feats.get("val"))
+    return {**out, **_extras(spec, splits["test"], "test"), "features": proto.features, "normalized": proto.normalize}
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -225,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="linear probe: share of train held out for the sweep when there is no official val split")
     p.add_argument("--max-iter", type=int, default=1000, help="linear probe: L-BFGS iterations per fit")
+    from declip_ds.eval.linear_probe import PROTOCOL, PROTOCOLS
+
+    p.add_argument("--probe-protocol", default=PROTOCOL, choices=list(PROTOCOLS),
+                   help="linear probe: %(default)s (normalised embeddings, weight-decay grid) or clip-paper (the CLIP "
+                        "paper's appendix A.3: pre-projection features, C in [1e-6, 1e6]); see linear_probe.py")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="linear probe feature cache (default: %(default)s)")
     p.add_argument("--list", action="store_true", help="list the datasets and suites, then exit")
     return p
@@ -318,8 +313,8 @@ def evaluate_all(em, names: list[str], args) -> list[dict]:
             em.warn_if_global_untrained("a linear probe")
             one = functools.partial(linear_probe_one, model, model_id=checkpoint_id(em.weights),
                                     cache_dir=args.cache_dir, val_fraction=args.val_fraction, max_iter=args.max_iter,
-                                    device=device, **common)
-            extra = {"val_fraction": args.val_fraction}
+                                    device=device, protocol=args.probe_protocol, **common)
+            extra = {"val_fraction": args.val_fraction, "protocol": args.probe_protocol}
         metrics, skipped, failed = run_suite(task_names, task, one)
         records.append(make_record(model=em.name, checkpoint=str(em.weights), dataset=str(args.data_root), task=task,
                                    metrics=metrics, config_hash=em.config_hash, suite=args.suite, datasets=task_names,
