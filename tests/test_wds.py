@@ -359,6 +359,138 @@ def test_batches_discard_reports_each_skip_once(n, drop_last):
             assert [b["_skips"] for b in forwarded] == [b["_skips"] for b in resumed]
 
 
+def _tar_bytes(members, fmt=tarfile.GNU_FORMAT):
+    """An uncompressed tar of (name, bytes | "dir" | ("symlink", target)) members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif isinstance(data, tuple):
+                info.type, info.linkname = tarfile.SYMTYPE, data[1]
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _odd_members():
+    """Everything the filters and the grouping see: bad samples of each kind, webdataset's meta entries,
+    a directory, a symlink, a name without extension, upper-case and multi-part extensions, keys with
+    folders, a long (GNU longname) key, a repeated extension that starts a new sample."""
+    out = _sample("a", 1) + [("b.txt", b"no image")] + [("c.jpg", _jpeg(3))]  # missing_image, missing_text
+    out += [("d.jpg", b""), ("d.txt", b"empty image")] + [("e.jpg", _jpeg(5)), ("e.txt", " \u3000".encode())]
+    out += [("__meta__", b"{}"), ("__index__/x.jpg", _jpeg(6)), ("dir", "dir"), ("link.jpg", ("symlink", "a.jpg"))]
+    out += [("README", b"x")] + [("F.JPG", _jpeg(7)), ("F.TXT", b"upper")] + [("g.seg.png", _jpeg(8)), ("g.seg.txt", b"multi")]
+    out += [("sub/h.jpg", _jpeg(9)), ("sub/h.txt", b"folder"), ("sub/h.json", b"{}")]
+    out += [("k" * 150 + ".jpg", _jpeg(10)), ("k" * 150 + ".txt", b"long")]
+    out += [("r.jpg", _jpeg(11)), ("r.txt", b"first"), ("r.txt", b"second")]  # ext repeated: a new group
+    out += _sample("a", 12)  # duplicate_key (not adjacent)
+    return out
+
+
+def _shard_variants(tmp_path):
+    clean = _tar_bytes(sum((_sample(f"k{i}", i) for i in range(5)), []))
+    odd = _tar_bytes(_odd_members())
+    import gzip
+
+    header = clean.index(b"k2.jpg")  # the header block of a middle member
+    damaged = bytearray(clean)
+    damaged[header + 148:header + 156] = b"garbage!"  # its checksum field
+    files = {
+        "clean": (clean, True), "odd": (odd, True), "pax": (_tar_bytes(_odd_members(), tarfile.PAX_FORMAT), True),
+        "empty_tar": (_tar_bytes([]), True),
+        "gzip": (gzip.compress(clean), False), "cut_in_member": (clean[: header + 700], False),
+        "cut_at_boundary": (clean[:header], False), "damaged_header": (bytes(damaged), False),
+        "trailing_garbage": (clean + b"\x01" * 512, False), "not_a_tar": (bytes(range(256)) * 8, False),
+    }
+    paths = {}
+    for name, (data, _) in files.items():
+        (tmp_path / f"{name}.tar").write_bytes(data)
+        paths[name] = str(tmp_path / f"{name}.tar")
+    paths["missing"] = str(tmp_path / "missing.tar")
+    scanned = {name: ok for name, (_, ok) in files.items()} | {"missing": False}
+    return paths, scanned
+
+
+def test_header_scan_reads_a_shard_as_the_stream_reader_does(tmp_path):
+    """A resume's fast-forward indexes local shards from their headers; for any file -- odd members, bad
+    samples, compressed, cut short, damaged, not a tar, missing -- it yields the samples and counts the
+    skips the streaming reader does (a plain tar from its headers, its images left in the file; anything
+    else by the streaming reader itself)."""
+    paths, scanned = _shard_variants(tmp_path)
+    for name, url in paths.items():
+        for scheme in ("", "file://"):
+            results = []
+            for scan in (False, True):
+                skips = wds._Skips(strict=False, where="test")
+                raws = list(wds._shard_samples(scheme + url, skips, "txt", scan=scan))
+                results.append(([(r.key, r.url, wds._member_bytes(r.image), r.image_ext, r.text) for r in raws],
+                                skips.summary()))
+                if scan:
+                    assert (wds._indexed_groups(scheme + url, "txt") is not None) == scanned[name], name
+                    assert all(isinstance(r.image, wds._Span) == scanned[name] for r in raws), name
+            assert results[0] == results[1], name
+    odd = results_of(paths["odd"])
+    assert [k for k, *_ in odd[0]] == ["a", "F", "sub/h", "k" * 150, "r"]  # g's extensions: seg.png, seg.txt
+    assert odd[1] == {"missing_image": 2, "missing_text": 1, "empty_member": 2, "duplicate_key": 2}
+    assert results_of(paths["cut_in_member"])[1] == {"truncated_shard": 1}
+    span = wds._indexed_groups(paths["clean"], "txt")[0][1]["jpg"]
+    Path(paths["clean"]).write_bytes(b"")  # the file replaced under a running job: an error, not wrong bytes
+    with pytest.raises(OSError, match="changed since it was indexed"):
+        span.read()
+
+
+def results_of(url):
+    skips = wds._Skips(strict=False, where="test")
+    return [(r.key,) for r in wds._shard_samples(url, skips, "txt")], skips.summary()
+
+
+def test_fast_forward_reads_the_headers_not_the_images_of_skipped_samples(tmp_path, monkeypatch):
+    """From the checkpoint's cursors a resumed stream passes over the consumed samples by a header scan:
+    the same batches as the uninterrupted run (views and skip reports included), with a fraction of the
+    bytes a full read of the skipped samples costs (counted by the resume benchmark's counter)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_resume import shard_bytes_read
+
+    rng = torch.Generator().manual_seed(0)
+
+    def big_jpeg(i):  # ~10 KB of noise: the image bytes dominate a sample, as in real shards
+        buf = io.BytesIO()
+        pixels = torch.randint(0, 256, (64, 64, 3), generator=rng, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+        return buf.getvalue()
+
+    tmp_path.mkdir(exist_ok=True)
+    for s in range(6):
+        members = []
+        for j in range(8):
+            members += [(f"s{s}k{j}.jpg", big_jpeg(j)), (f"s{s}k{j}.txt", f"caption {s} {j}".encode())]
+        members += [(f"bad{s}.jpg", b"not a jpeg"), (f"bad{s}.txt", b"broken")]
+        _write_tar(tmp_path / f"{s:05d}.tar", members)
+    spec = f"{tmp_path}/{{00000..00005}}.tar"
+    kw = dict(num_samples=96, batch_size=4, shuffle_buffer=8)
+    full = list(_loader(spec, **kw))
+    start = 16
+    read = {}
+    for header_scan in (True, False):
+        monkeypatch.setattr(wds, "HEADER_SCAN", header_scan)
+        first = []
+        read[header_scan] = shard_bytes_read(lambda: first.append(next(iter(
+            _loader(spec, start_batch=start, cursors=_cursors(full[:start]), **kw)))))
+        resumed = list(_loader(spec, start_batch=start, cursors=_cursors(full[:start]), **kw))
+        assert first[0]["__key__"] == full[start]["__key__"]
+        assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[start:]]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[start:]))
+        assert [b["_skips"] for b in resumed] == [b["_skips"] for b in full[start:]]
+    skipped = sum(len(b["__key__"]) for b in full[:start])
+    assert skipped == 64 and read[False] > 64 * 8000  # the full read passes over every skipped image
+    assert read[True] < read[False] / 3, read
+
+
 def test_resampled_source_weights(tmp_path):
     a, _ = make_shards(tmp_path / "a", n_shards=2, per_shard=4)
     b, _ = make_shards(tmp_path / "b", n_shards=2, per_shard=4)

@@ -10,7 +10,9 @@ Per DataLoader worker, ``build_train_loader`` runs (top to bottom in ``_TrainStr
     shard urls    resampled: drawn forever, with source weights, by an RNG seeded from
                   worker_seed(seed, rank, worker, epoch); epoch: shuffled by (seed, epoch),
                   split by rank, then by worker, each shard read once
-    tar members   webdataset's tar iterator, grouped into samples by key
+    tar members   webdataset's tar iterator, grouped into samples by key (a resume's
+                  fast-forward indexes local tars from their headers instead: the same
+                  samples, but the images stay in the file until a sample is decoded)
     filter        image + caption present, non-empty, key not seen before in the shard
                   (raw bytes: no image is decoded yet; the caption is test-decoded, as
                   only decoding tells a caption of non-ASCII whitespace from a real one)
@@ -37,6 +39,8 @@ import logging
 import math
 import os
 import random
+import re
+import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -284,8 +288,11 @@ class _TailWatch:
             log.warning("closing shard stream %s: %r", getattr(self.f, "name", self.f), e)
 
     def cut_short(self) -> bool:
-        compressed = self.head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
+        compressed = self.head.startswith(_COMPRESSED_MAGIC)
         return not compressed and self.tail.count(0) != len(self.tail)
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
 
 
 def _raise(exn: Exception) -> bool:
@@ -361,13 +368,25 @@ def _whole(members: dict[str, bytes], text_ext: str) -> bool:
 class _Raw:
     key: str
     url: str
-    image: bytes
+    image: bytes | _Span  # a _Span from a header scan: read (``_member_bytes``) when decoded
     image_ext: str
     text: bytes
 
 
-def _shard_samples(url: str, skips: _Skips, text_ext: str) -> Iterator[_Raw]:
-    """Filtered raw samples of one shard; a missing, unreadable or truncated shard is counted."""
+def _shard_samples(url: str, skips: _Skips, text_ext: str, scan: bool = False) -> Iterator[_Raw]:
+    """Filtered raw samples of one shard; a missing, unreadable or truncated shard is counted.
+
+    ``scan``: a plain local tar is indexed from its member headers (``_indexed_groups``): the same
+    samples and skips, but the image bytes stay in the file until decoded (a resume's fast-forward
+    never reads those of the samples it passes over)."""
+    groups = _indexed_groups(url, text_ext) if scan and HEADER_SCAN else None
+    if groups is not None:
+        seen: set[str] = set()
+        for key, members in groups:
+            raw = _checked(url, key, members, seen, skips, text_ext)
+            if raw is not None:
+                yield raw
+        return
     try:
         stream = _TailWatch(gopen(url))
     except Exception as e:
@@ -417,6 +436,93 @@ def _checked(url: str, key: str, members: dict[str, bytes], seen: set, skips: _S
         return None
     ext = next(e for e in IMAGE_EXTS if e in members)
     return _Raw(key, url, members[ext], ext, members[text_ext])
+
+
+# ----------------------------------------------------------------------------- header scan (resume fast-forward)
+
+HEADER_SCAN = True  # False: fast-forwards read every skipped sample's bytes too (benchmarks compare the two)
+_TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these members (skip_meta)
+
+
+@dataclass(frozen=True)
+class _Span:
+    """A member left in its shard file by a header scan; ``len`` is its size, as for bytes."""
+
+    path: str
+    offset: int
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"'{self.path}' changed since it was indexed: {len(data)} of the {self.size} bytes of the "
+                          f"member at byte {self.offset}")
+        return data
+
+
+def _member_bytes(data: bytes | _Span) -> bytes:
+    return data.read() if isinstance(data, _Span) else data
+
+
+def _indexed_groups(url: str, text_ext: str) -> list[tuple[str, dict[str, bytes | _Span]]] | None:
+    """A local shard's samples as ``_member_groups`` yields them, read from the tar headers alone:
+    (key, {ext: member}) with the ``text_ext`` members read and the others left in the file as _Span.
+
+    Only for a plain tar that ends as an intact one does (a zero block where the headers end and at
+    the end of the file, every member inside it); for anything else -- remote, compressed, cut short,
+    a damaged header -- returns None, and the streaming reader takes the shard and counts what is
+    wrong exactly as it would without a scan. The members kept are those of webdataset's
+    tar_file_iterator: regular files, not its ``__...__`` meta entries."""
+    if _is_remote(url):
+        return None
+    path = _local_path(url)
+    try:
+        size = os.path.getsize(path)
+        if size < 1024 or size % tarfile.BLOCKSIZE:
+            return None
+        with open(path, "rb", buffering=0) as f:
+            if f.read(8).startswith(_COMPRESSED_MAGIC):
+                return None
+            f.seek(size - tarfile.BLOCKSIZE)
+            if f.read(tarfile.BLOCKSIZE).count(0) != tarfile.BLOCKSIZE:
+                return None
+            f.seek(0)
+            tar = tarfile.open(fileobj=f, mode="r:")
+            groups, key, members = [], None, {}
+            while (info := tar.next()) is not None:
+                tar.members = []  # (keep no TarInfo list)
+                name = info.name
+                if not info.isreg() or (name.startswith("__") and name.endswith("__") and "/" not in name) \
+                        or _TAR_META.match(name):
+                    continue
+                if info.offset_data + info.size > size:
+                    return None
+                k, ext = base_plus_ext(name)
+                if k is None:
+                    continue
+                ext = ext.lower()
+                if k != key or ext in members:
+                    if key is not None:
+                        groups.append((key, members))
+                    key, members = k, {}
+                if ext == text_ext:
+                    f.seek(info.offset_data)
+                    members[ext] = f.read(info.size)
+                else:
+                    members[ext] = _Span(path, info.offset_data, info.size)
+            f.seek(tar.offset)  # where the headers ended: an end-of-archive zero block, not a damaged header
+            if f.read(tarfile.BLOCKSIZE).count(0) != tarfile.BLOCKSIZE:
+                return None
+    except Exception:
+        return None
+    if key is not None:
+        groups.append((key, members))
+    return groups
 
 
 def decode_image(data: bytes, ext: str = "jpg", draft_size: int | None = None) -> Image.Image:
@@ -521,6 +627,7 @@ class _TrainStream(IterableDataset):
     cursors: dict[int, tuple[int, int | None]] | None = None
     last_stream: int | None = None  # epoch mode: the stream of the last consumed batch
     _progress: dict = field(default_factory=dict)
+    _scan: bool = False  # fast-forwarding: shards are opened by a header scan
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         physical, num_workers = _worker()
@@ -534,7 +641,7 @@ class _TrainStream(IterableDataset):
         worker = (physical + rotation) % num_workers
         wseed = worker_seed(self.seed, self.rank, worker, self.epoch)
         skips = _Skips(self.strict, f"rank {self.rank} worker {worker}")
-        self._progress = {"shards": 0, "last_good": 0}
+        self._progress, self._scan = {"shards": 0, "last_good": 0}, False
         urls = self._resampled(wseed) if self.mode == "resampled" else self._epoch_urls(worker, num_workers)
         raws = (raw for url in urls for raw in self._counted(url, skips))
         # (ordinal, raw): the ordinal of a raw sample in the shuffled stream seeds its augmentations, so a
@@ -542,8 +649,9 @@ class _TrainStream(IterableDataset):
         raws = enumerate(_shuffled(raws, self.shuffle_buffer, random.Random(_sub_seed(wseed, "shuffle"))))
         discard, made = self._discard(worker, num_workers), 0
         cursor = (self.cursors or {}).get(worker)
-        if discard and cursor is not None:  # fast-forward: skip the consumed batches' raw samples undecoded
-            raws = itertools.islice(raws, cursor[0], None)
+        if discard and cursor is not None:  # fast-forward: skip the consumed batches' raw samples undecoded;
+            self._scan = True  # the shards opened meanwhile are read from their headers (their images on use)
+            raws = _after(raws, cursor[0], lambda: setattr(self, "_scan", False))
             made = discard
         samples = self._transformed(raws, skips, _PrivateTorchRNG(0), _sub_seed(wseed, "torch"))
         for n, batch in enumerate(_batches(samples, self.batch_size, skips, self.drop_last, self.worker_batches,
@@ -573,7 +681,7 @@ class _TrainStream(IterableDataset):
 
     def _counted(self, url: str, skips: _Skips) -> Iterator[_Raw]:
         self._progress["shards"] += 1
-        for raw in _shard_samples(url, skips, "txt"):
+        for raw in _shard_samples(url, skips, "txt", scan=self._scan):
             self._progress["last_good"] = self._progress["shards"]
             yield raw
 
@@ -604,7 +712,7 @@ class _TrainStream(IterableDataset):
 
     def _one(self, raw: _Raw, skips: _Skips, rng: _PrivateTorchRNG) -> dict:
         try:
-            image = decode_image(raw.image, raw.image_ext, self.draft_size)
+            image = decode_image(_member_bytes(raw.image), raw.image_ext, self.draft_size)
             text = raw.text.decode("utf-8").strip()
         except Exception as e:
             skips("decode_error", raw.url, raw.key, f"{raw.key}.{raw.image_ext}: {e!r}")
@@ -624,6 +732,14 @@ class _TrainStream(IterableDataset):
             return 0  # epoch mode resumes from counted cursors only; a stream without one had made none
         # resampled, round robin from the start: stream `worker` made batches worker, worker + W, ...
         return max(0, (self.start_batch - worker + num_workers - 1) // num_workers)
+
+
+def _after(items: Iterable, n: int, done: Callable[[], None]) -> Iterator:
+    """``items`` from the n-th on (0-based); ``done()`` is called once the first n are passed."""
+    it = iter(items)
+    collections.deque(itertools.islice(it, n), maxlen=0)
+    done()
+    yield from it
 
 
 def _batches(samples: Iterable, batch_size: int, skips: _Skips, drop_last: bool,
