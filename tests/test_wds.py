@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import tarfile
 from pathlib import Path
 
@@ -109,6 +110,15 @@ def test_expand_urls_braces_sources_and_errors(tmp_path):
             wds.expand_urls(spec)
     with pytest.raises(wds.DataError, match="Empty shard source"):
         wds.expand_urls(f"{a}::")
+    # a file: URL names the file webdataset's gopen reads: "%20" is a space, "#..." is not part of the name
+    (tmp_path / "c d").mkdir()
+    (tmp_path / "c d" / "00000.tar").write_bytes((tmp_path / "a" / "00000.tar").read_bytes())
+    (tmp_path / "h#1.tar").write_bytes((tmp_path / "a" / "00000.tar").read_bytes())
+    assert wds.expand_urls(f"file://{tmp_path}/c%20d/00000.tar") == [[f"file://{tmp_path}/c%20d/00000.tar"]]
+    with pytest.raises(FileNotFoundError, match="matches no existing file"):
+        wds.expand_urls(f"file://{tmp_path}/h#1.tar")
+    with pytest.raises(wds.DataError, match="listed more than once"):
+        wds.expand_urls([f"{tmp_path}/c d/00000.tar", f"file://{tmp_path}/c%20d/00000.tar"])
 
 
 def test_read_num_samples(tmp_path):
@@ -393,53 +403,107 @@ def _odd_members():
 
 
 def _shard_variants(tmp_path):
-    clean = _tar_bytes(sum((_sample(f"k{i}", i) for i in range(5)), []))
-    odd = _tar_bytes(_odd_members())
+    """(url, whether the header scan takes it) for files and urls of every kind: the scan must read what it
+    takes exactly as the streaming reader does, and leave it everything else."""
     import gzip
+    import shutil
+    import subprocess
 
-    header = clean.index(b"k2.jpg")  # the header block of a middle member
+    clean = _tar_bytes(sum((_sample(f"k{i}", i) for i in range(5)), []))
+    second = _tar_bytes(sum((_sample(f"m{i}", i) for i in range(2)), []))
+
+    def at(data, name):  # the offset of a member's header block
+        return data.index(name.encode()) // 512 * 512
+
+    def with_header(data, name, **fields):  # rewrite header fields, checksum fixed
+        data, h = bytearray(data), at(data, name)
+        for (start, end), value in fields.values():
+            data[h + start:h + end] = value
+        data[h + 148:h + 156] = b" " * 8
+        data[h + 148:h + 156] = b"%06o\0 " % sum(data[h:h + 512])
+        return bytes(data)
+
     damaged = bytearray(clean)
-    damaged[header + 148:header + 156] = b"garbage!"  # its checksum field
+    damaged[at(clean, "k2.jpg") + 148:at(clean, "k2.jpg") + 156] = b"garbage!"  # a bad checksum mid-file
+    zeroed = bytearray(clean)
+    zeroed[at(clean, "k2.jpg"):at(clean, "k2.jpg") + 512] = bytes(512)  # a header zeroed: the archive "ends" there
+    end = (clean.index(b"caption of k4") // 512 + 1) * 512  # just past the last member's data
     files = {
-        "clean": (clean, True), "odd": (odd, True), "pax": (_tar_bytes(_odd_members(), tarfile.PAX_FORMAT), True),
-        "empty_tar": (_tar_bytes([]), True),
-        "gzip": (gzip.compress(clean), False), "cut_in_member": (clean[: header + 700], False),
-        "cut_at_boundary": (clean[:header], False), "damaged_header": (bytes(damaged), False),
-        "trailing_garbage": (clean + b"\x01" * 512, False), "not_a_tar": (bytes(range(256)) * 8, False),
+        "clean": (clean, True), "odd": (_tar_bytes(_odd_members()), True), "empty_tar": (_tar_bytes([]), True),
+        "pax": (_tar_bytes(_odd_members(), tarfile.PAX_FORMAT), True),
+        "one_end_block": (clean[:end + 512], True), "zero_padding": (clean + bytes(4096), True),
+        "gzip": (gzip.compress(clean), False), "cut_in_member": (clean[: at(clean, "k2.jpg") + 700], False),
+        "cut_at_boundary": (clean[:at(clean, "k2.jpg")], False), "no_end_block": (clean[:end], False),
+        "damaged_header": (bytes(damaged), False), "zeroed_header": (bytes(zeroed), False),
+        "trailing_garbage": (clean + b"\x01" * 512, False), "concatenated": (clean + second, False),
+        "garbage_then_zeros": (clean[:end + 512] + b"\x01" * 512 + bytes(512), False),
+        "negative_size": (with_header(clean, "k1.jpg", size=((124, 136), b"\xff" * 8 + (-512 & 0xFFFFFFFF)
+                                                             .to_bytes(4, "big"))), False),
+        "xz_like_name": (_tar_bytes([("\udcfd7zXZ.jpg", _jpeg(1)), ("\udcfd7zXZ.txt", b"c")] + _sample("a", 2)), False),
+        "not_a_tar": (bytes(range(256)) * 8, False),
     }
-    paths = {}
-    for name, (data, _) in files.items():
+    urls = []
+    for name, (data, scanned) in files.items():
         (tmp_path / f"{name}.tar").write_bytes(data)
-        paths[name] = str(tmp_path / f"{name}.tar")
-    paths["missing"] = str(tmp_path / "missing.tar")
-    scanned = {name: ok for name, (_, ok) in files.items()} | {"missing": False}
-    return paths, scanned
+        urls += [(str(tmp_path / f"{name}.tar"), scanned), (f"file://{tmp_path}/{name}.tar", scanned)]
+    urls.append((str(tmp_path / "missing.tar"), False))
+    # file: URLs mean what gopen (urlparse, url2pathname) makes of them: "%20" a space, "#..." and "?..." cut
+    # off, "file://name" a host; plain paths are taken as they are
+    for name, scanned in (("pct%20name", True), ("hash#1", False), ("q?x", False), ("colon:0", True)):
+        (tmp_path / f"{name}.tar").write_bytes(clean)
+        urls.append((f"file://{tmp_path}/{name}.tar", scanned))
+    (tmp_path / "pct name.tar").write_bytes(second)  # what file://.../pct%20name.tar opens
+    urls += [(f"{tmp_path}/colon:0.tar", True), (f"{tmp_path}/hash#1.tar", True), ("file://clean.tar", False)]
+    tar = shutil.which("tar")
+    if tar and "GNU" in subprocess.run([tar, "--version"], capture_output=True, text=True).stdout:
+        src = tmp_path / "sparse"
+        src.mkdir()
+        with open(src / "s.jpg", "wb") as f:  # data, a 64 KiB hole, data: stored as a sparse member
+            f.write(_jpeg(1))
+            f.seek(70000)
+            f.write(b"\xff\xd9" * 2048)
+        (src / "s.txt").write_bytes(b"sparse")
+        (src / "t.jpg").write_bytes(bytes(range(256)) * 800)  # a later member: the file is long enough
+        (src / "t.txt").write_bytes(b"after")
+        for fmt in ("gnu", "posix"):
+            subprocess.run([tar, "--sparse", f"--format={fmt}", "-cf", str(tmp_path / f"sparse_{fmt}.tar"), "-C",
+                            str(src), "s.jpg", "s.txt", "t.jpg", "t.txt"], check=True)
+            urls.append((str(tmp_path / f"sparse_{fmt}.tar"), False))
+    return urls
 
 
-def test_header_scan_reads_a_shard_as_the_stream_reader_does(tmp_path):
-    """A resume's fast-forward indexes local shards from their headers; for any file -- odd members, bad
-    samples, compressed, cut short, damaged, not a tar, missing -- it yields the samples and counts the
-    skips the streaming reader does (a plain tar from its headers, its images left in the file; anything
-    else by the streaming reader itself)."""
-    paths, scanned = _shard_variants(tmp_path)
-    for name, url in paths.items():
-        for scheme in ("", "file://"):
-            results = []
-            for scan in (False, True):
-                skips = wds._Skips(strict=False, where="test")
-                raws = list(wds._shard_samples(scheme + url, skips, "txt", scan=scan))
-                results.append(([(r.key, r.url, wds._member_bytes(r.image), r.image_ext, r.text) for r in raws],
-                                skips.summary()))
-                if scan:
-                    assert (wds._indexed_groups(scheme + url, "txt") is not None) == scanned[name], name
-                    assert all(isinstance(r.image, wds._Span) == scanned[name] for r in raws), name
-            assert results[0] == results[1], name
-    odd = results_of(paths["odd"])
+def test_header_scan_reads_a_shard_as_the_stream_reader_does(tmp_path, monkeypatch):
+    """A resume's fast-forward indexes local shards from their headers; for any file or url -- odd members,
+    bad samples, compressed, cut short, damaged, appended to, sparse members, file: URLs that gopen reads
+    otherwise, not a tar, missing -- it yields the samples and counts the skips the streaming reader does
+    (a plain, intact tar from its headers, its images left in the file; anything else by the streaming
+    reader itself)."""
+    urls = _shard_variants(tmp_path)
+    for url, scanned in urls:
+        results = []
+        for scan in (False, True):
+            skips = wds._Skips(strict=False, where="test")
+            raws = list(wds._shard_samples(url, skips, "txt", scan=scan))
+            results.append(([(r.key, r.url, wds._member_bytes(r.image), r.image_ext, r.text) for r in raws],
+                            skips.summary()))
+            if scan:
+                assert (wds._indexed_groups(url, "txt") is not None) == scanned, url
+                assert all(isinstance(r.image, wds._Span) == scanned for r in raws), url
+        assert results[0] == results[1], url
+    odd = results_of(str(tmp_path / "odd.tar"))
     assert [k for k, *_ in odd[0]] == ["a", "F", "sub/h", "k" * 150, "r"]  # g's extensions: seg.png, seg.txt
     assert odd[1] == {"missing_image": 2, "missing_text": 1, "empty_member": 2, "duplicate_key": 2}
-    assert results_of(paths["cut_in_member"])[1] == {"truncated_shard": 1}
-    span = wds._indexed_groups(paths["clean"], "txt")[0][1]["jpg"]
-    Path(paths["clean"]).write_bytes(b"")  # the file replaced under a running job: an error, not wrong bytes
+    assert results_of(str(tmp_path / "cut_in_member.tar"))[1] == {"truncated_shard": 1}
+    assert results_of(str(tmp_path / "concatenated.tar"))[1] == {"truncated_shard": 1}
+    monkeypatch.setenv("GOPEN_REWRITE", f"{tmp_path}/clean=/elsewhere/clean")  # gopen reads another file
+    assert wds._indexed_groups(str(tmp_path / "clean.tar"), "txt") is None
+    monkeypatch.delenv("GOPEN_REWRITE")
+    clean = tmp_path / "clean.tar"
+    span = wds._indexed_groups(str(clean), "txt")[0][1]["jpg"]
+    data = bytearray(clean.read_bytes())
+    data[span.offset] ^= 0xFF
+    clean.write_bytes(bytes(data))  # rewritten under a running job, same size: an error, not wrong bytes
+    os.utime(clean, ns=(span.mtime_ns + 10**9, span.mtime_ns + 10**9))
     with pytest.raises(OSError, match="changed since it was indexed"):
         span.read()
 
@@ -489,6 +553,14 @@ def test_fast_forward_reads_the_headers_not_the_images_of_skipped_samples(tmp_pa
     skipped = sum(len(b["__key__"]) for b in full[:start])
     assert skipped == 64 and read[False] > 64 * 8000  # the full read passes over every skipped image
     assert read[True] < read[False] / 3, read
+    # only the shards opened while fast-forwarding are scanned; those opened after it are streamed
+    opened, real = [], wds._shard_samples
+    monkeypatch.setattr(wds, "HEADER_SCAN", True)
+    monkeypatch.setattr(wds, "_shard_samples", lambda url, skips, ext, scan=False: opened.append(scan) or
+                        real(url, skips, ext, scan))
+    list(_loader(spec, start_batch=start, cursors=_cursors(full[:start]), **kw))
+    first_streamed = opened.index(False)
+    assert first_streamed >= 64 // 9 and not any(opened[first_streamed:]), opened
 
 
 def test_resampled_source_weights(tmp_path):

@@ -99,7 +99,14 @@ def _is_remote(url: str) -> bool:
 
 
 def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    """The file a local url names, as webdataset's gopen reads it: a file: URL through urlparse and
+    url2pathname ("%20" is a space, "#..." and "?..." are not part of the name), anything else as is."""
+    if url.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return url2pathname(urlparse(url).path)
+    return url
 
 
 def _expand_source(source: str) -> list[str]:
@@ -138,7 +145,7 @@ def expand_urls(spec: str | Sequence[str]) -> list[list[str]]:
     sources = [_expand_source(src) for item in items for src in str(item).split("::")]
     seen, twice = set(), []
     for url in (u for urls in sources for u in urls):
-        key = url if _is_remote(url) else os.path.realpath(url)
+        key = url if _is_remote(url) else os.path.realpath(_local_path(url))
         if key in seen:
             twice.append(url)
         seen.add(key)
@@ -444,6 +451,12 @@ HEADER_SCAN = True  # False: fast-forwards read every skipped sample's bytes too
 _TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these members (skip_meta)
 
 
+# a first block tarfile's "r|*" may take for compressed data (gzip, bzip2, lzma-alone, xz, zstd): a superset,
+# so that the scan never reads as a plain tar what the streaming reader would decompress or refuse
+_MAYBE_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\x5d\x00\x00\x80", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+_MAX_TAIL = 1 << 20  # zero padding after the end-of-archive block that the scan checks; longer: stream it
+
+
 @dataclass(frozen=True)
 class _Span:
     """A member left in its shard file by a header scan; ``len`` is its size, as for bytes."""
@@ -451,17 +464,19 @@ class _Span:
     path: str
     offset: int
     size: int
+    mtime_ns: int  # the file's when it was indexed
 
     def __len__(self) -> int:
         return self.size
 
     def read(self) -> bytes:
         with open(self.path, "rb") as f:
+            changed = os.fstat(f.fileno()).st_mtime_ns != self.mtime_ns
             f.seek(self.offset)
             data = f.read(self.size)
-        if len(data) != self.size:
-            raise OSError(f"'{self.path}' changed since it was indexed: {len(data)} of the {self.size} bytes of the "
-                          f"member at byte {self.offset}")
+        if changed or len(data) != self.size:
+            raise OSError(f"'{self.path}' changed since it was indexed (a shard rewritten during the run?); the "
+                          f"member at byte {self.offset} is not read")
         return data
 
 
@@ -469,39 +484,58 @@ def _member_bytes(data: bytes | _Span) -> bytes:
     return data.read() if isinstance(data, _Span) else data
 
 
+def _gopen_path(url: str) -> str | None:
+    """The local file webdataset's gopen opens for ``url`` (a plain path, or a file: URL the way gopen maps
+    it), or None when it would not open a local file by that name (another scheme, "-", a GOPEN_REWRITE
+    rule, webdataset's enforce_security)."""
+    from urllib.parse import urlparse
+
+    from webdataset import utils as wds_utils
+
+    if url == "-" or "GOPEN_REWRITE" in os.environ or getattr(wds_utils, "enforce_security", False):
+        return None
+    scheme = urlparse(url).scheme
+    return _local_path(url) if scheme in ("", "file") else None
+
+
 def _indexed_groups(url: str, text_ext: str) -> list[tuple[str, dict[str, bytes | _Span]]] | None:
     """A local shard's samples as ``_member_groups`` yields them, read from the tar headers alone:
     (key, {ext: member}) with the ``text_ext`` members read and the others left in the file as _Span.
 
-    Only for a plain tar that ends as an intact one does (a zero block where the headers end and at
-    the end of the file, every member inside it); for anything else -- remote, compressed, cut short,
-    a damaged header -- returns None, and the streaming reader takes the shard and counts what is
-    wrong exactly as it would without a scan. The members kept are those of webdataset's
-    tar_file_iterator: regular files, not its ``__...__`` meta entries."""
-    if _is_remote(url):
+    Only for a local file that gopen would open as it is, holding a plain tar that ends as an intact
+    one does (from where the headers end to the end of the file nothing but zero blocks, every member
+    whole and inside the file, none sparse); for anything else -- remote, compressed, cut short, a
+    damaged header, data after the end of the archive -- returns None, and the streaming reader takes
+    the shard and counts what is wrong exactly as it would without a scan. The members kept are those
+    of webdataset's tar_file_iterator: regular files, not its ``__...__`` meta entries."""
+    path = _gopen_path(url)
+    if path is None:
         return None
-    path = _local_path(url)
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        size = st.st_size
         if size < 1024 or size % tarfile.BLOCKSIZE:
             return None
         with open(path, "rb", buffering=0) as f:
-            if f.read(8).startswith(_COMPRESSED_MAGIC):
+            if f.read(8).startswith(_MAYBE_COMPRESSED):
                 return None
             f.seek(size - tarfile.BLOCKSIZE)
             if f.read(tarfile.BLOCKSIZE).count(0) != tarfile.BLOCKSIZE:
-                return None
+                return None  # (an early way out: the end check below would refuse it too)
             f.seek(0)
             tar = tarfile.open(fileobj=f, mode="r:")
-            groups, key, members = [], None, {}
+            groups, key, members, last = [], None, {}, -1
             while (info := tar.next()) is not None:
                 tar.members = []  # (keep no TarInfo list)
+                if info.offset <= last or info.size < 0 or info.offset_data + info.size > size:
+                    return None  # a header that points backwards or past the end: damaged
+                last = info.offset
                 name = info.name
                 if not info.isreg() or (name.startswith("__") and name.endswith("__") and "/" not in name) \
                         or _TAR_META.match(name):
                     continue
-                if info.offset_data + info.size > size:
-                    return None
+                if info.sparse is not None or info.issparse():
+                    return None  # its bytes are not one run in the file: only tarfile's extraction has them
                 k, ext = base_plus_ext(name)
                 if k is None:
                     continue
@@ -513,11 +547,23 @@ def _indexed_groups(url: str, text_ext: str) -> list[tuple[str, dict[str, bytes 
                 if ext == text_ext:
                     f.seek(info.offset_data)
                     members[ext] = f.read(info.size)
+                    if len(members[ext]) != info.size:
+                        return None
                 else:
-                    members[ext] = _Span(path, info.offset_data, info.size)
-            f.seek(tar.offset)  # where the headers ended: an end-of-archive zero block, not a damaged header
-            if f.read(tarfile.BLOCKSIZE).count(0) != tarfile.BLOCKSIZE:
+                    members[ext] = _Span(path, info.offset_data, info.size, st.st_mtime_ns)
+            # Where the headers ended: the streaming reader stops there too, then calls the shard cut short
+            # if the last 512 bytes it read (it reads on, up to 10 KB past) are not all zero. Zero from
+            # there to the end of the file, none of them can be; anything else (a damaged or zeroed
+            # header, a second archive appended) is left to it.
+            tail = size - tar.offset
+            if not tarfile.BLOCKSIZE <= tail <= _MAX_TAIL:
                 return None
+            f.seek(tar.offset)
+            rest = f.read(tail)
+            if len(rest) != tail or rest.count(0) != tail:
+                return None
+            if os.stat(path).st_mtime_ns != st.st_mtime_ns:
+                return None  # rewritten while being read
     except Exception:
         return None
     if key is not None:
