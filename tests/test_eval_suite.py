@@ -93,6 +93,26 @@ def blobs(n_per_class=40, dim=8, classes=5, seed=0, spread=1.5):
     return centers[y] + torch.randn(len(y), dim, generator=g), y
 
 
+def log_loss(y, proba):
+    import numpy as np
+
+    return float(-np.log(proba[np.arange(len(y)), y]).mean())
+
+
+@pytest.mark.parametrize("C", [1e-3, 1e-1, 10.0])
+def test_two_class_probe_matches_sklearns_binary_model(C):
+    """With two classes scikit-learn fits one weight vector (w0 = -w1 here), so its C needs twice our
+    weight decay per sample: weight_decay_from_C / sklearn_C account for it, and the probe equals sklearn."""
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = blobs(classes=2, spread=0.7)
+    wd = lp.weight_decay_from_C(C, len(y), 2)
+    assert wd == pytest.approx(2 / (C * len(y))) and lp.sklearn_C(wd, len(y), 2) == pytest.approx(C)
+    ours = lp.fit_logistic_regression(X, y, 2, wd, device="cpu").predict_proba(X).numpy()
+    sk = LogisticRegression(C=C, max_iter=10000, tol=1e-10).fit(X.double().numpy(), y.numpy())
+    assert abs(ours - sk.predict_proba(X.double().numpy())).max() < 1e-4
+
+
 @pytest.mark.parametrize("weight_decay", [1e-3, 1e-1, 3.0])
 def test_logistic_regression_matches_sklearn(weight_decay):
     from sklearn.linear_model import LogisticRegression
@@ -243,16 +263,25 @@ def test_clip_paper_protocol_sweeps_sklearns_C_and_refits_with_it():
     assert (out["n_train"], out["n_val"]) == (30, 200)
     Cs = [h["C"] for h in out["sweep"]]
     assert set(proto.grid[::lp.COARSE_STEP]) <= set(Cs) and len(Cs) <= 7 + 2 * len(lp.REFINE_SPANS)
-    chosen = [h for h in out["sweep"] if h["val_acc1"] == out["val_acc1"]]
-    assert out["C"] in {h["C"] for h in chosen} and out["C"] in proto.grid  # the swept C itself, refitted
+    best = max(out["sweep"], key=lambda h: (h["val_acc1"], -h["val_loss"]))
+    assert out["C"] == best["C"] and out["val_acc1"] == best["val_acc1"]  # the best swept C itself, refitted
+    peak = proto.grid.index(out["C"])
+    assert {proto.grid[i] for i in (peak - 1, peak + 1) if 0 <= i < 97} <= set(Cs)  # refined to one grid step
     assert out["weight_decay"] == pytest.approx(1 / (out["C"] * 230))  # ... on train + val (N = 30 + 200)
-    for h in out["sweep"][::3]:  # each point: sklearn's fit with that C on the 30 train samples, scored on val
+    for h in out["sweep"]:  # each point: sklearn's fit with that C on the 30 train samples, scored on val
         sk = LogisticRegression(C=h["C"], max_iter=10000, tol=1e-10).fit(Xtr.double().numpy(), ytr.numpy())
+        if h["C"] <= 1:  # (beyond, 30 separable samples want huge weights: both solvers stop short, differently)
+            assert h["val_loss"] == pytest.approx(log_loss(yv.numpy(), sk.predict_proba(Xv.double().numpy())),
+                                                  rel=1e-4)
         assert h["val_acc1"] == pytest.approx(sk.score(Xv.double().numpy(), yv.numpy()), abs=1 / 200 + 1e-9)
         assert h["weight_decay"] == pytest.approx(1 / (h["C"] * 30))
     X, y = torch.cat([Xtr, Xv]), torch.cat([ytr, yv])
     sk = LogisticRegression(C=out["C"], max_iter=10000, tol=1e-10).fit(X.double().numpy(), y.numpy())
     assert out["acc1"] == pytest.approx(sk.score(Xte.double().numpy(), yte.numpy()), abs=1 / 200 + 1e-9)
+    fixed = lp.linear_probe(Xtr, ytr, Xte, yte, 5, protocol=lp.CLIP_PAPER, val=(Xv, yv), C=out["C"], device="cpu")
+    assert fixed["C"] == out["C"] and fixed["acc1"] == out["acc1"] and "sweep" not in fixed  # --C skips the sweep
+    with pytest.raises(ValueError, match="not both"):
+        lp.linear_probe(Xtr, ytr, Xte, yte, 5, C=1.0, weight_decay=0.1)
     # the default protocol instead keeps the weight decay: its C changes with N
     default = lp.linear_probe(Xtr, ytr, Xte, yte, 5, val=(Xv, yv), device="cpu")
     assert default["protocol"] == lp.PROTOCOL and default["weight_decay"] in lp.GRID
@@ -289,6 +318,17 @@ def test_clip_paper_probe_reads_unnormalised_pre_projection_features(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 6  # 3 splits x 2 kinds of features
     cached = {torch.load(f, weights_only=True)["kind"] for f in (tmp_path / "cache").glob("train-*.pt")}
     assert cached == {"pooled", "embedding"}
+    # the key tells the kinds apart at either normalisation, and the embeddings' key is the one older versions
+    # computed (their caches stay valid)
+    import hashlib
+    import json
+
+    keys = {(f, n): lp.feature_cache_path("c", model_id="m", data=data, split="s", normalize=n, features=f)
+            for f in lp.FEATURES for n in (True, False)}
+    assert len(set(keys.values())) == 4
+    legacy = json.dumps({"model": "m", "data": data.fingerprint(), "split": "s", "normalize": True,
+                         "transform": repr(data.transform), "draft_size": None}, sort_keys=True)
+    assert keys["embedding", True].name == f"s-{hashlib.sha256(legacy.encode()).hexdigest()[:16]}.pt"
     wrong = write_folder(tmp_path / "other" / "val", ["cat", "dog", "bird"], per_class=1)
     with pytest.raises(ValueError, match="the val split .* all splits must share one class index"):
         lp.evaluate_linear_probe(model, train, test, val_root=wrong, **kw)

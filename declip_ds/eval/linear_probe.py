@@ -32,7 +32,9 @@ scikit-learn's ``LogisticRegression(C=C)`` (lbfgs, multinomial, intercept not pe
 
     weight_decay = 1 / (C * N)        <=>        C = 1 / (weight_decay * N)
 
-with N the number of samples the classifier is fitted on. Fits stop when the largest gradient entry of L is
+with N the number of samples the classifier is fitted on. Two classes are the exception: scikit-learn then
+fits one weight vector w (logit w.x + b) where the softmax here fits two, w1 = -w0 = w/2 at the optimum, so
+the penalty here is (weight_decay / 4) ||w||^2 and the same minimiser needs weight_decay = 2 / (C * N). Fits stop when the largest gradient entry of L is
 below 1e-7 or after ``max_iter`` (1000) iterations: tighter than scikit-learn's default tol of 1e-4.
 
 Protocols
@@ -86,9 +88,9 @@ class Protocol:
     param: str  # what the grid holds and the refit keeps: "weight_decay" (per sample) | "C" (sklearn's)
     grid: tuple[float, ...]  # ascending
 
-    def weight_decay(self, value: float, n: int) -> float:
+    def weight_decay(self, value: float, n: int, num_classes: int) -> float:
         """The objective's weight decay for grid value ``value`` on a fit of n samples."""
-        return value if self.param == "weight_decay" else weight_decay_from_C(value, n)
+        return value if self.param == "weight_decay" else weight_decay_from_C(value, n, num_classes)
 
 
 PROTOCOL = "lbfgs-l2-wd-grid"  # the default: L-BFGS, per-sample L2 over CLIP_benchmark's wd grid
@@ -111,13 +113,18 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(os.environ.get("DECLIP_DS_CACHE", Path.home() / ".cache" / "declip_ds")) / "features"
 
 
-def sklearn_C(weight_decay: float, n: int) -> float:
-    """scikit-learn's C for our weight decay on n samples: C = 1 / (weight_decay * n)."""
-    return 1.0 / (weight_decay * n)
+def _binary_factor(num_classes: int | None) -> float:
+    return 2.0 if num_classes == 2 else 1.0  # see the module docstring: sklearn's binary model has one vector
 
 
-def weight_decay_from_C(C: float, n: int) -> float:
-    return 1.0 / (C * n)
+def sklearn_C(weight_decay: float, n: int, num_classes: int | None = None) -> float:
+    """scikit-learn's C for our weight decay on n samples: C = 1 / (weight_decay * n), 2 / (...) for 2 classes."""
+    return _binary_factor(num_classes) / (weight_decay * n)
+
+
+def weight_decay_from_C(C: float, n: int, num_classes: int | None = None) -> float:
+    """Our weight decay for scikit-learn's C on n samples (the inverse of ``sklearn_C``)."""
+    return _binary_factor(num_classes) / (C * n)
 
 
 # ----------------------------------------------------------------------------- the classifier
@@ -244,7 +251,8 @@ def sweep(Xtr, ytr, Xval, yval, num_classes: int, *, protocol: str | Protocol = 
 
     def score(i: int) -> tuple[float, float]:
         if i not in scores:
-            clf = fit_logistic_regression(Xtr, ytr, num_classes, proto.weight_decay(grid[i], n), max_iter=max_iter,
+            clf = fit_logistic_regression(Xtr, ytr, num_classes, proto.weight_decay(grid[i], n, num_classes),
+                                          max_iter=max_iter,
                                           device=device)
             logits = clf.logits(Xval)
             labels = yval.to(logits.device).long()
@@ -263,8 +271,8 @@ def sweep(Xtr, ytr, Xval, yval, num_classes: int, *, protocol: str | Protocol = 
         peak = best([max(peak - span, 0), peak, min(peak + span, len(grid) - 1)])
     history = []
     for i, (acc, loss) in sorted(scores.items()):
-        wd = proto.weight_decay(grid[i], n)
-        point = {"weight_decay": wd, "C": sklearn_C(wd, n), proto.param: grid[i]}  # the grid's value exactly
+        wd = proto.weight_decay(grid[i], n, num_classes)
+        point = {"weight_decay": wd, "C": sklearn_C(wd, n, num_classes), proto.param: grid[i]}  # grid value exact
         history.append({**point, "val_acc1": acc, "val_loss": loss})
     return grid[peak], history
 
@@ -278,18 +286,22 @@ def sweep_weight_decay(Xtr, ytr, Xval, yval, num_classes: int, *, max_iter: int 
 
 def linear_probe(Xtrain, ytrain, Xtest, ytest, num_classes: int, *, val_fraction: float = 0.2, seed: int = 0,
                  weight_decay: float | None = None, max_iter: int = 1000, device=None, verbose: bool = False,
-                 protocol: str | Protocol = PROTOCOL, val: tuple | None = None) -> dict:
-    """Sweep the protocol's grid on a validation split (unless ``weight_decay`` is given), refit on train+val,
-    score the test features. ``val = (Xval, yval)``: an official validation split, swept against with all of
-    train, then refitted on train+val; without it a stratified ``val_fraction`` of train is held out for the
-    sweep and the refit is on all of train. Returns the test metrics and the choice made."""
+                 protocol: str | Protocol = PROTOCOL, val: tuple | None = None, C: float | None = None) -> dict:
+    """Sweep the protocol's grid on a validation split (unless ``weight_decay`` or sklearn's ``C`` is given),
+    refit on train+val, score the test features. ``val = (Xval, yval)``: an official validation split, swept
+    against with all of train, then refitted on train+val; without it a stratified ``val_fraction`` of train
+    is held out for the sweep and the refit is on all of train. Returns the test metrics and the choice made."""
     proto = get_protocol(protocol)
+    if weight_decay is not None and C is not None:
+        raise ValueError("Give a weight decay or a C to skip the sweep, not both (--weight-decay / --C).")
     out = {}
     if val is not None:
         Xfit, yfit = torch.cat([Xtrain, val[0]]), torch.cat([ytrain, val[1]])
     else:
         Xfit, yfit = Xtrain, ytrain
-    if weight_decay is None:
+    if C is not None:
+        weight_decay, out = weight_decay_from_C(C, len(yfit), num_classes), {"C": C}
+    elif weight_decay is None:
         if val is not None:
             (Xs, ys), (Xv, yv), how = (Xtrain, ytrain), val, "official"
         else:
@@ -306,14 +318,14 @@ def linear_probe(Xtrain, ytrain, Xtest, ytest, num_classes: int, *, val_fraction
             log.warning("linear probe: the chosen %s %.3g is at the %s end of the grid [%.0e, %.0e]; the optimum may "
                         "lie beyond it", proto.param, value, "low" if value == proto.grid[0] else "high",
                         proto.grid[0], proto.grid[-1])
-        weight_decay = proto.weight_decay(value, len(yfit))  # C kept (clip-paper) or weight decay kept (default)
+        weight_decay = proto.weight_decay(value, len(yfit), num_classes)  # C kept (clip-paper) or wd (default)
         out = {proto.param: value,  # exactly the grid's value (the other one is derived from it below)
                "n_train": len(ys), "n_val": len(yv), "val_acc1": chosen["val_acc1"], "val_split": how,
                "at_grid_edge": edge, "sweep": history}
     clf = fit_logistic_regression(Xfit, yfit, num_classes, weight_decay, max_iter=max_iter, device=device)
     metrics = classification_metrics(clf.logits(Xtest), ytest, num_classes)
-    return {**metrics, "weight_decay": weight_decay, "C": sklearn_C(weight_decay, len(yfit)), "protocol": proto.name,
-            **out}  # (out's exact grid value overrides the derived one)
+    derived = {"weight_decay": weight_decay, "C": sklearn_C(weight_decay, len(yfit), num_classes)}
+    return {**metrics, **derived, "protocol": proto.name, **out}  # (out's C or grid value is the exact one)
 
 
 # ----------------------------------------------------------------------------- features
@@ -385,7 +397,7 @@ def evaluate_linear_probe(model, train_root, test_root, *, model_id: str, cache_
                           batch_size: int = 256, workers: int = 0, label_key: str = "cls", max_iter: int = 1000,
                           device=None, verbose: bool = False, interpolation: str = "bicubic",
                           crop_ratio: float = 224 / 256, protocol: str | Protocol = PROTOCOL,
-                          val_root=None) -> dict:
+                          val_root=None, C: float | None = None) -> dict:
     """The whole protocol on dataset directories (image folders or labelled shards); images through
     ``eval_transform(image_size, normalize_images, crop_ratio, interpolation)``. ``val_root``: an official
     validation split to sweep on (then refitted on train+val); ``normalize`` None = the protocol's."""
@@ -408,7 +420,7 @@ def evaluate_linear_probe(model, train_root, test_root, *, model_id: str, cache_
     feats = {s: cached_features(model, d, split=s, **kw) for s, d in data.items()}
     out = linear_probe(*feats["train"], *feats["test"], len(data["train"].classnames), val_fraction=val_fraction,
                        seed=seed, weight_decay=weight_decay, max_iter=max_iter, device=device, verbose=verbose,
-                       protocol=proto, val=feats.get("val"))
+                       protocol=proto, val=feats.get("val"), C=C)
     return {**out, "features": proto.features, "normalized": normalize}
 
 
@@ -429,6 +441,7 @@ def main(argv=None) -> int:
                         "grid) or clip-paper (the CLIP paper's: pre-projection features, C in [1e-6, 1e6])")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the train split held out for the sweep")
     p.add_argument("--weight-decay", type=float, default=None, help="skip the sweep and use this weight decay")
+    p.add_argument("--C", type=float, default=None, help="skip the sweep and use scikit-learn's C (on train+val)")
     p.add_argument("--name", default=None, help="dataset name in the results (default: from --test)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="feature cache (default: %(default)s)")
     p.add_argument("--no-normalize", action="store_true",
@@ -461,7 +474,7 @@ def main(argv=None) -> int:
             image_size=em.image_size, normalize_images=em.normalize, interpolation=em.interpolation,
             crop_ratio=em.crop_ratio,
             normalize=False if args.no_normalize else None, val_fraction=args.val_fraction, seed=args.seed,
-            weight_decay=args.weight_decay, batch_size=args.batch_size, workers=args.workers,
+            weight_decay=args.weight_decay, C=args.C, batch_size=args.batch_size, workers=args.workers,
             label_key=args.label_key, max_iter=args.max_iter, verbose=args.verbose)
     except (FileNotFoundError, NotADirectoryError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
