@@ -462,7 +462,7 @@ def test_probe_with_official_val_refits_on_train_and_val():
     draw = lambda n: (centers.repeat_interleave(n, 0) + torch.randn(3 * n, 4, generator=g),  # noqa: E731
                       torch.arange(3).repeat_interleave(n))
     (Xtr, ytr), (Xva, yva), (Xte, yte) = draw(10), draw(5), draw(5)
-    out = suite.probe_with_val(Xtr, ytr, Xva, yva, Xte, yte, 3, device="cpu", max_iter=100)
+    out = lp.linear_probe(Xtr, ytr, Xte, yte, 3, val=(Xva, yva), device="cpu", max_iter=100)
     assert (out["n_train"], out["n_val"], out["n"]) == (30, 15, 15) and out["val_split"] == "official"
     assert out["weight_decay"] in lp.GRID and out["C"] == pytest.approx(1 / (out["weight_decay"] * 45))
     assert out["acc1"] > 0.8

@@ -252,8 +252,7 @@ def sweep(Xtr, ytr, Xval, yval, num_classes: int, *, protocol: str | Protocol = 
     def score(i: int) -> tuple[float, float]:
         if i not in scores:
             clf = fit_logistic_regression(Xtr, ytr, num_classes, proto.weight_decay(grid[i], n, num_classes),
-                                          max_iter=max_iter,
-                                          device=device)
+                                          max_iter=max_iter, device=device)
             logits = clf.logits(Xval)
             labels = yval.to(logits.device).long()
             acc = float((logits.argmax(dim=-1) == labels).double().mean())

@@ -91,15 +91,6 @@ def zeroshot_one(model, tokenizer, name: str, *, root, transform, templates: str
 # ----------------------------------------------------------------------------- linear probe
 
 
-def probe_with_val(Xtr, ytr, Xval, yval, Xte, yte, num_classes: int, *, max_iter: int = 1000, device=None,
-                   verbose: bool = False, protocol: str = "lbfgs-l2-wd-grid") -> dict:
-    """Sweep on an official val split, refit on train+val, score test (``linear_probe`` with ``val``)."""
-    from declip_ds.eval import linear_probe as lp
-
-    return lp.linear_probe(Xtr, ytr, Xte, yte, num_classes, max_iter=max_iter, device=device, verbose=verbose,
-                           protocol=protocol, val=(Xval, yval))
-
-
 def linear_probe_one(model, name: str, *, root, transform, model_id: str, cache_dir, batch_size: int, workers: int,
                      download: bool, seed: int, label_key: str, val_fraction: float, max_iter: int,
                      device=None, verbose: bool = False, protocol: str = "lbfgs-l2-wd-grid") -> dict:
