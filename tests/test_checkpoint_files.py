@@ -235,3 +235,32 @@ def test_the_universal_converter_names_its_own_argument(tmp_path):
         with pytest.raises(C.CheckpointError, match=match) as e:
             convert(path)
         assert "--resume" not in str(e.value)  # train.py's flag, not this command's
+
+
+def _agree(rank, world, views):
+    from pathlib import Path
+
+    view = views[rank]
+    target = None if view is None else C.ResumeTarget(Path(view[0]), view[1])
+    try:
+        C.agree_on_target(target)
+        return "agreed"
+    except C.CheckpointError as e:
+        return str(e)
+
+
+@pytest.mark.dist
+def test_ranks_that_see_different_checkpoints_stop_on_every_rank():
+    """Each rank picks its tag before the process group exists: the same choice passes; a different tag,
+    or none on one rank (a node-local output_dir), fails on every rank naming each rank's view (the
+    end-to-end case is in test_reliability's mid-save test; every 2-rank run that starts fresh agrees on
+    none)."""
+    from tests.distributed import run_ranks
+
+    same = [("/r/checkpoints", "step_00000004")] * 2
+    assert run_ranks(_agree, 2, (same,)) == ["agreed", "agreed"]
+    for views in ([same[0], None], [same[0], ("/r/checkpoints", "step_00000002")]):
+        out = run_ranks(_agree, 2, (views,))
+        assert out[0] == out[1] and "rank 0: /r/checkpoints/step_00000004; rank 1: " in out[0]
+        assert ("no complete checkpoint" if views[1] is None else "step_00000002") in out[0]
+        assert "--resume PATH" in out[0]

@@ -394,6 +394,14 @@ def test_rank_killed_mid_save_loses_nothing(tmp_path, shapes):
     assert (ck / "latest").read_text() == "step_00000004"
     assert all((ck / f"step_{s:08d}" / "COMPLETE").is_file() for s in (2, 4))
     assert not (ck / "step_00000006" / "COMPLETE").exists()
+    # rank 1 does not see step 4 (a stale network-filesystem listing): the ranks must not resume from
+    # different steps; the run stops before training, naming both views, and moves nothing
+    logged = (run_dir / "metrics.jsonl").read_text()
+    rc, out = run_with(args, tmp_path, "hide_newest@4:1")
+    assert rc == 2, out[-3000:]
+    assert re.search(r"rank 0: \S*step_00000004; rank 1: \S*step_00000002", out), out[-3000:]
+    assert (run_dir / "metrics.jsonl").read_text() == logged  # no step was taken
+    assert all((ck / f"step_{s:08d}" / "COMPLETE").is_file() for s in (2, 4)) and not list(ck.glob("abandoned_*"))
     rc, out = run(args, tmp_path)
     assert rc == 0, out[-3000:]
     assert "at step 4" in out and (ck / "step_00000006" / "COMPLETE").is_file()

@@ -385,6 +385,8 @@ def resolve_resume(resume: str, run_dir: Path, what: str = "--resume") -> tuple[
         return None
     if resume == "auto":
         tags = complete_tags(run_dir / "checkpoints")
+        if tags and fault("hide_newest", tag_step(tags[-1])):  # test hook: this rank misses the newest tag
+            tags = tags[:-1]
         return (run_dir / "checkpoints", tags[-1]) if tags else None
     p = Path(resume)
     if not p.exists():
@@ -632,6 +634,24 @@ def _agree(err: str | None) -> None:
         raise UnreadableCheckpoint("; ".join(e if len(errors) == 1 else f"rank {r}: {e}" for r, e in bad))
 
 
+def agree_on_target(target: ResumeTarget | None) -> None:
+    """Collective: every rank must have chosen the same checkpoint (or none). Each rank picks its tag from
+    what it sees in train.output_dir before the process group exists; ranks that see different files (a
+    node-local output_dir, a network filesystem's stale cache right after a save) would otherwise resume
+    from different steps and train on mixed state, or hang in collectives only some of them call."""
+    views = _gather(None if target is None else (str(target.path), target.universal))
+    if len(set(views)) == 1:
+        return
+    shown = "; ".join(f"rank {r}: {'no complete checkpoint (would start at step 0)' if v is None else v[0]}"
+                      for r, v in enumerate(views))
+    raise CheckpointError(
+        f"the ranks do not see the same checkpoints, so they would resume from different states ({shown}). Every "
+        f"rank must see one shared train.output_dir with the same files: a node-local directory gives each node "
+        f"its own checkpoints, and a network filesystem can show a stale listing for a while after a save (rerun "
+        f"in a minute). To choose the tag yourself, pass --resume PATH naming one complete step_XXXXXXXX "
+        f"directory that every rank can read. Nothing was loaded or moved.")
+
+
 def resume_from(engine, method, target: ResumeTarget, seed: int, config: dict, world_size: int,
                 zero_stage: int, integrity: str = "fallback") -> tuple[ResumeTarget, dict]:
     """``load`` ``target``, checking first that the current config fits it; if a file of a tag cannot be
@@ -643,6 +663,7 @@ def resume_from(engine, method, target: ResumeTarget, seed: int, config: dict, w
     hparams = _hparams(engine)  # this run's optimizer settings, from its config
     failures = []
     while True:
+        agree_on_target(target)  # the first target, a fallback or a rollback: each rank chose it on its own
         try:
             changed = check_config(engine, target, config)
             client = load(engine, method, target, seed, integrity)

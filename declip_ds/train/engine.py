@@ -451,6 +451,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     # 2. processes
     rank, world = D.init_distributed()
     setup_logging(rank)
+    C.agree_on_target(target)  # before a rank without one builds a model and trains from step 0 alone
     import deepspeed
 
     from declip_ds.registry import get_method

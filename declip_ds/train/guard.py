@@ -11,7 +11,8 @@ Test hooks (``DECLIP_DS_FAULTS``, comma-separated ``kind@step:rank`` or ``kind@s
 rank ``*`` = all): ``nan_loss``,
 ``spike_loss`` (loss x 1000) at optimizer step ``step`` (1-based), ``sigkill`` (the rank SIGKILLs itself
 at optimizer step ``step``, before its loss reaches the other ranks), ``crash_in_save`` (the rank exits
-with code 9 after DeepSpeed wrote its part of checkpoint ``step``). Under torchrun the hooks fire in the
+with code 9 after DeepSpeed wrote its part of checkpoint ``step``), ``hide_newest`` (``--resume auto``
+on the rank does not see the newest complete tag when its step is ``step``). Under torchrun the hooks fire in the
 first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted run is not hit again.
 """
 
@@ -41,6 +42,11 @@ _FIRED: dict[str, int] = {}
 _SEEN: dict[str, int] = {}
 
 
+def _rank() -> str:
+    """This process's rank, also before the process group exists (the launcher's RANK)."""
+    return str(D.rank()) if dist.is_initialized() else os.environ.get("RANK", "0")
+
+
 def fault(kind: str, step: int) -> bool:
     """Whether the test hook asks for fault ``kind`` at ``step`` on this rank. ``kind@step:rank`` fires
     once, ``kind@stepxN:rank`` N times (a skipped step is retried at the same step number);
@@ -53,7 +59,7 @@ def fault(kind: str, step: int) -> bool:
         at, _, rank = where.partition(":")
         at, _, times = at.partition("x")
         at, _, skip = at.partition("+")
-        if name == kind and int(at) == step and rank in ("*", str(D.rank())):
+        if name == kind and int(at) == step and rank in ("*", _rank()):
             _SEEN[item] = _SEEN.get(item, 0) + 1
             if _SEEN[item] > int(skip or 0) and _FIRED.get(item, 0) < int(times or 1):
                 _FIRED[item] = _FIRED.get(item, 0) + 1
