@@ -124,3 +124,28 @@ def test_bad_eval_templates_fail_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
     exp = from_dict({"eval": {"templates": "imagenet_80", "at_end": False}, "train": {"eval_every": 0}})
     engine.check_eval(exp)  # never evaluated: nothing to check
+
+
+def test_missing_eval_tasks_fail_before_training(tmp_path):
+    """A typo in eval.data_root or eval.tasks stops the run at start (exit 2 in train.py), naming the task,
+    its directory and the tasks that root has; the synthetic tasks the trainer will generate pass."""
+    root = tmp_path / "eval"
+    for task, files in (("cifar10", ("classnames.txt", "0.tar")), ("nolabels", ("0.tar",)), ("noshards", ("classnames.txt",))):
+        (root / task).mkdir(parents=True)
+        for f in files:
+            (root / task / f).write_text("x")
+    run = {"output_dir": str(tmp_path / "run")}
+    engine.check_eval(from_dict({"eval": {"data_root": str(root), "tasks": ["cifar10"]}, "train": run}))
+    for task, what in (("cifar100", "does not exist"), ("nolabels", "has no classnames.txt"),
+                       ("noshards", "has no .tar shards")):
+        exp = from_dict({"eval": {"data_root": str(root), "tasks": ["cifar10", task]}, "train": run})
+        with pytest.raises(ConfigError, match=rf"eval.tasks: '{task}' needs the directory .*{task} .*{what}\. "
+                                              rf"eval.data_root is .*, whose tasks are: cifar10\. Fix"):
+            engine.train(exp)
+    assert not (tmp_path / "run").exists()
+    # the synthetic root is generated with the training shards: its tasks pass before it exists, others do not
+    synthetic = {"synthetic_root": str(tmp_path / "shapes")}
+    engine.check_eval(from_dict({"data": synthetic, "eval": {"tasks": ["shape", "color", "shape_color"]}}))
+    with pytest.raises(ConfigError, match=r"eval.tasks: 'shapes' .*eval.data_root \(unset: <data.synthetic_root>"):
+        engine.check_eval(from_dict({"data": synthetic, "eval": {"tasks": ["shapes"]}}))
+    engine.check_eval(from_dict({"eval": {"data_root": str(tmp_path / "nope"), "at_end": False}}))  # never evaluated

@@ -423,11 +423,41 @@ def check_eval(exp: Experiment) -> None:
         from declip_ds.eval.zero_shot import check_templates
 
         check_templates(exp.eval.templates)
+        check_eval_tasks(exp)
         for i, path in enumerate(exp.eval.retrieval):
             try:
                 resolve_source(path)
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(f"eval.retrieval[{i}]: {e} Fix the path or drop it from eval.retrieval.") from None
+
+
+def check_eval_tasks(exp: Experiment) -> None:
+    """Every ``eval.tasks`` entry must be a task directory under the eval root (classnames.txt and shards),
+    or, for the synthetic root the trainer generates, one of its tasks: a typo in eval.data_root or a task
+    name would otherwise cost the run its zero-shot numbers at the end, with only a warning."""
+    from declip_ds.data.synthetic import TASKS
+
+    root = Path(exp.eval.data_root or Path(exp.data.synthetic_root) / "eval")
+    key = "eval.data_root" if exp.eval.data_root else "eval.data_root (unset: <data.synthetic_root>/eval)"
+    generated = (not exp.eval.data_root and exp.data.train_shards == ["synthetic"]
+                 and exp.data.synthetic.generate_if_missing)
+    def usable(d: Path) -> bool:
+        return (d / "classnames.txt").is_file() and any(d.glob("*.tar"))
+
+    for task in exp.eval.tasks:
+        d = root / task
+        if usable(d):
+            continue
+        if generated and task in TASKS:  # made with the training shards if missing
+            continue
+        what = ("has no classnames.txt" if d.is_dir() and not (d / "classnames.txt").is_file()
+                else "has no .tar shards" if d.is_dir() else "does not exist")
+        known = sorted(p.name for p in root.iterdir() if usable(p)) if root.is_dir() else []
+        raise ConfigError(
+            f"eval.tasks: '{task}' needs the directory {d} (classnames.txt and *.tar shards with a cls key), which "
+            f"{what}. {key} is {root}" + (f", whose tasks are: {', '.join(known)}" if known else "")
+            + ". Fix eval.data_root or eval.tasks, or set eval.at_end=false and train.eval_every=0 to train "
+              "without zero-shot evaluation.")
 
 
 # ----------------------------------------------------------------------------- the run
