@@ -1,5 +1,7 @@
 """Checks the trainer makes before any process group or loader exists."""
 
+from pathlib import Path
+
 import pytest
 
 from declip_ds.config import ConfigError, from_dict
@@ -149,3 +151,14 @@ def test_missing_eval_tasks_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"eval.tasks: 'shapes' .*eval.data_root \(unset: <data.synthetic_root>"):
         engine.check_eval(from_dict({"data": synthetic, "eval": {"tasks": ["shapes"]}}))
     engine.check_eval(from_dict({"eval": {"data_root": str(tmp_path / "nope"), "at_end": False}}))  # never evaluated
+
+
+def test_a_fresh_start_under_resume_auto_names_the_directory_and_the_logged_steps(tmp_path, monkeypatch):
+    """--resume auto without a checkpoint starts at step 0 and says where it looked (absolute: a relative
+    output_dir follows the working directory) and, when the directory logged steps, that they are redone."""
+    monkeypatch.chdir(tmp_path)
+    msg = engine.fresh_start_message(Path("runs/x"))
+    assert msg == f"no complete checkpoint in {tmp_path}/runs/x/checkpoints (--resume auto): starting at step 0"
+    (tmp_path / "runs/x").mkdir(parents=True)
+    (tmp_path / "runs/x/metrics.jsonl").write_text('{"step": 10, "loss": 1}\n{"step": 20}\nnot json\n{"x": 1}\n')
+    assert "metrics.jsonl logged steps up to 20, which are trained again" in engine.fresh_start_message(Path("runs/x"))

@@ -460,6 +460,29 @@ def check_eval_tasks(exp: Experiment) -> None:
               "without zero-shot evaluation.")
 
 
+def fresh_start_message(run_dir: Path) -> str:
+    """What ``--resume auto`` says when it finds no checkpoint: the absolute directory it looked in (a
+    relative train.output_dir follows the working directory), and the steps this directory's metrics.jsonl
+    logged, which are trained again (a run that died before its first save, or a checkpoints/ that is
+    gone)."""
+    ckpt = (run_dir / "checkpoints").resolve()
+    last = None
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            for line in f:
+                try:
+                    last = max(last or 0, int(json.loads(line)["step"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except OSError:
+        pass
+    msg = f"no complete checkpoint in {ckpt} (--resume auto): starting at step 0"
+    if last:
+        msg += (f". This directory's metrics.jsonl logged steps up to {last}, which are trained again; if the "
+                f"checkpoints are elsewhere, stop and pass --resume PATH (or fix train.output_dir)")
+    return msg
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -560,7 +583,10 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     last_stream: int | None = None
     torch.manual_seed(exp.train.seed * 1000 + rank)  # per-rank randomness (dropout, ...) from here on
     if target is None:
-        log.info("no checkpoint to resume from (--resume %s, %s): starting at step 0", resume, run_dir / "checkpoints")
+        if resume == "none":
+            log.info("--resume none: starting at step 0")
+        else:
+            log.warning(fresh_start_message(run_dir))
         C.set_aside_newer(run_dir / "checkpoints", 0)  # --resume none: an earlier run's tags are kept, aside
     else:
         step, samples_seen, epoch, epoch_batches = restore(target)
