@@ -59,6 +59,29 @@ def test_retention_keeps_newest_complete_and_never_the_new_one(tmp_path):
     assert sorted(p.name for p in ck.iterdir()) == ["step_00000004", "step_00000006", "step_00000008"]
 
 
+def test_a_delete_that_fails_half_way_leaves_no_complete_tag_with_files_missing(tmp_path, monkeypatch, caplog):
+    """Retention removes the commit marker before the files: a tag whose delete fails part way (a busy file
+    on a network filesystem) is incomplete, so it is never resumed from, and a later retention retries it."""
+    import shutil
+
+    ck = tmp_path / "checkpoints"
+    for s in (2, 4, 6):
+        make_tag(ck, s)
+    real = shutil.rmtree
+
+    def fails_half_way(d, *a, **k):
+        (d / "mp_rank_00_model_states.pt").unlink()
+        raise OSError(16, "Device or resource busy", str(d / ".nfs0001"))
+
+    monkeypatch.setattr(shutil, "rmtree", fails_half_way)
+    C._retain(ck, keep_last=2, keep="step_00000006")
+    assert C.complete_tags(ck) == ["step_00000004", "step_00000006"]
+    assert "could not delete old checkpoint" in caplog.text and (ck / "step_00000002").is_dir()
+    monkeypatch.setattr(shutil, "rmtree", real)
+    C._retain(ck, keep_last=2, keep="step_00000006")  # the leftover is an incomplete tag older than the newest
+    assert sorted(p.name for p in ck.iterdir()) == ["step_00000004", "step_00000006"]
+
+
 def test_rng_state_round_trip():
     import random
 

@@ -246,6 +246,9 @@ def _retain(ckpt_dir: Path, keep_last: int, keep: str) -> None:
             if not d.exists():
                 continue
             try:
+                # the commit marker first: a delete that fails half way (a busy file on NFS) leaves an
+                # incomplete tag, never one that still counts as complete with files missing
+                (d / MARKER).unlink(missing_ok=True)
                 shutil.rmtree(d)
             except OSError as e:  # never fatal: an extra old checkpoint is harmless
                 log.warning("could not delete old checkpoint %s: %s", d, e)
