@@ -41,8 +41,8 @@ def test_truncated_last_line_of_bad_batches_is_ignored_and_cut_off(tmp_path, cap
 
 
 def test_recorded_bad_batches_apply_to_their_own_data_stream(tmp_path, caplog):
-    """A position (epoch, batch) names the same samples only at the same world size, data.workers, seed and
-    mode: a record of another stream is not passed over (with a warning); records without a stream (older
+    """A position (epoch, batch) names the same samples only in the same data stream (world size,
+    data.workers, seed, mode, batch size, shards, ...): a record of another stream is not passed over (with a warning); records without a stream (older
     runs) still are."""
     exp = from_dict({})
     two = {"world_size": 2, "workers": 1, "seed": 0, "mode": "resampled"}
@@ -54,6 +54,19 @@ def test_recorded_bad_batches_apply_to_their_own_data_stream(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="declip_ds"):
         one = Guard(exp.train, tmp_path, {**two, "world_size": 1})
     assert one.known == {(0, 7)} and "1 recorded bad batch(es) come from another data stream" in caplog.text
+    # the trainer's stream also names the batch size, shards, weights, sample count and shuffle buffer; a
+    # record of an older version without them still applies when the settings it names agree
+    from declip_ds.train.engine import data_stream
+
+    stream = data_stream(exp, 2)
+    assert {k: stream[k] for k in two} == {**two, "workers": exp.data.workers}
+    assert Guard(exp.train, tmp_path, {**stream, "workers": 1}).known == {(0, 4), (0, 7)}
+    (tmp_path / "bad_batches.jsonl").unlink()
+    Guard(exp.train, tmp_path, stream).record("non-finite loss", 3, [(0, 3, ["k"])])
+    for change in ({"train": {"batch_size": 32}}, {"data": {"train_shards": ["a/{0..3}.tar"]}},
+                   {"data": {"num_samples": 100}}, {"data": {"shuffle_buffer": 10}}, {"train": {"seed": 1}}):
+        assert Guard(exp.train, tmp_path, data_stream(from_dict(change), 2)).known == set(), change
+    assert Guard(exp.train, tmp_path, data_stream(from_dict({"train": {"lr": 1e-4}}), 2)).known == {(0, 3)}
 
 
 def test_max_rollbacks_is_validated():

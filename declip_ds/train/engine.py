@@ -460,6 +460,15 @@ def check_eval_tasks(exp: Experiment) -> None:
               "without zero-shot evaluation.")
 
 
+def data_stream(exp: Experiment, world: int) -> dict:
+    """The settings that decide which samples an (epoch, micro-batch) position holds (the bad-step guard's
+    records of skipped batches apply only to the stream that wrote them)."""
+    d = exp.data
+    return {"world_size": world, "workers": d.workers, "seed": exp.train.seed, "mode": d.mode,
+            "batch_size": exp.train.batch_size, "train_shards": list(d.train_shards),
+            "train_weights": list(d.train_weights), "num_samples": d.num_samples, "shuffle_buffer": d.shuffle_buffer}
+
+
 def fresh_start_message(run_dir: Path) -> str:
     """What ``--resume auto`` says when it finds no checkpoint: the absolute directory it looked in (a
     relative train.output_dir follows the working directory), and the steps this directory's metrics.jsonl
@@ -531,8 +540,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     )
     dtype, device = DTYPES[precision], engine.device
     register_scales(engine, method)
-    stream = {"world_size": world, "workers": exp.data.workers, "seed": exp.train.seed, "mode": exp.data.mode}
-    guard = Guard(exp.train, run_dir, stream)  # the positions of bad batches mean the same samples in this stream
+    guard = Guard(exp.train, run_dir, data_stream(exp, world))  # the positions of bad batches mean the same samples in this stream
     method.defer_commit = True  # forward() leaves its per-step state (DeCLIP's queue) until the guard accepts
 
     # 4. resume

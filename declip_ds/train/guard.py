@@ -112,10 +112,17 @@ class SkippedUpdates:
                 f"earlier checkpoint (--resume PATH).")
 
 
+def _other_stream(recorded: dict, stream: dict) -> bool:
+    """Whether a record's stream differs from this run's in a setting both name (a record written before a
+    setting was part of the stream counts as having this run's value)."""
+    return any(k in stream and stream[k] != v for k, v in recorded.items())
+
+
 class Guard:
     """The bad-step guard: checks each loss (``check``), records skipped batches by their data position in
     ``bad_batches.jsonl`` (``record``), which a restart reads to pass over them. A position names the same
-    samples only for the same data stream: ``stream`` (world size, data.workers, seed, mode) is written with
+    samples only for the same data stream: ``stream`` (world size, data.workers, seed, mode, batch size,
+    shards, their weights and sample count, shuffle buffer) is written with
     each record, and records of another stream are not passed over (with a warning)."""
 
     def __init__(self, train_cfg, run_dir: Path, stream: dict | None = None):
@@ -142,14 +149,15 @@ class Guard:
                     if D.rank() == 0:
                         os.truncate(self.path, len(text.encode()) - len(text.splitlines(keepends=True)[-1].encode()))
                     break
-                if stream is not None and r.get("stream", stream) != stream:
+                if stream is not None and _other_stream(r.get("stream") or {}, stream):
                     other += 1
                     continue
                 self.known.add((r["epoch"], r["epoch_batch"]))
         if other and D.rank() == 0:
             log.warning("%s: %d recorded bad batch(es) come from another data stream (world size, data.workers, "
-                        "seed or data.mode changed): their positions hold other samples now, so they are not "
-                        "passed over", self.path, other)
+                        "seed, data.mode, train.batch_size, the shards, their weights or sample count, or the "
+                        "shuffle buffer changed): their positions hold other samples now, so they are not passed "
+                        "over", self.path, other)
 
     def is_known_bad(self, epoch: int, epoch_batch: int) -> bool:
         return (epoch, epoch_batch) in self.known
