@@ -417,6 +417,7 @@ CAPTIONS = ["a small red circle on the left of a big blue square", "two blue squ
 
 
 def tiny_declip(group=None, **method):
+    method.setdefault("contrastive_text", "masked")  # the reference's T1; "raw" (the default) is tested below
     exp = from_dict({**TINY, "method": {"name": "declip", **SMALL_HEADS, **method}})
     return get_method("declip")(exp, group=group)
 
@@ -684,6 +685,16 @@ def test_declip_losses_are_the_reference_terms_of_the_masked_caption():
     assert float(method.total_loss(out).detach()) == pytest.approx(float(total), rel=1e-6)
 
 
+def test_contrastive_text_defaults_to_the_papers_views():
+    """METHODS.md: defaults follow the paper, the reference code's masked contrastive text is opt-in (the
+    *_yfcc15m recipes set it: test_recipes_load_with_the_reference_hyperparameters)."""
+    from declip_ds.methods.declip import DeCLIPConfig
+    from declip_ds.methods.defilip import DeFILIPConfig
+
+    assert DeCLIPConfig().contrastive_text == DeFILIPConfig().contrastive_text == "raw"
+    assert from_dict({"method": {"name": "declip"}}).method.contrastive_text == "raw"
+
+
 @pytest.mark.parametrize("name", ["declip", "defilip"])
 def test_raw_contrastive_text_keeps_the_mask_to_the_mlm_head(name):
     """method.contrastive_text=raw (the paper's views): T1 is the caption unmasked in MVS, NN (and DeFILIP's token
@@ -703,7 +714,8 @@ def test_raw_contrastive_text_keeps_the_mask_to_the_mlm_head(name):
     assert torch.equal(batch["mlm_labels"][sel], raw_ids[sel])
     # the same draws make the same masking as the masked mode's T1
     masked_method = get_method(name)(from_dict({**TINY, "model": {**TINY["model"], **kw},
-                                                "method": {"name": name, **SMALL_HEADS}}))
+                                                "method": {"name": name, **SMALL_HEADS,
+                                                           "contrastive_text": "masked"}}))
     torch.manual_seed(3)
     masked_batch = pil_batch(masked_method)
     assert torch.equal(masked_batch["text"], batch["text_mlm"])

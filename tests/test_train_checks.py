@@ -95,6 +95,16 @@ def test_a_checkpoint_config_without_newer_keys_is_not_a_change():
     assert C.config_changes(C._with_defaults(saved), current) == {}
     current["train"]["decay_attention_in_proj_bias"] = True
     assert list(C.config_changes(C._with_defaults(saved), current)) == ["train.decay_attention_in_proj_bias"]
+    # a key whose default changed later: a DeCLIP tag saved without method.contrastive_text ran "masked", so a
+    # resume under today's default ("raw") shows as a change, and one that sets "masked" does not
+    for name in ("declip", "defilip"):
+        current = to_dict(from_dict({"method": {"name": name}, "model": {"token_dim": 8}}))
+        saved = to_dict(from_dict({"method": {"name": name}, "model": {"token_dim": 8}}))
+        del saved["method"]["contrastive_text"]
+        assert current["method"]["contrastive_text"] == "raw"
+        assert C.config_changes(C._with_defaults(saved), current) == {"method.contrastive_text": ("masked", "raw")}
+        current["method"]["contrastive_text"] = "masked"
+        assert C.config_changes(C._with_defaults(saved), current) == {}
 
 
 def test_missing_sample_count_is_an_error_before_training(tmp_path):

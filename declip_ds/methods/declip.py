@@ -1,12 +1,14 @@
-"""DeCLIP (Li et al. 2022) as the DeCLIP reference code trains it: METHODS.md §2.
+"""DeCLIP (Li et al. 2022): METHODS.md §2.
 
 One step, top to bottom:
-    views     two MoCo-v2 image views; T1 = the caption MLM-masked, T2 = an EDA augmentation of it
-              (``contrastive_text: raw``: T1 = the caption unmasked, plus its MLM-masked copy for MLM only)
+    views     two MoCo-v2 image views; T1 = the caption (``contrastive_text: raw``, the default: the views
+              as the paper describes them) plus its MLM-masked copy, T2 = an EDA augmentation of it
+              (``contrastive_text: masked``, the reference code and the YFCC-15M recipes: T1 = the caption
+              MLM-masked, in the contrastive terms too)
     towers    one pass per view: I1, I2 (projected, unnormalised), T1 (+ its ln_final tokens), T2
               (raw: one more text pass, the masked copy, whose ln_final tokens feed the MLM head)
     SimSiam   projector/predictor on I1, I2 before normalisation       -> simsiam_loss
-    MLM       Linear(text width -> 49,409) on T1's masked token outputs -> mlm_loss
+    MLM       Linear(text width -> 49,409) on the masked caption's masked token outputs -> mlm_loss
     MVS       clip_loss on (I1,T1), (I2,T1), (I1,T2), (I2,T2), averaged -> mvs_loss
     NNS       T1 and T2 look up their nearest texts in this rank's queue (as it was before this
               step), then T2 and T1 are enqueued (commit); image -> neighbour InfoNCE -> nn_loss
@@ -56,10 +58,11 @@ class DeCLIPConfig(MethodConfig):
     projector_hidden_dim: int = 1024
     projector_out_dim: int = 1024
     predictor_hidden_dim: int = 512
-    # the T1 the contrastive terms (MVS, NN look-up and queue, DeFILIP's token term) see: masked (the reference
-    # code: the MLM-masked caption, one text pass serves MLM too) | raw (the caption unmasked, as the paper
-    # describes the views; the MLM head reads a second pass over the masked copy: one more text forward)
-    contrastive_text: str = "masked"
+    # the T1 the contrastive terms (MVS, NN look-up and queue, DeFILIP's token term) see: raw (the caption
+    # unmasked, as the paper describes the views; the MLM head reads a second pass over the masked copy: one
+    # more text forward) | masked (the reference code, and the *_yfcc15m recipes: the MLM-masked caption, one
+    # text pass serves MLM too). Before this key existed (checkpoints saved without it) DeCLIP ran "masked".
+    contrastive_text: str = "raw"
     # T2: EDA augmentation of the caption (false: the raw caption)
     eda: bool = True
     # without NLTK's WordNet data EDA cannot replace synonyms; true: stop before training (exit 2) with the

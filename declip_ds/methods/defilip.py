@@ -40,8 +40,8 @@ class DeFILIPConfig(DeCLIPConfig):
 
 @register_method("defilip")
 class DeFILIP(DeCLIP):
-    """DeCLIP's views and losses + ``filip_weight`` x FILIP(image view 1 tokens, T1 tokens): T1 is the masked
-    caption (the reference), or the unmasked one with ``contrastive_text: raw``."""
+    """DeCLIP's views and losses + ``filip_weight`` x FILIP(image view 1 tokens, T1 tokens): T1 is the caption
+    unmasked (``contrastive_text: raw``, the default), or MLM-masked (``masked``: the reference code)."""
 
     Config = DeFILIPConfig
     model_defaults = {"text.mask_token": True, "token_dim": 256}

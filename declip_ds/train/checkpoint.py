@@ -737,12 +737,22 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
             if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
 
 
+# keys added with one default that later changed: (methods they apply to, the value a config saved without
+# the key ran with), so that resuming such a checkpoint under the new default shows as a change
+OLD_DEFAULTS = {("method", "contrastive_text"): (("declip", "defilip"), "masked")}
+
+
 def _with_defaults(saved: dict) -> dict:
-    """A saved config with the keys added to the toolkit since filled in with their defaults (which keep the
-    behaviour of the version that saved it), so that they do not read as changes; as saved if it no longer
-    parses."""
+    """A saved config with the keys added to the toolkit since filled in with the values the version that
+    saved it ran with (their defaults, or ``OLD_DEFAULTS``), so that they do not read as changes; as saved if
+    it no longer parses."""
     from declip_ds.config import ConfigError, from_dict, to_dict
 
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for (section, key), (methods, value) in OLD_DEFAULTS.items():
+        sec = saved.get(section)
+        if isinstance(sec, dict) and key not in sec and (saved.get("method") or {}).get("name") in methods:
+            sec[key] = value
     try:
         return to_dict(from_dict(saved))
     except (ConfigError, TypeError, ValueError):
