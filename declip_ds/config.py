@@ -491,6 +491,10 @@ def validate(exp: Experiment) -> None:
 
     _choice(m.vision.name, SUPPORTED, "model.vision.name")
     _choice(m.vision.init, ("auto", "reference", "timm"), "model.vision.init")
+    for f in dataclasses.fields(exp.method):  # every method's loss weights (filip_weight, mvs_weight, ...)
+        v = getattr(exp.method, f.name)
+        if f.name.endswith("_weight") and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ConfigError(f"method.{f.name}: a loss weight must be a finite number >= 0, got {v}.")
     validate_method = getattr(exp.method, "validate", None)
     if validate_method is not None:
         validate_method(exp)

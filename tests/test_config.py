@@ -49,6 +49,13 @@ def test_demo_config_loads_and_overrides_are_typed():
     (["eval.crop_ratio=0"], r"eval.crop_ratio: must be a number with 0 < crop_ratio <= 1.*got 0"),
     (["eval.crop_ratio=1.2"], r"eval.crop_ratio: must be a number with 0 < crop_ratio <= 1.*got 1.2"),
     (["eval.crop_ratio=big"], r"eval.crop_ratio: expected a number"),
+    # every method's loss weights, through one check over the registry's configs
+    (["method.clip_weight=-1"], r"method.clip_weight: a loss weight must be a finite number >= 0, got -1"),
+    (["method.name=filip", "method.filip_weight=.inf"], r"method.filip_weight: a loss weight must be a finite"),
+    (["method.name=defilip", "method.filip_weight=-1"], r"method.filip_weight: a loss weight must be a finite"),
+    (["method.name=declip", "method.nn_weight=.nan"], r"method.nn_weight: a loss weight must be a finite"),
+    (["method.name=filip", "method.mlm_mask_text=true", "model.text.mask_token=true", "method.mlm_prob=1.5"],
+     r"method.mlm_prob: must be in \(0, 1\)"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -164,3 +171,24 @@ def test_schedule_warmup_then_cosine():
     vals = [lr_at(s, **kw) for s in range(100, 1001)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
     assert math.isclose(lr_at(0, lr=1.0, steps=10, warmup_steps=0), 1.0)
+
+
+@pytest.mark.parametrize("override,warns", [
+    (["method.name=declip"], "its two MoCo-v2 views crop with method.view_scale"),
+    (["method.name=defilip"], "its two MoCo-v2 views crop with method.view_scale"),
+    (["method.name=filip", "method.image_view=moco_v2"], "method.image_view=clip crops with data.rrc_scale"),
+    (["method.name=filip"], None), (["method.name=slip"], None), (["method.name=declip", "data.rrc_scale=[0.5,1]"], None),
+])
+def test_an_rrc_scale_the_method_does_not_read_is_named(override, warns):
+    """The demo sets data.rrc_scale [0.8, 1]; DeCLIP's views (and FILIP's MoCo-v2 view) crop at their own scale,
+    so loading such a config says the key is unused and what to set instead."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_config(DEMO, override)
+    got = [str(w.message) for w in caught if "data.rrc_scale" in str(w.message)]
+    if warns is None:
+        assert got == []
+    else:
+        assert len(got) == 1 and "data.rrc_scale=[0.8, 1.0] is not used by method" in got[0] and warns in got[0]

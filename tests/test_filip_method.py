@@ -153,7 +153,8 @@ def test_defilip_token_term_pairs_image_view_1_with_the_masked_caption(topk, mas
     from tests.test_methods import make_batch, tiny_experiment
 
     torch.manual_seed(0)
-    method = get_method("defilip")(tiny_experiment("defilip", topk=topk, mask_padding=mask_padding)).double().eval()
+    method = get_method("defilip")(tiny_experiment("defilip", topk=topk, mask_padding=mask_padding,
+                                                   contrastive_text="masked")).double().eval()  # the reference's T1
     batch = make_batch(method, n=6)
     batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
     masked = batch["mlm_labels"] != -100

@@ -93,6 +93,9 @@ class DeCLIPConfig(MethodConfig):
         s = self.view_scale
         if len(s) != 2 or not 0 < s[0] <= s[1] <= 1:
             raise ConfigError(f"method.view_scale: need [low, high] with 0 < low <= high <= 1, got {s}.")
+        from declip_ds.methods.base import warn_unused_rrc_scale
+
+        warn_unused_rrc_scale(exp, f"its two MoCo-v2 views crop with method.view_scale ({list(s)}); set that instead")
 
 
 
