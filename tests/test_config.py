@@ -156,6 +156,26 @@ def test_precision_auto_follows_the_json():
                        "zero2_offload.json": "bf16", "zero2_fp32.json": "fp32"}
 
 
+@pytest.mark.parametrize("section,match", [
+    ({"writer": {"decoupled": True}}, r"checkpoint.writer is not supported: .*side process .*COMPLETE.*Remove it"),
+    ({"writer": {"type": "mock"}}, r"checkpoint.writer is not supported"),
+    ({"use_node_local_storage": True}, r"checkpoint.use_node_local_storage is not supported: each node"),
+    ({"checkpoint_serialization": False}, r"checkpoint.checkpoint_serialization is not supported"),
+    ({"tag_validaton": "Fail"}, r"unknown key checkpoint.tag_validaton. Known: \['load_universal', 'parallel_write', "
+                                r"'tag_validation'\]"),
+    ({"tag_validation": "Strict"}, r"checkpoint.tag_validation='Strict' is not allowed. Choose one of: Ignore, Warn"),
+    ("yes", r"checkpoint must be a mapping"),
+])
+def test_ds_checkpoint_section_keeps_the_trainers_crash_safe_save(tmp_path, section, match):
+    with pytest.raises(ConfigError, match=match):
+        read_ds_config(write(tmp_path, {"checkpoint": section}))
+
+
+def test_ds_checkpoint_section_allows_tag_validation(tmp_path):
+    for mode in ("Ignore", "warn", "FAIL"):
+        assert read_ds_config(write(tmp_path, {"checkpoint": {"tag_validation": mode}}))["checkpoint"]
+
+
 def test_missing_ds_config_file():
     with pytest.raises(ConfigError, match="file not found"):
         read_ds_config("ds_configs/nope.json")

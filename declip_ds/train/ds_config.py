@@ -39,7 +39,38 @@ def read_ds_config(path: str | None) -> dict:
     if unknown:  # DeepSpeed silently ignores unknown keys; a typo would silently change the run
         raise ConfigError(f"--ds_config {path}: unknown top-level key(s) {unknown}. Known: {sorted(KNOWN_TOP_LEVEL)}.")
     _check_zero_section(data.get("zero_optimization"), path)
+    _check_checkpoint_section(data.get("checkpoint"), path)
     return data
+
+
+# what the JSON's "checkpoint" section may set: the trainer's crash-safe save (every rank's files on disk,
+# then checksums, then the COMPLETE marker, in one shared train.output_dir) needs DeepSpeed's synchronous
+# writer into that directory, so the decoupled / mock writers and node-local storage are refused
+CHECKPOINT_KEYS = {"tag_validation": ("Ignore", "Warn", "Fail"), "load_universal": None, "parallel_write": None}
+CHECKPOINT_REFUSED = {
+    "writer": "DeepSpeed's alternative writers save from a side process (decoupled) or not at all (mock), so "
+              "the trainer could mark a checkpoint COMPLETE before its files exist",
+    "use_node_local_storage": "each node would keep its own part of every checkpoint, and no rank could "
+                              "verify or resume a tag from the shared train.output_dir",
+    "checkpoint_serialization": "the resume checks open DeepSpeed's files in torch's zip format",
+}
+
+
+def _check_checkpoint_section(ckpt, path: str) -> None:
+    if ckpt is None:
+        return
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"--ds_config {path}: checkpoint must be a mapping, got {ckpt!r}.")
+    for key, value in ckpt.items():
+        if key in CHECKPOINT_REFUSED:
+            raise ConfigError(f"--ds_config {path}: checkpoint.{key} is not supported: {CHECKPOINT_REFUSED[key]}. "
+                              f"Remove it (the trainer writes its checkpoints itself, under train.output_dir).")
+        if key not in CHECKPOINT_KEYS:
+            raise ConfigError(f"--ds_config {path}: unknown key checkpoint.{key}. Known: {sorted(CHECKPOINT_KEYS)}.")
+        allowed = CHECKPOINT_KEYS[key]
+        if allowed and str(value).lower() not in {a.lower() for a in allowed}:
+            raise ConfigError(f"--ds_config {path}: checkpoint.{key}={value!r} is not allowed. Choose one of: "
+                              f"{', '.join(allowed)}.")
 
 
 def _check_zero_section(zero, path: str) -> None:
