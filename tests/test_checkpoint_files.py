@@ -1,5 +1,7 @@
 """Checkpoint bookkeeping that needs no process group: completeness, resume resolution, retention."""
 
+from pathlib import Path
+
 import pytest
 
 from declip_ds.train import checkpoint as C
@@ -287,3 +289,37 @@ def test_ranks_that_see_different_checkpoints_stop_on_every_rank():
         assert out[0] == out[1] and "rank 0: /r/checkpoints/step_00000004; rank 1: " in out[0]
         assert ("no complete checkpoint" if views[1] is None else "step_00000002") in out[0]
         assert "--resume PATH" in out[0]
+
+
+def test_a_second_training_in_the_same_output_dir_is_refused_until_the_first_ends(tmp_path):
+    """The run directory's lock: held by a live process (here a child holding it), a second taker gets an error
+    naming the holder; the kernel drops it when the holder dies (even by SIGKILL), and the next run takes it."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from declip_ds.train import checkpoint as C; "
+        f"assert C.lock_run_dir(Path({str(run)!r})) is None; print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = C.lock_run_dir(run)
+        assert err and f'"pid": {holder.pid}' in err and "in use by another training" in err
+        assert "give this run another train.output_dir" in err and str(run / "STOP") in err
+        # the trainer asks before it touches the directory or generates data: exit 2 with that message
+        root = Path(__file__).resolve().parents[1]
+        p = subprocess.run([sys.executable, str(root / "train.py"), "--config", str(root / "experiments/demo_shapes.yaml"),
+                            f"train.output_dir={run}", f"data.synthetic_root={tmp_path / 'shapes'}"],
+                           capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
+        assert p.returncode == 2 and "in use by another training" in p.stderr, p.stderr[-3000:]
+        assert not (tmp_path / "shapes").exists() and not (run / "config.yaml").exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert C.lock_run_dir(run) is None  # released with its holder
+    assert json.loads((run / C.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert C.lock_run_dir(run) is None  # this process holds it already

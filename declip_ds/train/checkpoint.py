@@ -47,6 +47,7 @@ check or has no ``SHA256SUMS`` (CheckpointError naming the file, no fallback: th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -635,6 +636,47 @@ def _agree(err: str | None) -> None:
     bad = [(r, e) for r, e in enumerate(errors) if e]
     if bad:
         raise UnreadableCheckpoint("; ".join(e if len(errors) == 1 else f"rank {r}: {e}" for r, e in bad))
+
+
+LOCK_FILE = "train.lock"
+_held_locks: dict[str, object] = {}  # run dir -> the open lock file, held until the process exits
+
+
+def lock_run_dir(run_dir: Path) -> str | None:
+    """Take the run directory's lock for this process's lifetime (rank 0 calls it): two trainings in one
+    output_dir (a requeued job overlapping the old one, a double submit) would delete and move each other's
+    checkpoints and interleave their logs. A POSIX record lock (``fcntl.lockf``): the kernel drops it when the
+    process dies, even by SIGKILL, DataLoader workers do not inherit it, and NFS v3/v4 carries it between
+    hosts. Returns an error naming the holder, or None (also where the filesystem has no locks: a warning)."""
+    import fcntl
+    import socket
+    import sys
+
+    if str(run_dir.resolve()) in _held_locks:  # this process has it (a second train() call in one process)
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+            f.close()
+            log.warning("cannot lock %s (%s): another training in this output_dir would not be detected", path, e)
+            return None
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        return (f"{run_dir.resolve()} is in use by another training ({holder}; lock {path}). Two runs in one "
+                f"train.output_dir would delete each other's checkpoints: wait for it to end or stop it (touch "
+                f"{run_dir / 'STOP'} saves and exits), or give this run another train.output_dir.")
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "command": " ".join(sys.argv)[:500]}) + "\n")
+    f.flush()
+    _held_locks[str(run_dir.resolve())] = f
+    return None
 
 
 def agree_on_target(target: ResumeTarget | None) -> None:

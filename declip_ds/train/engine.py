@@ -519,8 +519,11 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     from declip_ds.registry import get_method
 
     run_dir = Path(exp.train.output_dir)
+    busy = C.lock_run_dir(run_dir) if rank == 0 else None  # before anything in the directory is touched
+    busy = next((e for e in C._gather(busy) if e), None)
+    if busy:
+        raise C.CheckpointError(busy)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(exp, run_dir / "config.yaml")
     if sources is None:
         sources = synthetic_sources(exp)
