@@ -524,6 +524,42 @@ def test_imagenet_shifts_are_read_with_imagenets_classes(tmp_path, checkpoint, n
     assert zs["metrics"]["imagenet_a"]["n_classes"] == 200 and zs["metrics"]["imagenet_a"]["acc5"] is not None
 
 
+def test_imagenet_v2_with_a_plain_classnames_txt_names_folder_i_as_class_i(tmp_path):
+    """A classnames.txt of plain lines (ImageNet's names in index order) next to ImageNetV2's folders 0 ... 999 names
+    them in numeric order: folder 10 gets IMAGENET_CLASSNAMES[10] ('brambling'), not line 2's (sorted as text, the
+    10 would be the third folder)."""
+    from declip_ds.eval.templates import IMAGENET_CLASSNAMES
+
+    folder = write_class_folders(tmp_path / "imagenetv2-matched-frequency-format-val", [str(i) for i in range(1000)])
+    (folder / "classnames.txt").write_text("\n".join(IMAGENET_CLASSNAMES) + "\n")
+    with pytest.warns(UserWarning, match="has 1,000 images; the release has 10,000"):
+        v2 = D.open_split("imagenet_v2", "test", tmp_path, lambda im: torch.zeros(1))
+    assert v2.folders[10] == "10" and v2.classnames[10] == IMAGENET_CLASSNAMES[10]
+    assert v2.classnames == list(IMAGENET_CLASSNAMES) and v2.classnames_source.startswith("class index")
+    assert [label for path, label in v2.samples if path.parent.name == "10"] == [10]
+
+
+def test_an_expected_imagenet_class_folder_without_images_is_an_error(tmp_path):
+    """ImageNet-A's 200 class folders with one of them empty, and a stray lost+found: the stray folder is named in
+    a warning, the empty class in the error (a 199-class copy is not ImageNet-A)."""
+    from declip_ds.eval.templates import imagenet_subset_wnids
+
+    wnids = list(imagenet_subset_wnids("a"))
+    folder = write_class_folders(tmp_path / "imagenet-a", wnids)
+    for f in (folder / wnids[3]).iterdir():
+        f.unlink()
+    (folder / "lost+found").mkdir()
+    with pytest.warns(UserWarning, match=r"'lost\+found' \(no images\)"), \
+            pytest.raises(ValueError, match=rf"has 199 class folders; .* without images \['{wnids[3]}'\]"):
+        D.open_split("imagenet_a", "test", tmp_path, None)
+
+
+def test_list_says_how_to_get_each_dataset():
+    text = suite.list_datasets()
+    assert "get:   --download, or extract https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into DIR" in text
+    assert "get:   ImageNet can't be downloaded automatically" in text and "wds_vtab-<name>/test/" in text
+
+
 # ----------------------------------------------------------------------------- webdataset copies
 
 
@@ -603,3 +639,51 @@ def test_other_tools_copies_of_seeded_split_datasets_warn(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         D.open_split("cifar10", "test", tmp_path, None)
+
+
+def test_partial_webdataset_copy_of_imagenet_is_warned_about(tmp_path, checkpoint, no_downloads):
+    """CLIP_benchmark's wds_imagenet1k copy with 3 of ImageNet val's 50,000 images (one of its 4 listed shards):
+    opening it warns about the missing shards, scoring it about the count, and the record and the table say so."""
+    from declip_ds.eval.templates import IMAGENET_CLASSNAMES
+
+    copy = tmp_path / "data" / "wds_imagenet1k"
+    (copy / "test").mkdir(parents=True)
+    (copy / "classnames.txt").write_text("\n".join(IMAGENET_CLASSNAMES) + "\n")
+    (copy / "test" / "nshards.txt").write_text("4\n")
+    write_tar(copy / "test" / "0.tar", [m for i in range(3) for m in ((f"k{i}.png", image_bytes(i, size=8)),
+                                                                        (f"k{i}.cls", str(i).encode()))])
+    with pytest.warns(UserWarning, match=r"holds 1 shard\(s\) \(\*\.tar\), but its nshards.txt lists 4"):
+        D.open_split("imagenet", "test", tmp_path / "data", None)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="ImageNet at .*wds_imagenet1k/test' has 3 images; the release has 50,000"):
+        assert run_suite(checkpoint, tmp_path / "data", out, "--suite", "imagenet", "--templates", "simple") == 0
+    m = report.load_record(out / "zeroshot.json")["metrics"]["imagenet"]
+    assert m["n"] == 3 and m["layout"] == "shards" and "the release has 50,000" in m["warning"]
+    assert "zeroshot/imagenet: WARNING ImageNet at" in (out / "table.txt").read_text()
+
+
+def test_clip_benchmark_vtab_copies_are_read_for_the_test_split(tmp_path):
+    """DIR/wds_vtab-<name>/test (CLIP_benchmark's VTAB copies, classnames.txt above the split) is a test split
+    for the datasets whose VTAB test split and labels are ours; its Caltech-101 names, ours in tfds' order, are
+    prompted in that order (and its split is VTAB's: warned); VTAB's train splits are not ours, so not read."""
+    def copy(name, classnames):
+        (tmp_path / f"wds_vtab-{name}" / "test").mkdir(parents=True)
+        (tmp_path / f"wds_vtab-{name}" / "test" / "0.tar").write_bytes(b"")
+        (tmp_path / f"wds_vtab-{name}" / "classnames.txt").write_text("\n".join(classnames) + "\n")
+
+    copy("cifar10", ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
+    data = D.open_split("cifar10", "test", tmp_path, None)
+    assert data.root == tmp_path / "wds_vtab-cifar10" / "test" and data.classnames == D.get_spec("cifar10").classnames
+    with pytest.raises(D.DatasetUnavailable):
+        D.open_split("cifar10", "train", tmp_path, None)
+    ours = D.get_spec("caltech101").classnames
+    vtab_order = sorted(ours)
+    copy("caltech101", vtab_order)
+    with pytest.warns(UserWarning) as caught:
+        data = D.open_split("caltech101", "test", tmp_path, None)
+    assert data.classnames == vtab_order
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "another order" in messages and "not this registry's seeded per-class split" in messages
+    copy("food101", D.get_spec("food101").classnames)  # VTAB's Food-101 is not one of CLIP_benchmark's copies
+    with pytest.raises(D.DatasetUnavailable):
+        D.open_split("food101", "test", tmp_path, None)

@@ -487,6 +487,42 @@ def test_imagenetv2_numbered_folders_are_imagenet_classes_in_numeric_order(tmp_p
     assert open_dataset(few, image_size=32).classnames == ["cat", "dog", "fox", "cow"]
 
 
+def test_numbered_folders_with_a_plain_class_list_are_in_numeric_order(tmp_path):
+    """Plain classnames.txt lines (and a JSON list) name numbered class folders in numeric order, as ImageNetV2's
+    folder i is ImageNet class i: sorted as text, line 2 would name folder '10'."""
+    root = write_folder(tmp_path / "v2", [str(i) for i in range(12)], per_class=1)
+    (root / "classnames.txt").write_text("".join(f"class {i}\n" for i in range(12)))
+    ds = open_dataset(root, image_size=32)
+    assert ds.folders == [str(i) for i in range(12)] and ds.classnames[10] == "class 10"
+    assert [label for path, label in ds.samples if path.parent.name == "10"] == [10]
+    (root / "classnames.txt").unlink()
+    (root / "classnames.json").write_text(json.dumps([f"class {i}" for i in range(12)]))
+    assert open_dataset(root, image_size=32).classnames[2] == "class 2"
+    mixed = write_folder(tmp_path / "mixed", ["2", "10", "b"], per_class=1)  # not all numbers: text order
+    assert open_dataset(mixed, image_size=32).folders == ["10", "2", "b"]
+
+
+def test_stray_and_empty_folders_are_not_classes(tmp_path):
+    """lost+found (no images), __MACOSX and .ipynb_checkpoints (hidden) in a wnid-folder layout are left out and
+    named in a warning; the five wnid folders keep OpenAI's names; hidden files in a class are not its images; a
+    class folder that the class index lists without images is an error naming it."""
+    wnids = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475"]
+    root = write_folder(tmp_path / "val", wnids, per_class=2)
+    (root / "lost+found").mkdir()
+    write_folder(root, ["__MACOSX", ".ipynb_checkpoints"], per_class=1)
+    (root / wnids[0] / "._img0.png").write_bytes(b"\x00\x05\x16\x07")  # macOS's AppleDouble file: no image
+    with pytest.warns(UserWarning, match=r"3 subfolder\(s\) left out, not classes: '\.ipynb_checkpoints' \(hidden\), "
+                                         r"'__MACOSX' \(hidden\), 'lost\+found' \(no images\)") as caught:
+        ds = open_dataset(root, image_size=32)
+    assert not any("WordNet ids" in str(w.message) for w in caught)
+    assert ds.folders == wnids and ds.classnames == ["tench", "goldfish", "great white shark", "tiger shark",
+                                                     "hammerhead shark"]
+    assert len(ds) == 10 and len(list(ds)) == 10
+    (root / "classnames.txt").write_text("".join(f"{w}\tclass {i}\n" for i, w in enumerate([*wnids, "lost+found"])))
+    with pytest.raises(FileNotFoundError, match=r"lists 1 class folder\(s\) of .* without images .*lost\+found"):
+        open_dataset(root, image_size=32)
+
+
 def test_eval_zeroshot_prompts_imagenet_folders_with_class_names(tmp_path, monkeypatch):
     import eval_zeroshot
     from declip_ds.eval import zero_shot

@@ -5,15 +5,20 @@ Two layouts, told apart by what ``root`` holds:
     image folder   root/<class folder>/<image>         the ImageNet-val layout, one subfolder per class.
                    Class order and names: an optional class index in root,
                      classnames.txt   one line per class. "folder<TAB>name" lines give the order and
-                                      names explicitly; plain lines name the folders in sorted order
-                                      (line i = the i-th folder, as torchvision's ImageFolder numbers them)
+                                      names explicitly; plain lines name the folders in class order
+                                      (line i = the i-th folder; see below)
                      classnames.json  {"folder": "name", ...} (file order = class order),
                                       {"0": ["folder", "name"], ...} (the imagenet_class_index.json
-                                      layout, ordered by the integer key) or ["name", ...] (sorted folders)
-                   or ``class_index=PATH`` with one of these formats. Without an index the folders are
-                   the classes in sorted order, named after the folder with "_" read as a space, except
-                   ImageNet WordNet-id folders (n01440764, ...), which get OpenAI's class names
-                   ('tench', ...); wnid-like folders that are not ILSVRC-2012 classes give a warning.
+                                      layout, ordered by the integer key) or ["name", ...] (class order)
+                   or ``class_index=PATH`` with one of these formats. Class order: folders named by
+                   number in numeric order (ImageNetV2's 0, 1, 2, ..., 10: folder i is ImageNet class i),
+                   others sorted as text (as torchvision's ImageFolder numbers them). Without an index the
+                   folders are named after the folder with "_" read as a space, except ImageNet WordNet-id
+                   folders (n01440764, ...), which get OpenAI's class names ('tench', ...); wnid-like
+                   folders that are not ILSVRC-2012 classes give a warning. Hidden folders ('.x', '__x':
+                   .ipynb_checkpoints, __MACOSX) and folders without images (lost+found) are not classes
+                   and are named in a warning; hidden files and folders inside a class folder (macOS's
+                   '._x.jpg') are not its images. A class folder the index lists must hold images.
     shards         root/*.tar + root/classnames.txt     webdataset shards, each sample an image and an
                    integer label member (``cls`` by default); line i of classnames.txt names label i.
                    Our synthetic eval splits (``data/shapes/eval/<task>``) are of this kind.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator
@@ -95,13 +101,44 @@ def open_dataset(root: str | Path, transform: Callable | None = None, *, image_s
 # ----------------------------------------------------------------------------- image folder
 
 
+def _hidden(name: str) -> bool:
+    """Not data: '.ipynb_checkpoints', '.DS_Store', macOS's '__MACOSX' folders and '._x.jpg' resource forks."""
+    return name.startswith((".", "__"))
+
+
 def _subdirs(root: Path) -> list[Path]:
-    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)), key=lambda p: p.name)
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """Image files of a class folder, recursively (some datasets nest them), in sorted order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files of a class folder, recursively (some datasets nest them), in sorted order; hidden files and
+    folders are left out ('._x.jpg' does not decode, '.ipynb_checkpoints' holds copies)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(_hidden(part) for part in p.relative_to(folder).parts))
+
+
+def _numbered(folders: list[str]) -> bool:
+    return bool(folders) and all(re.fullmatch(r"[0-9]+", f) for f in folders)
+
+
+def class_order(folders: list[str]) -> list[str]:
+    """Numbered folders in numeric order (as text, "10" would come before "2": ImageNetV2's folder i is ImageNet
+    class i), others sorted as text (torchvision's ImageFolder order)."""
+    return sorted(folders, key=int) if _numbered(folders) else sorted(folders)
+
+
+def scan_class_folders(root: Path) -> tuple[list[str], dict[str, list[Path]], dict[str, str]]:
+    """(class folders in class order, {folder: its images}, {folder that is no class: why}). A hidden folder or
+    one without images is no class: as one, it would take a label (and a prompt) that no image has."""
+    images, ignored = {}, {}
+    for p in sorted(d for d in root.iterdir() if d.is_dir()):
+        if _hidden(p.name):  # not scanned: .git or __MACOSX can be large
+            ignored[p.name] = "hidden"
+            continue
+        images[p.name] = _images_in(p)
+        if not images[p.name]:
+            ignored[p.name] = "no images"
+    return class_order([f for f in images if f not in ignored]), images, ignored
 
 
 def read_class_index(path: str | Path, folders: list[str]) -> tuple[list[str], list[str]]:
@@ -129,8 +166,8 @@ def read_class_index(path: str | Path, folders: list[str]) -> tuple[list[str], l
         data = lines
     if pairs is None:
         raise ValueError(f"Class index '{path}' lists {len(data)} names for {len(folders)} class folders; a plain "
-                         "list must name every folder (sorted order), or give 'folder<TAB>name' lines / a JSON "
-                         "{folder: name} mapping.")
+                         "list must name every folder (in class order: numbered folders numerically, others "
+                         "sorted), or give 'folder<TAB>name' lines / a JSON {folder: name} mapping.")
     return [f for f, _ in pairs], [n for _, n in pairs]
 
 
@@ -160,7 +197,7 @@ def numbered_classes(folders: list[str], root: Path) -> tuple[list[str], list[st
     (sorted as text, "10" would come before "2"); any other numbering cannot be named."""
     from declip_ds.eval.templates import IMAGENET_CLASSNAMES
 
-    ordered = sorted(folders, key=int)
+    ordered = class_order(folders)
     if [int(f) for f in ordered] == list(range(len(IMAGENET_CLASSNAMES))):
         return ordered, list(IMAGENET_CLASSNAMES), "ImageNet class indices (ImageNetV2 layout; OpenAI's class names)"
     raise ValueError(
@@ -183,30 +220,47 @@ class ImageFolderData(Dataset):
     def __init__(self, root: Path, transform: Callable, class_index: str | Path | None = None, *,
                  wnid_names: bool = True):
         self.root, self.transform = Path(root), transform
-        present = [d.name for d in _subdirs(self.root)]
+        present, images, ignored = scan_class_folders(self.root)
         index = Path(class_index) if class_index is not None else \
             next((self.root / f for f in INDEX_FILES if (self.root / f).is_file()), None)
         if index is not None:
             self.folders, self.classnames = read_class_index(index, present)
-            missing = [f for f in self.folders if not (self.root / f).is_dir()]
-            extra = sorted(set(present) - set(self.folders))
-            if missing or extra:
-                raise FileNotFoundError(
-                    f"Class index '{index}' does not match the folders of '{self.root}': "
-                    + (f"expected class folders {[str(self.root / f) for f in missing[:5]]} (missing)" if missing else "")
-                    + ("; " if missing and extra else "")
-                    + (f"folders {extra[:5]} are not in the index" if extra else "") + ".")
+            self._check_index(index, present)
             self.classnames_source = f"class index ({index})"
-        elif wnid_names and present and all(f.isdigit() for f in present):
+        elif wnid_names and _numbered(present):
             self.folders, self.classnames, self.classnames_source = numbered_classes(present, self.root)
         else:
             self.folders = present
             self.classnames, self.classnames_source = folder_classnames(present, self.root) if wnid_names else \
                 ([f.replace("_", " ") for f in present], "folder names")
         self.class_index = index
-        self.samples = [(p, label) for label, f in enumerate(self.folders) for p in _images_in(self.root / f)]
+        self.ignored_folders = {f: why for f, why in ignored.items() if f not in self.folders}
+        if self.ignored_folders:
+            shown = ", ".join(f"'{f}' ({why})" for f, why in list(self.ignored_folders.items())[:8])
+            warnings.warn(f"'{self.root}': {len(self.ignored_folders)} subfolder(s) left out, not classes: {shown}. "
+                          "Remove leftovers (lost+found, __MACOSX, ...); a class folder without images needs its "
+                          "images, or the class set differs from the dataset's.", stacklevel=3)
+        per_class = {f: images[f] if f in images else _images_in(self.root / f) for f in self.folders}
+        empty = [f for f in self.folders if not per_class[f]]
+        if empty:  # only a class index lists folders without images: torchvision's ImageFolder refuses them too
+            raise FileNotFoundError(
+                f"Class index '{index}' lists {len(empty)} class folder(s) of '{self.root}' without images "
+                f"({', '.join(IMAGE_SUFFIXES)}): {[str(self.root / f) for f in empty[:5]]}. Put the class's images "
+                "there (a class that no image has still takes part in every prediction), or drop it from the index.")
+        self.samples = [(p, label) for label, f in enumerate(self.folders) for p in per_class[f]]
         if not self.samples:
             raise FileNotFoundError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of '{self.root}'.")
+
+    def _check_index(self, index: Path, present: list[str]) -> None:
+        """The index's class folders must be the folders with images."""
+        missing = [f for f in self.folders if not (self.root / f).is_dir()]
+        extra = sorted(set(present) - set(self.folders))
+        if missing or extra:
+            raise FileNotFoundError(
+                f"Class index '{index}' does not match the folders of '{self.root}': "
+                + (f"expected class folders {[str(self.root / f) for f in missing[:5]]} (missing)" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"folders {extra[:5]} are not in the index" if extra else "") + ".")
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -17,11 +17,15 @@ leaves after it sorts the official tarballs.
 
 Webdataset copies (for clusters without the raw files; ``python -m declip_ds.eval.make_shards`` writes them
 from the raw files): ``DIR/<name>_wds/<split>/*.tar`` (or CLIP_benchmark's
-``DIR/wds_<name>/<split>/*.tar``), each sample an image (jpg/png/webp) and an integer label member
+``DIR/wds_<name>/<split>/*.tar``, and its VTAB copies ``DIR/wds_vtab-<name>/test/*.tar`` for the
+``VTAB_COPIES``), each sample an image (jpg/png/webp) and an integer label member
 (``cls`` unless ``label_key`` says otherwise), labels numbered as torchvision numbers them. A
 ``classnames.txt`` in the split folder or above it, if present, names the labels (one per line); it
-must match the registry's class names (compared case- and punctuation-insensitively), otherwise its own
-names are used and the result says so. The raw files are preferred when both exist.
+must match the registry's class names (compared case- and punctuation-insensitively; the registry's
+names in another order are prompted in the copy's order), otherwise its own names are used and the
+result says so. The raw files are preferred when both exist. A copy's images are counted as they are
+scored: a test split of another size than the release's (``n_images``, e.g. a partly downloaded copy)
+is warned about, and a CLIP_benchmark copy with fewer shards than its ``nshards.txt`` when opened.
 
 Splits (the standard protocols; ``test`` is what zero-shot evaluates; the linear probe fits on ``train``
 and sweeps its weight decay on ``val`` where the dataset has an official one, else on a held-out
@@ -46,9 +50,11 @@ fraction of ``train``):
 Metric (what the literature reports and the table shows): top-1 accuracy, except mean per-class
 accuracy (``mean_per_class_recall``) for Oxford Pets, Flowers-102, Caltech-101 and FGVC-Aircraft.
 
-Class names and templates: the CLIP paper's per-dataset prompt templates and cleaned class names, from
-``downstream_prompts.json`` (copied from CLIP_benchmark and openai/CLIP, both MIT: see
-DOWNSTREAM_PROMPTS_LICENSE.txt) and, for ImageNet, ``templates.py``.
+Class names and templates: per-dataset prompt templates and cleaned class names from
+``downstream_prompts.json`` (copied from CLIP_benchmark and openai/CLIP's prompts.md, both MIT: see
+DOWNSTREAM_PROMPTS_LICENSE.txt), each entry naming its sources: mostly the CLIP paper's, not all (PCam's
+two templates are CLIP_benchmark's, where prompts.md has one; Fashion-MNIST's are ours) and, for
+ImageNet, OpenAI's in ``templates.py``.
 """
 
 from __future__ import annotations
@@ -115,7 +121,7 @@ class DatasetSpec:
     # "1k" / "a" / "r": image folders of ImageNet classes (all 1000, or ImageNet-A's / -R's 200), read by
     # _imagenet_split and named with OpenAI's ImageNet class names and templates
     imagenet_classes: str = ""
-    n_images: int = 0       # the release's test images, where known: another count is warned about
+    n_images: int = 0       # the release's test images, where known: another count is warned about (count_warning)
 
     def __post_init__(self):
         if self.metric not in METRICS or "test" not in self.splits or not set(self.splits) <= set(SPLITS):
@@ -224,25 +230,27 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
     DatasetSpec("cifar10", "CIFAR-10", _tv("CIFAR10", "train"), _TTS,
                 {"*": (f"{_CIFAR10}/batches.meta",), "train": tuple(f"{_CIFAR10}/data_batch_{i}" for i in range(1, 6)),
                  "test": (f"{_CIFAR10}/test_batch",)},
-                "--download, or extract https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into DIR"),
+                "--download, or extract https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into DIR",
+                n_images=10_000),
     DatasetSpec("cifar100", "CIFAR-100", _tv("CIFAR100", "train"), _TTS,
                 {"*": ("cifar-100-python/meta",), "train": ("cifar-100-python/train",), "test": ("cifar-100-python/test",)},
-                "--download, or extract https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into DIR"),
+                "--download, or extract https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into DIR",
+                n_images=10_000),
     DatasetSpec("food101", "Food-101", _tv("Food101"), _TTS,
                 {"*": ("food-101/images",), "train": ("food-101/meta/train.json",), "test": ("food-101/meta/test.json",)},
-                "--download, or extract http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz into DIR"),
+                "--download, or extract http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz into DIR", n_images=25_250),
     DatasetSpec("pets", "Oxford-IIIT Pets", _tv("OxfordIIITPet", target_types="category"),
                 {"train": "trainval", "test": "test"},
                 {"*": ("oxford-iiit-pet/images",), "train": ("oxford-iiit-pet/annotations/trainval.txt",),
                  "test": ("oxford-iiit-pet/annotations/test.txt",)},
                 "--download, or extract images.tar.gz and annotations.tar.gz from "
                 "https://www.robots.ox.ac.uk/~vgg/data/pets/ into DIR/oxford-iiit-pet",
-                metric=_MPC, aliases=("oxford_pets", "oxford_iiit_pet")),
+                metric=_MPC, aliases=("oxford_pets", "oxford_iiit_pet"), n_images=3_669),
     DatasetSpec("flowers", "Flowers-102", _tv("Flowers102"), _TVT,
                 {"*": ("flowers-102/jpg", "flowers-102/imagelabels.mat", "flowers-102/setid.mat")},
                 "--download, or put 102flowers.tgz (extracted), imagelabels.mat and setid.mat from "
                 "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ into DIR/flowers-102",
-                metric=_MPC, requires=("scipy",), aliases=("flowers102", "oxford_flowers102")),
+                metric=_MPC, requires=("scipy",), aliases=("flowers102", "oxford_flowers102"), n_images=6_149),
     DatasetSpec("sun397", "SUN397", _tv("SUN397", None), _WHOLE, {"*": ("SUN397/ClassName.txt",)},
                 "--download, or extract http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz into DIR "
                 "(optionally Partitions.zip's Training_01.txt and Testing_01.txt into DIR/SUN397 for the "
@@ -256,12 +264,12 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
                 "torchvision can no longer download it (the original URL is gone): get cars_train/, cars_test/, "
                 "devkit/ and cars_test_annos_withlabels.mat from a mirror of the Stanford release and place them "
                 "in DIR/stanford_cars",
-                downloadable=False, requires=("scipy",), aliases=("stanford_cars",)),
+                downloadable=False, requires=("scipy",), aliases=("stanford_cars",), n_images=8_041),
     DatasetSpec("dtd", "DTD", _tv("DTD", partition=1), _TVT,
                 {"*": ("dtd/dtd/images",), "train": ("dtd/dtd/labels/train1.txt",), "val": ("dtd/dtd/labels/val1.txt",),
                  "test": ("dtd/dtd/labels/test1.txt",)},
                 "--download, or extract https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz "
-                "into DIR/dtd"),
+                "into DIR/dtd", n_images=1_880),
     DatasetSpec("caltech101", "Caltech-101", _caltech101, _WHOLE, {"*": ("caltech101/101_ObjectCategories",)},
                 "--download (needs the gdown package), or extract 101_ObjectCategories.tar.gz from "
                 "https://data.caltech.edu/records/20086 into DIR/caltech101",
@@ -271,7 +279,7 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
                  "val": (f"{_AIR}/images_variant_val.txt",), "test": (f"{_AIR}/images_variant_test.txt",)},
                 "--download, or extract https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/"
                 "fgvc-aircraft-2013b.tar.gz into DIR",
-                metric=_MPC, aliases=("fgvc_aircraft",)),
+                metric=_MPC, aliases=("fgvc_aircraft",), n_images=3_333),
     DatasetSpec("imagenet", "ImageNet", None, {"train": "train", "test": "val"}, _imagenet_files(),
                 "ImageNet can't be downloaded automatically: get ILSVRC2012 from https://image-net.org and sort "
                 "the validation images into one folder per wnid (torchvision.datasets.ImageNet('DIR/imagenet', "
@@ -306,31 +314,33 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
                 "extract https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar into DIR",
                 downloadable=False, aliases=("imagenet-r",), imagenet_classes="r", n_images=30_000),
     DatasetSpec("mnist", "MNIST", _tv("MNIST", "train"), _TTS, _mnist_files("MNIST"),
-                "--download (torchvision fetches the four IDX files into DIR/MNIST/raw)", check_names=False),
+                "--download (torchvision fetches the four IDX files into DIR/MNIST/raw)", check_names=False,
+                n_images=10_000),
     DatasetSpec("fashion_mnist", "Fashion-MNIST", _tv("FashionMNIST", "train"), _TTS, _mnist_files("FashionMNIST"),
                 "--download (torchvision fetches the four IDX files into DIR/FashionMNIST/raw)",
-                check_names=False, aliases=("fashionmnist", "fashion-mnist")),
+                check_names=False, aliases=("fashionmnist", "fashion-mnist"), n_images=10_000),
     DatasetSpec("stl10", "STL-10", _tv("STL10"), _TTS,
                 {"*": ("stl10_binary/class_names.txt",), "train": ("stl10_binary/train_X.bin", "stl10_binary/train_y.bin"),
                  "test": ("stl10_binary/test_X.bin", "stl10_binary/test_y.bin")},
-                "--download, or extract http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz into DIR"),
+                "--download, or extract http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz into DIR",
+                n_images=8_000),
     DatasetSpec("svhn", "SVHN", _tv("SVHN"), _TTS, {"train": ("svhn/train_32x32.mat",), "test": ("svhn/test_32x32.mat",)},
                 "--download, or put train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ "
-                "into DIR/svhn", subdir="svhn", requires=("scipy",)),
+                "into DIR/svhn", subdir="svhn", requires=("scipy",), n_images=26_032),
     DatasetSpec("gtsrb", "GTSRB", _tv("GTSRB"), _TTS,
                 {"train": ("gtsrb/GTSRB/Training",), "test": ("gtsrb/GTSRB/Final_Test/Images", "gtsrb/GT-final_test.csv")},
-                "--download (torchvision fetches the GTSRB archives into DIR/gtsrb)"),
+                "--download (torchvision fetches the GTSRB archives into DIR/gtsrb)", n_images=12_630),
     DatasetSpec("eurosat", "EuroSAT", _tv("EuroSAT", None), {"train": None, "val": None, "test": None},
                 {"*": ("eurosat/2750",)}, "--download, or extract EuroSAT.zip (RGB) into DIR/eurosat",
                 seeded=SeededSplit(train=0.6, val=0.2), check_names=False),
     DatasetSpec("country211", "Country211", _tv("Country211"), {"train": "train", "val": "valid", "test": "test"},
                 {"train": ("country211/train",), "val": ("country211/valid",), "test": ("country211/test",)},
                 "--download, or extract https://openaipublic.azureedge.net/clip/data/country211.tgz into DIR",
-                check_names=False),
+                check_names=False, n_images=21_100),
     DatasetSpec("rendered_sst2", "Rendered SST2", _tv("RenderedSST2"), _TVT,
                 {"train": ("rendered-sst2/train",), "val": ("rendered-sst2/valid",), "test": ("rendered-sst2/test",)},
                 "--download, or extract https://openaipublic.azureedge.net/clip/data/rendered-sst2.tgz into DIR",
-                aliases=("renderedsst2",)),
+                aliases=("renderedsst2",), n_images=1_821),
     DatasetSpec("fer2013", "FER2013", _tv("FER2013", download_arg=False), _TTS,
                 {"*": (("fer2013/fer2013.csv", "fer2013/icml_face_data.csv"),)},
                 "torchvision can't download it: put fer2013.csv (or icml_face_data.csv, which label the test "
@@ -340,7 +350,8 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
                 {s: tuple(f"pcam/camelyonpatch_level_2_split_{f}_{xy}.h5" for xy in "xy")
                  for s, f in (("train", "train"), ("val", "valid"), ("test", "test"))},
                 "--download (needs gdown), or put the six camelyonpatch_level_2_split_*.h5 files from "
-                "https://github.com/basveeling/pcam into DIR/pcam", requires=("h5py",), check_names=False),
+                "https://github.com/basveeling/pcam into DIR/pcam", requires=("h5py",), check_names=False,
+                n_images=32_768),
 ]}
 
 DECLIP11 = ("cifar10", "cifar100", "food101", "pets", "flowers", "sun397", "cars", "dtd", "caltech101", "aircraft",
@@ -570,11 +581,37 @@ def _shard_split(spec: DatasetSpec, folder: Path, transform: Callable, label_key
     data = ShardData.__new__(ShardData)
     data.root, data.transform, data.label_key = folder, transform, label_key
     data.urls = sorted(str(p) for p in folder.glob("*.tar"))
+    _check_shard_count(spec, folder, len(data.urls))
     index = next((p for p in (folder / "classnames.txt", folder.parent / "classnames.txt") if p.is_file()), None)
     found = None if index is None else [line.strip() for line in index.read_text(encoding="utf-8").splitlines()
                                         if line.strip()]
     data.classnames, data.classnames_source = resolve_classnames(spec, found, str(index or folder))
     return data
+
+
+def _check_shard_count(spec: DatasetSpec, folder: Path, found: int) -> None:
+    """Warns when a CLIP_benchmark copy holds another number of shards than its nshards.txt lists: a partial
+    download scores a smaller test set, and its number would still read as the dataset's."""
+    listed = folder / "nshards.txt"
+    try:
+        expected = int(listed.read_text().strip()) if listed.is_file() else None
+    except ValueError:  # not CLIP_benchmark's file; the image count is still checked when scored
+        return
+    if expected is not None and expected != found:
+        warnings.warn(f"{spec.title}: '{folder}' holds {found} shard(s) (*.tar), but its nshards.txt lists {expected}: "
+                      f"a partial (or mixed) copy scores another test set than the dataset's. Download the copy's "
+                      f"shards 0.tar ... {expected - 1}.tar again.", stacklevel=3)
+
+
+def count_warning(spec: DatasetSpec, split: str, n: int, where, layout: str = "") -> str | None:
+    """The warning for a test split with ``n`` images where the release has another number (``spec.n_images``,
+    where known), or None: a partial or modified copy's number is not comparable with published ones."""
+    if split != "test" or not spec.n_images or n == spec.n_images:
+        return None
+    hint = (" For a webdataset copy, check that every shard is there and readable (the skip warnings say which "
+            "samples were dropped)." if layout == "shards" else "")
+    return (f"{spec.title} at '{where}' has {n:,} images; the release has {spec.n_images:,}. Numbers on a partial or "
+            f"modified copy are not comparable with published ones.{hint}")
 
 
 # ----------------------------------------------------------------------------- finding and opening a split
@@ -589,11 +626,24 @@ def _missing(root: Path, entries) -> list[str]:
     return out
 
 
+# CLIP_benchmark's webdataset copies of its VTAB variants (DIR/wds_vtab-<name>/test, the HuggingFace
+# djghosh/wds_vtab-<name>_test repositories) whose test split and label order we could check: VTAB's test
+# split is the official one for CIFAR, Pets, Flowers, DTD (partition 1), PCam and SVHN; Caltech-101 and
+# EuroSAT carry VTAB's own (warned about, as any other tool's copy of a seeded split). The labels are
+# tensorflow_datasets', which number these classes as torchvision does (Pets: class id - 1, SVHN: digit,
+# EuroSAT: sorted folders) except Caltech-101 (lower-cased folders sorted), whose classnames.txt lists our
+# names in that order and is prompted in it; for CIFAR, DTD and Flowers classnames.txt holds tfds' names,
+# checked against ours as any copy's. Test only: VTAB's train splits are subsets (90 % of CIFAR's train).
+VTAB_COPIES = ("caltech101", "cifar10", "cifar100", "dtd", "eurosat", "flowers", "pcam", "pets", "svhn")
+
+
 def wds_folder(spec: DatasetSpec, root: Path, split: str) -> Path | None:
-    """``DIR/<name>_wds/<split>`` or ``DIR/wds_<name>/<split>`` (also under an alias) holding *.tar."""
+    """``DIR/<name>_wds/<split>`` or ``DIR/wds_<name>/<split>`` (also under an alias) holding *.tar, or for the
+    test split of a ``VTAB_COPIES`` dataset CLIP_benchmark's ``DIR/wds_vtab-<name>/test``."""
     names = (spec.name, *spec.aliases)
     split_names = {"val": ("val", "valid", "validation")}.get(split, (split,))
-    for base in [root / f"{n}_wds" for n in names] + [root / f"wds_{n}" for n in names]:
+    vtab = [root / f"wds_vtab-{spec.name}"] if split == "test" and spec.name in VTAB_COPIES else []
+    for base in [root / f"{n}_wds" for n in names] + [root / f"wds_{n}" for n in names] + vtab:
         for s in split_names:
             if any((base / s).glob("*.tar")):
                 return base / s
@@ -660,7 +710,15 @@ def _torchvision_split(spec: DatasetSpec, root: Path, split: str, transform: Cal
             indices = per_class_split(_labels_of(ds), spec.seeded, seed, _stable_order(ds))[split]
     found = _dataset_classes(ds)
     classnames, source = resolve_classnames(spec, found, str(tv_root))
-    return TorchvisionSplit(spec, split, ds, indices, classnames, transform, root, source)
+    data = TorchvisionSplit(spec, split, ds, indices, classnames, transform, root, source)
+    _warn_count(spec, split, len(data), tv_root, data.layout)
+    return data
+
+
+def _warn_count(spec: DatasetSpec, split: str, n: int, where, layout: str) -> None:
+    message = count_warning(spec, split, n, where, layout)
+    if message:
+        warnings.warn(message, stacklevel=3)
 
 
 def _imagenet_split(spec: DatasetSpec, root: Path, split: str, transform: Callable):
@@ -681,22 +739,24 @@ def _imagenet_split(spec: DatasetSpec, root: Path, split: str, transform: Callab
     # ImageFolderData (numeric order = ImageNet's class indices)
     data = ImageFolderData(folder, transform, wnid_names=bool(numbered))
     expected = [str(i) for i in range(1000)] if numbered and spec.imagenet_classes == "1k" else spec.wnids
-    if data.folders == expected:
+    if data.class_index is None and data.folders == expected:
         data.classnames, data.classnames_source = spec.classnames, "registry"
     elif data.class_index is not None and sorted(data.folders) == sorted(expected):
         data.classnames_source = f"class index ({data.class_index})"
     else:
         extra = sorted(set(data.folders) - set(expected))
-        missing = sorted(set(expected) - set(data.folders))
+        absent = sorted(set(expected) - set(data.folders))
+        empty = [f for f in absent if data.ignored_folders.get(f) == "no images"]  # expected classes without images
+        missing = [f for f in absent if f not in empty]
+        kind = "ILSVRC2012" if spec.imagenet_classes == "1k" else spec.title
         raise ValueError(f"{spec.title} {split} folder '{folder}' has {len(data.folders)} class folders; expected the "
-                         f"{len(expected)} {'ILSVRC2012' if spec.imagenet_classes == '1k' else spec.title} class "
-                         f"folders ({expected[0]}, ...)"
-                         + (f"; missing {missing[:3]}" if missing else "") + (f"; unexpected {extra[:3]}" if extra else "")
+                         f"{len(expected)} {kind} class folders ({expected[0]}, ...)"
+                         + (f"; missing {missing[:3]}" if missing else "")
+                         + (f"; without images {empty[:3]}" if empty else "")
+                         + (f"; unexpected {extra[:3]}" if extra else "")
                          + ". Check that it is the standard release, fully extracted. For another image folder use "
                          "eval_zeroshot.py --data.")
-    if split == "test" and spec.n_images and len(data) != spec.n_images:
-        warnings.warn(f"{spec.title} at '{folder}' has {len(data):,} images; the release has {spec.n_images:,}. "
-                      "Numbers on a partial or modified copy are not comparable with published ones.", stacklevel=2)
+    _warn_count(spec, split, len(data), folder, data.layout)
     return data
 
 

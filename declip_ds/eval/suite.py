@@ -3,7 +3,7 @@
     python -m declip_ds.eval.suite --checkpoint CKPT --suite declip11 --data-root DIR \
         --task zeroshot|linear_probe|both|retrieval|all [--out DIR] [--download]
     python -m declip_ds.eval.suite --checkpoint CKPT --suite retrieval --data-root DIR --task retrieval
-    python -m declip_ds.eval.suite --list          # the datasets, their splits, metrics and files
+    python -m declip_ds.eval.suite --list          # the datasets, their splits, metrics, files and how to get them
 
 Every dataset of the suite found under DIR (raw files, or a webdataset copy DIR/<name>_wds/<split>/*.tar)
 is evaluated; the others are skipped and listed with the reason (which files were expected where, and
@@ -15,6 +15,10 @@ robustness (ImageNet and its shifts V2, Sketch, A, R: zero-shot only), retrieval
 ``RETRIEVAL_REGISTRY`` in declip_ds/eval/retrieval.py. Each task evaluates the suite's datasets of its
 kind (zero-shot and linear probe the classification ones, retrieval the retrieval ones); ``both`` is
 zero-shot + linear probe, ``all`` adds retrieval.
+
+A test split scored with another number of images than the release has (a partly downloaded webdataset
+copy, a partial folder) is warned about, and the metrics carry the warning (``"warning"``, also printed
+under the table): its number is not comparable with published ones.
 
 Zero-shot: the test split, the dataset's CLIP prompt templates (``--templates`` overrides them for all
 datasets: simple | imagenet80 | FILE), ``zero_shot_classifier`` + ``zero_shot_evaluate``.
@@ -37,6 +41,7 @@ import argparse
 import functools
 import sys
 import time
+import warnings
 from pathlib import Path
 
 TASKS = ("zeroshot", "linear_probe", "retrieval")
@@ -56,6 +61,18 @@ def _reason(e: Exception) -> str:
     from declip_ds.eval.downstream import DatasetUnavailable
 
     return str(e) if isinstance(e, DatasetUnavailable) else f"{type(e).__name__}: {e}"
+
+
+def _count_check(spec, data, n: int) -> dict:
+    """``{"warning": ...}`` for the record when the test split scored another number of images than the release
+    has (a partly downloaded webdataset copy, a partial folder), else {}. Shards are counted only as they are
+    scored, so they are warned about here; image folders and torchvision splits were when opened."""
+    from declip_ds.eval.downstream import count_warning
+
+    message = count_warning(spec, "test", n, getattr(data, "root", "?"), getattr(data, "layout", ""))
+    if message and getattr(data, "layout", "") == "shards":
+        warnings.warn(message, stacklevel=3)
+    return {"warning": message} if message else {}
 
 
 def _extras(spec, data, split: str) -> dict:
@@ -85,7 +102,8 @@ def zeroshot_one(model, tokenizer, name: str, *, root, transform, templates: str
     metrics = zero_shot_evaluate(model, W, data.loader(batch_size, workers=workers), image_size=image_size)
     if metrics["n"] == 0:
         raise ValueError(f"{spec.title}'s test split yielded no images.")
-    return {**metrics, **_extras(spec, data, "test"), "n_templates": len(prompts)}
+    return {**metrics, **_extras(spec, data, "test"), "n_templates": len(prompts),
+            **_count_check(spec, data, metrics["n"])}
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -110,7 +128,8 @@ def linear_probe_one(model, name: str, *, root, transform, model_id: str, cache_
     out = lp.linear_probe(*feats["train"], *feats["test"], len(splits["test"].classnames), val_fraction=val_fraction,
                           seed=seed, max_iter=max_iter, device=device, verbose=verbose, protocol=proto,
                           val=feats.get("val"))
-    return {**out, **_extras(spec, splits["test"], "test"), "features": proto.features, "normalized": proto.normalize}
+    return {**out, **_extras(spec, splits["test"], "test"), "features": proto.features, "normalized": proto.normalize,
+            **_count_check(spec, splits["test"], out["n"])}
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -174,6 +193,13 @@ def format_skipped(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_warnings(records: list[dict]) -> str:
+    """The evaluated datasets whose numbers are not the standard protocol's (``"warning"`` of their metrics)."""
+    lines = [f"{rec['task']}/{n}: WARNING {m['warning']}" for rec in records for n, m in rec["metrics"].items()
+             if isinstance(m, dict) and m.get("warning")]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from declip_ds.eval.linear_probe import DEFAULT_CACHE
     from declip_ds.models.pretrained import FORMATS
@@ -217,19 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_datasets() -> str:
-    from declip_ds.eval.downstream import REGISTRY, SUITES, describe
+    from declip_ds.eval.downstream import REGISTRY, SUITES, VTAB_COPIES, describe
 
     lines = ["datasets (name, title, classes, templates, splits, headline metric):"]
     for name, spec in REGISTRY.items():
         lines.append("  " + describe(name))
         lines.append("      files: " + ", ".join(" or ".join(e) if isinstance(e, tuple) else e
                                                  for e in dict.fromkeys(x for v in spec.files.values() for x in v)))
+        size = f" (its test split: {spec.n_images:,} images)" if spec.n_images else ""
+        lines.append(f"      get:   {spec.get}{size}")
     from declip_ds.eval.retrieval import RETRIEVAL_REGISTRY
 
     lines.append("retrieval datasets (name, title; recall@1/5/10 both ways, headline mean_recall):")
     for spec in RETRIEVAL_REGISTRY.values():
         lines.append(f"  {spec.name:<14}{spec.title}")
         lines.append(f"      files: {spec.file}, {spec.images}/ (or {spec.name}_wds/test/*.tar)")
+        lines.append(f"      get:   {spec.get}")
+    lines.append("DIR is --data-root. Webdataset copies: DIR/<name>_wds/<split>/*.tar (python -m "
+                 "declip_ds.eval.make_shards), CLIP_benchmark's DIR/wds_<name>/<split>/ and, for the test split of "
+                 f"{', '.join(VTAB_COPIES)}, DIR/wds_vtab-<name>/test/.")
     lines.append("suites: " + "; ".join(f"{k} = {', '.join(v)}" for k, v in SUITES.items()))
     return "\n".join(lines)
 
@@ -319,13 +351,13 @@ def finish(records: list[dict], args, names: list[str]) -> int:
     from declip_ds.eval.report import report, write_record
 
     text = report(records)
-    skipped = format_skipped(records)
-    print(text + ("\n\n" + skipped if skipped else ""))
+    notes = "".join("\n\n" + part for part in (format_warnings(records), format_skipped(records)) if part)
+    print(text + notes)
     if args.out:
         out = Path(args.out)
         for rec in records:
             write_record(rec, out / f"{rec['task']}.json")
-        (out / "table.txt").write_text(text + ("\n\n" + skipped if skipped else "") + "\n")
+        (out / "table.txt").write_text(text + notes + "\n")
         (out / "table.md").write_text(report(records, markdown=True) + "\n")
     evaluated = [n for rec in records for n in rec["metrics"] if n not in rec["skipped"]]
     failed = [f"{rec['task']}/{n}" for rec in records for n in rec.get("failed", [])]
