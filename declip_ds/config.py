@@ -111,6 +111,10 @@ class DataConfig:
     mode: str = "resampled"  # resampled | epoch
     shuffle_buffer: int = 1000
     workers: int = 2
+    # a DataLoader worker that delivers no batch for this long stops the run (exit 2, naming the rank) rather
+    # than leaving the other ranks to the process group's 30-minute timeout; 0 = wait forever. Only with
+    # workers > 0 (with 0 the trainer reads the shards itself)
+    timeout_minutes: float = 15.0
     strict: bool = False  # raise on a corrupt sample instead of skipping it
     # training JPEGs decoded DCT-downscaled (PIL's draft, by a power of two) while the shorter side stays at
     # least what the views' smallest crop needs at full resolution: much faster on large images, pixels close
@@ -475,6 +479,8 @@ def validate(exp: Experiment) -> None:
     _choice(d.normalize, ("imagenet", "openai"), "data.normalize")
     _choice(d.synthetic.captions, ("rich", "plain"), "data.synthetic.captions")
     _positive(d.workers, "data.workers", allow_zero=True)
+    if not (math.isfinite(d.timeout_minutes) and d.timeout_minutes >= 0):
+        raise ConfigError(f"data.timeout_minutes: must be a finite number >= 0 (0 = no limit), got {d.timeout_minutes}.")
     if len(d.rrc_scale) != 2 or not 0 < d.rrc_scale[0] <= d.rrc_scale[1] <= 1:
         raise ConfigError(f"data.rrc_scale: need [low, high] with 0 < low <= high <= 1, got {d.rrc_scale}.")
     if d.train_weights and len(d.train_weights) != len(d.train_shards):

@@ -49,6 +49,7 @@ def test_demo_config_loads_and_overrides_are_typed():
     (["eval.crop_ratio=0"], r"eval.crop_ratio: must be a number with 0 < crop_ratio <= 1.*got 0"),
     (["eval.crop_ratio=1.2"], r"eval.crop_ratio: must be a number with 0 < crop_ratio <= 1.*got 1.2"),
     (["eval.crop_ratio=big"], r"eval.crop_ratio: expected a number"),
+    (["data.timeout_minutes=-1"], r"data.timeout_minutes: must be a finite number >= 0 \(0 = no limit\), got -1"),
     # every method's loss weights, through one check over the registry's configs
     (["method.clip_weight=-1"], r"method.clip_weight: a loss weight must be a finite number >= 0, got -1"),
     (["method.name=filip", "method.filip_weight=.inf"], r"method.filip_weight: a loss weight must be a finite"),

@@ -77,8 +77,12 @@ def straight_vs_resumed(tmp_path, shapes, ds=None, ranks=1):
 
     straight6 = tmp_path / "straight_step_6"
     shutil.move(a / "checkpoints" / "step_00000006", straight6)  # lost to the run, kept for the comparison
+    saved = [torch.load(a / "checkpoints" / "step_00000003" / f"rank_{r:05d}.pt", weights_only=True)
+             for r in range(ranks)]
+    if ranks > 1:  # RELIABILITY §4.3: each rank draws its own dropout / drop-path masks (seeded per rank)
+        assert not torch.equal(saved[0]["rng"]["torch"], saved[1]["rng"]["torch"])
     for r in range(ranks):  # where each loader stream's consumed batches end: skipped undecoded on resume
-        data = torch.load(a / "checkpoints" / "step_00000003" / f"rank_{r:05d}.pt", weights_only=True)["data"]
+        data = saved[r]["data"]
         assert data["epoch_batches"] == 3 and data["cursors"][0][0] >= 3 * 8, data  # batch 8, one worker
         assert data["cursors"][0][1] == 3 and data["last_stream"] == 0, data  # its 3rd batch
     rc, out = run(args, tmp_path)

@@ -840,3 +840,26 @@ def test_workers_outlive_a_group_sigterm_but_never_hang_the_exit(tmp_path, signa
     else:
         assert p.returncode == 1 and "trainer crashed" in out, out[-2000:]
     assert time.time() - start < 60
+
+
+def test_a_stalled_shard_read_is_a_data_error_after_the_timeout(tmp_path):
+    """A source that never delivers (here a pipe: that sleeps; an NFS read that hangs) stops the rank with a
+    DataError naming data.timeout_minutes once no batch came within the loader's timeout; without a timeout
+    torch's error (or none) is not turned into one, and a healthy loader is unaffected."""
+    import time
+
+    spec, _ = make_shards(tmp_path, n_shards=1)
+    start = time.monotonic()
+    stalled = _loader("pipe:sleep 30", workers=1, timeout_s=2, num_samples=8)
+    with pytest.raises(wds.DataError, match=r"rank 0: no batch from a DataLoader worker in 2 s \(data.timeout_minutes\)"):
+        wds.next_batch(iter(stalled), 2, "rank 0")
+    assert time.monotonic() - start < 25
+    healthy = iter(_loader(spec, workers=1, timeout_s=2))
+    assert wds.next_batch(healthy, 2)["image"].shape[0] == 4
+
+    def timed_out():
+        raise RuntimeError("DataLoader timed out after 2 seconds")
+        yield
+
+    with pytest.raises(RuntimeError, match="timed out"):  # no timeout configured: not ours to explain
+        wds.next_batch(timed_out(), 0)

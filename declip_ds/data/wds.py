@@ -879,7 +879,7 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
                        weights: Sequence[float] | None = None, strict: bool = False, epoch: int = 0,
                        num_samples: int | None = None, drop_last: bool = False, start_batch: int = 0,
                        cursors: dict | None = None, last_stream: int | None = None,
-                       pin_memory: bool = False, jpeg_draft: bool = True) -> DataLoader:
+                       pin_memory: bool = False, jpeg_draft: bool = True, timeout_s: float = 0) -> DataLoader:
     """Training batches for one rank: dicts of stacked views + "__key__", "__url__", "_skips".
 
     sources: a spec ("a/{00000..00015}.tar::b/{0..9}.tar"), a list of specs, or expand_urls'
@@ -903,6 +903,8 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
     the stream up to and including it).
     jpeg_draft: decode JPEGs DCT-downscaled to the transform's ``draft_size`` (``decode_image``); false:
         in full.
+    timeout_s: with workers, the longest wait for one batch (0: no limit); ``next_batch`` turns torch's
+        timeout into a DataError.
     Rebuild the loader with the next ``epoch`` for a new epoch / virtual epoch.
     """
     if mode not in ("resampled", "epoch"):
@@ -925,7 +927,7 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
                            None if last_stream is None else int(last_stream))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                         pin_memory=pin_memory, prefetch_factor=2 if workers else None,
-                        worker_init_fn=_ignore_stop_signals,
+                        worker_init_fn=_ignore_stop_signals, timeout=timeout_s if workers else 0,
                         generator=_loader_generator(seed, rank, epoch))
     loader.num_samples = num_samples
     if worker_batches is not None:
@@ -935,6 +937,22 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
     else:
         loader.num_batches = None
     return loader
+
+
+def next_batch(batches, timeout_s: float = 0, what: str = "the training data"):
+    """``next(batches, None)``, with a stalled DataLoader (no batch from a worker within the loader's
+    ``timeout_s``: a shard read hanging on a network filesystem, a ``pipe:`` source that never ends) as a
+    DataError that says so, instead of torch's bare RuntimeError (or, without a timeout, a rank that waits
+    until the other ranks' collectives time out with an error that names neither)."""
+    try:
+        return next(batches, None)
+    except RuntimeError as e:
+        if not timeout_s or "timed out" not in str(e):
+            raise
+        raise DataError(f"{what}: no batch from a DataLoader worker in {timeout_s:g} s (data.timeout_minutes): a "
+                        f"shard read is stuck (a network filesystem, a pipe: or remote source that stopped sending). "
+                        f"Check the shards' storage; rerun to resume from the last checkpoint, or raise "
+                        f"data.timeout_minutes (0 = no limit).") from None
 
 
 def read_cursors(cursors: dict | None) -> dict[int, tuple[int, int | None]]:
