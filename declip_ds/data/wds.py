@@ -955,6 +955,15 @@ def next_batch(batches, timeout_s: float = 0, what: str = "the training data"):
                         f"data.timeout_minutes (0 = no limit).") from None
 
 
+def set_batch_timeout(batches, timeout_s: float) -> None:
+    """Give a running DataLoader iterator its batch timeout. A loader that resumes mid-epoch is built without
+    one, since its first batch waits for the fast-forward over the consumed samples (minutes to hours on
+    remote shards); the trainer sets the timeout once that batch has come. (torch reads the iterator's
+    ``_timeout`` at every wait; an iterator without it is left alone.)"""
+    if hasattr(batches, "_timeout"):
+        batches._timeout = timeout_s
+
+
 def read_cursors(cursors: dict | None) -> dict[int, tuple[int, int | None]]:
     """Stream cursors as {stream: (end, made or None)}, from what a checkpoint holds ({stream: [end, made]},
     string keys after a round trip, or a bare ``end`` from before ``made`` was kept)."""

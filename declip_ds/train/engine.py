@@ -103,7 +103,7 @@ def build_loader(exp: Experiment, method, sources, epoch: int, start_batch: int 
         weights=d.train_weights or None, strict=d.strict, epoch=epoch, num_samples=num_samples,
         drop_last=True, start_batch=start_batch, cursors=cursors if start_batch else None,
         last_stream=last_stream if start_batch else None, jpeg_draft=d.jpeg_draft,
-        timeout_s=d.timeout_minutes * 60,
+        timeout_s=0 if start_batch else d.timeout_minutes * 60,  # a fast-forward can take long: see next_batch
     )
 
 
@@ -622,10 +622,12 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         Batches recorded as bad by the guard (this run or an earlier one) are passed over."""
         nonlocal data_iter, epoch, epoch_batches, last_stream
         from declip_ds.data.wds import next_batch as next_or_stall
+        from declip_ds.data.wds import set_batch_timeout
 
         stalled_after, what = exp.data.timeout_minutes * 60, f"rank {rank}'s training data ({exp.data.train_shards})"
         while True:
             batch = next_or_stall(data_iter, stalled_after, what)
+            set_batch_timeout(data_iter, stalled_after)  # a resumed loader's fast-forward is behind it now
             if D.all_reduce_int(0 if batch is None else 1, op=dist.ReduceOp.MIN) == 0:
                 epoch, epoch_batches, last_stream = epoch + 1, 0, None
                 cursors.clear()
