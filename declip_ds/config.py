@@ -113,7 +113,7 @@ class DataConfig:
     workers: int = 2
     # a DataLoader worker that delivers no batch for this long stops the run (exit 2, naming the rank) rather
     # than leaving the other ranks to the process group's 30-minute timeout; 0 = wait forever. Only with
-    # workers > 0 (with 0 the trainer reads the shards itself)
+    # workers > 0 (with 0 the trainer reads the shards itself), and once every worker has delivered a batch
     timeout_minutes: float = 15.0
     strict: bool = False  # raise on a corrupt sample instead of skipping it
     # training JPEGs decoded DCT-downscaled (PIL's draft, by a power of two) while the shorter side stays at

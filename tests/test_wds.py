@@ -843,29 +843,30 @@ def test_workers_outlive_a_group_sigterm_but_never_hang_the_exit(tmp_path, signa
 
 
 def test_a_stalled_shard_read_is_a_data_error_after_the_timeout(tmp_path):
-    """A source that never delivers (here a pipe: that sleeps; an NFS read that hangs) stops the rank with a
-    DataError naming data.timeout_minutes once no batch came within the loader's timeout; without a timeout
-    torch's error (or none) is not turned into one, and a healthy loader is unaffected."""
-    spec, _ = make_shards(tmp_path, n_shards=1)
-    stalled = _loader("pipe:sleep 4", workers=1, timeout_s=1, num_samples=8)
+    """A source that stops sending (here a pipe: that sleeps; an NFS read that hangs) stops the rank with a
+    DataError naming data.timeout_minutes. The trainer's Batches arm the timeout only once every worker has
+    delivered a batch: a worker that starts late (its shuffle buffer, a resumed run's fast-forward) is not a
+    stall. Without a timeout, or for a worker's own error, torch's error is left alone."""
+    make_shards(tmp_path, n_shards=2)
+    a, b = tmp_path / "00000.tar", tmp_path / "00001.tar"
+    # epoch mode, 2 shards, 2 workers: one shard each; one worker starts 3 s late, then both run dry
+    late_start = _loader([str(a), f"pipe:sh -c 'sleep 3; cat {b}'"], workers=2, timeout_s=0, mode="epoch",
+                         batch_size=4, shuffle_buffer=1)
+    got = wds.Batches(late_start, 1, "rank 0")
+    assert [got.next()["image"].shape[0] for _ in range(4)] == [4, 4, 4, 4] and got.next() is None
+    # armed after every worker's first batch: a worker that then hangs is a stall
+    hangs = _loader(f"pipe:sh -c 'cat {a}; sleep 5'", workers=1, shuffle_buffer=1, batch_size=4)
+    got = wds.Batches(hangs, 1, "rank 0")
     with pytest.raises(wds.DataError, match=r"rank 0: no batch from a DataLoader worker in 1 s \(data.timeout_minutes\)"):
-        wds.next_batch(iter(stalled), 1, "rank 0")
-    healthy = iter(_loader(spec, workers=1, timeout_s=60))
-    assert wds.next_batch(healthy, 60)["image"].shape[0] == 4
-
-    # a loader that resumes mid-epoch starts without a timeout (its fast-forward can take long) and gets it
-    # after its first batch: a source that sends one batch and then hangs
-    shard = tmp_path / "00000.tar"
-    late = iter(_loader(f"pipe:sh -c 'cat {shard}; sleep 4'", workers=1, shuffle_buffer=1, batch_size=4))
-    assert wds.next_batch(late, 0)["image"].shape[0] == 4
-    wds.set_batch_timeout(late, 1)
-    with pytest.raises(wds.DataError, match=r"no batch from a DataLoader worker in 1 s"):
         for _ in range(3):
-            wds.next_batch(late, 1)
+            got.next()
+    assert got.seen == 1  # the second batch's last sample ends only at the tar's end, which the pipe withholds
 
-    def timed_out():
-        raise RuntimeError("DataLoader timed out after 2 seconds")
+    def failing(message):
+        raise RuntimeError(message)
         yield
 
     with pytest.raises(RuntimeError, match="timed out"):  # no timeout configured: not ours to explain
-        wds.next_batch(timed_out(), 0)
+        wds.next_batch(failing("DataLoader timed out after 2 seconds"), 0)
+    with pytest.raises(RuntimeError, match="curl: timed out"):  # a worker's own error
+        wds.next_batch(failing("Caught OSError in DataLoader worker process 0: curl: timed out"), 60)

@@ -904,7 +904,7 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
     jpeg_draft: decode JPEGs DCT-downscaled to the transform's ``draft_size`` (``decode_image``); false:
         in full.
     timeout_s: with workers, the longest wait for one batch (0: no limit); ``next_batch`` turns torch's
-        timeout into a DataError.
+        timeout into a DataError. The trainer builds its loaders without one and arms it later: ``Batches``.
     Rebuild the loader with the next ``epoch`` for a new epoch / virtual epoch.
     """
     if mode not in ("resampled", "epoch"):
@@ -947,7 +947,7 @@ def next_batch(batches, timeout_s: float = 0, what: str = "the training data"):
     try:
         return next(batches, None)
     except RuntimeError as e:
-        if not timeout_s or "timed out" not in str(e):
+        if not timeout_s or not str(e).startswith("DataLoader timed out"):
             raise
         raise DataError(f"{what}: no batch from a DataLoader worker in {timeout_s:g} s (data.timeout_minutes): a "
                         f"shard read is stuck (a network filesystem, a pipe: or remote source that stopped sending). "
@@ -955,13 +955,24 @@ def next_batch(batches, timeout_s: float = 0, what: str = "the training data"):
                         f"data.timeout_minutes (0 = no limit).") from None
 
 
-def set_batch_timeout(batches, timeout_s: float) -> None:
-    """Give a running DataLoader iterator its batch timeout. A loader that resumes mid-epoch is built without
-    one, since its first batch waits for the fast-forward over the consumed samples (minutes to hours on
-    remote shards); the trainer sets the timeout once that batch has come. (torch reads the iterator's
-    ``_timeout`` at every wait; an iterator without it is left alone.)"""
-    if hasattr(batches, "_timeout"):
-        batches._timeout = timeout_s
+class Batches:
+    """A training loader's batches with stall detection (``next_batch``). The timeout is armed only once every
+    worker has delivered a batch: until then a worker may legitimately take long (filling its shuffle buffer
+    from remote shards, or fast-forwarding over the samples a resumed run consumed, which can take hours),
+    and the DataLoader takes the workers' batches in turn, so the first batch says nothing about the others.
+    (torch reads the iterator's ``_timeout`` at every wait, so it can be set on a running iterator.)"""
+
+    def __init__(self, loader, timeout_s: float = 0, what: str = "the training data"):
+        self.it, self.timeout_s, self.what = iter(loader), timeout_s, what
+        self.arm_after, self.seen = max(getattr(loader, "num_workers", 0), 1), 0
+
+    def next(self):
+        """The next batch, or None when the loader is exhausted."""
+        batch = next_batch(self.it, self.timeout_s if self.seen >= self.arm_after else 0, self.what)
+        self.seen += 1
+        if self.seen == self.arm_after and self.timeout_s and hasattr(self.it, "_timeout"):
+            self.it._timeout = self.timeout_s
+        return batch
 
 
 def read_cursors(cursors: dict | None) -> dict[int, tuple[int, int | None]]:

@@ -103,8 +103,14 @@ def build_loader(exp: Experiment, method, sources, epoch: int, start_batch: int 
         weights=d.train_weights or None, strict=d.strict, epoch=epoch, num_samples=num_samples,
         drop_last=True, start_batch=start_batch, cursors=cursors if start_batch else None,
         last_stream=last_stream if start_batch else None, jpeg_draft=d.jpeg_draft,
-        timeout_s=0 if start_batch else d.timeout_minutes * 60,  # a fast-forward can take long: see next_batch
     )
+
+
+def batches(exp: Experiment, loader):
+    """The loader's batches; data.timeout_minutes is armed once every worker has delivered one (wds.Batches)."""
+    from declip_ds.data.wds import Batches
+
+    return Batches(loader, exp.data.timeout_minutes * 60, f"rank {D.rank()}'s training data ({exp.data.train_shards})")
 
 
 def to_device(batch: dict, device, dtype) -> dict:
@@ -607,7 +613,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
 
     # 5. steps
     config_yaml = yaml.safe_dump(to_dict(exp), sort_keys=False)
-    data_iter = iter(build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
+    data_iter = batches(exp, build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
     logger, meter = Logger(exp, run_dir, rank), Meter()
     bar = None
     if rank == 0:
@@ -621,18 +627,13 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         together (ranks can run dry at different batches in epoch mode; a collective would hang).
         Batches recorded as bad by the guard (this run or an earlier one) are passed over."""
         nonlocal data_iter, epoch, epoch_batches, last_stream
-        from declip_ds.data.wds import next_batch as next_or_stall
-        from declip_ds.data.wds import set_batch_timeout
-
-        stalled_after, what = exp.data.timeout_minutes * 60, f"rank {rank}'s training data ({exp.data.train_shards})"
         while True:
-            batch = next_or_stall(data_iter, stalled_after, what)
-            set_batch_timeout(data_iter, stalled_after)  # a resumed loader's fast-forward is behind it now
+            batch = data_iter.next()
             if D.all_reduce_int(0 if batch is None else 1, op=dist.ReduceOp.MIN) == 0:
                 epoch, epoch_batches, last_stream = epoch + 1, 0, None
                 cursors.clear()
-                data_iter = iter(build_loader(exp, method, sources, epoch))
-                batch = next_or_stall(data_iter, stalled_after, what)
+                data_iter = batches(exp, build_loader(exp, method, sources, epoch))
+                batch = data_iter.next()
                 if batch is None:
                     raise RuntimeError(f"epoch {epoch} of the training data is empty on rank {rank}; check data.train_shards")
             epoch_batches += 1
@@ -693,7 +694,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         if finish is not None:
             finish()
         step, samples_seen, epoch, epoch_batches = restore(back)  # also the guard's state (in_a_row = 0)
-        data_iter = iter(build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
+        data_iter = batches(exp, build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
         meter.sums, meter.count, meter.skips = {}, 0, {}  # the losses and skips of the steps rolled back
         if bar is not None:
             bar.n = step
