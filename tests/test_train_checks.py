@@ -96,7 +96,8 @@ def test_a_checkpoint_config_without_newer_keys_is_not_a_change():
     current["train"]["decay_attention_in_proj_bias"] = True
     assert list(C.config_changes(C._with_defaults(saved), current)) == ["train.decay_attention_in_proj_bias"]
     # a key whose default changed later: a DeCLIP tag saved without method.contrastive_text ran "masked", so a
-    # resume under today's default ("raw") shows as a change, and one that sets "masked" does not
+    # resume under today's default ("raw") shows as a change (which check_config refuses:
+    # test_a_resume_under_a_changed_default_is_refused), and one that sets "masked" does not
     for name in ("declip", "defilip"):
         current = to_dict(from_dict({"method": {"name": name}, "model": {"token_dim": 8}}))
         saved = to_dict(from_dict({"method": {"name": name}, "model": {"token_dim": 8}}))
@@ -172,3 +173,30 @@ def test_a_fresh_start_under_resume_auto_names_the_directory_and_the_logged_step
     (tmp_path / "runs/x").mkdir(parents=True)
     (tmp_path / "runs/x/metrics.jsonl").write_text('{"step": 10, "loss": 1}\n{"step": 20}\nnot json\n{"x": 1}\n')
     assert "metrics.jsonl logged steps up to 20, which are trained again" in engine.fresh_start_message(Path("runs/x"))
+
+
+def test_a_resume_under_a_changed_default_is_refused(tmp_path):
+    """A DeCLIP run that trained with contrastive_text masked (saved explicitly, or before the key existed)
+    resumed with a YAML that leaves the key at today's default would switch its objective mid-run: the
+    resume stops, naming the override that continues it as it trained; with the override it passes."""
+    import yaml
+
+    from declip_ds.config import to_dict
+    from declip_ds.train import checkpoint as C
+
+    class Engine:  # check_config reads the module's tensors only when model.safetensors is there
+        module = None
+
+    tag = tmp_path / "step_00000004"
+    tag.mkdir()
+    exp = {"method": {"name": "declip"}}
+    for saved in (to_dict(from_dict({"method": {"name": "declip", "contrastive_text": "masked"}})),
+                  {**to_dict(from_dict(exp)), "method": {k: v for k, v in to_dict(from_dict(exp))["method"].items()
+                                                         if k != "contrastive_text"}}):
+        (tag / "config.yaml").write_text(yaml.safe_dump(saved))
+        target = C.ResumeTarget(tmp_path, tag.name)
+        with pytest.raises(C.CheckpointError, match=r"trained with method.contrastive_text=masked, and this config "
+                                                    r"has the new default .*add method.contrastive_text=masked"):
+            C.check_config(Engine, target, to_dict(from_dict(exp)))
+        current = to_dict(from_dict({"method": {"name": "declip", "contrastive_text": "masked"}}))
+        assert C.check_config(Engine, target, current) == {}

@@ -782,6 +782,11 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
 # keys added with one default that later changed: (methods they apply to, the value a config saved without
 # the key ran with), so that resuming such a checkpoint under the new default shows as a change
 OLD_DEFAULTS = {("method", "contrastive_text"): (("declip", "defilip"), "masked")}
+# a resume that would switch one of these from its old default to its new one (a run started before the
+# default changed, resumed with a YAML that does not set the key) changes the training objective mid-run
+# without the user asking: refused, naming the override that continues the run as it trained
+DEFAULT_CHANGES = {"method.contrastive_text": ("masked", "raw", "2026-11-29: the paper's views; the *_yfcc15m "
+                                               "recipes set masked, the reference code's")}
 
 
 def _with_defaults(saved: dict) -> dict:
@@ -819,6 +824,15 @@ def check_config(engine, target: ResumeTarget, config: dict) -> dict[str, tuple]
         err = f"{tag_dir}: {type(e).__name__}: {e}"
     _agree(err)
     changed = config_changes(_with_defaults(saved), config) if isinstance(saved, dict) else {}
+    switched = [k for k, (old, new, _) in DEFAULT_CHANGES.items() if changed.get(k) == (old, new)]
+    if switched:
+        raise CheckpointError(
+            f"{tag_dir} trained with " + ", ".join(f"{k}={DEFAULT_CHANGES[k][0]}" for k in switched)
+            + ", and this config has the new default (" + "; ".join(f"{k}={new}, since {why}" for k in switched
+                                                            for _, new, why in [DEFAULT_CHANGES[k]])
+            + "): resuming would change the training objective mid-run. To continue the run as it trained, add "
+            + " ".join(f"{k}={DEFAULT_CHANGES[k][0]}" for k in switched)
+            + " to the command (or the YAML); for the new behaviour, train a new run in another train.output_dir.")
     fixed = [k for k in FIXED_KEYS if k in changed]
     mismatch = _shape_mismatch(engine.module, shapes) if shapes is not None else []
     if mismatch:
