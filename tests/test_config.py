@@ -172,9 +172,11 @@ def test_ds_checkpoint_section_keeps_the_trainers_crash_safe_save(tmp_path, sect
         read_ds_config(write(tmp_path, {"checkpoint": section}))
 
 
-def test_ds_checkpoint_section_allows_tag_validation(tmp_path):
+def test_ds_checkpoint_section_allows_tag_validation_and_deepspeeds_defaults(tmp_path):
     for mode in ("Ignore", "warn", "FAIL"):
         assert read_ds_config(write(tmp_path, {"checkpoint": {"tag_validation": mode}}))["checkpoint"]
+    defaults = {"writer": None, "use_node_local_storage": False, "checkpoint_serialization": True}
+    assert read_ds_config(write(tmp_path, {"checkpoint": defaults}))["checkpoint"] == defaults
 
 
 def test_missing_ds_config_file():

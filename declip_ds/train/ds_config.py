@@ -47,6 +47,8 @@ def read_ds_config(path: str | None) -> dict:
 # then checksums, then the COMPLETE marker, in one shared train.output_dir) needs DeepSpeed's synchronous
 # writer into that directory, so the decoupled / mock writers and node-local storage are refused
 CHECKPOINT_KEYS = {"tag_validation": ("Ignore", "Warn", "Fail"), "load_universal": None, "parallel_write": None}
+# DeepSpeed's defaults of the refused keys: spelled out, they change nothing and pass
+CHECKPOINT_DEFAULTS = {"writer": None, "use_node_local_storage": False, "checkpoint_serialization": True}
 CHECKPOINT_REFUSED = {
     "writer": "DeepSpeed's alternative writers save from a side process (decoupled) or not at all (mock), so "
               "the trainer could mark a checkpoint COMPLETE before its files exist",
@@ -62,9 +64,11 @@ def _check_checkpoint_section(ckpt, path: str) -> None:
     if not isinstance(ckpt, dict):
         raise ConfigError(f"--ds_config {path}: checkpoint must be a mapping, got {ckpt!r}.")
     for key, value in ckpt.items():
-        if key in CHECKPOINT_REFUSED:
+        if key in CHECKPOINT_REFUSED and value != CHECKPOINT_DEFAULTS[key]:
             raise ConfigError(f"--ds_config {path}: checkpoint.{key} is not supported: {CHECKPOINT_REFUSED[key]}. "
                               f"Remove it (the trainer writes its checkpoints itself, under train.output_dir).")
+        if key in CHECKPOINT_REFUSED:
+            continue
         if key not in CHECKPOINT_KEYS:
             raise ConfigError(f"--ds_config {path}: unknown key checkpoint.{key}. Known: {sorted(CHECKPOINT_KEYS)}.")
         allowed = CHECKPOINT_KEYS[key]
