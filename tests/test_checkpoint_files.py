@@ -301,10 +301,13 @@ def test_a_second_training_in_the_same_output_dir_is_refused_until_the_first_end
     import sys
 
     run = tmp_path / "run"
+    # the holder forks a child (as DataLoader workers are forked) that outlives it: a lock a child inherited
+    # (flock's) would outlive the holder's SIGKILL and refuse the restarted run
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from declip_ds.train import checkpoint as C; "
-        f"assert C.lock_run_dir(Path({str(run)!r})) is None; print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+        "import os, sys, time; from pathlib import Path; from declip_ds.train import checkpoint as C; "
+        f"assert C.lock_run_dir(Path({str(run)!r})) is None\n"
+        "if os.fork() == 0:\n    time.sleep(20); os._exit(0)\n"
+        "print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         err = C.lock_run_dir(run)
@@ -320,6 +323,9 @@ def test_a_second_training_in_the_same_output_dir_is_refused_until_the_first_end
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
-    assert C.lock_run_dir(run) is None  # released with its holder
+    try:
+        assert C.lock_run_dir(run) is None  # released with its holder, its forked child still running
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
     assert json.loads((run / C.LOCK_FILE).read_text())["pid"] == os.getpid()
     assert C.lock_run_dir(run) is None  # this process holds it already

@@ -669,7 +669,8 @@ def lock_run_dir(run_dir: Path) -> str | None:
         f.close()
         return (f"{run_dir.resolve()} is in use by another training ({holder}; lock {path}). Two runs in one "
                 f"train.output_dir would delete each other's checkpoints: wait for it to end or stop it (touch "
-                f"{run_dir / 'STOP'} saves and exits), or give this run another train.output_dir.")
+                f"{run_dir / 'STOP'} saves and exits), or give this run another train.output_dir. (If that host "
+                f"is down and no such process runs, an NFS server may keep its lock for a while: delete {path}.)")
     f.seek(0)
     f.truncate()
     f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),

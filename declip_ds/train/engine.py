@@ -520,16 +520,16 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     # 2. processes
     rank, world = D.init_distributed()
     setup_logging(rank)
+    run_dir = Path(exp.train.output_dir)
+    busy = C.lock_run_dir(run_dir) if rank == 0 else None  # first: another training there may be saving
+    busy = next((e for e in C._gather(busy) if e), None)
+    if busy:
+        raise C.CheckpointError(busy)
     C.agree_on_target(target)  # before a rank without one builds a model and trains from step 0 alone
     import deepspeed
 
     from declip_ds.registry import get_method
 
-    run_dir = Path(exp.train.output_dir)
-    busy = C.lock_run_dir(run_dir) if rank == 0 else None  # before anything in the directory is touched
-    busy = next((e for e in C._gather(busy) if e), None)
-    if busy:
-        raise C.CheckpointError(busy)
     if rank == 0:
         save_config(exp, run_dir / "config.yaml")
     if sources is None:
