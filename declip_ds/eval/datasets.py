@@ -6,7 +6,8 @@ Two layouts, told apart by what ``root`` holds:
                    Class order and names: an optional class index in root,
                      classnames.txt   one line per class. "folder<TAB>name" lines give the order and
                                       names explicitly; plain lines name the folders in class order
-                                      (line i = the i-th folder; see below)
+                                      (line i = the i-th folder; see below; for 11 or more numbered
+                                      folders, other than ImageNetV2's 1000, a warning says so)
                      classnames.json  {"folder": "name", ...} (file order = class order),
                                       {"0": ["folder", "name"], ...} (the imagenet_class_index.json
                                       layout, ordered by the integer key) or ["name", ...] (class order)
@@ -164,6 +165,13 @@ def read_class_index(path: str | Path, folders: list[str]) -> tuple[list[str], l
         else:
             pairs = list(zip(folders, lines)) if len(lines) == len(folders) else None
         data = lines
+    if pairs is not None and isinstance(data, list) and _numbered(folders) and 10 < len(folders) != 1000 \
+            and sorted(folders) != folders:
+        # numeric and text order differ from 11 folders on; 1000 numbered folders are ImageNetV2's classes
+        warnings.warn(f"Class index '{path}' is a plain list for {len(folders)} numbered folders: line i names "
+                      f"folder {folders[1]!r} ... in numeric order (folder i = class i). If the list follows "
+                      f"torchvision's ImageFolder order ('0', '1', '10', '100', ...), write 'folder<TAB>name' lines "
+                      f"instead.", stacklevel=3)
     if pairs is None:
         raise ValueError(f"Class index '{path}' lists {len(data)} names for {len(folders)} class folders; a plain "
                          "list must name every folder (in class order: numbered folders numerically, others "
