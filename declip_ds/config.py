@@ -397,7 +397,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"Config file '{p}' must hold a mapping with the sections {', '.join(f.name for f in dataclasses.fields(Experiment))} at the "
                               f"top level, not a {type(data).__name__}.")
     apply_overrides(data, overrides or [])
-    return from_dict(data)
+    exp = from_dict(data)
+    _note_unused_rrc_scale(exp)
+    return exp
+
+
+def _note_unused_rrc_scale(exp: Experiment) -> None:
+    """data.rrc_scale set away from its default for a method whose views do not read it (DeCLIP's, FILIP's
+    MoCo-v2 view): said once when a run's YAML is loaded (not for configs read back from checkpoints)."""
+    import warnings
+
+    why = getattr(exp.method, "rrc_scale_unused", lambda: None)()
+    if why and list(exp.data.rrc_scale) != DataConfig().rrc_scale:
+        warnings.warn(f"data.rrc_scale={list(exp.data.rrc_scale)} is not used by method '{exp.method.name}': {why}.",
+                      stacklevel=3)
 
 
 def to_dict(exp: Experiment) -> dict:

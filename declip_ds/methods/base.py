@@ -91,14 +91,3 @@ class Method(nn.Module):
 
     def load_extra_state(self, state: dict) -> None:
         pass
-
-
-def warn_unused_rrc_scale(exp, why: str) -> None:
-    """data.rrc_scale set away from its default for a method whose views do not read it: say so at load."""
-    import warnings
-
-    from declip_ds.config import DataConfig
-
-    if list(exp.data.rrc_scale) != DataConfig().rrc_scale:
-        warnings.warn(f"data.rrc_scale={list(exp.data.rrc_scale)} is not used by method '{exp.method.name}': {why}.",
-                      stacklevel=2)

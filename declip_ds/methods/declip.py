@@ -93,9 +93,10 @@ class DeCLIPConfig(MethodConfig):
         s = self.view_scale
         if len(s) != 2 or not 0 < s[0] <= s[1] <= 1:
             raise ConfigError(f"method.view_scale: need [low, high] with 0 < low <= high <= 1, got {s}.")
-        from declip_ds.methods.base import warn_unused_rrc_scale
 
-        warn_unused_rrc_scale(exp, f"its two MoCo-v2 views crop with method.view_scale ({list(s)}); set that instead")
+    def rrc_scale_unused(self) -> str | None:
+        """Why data.rrc_scale does not apply to this method (load_config says so when it is set)."""
+        return f"its two MoCo-v2 views crop with method.view_scale ({list(self.view_scale)}); set that instead"
 
 
 

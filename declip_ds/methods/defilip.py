@@ -1,5 +1,5 @@
-"""DeFILIP: DeCLIP plus FILIP's token-wise term on image view 1 against the masked caption
-(METHODS.md §5; DeCLIP-repo code, which produced the CLIP-Benchmark's best ViT-B/32 number).
+"""DeFILIP: DeCLIP plus FILIP's token-wise term on image view 1 against T1, the caption (MLM-masked with
+``contrastive_text: masked``, the reference's; METHODS.md §5; DeCLIP-repo code, which produced the CLIP-Benchmark's best ViT-B/32 number).
 
 Defaults follow the paper-style FILIP term (padding masked, all tokens gathered); the
 ``defilip_vit_b32_yfcc15m`` recipe switches to the reference's all-positions, top-16 behaviour.

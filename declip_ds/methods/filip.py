@@ -51,13 +51,14 @@ class FILIPConfig(MethodConfig):
             raise ConfigError("method.mlm_mask_text=true needs the <|mask|> token: set model.text.mask_token=true.")
         if self.mlm_mask_text and not 0 < self.mlm_prob < 1:
             raise ConfigError(f"method.mlm_prob: must be in (0, 1) (reference 0.15), got {self.mlm_prob}.")
-        if self.image_view == "moco_v2":
-            from declip_ds.methods.base import warn_unused_rrc_scale
-
-            warn_unused_rrc_scale(exp, "its image view is MoCo-v2's RandomResizedCrop, scale [0.2, 1]; "
-                                       "method.image_view=clip crops with data.rrc_scale")
         if self.topk < 0:
             raise ConfigError(f"method.topk must be >= 0 (0 = all tokens), got {self.topk}.")
+
+    def rrc_scale_unused(self) -> str | None:
+        """Why data.rrc_scale does not apply to this method (load_config says so when it is set)."""
+        if self.image_view == "moco_v2":
+            return "its image view is MoCo-v2's RandomResizedCrop, scale [0.2, 1]; method.image_view=clip crops with it"
+        return None
 
 
 def check_token_renorm(value: str) -> None:
