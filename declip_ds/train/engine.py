@@ -106,7 +106,7 @@ def build_loader(exp: Experiment, method, sources, epoch: int, start_batch: int 
     )
 
 
-def batches(exp: Experiment, loader):
+def training_batches(exp: Experiment, loader):
     """The loader's batches; data.timeout_minutes is armed once every worker has delivered one (wds.Batches)."""
     from declip_ds.data.wds import Batches
 
@@ -613,7 +613,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
 
     # 5. steps
     config_yaml = yaml.safe_dump(to_dict(exp), sort_keys=False)
-    data_iter = batches(exp, build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
+    data_iter = training_batches(exp, build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
     logger, meter = Logger(exp, run_dir, rank), Meter()
     bar = None
     if rank == 0:
@@ -632,7 +632,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             if D.all_reduce_int(0 if batch is None else 1, op=dist.ReduceOp.MIN) == 0:
                 epoch, epoch_batches, last_stream = epoch + 1, 0, None
                 cursors.clear()
-                data_iter = batches(exp, build_loader(exp, method, sources, epoch))
+                data_iter = training_batches(exp, build_loader(exp, method, sources, epoch))
                 batch = data_iter.next()
                 if batch is None:
                     raise RuntimeError(f"epoch {epoch} of the training data is empty on rank {rank}; check data.train_shards")
@@ -694,7 +694,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         if finish is not None:
             finish()
         step, samples_seen, epoch, epoch_batches = restore(back)  # also the guard's state (in_a_row = 0)
-        data_iter = batches(exp, build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
+        data_iter = training_batches(exp, build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
         meter.sums, meter.count, meter.skips = {}, 0, {}  # the losses and skips of the steps rolled back
         if bar is not None:
             bar.n = step
