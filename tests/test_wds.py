@@ -850,7 +850,7 @@ def test_a_stalled_shard_read_is_a_data_error_after_the_timeout(tmp_path):
     make_shards(tmp_path, n_shards=2)
     a, b = tmp_path / "00000.tar", tmp_path / "00001.tar"
     # epoch mode, 2 shards, 2 workers: one shard each; one worker starts 3 s late, then both run dry
-    late_start = _loader([str(a), f"pipe:sh -c 'sleep 3; cat {b}'"], workers=2, timeout_s=0, mode="epoch",
+    late_start = _loader([str(a), f"pipe:sh -c 'sleep 3; cat {b}'"], workers=2, mode="epoch",
                          batch_size=4, shuffle_buffer=1)
     got = wds.Batches(late_start, 1, "rank 0")
     assert [got.next()["image"].shape[0] for _ in range(4)] == [4, 4, 4, 4] and got.next() is None

@@ -879,7 +879,7 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
                        weights: Sequence[float] | None = None, strict: bool = False, epoch: int = 0,
                        num_samples: int | None = None, drop_last: bool = False, start_batch: int = 0,
                        cursors: dict | None = None, last_stream: int | None = None,
-                       pin_memory: bool = False, jpeg_draft: bool = True, timeout_s: float = 0) -> DataLoader:
+                       pin_memory: bool = False, jpeg_draft: bool = True) -> DataLoader:
     """Training batches for one rank: dicts of stacked views + "__key__", "__url__", "_skips".
 
     sources: a spec ("a/{00000..00015}.tar::b/{0..9}.tar"), a list of specs, or expand_urls'
@@ -903,8 +903,7 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
     the stream up to and including it).
     jpeg_draft: decode JPEGs DCT-downscaled to the transform's ``draft_size`` (``decode_image``); false:
         in full.
-    timeout_s: with workers, the longest wait for one batch (0: no limit); ``next_batch`` turns torch's
-        timeout into a DataError. The trainer builds its loaders without one and arms it later: ``Batches``.
+    Stall detection (a batch timeout, armed once every worker has delivered): ``Batches``.
     Rebuild the loader with the next ``epoch`` for a new epoch / virtual epoch.
     """
     if mode not in ("resampled", "epoch"):
@@ -927,7 +926,7 @@ def build_train_loader(sources, sample_transform: Callable, batch_size: int, *, 
                            None if last_stream is None else int(last_stream))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                         pin_memory=pin_memory, prefetch_factor=2 if workers else None,
-                        worker_init_fn=_ignore_stop_signals, timeout=timeout_s if workers else 0,
+                        worker_init_fn=_ignore_stop_signals,
                         generator=_loader_generator(seed, rank, epoch))
     loader.num_samples = num_samples
     if worker_batches is not None:
@@ -968,7 +967,7 @@ class Batches:
 
     def next(self):
         """The next batch, or None when the loader is exhausted."""
-        batch = next_batch(self.it, self.timeout_s if self.seen >= self.arm_after else 0, self.what)
+        batch = next_batch(self.it, self.timeout_s, self.what)  # torch times out only once armed
         self.seen += 1
         if self.seen == self.arm_after and self.timeout_s and hasattr(self.it, "_timeout"):
             self.it._timeout = self.timeout_s

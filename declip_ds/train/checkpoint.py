@@ -780,27 +780,26 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
             if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
 
 
-# keys added with one default that later changed: (methods they apply to, the value a config saved without
-# the key ran with), so that resuming such a checkpoint under the new default shows as a change
-OLD_DEFAULTS = {("method", "contrastive_text"): (("declip", "defilip"), "masked")}
-# a resume that would switch one of these from its old default to its new one (a run started before the
-# default changed, resumed with a YAML that does not set the key) changes the training objective mid-run
-# without the user asking: refused, naming the override that continues the run as it trained
-DEFAULT_CHANGES = {"method.contrastive_text": ("masked", "raw", "2026-11-29: the paper's views; the *_yfcc15m "
-                                               "recipes set masked, the reference code's")}
+# defaults that changed: key -> (the methods it applies to, old default, new default, why). A config saved
+# without the key ran with the old one (``_with_defaults``); a resume that would switch a run from the old to
+# the new one (a YAML that does not set the key) changes the training objective mid-run without the user
+# asking, and is refused naming the override that continues the run as it trained (``check_config``)
+DEFAULT_CHANGES = {"method.contrastive_text": (("declip", "defilip"), "masked", "raw", "2026-11-29: the paper's "
+                                               "views; the *_yfcc15m recipes set masked, the reference code's")}
 
 
 def _with_defaults(saved: dict) -> dict:
     """A saved config with the keys added to the toolkit since filled in with the values the version that
-    saved it ran with (their defaults, or ``OLD_DEFAULTS``), so that they do not read as changes; as saved if
+    saved it ran with (their defaults, or the old ones of ``DEFAULT_CHANGES``), so that they do not read as changes; as saved if
     it no longer parses."""
     from declip_ds.config import ConfigError, from_dict, to_dict
 
     saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
-    for (section, key), (methods, value) in OLD_DEFAULTS.items():
+    for dotted, (methods, old, _, _) in DEFAULT_CHANGES.items():
+        section, key = dotted.split(".")
         sec = saved.get(section)
         if isinstance(sec, dict) and key not in sec and (saved.get("method") or {}).get("name") in methods:
-            sec[key] = value
+            sec[key] = old
     try:
         return to_dict(from_dict(saved))
     except (ConfigError, TypeError, ValueError):
@@ -825,14 +824,14 @@ def check_config(engine, target: ResumeTarget, config: dict) -> dict[str, tuple]
         err = f"{tag_dir}: {type(e).__name__}: {e}"
     _agree(err)
     changed = config_changes(_with_defaults(saved), config) if isinstance(saved, dict) else {}
-    switched = [k for k, (old, new, _) in DEFAULT_CHANGES.items() if changed.get(k) == (old, new)]
+    switched = {k: c for k, c in DEFAULT_CHANGES.items() if changed.get(k) == c[1:3]}  # (old, new)
     if switched:
         raise CheckpointError(
-            f"{tag_dir} trained with " + ", ".join(f"{k}={DEFAULT_CHANGES[k][0]}" for k in switched)
-            + ", and this config has the new default (" + "; ".join(f"{k}={new}, since {why}" for k in switched
-                                                            for _, new, why in [DEFAULT_CHANGES[k]])
+            f"{tag_dir} trained with " + ", ".join(f"{k}={old}" for k, (_, old, _, _) in switched.items())
+            + ", and this config has the new default ("
+            + "; ".join(f"{k}={new}, since {why}" for k, (_, _, new, why) in switched.items())
             + "): resuming would change the training objective mid-run. To continue the run as it trained, add "
-            + " ".join(f"{k}={DEFAULT_CHANGES[k][0]}" for k in switched)
+            + " ".join(f"{k}={old}" for k, (_, old, _, _) in switched.items())
             + " to the command (or the YAML); for the new behaviour, train a new run in another train.output_dir.")
     fixed = [k for k in FIXED_KEYS if k in changed]
     mismatch = _shape_mismatch(engine.module, shapes) if shapes is not None else []

@@ -64,10 +64,10 @@ def _check_checkpoint_section(ckpt, path: str) -> None:
     if not isinstance(ckpt, dict):
         raise ConfigError(f"--ds_config {path}: checkpoint must be a mapping, got {ckpt!r}.")
     for key, value in ckpt.items():
-        if key in CHECKPOINT_REFUSED and value != CHECKPOINT_DEFAULTS[key]:
-            raise ConfigError(f"--ds_config {path}: checkpoint.{key} is not supported: {CHECKPOINT_REFUSED[key]}. "
-                              f"Remove it (the trainer writes its checkpoints itself, under train.output_dir).")
         if key in CHECKPOINT_REFUSED:
+            if value != CHECKPOINT_DEFAULTS[key]:
+                raise ConfigError(f"--ds_config {path}: checkpoint.{key} is not supported: {CHECKPOINT_REFUSED[key]}. "
+                                  f"Remove it (the trainer writes its checkpoints itself, under train.output_dir).")
             continue
         if key not in CHECKPOINT_KEYS:
             raise ConfigError(f"--ds_config {path}: unknown key checkpoint.{key}. Known: {sorted(CHECKPOINT_KEYS)}.")

@@ -448,6 +448,7 @@ def check_eval_tasks(exp: Experiment) -> None:
     key = "eval.data_root" if exp.eval.data_root else "eval.data_root (unset: <data.synthetic_root>/eval)"
     generated = (not exp.eval.data_root and exp.data.train_shards == ["synthetic"]
                  and exp.data.synthetic.generate_if_missing)
+
     def usable(d: Path) -> bool:
         return (d / "classnames.txt").is_file() and any(d.glob("*.tar"))
 
