@@ -291,6 +291,45 @@ def test_ranks_that_see_different_checkpoints_stop_on_every_rank():
         assert "--resume PATH" in out[0]
 
 
+def _fall_back(rank, world, older):
+    """resume_from on this rank: step 6 fails to load on every rank, and the next older tag each rank
+    finds is ``older[rank]`` (a listing that differs between ranks); returns the tags loaded or the error."""
+    from pathlib import Path
+
+    loaded = []
+
+    def load(engine, method, target, seed, integrity):
+        loaded.append(target.tag)
+        if target.step == 6:
+            raise C.UnreadableCheckpoint(f"rank {rank}: {target.tag}/mp_rank_00_model_states.pt is truncated")
+        return {"step": target.step}
+
+    C._hparams = lambda engine: {}
+    C.check_config = lambda engine, target, config: {}
+    C.load = load
+    C.next_target = lambda ckpt_dir, below, w, z, failures: C.ResumeTarget(ckpt_dir, older[rank])
+    try:
+        target, _ = C.resume_from(None, None, C.ResumeTarget(Path("/r/checkpoints"), "step_00000006"), 0, {}, world, 1)
+        return loaded, target.tag
+    except C.CheckpointError as e:
+        return loaded, str(e)
+
+
+@pytest.mark.dist
+def test_ranks_agree_again_on_the_tag_they_fall_back_to():
+    """A tag that fails to load sends every rank to the next older one, which each rank again picks from its own
+    listing: when those differ, every rank stops before loading it, naming both (one agreement on the first
+    tag is not enough)."""
+    from tests.distributed import run_ranks
+
+    same = run_ranks(_fall_back, 2, (["step_00000004", "step_00000004"],))
+    assert same == [(["step_00000006", "step_00000004"], "step_00000004")] * 2
+    out = run_ranks(_fall_back, 2, (["step_00000004", "step_00000002"],))
+    assert [loaded for loaded, _ in out] == [["step_00000006"]] * 2  # neither rank loaded its older tag
+    msg = out[0][1]
+    assert out[1][1] == msg and "rank 0: /r/checkpoints/step_00000004; rank 1: /r/checkpoints/step_00000002" in msg
+
+
 def test_a_second_training_in_the_same_output_dir_is_refused_until_the_first_ends(tmp_path):
     """The run directory's lock: held by a live process (here a child holding it), a second taker gets an error
     naming the holder; the kernel drops it when the holder dies (even by SIGKILL), and the next run takes it."""
