@@ -259,19 +259,59 @@ def run_with(args, cwd, spec, timeout=400):
     return run(args, cwd, timeout, environ=fault_env(spec))
 
 
+def _zero_state(tag_dir):
+    """Every tensor of a ZeRO-2 tag's optimizer partitions (fp32 master weights, Adam moments, step counts)
+    and its fp32 model file, by name."""
+    from safetensors.torch import load_file
+
+    out = {f"model/{k}": v for k, v in load_file(tag_dir / "model.safetensors").items()}
+    parts = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    assert len(parts) == 2, [p.name for p in tag_dir.iterdir()]
+
+    def walk(prefix, x):
+        if torch.is_tensor(x):
+            out[prefix] = x
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(f"{prefix}/{i}", v)
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            out[prefix] = torch.tensor(x)
+
+    for p in parts:
+        walk(p.name, torch.load(p, map_location="cpu", weights_only=False)["optimizer_state_dict"])
+    return out
+
+
 @pytest.mark.dist
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, shapes):
+    """RELIABILITY §4.13: a NaN in rank 1's loss at step 3 (bf16, ZeRO-2) skips that batch on both ranks,
+    counted once, and step 3 is retried on the next batch. The skip leaves nothing behind: every rank's fp32
+    master weights, both Adam moments and step counts, and the model file equal bit for bit those of a run
+    that passes over the same batch from the start (bad_batches.jsonl), and so do the losses."""
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
-    run_dir = tmp_path / "run"
-    rc, out = run_with(cmd(run_dir, shapes, "train.steps=5", "train.save_every=100", ds=ds, ranks=2), tmp_path,
-                       "nan_loss@3:1")
+    a, b = tmp_path / "skipped", tmp_path / "passed_over"
+    extra = ("train.steps=4", "train.save_every=4")
+    rc, out = run_with(cmd(a, shapes, *extra, ds=ds, ranks=2), tmp_path, "nan_loss@3:1")
     assert rc == 0, out[-3000:]
-    m = metrics(run_dir)
-    assert sorted(m) == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in m.values())
-    assert m[2]["bad_steps"] == 0 and m[5]["bad_steps"] == 1  # counted once, for both ranks
-    bad = [json.loads(x) for x in (run_dir / "bad_batches.jsonl").read_text().splitlines()]
+    m = metrics(a)
+    assert sorted(m) == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in m.values())
+    assert m[2]["bad_steps"] == 0 and m[4]["bad_steps"] == 1  # counted once, for both ranks
+    bad = [json.loads(x) for x in (a / "bad_batches.jsonl").read_text().splitlines()]
     assert len(bad) == 1 and bad[0]["step"] == 3 and bad[0]["reason"] == "non-finite loss"
+    b.mkdir()
+    shutil.copy(a / "bad_batches.jsonl", b / "bad_batches.jsonl")
+    rc, out = run(cmd(b, shapes, *extra, ds=ds, ranks=2), tmp_path)
+    assert rc == 0 and "passing over batch 3" in out, out[-3000:]
+    sa, sb = (_zero_state(d / "checkpoints" / "step_00000004") for d in (a, b))
+    for name in ("exp_avg", "exp_avg_sq", "step"):  # 2 param groups (decay, no decay) x 2 ranks' partitions
+        assert sum(k.endswith(f"/{name}") for k in sa) == 4, name
+    assert sum("single_partition_of_fp32_groups" in k for k in sa) == 4
+    assert sa.keys() == sb.keys() and [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    assert [m[s]["loss"] for s in range(1, 5)] == [metrics(b)[s]["loss"] for s in range(1, 5)]
 
 
 def test_updates_deepspeed_skips_are_counted_logged_and_limited(tmp_path, shapes):
