@@ -146,8 +146,11 @@ def test_two_deepspeed_ranks(tmp_path, shapes, stage, precision):
     # the optimizer's fp32 master copy too, or the next step would undo it
     # the end-of-run evaluation also scores retrieval on the training shards, each rank embedding its own
     # (under ZeRO-3 every tower forward is a collective: the ranks must run the same forwards)
+    # under ZeRO-3 the ViT recipes' frozen patch embedding (RELIABILITY §4.17; the resume is in the slow tests)
+    frozen = ["model.vision.freeze_patch_embed=true"] if stage == 3 else []
     rc, out = run(cmd + train_cmd(run_dir, shapes, "train.steps=3", "train.save_every=2", "train.log_every=1",
-                                  "model.logit_scale_bounds=[3.0,6.0]", f"eval.retrieval=[{shapes / 'train'}]")[2:],
+                                  "model.logit_scale_bounds=[3.0,6.0]", f"eval.retrieval=[{shapes / 'train'}]",
+                                  *frozen)[2:],
                   tmp_path, timeout=420)
     assert rc == 0, out[-4000:]
     assert "step 3/3" in out and "zero-shot at step 3" in out and "retrieval at step 3" in out
@@ -160,6 +163,23 @@ def test_two_deepspeed_ranks(tmp_path, shapes, stage, precision):
     weights = load_file(str(run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
     assert 3.0 <= float(weights["model.logit_scale"]) <= 6.0
     assert len(weights) > 20 and all(v.numel() > 0 for v in weights.values())  # ZeRO-3 weights gathered
+    if frozen:  # the frozen weights are saved, unchanged by training; the export holds them and every other key
+        from declip_ds.data.tokenizer import Tokenizer
+        from declip_ds.models import load_pretrained
+
+        step2 = load_file(str(run_dir / "checkpoints" / "step_00000002" / "model.safetensors"))
+        patch = [k for k in weights if "patch_embed" in k]
+        assert patch and all(torch.equal(weights[k], step2[k]) for k in patch)
+        assert not all(torch.equal(weights[k], step2[k]) for k in weights if k not in patch)
+        ours = load_pretrained(run_dir / "checkpoints" / "step_00000003").eval()  # strict
+        rc, out = run([sys.executable, "-m", "declip_ds.export", "--to", "open_clip",
+                       str(run_dir / "checkpoints" / "step_00000003"), str(tmp_path / "oc")], tmp_path)
+        assert rc == 0, out[-3000:]
+        exported = load_pretrained(tmp_path / "oc" / "open_clip_model.safetensors").eval()
+        images, tokens = torch.randn(2, 3, 64, 64), Tokenizer(32)(["a red circle", "two blue squares"])
+        with torch.no_grad():
+            torch.testing.assert_close(exported.encode_image(images), ours.encode_image(images))
+            torch.testing.assert_close(exported.encode_text(tokens), ours.encode_text(tokens))
     # evaluation under 2 ranks (each scoring its shards, counts summed) equals one process on the saved weights
     rc, out = run([sys.executable, str(ROOT / "eval_zeroshot.py"), "--checkpoint", str(run_dir), "--data",
                    str(shapes / "eval"), "--out", str(tmp_path / "r.json")], tmp_path)
