@@ -172,6 +172,26 @@ def test_epoch_mode_resumes_mid_epoch_exactly(tmp_path, shapes):
     assert len(epoch0) == len(set(epoch0)) == 128  # each of the 4 shards' samples once
 
 
+def test_resume_at_the_end_of_a_virtual_epoch_starts_the_next_one(tmp_path, shapes):
+    """Resampled mode, a virtual epoch of 4 batches (data.num_samples=32, batch 8): a checkpoint at its last
+    batch resumes into epoch 1 with the batches the straight run trained on, bit for bit (the loader stream
+    fast-forwarded to its share used to make one batch more, shifting every later step)."""
+    a = tmp_path / "run"
+    args = cmd(a, shapes, "data.num_samples=32", "train.steps=6", "train.save_every=4", "train.log_sample_keys=true")
+    rc, out = run(args, tmp_path)
+    assert rc == 0, out[-3000:]
+    shutil.move(a / "checkpoints" / "step_00000006", tmp_path / "straight_step_6")
+    rc, out = run(args, tmp_path)
+    assert rc == 0 and "at step 4" in out, out[-3000:]
+    first, again = metrics(a, 0), metrics(a, -1)
+    assert [first[s]["epoch"] for s in (4, 5)] == [0, 1] and all(first[s] is not again[s] for s in (5, 6))
+    assert_same_steps(first, again, (5, 6))
+    assert_same_state(tmp_path / "straight_step_6", a / "checkpoints" / "step_00000006")
+    lines = [json.loads(x) for x in (a / "sample_keys" / "rank_00000.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6, 5, 6]
+    assert [x["keys"] for x in lines[6:]] == [x["keys"] for x in lines[4:6]]
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_exact_resume_two_ranks(tmp_path, shapes, stage):

@@ -276,6 +276,12 @@ def test_resume_with_cursors_skips_consumed_samples_undecoded(tmp_path, workers,
         decoded.clear()
         list(_loader(spec, start_batch=start, **kw))  # without cursors: the consumed batches are replayed
         assert len(decoded) >= sum(len(b["__key__"]) for b in full)
+    # resumes in the last round of the virtual epoch, and at its very end: each stream stops at its share
+    # (a stream fast-forwarded to its last batch used to make one more)
+    for start in range(len(full) - max(workers, 1), len(full) + 1):
+        resumed = list(_loader(spec, start_batch=start, cursors=_cursors(full[:start]), **kw))
+        assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[start:]], f"start_batch={start}"
+        assert [b["_cursor"] for b in resumed] == [b["_cursor"] for b in full[start:]]
     with pytest.raises(ValueError, match="cursors and last_stream need start_batch"):
         _loader(spec, cursors={0: 4}, **kw)
     with pytest.raises(ValueError, match="not from the same checkpoint"):

@@ -800,6 +800,9 @@ def _batches(samples: Iterable, batch_size: int, skips: _Skips, drop_last: bool,
     was released are dropped, as that batch reported them. ``_last``: the ordinal of the batch's
     last sample (items are (raw, views, ordinal)).
     """
+    if max_batches is not None and made >= max_batches:
+        skips.take()  # a fast-forward past this stream's share (a resume at the end of a virtual epoch):
+        return  # nothing is left; its last batch reported the skips
     held, items = None, []
     for item in samples:
         items.append(item)
