@@ -214,6 +214,50 @@ def test_resize_shorter_side_copy_and_reencode(tmp_path):
     assert len(_read_back(tmp_path / "out")) == 4
 
 
+def _mode_images() -> dict:
+    """name -> (PNG / TIFF bytes, the 8-bit gray level or RGB colour it must decode to)."""
+    import numpy as np
+
+    def save(image, fmt="PNG"):
+        buf = io.BytesIO()
+        image.save(buf, fmt)
+        return buf.getvalue()
+
+    flat = lambda v, dtype: np.full((8, 8), v, dtype)  # noqa: E731
+    return {
+        "gray16_mid.png": (save(Image.fromarray(flat(32768, np.uint16))), 128),  # PIL alone: 255 (white)
+        "gray16_dark.png": (save(Image.fromarray(flat(1000, np.uint16))), 4),
+        "int32.tif": (save(Image.fromarray(flat(20000, np.int32)), "TIFF"), 78),
+        "float01.tif": (save(Image.fromarray(flat(0.5, np.float32)), "TIFF"), 128),
+        "rgba.png": (save(Image.new("RGBA", (8, 8), (0, 0, 255, 0))), (255, 255, 255)),  # transparent: white
+        "la.png": (save(Image.new("LA", (8, 8), (0, 0))), (255, 255, 255)),
+        "palette.png": (save(Image.new("RGB", (8, 8), (204, 0, 51)).convert("P")), (204, 0, 51)),  # web-safe
+        "cmyk.tif": (save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "TIFF"), (255, 0, 0)),
+    }
+
+
+def test_every_image_mode_decodes_alike_in_the_loader_and_in_prepare(tmp_path):
+    """16-bit / 32-bit / float grayscale (PIL's own conversion clips them at 255: a mid-gray 16-bit PNG became
+    white), transparency (over white in both), palette and CMYK images: the trainer's decoder gives the
+    expected colour, and a shard written by prepare decodes to the same pixels (up to JPEG loss)."""
+    from declip_ds.data.wds import decode_image
+
+    images = _mode_images()
+    for name, (data, want) in images.items():
+        got = decode_image(data, name.rsplit(".", 1)[1])
+        assert got.mode == "RGB", name
+        want = (want,) * 3 if isinstance(want, int) else want
+        assert max(abs(a - b) for a, b in zip(got.getpixel((3, 3)), want)) <= 1, (name, got.getpixel((3, 3)))
+        (tmp_path / name).write_bytes(data)
+    table = _write_table(tmp_path / "t.csv", ["image", "caption"], [[n, n] for n in images])
+    _run(table, tmp_path / "out", resize_shorter=4)  # every image re-encoded as JPEG
+    members = _members(tmp_path / "out" / "00000.tar")
+    for i, name in enumerate(images):
+        shard = decode_image(members[f"{i:09d}.jpg"]).getpixel((2, 2))
+        direct = decode_image(images[name][0], name.rsplit(".", 1)[1]).getpixel((3, 3))
+        assert max(abs(a - b) for a, b in zip(shard, direct)) <= 4, (name, shard, direct)
+
+
 def test_skipped_rows_are_reported_with_reasons(tmp_path, capsys):
     _images(tmp_path, 2)
     (tmp_path / "garbage.jpg").write_bytes(b"this is not an image")

@@ -473,10 +473,32 @@ class _RowSkipped(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode -> RGB (or L); transparency is flattened over white, not black."""
-    if image.mode in ("RGB", "L"):
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit / 32-bit integer or float grayscale image -> mode L. PIL's own conversion clips these at 255
+    (a mid-gray 16-bit PNG becomes white). 16-bit values are scaled by 255/65535; 32-bit integers likewise,
+    unless they fit in 8 bits, or are scaled by their maximum when larger; floats in [0, 1] by 255."""
+    import numpy as np
+
+    a = np.asarray(image).astype(np.float64)
+    top = float(a.max()) if a.size else 0.0
+    if image.mode.startswith("I;16") or 255 < top <= 65535:
+        a = a * (255 / 65535)
+    elif top > 65535:
+        a = a * (255 / top)
+    elif image.mode == "F" and top <= 1.0:
+        a = a * 255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(image: Image.Image, keep_gray: bool = False) -> Image.Image:
+    """Any PIL mode -> RGB (``keep_gray``: L stays L), as the trainer's loader and ``prepare`` both decode:
+    transparency is flattened over white, not black (what img2dataset does, so the same PNG trains alike
+    from either kind of shard), and 16-bit / float grayscale is scaled to 8 bits (``_to_8bit``)."""
+    if image.mode == "RGB" or (keep_gray and image.mode == "L"):
         return image
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit(image)
+        return image if keep_gray else image.convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -510,7 +532,7 @@ def _image_bytes(data: bytes, resize_shorter: int, quality: int) -> tuple[bytes,
             if image.format == "JPEG" and resize_shorter:
                 image.draft("RGB", (resize_shorter, resize_shorter))  # DCT-downscale, shorter side stays >= target
             image.load()
-            out = _shrink(_to_rgb(ImageOps.exif_transpose(image)), resize_shorter)
+            out = _shrink(to_rgb(ImageOps.exif_transpose(image), keep_gray=True), resize_shorter)
             buf = io.BytesIO()
             out.save(buf, "JPEG", quality=quality)
             return buf.getvalue(), dict(info, width=out.size[0], height=out.size[1], reencoded=True)

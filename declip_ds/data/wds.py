@@ -51,6 +51,8 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls as _wds_expand
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from declip_ds.data.prepare import to_rgb
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -573,11 +575,12 @@ def _indexed_groups(url: str, text_ext: str) -> list[tuple[str, dict[str, bytes 
 
 def decode_image(data: bytes, ext: str = "jpg", draft_size: int | None = None) -> Image.Image:
     """Bytes -> PIL RGB image. JPEGs are DCT-downscaled (``Image.draft``, by a power of two)
-    while the shorter side stays >= draft_size, which is much faster than a full decode."""
+    while the shorter side stays >= draft_size, which is much faster than a full decode. Other modes as
+    ``prepare`` converts them (``to_rgb``: transparency over white, 16-bit grayscale scaled to 8 bits)."""
     image = Image.open(io.BytesIO(data))
     if draft_size and ext in ("jpg", "jpeg") and image.format == "JPEG":
         image.draft("RGB", (draft_size, draft_size))
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def _shuffled(items: Iterable, bufsize: int, rng: random.Random) -> Iterator:
