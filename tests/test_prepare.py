@@ -124,6 +124,26 @@ def test_folder_with_sidecar_captions(tmp_path):
     assert Image.open(io.BytesIO(png)).format == "JPEG"
 
 
+def test_folder_names_that_are_not_utf8(tmp_path):
+    """A file name with a Latin-1 byte (a folder copied from an old system) used to abort the whole run with
+    UnicodeEncodeError: the image is read, and its source is recorded with the byte shown as \\xe9."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    raw = os.fsencode(str(root)) + b"/caf\xe9.jpg"
+    try:
+        open(raw, "wb").close()
+    except OSError:
+        pytest.skip("this filesystem refuses non-UTF-8 names")
+    _jpeg(os.fsdecode(raw))
+    open(raw[:-4] + b".txt", "w").write("a cafe")
+    _jpeg(str(root / "plain.jpg"))
+    (root / "plain.txt").write_text("plain")
+    _run(root, tmp_path / "out")
+    assert sorted(_read_back(tmp_path / "out").values()) == ["a cafe", "plain"]
+    members = _members(tmp_path / "out" / "00000.tar")
+    assert {json.loads(v)["source"] for k, v in members.items() if k.endswith(".json")} == {"caf\\xe9.jpg", "plain.jpg"}
+
+
 def _yfcc_row(line, photoid, title, description):
     row = [str(line), str(photoid), f"hash{photoid:06d}", "uid@N00", "nick", "2010-01-01 00:00:00.0", "1262304000",
            "Canon", title, description, "tag1,tag2", "", "", "", "", "http://flickr.com/p/1",
@@ -186,6 +206,12 @@ def test_jsonl_declip_meta(tmp_path):
     (tmp_path / "meta.jsonl").write_text("\n".join(lines) + "\n")
     summary = _run(tmp_path / "meta.jsonl", tmp_path / "out")
     assert _read_back(tmp_path / "out") == {"000000000": "first real caption", "000000002": "plain"}
+    assert summary["skipped_by_reason"] == {"bad_row": 1}
+    # the same as a JSON array: an element that is not an object is a bad row, not a crash
+    (tmp_path / "meta.json").write_text(json.dumps([{"filename": "0.jpg", "caption": "zero"}, "oops",
+                                                    {"filename": "1.jpg", "caption": "one"}]))
+    summary = _run(tmp_path / "meta.json", tmp_path / "out2")
+    assert _read_back(tmp_path / "out2") == {"000000000": "zero", "000000002": "one"}
     assert summary["skipped_by_reason"] == {"bad_row": 1}
 
 

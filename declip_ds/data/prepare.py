@@ -351,7 +351,9 @@ def _jsonl(path: str) -> Iterator[tuple[int, dict | _Skip]]:
             head = f.read(1)
         f.seek(0)
         if head == "[":  # a JSON array rather than JSON lines
-            yield from enumerate(json.load(f))
+            for index, record in enumerate(json.load(f)):
+                yield index, (record if isinstance(record, dict) else
+                              _Skip(index, None, "bad_row", f"JSON: a {type(record).__name__}, not an object"))
             return
         index = 0
         for line in f:
@@ -439,7 +441,9 @@ def _folder_rows(opts: dict) -> Iterator[_Row | _Skip]:
             if ext.lower() not in FOLDER_IMAGE_EXTS:
                 continue
             path = os.path.join(directory, name)
-            source = os.path.relpath(path, root)
+            # a name that is not valid UTF-8 (os.walk escapes its bytes as surrogates) is opened as it is and
+            # recorded with those bytes shown as \xNN
+            source = os.path.relpath(path, root).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             if stem + ".txt" not in names:
                 yield _Skip(index, source, "missing_caption", f"no {stem}.txt next to the image")
             else:
@@ -575,7 +579,8 @@ def _key(index: int) -> str:
 
 
 def _json_bytes(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                      default=str).encode("utf-8", "backslashreplace")  # never fails on a lone surrogate
 
 
 # ----------------------------------------------------------------------------- shards
