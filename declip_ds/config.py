@@ -496,11 +496,18 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"data.timeout_minutes: must be a finite number >= 0 (0 = no limit), got {d.timeout_minutes}.")
     if len(d.rrc_scale) != 2 or not 0 < d.rrc_scale[0] <= d.rrc_scale[1] <= 1:
         raise ConfigError(f"data.rrc_scale: need [low, high] with 0 < low <= high <= 1, got {d.rrc_scale}.")
-    if d.train_weights and len(d.train_weights) != len(d.train_shards):
-        raise ConfigError(
-            f"data.train_weights has {len(d.train_weights)} entries but data.train_shards has "
-            f"{len(d.train_shards)} sources; give one weight per source or none."
-        )
+    if d.train_weights:
+        n_sources = sum(len(str(item).split("::")) for item in d.train_shards)  # as wds.expand_urls counts them
+        if len(d.train_weights) != n_sources:
+            raise ConfigError(
+                f"data.train_weights has {len(d.train_weights)} entries but data.train_shards has {n_sources} "
+                f"sources (list items, and '::'-separated parts of an item); give one weight per source or none.")
+        if d.mode != "resampled":
+            raise ConfigError("data.train_weights only apply in resampled mode; epoch mode reads every shard once. "
+                              "Remove the weights or set data.mode=resampled.")
+        if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in d.train_weights) \
+                or sum(d.train_weights) <= 0:
+            raise ConfigError(f"data.train_weights: need finite numbers >= 0, not all zero; got {d.train_weights}.")
     _choice(exp.eval.interpolation, EVAL_INTERPOLATIONS, "eval.interpolation")
     check_crop_ratio(exp.eval.crop_ratio, "eval.crop_ratio")
     _choice(exp.loss.impl, ("auto", "torch", "triton"), "loss.impl")

@@ -40,6 +40,13 @@ def test_demo_config_loads_and_overrides_are_typed():
     (["model.logit_scale_bounds=[6,3]"], r"logit_scale_bounds"),
     (["train.batch_size=0"], r"train.batch_size: must be > 0"),
     (["data.train_weights=[1,2]"], r"data.train_weights has 2 entries"),
+    # '::' joins sources inside one list item: counted at load, not only after DeepSpeed started
+    (["data.train_shards=[/d/a.tar::/d/b.tar]", "data.train_weights=[1]"],
+     r"data.train_weights has 1 entries but data.train_shards has 2 sources"),
+    (["data.train_shards=[/d/a.tar, /d/b.tar]", "data.train_weights=[1,3]", "data.mode=epoch"],
+     r"data.train_weights only apply in resampled mode"),
+    (["data.train_shards=[/d/a.tar, /d/b.tar]", "data.train_weights=[1,-3]"], r"data.train_weights: need finite"),
+    (["data.train_shards=[/d/a.tar, /d/b.tar]", "data.train_weights=[0,0]"], r"data.train_weights: need finite"),
     (["model.text.heads=3"], r"divisible"),
     (["noequals"], r"key=value"),
     (["model.vision.name=vit_huge"], r"model.vision.name: 'vit_huge' is not allowed. Choose one of: .*vit_tiny"),
