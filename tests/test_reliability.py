@@ -193,6 +193,33 @@ def test_resume_at_the_end_of_a_virtual_epoch_starts_the_next_one(tmp_path, shap
 
 
 @pytest.mark.dist
+def test_an_epoch_with_nothing_for_one_rank_stops_every_rank(tmp_path, shapes):
+    """Epoch mode shares shards out by count: here one of the two shards holds only corrupt samples, so in
+    every epoch one rank has no batch. Every rank stops with the data error (exit 2) naming the cause; the
+    rank with data used to go on into the loss's all-gather and wait there for the process-group timeout."""
+    import io
+    import tarfile
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    shutil.copy(shapes / "train" / "00000.tar", data / "00000.tar")
+    with tarfile.open(data / "00001.tar", "w") as tar:
+        for i in range(3):
+            for ext, payload in (("jpg", b"not a jpeg"), ("txt", b"a broken sample")):
+                info = tarfile.TarInfo(f"bad{i}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    (data / "sizes.json").write_text(json.dumps({"00000.tar": 32, "00001.tar": 3}))
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    args = cmd(tmp_path / "run", shapes, f"data.train_shards={data}/{{00000..00001}}.tar", "data.mode=epoch",
+               "train.steps=20", ds=ds, ranks=2)
+    rc, out = run(args, tmp_path, timeout=240)
+    assert rc == 2, out[-3000:]
+    assert out.count("gives no batch of 8 on rank(s) [") == 2 and "data.mode=resampled" in out, out[-3000:]
+
+
+@pytest.mark.dist
 @pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_exact_resume_two_ranks(tmp_path, shapes, stage):
     ds = tmp_path / "ds.json"

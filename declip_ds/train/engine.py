@@ -635,8 +635,16 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                 cursors.clear()
                 data_iter = training_batches(exp, build_loader(exp, method, sources, epoch))
                 batch = data_iter.next()
-                if batch is None:
-                    raise RuntimeError(f"epoch {epoch} of the training data is empty on rank {rank}; check data.train_shards")
+                empty = D.all_reduce_ints([int(batch is None and r == rank) for r in range(world)])
+                if any(empty):  # on every rank: one rank stopping alone would leave the others in a collective
+                    from declip_ds.data.wds import DataError
+
+                    raise DataError(
+                        f"epoch {epoch} of the training data gives no batch of {exp.train.batch_size} on rank(s) "
+                        f"{[r for r in range(world) if empty[r]]} of {world}. Epoch mode shares the shards out by "
+                        f"count, not by samples: those ranks drew only shards with fewer usable samples than a "
+                        f"batch (empty, corrupt or very small shards; see the skip counts in the log). Remove or "
+                        f"merge them in data.train_shards, or use data.mode=resampled.")
             epoch_batches += 1
             stream, end, made = batch.pop("_cursor")
             cursors[stream], last_stream = (end, made), stream
