@@ -170,6 +170,15 @@ def test_epoch_mode_resumes_mid_epoch_exactly(tmp_path, shapes):
     assert [x["keys"] for x in lines[18:]] == [x["keys"] for x in lines[13:18]]
     epoch0 = [k for x in lines[:16] for k in x["keys"]]
     assert len(epoch0) == len(set(epoch0)) == 128  # each of the 4 shards' samples once
+    # another shuffle buffer reorders each stream: its cursors would skip other samples than those trained on,
+    # so the epoch starts again (named in the warning); a changed batch size alone keeps them
+    shutil.rmtree(a / "checkpoints" / "step_00000018")
+    rc, out = run([*args, "data.shuffle_buffer=20", "train.steps=14"], tmp_path)
+    assert rc == 0 and "resumes at the start of epoch 0 (13 batches of it are seen again): data.shuffle_buffer " \
+        "changed" in out, out[-3000:]
+    shutil.rmtree(a / "checkpoints" / "step_00000014")
+    rc, out = run([*args, "train.batch_size=4", "train.steps=14"], tmp_path)
+    assert rc == 0 and "3 loader stream(s) skip the" in out and "resumes at the start" not in out, out[-3000:]
 
 
 def test_resume_at_the_end_of_a_virtual_epoch_starts_the_next_one(tmp_path, shapes):

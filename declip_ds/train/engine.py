@@ -477,6 +477,10 @@ def data_stream(exp: Experiment, world: int) -> dict:
             "train_weights": list(d.train_weights), "num_samples": d.num_samples, "shuffle_buffer": d.shuffle_buffer}
 
 
+# data_stream keys that change the order of a stream's raw samples (batch_size does not: cursors count samples)
+STREAM_ORDER_KEYS = ("mode", "seed", "train_shards", "train_weights", "shuffle_buffer")
+
+
 def fresh_start_message(run_dir: Path) -> str:
     """What ``--resume auto`` says when it finds no checkpoint: the absolute directory it looked in (a
     relative train.output_dir follows the working directory), and the steps this directory's metrics.jsonl
@@ -585,13 +589,23 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         saved_world = int(client.get("world_size") or found.world_size or world)
         if saved_world != world:
             position = _position_at_new_world_size(position, saved_world, world)
-        if exp.data.mode == "epoch" and position[3] and not (counted and saved_world == world):
-            log.warning("data.mode=epoch resumes at the start of epoch %d (%d batches of it are seen again): the "
-                        "checkpoint's stream cursors do not fit this run (a different world size or data.workers, "
-                        "or a checkpoint from before they were counted)", position[2], position[3])
+        # settings that reorder the raw samples: the cursors' sample counts point elsewhere in the new stream
+        was, now = data.get("stream") or {}, data_stream(exp, world)
+        reordered = [f"data.{k}" if k != "seed" else "train.seed" for k in STREAM_ORDER_KEYS
+                     if k in was and was[k] != now[k]]
+        if exp.data.mode == "epoch" and position[3] and (reordered or not (counted and saved_world == world)):
+            log.warning("data.mode=epoch resumes at the start of epoch %d (%d batches of it are seen again): %s",
+                        position[2], position[3],
+                        f"{', '.join(reordered)} changed since the checkpoint, so its stream cursors would skip "
+                        f"other samples than those it trained on" if reordered else
+                        "the checkpoint's stream cursors do not fit this run (a different world size or "
+                        "data.workers, or a checkpoint from before they were counted)")
             position = (*position[:3], 0)
             cursors.clear()
             last_stream = None
+        elif reordered and position[3]:
+            log.info("data: %s changed since the checkpoint; the resumed streams skip as many samples as the old "
+                     "ones had read (resampled mode draws with replacement: nothing is lost)", ", ".join(reordered))
         return position
 
     step, samples_seen, epoch, epoch_batches = 0, 0, 0, 0
@@ -817,7 +831,8 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
             C.save(engine, method, run_dir / "checkpoints", step, client, config_yaml, exp.train.keep_last,
                    guard_state=guard.state_dict(), integrity=exp.train.checkpoint_integrity,
                    data_state={"epoch": epoch, "epoch_batches": epoch_batches, "workers": exp.data.workers,
-                               "cursors": {k: list(v) for k, v in cursors.items()}, "last_stream": last_stream})
+                               "cursors": {k: list(v) for k, v in cursors.items()}, "last_stream": last_stream,
+                               "stream": data_stream(exp, world)})
         if preempted:
             stop.consume()
             log.warning("stopping at step %d (%s): checkpoint saved; exit code %d; rerun the same command to "
