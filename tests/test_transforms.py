@@ -1,5 +1,7 @@
 """Image transforms and the multi-view SampleTransform (CPU, tiny images)."""
 
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -30,6 +32,7 @@ def test_shapes_and_dtype(make):
 
 def test_normalize_constants_and_errors():
     assert NORMALIZE["openai"] == ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    assert NORMALIZE["imagenet"] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's ImageNet
     white = Image.new("RGB", (40, 40), (255, 255, 255))
     for name, (mean, std) in NORMALIZE.items():
         out = eval_transform(16, normalize=name)(white)
@@ -78,6 +81,12 @@ def test_moco_recipe():
     assert names == ["RandomResizedCrop", "RandomApply", "RandomGrayscale", "RandomApply",
                      "RandomHorizontalFlip", "ToTensor", "Normalize"]
     assert t.transforms[0].scale == (0.2, 1.0)
+    jitter = t.transforms[1].transforms[0]  # MoCo v2 / SimCLR: ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8
+    assert type(jitter).__name__ == "ColorJitter" and t.transforms[1].p == 0.8
+    assert (jitter.brightness, jitter.contrast, jitter.saturation) == ((0.6, 1.4),) * 3
+    assert jitter.hue == pytest.approx((-0.1, 0.1))
+    assert t.transforms[2].p == 0.2 and t.transforms[4].p == 0.5  # grayscale, horizontal flip
+    assert t.transforms[0].ratio == pytest.approx((3 / 4, 4 / 3))
     blur = t.transforms[3].transforms[0]
     assert blur.kernel_size[0] % 2 == 1 and 21 <= blur.kernel_size[0] <= 23
     assert blur.sigma == (0.1, 2.0) and t.transforms[3].p == 0.5
@@ -106,6 +115,24 @@ def test_sample_transform_two_image_and_two_text_views():
     assert not torch.equal(out["image1"], out["image2"])
     assert out["text"].tolist() == [1, 5, 3, 6] and out["mlm_labels"].tolist() == [1, 5, 3, 6]
     assert st.draft_size == moco_v2_transform(16).draft_size
+
+
+@pytest.mark.parametrize("make", ["clip", "moco", "simclr"])
+def test_jpeg_draft_size_never_upsamples_the_smallest_crop(make):
+    """data.jpeg_draft decodes JPEGs DCT-downscaled to the transform's draft_size: the narrowest random crop
+    (its smallest area at its most extreme aspect ratio) of a square image of that side must still have
+    image_size pixels across (the aspect ratio was once left out: 194 px upsampled to 224)."""
+    import torchvision.transforms as T
+
+    from declip_ds.data import transforms as tr
+
+    t = {"clip": lambda: tr.clip_train_transform(224), "moco": lambda: tr.moco_v2_transform(224),
+         "simclr": lambda: tr.simclr_transform(224)}[make]()
+    (rrc,) = [x for x in t.transforms if isinstance(x, T.RandomResizedCrop)]
+    d = t.draft_size
+    narrow = min(math.sqrt(rrc.scale[0] * d * d * r) for r in rrc.ratio)  # width of the smallest crop at ratio r
+    narrow = min(narrow, min(math.sqrt(rrc.scale[0] * d * d / r) for r in rrc.ratio))  # or its height
+    assert narrow >= 224 - 1e-6 and d <= math.ceil(224 / math.sqrt(rrc.scale[0] * 3 / 4)) + 1
 
 
 def test_sample_transform_name_clashes():

@@ -62,10 +62,12 @@ def _with_draft(transform: T.Compose, draft_size: int | None) -> T.Compose:
     return transform
 
 
-def _rrc_draft_size(image_size: int, min_scale: float) -> int:
-    # The smallest crop covers min_scale of the area: a source whose short side is
-    # image_size / sqrt(min_scale) still gives that crop about image_size pixels a side.
-    return math.ceil(image_size / math.sqrt(min_scale))
+def _rrc_draft_size(image_size: int, min_scale: float, min_ratio: float = 3 / 4) -> int:
+    # The smallest crop covers min_scale of the area at aspect ratio (width / height) down to min_ratio
+    # (torchvision's default 3/4; the narrow side is sqrt(min_scale * min_ratio) of a square source's side): a
+    # source whose short side is image_size / sqrt(min_scale * min_ratio) still gives that crop image_size
+    # pixels on its narrow side, so no crop is upsampled from a drafted image.
+    return math.ceil(image_size / math.sqrt(min_scale * min(min_ratio, 1 / min_ratio)))
 
 
 def clip_train_transform(image_size: int, scale: Sequence[float] = (0.5, 1.0), normalize="imagenet",
