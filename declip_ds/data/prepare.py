@@ -59,7 +59,8 @@ reading accepts, in input order: malformed rows and rows without an image path o
 to skipped.jsonl and take no place, so shard ``s`` need not start at input row
 ``s * shard_size`` and its keys (input row indices) may have gaps. Rows skipped while writing
 (missing file, unreadable image, empty sidecar caption) keep their place and leave the shard
-short. ``key.json`` holds the source path, the stored and original sizes, whether the image
+short. The trainer mixes samples only within a loader worker's shuffle buffer (a few thousand), so shuffle
+a table that is sorted or grouped (by uploader, date, source) first. ``key.json`` holds the source path, the stored and original sizes, whether the image
 was re-encoded and the row's other columns.
 
 Images: a JPEG whose shorter side is at most --resize-shorter (or with --resize-shorter 0,
