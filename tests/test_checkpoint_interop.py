@@ -169,6 +169,35 @@ def test_config_next_to_weights_gives_the_heads(vit_ref, tmp_path):
         _assert_same(load_pretrained(path, config=VIT), ref4, 32)
 
 
+def test_config_argument_in_the_hub_format_is_unwrapped(vit_ref, tmp_path):
+    """config= as json.load(open("open_clip_config.json")) gives: the model config under "model_cfg", next to
+    "preprocess_cfg". Read as a bare model config it built a GELU model with width // 64 heads."""
+    cfg = json.loads(json.dumps(VIT))
+    cfg["vision_cfg"]["head_width"], cfg["text_cfg"]["heads"] = 32, 4
+    ref4 = CLIP(**cfg).eval()
+    ref4.load_state_dict(vit_ref.state_dict())
+    path = tmp_path / "vit4.safetensors"  # no config next to it
+    save_file(_state(ref4), str(path))
+    hub = {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    (tmp_path / "hub.json").write_text(json.dumps(hub))
+    for config in (cfg, hub, tmp_path / "hub.json"):
+        model = load_pretrained(path, config=config)
+        assert (model.cfg.quick_gelu, model.cfg.vision.heads, model.cfg.text.heads) == (True, 4, 4), config
+        _assert_same(model, ref4, 32)
+    from declip_ds.models.pretrained import load_for_eval
+
+    em = load_for_eval(path, config=hub)
+    assert em.model.cfg.vision.heads == 4 and em.normalize == ((0.5,) * 3, (0.5,) * 3)
+    for bad, match in (({**hub, "extra": 1}, r"unknown keys \['extra'\]"),
+                       ({"model_cfg": {**cfg, "visual_cfg": {}}}, r"unknown keys \['model_cfg.visual_cfg'\]"),
+                       ({"preprocess_cfg": hub["preprocess_cfg"]}, r"unknown keys \['preprocess_cfg'\]"),
+                       ({"vision": {"width": 128}}, r"unknown keys \['vision'\]"),
+                       ({}, "no model-config keys"), ({"model_cfg": None}, "model_cfg must be a mapping")):
+        with pytest.raises(ValueError, match=match + ".*open_clip_config.json"
+                           if "mapping" not in match else match):
+            load_pretrained(path, config=bad)
+
+
 def test_open_clip_gelu_model_loads_with_gelu_from_its_config(vit_ref, tmp_path, caplog):
     """Most open_clip models use nn.GELU (quick_gelu absent from their config = false): with the config next to
     the weights, or passed, the towers are built with GELU and match; without one the loader assumes QuickGELU,

@@ -382,6 +382,44 @@ def _sidecar_config(weights: Path, quiet: bool = False) -> dict | None:
     return None
 
 
+# the keys of open_clip's model configs (model_configs/*.json; the CLIP / CustomTextCLIP / CoCa arguments)
+MODEL_CFG_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+                  "nonscalar_logit_scale", "custom_text", "multimodal_cfg", "cast_dtype", "output_dict")
+# the top-level keys of its hub / local-dir open_clip_config.json, plus ours (see SIDECAR_KEY)
+HUB_CFG_KEYS = ("model_cfg", "preprocess_cfg", "declip_ds")
+
+
+def model_config_arg(config: dict | str | Path) -> dict:
+    """The open_clip model config in ``config=`` (a dict or a JSON file): open_clip's model_configs format, or
+    its hub / local-dir format ``{"model_cfg": ..., "preprocess_cfg": ...}`` (unwrapped). A dict that is
+    neither is refused: read as a model config, every field it lacks would silently take a default (nn.GELU,
+    heads = width // 64) and build another model than the weights were trained as."""
+    where = "config="
+    if isinstance(config, (str, Path)):
+        where = f"config='{config}'"
+        try:
+            config = json.loads(Path(config).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not a JSON file ({e}); pass open_clip's model config JSON.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} must be a dict or a path to a JSON file, got a {type(config).__name__}.")
+    cfg, unknown, prefix = config, [], ""
+    if "model_cfg" in config:  # the hub format
+        cfg, prefix = config["model_cfg"], "model_cfg."
+        unknown = [str(k) for k in config if k not in HUB_CFG_KEYS]
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{where}: model_cfg must be a mapping (open_clip's model config), got "
+                             f"{type(cfg).__name__}.")
+    unknown += [f"{prefix}{k}" for k in cfg if k not in MODEL_CFG_KEYS]
+    if unknown or not cfg:
+        what = f"unknown keys {unknown}" if unknown else "no model-config keys"
+        raise ValueError(
+            f"{where} has {what}. Pass open_clip's model config (keys among {', '.join(MODEL_CFG_KEYS)}: the "
+            f"format of open_clip/model_configs/*.json), or its hub / local-dir open_clip_config.json as read "
+            f"({{'model_cfg': {{...}}, 'preprocess_cfg': {{...}}}}; top-level keys among {', '.join(HUB_CFG_KEYS)}).")
+    return cfg
+
+
 # open_clip config fields our towers cannot represent, with the only value they can
 _FIXED_VISION = {"mlp_ratio": 4.0, "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
                  "pos_embed_type": "learnable", "final_ln_after_pool": False, "pool_type": "tok",
@@ -814,7 +852,8 @@ def load_pretrained(path: str | Path, format: str = "auto", *, config: dict | st
     """A DualEncoder (eval mode) with the weights of ``path``; see the module docstring for the formats.
 
     format: auto | ours | openai | open_clip | declip | slip. ``auto`` detects the format from the keys and
-    logs what it found. config: an open_clip model config (dict or JSON path) for the fields the
+    logs what it found. config: an open_clip model config (dict or JSON path; open_clip's model_configs
+    format, or its hub open_clip_config.json ``{"model_cfg": ..., "preprocess_cfg": ...}``) for the fields the
     shapes cannot tell (attention heads, activation); by default one next to the weights is used.
     The returned model uses the standard OpenAI token layout (a DeCLIP release's mask-token row is
     removed), so ``Tokenizer()`` works with any loaded model.
@@ -858,10 +897,7 @@ def _load_external(fmt: str, src: _Source, config: dict | str | Path | None):
         cfg, ours, origin = _slip_to_ours(src.state, src.meta)
     else:
         state = _declip_to_openai(src.state) if FAMILY[fmt] == "declip" else src.state
-        if isinstance(config, (str, Path)):
-            data = json.loads(Path(config).read_text())
-            config = data.get("model_cfg", data)
-        hints = config if config is not None else _sidecar_config(src.path)
+        hints = model_config_arg(config) if config is not None else _sidecar_config(src.path)
         cfg, ours, origin = _openai_to_ours(state, hints, FAMILY[fmt])
         if FAMILY[fmt] == "declip" and _declip_text_prefix(src.state) == "text_encoder.":
             cfg.logit_scale_exp_cap = 0.0  # the reference's SLIP forward does not cap exp(scale) at 100
