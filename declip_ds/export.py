@@ -15,9 +15,13 @@ OUT    a directory -> ``OUT/open_clip_model.safetensors`` + ``OUT/open_clip_conf
                       ``pretrained=None`` and ``load_state_dict(safetensors.torch.load_file(...))``.
 
 Targets: ``open_clip`` (open_clip's CLIP names; a DeCLIP-style text projection with bias is written
-as open_clip's ``text_cfg.proj_bias``) and ``openai`` (strictly OpenAI's names: refuses the bias).
-What neither can represent is refused naming the config field (the tiny ResNet, a non-CLIP ViT; GELU
-for --to openai). The mask-token row of a DeCLIP vocabulary is removed (standard tokenizer ids), and
+as open_clip's ``text_cfg.proj_bias``) and ``openai`` (strictly OpenAI's names: refuses the bias). With
+``--to openai`` the same weights are also written as a plain ``torch.save`` state dict, ``X.pt`` next to
+``X.safetensors`` (or ``OUT/openai_model.pt``): OpenAI's ``clip.load(path, jit=False)`` (and open_clip's
+``load_openai_model(path)``) read only torch files. Neither OpenAI's layout nor its build_model records the
+attention heads (it rebuilds heads = width // 64), so --to openai refuses head widths other than 64.
+What neither target can represent is refused naming the config field (the tiny ResNet, a non-CLIP ViT;
+GELU for --to openai). The mask-token row of a DeCLIP vocabulary is removed (standard tokenizer ids), and
 FILIP token heads (``image_mapping`` / ``text_mapping``) are left out with a warning: open_clip has no
 slot for them. ``load_pretrained`` reads the export back (the JSON next to it gives the heads).
 
@@ -58,6 +62,7 @@ from declip_ds.models.pretrained import (
 
 log = logging.getLogger(__name__)
 TARGETS = ("open_clip", "openai")
+OPENAI_PT = "openai_model.pt"  # --to openai into a directory: the state dict OpenAI's clip.load reads
 
 
 class ExportError(ValueError):
@@ -127,8 +132,28 @@ def open_clip_config(model, target: str = "open_clip") -> dict:
     if target == "openai" and not model.cfg.quick_gelu:
         raise ExportError("model.quick_gelu=false (nn.GELU): OpenAI's CLIP is QuickGELU only. Use --to open_clip "
                           "(its config records quick_gelu).")
-    return {"embed_dim": model.cfg.embed_dim, "quick_gelu": bool(model.cfg.quick_gelu), "vision_cfg": _vision_cfg(model),
+    vision_cfg = _vision_cfg(model)
+    if target == "openai":
+        _check_openai_heads(vision_cfg, text_cfg)
+    return {"embed_dim": model.cfg.embed_dim, "quick_gelu": bool(model.cfg.quick_gelu), "vision_cfg": vision_cfg,
             "text_cfg": text_cfg}
+
+
+def _check_openai_heads(vision_cfg: dict, text_cfg: dict) -> None:
+    """OpenAI's layout records no head count: its build_model (clip.load, open_clip's load_openai_model) rebuilds
+    heads = width // 64, so any other head width would come back with the wrong heads and other outputs."""
+    bad = []
+    head_width = vision_cfg.get("head_width", 64)  # resnet50_clip: OpenAI's attention pool, 64 wide heads
+    if head_width != 64:
+        bad.append(f"vision width {vision_cfg['width']} with {vision_cfg['width'] // head_width} heads (head "
+                   f"width {head_width})")
+    if text_cfg["width"] != 64 * text_cfg["heads"]:
+        bad.append(f"text width {text_cfg['width']} with {text_cfg['heads']} heads (head width "
+                   f"{text_cfg['width'] / text_cfg['heads']:g})")
+    if bad:
+        raise ExportError(f"--to openai: {' and '.join(bad)}; OpenAI's layout has no head count, and its build_model "
+                          f"(clip.load) rebuilds heads = width // 64, i.e. 64-wide heads, so the model would come "
+                          f"back with other outputs. Use --to open_clip (its config records the heads).")
 
 
 # ----------------------------------------------------------------------------- weights
@@ -245,7 +270,14 @@ def export(model, out: str | Path, target: str = "open_clip", normalize=None, *,
     for path, data in configs.items():
         _atomic_save(lambda p, data=data: p.write_text(json.dumps(data, indent=2) + "\n"), path)
     log.info("Wrote %s (%d tensors) and %s", weights, len(state), ", ".join(map(str, configs)))
-    return [weights, *configs]
+    if target != "openai":
+        return [weights, *configs]
+    # OpenAI's clip.load reads only torch files (torch.jit.load, else torch.load of a state dict)
+    pt = out.with_suffix(".pt") if out.suffix == ".safetensors" else out / OPENAI_PT
+    _atomic_save(lambda p: torch.save(state, p), pt)
+    log.info("Wrote %s: the same weights as a plain state dict for OpenAI's clip.load(%r, jit=False) (or open_clip's "
+             "load_openai_model), which cannot read safetensors", pt, str(pt))
+    return [weights, *configs, pt]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -253,7 +285,10 @@ def export(model, out: str | Path, target: str = "open_clip", normalize=None, *,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m declip_ds.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--to", choices=TARGETS, required=True, help="output layout")
+    parser.add_argument("--to", choices=TARGETS, required=True,
+                        help="output layout. openai also writes the weights as a plain torch state dict (X.pt next "
+                             f"to X.safetensors, or OUT/{OPENAI_PT}) for OpenAI's clip.load(PATH, jit=False), which "
+                             "rebuilds heads = width // 64 (other head widths are refused: use open_clip)")
     parser.add_argument("--from", dest="source", choices=FORMATS, default="auto", help="input format (default: auto)")
     parser.add_argument("--normalize", choices=("imagenet", "openai"), default=None,
                         help="preprocess mean/std recorded in the export (default: the checkpoint's, as load_for_eval "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -645,6 +646,40 @@ def test_name_tables_map_every_visual_key_one_to_one_both_ways(vit_ref, rn50_ref
         assert [rename_visual(k, table, to_ours=False) for k in ours] == keys
     assert rename_visual("layer5.0.conv1.weight", RN_NAMES, to_ours=True) is None  # ResNets have 4 layers
     assert rename_visual("trunk.stages.4.0.conv1_1x1.conv.weight", RN_NAMES, to_ours=False) is None
+
+
+def test_export_to_openai_is_read_by_openais_loader(tmp_path):
+    """--to openai writes a plain torch state dict next to the safetensors, which OpenAI's clip.load (here open_clip's
+    copy of it, load_openai_model, and its build_model) rebuilds as the same model: heads = width // 64."""
+    from open_clip.model import build_model_from_openai_state_dict
+    from open_clip.openai import load_openai_model
+
+    cfg = ModelConfig(vision=VisionConfig(name="vit_custom", image_size=32, patch_size=8, width=128, layers=2, heads=2),
+                      text=TextConfig(context_length=CTX, width=64, layers=2, heads=1), embed_dim=24)
+    tag = _our_tag(tmp_path / "run", cfg)
+    ours = load_pretrained(tag)
+    assert export_main(["--to", "openai", str(tag), str(tmp_path / "out")]) == 0
+    ref = load_openai_model(str(tmp_path / "out" / "openai_model.pt"), precision="fp32", device="cpu").eval()
+    images, tokens = _inputs(32)
+    with torch.no_grad():  # OpenAI's loader rounds the weights through fp16 (wrong heads: differences ~0.4)
+        torch.testing.assert_close(ref.encode_image(images), ours.encode_image(images), atol=3e-3, rtol=0)
+        torch.testing.assert_close(ref.encode_text(tokens), ours.encode_text(tokens), atol=3e-3, rtol=0)
+    files = export(ours, tmp_path / "x.safetensors", target="openai")
+    assert files[-1] == tmp_path / "x.pt"
+    ref = build_model_from_openai_state_dict(torch.load(files[-1]), cast_dtype=torch.float32).float().eval()
+    ref.load_state_dict(torch.load(files[-1]))  # the weights again in fp32, for an exact comparison
+    assert (ref.visual.transformer.resblocks[0].attn.num_heads, ref.transformer.resblocks[0].attn.num_heads) == (2, 1)
+    _assert_same(ours, ref, 32)
+    assert not (tmp_path / "y.pt").exists() and export(ours, tmp_path / "y.safetensors")[-1].suffix == ".json"
+
+    # head widths other than 64 would come back with other heads: refused (the default TextConfig is 128 wide, 4 heads)
+    with pytest.raises(ExportError, match=r"vision width 64 with 4 heads \(head width 16\) and text width 64 with 2 "
+                                          r"heads \(head width 32\).*width // 64.*--to open_clip"):
+        export(build_model(_tiny_ours()), tmp_path / "c", target="openai")
+    with pytest.raises(ExportError, match=r"^--to openai: text width 128 with 4 heads \(head width 32\);"):
+        export(build_model(dataclasses.replace(cfg, text=TextConfig(context_length=CTX))), tmp_path / "d",
+               target="openai")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def test_export_refuses_what_open_clip_cannot_hold(tmp_path):
