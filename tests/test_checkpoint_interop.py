@@ -520,6 +520,39 @@ def test_auto_detection_picks_each_format(vit_ref, tmp_path):
         load_pretrained(tmp_path / "d.safetensors")
 
 
+def test_open_clip_timm_tower_and_siglip_models_are_refused_plainly(tmp_path):
+    """open_clip's timm image towers (SigLIP / SigLIP2, ConvNeXt, EVA) are named visual.trunk.*, as ours are: they were
+    taken for a declip_ds state dict ("load the step_XXXXXXXX directory"), and format='open_clip' sent the user back to
+    format='auto'. Both now say what the model is; a DualEncoder state dict next to its config.yaml still points to
+    the tag dir."""
+    from open_clip.model import CustomTextCLIP
+
+    text = dict(context_length=CTX, vocab_size=49408, width=64, heads=1, layers=1)
+    timm = dict(timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=False, image_size=32)
+    siglip_cfg = dict(embed_dim=192, init_logit_bias=-10.0, vision_cfg=dict(timm, timm_pool="map", timm_proj="none"),
+                      text_cfg=dict(text, no_causal_mask=True, proj_bias=True, pool_type="last"))
+    hub = tmp_path / "siglip"  # the hub / local-dir layout, as timm/ViT-*-SigLIP repos hold it
+    hub.mkdir()
+    save_file(_state(CustomTextCLIP(**siglip_cfg)), str(hub / "open_clip_model.safetensors"))
+    (hub / "open_clip_config.json").write_text(json.dumps({"model_cfg": siglip_cfg, "preprocess_cfg": {}}))
+    convnext_like = tmp_path / "timm_clip.safetensors"  # a timm tower without SigLIP's bias, no config next to it
+    save_file(_state(CLIP(embed_dim=32, vision_cfg=dict(timm, timm_proj="linear"), text_cfg=text)), str(convnext_like))
+    for path, why in ((hub, r"\(a logit_bias tensor.*init_logit_bias=-10.0.*timm_model_name='vit_tiny_patch16_224'"),
+                      (convnext_like, r"\(a timm image tower under visual.trunk.\*;")):
+        for fmt in ("auto", "open_clip", "openai"):
+            with pytest.raises(CheckpointFormatError, match=r"^open_clip timm-tower / SigLIP model: not supported "
+                                                            + why) as e:
+                load_pretrained(path, format=fmt)
+            assert "format='auto'" not in str(e.value) and "looks like" not in str(e.value)
+
+    tag = _our_tag(tmp_path / "run", _tiny_ours())  # our DualEncoder's names without the model. prefix, in a tag
+    bare = {k[len("model."):]: v for k, v in load_file(str(tag / "model.safetensors")).items()}
+    save_file(bare, str(tag / "dual_encoder.safetensors"))
+    for fmt in ("auto", "open_clip"):
+        with pytest.raises(CheckpointFormatError, match="holds declip_ds DualEncoder names.*load the step_XXXXXXXX"):
+            load_pretrained(tag / "dual_encoder.safetensors", format=fmt)
+
+
 def test_shape_mismatch_lists_the_keys(vit_ref, tmp_path):
     sd = _state(vit_ref)
     sd["text_projection"] = torch.zeros(128, 48)  # embed dim 48, but the image tower says 32

@@ -42,7 +42,8 @@ Resize(224) bilinear + CenterCrop(224) with ImageNet mean/std for slip, overridd
 
 The architecture is inferred from the shapes: ViT (any width / depth / patch / image size; the
 B/32 and B/16 shapes map onto timm's named towers) or the standard RN50 ModifiedResNet
-(``resnet50_clip``); the other ModifiedResNets (RN101, RN50x4, ...) are refused.
+(``resnet50_clip``); the other ModifiedResNets (RN101, RN50x4, ...) are refused, and so are open_clip's
+timm-tower and SigLIP models (``visual.trunk.*``, ``logit_bias``: SigLIP / SigLIP2, ConvNeXt, EVA).
 """
 
 from __future__ import annotations
@@ -321,6 +322,36 @@ def _family_of_keys(keys) -> str | None:
     return None
 
 
+def _refuse_timm_or_siglip(src: _Source, hints: dict | None) -> None:
+    """Refuse the open_clip models our towers cannot represent, before any layout is matched: their timm image
+    tower (every SigLIP / SigLIP2, ConvNeXt and EVA config) is named ``visual.trunk.*``, as our own towers are."""
+    hints, reasons = hints or {}, []
+    if "logit_bias" in src.state:
+        reasons.append("a logit_bias tensor, SigLIP's sigmoid loss")
+    if hints.get("init_logit_bias") is not None:
+        reasons.append(f"init_logit_bias={hints['init_logit_bias']} in its config")
+    timm_name = (hints.get("vision_cfg") or {}).get("timm_model_name")
+    if timm_name:
+        reasons.append(f"vision_cfg.timm_model_name={timm_name!r} in its config")
+    trunk_only = not reasons
+    if any(k.startswith("visual.trunk.") for k in src.state) and not (src.path.parent / "config.yaml").is_file():
+        reasons.append("a timm image tower under visual.trunk.*")
+    if reasons:
+        ours = (" (If it is a declip_ds DualEncoder state dict without the 'model.' prefix, load its step_XXXXXXXX "
+                "directory instead: its config.yaml records the architecture.)") if trunk_only else ""
+        raise CheckpointFormatError(
+            f"open_clip timm-tower / SigLIP model: not supported ({'; '.join(reasons)}; '{src.path}'). Our towers "
+            f"hold CLIP models with open_clip's own image towers (VisionTransformer: visual.conv1 / "
+            f"visual.transformer.*; ModifiedResNet: visual.layer1.*) and a softmax contrastive loss.{ours}")
+
+
+def _ours_without_prefix(path: Path) -> CheckpointFormatError:
+    return CheckpointFormatError(
+        f"'{path}' holds declip_ds DualEncoder names (visual.trunk.*) but is not a declip_ds checkpoint "
+        f"file; load the step_XXXXXXXX directory (its config.yaml records the architecture)."
+    )
+
+
 def _inspect(path: Path) -> tuple[str, _Source | None, str]:
     """(format, the read source or None for 'ours', a description for the log)."""
     if path.is_dir():
@@ -331,12 +362,10 @@ def _inspect(path: Path) -> tuple[str, _Source | None, str]:
     if path.suffix == ".safetensors" and any(k.startswith("model.") for k in _safetensors_keys(path)):
         return "ours", None, f"declip_ds checkpoint {path} ('model.*' keys)"
     src = _read_state(path)
+    _refuse_timm_or_siglip(src, _sidecar_config(path, quiet=True))
     family = _family_of_keys(src.state)
-    if family == "ours":
-        raise CheckpointFormatError(
-            f"'{path}' holds declip_ds DualEncoder names (visual.trunk.*) but is not a declip_ds checkpoint "
-            f"file; load the step_XXXXXXXX directory (its config.yaml records the architecture)."
-        )
+    if family == "ours":  # visual.trunk.* next to a config.yaml
+        raise _ours_without_prefix(path)
     if family == "declip":
         text = "encode_text" if _declip_text_prefix(src.state) == "encode_text." else "text_encoder (SLIP)"
         return "declip", src, f"DeCLIP-repo release ({text}.*, wrapper '{src.wrapper}', other entries {src.extra_keys})"
@@ -884,20 +913,26 @@ def _load_external(fmt: str, src: _Source, config: dict | str | Path | None):
     """A DualEncoder from an OpenAI / open_clip / DeCLIP-release state dict already read into ``src``."""
     from declip_ds.models import build_model
 
+    hints = None
+    if FAMILY[fmt] == "slip":
+        if config is not None:
+            raise ValueError("config= describes open_clip models; an official SLIP checkpoint's architecture comes "
+                             "from its args.model and the shapes. Leave config out.")
+    else:
+        hints = model_config_arg(config) if config is not None else _sidecar_config(src.path)
+    _refuse_timm_or_siglip(src, hints)
     found = _family_of_keys(src.state)
+    if found == "ours":
+        raise _ours_without_prefix(src.path)
     if found != FAMILY[fmt]:  # only possible when the format was named, not detected
         raise CheckpointFormatError(
             f"format='{fmt}' was requested, but '{src.path}' does not have that layout"
             f"{f' (it looks like {found!r})' if found else ''}; use format='auto' to detect it."
         )
     if FAMILY[fmt] == "slip":
-        if config is not None:
-            raise ValueError("config= describes open_clip models; an official SLIP checkpoint's architecture comes "
-                             "from its args.model and the shapes. Leave config out.")
         cfg, ours, origin = _slip_to_ours(src.state, src.meta)
     else:
         state = _declip_to_openai(src.state) if FAMILY[fmt] == "declip" else src.state
-        hints = model_config_arg(config) if config is not None else _sidecar_config(src.path)
         cfg, ours, origin = _openai_to_ours(state, hints, FAMILY[fmt])
         if FAMILY[fmt] == "declip" and _declip_text_prefix(src.state) == "text_encoder.":
             cfg.logit_scale_exp_cap = 0.0  # the reference's SLIP forward does not cap exp(scale) at 100
