@@ -224,6 +224,28 @@ def test_open_clip_gelu_model_loads_with_gelu_from_its_config(vit_ref, tmp_path,
         _assert_same(guessed, ref, 32)
 
 
+def test_hub_snapshot_folder_loads_its_open_clip_weights(vit_ref, tmp_path):
+    """HF hub snapshots (laion/CLIP-*, timm/*.openai) hold HF transformers / timm weights as model.safetensors next to
+    open_clip_model.safetensors: the folder's model.safetensors was taken for ours, then not recognised."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(_state(vit_ref), str(hub / "open_clip_model.safetensors"))
+    (hub / "open_clip_config.json").write_text(json.dumps({"model_cfg": VIT, "preprocess_cfg": {}}))
+    save_file({"logit_scale": torch.tensor(4.6), "text_model.embeddings.token_embedding.weight": torch.zeros(4, 4),
+               "vision_model.embeddings.class_embedding": torch.zeros(4)}, str(hub / "model.safetensors"))
+    assert _detect(hub) == "open_clip"
+    _assert_same(load_pretrained(hub), vit_ref, 32)
+    from declip_ds.models.pretrained import load_for_eval
+
+    assert load_for_eval(hub).weights == hub
+    with pytest.raises(FileNotFoundError, match="neither a config.yaml beside it nor 'model.\\*' keys"):
+        load_pretrained(hub, format="ours")
+    # a folder whose model.safetensors carries our model. prefix is still ours, config.yaml beside it or not
+    tag = _our_tag(tmp_path / "run", _tiny_ours())
+    (tag / "config.yaml").rename(tmp_path / "run" / "config.yaml")
+    assert _detect(tag) == "ours"
+
+
 def test_export_of_a_gelu_model_round_trips_through_open_clip(tmp_path):
     tag = _our_tag(tmp_path / "run", _tiny_ours(quick_gelu=False))
     ours = load_pretrained(tmp_path / "run")

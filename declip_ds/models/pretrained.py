@@ -104,16 +104,24 @@ def find_our_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"Checkpoint '{p}' does not exist.")
     if p.is_file():
         return p
-    if (p / "model.safetensors").is_file():
+    if (p / "model.safetensors").is_file() and _is_ours(p / "model.safetensors"):
         return p / "model.safetensors"
     for d in (p / "checkpoints", p):
         tags = complete_tags(d)
         if tags:
             return d / tags[-1] / "model.safetensors"
+    foreign = (" (its model.safetensors has neither a config.yaml beside it nor 'model.*' keys: another library's "
+               "weights, e.g. an HF hub snapshot's)") if (p / "model.safetensors").is_file() else ""
     raise FileNotFoundError(
-        f"No declip_ds checkpoint under '{p}': expected model.safetensors in it, or complete "
+        f"No declip_ds checkpoint under '{p}'{foreign}: expected model.safetensors in it, or complete "
         f"step_XXXXXXXX/ directories in it or in its checkpoints/ folder." + _incomplete_hint(p)
     )
+
+
+def _is_ours(weights: Path) -> bool:
+    """A folder's ``model.safetensors`` is ours with a config.yaml beside it or our ``model.`` prefix: HF hub snapshots
+    (laion/CLIP-*, timm/*) hold HF transformers / timm weights under that name, next to open_clip_model.safetensors."""
+    return (weights.parent / "config.yaml").is_file() or any(k.startswith("model.") for k in _safetensors_keys(weights))
 
 
 def saved_config(weights: Path) -> dict:
