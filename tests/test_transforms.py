@@ -9,6 +9,7 @@ from PIL import Image
 from declip_ds.data.transforms import (
     NORMALIZE,
     SampleTransform,
+    ToRGB,
     clip_train_transform,
     eval_transform,
     moco_v2_transform,
@@ -50,6 +51,45 @@ def test_eval_transform_is_deterministic_center_crop():
     a, b = t(_image()), t(_image())
     assert torch.equal(a, b)
     assert t.draft_size is None  # evaluation decodes JPEGs in full, as the reference (shards = image folders)
+
+
+def test_eval_transform_converts_to_rgb_after_the_crop_as_openai():
+    """EvalModel.transform() stands in for OpenAI's preprocess: Resize + CenterCrop, then convert("RGB") (a palette or
+    an alpha channel resized before the conversion gives other pixels). Without the step, L / P / RGBA images failed
+    with a broadcast error in Normalize. RGB images, which our eval loaders make at load time, are unchanged."""
+    import numpy as np
+    from torchvision import transforms as T
+
+    norm = T.Normalize(*NORMALIZE["openai"])
+    openai_order = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
+                              lambda im: im.convert("RGB"), T.ToTensor(), norm])
+    ours = eval_transform(32, normalize="openai", crop_ratio=1.0, interpolation="bicubic")
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 61, 3), dtype=np.uint8), "RGB")
+    alpha = rng.integers(0, 256, (40, 61), dtype=np.uint8)
+    alpha[:, :20] = 0
+    rgba = Image.fromarray(np.dstack([np.asarray(rgb), alpha]), "RGBA")
+    images = {"RGB": rgb, "L": rgb.convert("L"), "P": rgb.quantize(16), "RGBA": rgba, "LA": rgba.convert("LA"),
+              "CMYK": rgb.convert("CMYK")}
+    refs = [openai_order]
+    try:
+        import open_clip
+
+        refs.append(open_clip.image_transform(32, is_train=False, mean=NORMALIZE["openai"][0],
+                                              std=NORMALIZE["openai"][1]))
+    except ImportError:
+        pass
+    for mode, image in images.items():
+        out = ours(image)
+        assert out.shape == (3, 32, 32), mode
+        for ref in refs:
+            assert torch.equal(out, ref(image)), mode
+    for mode in ("P", "RGBA"):  # converting first (the caller's way before) is not the same
+        assert not torch.equal(ours(images[mode]), ours(images[mode].convert("RGB"))), mode
+    before = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(), norm])
+    assert torch.equal(ours(rgb), before(rgb))  # what the loaders feed it: as before the RGB step
+    x = torch.rand(3, 40, 61)
+    assert ToRGB()(x) is x  # tensors and arrays pass through, as open_clip's MaybeConvertMode
 
 
 def test_eval_transform_protocols_and_crop_ratio_errors():

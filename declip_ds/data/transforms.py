@@ -9,7 +9,7 @@ Recipes (see shared/METHODS.md):
     CLIP / SLIP base view   clip_train_transform: RRC(scale 0.5-1), no flip
     DeCLIP / SLIP SSL views moco_v2_transform:    RRC(0.2-1) + jitter + gray + blur + flip
     SLIP official SSL views simclr_transform:     the same with RRC(0.08-1)
-    evaluation              eval_transform:       Resize(size / crop_ratio) + CenterCrop(size)
+    evaluation              eval_transform:       Resize(size / crop_ratio) + CenterCrop(size) + RGB
 
 Each returned Compose carries ``draft_size``: the shortest source side the transform
 needs at full detail. The loader decodes JPEGs at reduced resolution (``Image.draft``)
@@ -112,13 +112,28 @@ def simclr_transform(image_size: int, scale: Sequence[float] = (0.08, 1.0), norm
     return moco_v2_transform(image_size, scale=scale, normalize=normalize, interpolation=interpolation)
 
 
+class ToRGB:
+    """PIL ``image.convert("RGB")``; other inputs (tensors, arrays) pass through, as open_clip's MaybeConvertMode."""
+
+    def __call__(self, image):
+        return image.convert("RGB") if isinstance(image, Image.Image) else image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 def eval_transform(image_size: int, normalize="imagenet", crop_ratio: float = 224 / 256,
                    interpolation: str = "bicubic") -> T.Compose:
-    """Resize(round(image_size / crop_ratio)) + CenterCrop(image_size). PIL -> (3, S, S) float.
+    """Resize(round(image_size / crop_ratio)) + CenterCrop(image_size) + RGB. PIL (any mode) -> (3, S, S) float.
 
     The Resize scales the shortest side. OpenAI / open_clip: crop_ratio=1.0, bicubic, "openai" mean/std.
     The DeCLIP repo's zero-shot protocol: crop_ratio=224/256, bilinear (torchvision's default),
     "imagenet" mean/std. ``EvalModel.transform()`` picks the right one for a loaded checkpoint.
+
+    The RGB conversion comes after the crop, where OpenAI's ``preprocess`` and open_clip's eval transform put it,
+    so the transform replaces theirs for L / P / RGBA images too (a palette or an alpha channel resized before the
+    conversion gives other pixels than after). Our loaders convert at load time, as CLIP_benchmark does; for
+    their RGB images the conversion here changes nothing.
     """
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"crop_ratio must be in (0, 1] (0.875 = resize to 256 then crop 224; 1.0 = resize the "
@@ -130,6 +145,7 @@ def eval_transform(image_size: int, normalize="imagenet", crop_ratio: float = 22
     return _with_draft(T.Compose([
         T.Resize(resize, interpolation=_interpolation(interpolation)),
         T.CenterCrop(image_size),
+        ToRGB(),
         T.ToTensor(),
         _normalize(normalize),
     ]), None)
