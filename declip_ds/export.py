@@ -23,7 +23,9 @@ attention heads (it rebuilds heads = width // 64), so --to openai refuses head w
 What neither target can represent is refused naming the config field (the tiny ResNet, a non-CLIP ViT;
 GELU for --to openai). The mask-token row of a DeCLIP vocabulary is removed (standard tokenizer ids), and
 FILIP token heads (``image_mapping`` / ``text_mapping``) are left out with a warning: open_clip has no
-slot for them. ``load_pretrained`` reads the export back (the JSON next to it gives the heads).
+slot for them. ``load_pretrained`` reads the export back (the JSON next to it gives the heads). A model that caps
+exp(logit_scale) (``model.logit_scale_exp_cap``, the DeCLIP recipes: 100) exports a logit_scale above ln(cap) as
+ln(cap): open_clip and OpenAI use exp(logit_scale) without a cap.
 
 Preprocessing: the model's evaluation protocol (the run's data.normalize, eval.interpolation and
 eval.crop_ratio; a released checkpoint's per-format default, see ``load_for_eval``) is written as
@@ -41,6 +43,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -159,6 +162,18 @@ def _check_openai_heads(vision_cfg: dict, text_cfg: dict) -> None:
 # ----------------------------------------------------------------------------- weights
 
 
+def _capped_logit_scale(model, s: torch.Tensor) -> torch.Tensor:
+    """The logit scale open_clip / OpenAI should read: they use exp(logit_scale) as it is, while our model caps it at
+    model.logit_scale_exp_cap (the DeCLIP recipes: 100), so a parameter above ln(cap) is written as ln(cap)."""
+    cap = model.cfg.logit_scale_exp_cap
+    if cap <= 0 or float(s) <= math.log(cap):
+        return s
+    log.info("logit_scale %.4f (exp %.2f) is above ln(model.logit_scale_exp_cap) = ln(%g): exported as %.4f, so that "
+             "exp(logit_scale), which open_clip / OpenAI use without a cap, is the model's capped scale %g",
+             float(s), math.exp(float(s)), cap, math.log(cap), cap)
+    return torch.tensor(math.log(cap), dtype=s.dtype)
+
+
 def to_openai_state_dict(model, target: str = "open_clip") -> dict[str, torch.Tensor]:
     """Our DualEncoder's weights under OpenAI / open_clip names (fresh contiguous fp32 tensors)."""
     open_clip_config(model, target)  # refuse what the layout cannot hold before converting
@@ -168,7 +183,7 @@ def to_openai_state_dict(model, target: str = "open_clip") -> dict[str, torch.Te
     for k, v in model.state_dict().items():
         v = v.detach().cpu()
         if k == "logit_scale":
-            name, v = "logit_scale", v.reshape(())  # ours (1,) -> OpenAI / open_clip 0-d
+            name, v = "logit_scale", _capped_logit_scale(model, v.reshape(()))  # ours (1,) -> OpenAI / open_clip 0-d
         elif k.startswith("visual."):
             sub = k[len("visual."):]
             name = rename_visual(sub, VIT_NAMES if vit else RN_NAMES, to_ours=False)

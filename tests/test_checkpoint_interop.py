@@ -681,6 +681,23 @@ def test_export_to_open_clip_gives_the_same_outputs(tmp_path):
     _assert_same(ours, ref2, 32, ours_tokens)
 
 
+def test_export_writes_the_capped_logit_scale(tmp_path, caplog):
+    """A model with model.logit_scale_exp_cap (the DeCLIP recipes: exp capped at 100) uses min(exp(s), cap); open_clip
+    uses exp(s) as it is, so a parameter above ln(cap) is exported as ln(cap), and the log says so."""
+    model = build_model(_tiny_ours(logit_scale_exp_cap=100.0, logit_scale_bounds=[3.0, 6.0]))
+    for s, want in ((5.5, math.log(100.0)), (4.0, 4.0)):
+        with torch.no_grad():
+            model.logit_scale.fill_(s)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="declip_ds.export"):
+            export(model, tmp_path / f"e{s}")
+        ref = open_clip.create_model("local-dir:" + str(tmp_path / f"e{s}"))
+        assert float(ref.logit_scale) == pytest.approx(want, abs=1e-6)
+        assert float(ref.logit_scale.exp()) == pytest.approx(float(model.scale()), rel=1e-6)
+        assert ("above ln(model.logit_scale_exp_cap) = ln(100)" in caplog.text) == (s > 4.7)
+    assert float(model.logit_scale) == 4.0  # the model itself is not changed
+
+
 def test_export_inverts_the_import(vit_ref, rn50_ref, tmp_path):
     for name, ref in (("vit", vit_ref), ("rn50", rn50_ref)):
         sd = _state(ref)
