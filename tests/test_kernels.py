@@ -349,6 +349,40 @@ def test_launch_falls_back_to_fewer_stages_then_names_the_fix(monkeypatch):
         contrastive._launch(FakeKernel(0), (1,), t, num_stages=2, what="token_max_similarity", BM=64)
 
 
+class _RecordStages:
+    """Kernel wrapper recording the num_stages each launch gets, then launching the real kernel."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def run(*args, num_stages, **kwargs):
+            self.seen.append(num_stages)
+            return self.kernel[grid](*args, num_stages=num_stages, **kwargs)
+        return run
+
+
+def test_launch_remembers_what_fit_per_requested_stage_count(monkeypatch):
+    """A stage count that fit is remembered per requested count: asking for 3 then 4 launches 3 then 4 (the tile
+    sweeps' g_stages=4, FILIP's ...x3 rows and tile_config(fwd_stages=...) once all ran the first request's)."""
+    monkeypatch.setattr(contrastive, "_STAGES_THAT_FIT", {})
+    seen = []
+    monkeypatch.setattr(contrastive, "_clip_fwd_kernel", _RecordStages(contrastive._clip_fwd_kernel, seen))
+    img, txt = features(20, 16, seed=2, dtype=torch.float32)
+    s = torch.tensor(10.0, device=DEV)
+    for stages in (1, 2, 1):
+        with contrastive.tile_config(fwd_stages=stages):
+            fused_clip_loss(img, txt, s)
+    assert seen == [1, 2, 1]
+    monkeypatch.setattr(token_max, "_tm_fwd_kernel", _RecordStages(token_max._tm_fwd_kernel, seen))
+    seen.clear()
+    x, y, xm, ym = token_inputs(3, 2, 5, 6, 16, seed=3, dtype=torch.float32)
+    for stages in (1, 3):
+        with token_max.tile_config(BM=16, BN=16, BK=16, num_stages=stages):
+            token_max_similarity(x, y, xm, ym)
+    assert seen == [1, 3]
+
+
 def test_paired_dots_in_row_blocks_equal_the_full_product(monkeypatch):
     monkeypatch.setattr(contrastive, "_PAIR_ROWS", 3)  # 10 rows: blocks of 3, 3, 3, 1
     a, b = features(10, 16, seed=5, dtype=torch.float16)

@@ -114,16 +114,19 @@ try:  # where triton keeps it (runtime.errors since 2.1)
 except ImportError:  # pragma: no cover
     from triton.runtime.autotuner import OutOfResources
 
-_STAGES_THAT_FIT: dict = {}  # (kernel, constexprs, device) -> num_stages that fit this card's shared memory
+# (kernel, constexprs, device, requested stages) -> num_stages that fit this card's shared memory
+_STAGES_THAT_FIT: dict = {}
 
 
 def _launch(kernel, grid, *args, num_stages: int, what: str, **kwargs):
     """kernel[grid](*args, num_stages=..., **kwargs), with fewer pipeline stages when the card has less
     shared memory per block than the tiles were chosen for (sm_86/sm_89: 99 KB against 227 KB on sm_90).
-    Fewer stages only shorten the prefetch pipeline, not the arithmetic. If even one stage does not fit,
-    raise an error that names the kernel, the need, the limit and the fix (``what`` says which call)."""
+    Fewer stages only shorten the prefetch pipeline, not the arithmetic. What fit is remembered per kernel,
+    constexprs, device and *requested* stage count (a later request for other stages, e.g. a tile sweep's, must
+    not get the stages that fit an earlier one). If even one stage does not fit, raise an error that names the
+    kernel, the need, the limit and the fix (``what`` says which call)."""
     key = (getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", str(kernel)),
-           tuple(sorted((k, str(v)) for k, v in kwargs.items())), str(args[0].device) if args else "")
+           tuple(sorted((k, str(v)) for k, v in kwargs.items())), str(args[0].device) if args else "", num_stages)
     stages = _STAGES_THAT_FIT.get(key, num_stages)
     while True:
         try:
