@@ -162,7 +162,7 @@ def test_batch_permutation_permutes_gradients():
 def test_scale_100_adversarial_features_stay_finite(dtype):
     # clusters of identical and opposite features: logits span [-100, 100], with many exact ties, and
     # wrong pairings (text i+1 for image i) so the positives sit at the bottom of the softmax
-    B, D = 24, 16
+    D = 16
     base = F.normalize(torch.randn(3, D, generator=torch.Generator().manual_seed(1)), dim=-1)
     img = torch.cat([base[0].expand(8, D), -base[0].expand(8, D), base[1].expand(8, D)])
     txt = torch.roll(-img, 1, dims=0)
