@@ -297,6 +297,29 @@ def test_mm_f32_upcasts_off_cuda_and_accumulates_in_place():
     torch.testing.assert_close(acc, 1 + a.float() @ b.float())
 
 
+def test_mm_out_dtype_probe_failure_warns_once(monkeypatch):
+    """If this torch's CUDA mm rejects out_dtype=fp32 for bf16 (or gets it wrong), the chunked backward falls back
+    to fp32 copies: correct but slower and larger, so it says so, once per device, with the reason and the fix."""
+    import warnings
+
+    monkeypatch.setattr(contrastive, "_MM_OUT_DTYPE", {})
+
+    def rejects(device):
+        raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
+
+    monkeypatch.setattr(contrastive, "_probe_mm_out_dtype", rejects)
+    with pytest.warns(UserWarning, match=r"out_dtype=torch.float32.*failed their probe \(TypeError: mm\(\) got an "
+                                         r"unexpected keyword.*upcasts its operands.*bwd_chunk=0"):
+        assert not contrastive._mm_out_dtype_works(torch.device("cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not contrastive._mm_out_dtype_works(torch.device("cuda"))  # once per device
+        assert contrastive.mm_out_dtype_probe("cuda")[1].startswith("TypeError: mm() got")
+        assert not contrastive._mm_out_dtype_works(torch.device("cpu"))  # off CUDA: no probe, no warning
+        monkeypatch.setattr(contrastive, "_probe_mm_out_dtype", lambda device: None)
+        assert contrastive.mm_out_dtype_probe("cuda:1") == (True, "")
+
+
 @pytest.mark.parametrize("dtype,arch,chunk", [(torch.float32, 90, None), (torch.float16, 90, None),
                                               (torch.float16, 90, 0), (torch.float16, 80, None)])
 def test_gpu_tile_configuration_gives_the_reference_result(monkeypatch, dtype, arch, chunk):
@@ -940,7 +963,7 @@ def test_gpu_both_backward_designs_bf16(chunk):
 @needs_cuda
 def test_gpu_chunked_backward_gets_fp32_gemm_outputs():
     """torch >= 2.8 on CUDA: bf16 GEMMs with fp32 output (the chunked backward's dI and dT), no upcast copies."""
-    assert contrastive._mm_out_dtype_works(torch.device(DEV))
+    assert contrastive._mm_out_dtype_works(torch.device(DEV)), contrastive.mm_out_dtype_probe(DEV)[1]
     dX = torch.randn(300, 1000, device=DEV, dtype=torch.bfloat16)[:250]  # a chunk's rows of the buffer
     image = torch.randn(250, 64, device=DEV, dtype=torch.bfloat16)
     acc = torch.ones(1000, 64, device=DEV)

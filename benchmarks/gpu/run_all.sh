@@ -31,6 +31,10 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$WORK/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" \
     | tee -a "$WORK/env.txt"
+# whether cuBLAS bf16 GEMMs write fp32 here (else the chunked CLIP backward upcasts: slower, more memory)
+python3 -c "import torch; from declip_ds.kernels import contrastive as c
+print('mm out_dtype=fp32 probe:', c.mm_out_dtype_probe('cuda') if torch.cuda.is_available() else 'no CUDA')" \
+    2>&1 | tee -a "$WORK/env.txt"
 
 scale=${STEP_SCALE:-1}
 step() {  # step NAME SECONDS CMD...

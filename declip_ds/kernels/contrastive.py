@@ -45,6 +45,7 @@ Backward, two designs (``bwd_chunk`` picks; both tested against the float64 refe
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -409,31 +410,56 @@ def _launch_backward(which, image, all_text, scale32, row_lse, col_lse, wr, wc, 
     return out
 
 
-_MM_OUT_DTYPE: dict = {}  # device -> whether torch.mm / addmm take out_dtype=fp32 for 16-bit inputs there
+_MM_OUT_DTYPE: dict = {}  # device -> (whether torch.mm / addmm take out_dtype=fp32 for 16-bit inputs there, why not)
+
+
+def _probe_mm_out_dtype(device) -> None:
+    """Raise unless torch.mm(a, b, out_dtype=fp32) and the in-place addmm into an fp32 accumulator give the upcast
+    product for bf16 operands on device (a small product against the upcast one)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(96, 64, generator=g).to(device, torch.bfloat16)
+    b = torch.randn(64, 80, generator=g).to(device, torch.bfloat16)
+    acc = torch.randn(96, 80, generator=g).to(device)
+    want = acc + a.float() @ b.float()
+    one = torch.mm(a, b, out_dtype=torch.float32)
+    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    if one.dtype != torch.float32:
+        raise RuntimeError(f"torch.mm(..., out_dtype=torch.float32) returned {one.dtype}")
+    if not torch.allclose(one, a.float() @ b.float(), rtol=1e-4, atol=1e-3):
+        raise RuntimeError("torch.mm(..., out_dtype=torch.float32) differs from the upcast product")
+    if not torch.allclose(acc, want, rtol=1e-4, atol=1e-3):
+        raise RuntimeError("torch.addmm(acc, ..., out_dtype=torch.float32, out=acc) differs from the upcast product")
+
+
+def mm_out_dtype_probe(device) -> tuple[bool, str]:
+    """(works, why not) for cuBLAS bf16/fp16 GEMMs that write fp32 on device (torch >= 2.8:
+    ``torch.mm(a, b, out_dtype=torch.float32)`` and the same for ``addmm`` into an fp32 accumulator, CUDA only).
+    Probed once per device; where it fails (an older torch, a cuBLAS without it) the chunked backward upcasts its
+    operands instead, which is exact but slower and holds fp32 copies: that is warned about once."""
+    device = torch.device(device)
+    key = str(device)
+    if key not in _MM_OUT_DTYPE:
+        if device.type != "cuda":
+            _MM_OUT_DTYPE[key] = (False, "not a CUDA device (the operands are upcast; exact)")
+        else:
+            try:
+                _probe_mm_out_dtype(device)
+                _MM_OUT_DTYPE[key] = (True, "")
+            except Exception as err:  # any failure: the upcast fallback is exact
+                why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+                _MM_OUT_DTYPE[key] = (False, why)
+                warnings.warn(
+                    f"fused_clip_loss on {key}: 16-bit GEMMs with fp32 output (torch.mm / torch.addmm with "
+                    f"out_dtype=torch.float32, torch {torch.__version__}) failed their probe ({why}). The chunked "
+                    f"backward upcasts its operands to fp32 instead: same result, but slower and with fp32 copies of "
+                    f"the gathered texts and of each dX chunk. Use a torch whose CUDA mm takes out_dtype (>= 2.8), or "
+                    f"the fused backward kernels (contrastive.tile_config(bwd_chunk=0)).", stacklevel=3)
+    return _MM_OUT_DTYPE[key]
 
 
 def _mm_out_dtype_works(device) -> bool:
-    """cuBLAS bf16/fp16 GEMMs that write fp32 (torch >= 2.8: ``torch.mm(a, b, out_dtype=torch.float32)`` and the
-    same for ``addmm`` into an fp32 accumulator, CUDA only). Probed once per device on a small product against the
-    upcast one, including the in-place accumulation, so an older torch or a cuBLAS without it falls back."""
-    key = str(device)
-    if key not in _MM_OUT_DTYPE:
-        ok = False
-        if device.type == "cuda":
-            try:
-                g = torch.Generator(device="cpu").manual_seed(0)
-                a = torch.randn(96, 64, generator=g).to(device, torch.bfloat16)
-                b = torch.randn(64, 80, generator=g).to(device, torch.bfloat16)
-                acc = torch.randn(96, 80, generator=g).to(device)
-                want = acc + a.float() @ b.float()
-                one = torch.mm(a, b, out_dtype=torch.float32)
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                ok = (one.dtype == torch.float32 and torch.allclose(one, a.float() @ b.float(), rtol=1e-4, atol=1e-3)
-                      and torch.allclose(acc, want, rtol=1e-4, atol=1e-3))
-            except (TypeError, RuntimeError, NotImplementedError):
-                ok = False
-        _MM_OUT_DTYPE[key] = ok
-    return _MM_OUT_DTYPE[key]
+    """Whether 16-bit GEMMs with fp32 output work on device (``mm_out_dtype_probe``)."""
+    return mm_out_dtype_probe(device)[0]
 
 
 def _mm_f32(a, b, acc=None):
