@@ -11,7 +11,8 @@ Methods, all on the same L2-normalised features (bf16 on a GPU, fp32 on a CPU):
 Per row: median time of --reps runs after --warmup runs (CUDA events on a GPU) of the forward and
 of forward + backward (gradients of both features and of scale); useful TFLOP/s (2B^2D forward,
 6B^2D forward + backward, KERNELS.md §1); fraction of the card's dense bf16 peak; and the rise of
-max_memory_allocated over one forward + backward (GPU only). Out-of-memory rows say "OOM".
+max_memory_allocated over one forward + backward (GPU only). Out-of-memory rows say "OOM", rows that
+fail otherwise (a compile error, too little shared memory, a cuBLAS failure) "ERROR: <what>"; the others go on.
 Writes benchmarks/out/contrastive.csv and, when matplotlib is installed, contrastive.png.
 On a CPU the default grid is tiny and only the torch paths run.
 """
@@ -86,6 +87,17 @@ def peak_memory_mb(fn) -> float | None:
 
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def failed_status(err: Exception) -> str:
+    """A row's status for an exception: "OOM", or "ERROR: <type>: <first line of the message>" (short)."""
+    if torch.cuda.is_available():
+        with contextlib.suppress(Exception):  # after a sticky CUDA error this raises too
+            torch.cuda.empty_cache()
+    if is_oom(err):
+        return "OOM"
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"ERROR: {type(err).__name__}: {msg}"[:160]
 
 
 def fmt(v, spec=".3g") -> str:
@@ -203,11 +215,8 @@ def bench_one(name, fn, B, D, dtype, reps, warmup, peak, ctx=contextlib.nullcont
             t_f = median_seconds(forward, reps, warmup)
             t_fb = median_seconds(forward_backward, reps, warmup)
             mem = peak_memory_mb(forward_backward)
-    except RuntimeError as err:
-        if not is_oom(err):
-            raise
-        torch.cuda.empty_cache()
-        return {**row, "status": "OOM"}
+    except Exception as err:  # OOM, or a row that cannot run (compile, shared memory, cuBLAS): record it, go on
+        return {**row, "status": failed_status(err)}
     fwd_tf, fb_tf = 2 * B * B * D / t_f / 1e12, 6 * B * B * D / t_fb / 1e12
     return {**row, "status": "ok", "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3, "fwd_tflops": fwd_tf,
             "fwd_bwd_tflops": fb_tf, "frac_bf16_peak": fb_tf / peak if peak else None, "peak_mem_mb": mem}

@@ -16,7 +16,8 @@ Methods, on the same L2-normalised tokens (bf16 on a GPU, fp32 on a CPU) with ra
 Per row: median of --reps runs after --warmup (CUDA events on a GPU) of the forward (both
 directions) and of forward + backward; useful forward TFLOP/s = 2 B^2 Ti Tt D / t_fwd on unpadded
 tokens; its fraction of the card's dense bf16 peak; backward / forward time; rise of
-max_memory_allocated over one forward + backward (GPU only). Out-of-memory rows say "OOM".
+max_memory_allocated over one forward + backward (GPU only). Out-of-memory rows say "OOM", rows that
+fail otherwise (a compile error, too little shared memory, a cuBLAS failure) "ERROR: <what>"; the others go on.
 Besides the grid, KERNELS.md's extra shapes run on a GPU: 49x16, 77x16 and D=256 at B=1024.
 Writes benchmarks/out/filip.csv and, when matplotlib is installed, filip.png.
 """
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_contrastive import (OUT_DIR, device_info, fmt, is_oom, kernel_rows, median_seconds,  # noqa: E402
+from bench_contrastive import (OUT_DIR, device_info, failed_status, fmt, kernel_rows, median_seconds,  # noqa: E402
                                peak_memory_mb, plot, print_table, write_csv)
 from declip_ds.losses import filip_similarity  # noqa: E402
 
@@ -113,11 +114,8 @@ def bench_one(name, fn, B, Ti, Tt, D, dtype, reps, warmup, peak, ctx=contextlib.
             t_f = median_seconds(forward, reps, warmup)
             t_fb = median_seconds(forward_backward, reps, warmup)
             mem = peak_memory_mb(forward_backward)
-    except RuntimeError as err:
-        if not is_oom(err):
-            raise
-        torch.cuda.empty_cache()
-        return {**row, "status": "OOM"}
+    except Exception as err:  # OOM, or a row that cannot run (compile, shared memory, cuBLAS): record it, go on
+        return {**row, "status": failed_status(err)}
     tf = 2 * B * B * Ti * Tt * D / t_f / 1e12
     return {**row, "status": "ok", "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3, "fwd_tflops": tf,
             "frac_bf16_peak": tf / peak if peak else None, "bwd_over_fwd": (t_fb - t_f) / t_f, "peak_mem_mb": mem}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -38,12 +39,15 @@ def test_bench_contrastive_kernel_rows_run_interpreted(tmp_path):
     """The kernel rows and --tiles rows (as run_all.sh sweeps them) go through the same code under the
     interpreter; with only kernel rows asked for on a CPU without it, the (empty) table still prints."""
     proc = run("bench_contrastive.py", tmp_path, "--B", "40", "--D", "24", "--methods", "triton",
-               "--tiles", "bwd_bd=16", "fwd_bm=16,fwd_bn=32,fwd_warps=4", "bwd_chunk=16,g_bm=16", interpret=True)
+               "--tiles", "bwd_bd=16", "fwd_bm=24", "fwd_bm=16,fwd_bn=32,fwd_warps=4", "bwd_chunk=16,g_bm=16",
+               interpret=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "triton rows run interpreted" in proc.stdout
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "contrastive.csv"))}
-    assert set(rows) == {"triton", "triton[bwd_bd=16]", "triton[fwd_bm=16,fwd_bn=32,fwd_warps=4]",
+    assert set(rows) == {"triton", "triton[bwd_bd=16]", "triton[fwd_bm=24]", "triton[fwd_bm=16,fwd_bn=32,fwd_warps=4]",
                          "triton[bwd_chunk=16,g_bm=16]"}
+    # a row that cannot run (24-row tiles: not a power of 2, as a compile error on a GPU) is recorded, the rest run
+    assert rows.pop("triton[fwd_bm=24]")["status"].startswith("ERROR: ") and "power of 2" in proc.stdout
     assert all(r["status"] == "ok" for r in rows.values())
     proc = run("bench_contrastive.py", tmp_path, "--B", "40", "--D", "24", "--methods", "triton", "--tiles", "bwd_bd=16")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -72,6 +76,22 @@ def test_bench_filip_kernel_rows_run_interpreted(tmp_path):
                          "triton[16x32x16,save=1]", "triton[16x16x16,kernels=1]", "triton[4x16x16]"}
     assert rows["triton[4x16x16]"]["status"] == "skipped: tiles smaller than one sample"
     assert all(r["status"] == "ok" for k, r in rows.items() if k != "triton[4x16x16]")
+
+
+@pytest.mark.parametrize("bench", [bench_contrastive, bench_filip])
+def test_a_failing_row_is_recorded_not_raised(bench):
+    """Any exception of a row (a Triton compile error, too little shared memory, a cuBLAS failure) becomes its
+    status, "ERROR: <type>: <first line>" ("OOM" for out-of-memory), so one bad row does not end the step."""
+    errors = [(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`\nmore"),
+               "ERROR: RuntimeError: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+              (ValueError("PassManager::run failed"), "ERROR: ValueError: PassManager::run failed"),
+              (RuntimeError("CUDA out of memory. Tried to allocate 16 GiB"), "OOM")]
+    for err, status in errors:
+        def fail(*args, err=err):
+            raise err
+        shape = (4, 8) if bench is bench_contrastive else (2, 3, 4, 8)
+        row = bench.bench_one("bad", fail, *shape, torch.float32, 1, 0, None)
+        assert row["status"] == status and row["method"] == "bad"
 
 
 def test_tile_specs_are_parsed_and_bad_ones_named():
