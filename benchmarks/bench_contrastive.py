@@ -13,7 +13,9 @@ of forward + backward (gradients of both features and of scale); useful TFLOP/s 
 6B^2D forward + backward, KERNELS.md §1); fraction of the card's dense bf16 peak; and the rise of
 max_memory_allocated over one forward + backward (GPU only). Out-of-memory rows say "OOM", rows that
 fail otherwise (a compile error, too little shared memory, a cuBLAS failure) "ERROR: <what>"; the others go on.
-Writes benchmarks/out/contrastive.csv and, when matplotlib is installed, contrastive.png.
+Writes benchmarks/out/contrastive.csv, one row appended (and flushed) as each completes, so a run stopped with
+SIGINT (``timeout --signal=INT``, Ctrl-C) keeps its finished rows: it then prints the partial table, plots it and
+exits with status 130. When matplotlib is installed, also contrastive.png.
 On a CPU the default grid is tiny and only the torch paths run.
 """
 
@@ -118,13 +120,46 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
         print("  ".join(fmt(r.get(c)).rjust(widths[c]) for c in cols))
 
 
-def write_csv(rows: list[dict], cols: list[str], path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {path}")
+class RowLog:
+    """The rows of one run, each written to the CSV at path (header first) and flushed as it completes, so a run
+    cut short keeps every finished row; ``show`` names the columns printed per row."""
+
+    def __init__(self, path: str, cols: list[str], show: list[str]):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path, self.cols, self.show, self.rows = path, cols, show, []
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=cols, extrasaction="ignore")
+        self.writer.writeheader()
+        self.file.flush()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.writer.writerow(row)
+        self.file.flush()
+        print("  " + ", ".join(f"{c}={fmt(row.get(c))}" for c in self.show), flush=True)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run_rows(log: RowLog, rows, finish) -> None:
+    """Adds every row the iterable ``rows`` yields to log, then calls finish(log.rows) (table, plot). On SIGINT
+    (KeyboardInterrupt: run_all.sh's ``timeout --signal=INT``, Ctrl-C) the rows so far are already in the CSV;
+    finish runs on them and the process exits with status 130."""
+    interrupted = False
+    try:
+        for row in rows:
+            log.add(row)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"\ninterrupted (SIGINT) after {len(log.rows)} rows: the table below is partial", flush=True)
+    finally:
+        log.close()
+    print()
+    finish(log.rows)
+    print(f"wrote {log.path} ({len(log.rows)} rows{', partial' if interrupted else ''})", flush=True)
+    if interrupted:
+        sys.exit(130)
 
 
 def plot(rows: list[dict], x: str, series: list[str], ys: list[tuple[str, str]], path: str, title: str) -> None:
@@ -250,24 +285,24 @@ def main() -> None:
     todo = methods()
     if args.methods:
         todo = {k: v for k, v in todo.items() if k in args.methods}
-    rows = []
-    for D in args.D:
-        for B in args.B:
-            for mname, fn in todo.items():
-                rows.append(bench_one(mname, fn, B, D, dtype, args.reps, args.warmup, peak))
-                print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:7]), flush=True)
-            for spec, cfg in tiles.items() if kernel_rows() else ():
-                from declip_ds.kernels import contrastive, fused_clip_loss
 
-                rows.append(bench_one(f"triton[{spec}]", fused_clip_loss, B, D, dtype, args.reps, args.warmup, peak,
-                                      ctx=lambda cfg=cfg: contrastive.tile_config(**cfg)))
-                print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:7]), flush=True)
-    print()
-    print_table(rows, COLUMNS)
-    write_csv(rows, COLUMNS, os.path.join(args.out, "contrastive.csv"))
-    panels = [("fwd_bwd_ms", "forward + backward (ms)"), ("peak_mem_mb", "peak memory rise (MB)")]
-    plot(rows, "B", ["method", "D"], panels,
-         os.path.join(args.out, "contrastive.png"), f"CLIP loss on {name}")
+    def grid():
+        for D in args.D:
+            for B in args.B:
+                for mname, fn in todo.items():
+                    yield bench_one(mname, fn, B, D, dtype, args.reps, args.warmup, peak)
+                for spec, cfg in tiles.items() if kernel_rows() else ():
+                    from declip_ds.kernels import contrastive, fused_clip_loss
+
+                    yield bench_one(f"triton[{spec}]", fused_clip_loss, B, D, dtype, args.reps, args.warmup, peak,
+                                    ctx=lambda cfg=cfg: contrastive.tile_config(**cfg))
+
+    def finish(rows):
+        print_table(rows, COLUMNS)
+        panels = [("fwd_bwd_ms", "forward + backward (ms)"), ("peak_mem_mb", "peak memory rise (MB)")]
+        plot(rows, "B", ["method", "D"], panels, os.path.join(args.out, "contrastive.png"), f"CLIP loss on {name}")
+
+    run_rows(RowLog(os.path.join(args.out, "contrastive.csv"), COLUMNS, COLUMNS[:7]), grid(), finish)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ tokens; its fraction of the card's dense bf16 peak; backward / forward time; ris
 max_memory_allocated over one forward + backward (GPU only). Out-of-memory rows say "OOM", rows that
 fail otherwise (a compile error, too little shared memory, a cuBLAS failure) "ERROR: <what>"; the others go on.
 Besides the grid, KERNELS.md's extra shapes run on a GPU: 49x16, 77x16 and D=256 at B=1024.
-Writes benchmarks/out/filip.csv and, when matplotlib is installed, filip.png.
+Writes benchmarks/out/filip.csv, one row appended (and flushed) as each completes, so a run stopped with SIGINT
+(``timeout --signal=INT``, Ctrl-C) keeps its finished rows: it then prints the partial table, plots it and exits
+with status 130. When matplotlib is installed, also filip.png.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_contrastive import (OUT_DIR, device_info, failed_status, fmt, kernel_rows, median_seconds,  # noqa: E402
-                               peak_memory_mb, plot, print_table, write_csv)
+from bench_contrastive import (OUT_DIR, RowLog, device_info, failed_status, fmt, kernel_rows,  # noqa: E402
+                               median_seconds, peak_memory_mb, plot, print_table, run_rows)
 from declip_ds.losses import filip_similarity  # noqa: E402
 
 
@@ -155,30 +157,32 @@ def main() -> None:
     todo = methods()
     if args.methods:
         todo = {k: v for k, v in todo.items() if k in args.methods}
-    rows = []
-    for B, Ti, Tt, D in shapes:
-        for mname, fn in todo.items():
-            rows.append(bench_one(mname, fn, B, Ti, Tt, D, dtype, args.reps, args.warmup, peak))
-            print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:9]), flush=True)
-        for spec, cfg in tiles.items() if kernel_rows() else ():
-            from declip_ds.kernels import token_max, token_max_similarity
 
-            if cfg["BM"] < Ti or cfg["BN"] < Tt:  # a tile must hold one whole image and one whole text
-                rows.append(dict(method=f"triton[{spec}]", B=B, Ti=Ti, Tt=Tt, D=D, dtype=str(dtype).replace("torch.", ""),
-                                 status="skipped: tiles smaller than one sample"))
-            else:
+    def grid():
+        for B, Ti, Tt, D in shapes:
+            for mname, fn in todo.items():
+                yield bench_one(mname, fn, B, Ti, Tt, D, dtype, args.reps, args.warmup, peak)
+            for spec, cfg in tiles.items() if kernel_rows() else ():
+                from declip_ds.kernels import token_max, token_max_similarity
+
+                if cfg["BM"] < Ti or cfg["BN"] < Tt:  # a tile must hold one whole image and one whole text
+                    yield dict(method=f"triton[{spec}]", B=B, Ti=Ti, Tt=Tt, D=D, dtype=str(dtype).replace("torch.", ""),
+                               status="skipped: tiles smaller than one sample")
+                    continue
                 tiles_only = {k: v for k, v in cfg.items() if k not in ("save", "kernels")}
                 save = bool(cfg.get("save", 0))
                 fn = functools.partial(with_kernels, save=save) if cfg.get("kernels") else \
                     functools.partial(token_max_similarity, save_argmax=save)
-                rows.append(bench_one(f"triton[{spec}]", fn, B, Ti, Tt, D, dtype, args.reps,
-                                      args.warmup, peak, ctx=lambda c=tiles_only: token_max.tile_config(**c)))
-            print("  " + ", ".join(f"{c}={fmt(rows[-1].get(c))}" for c in COLUMNS[:9]), flush=True)
-    print()
-    print_table(rows, COLUMNS)
-    write_csv(rows, COLUMNS, os.path.join(args.out, "filip.csv"))
-    plot(rows, "B", ["method", "Ti", "Tt", "D"], [("fwd_ms", "forward (ms)"), ("peak_mem_mb", "peak memory rise (MB)")],
-         os.path.join(args.out, "filip.png"), f"FILIP similarity on {name}")
+                yield bench_one(f"triton[{spec}]", fn, B, Ti, Tt, D, dtype, args.reps, args.warmup, peak,
+                                ctx=lambda c=tiles_only: token_max.tile_config(**c))
+
+    def finish(rows):
+        print_table(rows, COLUMNS)
+        panels = [("fwd_ms", "forward (ms)"), ("peak_mem_mb", "peak memory rise (MB)")]
+        plot(rows, "B", ["method", "Ti", "Tt", "D"], panels, os.path.join(args.out, "filip.png"),
+             f"FILIP similarity on {name}")
+
+    run_rows(RowLog(os.path.join(args.out, "filip.csv"), COLUMNS, COLUMNS[:9]), grid(), finish)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,44 @@ def test_a_failing_row_is_recorded_not_raised(bench):
         shape = (4, 8) if bench is bench_contrastive else (2, 3, 4, 8)
         row = bench.bench_one("bad", fail, *shape, torch.float32, 1, 0, None)
         assert row["status"] == status and row["method"] == "bad"
+
+
+def wait_for_rows(path, n, proc, timeout=120):
+    """Wait until the CSV at path holds n data rows (the process still running); returns them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the benchmark ended before it was interrupted: " + proc.stdout.read()[-2000:]
+        if path.exists():
+            rows = list(csv.DictReader(open(path)))
+            if len(rows) >= n:
+                return rows
+        time.sleep(0.1)
+    raise AssertionError(f"no {n} rows in {path} after {timeout} s")
+
+
+@pytest.mark.parametrize("script,args", [
+    ("bench_contrastive.py", ["--B", "16", "4096", "--D", "32", "--methods", "eager", "torch"]),
+    ("bench_filip.py", ["--B", "4", "160", "--Ti", "10", "--Tt", "8", "--D", "32", "--methods", "eager", "torch"])])
+def test_an_interrupted_benchmark_keeps_its_finished_rows(tmp_path, script, args):
+    """run_all.sh stops a step with SIGINT at its time limit: the rows finished by then are in the CSV (appended
+    and flushed one by one), the partial table is printed, and the exit status is non-zero (130)."""
+    name = script.replace("bench_", "").replace(".py", ".csv")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / script), "--out", str(tmp_path), "--reps", "200",
+                             "--warmup", "1", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    try:
+        first = wait_for_rows(tmp_path / name, 1, proc)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / name)))
+    assert rows[:len(first)] == first and rows[0]["method"] == "eager" and rows[0]["status"] == "ok"
+    assert len(rows) < 4  # cut short: the large shape's rows never finished
+    assert "interrupted (SIGINT)" in out and f"({len(rows)} rows, partial)" in out
+    assert out.index("interrupted") < out.index("method ")  # the partial table follows
 
 
 def test_tile_specs_are_parsed_and_bad_ones_named():
