@@ -1026,6 +1026,26 @@ def test_gpu_token_max_bf16(B, Ti, save_argmax, design, monkeypatch):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("design", ["gemm", "kernels"])
+def test_gpu_token_max_debug_mode_bf16_default_tiles(monkeypatch, design):
+    """KERNELS.md §3.3 (7) on tensor cores: at the default GPU tiles in bf16 the debug mode finds the backward's
+    recomputed scores equal to the forward's bit for bit (the kernels' own tiles; gemm: each chunk's forward re-run,
+    8 MiB dS chunks: 65 chunks of 4 images), and a forward that had selected other tokens is caught."""
+    monkeypatch.setenv("DECLIP_DS_DEBUG_ARGMAX", "1")
+    monkeypatch.setattr(token_max, "_DS_CHUNK_BYTES", [8 << 20])
+    x, y, xm, ym = token_inputs(257, 257, 50, 77, 256, seed=71, dtype=torch.bfloat16)
+    a = x.clone().requires_grad_()
+    with token_max.backward_design(design):
+        s1, s2 = token_max_similarity(a, y, xm, ym)
+        (s1.sum() + s2.sum()).backward()  # passes: same tiles, same bits
+        s1, _ = token_max_similarity(a, y, xm, ym)
+    s1.grad_fn.debug_out[0].add_(1e-3)
+    with pytest.raises(RuntimeError, match="arg-max"):
+        s1.sum().backward()
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("save_argmax", [False, True])
 def test_gpu_token_max_memory(save_argmax):
     """KERNELS.md §3.2: extra memory <= outputs + token gradients + 256 MB (B=1024, Ti=50, Tt=77, D=512);
