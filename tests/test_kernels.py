@@ -329,12 +329,14 @@ def test_gpu_tile_configuration_gives_the_reference_result(monkeypatch, dtype, a
     backward; 16 groups), run here by the interpreter: several row/column groups, partial last tiles, D not a
     multiple of BK, and for the fused 16-bit kernels two D chunks (the last partial)."""
     monkeypatch.setattr(contrastive, "_FORCE_GPU_TILES", [True])
-    monkeypatch.setattr(contrastive, "_FORCE_ARCH", [arch])
+    monkeypatch.setattr(contrastive, "_FORCE_ARCH", [arch])  # CPU tensors (the interpreter)
+    monkeypatch.setattr(contrastive, "gpu_arch", lambda t: arch)  # CUDA tensors: an H200 runs the sm_80 table too
     cfg = contrastive._config(torch.zeros(1, dtype=dtype))
     sixteen = dtype != torch.float32
     want = (64, 64, 0, 0) if not sixteen else (64, 128, 512, 512) if arch >= 90 else (128, 64, 256, 512)
     assert (cfg["fwd_bm"], cfg["fwd_bn"], cfg["bwd_bd"], cfg["bwd_chunk"]) == want
     img, txt = features(200, cfg["bwd_bd"] + 8 if sixteen else 264, seed=21, dtype=dtype)
+    assert contrastive._config(img) == cfg  # the tiles the launches below get, on DEV
     with contrastive.tile_config(**({} if chunk is None else dict(bwd_chunk=chunk))):
         assert contrastive._use_chunked_backward(img) == (sixteen and chunk is None)
         check_fused_against_float64(img, txt, torch.tensor(30.0, device=DEV),
