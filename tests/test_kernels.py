@@ -101,12 +101,13 @@ def test_fused_clip_loss_matches_float64(B, D, scale, dtype):
     rel = 1e-4 if dtype == torch.float32 else 5e-3
     # B = 1: the exact feature gradient is 0, but the backward recomputes the logits with other tiles
     # than the forward, and on a GPU another MMA shape may round the dot differently by an ulp, which the
-    # scale multiplies: exp(x_bwd - lse_fwd) - 1 ~ scale * 1e-7 (measured on an H200: 1.5e-5 at scale 100,
-    # fp32 and fp16). So the zero case gets the relative tolerance times the size a gradient entry has
-    # when the loss is not constant (scale * |feature entry| <= scale for unit features).
+    # scale multiplies: exp(x_bwd - lse_fwd) - 1 ~ scale * 1e-7, and dI multiplies by the scale again
+    # (measured on an H200: 1.5e-5 at scale 100, fp32 and fp16; exactly 0 under the interpreter). So the
+    # zero case allows 1e-6 * scale^2 (1e-2 at scale 100, 1e-6 at 1): ~600x the measured error, and ~600x
+    # below the size of a real gradient entry at B = 1 (scale * |feature entry| / 2, ~6 at scale 100, D = 64).
     for g, r in zip(grads, ref_grads):
         assert g.dtype == (dtype if g.dim() else torch.float32)
-        assert_grad_close(g, r, rel, zero_atol=rel * scale if g.dim() else 1e-6)
+        assert_grad_close(g, r, rel, zero_atol=1e-6 * max(scale, 1.0) ** 2 if g.dim() else 1e-6)
 
 
 def test_fused_clip_loss_fp16_within_2x_of_torch_fp16():
@@ -586,7 +587,8 @@ def test_token_max_gpu_tiles_give_the_reference_result(monkeypatch, Ti, Tt, desi
     w = torch.randn(2, 5, 6, dtype=torch.float64).to(DEV)
     ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
     got = run_sim(lambda *a: token_max_similarity(*a, save_argmax=save_argmax), x, y, xm, ym, w)
-    assert (got[0].double() - ref[0]).abs().max() <= 1e-3 and (got[1].double() - ref[1]).abs().max() <= 1e-3
+    # KERNELS.md §3.3 (6): 1e-4 in cosine units (2e-8 measured under the interpreter)
+    assert (got[0].double() - ref[0]).abs().max() <= 1e-4 and (got[1].double() - ref[1]).abs().max() <= 1e-4
     assert rel_frobenius(got[2], ref[2]) <= 5e-3 and rel_frobenius(got[3], ref[3]) <= 5e-3
 
 
@@ -1064,4 +1066,8 @@ def test_gpu_token_max_memory(save_argmax):
     torch.cuda.synchronize()
     rise = torch.cuda.max_memory_allocated() - base
     indices = B * B * (Ti + Tt) if save_argmax else 0
+    # Looser than the spec's outputs + token gradients + 256 MB (410 MB here): the recompute design's own count
+    # is ~400 MB (outputs, normalised upstream grads, the fp32 dY buffer 162 MB, dX 52 MB, the 134 MB dS chunk,
+    # ~35 MB of scatter temporaries), before any cuBLAS workspace, so the spec bound would have no margin; not
+    # tightened until a GPU run has measured the rise.
     assert rise <= 4 * (2 * B * B) * 2 + 4 * B * (Ti + Tt) * D * 2 + indices + 256 * 2**20, rise / 2**20
