@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,3 +147,26 @@ def test_tile_specs_are_parsed_and_bad_ones_named():
         bench_filip.parse_tiles("64x256")
     with pytest.raises(SystemExit, match="'grp=1' is not group=<int>"):
         bench_filip.parse_tiles("64x128x32,grp=1")
+
+
+RUN_ALL = ROOT / "benchmarks" / "gpu" / "run_all.sh"
+
+
+def test_run_all_replaces_its_archive_whole(tmp_path):
+    """run_all.sh rewrites $OUT/results.tgz after every step: a tar that fails or is killed mid-write must leave the
+    previous good archive, so it writes a temporary one and renames it over (pack)."""
+    pack = re.search(r"^pack\(\) \{.*?^\}", RUN_ALL.read_text(), re.M | re.S)
+    assert pack, "run_all.sh has no pack() function"
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    (work / "a.csv").write_text("x\n")
+    script = pack.group(0) + "\npack\n"
+    env = dict(os.environ, OUT=str(out), WORK=str(work))
+    subprocess.run(["bash", "-c", script], check=True, env=env)
+    good = (out / "results.tgz").read_bytes()
+    assert subprocess.run(["tar", "-tzf", str(out / "results.tgz")], capture_output=True, text=True).stdout.split() \
+        == ["./", "./a.csv"]
+    env["WORK"] = str(tmp_path / "missing")  # tar fails
+    assert subprocess.run(["bash", "-c", script], env=env, capture_output=True).returncode != 0
+    assert (out / "results.tgz").read_bytes() == good

@@ -21,7 +21,10 @@ WORK=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee "$OUT/run.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-finish() { tar -czf "$OUT/results.tgz" -C "$WORK" . && echo "== results in \$OUT/results.tgz: $(ls "$WORK" | tr '\n' ' ')"; }
+pack() {  # never truncate the last good archive: write a temporary one, then rename it over
+    tar -czf "$OUT/results.tgz.part" -C "$WORK" . && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"
+}
+finish() { pack && echo "== results in \$OUT/results.tgz: $(ls "$WORK" | tr '\n' ' ')"; }
 trap finish EXIT
 
 if ! python3 -c "import deepspeed, webdataset, ftfy" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then
@@ -45,7 +48,7 @@ step() {  # step NAME SECONDS CMD...
     local rc=$?
     tail -n 40 "$WORK/$name.log"
     echo "== $name: rc=$rc in $((SECONDS - t0))s"
-    tar -czf "$OUT/results.tgz" -C "$WORK" .  # after every step: a run killed from outside keeps what finished
+    pack  # after every step: a run killed from outside keeps what finished
 }
 
 # the tile sweeps (same lists in both modes, so QUICK=1 checks that every spec parses and runs)
