@@ -170,3 +170,17 @@ def test_run_all_replaces_its_archive_whole(tmp_path):
     env["WORK"] = str(tmp_path / "missing")  # tar fails
     assert subprocess.run(["bash", "-c", script], env=env, capture_output=True).returncode != 0
     assert (out / "results.tgz").read_bytes() == good
+
+
+def test_run_all_fits_its_device_budget():
+    """run_all.sh runs once, inside one 590-s device call: its step limits sum to at most 480 s (setup, and up to
+    10 s per step between SIGINT and KILL, fit in the rest); the bf16 GPU tests come first, then the KERNELS.md §3
+    target benchmarks (CLIP memory and speed vs eager, FILIP's target shape with and without masks)."""
+    text = RUN_ALL.read_text()
+    subprocess.run(["bash", "-n", str(RUN_ALL)], check=True)
+    steps = re.findall(r"^step (\w+) (\d+) ", text, re.M)
+    names = [n for n, _ in steps]
+    assert len(set(names)) == len(names) >= 8
+    assert sum(int(s) for _, s in steps) <= 480, steps
+    assert names[:3] == ["tests_gpu", "contrastive", "filip_target"]
+    assert re.search(r"^FILIP_METHODS=\(eager triton triton_nomask ", text, re.M)
