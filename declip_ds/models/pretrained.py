@@ -422,7 +422,7 @@ def _sidecar_config(weights: Path, quiet: bool = False) -> dict | None:
 # the keys of open_clip's model configs (model_configs/*.json; the CLIP / CustomTextCLIP / CoCa arguments)
 MODEL_CFG_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
                   "nonscalar_logit_scale", "custom_text", "multimodal_cfg", "cast_dtype", "output_dict")
-# the top-level keys of its hub / local-dir open_clip_config.json, plus ours (see SIDECAR_KEY)
+# the top-level keys of its hub / local-dir open_clip_config.json, plus ours (see SIDECAR_KEY); others are ignored
 HUB_CFG_KEYS = ("model_cfg", "preprocess_cfg", "declip_ds")
 
 
@@ -442,8 +442,7 @@ def model_config_arg(config: dict | str | Path) -> dict:
         raise ValueError(f"{where} must be a dict or a path to a JSON file, got a {type(config).__name__}.")
     cfg, unknown, prefix = config, [], ""
     if "model_cfg" in config:  # the hub format
-        cfg, prefix = config["model_cfg"], "model_cfg."
-        unknown = [str(k) for k in config if k not in HUB_CFG_KEYS]
+        cfg, prefix = config["model_cfg"], "model_cfg."  # other top-level keys are ignored, as open_clip does
         if not isinstance(cfg, dict):
             raise ValueError(f"{where}: model_cfg must be a mapping (open_clip's model config), got "
                              f"{type(cfg).__name__}.")
