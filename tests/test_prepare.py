@@ -240,6 +240,12 @@ def test_resize_shorter_side_copy_and_reencode(tmp_path):
     assert len(_read_back(tmp_path / "out")) == 4
 
 
+def _save_trns(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", transparency=7 if image.mode == "L" else (7, 7, 7))
+    return buf.getvalue()
+
+
 def _mode_images() -> dict:
     """name -> (PNG / TIFF bytes, the 8-bit gray level or RGB colour it must decode to)."""
     import numpy as np
@@ -257,6 +263,8 @@ def _mode_images() -> dict:
         "float01.tif": (save(Image.fromarray(flat(0.5, np.float32)), "TIFF"), 128),
         "rgba.png": (save(Image.new("RGBA", (8, 8), (0, 0, 255, 0))), (255, 255, 255)),  # transparent: white
         "la.png": (save(Image.new("LA", (8, 8), (0, 0))), (255, 255, 255)),
+        "gray_trns.png": (_save_trns(Image.new("L", (8, 8), 7)), (255, 255, 255)),  # tRNS: gray 7 is transparent
+        "rgb_trns.png": (_save_trns(Image.new("RGB", (8, 8), (7, 7, 7))), (255, 255, 255)),
         "palette.png": (save(Image.new("RGB", (8, 8), (204, 0, 51)).convert("P")), (204, 0, 51)),  # web-safe
         "cmyk.tif": (save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "TIFF"), (255, 0, 0)),
     }
@@ -275,6 +283,14 @@ def test_every_image_mode_decodes_alike_in_the_loader_and_in_prepare(tmp_path):
         want = (want,) * 3 if isinstance(want, int) else want
         assert max(abs(a - b) for a, b in zip(got.getpixel((3, 3)), want)) <= 1, (name, got.getpixel((3, 3)))
         (tmp_path / name).write_bytes(data)
+    # evaluation decodes as torchvision's ImageFolder / CLIP_benchmark do (PIL's convert: comparable scores)
+    rgba = images["rgba.png"][0]
+    assert decode_image(rgba, "png", plain=True).getpixel((3, 3)) == Image.open(io.BytesIO(rgba)).convert("RGB").getpixel((3, 3))
+    # the decode happens in decode_image: a truncated file is a decode error there, not in the transform
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(jpeg, "JPEG")
+    with pytest.raises(OSError, match="(?i)truncated"):
+        decode_image(jpeg.getvalue()[: len(jpeg.getvalue()) * 3 // 4])
     table = _write_table(tmp_path / "t.csv", ["image", "caption"], [[n, n] for n in images])
     _run(table, tmp_path / "out", resize_shorter=4)  # every image re-encoded as JPEG
     members = _members(tmp_path / "out" / "00000.tar")

@@ -7,7 +7,7 @@
 #
 # Steps, most important first, each stopped with SIGINT at its limit (the benchmarks then keep every finished row
 # in their CSV; the rest of the step is lost, the later steps still run). Limits sum to 480 s; with ~10 s of setup
-# and up to 10 s per step between SIGINT and a KILL, the run ends well inside timeout_s=590:
+# and up to 5 s per step between SIGINT and a KILL (at most 540 s in all), the run ends inside timeout_s=590:
 #   tests_gpu          150 s  the bf16 / large-shape tests marked `gpu` (KERNELS.md §3.3 tolerances, CLIP memory
 #                             <= 0.2 GB and linear in B, FILIP memory, the arg-max debug mode in bf16), -n 4 when
 #                             pytest-xdist is there (~40 Triton compiles of ~3 s each)
@@ -61,7 +61,7 @@ step() {  # step NAME SECONDS CMD...
     local name=$1 limit; limit=$(python3 -c "print(max(10, int($2 * $scale)))"); shift 2
     echo "== $name (limit ${limit}s): $*"
     local t0=$SECONDS
-    timeout --signal=INT --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+    timeout --signal=INT --kill-after=5 "$limit" "$@" > "$WORK/$name.log" 2>&1
     local rc=$?
     tail -n 40 "$WORK/$name.log"
     echo "== $name: rc=$rc in $((SECONDS - t0))s"
@@ -104,7 +104,7 @@ mkdir -p "$WORK/filip_target" "$WORK/tiles" "$WORK/contrastive_torch" "$WORK/fil
 # Limits from the first run (H200, 2026-11-27: 15 gpu tests in 44 s, ~3 s per Triton compile; the chunked-torch
 # reference takes 0.6 s per call at B=64k and 1.2 s for FILIP, so it gets only small shapes); the Triton cache on
 # disk carries compiles from the tests to the benchmarks.
-step tests_gpu 150 python3 -m pytest "${XDIST[@]}" -v -rfEs --durations=10 tests/test_kernels.py -m gpu \
+step tests_gpu 150 python3 -m pytest ${XDIST[@]+"${XDIST[@]}"} -v -rfEs --durations=10 tests/test_kernels.py -m gpu \
     -p no:cacheprovider
 step contrastive 45 python3 benchmarks/bench_contrastive.py --out "$WORK" --methods eager triton "${CLIP[@]}"
 step filip_target 55 python3 benchmarks/bench_filip.py --out "$WORK/filip_target" --no-extra \
@@ -113,11 +113,11 @@ step filip_target 55 python3 benchmarks/bench_filip.py --out "$WORK/filip_target
 # 64 x 128 x 4 warps, fused backward D chunks of 512; FILIP 16-bit K chunks of 64 for <= 64-row tiles, saved
 # BD 128; since then, untimed: the chunked CLIP backward, 512 rows, 128 x 128 x 64 dX tiles, 8 warps; the
 # FILIP GEMM backward with 64 x 256 forward tiles)
-step tiles_contrastive 45 "${SWEEP[@]}" python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --methods triton \
+step tiles_contrastive 45 ${SWEEP[@]+"${SWEEP[@]}"} python3 benchmarks/bench_contrastive.py --out "$WORK/tiles" --methods triton \
     "${CLIP_SWEEP[@]}" --tiles "${CLIP_TILES[@]}"
-step tiles_filip 45 "${SWEEP[@]}" python3 benchmarks/bench_filip.py --out "$WORK/tiles" --no-extra \
+step tiles_filip 45 ${SWEEP[@]+"${SWEEP[@]}"} python3 benchmarks/bench_filip.py --out "$WORK/tiles" --no-extra \
     --methods triton triton_saved "${FILIP_SWEEP[@]}" --tiles "${FILIP_TILES[@]}"
-step tests_rest 35 python3 -m pytest "${XDIST[@]}" -v -rfEs tests/test_kernels.py -m "not gpu" -k "$REST" \
+step tests_rest 35 python3 -m pytest ${XDIST[@]+"${XDIST[@]}"} -v -rfEs tests/test_kernels.py -m "not gpu" -k "$REST" \
     -p no:cacheprovider
 step contrastive_torch 15 python3 benchmarks/bench_contrastive.py --out "$WORK/contrastive_torch" --methods torch \
     "${CLIP_TORCH[@]}"

@@ -484,7 +484,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     unless they fit in 8 bits, or are scaled by their maximum when larger; floats in [0, 1] by 255."""
     import numpy as np
 
-    a = np.asarray(image).astype(np.float64)
+    a = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     top = float(a.max()) if a.size else 0.0
     if image.mode.startswith("I;16") or 255 < top <= 65535:
         a = a * (255 / 65535)
@@ -499,14 +499,14 @@ def to_rgb(image: Image.Image, keep_gray: bool = False) -> Image.Image:
     """Any PIL mode -> RGB (``keep_gray``: L stays L), as the trainer's loader and ``prepare`` both decode:
     transparency is flattened over white, not black (what img2dataset does, so the same PNG trains alike
     from either kind of shard), and 16-bit / float grayscale is scaled to 8 bits (``_to_8bit``)."""
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:  # a PNG tRNS colour: a mask
+        image = image.convert("RGBA")
     if image.mode == "RGB" or (keep_gray and image.mode == "L"):
         return image
     if image.mode.startswith("I") or image.mode == "F":
         image = _to_8bit(image)
         return image if keep_gray else image.convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         image = image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image, mask=image.getchannel("A"))

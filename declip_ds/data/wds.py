@@ -573,14 +573,17 @@ def _indexed_groups(url: str, text_ext: str) -> list[tuple[str, dict[str, bytes 
     return groups
 
 
-def decode_image(data: bytes, ext: str = "jpg", draft_size: int | None = None) -> Image.Image:
-    """Bytes -> PIL RGB image. JPEGs are DCT-downscaled (``Image.draft``, by a power of two)
-    while the shorter side stays >= draft_size, which is much faster than a full decode. Other modes as
-    ``prepare`` converts them (``to_rgb``: transparency over white, 16-bit grayscale scaled to 8 bits)."""
+def decode_image(data: bytes, ext: str = "jpg", draft_size: int | None = None, plain: bool = False) -> Image.Image:
+    """Bytes -> PIL RGB image, decoded here (a truncated file fails here, as a decode error). JPEGs are
+    DCT-downscaled (``Image.draft``, by a power of two) while the shorter side stays >= draft_size, which is
+    much faster than a full decode. Training: other modes as ``prepare`` converts them (``to_rgb``: transparency
+    over white, 16-bit grayscale scaled to 8 bits). ``plain`` (evaluation): PIL's ``convert("RGB")``, as
+    torchvision's ImageFolder, CLIP_benchmark and open_clip's loaders do, so that scores stay comparable."""
     image = Image.open(io.BytesIO(data))
     if draft_size and ext in ("jpg", "jpeg") and image.format == "JPEG":
         image.draft("RGB", (draft_size, draft_size))
-    return to_rgb(image)
+    image.load()
+    return image.convert("RGB") if plain else to_rgb(image)
 
 
 def _shuffled(items: Iterable, bufsize: int, rng: random.Random) -> Iterator:
@@ -1060,7 +1063,7 @@ class _EvalStream(IterableDataset):
         for raw in (raw for url in mine for raw in _shard_samples(url, skips, self.label_key)):
             try:
                 label = int(raw.text.decode("utf-8").strip())
-                image = self.transform(decode_image(raw.image, raw.image_ext, self.draft_size))
+                image = self.transform(decode_image(raw.image, raw.image_ext, self.draft_size, plain=True))
             except Exception as e:
                 skips("decode_error", raw.url, raw.key, repr(e))
                 continue

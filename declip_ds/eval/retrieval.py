@@ -394,7 +394,7 @@ class _CaptionStream(IterableDataset):
                         log.warning("retrieval: skipped %s in %s (%s)", key, url,
                                     "no image" if ext is None else "no caption")
                         continue
-                    yield self.transform(decode_image(members[ext], ext, draft)), caps, f"{url}:{key}"
+                    yield self.transform(decode_image(members[ext], ext, draft, plain=True)), caps, f"{url}:{key}"
             finally:
                 stream.close()
 
