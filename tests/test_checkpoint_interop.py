@@ -334,6 +334,13 @@ def test_declip_release_vit_matches_with_standard_tokenizer(vit_ref, tmp_path, c
     torch.testing.assert_close(model.image_mapping.weight, _declip_state(vit_ref)["module.image_mapping.weight"])
     _assert_same(model, vit_ref, 32)  # Tokenizer() ids: SOT/EOT land on the right rows
     _assert_same(load_pretrained(path, format="declip"), vit_ref, 32)
+    # a release that also holds averaged weights: the raw ones load, and the log says so and how to get the others
+    both = tmp_path / "with_ema.pth.tar"
+    torch.save({"model": _declip_state(vit_ref, text_prefix), "ema": {"module.logit_scale": torch.tensor([1.0])}}, both)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="declip_ds.models.pretrained"):
+        _assert_same(load_pretrained(both), vit_ref, 32)
+    assert "also holds averaged weights under ['ema']; loading 'model'" in caplog.text
     # the temperature as the reference's forward treats it: clamp [3, 6]; exp capped at 100 except in its SLIP
     state = _declip_state(vit_ref, text_prefix)
     state["module.logit_scale"] = torch.tensor([4.8])  # exp = 121.5

@@ -271,6 +271,12 @@ def _read_state(path: Path) -> _Source:
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 wrapper, extra = key, sorted(str(k) for k in obj if k != key)
+                averaged = [k for k in extra if "ema" in k.lower() and isinstance(obj[k], dict)
+                            and any(isinstance(v, torch.Tensor) for v in obj[k].values())]
+                if averaged:  # e.g. a prototype-style trainer's model EMA next to the raw weights
+                    log.warning("'%s' also holds averaged weights under %s; loading '%s' (the raw weights). To "
+                                "evaluate the averaged ones, save that entry on its own (torch.save(ckpt[%r], "
+                                "'ema.pth')) and load that file.", path, averaged, key, averaged[0])
                 obj = obj[key]
                 break
     if not isinstance(obj, dict):
