@@ -398,3 +398,52 @@ def test_zero3_two_ranks_to_one_rank_through_the_universal_checkpoint(tmp_path, 
     assert "at step 4" in out and "universal checkpoint loader" in out
     m = metrics(run_dir)
     assert {5, 6} <= set(m) and all(torch.isfinite(torch.tensor(m[s]["loss"])) for s in (5, 6))
+
+
+def _clear_launch_env(monkeypatch):
+    from declip_ds.train.dist import LAUNCHER_VARS
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *sum(LAUNCHER_VARS, ())):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("launcher", ["openmpi", "mvapich", "hydra", "srun"])
+def test_mpirun_and_srun_ranks_are_adopted(monkeypatch, launcher):
+    """mpirun and srun export their own rank variables, not RANK / WORLD_SIZE: every process used to become a
+    world of one (all on GPU 0, in one output_dir). They are adopted before DeepSpeed starts; without a
+    rendezvous address the error says what to export (under MPI DeepSpeed can discover it through mpi4py)."""
+    from declip_ds.config import ConfigError
+    from declip_ds.train import dist as D
+
+    _clear_launch_env(monkeypatch)
+    triple = dict(zip(("openmpi", "mvapich", "hydra", "srun"), D.LAUNCHER_VARS))[launcher]
+    for var, value in zip(triple, ("5", "8", "1")):
+        monkeypatch.setenv(var, value)
+    assert D.env_world_size() == 8
+    import importlib.util
+
+    if launcher == "srun" or importlib.util.find_spec("mpi4py") is None:
+        with pytest.raises(ConfigError, match=f"launched as 8 processes \\({triple[1]}=8.*MASTER_ADDR=<the first"):
+            D.adopt_launcher_env()
+        assert "RANK" not in os.environ
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    D.adopt_launcher_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+
+
+def test_a_plain_process_is_a_world_of_one_even_in_a_slurm_batch_script(monkeypatch):
+    """`python train.py` inside an sbatch script of 8 tasks (SLURM_PROCID and SLURM_NTASKS set, no job step) is
+    one process: a world of one on loopback, not a rank waiting for 7 others."""
+    from declip_ds.train import dist as D
+
+    _clear_launch_env(monkeypatch)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert D.env_world_size() == 1
+    D.adopt_launcher_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun / the deepspeed launcher: RANK and WORLD_SIZE win
+    monkeypatch.setenv("RANK", "1")
+    D.adopt_launcher_env()
+    assert D.env_world_size() == 2 and os.environ["RANK"] == "1"

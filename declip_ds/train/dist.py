@@ -25,17 +25,69 @@ def use_cpu_accelerator_if_no_gpu() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+# (rank, world size, local rank) variables of launchers that export no RANK / WORLD_SIZE: mpirun (Open MPI,
+# MVAPICH2, MPICH / Intel MPI's hydra; also DeepSpeed's --launcher openmpi / mvapich / impi) and a Slurm job step
+# (srun; SLURM_STEP_NUM_TASKS exists only inside a step, so `python train.py` in an sbatch script is one process)
+LAUNCHER_VARS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                 ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
+                 ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+                 ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"))
+
+
+def launcher_ranks() -> tuple[int, int, int, str] | None:
+    """(rank, world size, local rank, variable name) from an MPI or srun launch, or None."""
+    env = os.environ
+    for rank_var, size_var, local_var in LAUNCHER_VARS:
+        if rank_var in env and size_var in env:
+            return int(env[rank_var]), int(env[size_var]), int(env.get(local_var, "0")), size_var
+    return None
+
+
 def env_world_size() -> int:
     """World size announced by the launcher (1 for a plain ``python train.py``), before any init."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    found = launcher_ranks()
+    return found[1] if found else 1
+
+
+def adopt_launcher_env() -> None:
+    """Before DeepSpeed's init: RANK / WORLD_SIZE / LOCAL_RANK from the launcher. torchrun and the deepspeed
+    launcher export them; mpirun and srun export their own (``LAUNCHER_VARS``), which are copied (every process
+    would otherwise become a world of one, all on GPU 0, in one output_dir); a plain ``python train.py`` is a
+    world of one on loopback. The rendezvous address must come from the user (or, under MPI, DeepSpeed's
+    discovery through mpi4py)."""
+    env = os.environ
+    if "RANK" in env:
+        return
+    found = launcher_ranks()
+    if found is None or found[1] == 1:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+        return
+    rank_, world, local, var = found
+    if "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        env.update(RANK=str(rank_), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        return
+    mpi = not var.startswith("SLURM")
+    if mpi:
+        import importlib.util
+
+        if importlib.util.find_spec("mpi4py") is not None:
+            return  # DeepSpeed's init discovers ranks and the address through mpi4py
+    from declip_ds.config import ConfigError
+
+    raise ConfigError(
+        f"launched as {world} processes ({var}={world}: {'mpirun' if mpi else 'srun'}), but MASTER_ADDR and "
+        f"MASTER_PORT are not set, so the ranks cannot find each other. Export them for every rank (e.g. "
+        f"MASTER_ADDR=<the first node's hostname> MASTER_PORT=29500){' or pip install mpi4py' if mpi else ''}, or "
+        f"launch with `deepspeed --hostfile ...` or `torchrun`.")
 
 
 def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed; a lone process becomes a world of one."""
     use_cpu_accelerator_if_no_gpu()
-    if "RANK" not in os.environ:  # plain `python train.py`: a world of one on loopback
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    adopt_launcher_env()
     import deepspeed
 
     if not dist.is_initialized():
@@ -43,8 +95,8 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
             _init_on_a_fresh_prefix(timedelta(seconds=timeout_s))  # torchrun: see there
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))  # joins an existing default group
         _release_shm_buffer()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():  # modulo: a launcher that gives each process one visible GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -135,6 +187,6 @@ def init_eval_ranks(model):
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank_, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         model = model.cuda()
     return model, rank_, world, group
