@@ -202,6 +202,21 @@ def test_resume_at_the_end_of_a_virtual_epoch_starts_the_next_one(tmp_path, shap
 
 
 @pytest.mark.dist
+def test_a_data_error_on_one_rank_stops_every_rank_with_its_cause(tmp_path, shapes):
+    """Rank 1's loader fails at step 3 (a stalled or unreadable shard): both ranks stop at once with exit 2, rank 1
+    with its error and rank 0 naming rank 1. Rank 0 used to go on into the next collective and, under NCCL, wait
+    there for the 30-minute process-group timeout, which ends the job without naming the rank or the cause."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    rc, out = run_with(cmd(tmp_path / "run", shapes, "train.steps=6", ds=ds, ranks=2), tmp_path, "data_error@3:1",
+                       timeout=240)
+    assert rc == 2, out[-3000:]
+    assert "error: test hook: rank 1's data failed at step 3" in out, out[-3000:]
+    assert "error: rank(s) [1] of 2 stopped on an error in their training data" in out, out[-3000:]
+    assert "Traceback" not in out
+
+
+@pytest.mark.dist
 def test_an_epoch_with_nothing_for_one_rank_stops_every_rank(tmp_path, shapes):
     """Epoch mode shares shards out by count: here one of the two shards holds only corrupt samples, so in
     every epoch one rank has no batch. Every rank stops with the data error (exit 2) naming the cause; the

@@ -25,7 +25,7 @@ from declip_ds.train import checkpoint as C
 from declip_ds.train import dist as D
 from declip_ds.train.ds_config import build_ds_config, read_ds_config, resolve_precision
 from declip_ds.train.accumulate import ContrastiveBatch
-from declip_ds.train.guard import BadStepsError, BatchStats, Guard, SkippedUpdates, poison_grad
+from declip_ds.train.guard import BadStepsError, BatchStats, Guard, SkippedUpdates, fault, poison_grad
 
 log = logging.getLogger("declip_ds")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped early; rerun to resume
@@ -642,20 +642,41 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         together (ranks can run dry at different batches in epoch mode; a collective would hang).
         Batches recorded as bad by the guard (this run or an earlier one) are passed over."""
         nonlocal data_iter, epoch, epoch_batches, last_stream
+        from declip_ds.data.wds import DataError
+
+        def fetch():
+            """``data_iter.next()`` on every rank together: (this rank's batch or None, the ranks without one). An
+            error on one rank (a DataError: stalled or unreadable shards; a DataLoader worker that died) stops
+            every rank: the others would wait in the next collective for the process-group timeout (30 minutes
+            under NCCL), and the job would end with a timeout that names neither the rank nor the cause."""
+            error = None
+            try:
+                if fault("data_error", step + 1):  # test hook
+                    raise DataError(f"test hook: rank {rank}'s data failed at step {step + 1}")
+                got = data_iter.next()
+            except Exception as e:  # noqa: BLE001 (re-raised below, on this rank and for the others)
+                got, error = None, e
+            flags = D.all_reduce_ints([int(error is not None and r == rank) for r in range(world)]
+                                      + [int(got is None and r == rank) for r in range(world)])
+            failed = [r for r in range(world) if flags[r]]
+            if error is not None:
+                raise error
+            if failed:
+                raise DataError(f"rank(s) {failed} of {world} stopped on an error in their training data (the "
+                                f"message is in their log above); stopping every rank.")
+            return got, [r for r in range(world) if flags[world + r]]
+
         while True:
-            batch = data_iter.next()
-            if D.all_reduce_int(0 if batch is None else 1, op=dist.ReduceOp.MIN) == 0:
+            batch, dry = fetch()
+            if dry:
                 epoch, epoch_batches, last_stream = epoch + 1, 0, None
                 cursors.clear()
                 data_iter = training_batches(exp, build_loader(exp, method, sources, epoch))
-                batch = data_iter.next()
-                empty = D.all_reduce_ints([int(batch is None and r == rank) for r in range(world)])
-                if any(empty):  # on every rank: one rank stopping alone would leave the others in a collective
-                    from declip_ds.data.wds import DataError
-
+                batch, empty = fetch()
+                if empty:  # on every rank: one rank stopping alone would leave the others in a collective
                     raise DataError(
                         f"epoch {epoch} of the training data gives no batch of {exp.train.batch_size} on rank(s) "
-                        f"{[r for r in range(world) if empty[r]]} of {world}. Epoch mode shares the shards out by "
+                        f"{empty} of {world}. Epoch mode shares the shards out by "
                         f"count, not by samples: those ranks drew only shards with fewer usable samples than a "
                         f"batch (empty, corrupt or very small shards; see the skip counts in the log). Remove or "
                         f"merge them in data.train_shards, or use data.mode=resampled.")

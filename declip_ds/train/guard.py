@@ -12,7 +12,8 @@ rank ``*`` = all): ``nan_loss``,
 ``spike_loss`` (loss x 1000) at optimizer step ``step`` (1-based), ``sigkill`` (the rank SIGKILLs itself
 at optimizer step ``step``, before its loss reaches the other ranks), ``crash_in_save`` (the rank exits
 with code 9 after DeepSpeed wrote its part of checkpoint ``step``), ``hide_newest`` (``--resume auto``
-on the rank does not see the newest complete tag when its step is ``step``). Under torchrun the hooks fire in the
+on the rank does not see the newest complete tag when its step is ``step``), ``data_error`` (the rank's loader
+raises a DataError when it fetches a micro-batch of step ``step``). Under torchrun the hooks fire in the
 first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted run is not hit again.
 """
 
