@@ -223,3 +223,29 @@ def test_guard_state_resumes_exactly(tmp_path, shapes):
             assert straight[s][f] == resumed[s][f], f"step {s} {f}: {straight[s][f]!r} != {resumed[s][f]!r}"
     assert want["seen"] == 14 and want["total"] == 1  # this rank's file holds the guard's state
     assert torch.load(rank_file, weights_only=True)["guard"] == want
+
+
+def _known_after_agreement(rank, world, root):
+    """Rank r reads its own copy of bad_batches.jsonl (a stale network-filesystem view): rank 0 two records, rank
+    1 one of them and a third; returns (the batches it passes over, whether it warned)."""
+    from pathlib import Path
+
+    from declip_ds.train.guard import Guard
+
+    run_dir = Path(root) / f"view{rank}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    positions = [(0, 3), (0, 7)] if rank == 0 else [(0, 3), (1, 2)]
+    (run_dir / "bad_batches.jsonl").write_text("".join(
+        json.dumps({"step": 1, "epoch": e, "epoch_batch": b, "reason": "non-finite loss"}) + "\n" for e, b in positions))
+    guard = Guard(from_dict({}).train, run_dir)
+    guard.agree()
+    return sorted(guard.known)
+
+
+@pytest.mark.dist
+def test_every_rank_passes_over_the_same_recorded_batches(tmp_path):
+    """Each rank reads bad_batches.jsonl itself; ranks that read different versions would pass over different
+    batches and pair their collectives wrongly from then on. After the agreement all pass over the union."""
+    from tests.distributed import run_ranks
+
+    assert run_ranks(_known_after_agreement, 2, (str(tmp_path),)) == [[(0, 3), (0, 7), (1, 2)]] * 2

@@ -556,6 +556,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     dtype, device = DTYPES[precision], engine.device
     register_scales(engine, method)
     guard = Guard(exp.train, run_dir, data_stream(exp, world))  # the positions of bad batches mean the same samples in this stream
+    guard.agree()  # collective: the same batches are passed over on every rank
     method.defer_commit = True  # forward() leaves its per-step state (DeCLIP's queue) until the guard accepts
 
     # 4. resume
