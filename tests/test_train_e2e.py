@@ -131,7 +131,9 @@ def test_data_errors_exit_2_with_their_own_message(tmp_path, shapes):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("stage,precision", [pytest.param(1, "fp32", marks=pytest.mark.slow), (2, "bf16"), (3, "bf16")])
+# ZeRO-2 bf16 on 2 ranks also runs in test_reliability's NaN-skip test; ZeRO-3 here is the harder case (CI time)
+@pytest.mark.parametrize("stage,precision", [pytest.param(1, "fp32", marks=pytest.mark.slow),
+                                             pytest.param(2, "bf16", marks=pytest.mark.slow), (3, "bf16")])
 def test_two_deepspeed_ranks(tmp_path, shapes, stage, precision):
     ds = tmp_path / "ds.json"
     cfg = {"zero_optimization": {"stage": stage}}
