@@ -294,14 +294,14 @@ def write_checksums(tag_dir: Path) -> None:
     """Collective: every rank hashes its share of rank 0's listing of ``tag_dir``; rank 0 writes
     ``SHA256SUMS`` (``sha256sum``'s format). A file that cannot be read back fails the save on every
     rank (the tag stays uncommitted; the previous one is untouched)."""
-    files = _gather(_tag_files(tag_dir) if D.rank() == 0 else None)[0]
+    files = D.gather_objects(_tag_files(tag_dir) if D.rank() == 0 else None)[0]
     digests, err = {}, None
     try:
         for name in share(files, D.world_size(), D.rank()):
             digests[name] = sha256_file(tag_dir / name)
     except OSError as e:
         err = f"{e.filename or tag_dir}: cannot read it back to checksum it ({e.strerror or e})"
-    every = _gather((digests, err))
+    every = D.gather_objects((digests, err))
     bad = [e for _, e in every if e]
     if bad:
         raise CheckpointError(f"saving {tag_dir} failed: {'; '.join(bad)}. The tag is left uncommitted; the "
@@ -619,20 +619,10 @@ def _preflight(tag_dir: Path, per_rank_file: Path, saved_world: int, zero_stage:
         raise CheckpointError(f"{per_rank_file}: {type(e).__name__}: {e}") from None
 
 
-def _gather(obj) -> list:
-    if D.world_size() == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * D.world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _agree(err: str | None) -> None:
     """Collective: UnreadableCheckpoint on every rank as soon as one rank has an error, naming each
     rank's, so all ranks go on to the same tag."""
-    errors = _gather(err)
+    errors = D.gather_objects(err)
     bad = [(r, e) for r, e in enumerate(errors) if e]
     if bad:
         raise UnreadableCheckpoint("; ".join(e if len(errors) == 1 else f"rank {r}: {e}" for r, e in bad))
@@ -685,7 +675,7 @@ def agree_on_target(target: ResumeTarget | None) -> None:
     what it sees in train.output_dir before the process group exists; ranks that see different files (a
     node-local output_dir, a network filesystem's stale cache right after a save) would otherwise resume
     from different steps and train on mixed state, or hang in collectives only some of them call."""
-    views = _gather(None if target is None else (str(target.path), target.universal))
+    views = D.gather_objects(None if target is None else (str(target.path), target.universal))
     if len(set(views)) == 1:
         return
     shown = "; ".join(f"rank {r}: {'no complete checkpoint (would start at step 0)' if v is None else v[0]}"

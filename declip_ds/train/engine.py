@@ -527,7 +527,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     setup_logging(rank)
     run_dir = Path(exp.train.output_dir)
     busy = C.lock_run_dir(run_dir) if rank == 0 else None  # first: another training there may be saving
-    busy = next((e for e in C._gather(busy) if e), None)
+    busy = next((e for e in D.gather_objects(busy) if e), None)
     if busy:
         raise C.CheckpointError(busy)
     C.agree_on_target(target)  # before a rank without one builds a model and trains from step 0 alone
@@ -638,35 +638,35 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         bar = tqdm(total=exp.train.steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout)
     last, results = {}, {}
 
+    from declip_ds.data.wds import DataError
+
+    def fetch():
+        """``data_iter.next()`` on every rank together: (this rank's batch or None, the ranks without one). An
+        error on one rank (a DataError: stalled or unreadable shards; a DataLoader worker that died) stops
+        every rank: the others would wait in the next collective for the process-group timeout (30 minutes
+        under NCCL), and the job would end with a timeout that names neither the rank nor the cause."""
+        error = None
+        try:
+            if fault("data_error", step + 1):  # test hook
+                raise DataError(f"test hook: rank {rank}'s data failed at step {step + 1}")
+            got = data_iter.next()
+        except Exception as e:  # noqa: BLE001 (re-raised below, on this rank and for the others)
+            got, error = None, e
+        flags = D.all_reduce_ints([int(error is not None and r == rank) for r in range(world)]
+                                  + [int(got is None and r == rank) for r in range(world)])
+        failed = [r for r in range(world) if flags[r]]
+        if error is not None:
+            raise error
+        if failed:
+            raise DataError(f"rank(s) {failed} of {world} stopped on an error in their training data (the "
+                            f"message is in their log above); stopping every rank.")
+        return got, [r for r in range(world) if flags[world + r]]
+
     def next_batch():
         """The next micro-batch; when any rank's (virtual) epoch is over, all ranks start the next one
         together (ranks can run dry at different batches in epoch mode; a collective would hang).
         Batches recorded as bad by the guard (this run or an earlier one) are passed over."""
         nonlocal data_iter, epoch, epoch_batches, last_stream
-        from declip_ds.data.wds import DataError
-
-        def fetch():
-            """``data_iter.next()`` on every rank together: (this rank's batch or None, the ranks without one). An
-            error on one rank (a DataError: stalled or unreadable shards; a DataLoader worker that died) stops
-            every rank: the others would wait in the next collective for the process-group timeout (30 minutes
-            under NCCL), and the job would end with a timeout that names neither the rank nor the cause."""
-            error = None
-            try:
-                if fault("data_error", step + 1):  # test hook
-                    raise DataError(f"test hook: rank {rank}'s data failed at step {step + 1}")
-                got = data_iter.next()
-            except Exception as e:  # noqa: BLE001 (re-raised below, on this rank and for the others)
-                got, error = None, e
-            flags = D.all_reduce_ints([int(error is not None and r == rank) for r in range(world)]
-                                      + [int(got is None and r == rank) for r in range(world)])
-            failed = [r for r in range(world) if flags[r]]
-            if error is not None:
-                raise error
-            if failed:
-                raise DataError(f"rank(s) {failed} of {world} stopped on an error in their training data (the "
-                                f"message is in their log above); stopping every rank.")
-            return got, [r for r in range(world) if flags[world + r]]
-
         while True:
             batch, dry = fetch()
             if dry:

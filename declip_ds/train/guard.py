@@ -164,14 +164,9 @@ class Guard:
         """Collective: every rank passes over the same recorded batches. Each rank read bad_batches.jsonl on its own;
         a rank that saw another version of it (a network filesystem's stale copy) would pass over a batch the
         others train on, and from then on the ranks' collectives would pair up wrongly. The union is kept."""
-        import torch.distributed as dist
-
-        if D.world_size() == 1:
-            return
-        views = [None] * D.world_size()
-        dist.all_gather_object(views, sorted(self.known))
+        views = D.gather_objects(sorted(self.known))
         union = set().union(*(map(tuple, v) for v in views))
-        if union != self.known or any(len(v) != len(union) for v in views):
+        if any(len(v) != len(union) for v in views):
             if D.rank() == 0:
                 log.warning("%s: the ranks read different records (%s); every rank passes over all %d of them",
                             self.path, ", ".join(f"rank {r}: {len(v)}" for r, v in enumerate(views)), len(union))
