@@ -291,6 +291,38 @@ def test_ranks_that_see_different_checkpoints_stop_on_every_rank():
         assert "--resume PATH" in out[0]
 
 
+def _rollback(rank, world, root, cases):
+    """plan_rollback on this rank for each case, whose run directory holds complete tags ``steps[rank]``."""
+    from pathlib import Path
+
+    out = []
+    for name, steps in cases:
+        run_dir = Path(root) / name / f"rank{rank}"
+        for s in steps[rank]:
+            make_tag(run_dir / "checkpoints", s)
+        try:
+            target = C.plan_rollback(run_dir, world, 0)
+            out.append(None if target is None else target.tag)
+        except C.CheckpointError as e:
+            out.append(str(e))
+    return out
+
+
+@pytest.mark.dist
+def test_ranks_agree_on_the_rollback_checkpoint(tmp_path):
+    """The guard's rollback picks its tag on each rank: the same tag is loaded on every rank; a different
+    one, or none on one rank (a stale listing), stops every rank with each rank's view (one rank stopping
+    alone left the others in the load's collectives until the process-group timeout)."""
+    from tests.distributed import run_ranks
+
+    cases = [("same", [[2, 4], [2, 4]]), ("none", [[], []]), ("older", [[2, 4], [2]]), ("missing", [[2, 4], []])]
+    r0, r1 = run_ranks(_rollback, 2, (str(tmp_path), cases))
+    assert r0[:2] == r1[:2] == ["step_00000004", None]
+    for a, b, view in zip(r0[2:], r1[2:], ("rank 1: step_00000002", "rank 1: no complete checkpoint")):
+        for msg in (a, b):
+            assert "cannot agree on a checkpoint" in msg and "rank 0: step_00000004; " + view in msg, (a, b)
+
+
 def _fall_back(rank, world, older):
     """resume_from on this rank: step 6 fails to load on every rank, and the next older tag each rank
     finds is ``older[rank]`` (a listing that differs between ranks); returns the tags loaded or the error."""

@@ -184,6 +184,16 @@ def test_rollbacks_to_the_same_checkpoint_are_limited(tmp_path, shapes):
     assert len(bad_lines(run_dir)) == 2 * 3  # max_bad_steps per try: before each rollback and the last one
 
 
+def test_rollback_before_the_first_checkpoint_stops_and_says_so(tmp_path, shapes):
+    run_dir = tmp_path / "run"
+    args = cmd(run_dir, shapes, "train.steps=4", "train.save_every=2", "train.on_bad_steps=rollback",
+               "train.max_bad_steps=2")
+    rc, out = run_with(args, tmp_path, "nan_loss@1x1000:*")
+    assert rc == 3, out[-3000:]
+    assert "no complete checkpoint to roll back to yet" in out and "train.save_every" in out, out[-3000:]
+    assert "rolled back" not in out and len(bad_lines(run_dir)) == 2
+
+
 def test_contrastive_accumulation_shares_the_bad_step_policy(tmp_path, shapes):
     """train.accumulation=contrastive: skips are logged, counted and recorded (all k micro-batches of the
     skipped contrastive batch), and on_bad_steps=rollback rolls back instead of stopping."""

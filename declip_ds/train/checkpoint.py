@@ -688,6 +688,27 @@ def agree_on_target(target: ResumeTarget | None) -> None:
         f"directory that every rank can read. Nothing was loaded or moved.")
 
 
+def plan_rollback(run_dir: Path, world_size: int, zero_stage: int) -> ResumeTarget | None:
+    """Collective (every rank calls it: the guard's rollback decision is already shared): the checkpoint a
+    rollback goes back to, ``plan_resume("auto", ...)`` on each rank, then agreed. None when no rank sees a
+    complete checkpoint. A rank that cannot plan (an unreadable marker, a size mismatch) or sees another tag
+    than the others (a node-local output_dir, a network filesystem's stale listing) raises CheckpointError
+    on every rank, naming each rank's view: deciding alone, one rank would stop while the others went on
+    into the load's collectives and waited there for the process-group timeout."""
+    try:
+        target, err = plan_resume("auto", run_dir, world_size, zero_stage), None
+    except CheckpointError as e:
+        target, err = None, f"{type(e).__name__}: {e}"
+    views = D.gather_objects((None if target is None else (target.tag, target.universal), err))
+    if len(set(views)) == 1 and err is None:
+        return target
+    shown = "; ".join(f"rank {r}: {e or ('no complete checkpoint' if v is None else v[0])}"
+                      for r, (v, e) in enumerate(views))
+    raise CheckpointError(f"the ranks cannot agree on a checkpoint in {run_dir / 'checkpoints'} to roll back to "
+                          f"({shown}). Every rank must see one shared train.output_dir with the same complete "
+                          f"checkpoints.")
+
+
 def resume_from(engine, method, target: ResumeTarget, seed: int, config: dict, world_size: int,
                 zero_stage: int, integrity: str = "fallback") -> tuple[ResumeTarget, dict]:
     """``load`` ``target``, checking first that the current config fits it; if a file of a tag cannot be

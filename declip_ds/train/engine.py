@@ -722,12 +722,19 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                     guard.in_a_row, guard.total)
         if not guard.too_many():
             return False
-        if exp.train.on_bad_steps == "stop" or C.resolve_resume("auto", run_dir) is None:
+        back = None
+        if exp.train.on_bad_steps == "rollback":
+            try:
+                back = C.plan_rollback(run_dir, world, zero_stage)  # collective: every rank is here
+            except C.CheckpointError as e:
+                raise BadStepsError(f"{guard.in_a_row} bad steps in a row (last: {reason}) at step {step + 1}; "
+                                    f"cannot roll back: {e} The batches are listed in {guard.path}.") from None
+        if back is None:
             raise BadStepsError(
-                f"{guard.in_a_row} bad steps in a row (last: {reason}) at step {step + 1}; stopping. The "
-                f"batches are listed in {guard.path} and are passed over on restart; lower train.lr "
-                f"or set train.on_bad_steps=rollback.")
-        back = C.plan_resume("auto", run_dir, world, zero_stage)
+                f"{guard.in_a_row} bad steps in a row (last: {reason}) at step {step + 1}; stopping"
+                f"{'' if exp.train.on_bad_steps == 'stop' else ' (no complete checkpoint to roll back to yet)'}. "
+                f"The batches are listed in {guard.path} and are passed over on restart; lower train.lr "
+                f"{'or set train.on_bad_steps=rollback' if exp.train.on_bad_steps == 'stop' else 'or save earlier (train.save_every)'}.")
         done = rollbacks[1] if rollbacks[0] == back.tag else 0
         if done >= exp.train.max_rollbacks:
             raise BadStepsError(
