@@ -476,6 +476,7 @@ def test_corrupt_samples_two_ranks_epoch_mode(tmp_path, shapes):
     m = metrics(run_dir)
     assert sorted(m) == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in m.values())
     assert [m[s]["epoch"] for s in (1, 2, 3, 4)] == [0, 0, 0, 1]
+    assert "epoch 0 ended after 3 batches: rank(s) [0] ran out of data; the rest of rank(s) [1]'s" in out, out[-3000:]
     kinds = ("decode_error", "missing_text", "empty_member", "duplicate_key")
     epoch0 = {k: sum(m[s].get(f"skipped/{k}", 0) for s in (1, 2, 3)) for k in SAMPLE_SKIP_KINDS}
     assert {k: v for k, v in epoch0.items() if v} == dict.fromkeys(kinds, 1)

@@ -670,6 +670,10 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         while True:
             batch, dry = fetch()
             if dry:
+                if len(dry) < world and rank == 0:  # epoch mode: the shards are shared out by count
+                    log.info("epoch %d ended after %d batches: rank(s) %s ran out of data; the rest of rank(s) %s's "
+                             "samples of this epoch are passed over (epoch mode ends an epoch at the rank with the "
+                             "fewest batches)", epoch, epoch_batches, dry, [r for r in range(world) if r not in dry])
                 epoch, epoch_batches, last_stream = epoch + 1, 0, None
                 cursors.clear()
                 data_iter = training_batches(exp, build_loader(exp, method, sources, epoch))
