@@ -300,6 +300,19 @@ def test_every_image_mode_decodes_alike_in_the_loader_and_in_prepare(tmp_path):
         assert max(abs(a - b) for a, b in zip(shard, direct)) <= 4, (name, shard, direct)
 
 
+def test_premultiplied_alpha_modes_flatten_over_white():
+    """La / RGBa (premultiplied alpha; made in memory by some PIL operations, never read from a file):
+    PIL cannot convert La to RGBA, so to_rgb used to raise on it."""
+    from declip_ds.data.prepare import to_rgb
+
+    half = {"La": Image.new("LA", (4, 4), (100, 128)).convert("La"),
+            "RGBa": Image.new("RGBA", (4, 4), (100, 100, 100, 128)).convert("RGBa")}
+    for mode, image in half.items():
+        assert image.mode == mode
+        got = to_rgb(image)
+        assert got.mode == "RGB" and all(abs(v - 177) <= 1 for v in got.getpixel((1, 1))), (mode, got.getpixel((1, 1)))
+
+
 def test_skipped_rows_are_reported_with_reasons(tmp_path, capsys):
     _images(tmp_path, 2)
     (tmp_path / "garbage.jpg").write_bytes(b"this is not an image")

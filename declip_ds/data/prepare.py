@@ -506,7 +506,9 @@ def to_rgb(image: Image.Image, keep_gray: bool = False) -> Image.Image:
     if image.mode.startswith("I") or image.mode == "F":
         image = _to_8bit(image)
         return image if keep_gray else image.convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        if image.mode == "La":  # premultiplied; PIL has no La -> RGBA conversion
+            image = image.convert("LA")
         image = image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image, mask=image.getchannel("A"))
