@@ -403,33 +403,119 @@ def test_zero3_two_ranks_to_one_rank_through_the_universal_checkpoint(tmp_path, 
 def _clear_launch_env(monkeypatch):
     from declip_ds.train.dist import LAUNCHER_VARS
 
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *sum(LAUNCHER_VARS, ())):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_NODES",
+                "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE", *sum(LAUNCHER_VARS, ())):
         monkeypatch.delenv(var, raising=False)
+
+
+def _mpi4py(monkeypatch, present: bool):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if present else None) if name == "mpi4py" else real(name, *a))
 
 
 @pytest.mark.parametrize("launcher", ["openmpi", "mvapich", "hydra", "srun"])
 def test_mpirun_and_srun_ranks_are_adopted(monkeypatch, launcher):
     """mpirun and srun export their own rank variables, not RANK / WORLD_SIZE: every process used to become a
     world of one (all on GPU 0, in one output_dir). They are adopted before DeepSpeed starts; without a
-    rendezvous address the error says what to export (under MPI DeepSpeed can discover it through mpi4py)."""
+    rendezvous address the error says what to export. Under mpirun with mpi4py, every rank leaves the
+    rendezvous to DeepSpeed's MPI discovery, even with MASTER_ADDR in its own environment (remote ranks get
+    only what -x forwards: ranks choosing by their own environment would take different paths)."""
     from declip_ds.config import ConfigError
     from declip_ds.train import dist as D
 
     _clear_launch_env(monkeypatch)
+    _mpi4py(monkeypatch, False)
     triple = dict(zip(("openmpi", "mvapich", "hydra", "srun"), D.LAUNCHER_VARS))[launcher]
     for var, value in zip(triple, ("5", "8", "1")):
         monkeypatch.setenv(var, value)
     assert D.env_world_size() == 8
-    import importlib.util
-
-    if launcher == "srun" or importlib.util.find_spec("mpi4py") is None:
-        with pytest.raises(ConfigError, match=f"launched as 8 processes \\({triple[1]}=8.*MASTER_ADDR=<the first"):
-            D.adopt_launcher_env()
-        assert "RANK" not in os.environ
+    with pytest.raises(ConfigError, match=f"launched as 8 processes \\({triple[1]}=8.*MASTER_ADDR and MASTER_PORT are "
+                                          f"not set.*MASTER_ADDR=<the first"):
+        D.adopt_launcher_env()
+    assert "RANK" not in os.environ
     monkeypatch.setenv("MASTER_ADDR", "node1")
+    with pytest.raises(ConfigError, match=r"but MASTER_PORT is not set"):
+        D.adopt_launcher_env()
     monkeypatch.setenv("MASTER_PORT", "29500")
-    D.adopt_launcher_env()
+    assert D.adopt_launcher_env() == 8
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+    if launcher != "srun":
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(var)
+        _mpi4py(monkeypatch, True)
+        assert D.adopt_launcher_env() == 8 and "RANK" not in os.environ  # DeepSpeed's mpi_discovery decides
+
+
+def test_srun_with_the_pmi2_plugin_keeps_slurms_local_rank(monkeypatch):
+    """Slurm's pmi2 plugin (MpiDefault=pmi2 on many clusters) sets PMI_RANK / PMI_SIZE in every task but no
+    MPI_LOCALRANKID: the hydra entry matched first and every rank of a node took local rank 0 (GPU 0)."""
+    from declip_ds.config import ConfigError
+    from declip_ds.train import dist as D
+
+    _clear_launch_env(monkeypatch)
+    _mpi4py(monkeypatch, False)
+    for var, value in (("PMI_RANK", "13"), ("PMI_SIZE", "16"), ("SLURM_PROCID", "13"), ("SLURM_STEP_NUM_TASKS", "16"),
+                       ("SLURM_LOCALID", "5"), ("MASTER_ADDR", "node1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(var, value)
+    assert D.launcher_ranks() == (13, 16, 5, "SLURM_STEP_NUM_TASKS")
+    D.adopt_launcher_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("13", "16", "5")
+    _clear_launch_env(monkeypatch)  # PMI alone, no local rank anywhere: say so instead of guessing 0
+    for var, value in (("PMI_RANK", "3"), ("PMI_SIZE", "4"), ("MASTER_ADDR", "node1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match="gives no local rank.*export LOCAL_RANK"):
+        D.adopt_launcher_env()
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    D.adopt_launcher_env()
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("3", "3")
+
+
+def test_local_rank_indexes_the_gpus_the_process_sees(monkeypatch):
+    """srun --gpus-per-task=1: local rank 5 sees one GPU. DeepSpeed takes cuda:LOCAL_RANK itself (in its
+    init and engine), so LOCAL_RANK is made an index of the visible GPUs; under Open MPI DeepSpeed insists on
+    LOCAL_RANK = OMPI_COMM_WORLD_LOCAL_RANK, so that layout is refused with what to change. A loopback
+    MASTER_ADDR for a launch over several nodes is refused too."""
+    from declip_ds.config import ConfigError
+    from declip_ds.train import dist as D
+
+    monkeypatch.setattr(D.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(D.torch.cuda, "device_count", lambda: 1)
+    _mpi4py(monkeypatch, False)
+    for launcher, triple in (("srun", D.LAUNCHER_VARS[3]), ("openmpi", D.LAUNCHER_VARS[0])):
+        _clear_launch_env(monkeypatch)
+        for var, value in (*zip(triple, ("13", "16", "5")), ("MASTER_ADDR", "node1"), ("MASTER_PORT", "29500")):
+            monkeypatch.setenv(var, value)
+        if launcher == "srun":
+            D.adopt_launcher_env()
+            assert os.environ["LOCAL_RANK"] == "0"
+        else:
+            with pytest.raises(ConfigError, match="local rank 5 but sees 1 GPU.*CUDA_VISIBLE_DEVICES"):
+                D.adopt_launcher_env()
+    _clear_launch_env(monkeypatch)
+    for var, value in (*zip(D.LAUNCHER_VARS[3], ("0", "16", "0")), ("SLURM_STEP_NUM_NODES", "2"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match="MASTER_ADDR=127.0.0.1 is a loopback address.*several nodes"):
+        D.adopt_launcher_env()
+
+
+def test_a_world_smaller_than_the_launch_is_refused(monkeypatch):
+    """mpirun of 8 with an mpi4py built for another MPI: each process sees an MPI world of one, DeepSpeed's
+    discovery makes each a world of one, and all 8 would train as rank 0 in one output_dir."""
+    from declip_ds.config import ConfigError
+    from declip_ds.train import dist as D
+
+    _clear_launch_env(monkeypatch)
+    _mpi4py(monkeypatch, True)
+    for var, value in zip(D.LAUNCHER_VARS[0], ("5", "8", "1")):
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)  # as after DeepSpeed's discovery
+    monkeypatch.setattr(D.dist, "get_world_size", lambda group=None: 1)
+    with pytest.raises(ConfigError, match="started 8 processes, but they formed a world of 1.*mpi4py"):
+        D.init_distributed()
 
 
 def test_a_plain_process_is_a_world_of_one_even_in_a_slurm_batch_script(monkeypatch):

@@ -34,13 +34,18 @@ LAUNCHER_VARS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WOR
                  ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"))
 
 
-def launcher_ranks() -> tuple[int, int, int, str] | None:
-    """(rank, world size, local rank, variable name) from an MPI or srun launch, or None."""
-    env = os.environ
+def launcher_ranks() -> tuple[int, int, int | None, str] | None:
+    """(rank, world size, local rank, world-size variable) from an MPI or srun launch, or None. A launcher's
+    variables count when all three are set; one that gives only rank and size (Slurm's pmi2 plugin sets
+    PMI_RANK / PMI_SIZE under srun, not MPI_LOCALRANKID) gives way to the next, which has the local rank
+    (SLURM_LOCALID); if none has it, the local rank is None."""
+    env, partial = os.environ, None
     for rank_var, size_var, local_var in LAUNCHER_VARS:
         if rank_var in env and size_var in env:
-            return int(env[rank_var]), int(env[size_var]), int(env.get(local_var, "0")), size_var
-    return None
+            if local_var in env:
+                return int(env[rank_var]), int(env[size_var]), int(env[local_var]), size_var
+            partial = partial or (int(env[rank_var]), int(env[size_var]), None, size_var)
+    return partial
 
 
 def env_world_size() -> int:
@@ -51,43 +56,84 @@ def env_world_size() -> int:
     return found[1] if found else 1
 
 
-def adopt_launcher_env() -> None:
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+def _nodes() -> int | None:
+    """How many nodes the launch spans, where the launcher says (srun; Open MPI, MVAPICH2: local size < world)."""
+    env = os.environ
+    if "SLURM_STEP_NUM_NODES" in env:
+        return int(env["SLURM_STEP_NUM_NODES"])
+    for local_size, size in (("OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_SIZE"),
+                             ("MV2_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_SIZE")):
+        if local_size in env and size in env:
+            return 1 if int(env[local_size]) == int(env[size]) else 2  # 2: more than one
+    return None
+
+
+def adopt_launcher_env() -> int | None:
     """Before DeepSpeed's init: RANK / WORLD_SIZE / LOCAL_RANK from the launcher. torchrun and the deepspeed
     launcher export them; mpirun and srun export their own (``LAUNCHER_VARS``), which are copied (every process
     would otherwise become a world of one, all on GPU 0, in one output_dir); a plain ``python train.py`` is a
-    world of one on loopback. The rendezvous address must come from the user (or, under MPI, DeepSpeed's
-    discovery through mpi4py)."""
+    world of one on loopback. The rendezvous address comes from MASTER_ADDR / MASTER_PORT; under mpirun with
+    mpi4py installed, every rank leaves it to DeepSpeed's discovery through MPI (rank 0's address, port
+    29500) whatever its own environment holds (mpirun gives remote ranks only what ``-x`` forwards, so ranks
+    deciding by their own MASTER_ADDR would take different paths and hang). Returns the launcher's world size
+    when its variables were adopted or left to the MPI discovery (``init_distributed`` checks the world that
+    forms against it), else None."""
+    from declip_ds.config import ConfigError
+
     env = os.environ
     if "RANK" in env:
-        return
+        return None
     found = launcher_ranks()
     if found is None or found[1] == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
-        return
+        return None
     rank_, world, local, var = found
-    if "MASTER_ADDR" in env and "MASTER_PORT" in env:
-        env.update(RANK=str(rank_), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-        return
     mpi = not var.startswith("SLURM")
     if mpi:
         import importlib.util
 
         if importlib.util.find_spec("mpi4py") is not None:
-            return  # DeepSpeed's init discovers ranks and the address through mpi4py
-    from declip_ds.config import ConfigError
-
-    raise ConfigError(
-        f"launched as {world} processes ({var}={world}: {'mpirun' if mpi else 'srun'}), but MASTER_ADDR and "
-        f"MASTER_PORT are not set, so the ranks cannot find each other. Export them for every rank (e.g. "
-        f"MASTER_ADDR=<the first node's hostname> MASTER_PORT=29500){' or pip install mpi4py' if mpi else ''}, or "
-        f"launch with `deepspeed --hostfile ...` or `torchrun`.")
+            return world  # DeepSpeed's init discovers ranks, local ranks and the address through mpi4py
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in env]
+    if missing:
+        raise ConfigError(
+            f"launched as {world} processes ({var}={world}: {'mpirun' if mpi else 'srun'}), but "
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, so the ranks cannot find each "
+            f"other. Export MASTER_ADDR and MASTER_PORT for every rank (e.g. MASTER_ADDR=<the first node's "
+            f"hostname> MASTER_PORT=29500{'; mpirun forwards them with -x' if mpi else ''})"
+            f"{', or pip install mpi4py (matching your MPI)' if mpi else ''}, or launch with torchrun or the "
+            f"deepspeed launcher's default (pdsh) runner.")
+    if env["MASTER_ADDR"] in LOOPBACK and (_nodes() or 1) > 1:
+        raise ConfigError(f"MASTER_ADDR={env['MASTER_ADDR']} is a loopback address, but the {world} processes span "
+                          f"several nodes: the other nodes' ranks would wait for it until the timeout. Set "
+                          f"MASTER_ADDR to the first node's hostname or address.")
+    if local is None:
+        if "LOCAL_RANK" not in env:
+            raise ConfigError(f"launched as {world} processes ({var}={world}), but the launcher gives no local rank "
+                              f"(the GPU index on the node): export LOCAL_RANK for every rank, or launch with srun, "
+                              f"torchrun or the deepspeed launcher.")
+        local = int(env["LOCAL_RANK"])
+    if torch.cuda.is_available() and local >= torch.cuda.device_count():
+        # the launcher gives each process fewer GPUs than processes per node (srun --gpus-per-task=1): DeepSpeed
+        # takes cuda:LOCAL_RANK itself, so LOCAL_RANK must index the GPUs this process sees
+        if var.startswith("OMPI"):
+            raise ConfigError(
+                f"rank {rank_} has local rank {local} but sees {torch.cuda.device_count()} GPU(s): under Open MPI "
+                f"DeepSpeed requires LOCAL_RANK = OMPI_COMM_WORLD_LOCAL_RANK as the GPU index, so every process "
+                f"must see all of the node's GPUs (do not narrow CUDA_VISIBLE_DEVICES per process).")
+        local %= torch.cuda.device_count()
+    env.update(RANK=str(rank_), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    return world
 
 
 def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed; a lone process becomes a world of one."""
     use_cpu_accelerator_if_no_gpu()
-    adopt_launcher_env()
+    expected = adopt_launcher_env()
     import deepspeed
 
     if not dist.is_initialized():
@@ -95,6 +141,14 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
             _init_on_a_fresh_prefix(timedelta(seconds=timeout_s))  # torchrun: see there
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))  # joins an existing default group
         _release_shm_buffer()
+    if expected is not None and dist.get_world_size() != expected:
+        from declip_ds.config import ConfigError
+
+        raise ConfigError(
+            f"the launcher started {expected} processes, but they formed a world of {dist.get_world_size()}: under "
+            f"mpirun, DeepSpeed's discovery through mpi4py saw another MPI than the one that launched (mpi4py built "
+            f"against a different MPI library); rebuild mpi4py for this MPI (pip install --no-binary mpi4py "
+            f"mpi4py), or uninstall it and export MASTER_ADDR / MASTER_PORT to every rank (mpirun -x).")
     if torch.cuda.is_available():  # modulo: a launcher that gives each process one visible GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return dist.get_rank(), dist.get_world_size()
