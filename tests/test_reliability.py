@@ -202,16 +202,20 @@ def test_resume_at_the_end_of_a_virtual_epoch_starts_the_next_one(tmp_path, shap
 
 
 @pytest.mark.dist
-def test_a_data_error_on_one_rank_stops_every_rank_with_its_cause(tmp_path, shapes):
-    """Rank 1's loader fails at step 3 (a stalled or unreadable shard): both ranks stop at once with exit 2, rank 1
-    with its error and rank 0 naming rank 1. Rank 0 used to go on into the next collective and, under NCCL, wait
-    there for the 30-minute process-group timeout, which ends the job without naming the rank or the cause."""
+@pytest.mark.parametrize("hook, says", [("loader_error@1:1", "rank 1's loader failed to start at step 1"),
+                                        pytest.param("data_error@3:1", "rank 1's data failed at step 3",
+                                                     marks=pytest.mark.slow)])
+def test_a_data_error_on_one_rank_stops_every_rank_with_its_cause(tmp_path, shapes, hook, says):
+    """Rank 1's loader fails to start (an unreadable sizes.json, workers that cannot start; also at each new
+    epoch and after a rollback), or fails at step 3 (a stalled or unreadable shard): both ranks stop at once
+    with exit 2, rank 1 with its error and rank 0 naming rank 1. Rank 0 used to go on into the next collective
+    and, under NCCL, wait there for the 30-minute process-group timeout, which ends the job without naming the
+    rank or the cause."""
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
-    rc, out = run_with(cmd(tmp_path / "run", shapes, "train.steps=6", ds=ds, ranks=2), tmp_path, "data_error@3:1",
-                       timeout=240)
+    rc, out = run_with(cmd(tmp_path / "run", shapes, "train.steps=6", ds=ds, ranks=2), tmp_path, hook, timeout=240)
     assert rc == 2, out[-3000:]
-    assert "error: test hook: rank 1's data failed at step 3" in out, out[-3000:]
+    assert f"error: test hook: {says}" in out, out[-3000:]
     assert "error: rank(s) [1] of 2 stopped on an error in their training data" in out, out[-3000:]
     assert "Traceback" not in out
 

@@ -533,3 +533,10 @@ def test_a_plain_process_is_a_world_of_one_even_in_a_slurm_batch_script(monkeypa
     monkeypatch.setenv("RANK", "1")
     D.adopt_launcher_env()
     assert D.env_world_size() == 2 and os.environ["RANK"] == "1"
+
+
+def test_the_process_group_outlasts_the_data_timeout():
+    from declip_ds.train import dist as D
+
+    assert D.process_group_timeout_s(15) == D.process_group_timeout_s(0) == 1800  # the default: 30 min
+    assert D.process_group_timeout_s(60) == 3900  # a stalled read on one rank reaches the others as its error

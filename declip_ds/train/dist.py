@@ -130,6 +130,13 @@ def adopt_launcher_env() -> int | None:
     return world
 
 
+def process_group_timeout_s(data_timeout_minutes: float) -> int:
+    """The process group's timeout (every collective's): 30 minutes, or longer than ``data.timeout_minutes``
+    by 5 minutes, so that the ranks waiting in the batch fetch's collective for a rank whose read stalls
+    hear its data error rather than time out first, without the cause."""
+    return max(1800, int(60 * data_timeout_minutes) + 300)
+
+
 def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed; a lone process becomes a world of one."""
     use_cpu_accelerator_if_no_gpu()

@@ -523,7 +523,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     _set_load_universal(ds_cfg, target, src)
 
     # 2. processes
-    rank, world = D.init_distributed()
+    rank, world = D.init_distributed(D.process_group_timeout_s(exp.data.timeout_minutes))
     setup_logging(rank)
     run_dir = Path(exp.train.output_dir)
     busy = C.lock_run_dir(run_dir) if rank == 0 else None  # first: another training there may be saving
@@ -629,7 +629,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
 
     # 5. steps
     config_yaml = yaml.safe_dump(to_dict(exp), sort_keys=False)
-    data_iter = training_batches(exp, build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
+    data_iter = None  # built in fetch() from (epoch, epoch_batches, cursors, last_stream), where an error is shared
     logger, meter = Logger(exp, run_dir, rank), Meter()
     bar = None
     if rank == 0:
@@ -641,12 +641,19 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     from declip_ds.data.wds import DataError
 
     def fetch():
-        """``data_iter.next()`` on every rank together: (this rank's batch or None, the ranks without one). An
-        error on one rank (a DataError: stalled or unreadable shards; a DataLoader worker that died) stops
+        """``data_iter.next()`` on every rank together (the loader built first when there is none): (this rank's
+        batch or None, the ranks without one). An error on one rank (a DataError: stalled or unreadable shards,
+        an unreadable sizes.json at an epoch's start; a DataLoader worker that died or did not start) stops
         every rank: the others would wait in the next collective for the process-group timeout (30 minutes
         under NCCL), and the job would end with a timeout that names neither the rank nor the cause."""
+        nonlocal data_iter
         error = None
         try:
+            if data_iter is None:  # the run's first loader, a new epoch's, or the one after a rollback
+                if fault("loader_error", step + 1):  # test hook
+                    raise DataError(f"test hook: rank {rank}'s loader failed to start at step {step + 1}")
+                data_iter = training_batches(
+                    exp, build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
             if fault("data_error", step + 1):  # test hook
                 raise DataError(f"test hook: rank {rank}'s data failed at step {step + 1}")
             got = data_iter.next()
@@ -676,7 +683,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
                              "fewest batches)", epoch, epoch_batches, dry, [r for r in range(world) if r not in dry])
                 epoch, epoch_batches, last_stream = epoch + 1, 0, None
                 cursors.clear()
-                data_iter = training_batches(exp, build_loader(exp, method, sources, epoch))
+                data_iter = None  # the new epoch's loader, from its first batch
                 batch, empty = fetch()
                 if empty:  # on every rank: one rank stopping alone would leave the others in a collective
                     raise DataError(
@@ -750,7 +757,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         if finish is not None:
             finish()
         step, samples_seen, epoch, epoch_batches = restore(back)  # also the guard's state (in_a_row = 0)
-        data_iter = training_batches(exp, build_loader(exp, method, sources, epoch, epoch_batches, cursors, last_stream))
+        data_iter = None  # rebuilt at the restored position by the next fetch()
         meter.sums, meter.count, meter.skips = {}, 0, {}  # the losses and skips of the steps rolled back
         if bar is not None:
             bar.n = step
