@@ -275,6 +275,54 @@ def test_chunked_backward_matches_float64_and_the_fused_kernels(B, D, chunk, sca
         torch.testing.assert_close(g, g0, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-6 * scale)
 
 
+def without_partner(g, partners):
+    """Rows of g without their component along the matching rows of partners."""
+    v = F.normalize(partners.double(), dim=-1)
+    g = g.double()
+    return g - (g * v).sum(-1, keepdim=True) * v
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_fp16_backward_keeps_probabilities_below_fp16s_normal_range(chunk):
+    """fp16 features of a batch the model already separates (each text its image plus 0.2 noise, scale 40): every
+    negative's probability is far below fp16's normal range (2^-14 = 6.1e-5; subnormals down to 2^-24 = 6e-8, 0
+    below half of that). Both backward designs (fused kernels, chunked) cast the per-logit gradient dX, a
+    probability minus the one-hot with its weights normalised to 1, to fp16 for the MMA: without the 2^14 headroom
+    (contrastive.FP16_DS_HEADROOM) those probabilities became coarse subnormals or 0 and the part of the gradient
+    the negatives carry was lost (relative error 0.106 without it, 3.5e-4 with it, 1.3e-6 for fp32 features).
+    That part is compared on its own: each row of dI without its component along its own text, of dT along its own
+    image. The rest is the positive's term, dX_ii = exp(x_ii - lse_i) - 1, which cancels in fp32 in every dtype
+    when 1 - P_ii (here ~4e-9) is below the fp32 resolution of lse (~|x| 2^-24). The upstream gradient is a loss
+    scale, as DeepSpeed's fp16 engine applies (2^16), so that the returned fp16 gradients are themselves normal."""
+    g = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(64, 32, generator=g), dim=-1)
+    img = base.half().to(DEV)
+    txt = F.normalize(base + 0.2 * F.normalize(torch.randn(64, 32, generator=g), dim=-1), dim=-1).half().to(DEV)
+    s = torch.tensor(40.0, device=DEV)
+    loss_scale = 2.0 ** 16
+
+    def grads(fn, i, t, sc):
+        a = [i.clone().requires_grad_(), t.clone().requires_grad_()]
+        (fn(*a, sc) * loss_scale).backward()
+        return [x.grad.double() / loss_scale for x in a]
+
+    ref = grads(reference_clip_loss, img.double(), txt.double(), s.double())
+    with contrastive.tile_config(**CHUNK_TILES, bwd_chunk=chunk):
+        got = grads(fused_clip_loss, img, txt, s)
+    assert all(torch.isfinite(x).all() for x in got)
+    assert rel_frobenius(without_partner(got[0], txt), without_partner(ref[0], txt)) <= 5e-3
+    assert rel_frobenius(without_partner(got[1], img), without_partner(ref[1], img)) <= 5e-3
+
+
+def test_ds_headroom_is_a_power_of_two_that_cannot_overflow_fp16():
+    """|dX| <= 2 (normalised weights, probabilities <= 1, with a margin for a recomputed logit an ulp above the
+    forward's max): times the headroom it stays below fp16's largest value; bf16 and fp32 keep factor 1."""
+    h = contrastive.ds_headroom(torch.float16)
+    assert h == 2.0 ** 14 and math.log2(h).is_integer()
+    assert torch.tensor(2 * (1 + 1e-5) * h).half().isfinite() and 2 * h * 2 > torch.finfo(torch.float16).max
+    assert contrastive.ds_headroom(torch.bfloat16) == 1.0 and contrastive.ds_headroom(torch.float32) == 1.0
+
+
 def test_chunked_backward_is_not_used_for_fp32_on_a_gpu(monkeypatch):
     """fp32 features on a GPU keep the fused true-fp32 kernels: cuBLAS would follow torch's TF32 switch."""
     class CudaLike:
@@ -522,6 +570,32 @@ def test_token_max_matches_float64(Bi, Bt, Ti, Tt, D, dtype, design):
     rel = 1e-5 if dtype == torch.float32 else 5e-3
     assert rel_frobenius(kgx, rgx) <= rel and rel_frobenius(kgy, rgy) <= rel
     assert kgx[~xm].abs().max() == 0 and kgy[~ym].abs().max() == 0  # padding gets exactly nothing
+
+
+@pytest.mark.parametrize("save_argmax", [False, True])
+@pytest.mark.parametrize("design", ["gemm", "kernels"])
+def test_token_max_fp16_backward_keeps_small_upstream_gradients(design, save_argmax):
+    """The backward normalises the upstream gradients by their largest magnitude, then dS = G w (token weights
+    w = 1/n_valid) is cast to fp16: an easy pair's entries, its probabilities relative to the hardest pair's
+    gradient and divided by the token count, fell below fp16's normal range (2^-14) and became coarse subnormals or
+    0 without the 2^14 headroom (contrastive.FP16_DS_HEADROOM). Upstream gradients of a contrastive loss where pair
+    0 is hard (its negative 1 as likely as its positive, both directions) and the others easy (negatives at
+    e^-14..e^-18): the easy samples' token gradients against float64 (relative error ~4e-2 without the headroom,
+    ~3e-4 with it); the batch-wide error, dominated by samples 0 and 1, does not show it."""
+    B = 8
+    x, y, xm, ym = token_inputs(B, B, 9, 7, 16, seed=3, dtype=torch.float16)
+    g = torch.Generator().manual_seed(4)
+    logits = -(14 + 4 * torch.rand(2, B, B, generator=g, dtype=torch.float64))
+    logits[:, torch.arange(B), torch.arange(B)] = 0
+    logits[0, 0, :2] = 0  # image 0 is as close to text 1 as to text 0
+    logits[1, :2, 0] = 0  # text 0 is as close to image 1 as to image 0
+    probs = torch.stack([torch.softmax(logits[0], 1), torch.softmax(logits[1], 0)])
+    w = (2.0 ** 12 * (probs - torch.eye(B, dtype=torch.float64))).to(DEV)  # times a loss scale, as in fp16 training
+    ref = run_sim(filip_similarity, x.double(), y.double(), xm, ym, w)
+    with token_max.backward_design(design):
+        got = run_sim(lambda *a: token_max_similarity(*a, save_argmax=save_argmax), x, y, xm, ym, w)
+    assert rel_frobenius(got[2][2:], ref[2][2:]) <= 5e-3 and rel_frobenius(got[3][2:], ref[3][2:]) <= 5e-3
+    assert rel_frobenius(got[2], ref[2]) <= 5e-3 and rel_frobenius(got[3], ref[3]) <= 5e-3
 
 
 @cpu_allocations

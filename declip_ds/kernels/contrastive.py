@@ -39,7 +39,8 @@ Backward, two designs (``bwd_chunk`` picks; both tested against the float64 refe
   backward at B=32k, D=512). fp32 inputs (``bwd_bd=0``): all of D per program, the fp32 rows read and
   rewritten per tile in BK chunks (their FMA GEMMs are the cost; a recompute per D chunk would multiply
   it). dX is cast to the input dtype for the MMA (fp32 stays IEEE fp32), after normalising the
-  weights by their largest magnitude so fp16 does not underflow.
+  weights by their largest magnitude and, for fp16, multiplying by 2^14 (``ds_headroom``) so that small
+  probabilities stay out of fp16's subnormal range; the fp32 products are divided by the same power of two.
 """
 
 from __future__ import annotations
@@ -153,6 +154,40 @@ def _config(t: torch.Tensor) -> dict:
     else:
         base = _GPU if gpu_arch(t) >= 90 else _GPU_PRE_HOPPER
     return {**base, **_override}
+
+
+# fp16 headroom of the backward's dX operands. After the normalisation in _FusedClipLoss.backward the per-logit
+# gradient is dX_ij = w_r (P_row_ij - 1[pos]) + w_c(j) (P_col_ij - 1[pos]) with |w_r|, |w_c(j)| <= 1 and the
+# probabilities in [0, 1] (a recomputed logit may exceed the forward's max by a few ulps times the scale:
+# P <= 1 + 1e-5), so |dX| <= 2 (1 + 1e-5) whatever N, D and the scale. Neither the scale (<= 100, applied after
+# the dots through k), nor 1/2b, nor the upstream gradient (which carries DeepSpeed's fp16 loss scale) is in dX:
+# the normalisation takes them out, and with them the loss scaler's protection against underflow. What stays
+# small is P itself: below 2^-14 = 6.1e-5 an fp16 value is subnormal (absolute spacing 2^-24 = 6e-8: 10 %
+# relative error at P = 3e-7), below 2^-25 = 3e-8 it is 0. At N = W*b >= 16k every negative averages
+# P < 1/N < 2^-14; in a row the model already separates (P_ii near 1) the negatives' mass 1 - P_ii is spread so
+# thin that most of it rounds to 0 (all of it, spread evenly, once 1 - P_ii < N * 3e-8, 2e-3 at N = 64k), and
+# the part of the gradient the negatives carry was lost. Measured: float64 emulation of the cast, 256 such rows
+# against N = 4k-64k texts, D = 256, scale 100: relative error 1.2-1.8 with the plain cast, 1.8e-2-4.4e-2 with
+# the factor; the kernels at B = 64 (test_fp16_backward_keeps_probabilities_below_fp16s_normal_range): 0.106
+# and 3.5e-4. Rows with P ~ 1/N spread evenly lose nothing measurable (independent rounding errors: 2.1e-4
+# either way at N = 64k, scale 14.3).
+# So fp16 dX is multiplied by h = 2^14 before the cast and the fp32 products divided by h after (through k): both
+# exact (a power of two, far from fp32's limits), so only values that were fp16-subnormal change; fp16 stays
+# normal down to P = 2^-28 = 3.7e-9 (0 below 2^-39: rows separated still further keep losing it). 2^14 is the
+# largest power of two that cannot overflow: |dX| h <= 32769 < 65504 = fp16 max (2^15 could reach 65536 = inf).
+# bf16 has fp32's exponent range (normal down to 1.2e-38) and fp32 is not cast: h = 1, their bits unchanged.
+# What remains, in every dtype: P_ii - 1 = exp(x_ii - lse_i) - 1 cancels in fp32 (lse_i is one fp32 number,
+# resolution ~ |lse_i| 2^-24), so in rows with 1 - P_ii below ~1e-4 the positive's term (along the partner
+# feature) carries a relative error of ~1e-3 or more even with fp32 features.
+FP16_DS_HEADROOM = 2.0 ** 14
+
+
+def ds_headroom(dtype: torch.dtype) -> float:
+    """Power of two that the backward multiplies its normalised per-score gradients (|value| <= 2) by before they
+    are cast to ``dtype`` for an MMA, and divides the fp32 result by afterwards: 2^14 for fp16 (keeps small
+    probabilities out of fp16's subnormal range, see FP16_DS_HEADROOM), 1 for bf16 and fp32 (unchanged bits).
+    Used by fused_clip_loss and token_max_similarity."""
+    return FP16_DS_HEADROOM if dtype == torch.float16 else 1.0
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -590,9 +625,12 @@ class _FusedClipLoss(torch.autograd.Function):
             g_all = torch.cat(parts)  # (W,)
         wr, wc = g / (2 * b), g_all.repeat_interleave(b) / (2 * b)  # (1,), (N,)
         norm = torch.maximum(wr.abs().max(), wc.abs().max()).clamp_min(1e-30)
-        launch = (image, all_text, scale32, row_lse, col_lse, (wr / norm).contiguous(), (wc / norm).contiguous(),
-                  ctx.rank * b)
-        k = norm * scale32[0]
+        # |dX| <= 2 after the normalisation; times h = 2^14 for fp16 (stays <= 32769 < 65504), 1 otherwise
+        # (see FP16_DS_HEADROOM); the fp32 products are divided by h through k (exact: a power of two)
+        h = ds_headroom(image.dtype)
+        launch = (image, all_text, scale32, row_lse, col_lse, (wr / norm * h).contiguous(),
+                  (wc / norm * h).contiguous(), ctx.rank * b)
+        k = norm * scale32[0] / h
         # Peak memory: one fp32 (.., D) buffer at a time next to the input-dtype gradients (KERNELS.md
         # §3: extra memory linear in B); the fp32 dI is freed before the dT buffer is allocated.
         if _use_chunked_backward(image):

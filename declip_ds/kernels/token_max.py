@@ -75,7 +75,7 @@ import triton
 import triton.language as tl
 
 from declip_ds.kernels.contrastive import (_NEG, NEG, _gpu_tiles, _launch, _mm_f32, _precision, _scores_tile,
-                                           cublas_keeps_fp32, gpu_arch)
+                                           cublas_keeps_fp32, ds_headroom, gpu_arch)
 from declip_ds.losses.filip import _check_inputs, _DIRECTIONS, token_weights
 
 NEG_HALF = tl.constexpr(_NEG / 2)
@@ -675,12 +675,20 @@ class _TokenMaxSimilarity(torch.autograd.Function):
             return None, None, None, None, None, None
         if ctx.debug_out is not None and not ctx.saved_argmax and not ctx.gemm:
             _check_recompute(x, y, wx, wy, ctx.debug_out, ctx.direction)
-        # normalise the upstream gradients so dS, cast to fp16/bf16 for the MMA, does not underflow
+        # normalise the upstream gradients so dS, cast to fp16/bf16 for the MMA, does not underflow: an entry of dS
+        # is G1[i, j] w_i[k] + G2[i, j] w_j[r] (one or both one-hot maps) with |G| <= 1 after the normalisation and
+        # token weights w = mask / n_valid <= 1, so |dS| <= 2. The upstream gradients are softmax probabilities of
+        # the CE over the pairs, and the token weights divide them by the token count (1/50-1/197), so an fp16 dS
+        # is subnormal (< 2^-14) already for P < 2^-14 * Ti (3e-3 at Ti = 50). fp16 therefore gets the headroom
+        # factor h = 2^14 (|dS| h <= 32768 < 65504; 1 for bf16 and fp32: contrastive.FP16_DS_HEADROOM), and the
+        # fp32 products are multiplied by norm / h (exact: a power of two) instead of norm.
         gs = [t.detach().float() for t, n in ((g1, need_i2t), (g2, need_t2i)) if n]
         norm = torch.stack([t.abs().max() for t in gs]).max().clamp_min(1e-30)
+        h = ds_headroom(x.dtype)
         dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
-        G1 = (g1.float() / norm).contiguous() if need_i2t else dummy
-        G2 = (g2.float() / norm).contiguous() if need_t2i else dummy
+        G1 = (g1.float() / norm * h).contiguous() if need_i2t else dummy
+        G2 = (g2.float() / norm * h).contiguous() if need_t2i else dummy
+        norm = norm / h  # what the fp32 products are multiplied by
         if ctx.gemm:  # dS chunks from the saved or (per chunk) recomputed indices, then cuBLAS GEMMs
             args = (x, y, wx, wy, a1, a2, G1, G2, norm, need_i2t, need_t2i)
             if ctx.saved_argmax:  # one pass per side, no fp32 token buffer
