@@ -757,37 +757,54 @@ def make_specs(args) -> list[Spec]:
     return specs
 
 
+def _write_json(path: str, report: dict) -> None:
+    """Atomically (a temporary file, then a rename): a run stopped while writing keeps the previous rows."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    part.write_text(json.dumps(report, indent=2))
+    part.replace(target)
+
+
 def main(argv=None) -> dict:
+    """Every spec's row; with --json the report is rewritten after each row, so a run stopped at a time limit
+    (SIGINT, as benchmarks/gpu/run_all.sh does) keeps the rows that finished (meta.interrupted is then true)."""
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
     command = "python benchmarks/bench_train_step.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    rows = []
-    for spec in make_specs(args):
-        label = f"{spec.method} ZeRO-{spec.zero} x{spec.world_size}"
-        print(f"[bench_train_step] {label} ...", flush=True)
-        try:
-            prepare_data(spec)  # a no-op once the shards exist
-            ranks = run_in_process(spec) if args.in_process else run_spawned(spec, args.timeout)
-            row = merge_ranks(spec, ranks)
-            print(f"[bench_train_step] {label}: {row['samples_per_s']:.1f} samples/s, "
-                  f"step {_ms(row['step_s'])} ms", flush=True)
-        except Exception as e:  # one failing row does not lose the others
-            traceback.print_exc()
-            row = {"method": spec.method, "zero": spec.zero, "world_size": spec.world_size, "error": str(e)}
-        rows.append(row)
+    rows, specs = [], make_specs(args)
     report = {"meta": {"command": command, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                       "machine": machine(), "measures": MEASURES, "spec": asdict(make_specs(args)[0])},
+                       "machine": machine(), "measures": MEASURES, "spec": asdict(specs[0]), "interrupted": False},
               "runs": rows}
+    try:
+        for spec in specs:
+            label = f"{spec.method} ZeRO-{spec.zero} x{spec.world_size}"
+            print(f"[bench_train_step] {label} ...", flush=True)
+            try:
+                prepare_data(spec)  # a no-op once the shards exist
+                ranks = run_in_process(spec) if args.in_process else run_spawned(spec, args.timeout)
+                row = merge_ranks(spec, ranks)
+                print(f"[bench_train_step] {label}: {row['samples_per_s']:.1f} samples/s, "
+                      f"step {_ms(row['step_s'])} ms", flush=True)
+            except Exception as e:  # one failing row does not lose the others
+                traceback.print_exc()
+                row = {"method": spec.method, "zero": spec.zero, "world_size": spec.world_size, "error": str(e)}
+            rows.append(row)
+            if args.json:
+                _write_json(args.json, report)
+    except KeyboardInterrupt:  # a time limit: report what finished
+        report["meta"]["interrupted"] = True
+        print(f"\n[bench_train_step] interrupted after {len(rows)} of {len(specs)} rows", flush=True)
     print()
-    print(format_markdown(report) if args.markdown else format_text(report))
+    if rows:
+        print(format_markdown(report) if args.markdown else format_text(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        _write_json(args.json, report)
         print(f"\nwrote {args.json}")
     return report
 
 
 if __name__ == "__main__":
     report = main()
-    sys.exit(1 if any(r.get("error") for r in report["runs"]) else 0)
+    sys.exit(130 if report["meta"]["interrupted"] else 1 if any(r.get("error") for r in report["runs"]) else 0)

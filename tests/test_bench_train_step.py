@@ -60,6 +60,31 @@ def test_cpu_report_schema(bench, tmp_path, capsys):
     assert "| method | ZeRO | ranks |" in printed and "| clip | 0 | 1 | 8 |" in printed
 
 
+def test_a_run_stopped_at_its_time_limit_keeps_the_finished_rows(bench, tmp_path, monkeypatch, capsys):
+    """run_all.sh stops a step with SIGINT at its limit: the JSON holds every finished row (rewritten after
+    each), the interrupted flag is set, and the table of what finished is printed; it was written at the end
+    only, so a cut step lost every row."""
+    out, real, seen = tmp_path / "report.json", bench.run_in_process, []
+
+    def second_is_interrupted(spec):
+        if seen:
+            seen.append(json.loads(out.read_text()))  # what is on disk when the stop arrives
+            raise KeyboardInterrupt
+        seen.append(spec)
+        return real(spec)
+
+    monkeypatch.setattr(bench, "run_in_process", second_is_interrupted)
+    report = bench.main(["--device", "cpu", "--methods", "clip", "declip", "--zero", "0", "--steps", "1",
+                         "--warmup", "0", "--batch-size", "8", "--data-workers", "0", "--in-process",
+                         "--data-dir", str(tmp_path / "shapes"), "--json", str(out), *TINY])
+    assert [r["method"] for r in seen[1]["runs"]] == ["clip"], seen[1]
+    assert seen[1]["runs"][0].get("error") is None
+    assert report["meta"]["interrupted"] and [r["method"] for r in report["runs"]] == ["clip"]
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    printed = capsys.readouterr().out
+    assert "interrupted after 1 of 2 rows" in printed and "clip" in printed
+
+
 @pytest.mark.parametrize("method", ["declip", "defilip"])
 def test_gpu_rows_of_the_wordnet_recipes_run_without_wordnet(bench, method, monkeypatch, capsys):
     """The YFCC DeCLIP/DeFILIP recipes require WordNet (method.eda_require_wordnet); the GPU rows build

@@ -23,7 +23,7 @@
 #   contrastive_torch   10 s  the chunked torch reference (loss.impl=torch) at 8k and 32k
 #   filip_197           35 s  FILIP Ti=197 at B=1024 (eager is expected to OOM)
 #   train_step          55 s  the carried wheels installed (with_wheels.sh), then the real towers: CLIP and FILIP,
-#                             ZeRO-2, bf16 (the JSON is written at the end: a cut step keeps only the log's rows)
+#                             ZeRO-2, bf16 (the JSON is rewritten after each row: a cut step keeps the finished ones)
 # Left out for time: FILIP's extra shapes 49x16, 77x16 and D=256 (KERNELS.md §3.2 "also benchmark"; run
 # bench_filip.py without --no-extra), B=2048 FILIP rows, the other train-step methods.
 #
