@@ -237,7 +237,7 @@ def test_guard_state_resumes_exactly(tmp_path, shapes):
 
 def _known_after_agreement(rank, world, root):
     """Rank r reads its own copy of bad_batches.jsonl (a stale network-filesystem view): rank 0 two records, rank
-    1 one of them and a third; returns (the batches it passes over, whether it warned)."""
+    1 one of them and a third; returns (the batches it passes over, whether it warned that the views differ)."""
     from pathlib import Path
 
     from declip_ds.train.guard import Guard
@@ -247,9 +247,15 @@ def _known_after_agreement(rank, world, root):
     positions = [(0, 3), (0, 7)] if rank == 0 else [(0, 3), (1, 2)]
     (run_dir / "bad_batches.jsonl").write_text("".join(
         json.dumps({"step": 1, "epoch": e, "epoch_batch": b, "reason": "non-finite loss"}) + "\n" for e, b in positions))
+    import logging
+
+    warned = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("declip_ds").addHandler(handler)
     guard = Guard(from_dict({}).train, run_dir)
     guard.agree()
-    return sorted(guard.known)
+    return sorted(guard.known), any("the ranks read different records" in w for w in warned)
 
 
 @pytest.mark.dist
@@ -258,4 +264,5 @@ def test_every_rank_passes_over_the_same_recorded_batches(tmp_path):
     batches and pair their collectives wrongly from then on. After the agreement all pass over the union."""
     from tests.distributed import run_ranks
 
-    assert run_ranks(_known_after_agreement, 2, (str(tmp_path),)) == [[(0, 3), (0, 7), (1, 2)]] * 2
+    union = [(0, 3), (0, 7), (1, 2)]
+    assert run_ranks(_known_after_agreement, 2, (str(tmp_path),)) == [(union, True), (union, False)]  # rank 0 warns
