@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         from declip_ds.train.engine import PREEMPTED_EXIT_CODE, train
 
         result = train(exp, ds_config=args.ds_config, resume=args.resume)
+        _leave_process_group()
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {_own_message(e)}", file=sys.stderr)
         return 2
@@ -65,6 +66,18 @@ def main(argv=None) -> int:
     finally:
         _stop_loader_workers()
     return PREEMPTED_EXIT_CODE if result["preempted"] else 0
+
+
+def _leave_process_group() -> None:
+    """After a run that ended normally on every rank: wait for the others, then destroy the process group
+    (NCCL warns at exit otherwise, and a rank that exits with collectives still in flight can hold the
+    others up). Not after an error: another rank may still be inside a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _stop_loader_workers() -> None:

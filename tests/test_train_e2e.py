@@ -234,3 +234,30 @@ def test_overrides_may_come_before_and_after_flags():
 
     args = train.parse_args(["--config", "x.yaml", "train.lr=1e-3", "--resume", "none", "model.embed_dim=64"])
     assert (args.config, args.resume, args.overrides) == ("x.yaml", "none", ["train.lr=1e-3", "model.embed_dim=64"])
+
+
+def test_the_cli_leaves_the_process_group_after_a_normal_end_only(monkeypatch, tmp_path):
+    """train.py destroys the process group when the run ended normally (NCCL warns at exit otherwise), never
+    after an error (another rank may still be in a collective)."""
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(ROOT))
+    import train
+    from declip_ds.train import engine
+    from declip_ds.train.guard import BadStepsError
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    monkeypatch.setattr(engine, "train", lambda exp, **kw: {"preempted": False})
+    assert train.main(["--config", str(ROOT / "experiments" / "demo_shapes.yaml")]) == 0
+    assert calls == ["barrier", "destroy"]
+
+    def bad(exp, **kw):
+        raise BadStepsError("3 bad steps in a row")
+
+    calls.clear()
+    monkeypatch.setattr(engine, "train", bad)
+    assert train.main(["--config", str(ROOT / "experiments" / "demo_shapes.yaml")]) == 3 and calls == []
