@@ -71,7 +71,7 @@ def _nodes() -> int | None:
     return None
 
 
-def adopt_launcher_env() -> int | None:
+def adopt_launcher_env(*, mpi4py: bool = True) -> int | None:
     """Before DeepSpeed's init: RANK / WORLD_SIZE / LOCAL_RANK from the launcher. torchrun and the deepspeed
     launcher export them; mpirun and srun export their own (``LAUNCHER_VARS``), which are copied (every process
     would otherwise become a world of one, all on GPU 0, in one output_dir); a plain ``python train.py`` is a
@@ -80,7 +80,9 @@ def adopt_launcher_env() -> int | None:
     29500) whatever its own environment holds (mpirun gives remote ranks only what ``-x`` forwards, so ranks
     deciding by their own MASTER_ADDR would take different paths and hang). Returns the launcher's world size
     when its variables were adopted or left to the MPI discovery (``init_distributed`` checks the world that
-    forms against it), else None."""
+    forms against it), else None. ``mpi4py=False``: for a caller that initialises torch.distributed itself
+    (the evaluation scripts), which has no such discovery: MASTER_ADDR / MASTER_PORT are then required under
+    mpirun too."""
     from declip_ds.config import ConfigError
 
     env = os.environ
@@ -93,7 +95,7 @@ def adopt_launcher_env() -> int | None:
         return None
     rank_, world, local, var = found
     mpi = not var.startswith("SLURM")
-    if mpi:
+    if mpi and mpi4py:
         import importlib.util
 
         if importlib.util.find_spec("mpi4py") is not None:
@@ -105,7 +107,7 @@ def adopt_launcher_env() -> int | None:
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, so the ranks cannot find each "
             f"other. Export MASTER_ADDR and MASTER_PORT for every rank (e.g. MASTER_ADDR=<the first node's "
             f"hostname> MASTER_PORT=29500{'; mpirun forwards them with -x' if mpi else ''})"
-            f"{', or pip install mpi4py (matching your MPI)' if mpi else ''}, or launch with torchrun or the "
+            f"{', or pip install mpi4py (matching your MPI)' if mpi and mpi4py else ''}, or launch with torchrun or the "
             f"deepspeed launcher's default (pdsh) runner.")
     if env["MASTER_ADDR"] in LOOPBACK and (_nodes() or 1) > 1:
         raise ConfigError(f"MASTER_ADDR={env['MASTER_ADDR']} is a loopback address, but the {world} processes span "
@@ -247,16 +249,36 @@ def all_reduce_ints(values: list[int], op=dist.ReduceOp.SUM) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
-def init_eval_ranks(model):
-    """For the evaluation scripts: join the launcher's process group when there is one (nccl on GPUs,
-    gloo otherwise) and move ``model`` to this rank's GPU if any. Returns (model, rank, world, group);
-    a lone process gives (model, 0, 1, None)."""
-    rank_, world, group = 0, 1, None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank_, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
-    if torch.cuda.is_available():
+# ----------------------------------------------------------------------------- evaluation scripts
+
+# the evaluation scripts' process-group timeout: NCCL's default (10 minutes) is shorter than one rank can
+# spend alone, e.g. encoding a large gallery while the others have finished their part
+EVAL_TIMEOUT_S = 3600
+
+
+def join_eval_ranks(*, timeout_s: int = EVAL_TIMEOUT_S) -> tuple[int, int, object, bool]:
+    """For the evaluation scripts: join the launcher's process group when there is one (torchrun and deepspeed
+    export RANK / WORLD_SIZE; mpirun's and srun's own variables are adopted as training adopts them), nccl on
+    GPUs, gloo otherwise, with an explicit ``timeout_s``, and select this rank's GPU. An existing group is used
+    as it is. Returns (rank, world, group, created): a lone process gives (0, 1, None, False); ``created``: this
+    call made the group, and its caller destroys it."""
+    created = False
+    if not dist.is_initialized() and env_world_size() > 1:
+        adopt_launcher_env(mpi4py=False)  # raises a ConfigError (a ValueError) naming what to export
+        created = True
+    if torch.cuda.is_available():  # before the init: NCCL's communicators and gather_object use this device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if created:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size(), dist.group.WORLD, created
+    return 0, 1, None, created
+
+
+def init_eval_ranks(model, *, timeout_s: int = EVAL_TIMEOUT_S):
+    """``join_eval_ranks`` and ``model`` moved to this rank's GPU if any. Returns (model, rank, world, group); a
+    lone process gives (model, 0, 1, None)."""
+    rank_, world, group, _ = join_eval_ranks(timeout_s=timeout_s)
+    if torch.cuda.is_available():
         model = model.cuda()
     return model, rank_, world, group
