@@ -11,8 +11,10 @@ Images: Resize + CenterCrop as the checkpoint format evaluates (ours: the run's 
 eval.interpolation, eval.crop_ratio; OpenAI / open_clip: Resize(224) bicubic, OpenAI mean/std; DeCLIP
 releases: Resize(256) bilinear, ImageNet mean/std; see load_for_eval), or --normalize / --interpolation /
 --crop-ratio.
-Several ranks (torchrun / deepspeed launcher) split the shards (or the images of a folder) and sum
-the counts, which gives exactly the single-process numbers.
+Several ranks (torchrun / deepspeed launcher, or mpirun / srun with MASTER_ADDR and MASTER_PORT exported)
+split the shards (or the images of a folder) and sum the counts, which gives exactly the single-process
+numbers. An error on one rank (an unreadable image, a path missing on its node) stops every rank with exit
+code 2, each naming the rank that failed; only rank 0 prints the table and writes --out.
 """
 
 from __future__ import annotations
@@ -52,16 +54,18 @@ def evaluate_image_folder(model, tokenizer, root: Path, *, templates: str, image
     from declip_ds.eval.datasets import open_dataset
     from declip_ds.eval.zero_shot import (load_templates, zero_shot_classifier, zero_shot_evaluate,
                                           zero_shot_token_classifier)
+    from declip_ds.train.dist import errors_shared
 
-    data = open_dataset(root, eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio,
-                                             interpolation=interpolation))
-    prompts = load_templates(templates, root)
+    with errors_shared(group):  # the files, read on every rank: one rank's error stops them all here
+        data = open_dataset(root, eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio,
+                                                 interpolation=interpolation))
+        prompts = load_templates(templates, root)
+        loader = data.loader(batch_size, rank=rank, world_size=world_size, workers=workers)
     if scoring == "token":
         W = zero_shot_token_classifier(model, tokenizer, data.classnames, prompts, mask_padding=mask_padding,
                                        renorm=token_renorm)
     else:
         W = zero_shot_classifier(model, tokenizer, data.classnames, prompts)
-    loader = data.loader(batch_size, rank=rank, world_size=world_size, workers=workers)
     result = zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
     from declip_ds.eval.report import dataset_name
     from declip_ds.eval.zero_shot import check_imagenet_task
@@ -103,57 +107,58 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)
 
-    import torch.distributed as dist
+    from declip_ds.train.dist import eval_ranks
 
+    rank = world = None
+    try:
+        with eval_ranks() as (rank, world, group):  # destroys the process group it made, however this ends
+            return run(args, rank, world, group)
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:  # on every rank (RankFailed on the others)
+        who = f"rank {rank} of {world}: " if world and world > 1 else ""
+        print(f"{who}error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args, rank: int, world: int, group) -> int:
+    """main's work on this rank: every task on this rank's share of the data, the table and the record on rank
+    0. An error on any rank is raised on every rank (declip_ds.train.dist.share_error), not only where it
+    happened: the others would wait in the next collective for the process-group timeout."""
     from declip_ds.data.tokenizer import Tokenizer
     from declip_ds.eval.zero_shot import format_table, token_settings
     from declip_ds.models.pretrained import load_for_eval
+    from declip_ds.train.dist import errors_shared, init_eval_ranks
 
-    try:
+    with errors_shared(group):  # a rank-local path problem (data, checkpoint) stops every rank here
         tasks = task_dirs(Path(args.data), args.tasks)
         em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize,
                            interpolation=args.interpolation, crop_ratio=args.crop_ratio)
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     model, weights = em.model, em.weights
-    if (args.scoring or getattr(em.method, "zero_shot_scoring", "global")) == "global":
+    scoring = args.scoring or getattr(em.method, "zero_shot_scoring", "global")
+    if scoring == "global":
         em.warn_if_global_untrained("zero-shot with --scoring global")
-    from declip_ds.train.dist import init_eval_ranks
-
-    model, rank, world, group = init_eval_ranks(model)
+    model, rank, world, group = init_eval_ranks(model)  # the group joined in main; the model to this rank's GPU
     tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
     if rank == 0:
         print(f"preprocessing: {em.describe_preprocess()}", file=sys.stderr)
-    try:
-        results = {
-            name: evaluate(model, tok, d, templates=args.templates, image_size=em.image_size,
-                           normalize=em.normalize, interpolation=em.interpolation, crop_ratio=em.crop_ratio,
-                           batch_size=args.batch_size, rank=rank,
-                           world_size=world, group=group, workers=args.workers,
-                           scoring=args.scoring or getattr(em.method, "zero_shot_scoring", "global"),
-                           token=token_settings(em.method, args))
-            for name, d in tasks.items()
-        }
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if group is not None:
-            dist.destroy_process_group()
-        return 2
+    results = {
+        name: evaluate(model, tok, d, templates=args.templates, image_size=em.image_size,
+                       normalize=em.normalize, interpolation=em.interpolation, crop_ratio=em.crop_ratio,
+                       batch_size=args.batch_size, rank=rank,
+                       world_size=world, group=group, workers=args.workers,
+                       scoring=scoring, token=token_settings(em.method, args))
+        for name, d in tasks.items()
+    }
     if rank == 0:
         print(format_table(results))
         if args.out:
             from declip_ds.eval.report import make_record, write_record
 
-            scoring = args.scoring or getattr(em.method, "zero_shot_scoring", "global")
             token = token_settings(em.method, args) if scoring == "token" else {}
             write_record(make_record(model=em.name, checkpoint=str(weights),
                                      dataset=str(args.data), task="zeroshot", templates=args.templates,
                                      scoring=scoring, **token,
                                      preprocess=em.preprocess(), metrics=results, config_hash=em.config_hash),
                          args.out)
-    if group is not None:
-        dist.destroy_process_group()
     return 0
 
 

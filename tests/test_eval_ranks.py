@@ -1,13 +1,19 @@
 """The evaluation scripts under a launcher with several ranks: mpirun / srun ranks are adopted with an explicit
-timeout."""
+timeout, one rank's error stops every rank (exit 2, naming it), and a script destroys the process group it made
+and only that one."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from datetime import timedelta
 
 import pytest
 import torch
+
+from tests.distributed import _free_port, run_ranks
+from tests.test_eval_suite import image_bytes, save_checkpoint, tiny_model, write_folder
 
 
 @pytest.fixture
@@ -24,12 +30,15 @@ def launch_env():
 
 
 @pytest.mark.parametrize("launcher", ["srun", "openmpi"])
-def test_eval_scripts_join_an_srun_or_mpirun_launch_with_an_explicit_timeout(launch_env, monkeypatch, launcher):
+def test_eval_scripts_join_an_srun_or_mpirun_launch_with_an_explicit_timeout(launch_env, monkeypatch, capsys,
+                                                                             launcher):
     """srun and mpirun export their own rank variables, not WORLD_SIZE: the evaluation scripts used to run as
-    that many lone processes, each evaluating everything. They are adopted (without a rendezvous address: an
-    error saying what to export), and the group gets the evaluation's explicit timeout, not NCCL's 10-minute
-    default."""
+    that many lone processes, each evaluating everything. They are adopted (without a rendezvous address the
+    scripts exit 2 saying what to export), and the group gets the evaluation's explicit timeout, not NCCL's
+    10-minute default."""
+    import eval_zeroshot
     from declip_ds.config import ConfigError
+    from declip_ds.eval import retrieval
     from declip_ds.train import dist as D
 
     names = {"srun": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
@@ -37,6 +46,9 @@ def test_eval_scripts_join_an_srun_or_mpirun_launch_with_an_explicit_timeout(lau
     launch_env.update(dict(zip(names, ("1", "2", "1"))))
     with pytest.raises(ConfigError, match=f"launched as 2 processes \\({names[1]}=2.*MASTER_ADDR"):
         D.init_eval_ranks(torch.nn.Linear(1, 1))  # mpirun too: the scripts have no mpi4py discovery
+    for main in (eval_zeroshot.main, retrieval.main):
+        assert main(["--checkpoint", "nowhere", "--data", "nowhere"]) == 2
+        assert "launched as 2 processes" in capsys.readouterr().err
     launch_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
     seen = {}
 
@@ -52,3 +64,65 @@ def test_eval_scripts_join_an_srun_or_mpirun_launch_with_an_explicit_timeout(lau
         D.init_eval_ranks(torch.nn.Linear(1, 1))
     assert seen["env"] == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
     assert seen["timeout"] == timedelta(seconds=D.EVAL_TIMEOUT_S) >= timedelta(minutes=30)
+
+
+def _call(main, argv, port=None):
+    """(exit code, stderr, whether a process group is left) of ``main(argv)``, its output captured."""
+    import torch.distributed as dist
+
+    if port is not None:
+        os.environ["MASTER_PORT"] = str(port)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main([str(a) for a in argv])
+    return rc, err.getvalue(), dist.is_initialized()
+
+
+def _one_rank_fails(rank, world, ckpt, folder, captions, ports):
+    """In the scripts' own process groups (made from RANK / WORLD_SIZE / MASTER_*, as under torchrun): an
+    unreadable image in rank 1's share of a folder, then the checkpoint missing on rank 1's node; then, in a
+    group the caller made, a retrieval that succeeds."""
+    import torch.distributed as dist
+
+    import eval_zeroshot
+    from declip_ds.eval import retrieval
+
+    torch.set_num_threads(1)
+    dist.destroy_process_group()  # the scripts make their own
+    zs = ["--checkpoint", ckpt, "--data", folder, "--templates", "simple", "--batch-size", 1]
+    out = [_call(eval_zeroshot.main, zs, ports[0]),
+           _call(retrieval.main, ["--checkpoint", ckpt if rank == 0 else f"{ckpt}_not_on_this_node",
+                                  "--data", captions], ports[1])]
+    os.environ["MASTER_PORT"] = str(ports[2])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out.append(_call(retrieval.main, ["--checkpoint", ckpt, "--data", captions]))
+    return out
+
+
+@pytest.mark.dist
+def test_an_error_on_one_rank_stops_every_rank_and_scripts_destroy_only_their_own_group(tmp_path):
+    """One rank's error (an unreadable image met while the others evaluate; a path missing on one node) used to
+    leave the other ranks waiting in the next collective for the process-group timeout: now every rank exits 2,
+    the others naming the rank that failed and its error. A script destroys the process group it made, on every
+    exit, and leaves one its caller made (it destroyed it, and did not destroy its own on an error)."""
+    exp, model = tiny_model()
+    ckpt = save_checkpoint(model, exp, tmp_path / "run" / "step_00000001")
+    folder = write_folder(tmp_path / "colors", ["red", "green"], per_class=2)
+    (folder / "red" / "img1.png").write_bytes(image_bytes(1)[:60])  # sample 1 of 4: rank 1's first
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for i in range(3):
+        (gallery / f"{i}.png").write_bytes(image_bytes(i))
+    (gallery / "captions.tsv").write_text("".join(f"{i}.png\ta picture number {i}\n" for i in range(3)))
+    (zs0, zs1), (ret0, ret1), (ok0, ok1) = zip(*run_ranks(
+        _one_rank_fails, 2, (ckpt, folder, gallery / "captions.tsv", [_free_port() for _ in range(3)]),
+        timeout=90))
+    assert zs0[0] == zs1[0] == 2 and ret0[0] == ret1[0] == 2
+    bad = f"Cannot read the image {folder / 'red' / 'img1.png'}"
+    assert f"rank 1 of 2: error: {bad}" in zs1[1]
+    assert "rank 0 of 2: error: rank 1 of 2 failed (UnreadableImage: " + bad in zs0[1]
+    assert zs0[1].rstrip().endswith("stopping every rank.")
+    assert "rank 1 of 2 failed (FileNotFoundError: " in ret0[1] and "_not_on_this_node" in ret0[1]
+    assert not any(left for _, _, left in (zs0, zs1, ret0, ret1))  # the scripts' own groups: destroyed
+    assert ok0[:1] == ok1[:1] == (0,), (ok0, ok1)
+    assert ok0[2] and ok1[2]  # the caller's group: left to the caller

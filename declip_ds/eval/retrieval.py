@@ -42,8 +42,11 @@ Metrics (on the scores above):
 Ties count against the query: a candidate scored equal to the best true match ranks above it, so a
 degenerate model (all embeddings equal) scores 0, not 1. Images without a caption are skipped, with a warning.
 
-Embeddings are computed in batches; under several ranks (torchrun) each rank embeds its own shards or
-file entries, the embeddings are gathered and every rank computes the same metrics.
+Embeddings are computed in batches; under several ranks (torchrun, the deepspeed launcher, or mpirun / srun
+with MASTER_ADDR and MASTER_PORT exported) each rank embeds its own shards or file entries, the embeddings are
+gathered and every rank computes the same metrics. An error on one rank (an unreadable image, a path missing
+on its node) stops every rank with exit code 2, each naming the rank that failed; only rank 0 prints and writes
+--out.
 """
 
 from __future__ import annotations
@@ -369,8 +372,15 @@ class _CaptionStream(IterableDataset):
                 continue
             if not image.is_file():
                 raise FileNotFoundError(f"Image '{image}' listed in the captions file does not exist.")
-            with Image.open(image) as im:
-                yield self.transform(im.convert("RGB")), caps, str(image)
+            try:
+                with Image.open(image) as im:
+                    rgb = im.convert("RGB")
+            except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable or truncated files
+                from declip_ds.eval.datasets import UnreadableImage
+
+                raise UnreadableImage(f"Cannot read the image {image} ({type(e).__name__}: {e}). Replace or remove "
+                                      f"it: retrieval scores every listed image.") from None
+            yield self.transform(rgb), caps, str(image)
 
     def _shards(self, urls) -> Iterator:
         from declip_ds.data.wds import IMAGE_EXTS, decode_image, _member_groups, _TailWatch
@@ -424,20 +434,25 @@ def _encode_gallery(model, tokenizer, loader, encode_images: Callable, encode_te
 
     Under ``group`` every rank runs the same number of image and text forwards: a rank out of data, or with
     fewer caption chunks in a step, runs throwaway forwards (a blank image, an empty caption), so a ZeRO-3
-    model, whose every module forward gathers its parameters collectively, cannot hang on unequal shards."""
+    model, whose every module forward gathers its parameters collectively, cannot hang on unequal shards; an
+    error in one rank's loader is raised on every rank (``RankFailed`` on the others) in the same collective."""
+    from declip_ds.train.dist import share_error
+
     p = next(model.parameters())
-    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
     flag_device = p.device if p.device.type == "cuda" else torch.device("cpu")
     images_out, texts_out, owners, n_images = [], [], [], 0
     it = iter(loader)
     while True:
-        batch = next(it, None)
+        error = None
+        try:
+            batch = next(it, None)
+        except Exception as e:  # noqa: BLE001 (an unreadable image or shard: share_error raises it on every rank)
+            batch, error = None, e
         flat = [] if batch is None else [c for caps in batch[1] for c in caps]
         chunks = [flat[s:s + text_batch] for s in range(0, len(flat), text_batch)]
-        counts = torch.tensor([int(batch is not None), len(chunks)], device=flag_device)
-        if world > 1:
-            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
-        if counts[0].item() == 0:
+        busy, n_chunks = share_error(error, group, values=[int(batch is not None), len(chunks)],
+                                     op=dist.ReduceOp.MAX, tensor_device=flag_device)
+        if busy == 0:
             return images_out, texts_out, owners
         if batch is None:  # out of data while another rank is not
             encode_images(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
@@ -446,7 +461,7 @@ def _encode_gallery(model, tokenizer, loader, encode_images: Callable, encode_te
             images_out.append(encode_images(images.to(p.device, p.dtype)))
             owners += [n_images + i for i, caps in enumerate(captions) for _ in caps]
             n_images += len(images)
-        for c in range(int(counts[1].item())):
+        for c in range(n_chunks):
             if c < len(chunks):
                 texts_out.append(encode_texts(tokenizer(chunks[c]).to(p.device)))
             else:
@@ -555,7 +570,8 @@ def evaluate_retrieval(model, tokenizer, data, *, image_size: int = 224, normali
     """Recall@k both ways on ``data`` (shard dir, captions file / dir or Karpathy split file; ``split`` and
     ``images`` as read_captions_file); images through ``transform``, by default ``eval_transform(image_size,
     normalize, crop_ratio, interpolation)``. scoring: ``global`` cosine of the global embeddings, or ``token`` (FILIP's token-wise
-    similarities, ``mask_padding`` as the method's): see the module docstring."""
+    similarities, ``mask_padding`` as the method's): see the module docstring. Under ``group`` each rank embeds
+    its part, and an error in one rank's part is raised on every rank."""
     from declip_ds.data.transforms import eval_transform
 
     if scoring not in SCORINGS:
@@ -565,8 +581,11 @@ def evaluate_retrieval(model, tokenizer, data, *, image_size: int = 224, normali
     if transform is None:
         transform = eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio,
                                    interpolation=interpolation)
-    loader = build_loader(data, transform, batch_size, rank=rank, world_size=world_size, workers=workers,
-                          split=split, images=images)
+    from declip_ds.train.dist import errors_shared
+
+    with errors_shared(group):  # a path (and its images) missing on one rank stops every rank here
+        loader = build_loader(data, transform, batch_size, rank=rank, world_size=world_size, workers=workers,
+                              split=split, images=images)
     if scoring == "token":
         emb = gather_token_embeddings(embed_tokens(model, tokenizer, loader, mask_padding=mask_padding, group=group,
                                                    image_size=image_size), group)
@@ -610,11 +629,26 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)
 
+    from declip_ds.train.dist import eval_ranks
+
+    rank = world = None
+    try:
+        with eval_ranks() as (rank, world, group):  # destroys the process group it made, however this ends
+            return _run(args, rank, world, group)
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:  # on every rank (RankFailed on the others)
+        who = f"rank {rank} of {world}: " if world and world > 1 else ""
+        print(f"{who}error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args, rank: int, world: int, group) -> int:
+    """main's work on this rank (its share of the gallery embedded; the line and the record on rank 0)."""
     from declip_ds.data.tokenizer import Tokenizer
     from declip_ds.eval.report import dataset_name, make_record, write_record
     from declip_ds.models.pretrained import load_for_eval
+    from declip_ds.train.dist import errors_shared, init_eval_ranks
 
-    try:
+    with errors_shared(group):  # a rank-local path problem (data, images, checkpoint) stops every rank here
         source = resolve_source(args.data, split=args.split, images=args.images)
         em = load_for_eval(args.checkpoint, args.format, normalize=args.normalize,
                            interpolation=args.interpolation, crop_ratio=args.crop_ratio)
@@ -625,13 +659,7 @@ def main(argv=None) -> int:
             _require_token_heads(em.model)
         else:
             em.warn_if_global_untrained("retrieval with --scoring global")
-        model = em.model
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from declip_ds.train.dist import init_eval_ranks
-
-    model, rank, world, group = init_eval_ranks(model)
+    model, rank, world, group = init_eval_ranks(em.model)  # the group joined in main; the model to this rank's GPU
     tok = Tokenizer(context_length=em.context_length, mask_token=em.mask_token)
     result = evaluate_retrieval(model, tok, source, image_size=em.image_size,
                                 normalize=em.normalize, interpolation=em.interpolation, crop_ratio=em.crop_ratio,
@@ -649,8 +677,6 @@ def main(argv=None) -> int:
             write_record(make_record(model=em.name, checkpoint=str(em.weights),
                                      dataset=str(args.data), task="retrieval", metrics={name: result},
                                      preprocess=em.preprocess(), config_hash=em.config_hash, **extra), args.out)
-    if group is not None:
-        dist.destroy_process_group()
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Distributed evaluation is exact: each rank scores its own shards, per-class counts are summed over
 ranks, and ranks without a batch keep step with a dummy forward (ZeRO-3 gathers parameters in
-every forward, so all ranks must run the same number of them).
+every forward, so all ranks must run the same number of them). An error on one rank (its files, its
+images) is raised on every rank at the next point they all pass (``declip_ds.train.dist.share_error``).
 """
 
 from __future__ import annotations
@@ -138,17 +139,20 @@ def _logits(model, images: torch.Tensor, W) -> torch.Tensor:
 
 
 def _synced(loader, group, device):
-    """Yield the loader's batches; under a group, keep yielding ``None`` until every rank is done."""
+    """Yield the loader's batches; under a group, keep yielding ``None`` until every rank is done. An error in
+    one rank's loader (an unreadable image, a vanished file) is raised on every rank (``RankFailed`` on the
+    others), shared in the collective that counts the ranks with a batch: the others would wait in it."""
+    from declip_ds.train.dist import share_error
+
     it = iter(loader)
-    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
     while True:
-        batch = next(it, None)
-        if world > 1:
-            flag = torch.tensor([0 if batch is None else 1], device=device)
-            dist.all_reduce(flag, group=group)
-            if flag.item() == 0:
-                return
-        elif batch is None:
+        error = None
+        try:
+            batch = next(it, None)
+        except Exception as e:  # noqa: BLE001 (share_error re-raises it)
+            batch, error = None, e
+        (busy,) = share_error(error, group, values=[int(batch is not None)], tensor_device=device)
+        if busy == 0:
             return
         yield batch
 
@@ -253,23 +257,25 @@ def evaluate_task_dir(model, tokenizer, task_dir: Path, *, templates: str, image
     ``EvalConfig``'s (the trainer passes its exp.eval.interpolation / crop_ratio)."""
     from declip_ds.data.transforms import eval_transform
     from declip_ds.data.wds import build_eval_loader
+    from declip_ds.train.dist import errors_shared
 
     task_dir = Path(task_dir)
-    classnames = read_lines(task_dir / "classnames.txt")
-    prompts = load_templates(templates, task_dir)
-    if scoring == "token":
+    if scoring not in ("global", "token"):
+        raise ValueError(f"Unknown scoring '{scoring}': use global or token.")
+    with errors_shared(group):  # the files, read on every rank: one rank's error stops them all here
+        classnames = read_lines(task_dir / "classnames.txt")
+        prompts = load_templates(templates, task_dir)
+        urls = sorted(str(p) for p in task_dir.glob("*.tar"))
+        if not urls:
+            raise FileNotFoundError(f"No .tar shards in {task_dir}.")
+        transform = eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio, interpolation=interpolation)
+        loader = build_eval_loader(urls, transform, batch_size,
+                                   rank=rank, world_size=world_size, workers=workers)
+    if scoring == "token":  # after the files: under ZeRO-3 (the trainer's evaluation) these forwards are collectives
         W = zero_shot_token_classifier(model, tokenizer, classnames, prompts, mask_padding=mask_padding,
                                        renorm=token_renorm)
-    elif scoring == "global":
-        W = zero_shot_classifier(model, tokenizer, classnames, prompts)
     else:
-        raise ValueError(f"Unknown scoring '{scoring}': use global or token.")
-    urls = sorted(str(p) for p in task_dir.glob("*.tar"))
-    if not urls:
-        raise FileNotFoundError(f"No .tar shards in {task_dir}.")
-    transform = eval_transform(image_size, normalize=normalize, crop_ratio=crop_ratio, interpolation=interpolation)
-    loader = build_eval_loader(urls, transform, batch_size,
-                               rank=rank, world_size=world_size, workers=workers)
+        W = zero_shot_classifier(model, tokenizer, classnames, prompts)
     result = zero_shot_evaluate(model, W, loader, group=group, image_size=image_size)
     if result["n"] == 0:  # summed over the ranks: every rank raises
         raise NoEvalSamples(f"No labelled image could be read from the {len(urls)} shard(s) in {task_dir} (a "

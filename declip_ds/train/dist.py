@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -256,12 +257,64 @@ def all_reduce_ints(values: list[int], op=dist.ReduceOp.SUM) -> list[int]:
 EVAL_TIMEOUT_S = 3600
 
 
+class RankFailed(ValueError):
+    """Raised on the ranks of a group that did not fail, when another rank did (``share_error``): every rank
+    stops together instead of waiting in the next collective for the process-group timeout."""
+
+
+def _group_world(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def share_error(error: BaseException | None, group=None, *, values=(), op=dist.ReduceOp.SUM,
+                tensor_device=None) -> list[int]:
+    """Collective over ``group`` (None: this process alone): all-reduce the integers ``values`` (``op`` SUM or MAX)
+    together with each rank's error flag, in one collective. When any rank passes an error, every rank raises:
+    that rank its own error, the others ``RankFailed`` naming the failed rank(s) and their messages (gathered in
+    one more collective, only then). Returns the reduced ``values``. Every rank of the group must call it at the
+    same point, the failed one included: catch the error, then call this instead of the next collective.
+    ``tensor_device``: where the flags live (default: this rank's GPU, else the CPU)."""
+    world = _group_world(group)
+    if world == 1:
+        if error is not None:
+            raise error
+        return list(values)
+    me = dist.get_rank(group)
+    n = len(values)
+    t = torch.tensor([*values, *(int(error is not None and r == me) for r in range(world))], dtype=torch.long,
+                     device=tensor_device if tensor_device is not None else device())
+    dist.all_reduce(t, op=op, group=group)
+    got = [int(v) for v in t.tolist()]
+    failed = [r for r in range(world) if got[n + r]]
+    if failed:
+        messages = [None] * world
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        if error is not None:
+            raise error
+        raise RankFailed("; ".join(f"rank {r} of {world} failed ({messages[r]})" for r in failed)
+                         + ": stopping every rank.")
+    return got[:n]
+
+
+@contextlib.contextmanager
+def errors_shared(group=None):
+    """``with errors_shared(group): ...``: an exception raised in the block on any rank is raised on every rank
+    of ``group`` when the block ends (``share_error``; one collective, on every exit). For blocks without a
+    collective of their own (reading files, opening datasets), so that every rank reaches the end together."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (re-raised by share_error, on this rank and, named, on the others)
+        error = e
+    share_error(error, group)
+
+
 def join_eval_ranks(*, timeout_s: int = EVAL_TIMEOUT_S) -> tuple[int, int, object, bool]:
     """For the evaluation scripts: join the launcher's process group when there is one (torchrun and deepspeed
     export RANK / WORLD_SIZE; mpirun's and srun's own variables are adopted as training adopts them), nccl on
     GPUs, gloo otherwise, with an explicit ``timeout_s``, and select this rank's GPU. An existing group is used
     as it is. Returns (rank, world, group, created): a lone process gives (0, 1, None, False); ``created``: this
-    call made the group, and its caller destroys it."""
+    call made the group, and its caller destroys it (``eval_ranks`` does)."""
     created = False
     if not dist.is_initialized() and env_world_size() > 1:
         adopt_launcher_env(mpi4py=False)  # raises a ConfigError (a ValueError) naming what to export
@@ -275,9 +328,22 @@ def join_eval_ranks(*, timeout_s: int = EVAL_TIMEOUT_S) -> tuple[int, int, objec
     return 0, 1, None, created
 
 
+@contextlib.contextmanager
+def eval_ranks(*, timeout_s: int = EVAL_TIMEOUT_S):
+    """``with eval_ranks() as (rank, world, group): ...``: ``join_eval_ranks``, and when the block ends, however
+    it ends, the process group destroyed if this call created it (NCCL warns at exit about one left alive)."""
+    rank_, world, group, created = join_eval_ranks(timeout_s=timeout_s)
+    try:
+        yield rank_, world, group
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def init_eval_ranks(model, *, timeout_s: int = EVAL_TIMEOUT_S):
     """``join_eval_ranks`` and ``model`` moved to this rank's GPU if any. Returns (model, rank, world, group); a
-    lone process gives (model, 0, 1, None)."""
+    lone process gives (model, 0, 1, None). The caller that gets a new group destroys it: use ``eval_ranks``
+    around the script's work, or call this inside it (it then joins the existing group)."""
     rank_, world, group, _ = join_eval_ranks(timeout_s=timeout_s)
     if torch.cuda.is_available():
         model = model.cuda()
