@@ -66,19 +66,17 @@ def test_eval_scripts_join_an_srun_or_mpirun_launch_with_an_explicit_timeout(lau
     assert seen["timeout"] == timedelta(seconds=D.EVAL_TIMEOUT_S) >= timedelta(minutes=30)
 
 
-def _call(main, argv, port=None):
+def _call(main, argv):
     """(exit code, stderr, whether a process group is left) of ``main(argv)``, its output captured."""
     import torch.distributed as dist
 
-    if port is not None:
-        os.environ["MASTER_PORT"] = str(port)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         rc = main([str(a) for a in argv])
     return rc, err.getvalue(), dist.is_initialized()
 
 
-def _one_rank_fails(rank, world, ckpt, folder, captions, ports):
+def _one_rank_fails(rank, world, ckpt, folder, captions, store_file):
     """In the scripts' own process groups (made from RANK / WORLD_SIZE / MASTER_*, as under torchrun): an
     unreadable image in rank 1's share of a folder, then the checkpoint missing on rank 1's node; then, in a
     group the caller made, a retrieval that succeeds."""
@@ -89,11 +87,20 @@ def _one_rank_fails(rank, world, ckpt, folder, captions, ports):
 
     torch.set_num_threads(1)
     dist.destroy_process_group()  # the scripts make their own
+    store = dist.FileStore(str(store_file), world)
+
+    def new_port(name):  # picked by rank 0 just before it is bound (a port picked early can be taken meanwhile)
+        if rank == 0:
+            store.set(name, str(_free_port()))
+        os.environ["MASTER_PORT"] = store.get(name).decode()
+
     zs = ["--checkpoint", ckpt, "--data", folder, "--templates", "simple", "--batch-size", 1]
-    out = [_call(eval_zeroshot.main, zs, ports[0]),
-           _call(retrieval.main, ["--checkpoint", ckpt if rank == 0 else f"{ckpt}_not_on_this_node",
-                                  "--data", captions], ports[1])]
-    os.environ["MASTER_PORT"] = str(ports[2])
+    new_port("zero-shot")
+    out = [_call(eval_zeroshot.main, zs)]
+    new_port("retrieval")
+    out.append(_call(retrieval.main, ["--checkpoint", ckpt if rank == 0 else f"{ckpt}_not_on_this_node",
+                                      "--data", captions]))
+    new_port("caller")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     out.append(_call(retrieval.main, ["--checkpoint", ckpt, "--data", captions]))
     return out
@@ -108,15 +115,14 @@ def test_an_error_on_one_rank_stops_every_rank_and_scripts_destroy_only_their_ow
     exp, model = tiny_model()
     ckpt = save_checkpoint(model, exp, tmp_path / "run" / "step_00000001")
     folder = write_folder(tmp_path / "colors", ["red", "green"], per_class=2)
-    (folder / "red" / "img1.png").write_bytes(image_bytes(1)[:60])  # sample 1 of 4: rank 1's first
+    (folder / "red" / "img1.png").write_bytes(image_bytes(1)[:60])  # sample 3 of 0..3: rank 1's 2nd batch
     gallery = tmp_path / "gallery"
     gallery.mkdir()
     for i in range(3):
         (gallery / f"{i}.png").write_bytes(image_bytes(i))
     (gallery / "captions.tsv").write_text("".join(f"{i}.png\ta picture number {i}\n" for i in range(3)))
     (zs0, zs1), (ret0, ret1), (ok0, ok1) = zip(*run_ranks(
-        _one_rank_fails, 2, (ckpt, folder, gallery / "captions.tsv", [_free_port() for _ in range(3)]),
-        timeout=90))
+        _one_rank_fails, 2, (ckpt, folder, gallery / "captions.tsv", tmp_path / "ports"), timeout=90))
     assert zs0[0] == zs1[0] == 2 and ret0[0] == ret1[0] == 2
     bad = f"Cannot read the image {folder / 'red' / 'img1.png'}"
     assert f"rank 1 of 2: error: {bad}" in zs1[1]
