@@ -1,6 +1,7 @@
 """The evaluation scripts under a launcher with several ranks: mpirun / srun ranks are adopted with an explicit
-timeout, one rank's error stops every rank (exit 2, naming it), and a script destroys the process group it made
-and only that one."""
+timeout, one rank's error stops every rank (exit 2, naming it), a script destroys the process group it made and
+only that one, and the retrieval gallery is gathered on rank 0 alone (also tests/test_retrieval.py's two-rank
+token test)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def _call(main, argv):
 def _one_rank_fails(rank, world, ckpt, folder, captions, store_file):
     """In the scripts' own process groups (made from RANK / WORLD_SIZE / MASTER_*, as under torchrun): an
     unreadable image in rank 1's share of a folder, then the checkpoint missing on rank 1's node; then, in a
-    group the caller made, a retrieval that succeeds."""
+    group the caller made, a retrieval that succeeds (and what its gather gave each rank)."""
     import torch.distributed as dist
 
     import eval_zeroshot
@@ -102,7 +103,15 @@ def _one_rank_fails(rank, world, ckpt, folder, captions, store_file):
                                       "--data", captions]))
     new_port("caller")
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    out.append(_call(retrieval.main, ["--checkpoint", ckpt, "--data", captions]))
+    held, gather = [], retrieval.gather_embeddings
+
+    def recorded(*a, **k):
+        got = gather(*a, **k)
+        held.append(None if got is None else len(got[0]))
+        return got
+
+    retrieval.gather_embeddings = recorded  # in this spawned process only
+    out.append((*_call(retrieval.main, ["--checkpoint", ckpt, "--data", captions]), held))
     return out
 
 
@@ -132,3 +141,4 @@ def test_an_error_on_one_rank_stops_every_rank_and_scripts_destroy_only_their_ow
     assert not any(left for _, _, left in (zs0, zs1, ret0, ret1))  # the scripts' own groups: destroyed
     assert ok0[:1] == ok1[:1] == (0,), (ok0, ok1)
     assert ok0[2] and ok1[2]  # the caller's group: left to the caller
+    assert ok0[3] == [3] and ok1[3] == [None]  # the global embeddings gathered on rank 0 alone, which scores them

@@ -133,19 +133,30 @@ def test_token_embeddings_drop_only_padding(tmp_path):
 
 
 def _ranked_retrieval(rank, world, root, mask_padding):
+    """(metrics, the images of the gallery gathered on this rank: None = none) of a token-wise retrieval."""
     from declip_ds.data.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
     _, model = filip_model()
-    return retrieval.evaluate_retrieval(model, Tokenizer(context_length=16), root, image_size=32, batch_size=2,
-                                        rank=rank, world_size=world, group=torch.distributed.group.WORLD,
-                                        scoring="token", mask_padding=mask_padding)
+    held, gather = [], retrieval.gather_token_embeddings
+
+    def recorded(emb, group=None):
+        out = gather(emb, group)
+        held.append(None if out is None else len(out.image_tokens))
+        return out
+
+    retrieval.gather_token_embeddings = recorded  # in this spawned process only
+    metrics = retrieval.evaluate_retrieval(model, Tokenizer(context_length=16), root, image_size=32, batch_size=2,
+                                           rank=rank, world_size=world, group=torch.distributed.group.WORLD,
+                                           scoring="token", mask_padding=mask_padding)
+    return metrics, held
 
 
 @pytest.mark.dist
 def test_token_retrieval_on_two_ranks_equals_one_process(tmp_path):
-    """Each rank embeds its own shard (captions of different lengths), the token embeddings are gathered,
-    padded to the longest caption and masked: both ranks compute what one process does."""
+    """Each rank embeds its own shard (captions of different lengths), the token embeddings are gathered on
+    rank 0 alone (not on every rank: COCO's token gallery is GBs), padded to the longest caption and masked,
+    and scored there: both ranks return what one process computes."""
     from declip_ds.data.tokenizer import Tokenizer
 
     root = _shards(tmp_path / "s", n_images=7, per_shard=4)  # rank 0: 4 images, rank 1: 3
@@ -153,8 +164,9 @@ def test_token_retrieval_on_two_ranks_equals_one_process(tmp_path):
     one = retrieval.evaluate_retrieval(model, Tokenizer(context_length=16), root, image_size=32, batch_size=2,
                                        scoring="token")
     assert (one["n_images"], one["n_texts"]) == (7, 10)
-    ranks = run_ranks(_ranked_retrieval, 2, (root, True))
-    assert ranks[0] == pytest.approx(one) and ranks[1] == pytest.approx(one)
+    (m0, held0), (m1, held1) = run_ranks(_ranked_retrieval, 2, (root, True))
+    assert m0 == pytest.approx(one) and m1 == pytest.approx(one)
+    assert held0 == [7] and held1 == [None]
 
 
 def _counted_embedding(rank, world, root, scoring):

@@ -44,9 +44,9 @@ degenerate model (all embeddings equal) scores 0, not 1. Images without a captio
 
 Embeddings are computed in batches; under several ranks (torchrun, the deepspeed launcher, or mpirun / srun
 with MASTER_ADDR and MASTER_PORT exported) each rank embeds its own shards or file entries, the embeddings are
-gathered and every rank computes the same metrics. An error on one rank (an unreadable image, a path missing
-on its node) stops every rank with exit code 2, each naming the rank that failed; only rank 0 prints and writes
---out.
+gathered on rank 0 alone, which scores them (only rank 0 holds the whole gallery), and every rank gets its
+metrics. An error on one rank (an unreadable image, a path missing on its node) stops every rank with exit code
+2, each naming the rank that failed; only rank 0 prints and writes --out.
 """
 
 from __future__ import annotations
@@ -529,12 +529,23 @@ def embed_tokens(model, tokenizer, loader, *, mask_padding: bool = True, text_ba
     return TokenEmbeddings(image_tokens, text_tokens, text_mask, torch.tensor(owners, dtype=torch.long))
 
 
+def _gather_on_first(obj, group) -> list | None:
+    """Every rank's ``obj`` in rank order on the group's rank 0, None on the others (collective)."""
+    first = dist.get_rank(group) == 0
+    parts = [None] * dist.get_world_size(group) if first else None
+    dist.gather_object(obj, parts, dst=dist.get_global_rank(group, 0), group=group)
+    return parts
+
+
 def gather_embeddings(image_emb, text_emb, text_to_image, group=None):
-    """All ranks' embeddings concatenated in rank order, text owners offset to the global image index."""
+    """On the group's rank 0: all ranks' embeddings concatenated in rank order, text owners offset to the global
+    image index; on the other ranks None (only rank 0 scores: the gallery is held once, not on every rank).
+    Without a group (or in a world of one) the arguments themselves. Collective under a group."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return image_emb, text_emb, text_to_image
-    parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, (image_emb, text_emb, text_to_image), group=group)
+    parts = _gather_on_first((image_emb, text_emb, text_to_image), group)
+    if parts is None:
+        return None
     offset, owners = 0, []
     for img, _, own in parts:
         owners.append(own + offset)
@@ -542,13 +553,16 @@ def gather_embeddings(image_emb, text_emb, text_to_image, group=None):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat(owners)
 
 
-def gather_token_embeddings(emb: TokenEmbeddings, group=None) -> TokenEmbeddings:
-    """All ranks' token embeddings in rank order (caption lengths padded to the longest, masked), text
-    owners offset to the global image index."""
+def gather_token_embeddings(emb: TokenEmbeddings, group=None) -> TokenEmbeddings | None:
+    """On the group's rank 0: all ranks' token embeddings in rank order (caption lengths padded to the longest,
+    masked), text owners offset to the global image index; on the other ranks None (the token gallery, COCO 5k
+    up to a few GB, is held by rank 0 alone, which scores it). Without a group (or in a world of one) ``emb``
+    itself. Collective under a group."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return emb
-    parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, tuple(emb), group=group)
+    parts = _gather_on_first(tuple(emb), group)
+    if parts is None:
+        return None
     offset, owners = 0, []
     for img, _, _, own in parts:
         owners.append(own + offset)
@@ -557,6 +571,27 @@ def gather_token_embeddings(emb: TokenEmbeddings, group=None) -> TokenEmbeddings
     masked = emb.text_mask is not None
     text_tokens, text_mask = _cat_tokens([q[1] for q in parts], [q[2] for q in parts] if masked else None)
     return TokenEmbeddings(image_tokens, text_tokens, text_mask, torch.cat(owners))
+
+
+def _scored_on_first(gathered, score: Callable, data, group) -> dict:
+    """``score(gathered)`` where the gathered gallery is (rank 0 of ``group``; the only process without one),
+    its metrics on every rank (broadcast), or its error raised on every rank (``RankFailed`` on the others)."""
+    from declip_ds.train.dist import share_error
+
+    metrics, error = None, None
+    if gathered is not None:
+        try:
+            if len(gathered[0]) == 0:
+                raise ValueError(f"No captioned image in '{data}'; nothing to evaluate.")
+            metrics = score(gathered)
+        except Exception as e:  # noqa: BLE001 (the others wait for the metrics: raised on every rank)
+            error = e
+    share_error(error, group)
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        box = [metrics]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        metrics = box[0]
+    return metrics
 
 
 SCORINGS = ("global", "token")
@@ -571,7 +606,8 @@ def evaluate_retrieval(model, tokenizer, data, *, image_size: int = 224, normali
     ``images`` as read_captions_file); images through ``transform``, by default ``eval_transform(image_size,
     normalize, crop_ratio, interpolation)``. scoring: ``global`` cosine of the global embeddings, or ``token`` (FILIP's token-wise
     similarities, ``mask_padding`` as the method's): see the module docstring. Under ``group`` each rank embeds
-    its part, and an error in one rank's part is raised on every rank."""
+    its part, rank 0 gathers and scores the whole gallery, and every rank returns its metrics (an error on any
+    rank, or in rank 0's scoring, is raised on every rank)."""
     from declip_ds.data.transforms import eval_transform
 
     if scoring not in SCORINGS:
@@ -589,15 +625,11 @@ def evaluate_retrieval(model, tokenizer, data, *, image_size: int = 224, normali
     if scoring == "token":
         emb = gather_token_embeddings(embed_tokens(model, tokenizer, loader, mask_padding=mask_padding, group=group,
                                                    image_size=image_size), group)
-        if len(emb.image_tokens) == 0:
-            raise ValueError(f"No captioned image in '{data}'; nothing to evaluate.")
-        return token_retrieval_metrics(emb.image_tokens, emb.text_tokens, emb.text_to_image, emb.text_mask, ks=ks,
-                                       device=next(model.parameters()).device)
-    img, txt, owners = gather_embeddings(*embed(model, tokenizer, loader, group=group, image_size=image_size),
-                                         group=group)
-    if len(img) == 0:
-        raise ValueError(f"No captioned image in '{data}'; nothing to evaluate.")
-    return retrieval_metrics(img, txt, owners, ks=ks)
+        device = next(model.parameters()).device
+        return _scored_on_first(emb, lambda e: token_retrieval_metrics(
+            e.image_tokens, e.text_tokens, e.text_to_image, e.text_mask, ks=ks, device=device), data, group)
+    gathered = gather_embeddings(*embed(model, tokenizer, loader, group=group, image_size=image_size), group=group)
+    return _scored_on_first(gathered, lambda g: retrieval_metrics(*g, ks=ks), data, group)
 
 
 def main(argv=None) -> int:

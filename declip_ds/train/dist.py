@@ -253,7 +253,8 @@ def all_reduce_ints(values: list[int], op=dist.ReduceOp.SUM) -> list[int]:
 # ----------------------------------------------------------------------------- evaluation scripts
 
 # the evaluation scripts' process-group timeout: NCCL's default (10 minutes) is shorter than one rank can
-# spend alone, e.g. encoding a large gallery while the others have finished their part
+# spend alone, e.g. encoding a large gallery while the others have finished their part, or scoring the whole
+# gathered retrieval gallery on rank 0 while the others wait for its numbers
 EVAL_TIMEOUT_S = 3600
 
 

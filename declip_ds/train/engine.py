@@ -396,7 +396,7 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
 
 
 def evaluate_retrieval_sources(exp: Experiment, method, tok, group) -> dict:
-    """Recall@k of every ``eval.retrieval`` source (every rank embeds its part, all compute the same numbers),
+    """Recall@k of every ``eval.retrieval`` source (every rank embeds its part, rank 0 scores, all get the numbers),
     by the method's scoring; a source that vanished or holds no captioned image is skipped with a warning."""
     from declip_ds.eval.report import dataset_name
     from declip_ds.eval.retrieval import evaluate_retrieval, resolve_source
