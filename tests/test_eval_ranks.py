@@ -1,7 +1,7 @@
 """The evaluation scripts under a launcher with several ranks: mpirun / srun ranks are adopted with an explicit
 timeout, one rank's error stops every rank (exit 2, naming it), a script destroys the process group it made and
-only that one, and the retrieval gallery is gathered on rank 0 alone (also tests/test_retrieval.py's two-rank
-token test)."""
+only that one, the retrieval gallery is gathered on rank 0 alone (also tests/test_retrieval.py's two-rank token
+test), and the one-process scripts (linear probe, suite) run on rank 0 alone."""
 
 from __future__ import annotations
 
@@ -142,3 +142,26 @@ def test_an_error_on_one_rank_stops_every_rank_and_scripts_destroy_only_their_ow
     assert ok0[:1] == ok1[:1] == (0,), (ok0, ok1)
     assert ok0[2] and ok1[2]  # the caller's group: left to the caller
     assert ok0[3] == [3] and ok1[3] == [None]  # the global embeddings gathered on rank 0 alone, which scores them
+
+
+def test_linear_probe_and_suite_run_on_rank_0_alone(launch_env, tmp_path, capsys):
+    """Under a launcher every rank used to run the whole probe (all on GPU 0) and write the same --out and
+    cache files together: the other ranks now return at once, writing nothing; rank 0 runs it."""
+    from declip_ds.eval import linear_probe as lp
+    from declip_ds.eval import suite
+
+    runs = {lp.main: ["--train", tmp_path, "--test", tmp_path], suite.main: ["--data-root", tmp_path]}
+    for rank_vars in ({"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"}):
+        os.environ.update(rank_vars)
+        for main, argv in runs.items():
+            out = tmp_path / "out" / "x.json"
+            assert main([str(a) for a in ["--checkpoint", tmp_path / "missing", *argv, "--out", out]]) == 0
+            assert "runs in one process, rank 0, which alone writes the results; this rank exits" in \
+                capsys.readouterr().err
+            assert not (tmp_path / "out").exists()
+        for var in rank_vars:
+            del os.environ[var]
+    os.environ.update(RANK="0", WORLD_SIZE="2")
+    for main, argv in runs.items():  # rank 0 runs it (and fails here: no checkpoint)
+        assert main([str(a) for a in ["--checkpoint", tmp_path / "missing", *argv]]) == 2
+        assert "which alone writes the results." in capsys.readouterr().err

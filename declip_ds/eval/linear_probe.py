@@ -459,6 +459,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
 
+    from declip_ds.train.dist import one_process_only
+
+    if one_process_only("the linear probe"):  # under a launcher: rank 0 alone, so one writer of --out and the cache
+        return 0
     from declip_ds.eval.report import dataset_name, make_record, write_record
     from declip_ds.models.pretrained import load_for_eval
 

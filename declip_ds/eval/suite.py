@@ -271,6 +271,10 @@ def main(argv=None) -> int:
     if args.list:
         print(list_datasets())
         return 0
+    from declip_ds.train.dist import one_process_only
+
+    if one_process_only("the suite"):  # under a launcher: rank 0 alone, so one writer of --out and the cache
+        return 0
     missing = [f"--{a.replace('_', '-')}" for a in ("checkpoint", "data_root") if getattr(args, a) is None]
     if missing:
         print(f"error: {' and '.join(missing)} required (or --list).", file=sys.stderr)

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -47,6 +48,15 @@ def launcher_ranks() -> tuple[int, int, int | None, str] | None:
                 return int(env[rank_var]), int(env[size_var]), int(env[local_var]), size_var
             partial = partial or (int(env[rank_var]), int(env[size_var]), None, size_var)
     return partial
+
+
+def env_rank() -> tuple[int, int]:
+    """(rank, world size) announced by the launcher (RANK / WORLD_SIZE, else mpirun's or srun's own variables),
+    before any init; (0, 1) for a plain process."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    found = launcher_ranks()
+    return (found[0], found[1]) if found else (0, 1)
 
 
 def env_world_size() -> int:
@@ -339,6 +349,18 @@ def eval_ranks(*, timeout_s: int = EVAL_TIMEOUT_S):
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def one_process_only(what: str) -> bool:
+    """For a script that runs in one process (the linear probe, the suite): True on a launcher's rank other than
+    0, after saying so; such a rank returns at once, writing nothing, and rank 0 runs the work alone (several
+    copies would compute the same numbers, all on GPU 0, and write the same output files together)."""
+    rank_, world = env_rank()
+    if world > 1:
+        print(f"rank {rank_} of {world}: {what} runs in one process, rank 0, which alone writes the results"
+              + ("" if rank_ == 0 else "; this rank exits") + ". Launch one process (plain python) to leave the "
+              "other GPUs free.", file=sys.stderr, flush=True)
+    return rank_ != 0
 
 
 def init_eval_ranks(model, *, timeout_s: int = EVAL_TIMEOUT_S):
