@@ -69,14 +69,13 @@ def main(argv=None) -> int:
 
 
 def _leave_process_group() -> None:
-    """After a run that ended normally on every rank: wait for the others, then destroy the process group
-    (NCCL warns at exit otherwise, and a rank that exits with collectives still in flight can hold the
-    others up). Not after an error: another rank may still be inside a collective."""
+    """After a run that ended normally here: destroy the process group, which lets this rank's last
+    collectives finish (NCCL warns at exit otherwise). No barrier: a rank that failed after the last
+    collective (rank 0 alone writes the final evaluation's files) would keep the others waiting in it for the
+    process-group timeout. Not after an error: another rank may still be inside a collective."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import sys
 from datetime import timedelta
 
 import pytest
@@ -45,8 +47,9 @@ def test_eval_scripts_join_an_srun_or_mpirun_launch_with_an_explicit_timeout(lau
     names = {"srun": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
              "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")}[launcher]
     launch_env.update(dict(zip(names, ("1", "2", "1"))))
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # not installed (with it, rank 0's address comes through MPI)
     with pytest.raises(ConfigError, match=f"launched as 2 processes \\({names[1]}=2.*MASTER_ADDR"):
-        D.init_eval_ranks(torch.nn.Linear(1, 1))  # mpirun too: the scripts have no mpi4py discovery
+        D.init_eval_ranks(torch.nn.Linear(1, 1))
     for main in (eval_zeroshot.main, retrieval.main):
         assert main(["--checkpoint", "nowhere", "--data", "nowhere"]) == 2
         assert "launched as 2 processes" in capsys.readouterr().err
@@ -165,3 +168,56 @@ def test_linear_probe_and_suite_run_on_rank_0_alone(launch_env, tmp_path, capsys
     for main, argv in runs.items():  # rank 0 runs it (and fails here: no checkpoint)
         assert main([str(a) for a in ["--checkpoint", tmp_path / "missing", *argv]]) == 2
         assert "which alone writes the results." in capsys.readouterr().err
+
+
+def _trainer_eval_sources(rank, world, tmp):
+    """engine.evaluate (the trainer's in-training evaluation) on this rank, model and scoring stubbed: zero-shot
+    task 'a' has classnames.txt on rank 0 only (a node-local copy), retrieval source 'r1' resolves on rank 0
+    only, and scoring 'r2' runs out of memory on rank 0 alone (rank 0 scores the gathered gallery). Returns
+    what this rank evaluated, then one more collective proves the ranks are still paired."""
+    import types
+    from pathlib import Path
+
+    from declip_ds.config import from_dict
+    from declip_ds.eval import retrieval, zero_shot
+    from declip_ds.train import dist as D
+    from declip_ds.train import engine
+
+    root = Path(tmp) / f"eval{rank}"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir(parents=True)
+    (root / "b" / "classnames.txt").write_text("x\ny\n")
+    if rank == 0:
+        (root / "a" / "classnames.txt").write_text("x\ny\n")
+
+    def resolve(path):
+        if path == "r1" and rank == 1:
+            raise FileNotFoundError("r1: no such file on this node")
+        return types.SimpleNamespace(name=path)
+
+    def score(model, tok, source, *, group=None, **kw):
+        D.share_error(MemoryError("CUDA out of memory (scoring)") if source.name == "r2" and rank == 0 else None, group)
+        return {"mean_recall": 0.5, "n_images": 1, "n_texts": 1}
+
+    def task(model, tok, task_dir, *, group=None, **kw):
+        D.share_error(None, group)  # the real one's collectives
+        return {"acc1": 1.0, "mean_per_class_recall": 1.0, "n": 2}
+
+    zero_shot.evaluate_task_dir, retrieval.resolve_source, retrieval.evaluate_retrieval = task, resolve, score
+    exp = from_dict({"eval": {"retrieval": ["r1", "r2", "r3"], "tasks": ["a", "b"], "data_root": str(root)}})
+    model = torch.nn.Linear(1, 1)
+    method = types.SimpleNamespace(model=model, cfg=None, tokenizer=lambda: None, eval=lambda: None, train=lambda: None)
+    logger = types.SimpleNamespace(scalars=lambda *a, **k: None)
+    results = engine.evaluate(exp, method, 1, logger, root)
+    done = sorted(sorted(json.loads(f.read_text())["results"]) for f in (root / "eval").glob("*.json")) if rank == 0 else None
+    return sorted(results), done, D.all_reduce_int(7)
+
+
+@pytest.mark.dist
+def test_the_trainers_evaluation_skips_a_source_on_every_rank_or_on_none(tmp_path):
+    """A task or retrieval source that fails on one rank only is skipped on every rank: the ranks took different
+    ways on (one skipped, the other went into the task's collectives; or the rank whose scoring ran out of memory
+    stopped while the other trained on) and their collectives paired wrongly."""
+    (r0, done, n0), (r1, _, n1) = run_ranks(_trainer_eval_sources, 2, (str(tmp_path),))
+    assert r0 == r1 == ["b"] and n0 == n1 == 14
+    assert done == sorted([["b"], ["r3"]]), done

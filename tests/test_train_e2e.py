@@ -253,7 +253,7 @@ def test_the_cli_leaves_the_process_group_after_a_normal_end_only(monkeypatch, t
     monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
     monkeypatch.setattr(engine, "train", lambda exp, **kw: {"preempted": False})
     assert train.main(["--config", str(ROOT / "experiments" / "demo_shapes.yaml")]) == 0
-    assert calls == ["barrier", "destroy"]
+    assert calls == ["destroy"]  # no barrier: a rank that failed after the last collective would hold the others
 
     def bad(exp, **kw):
         raise BadStepsError("3 bad steps in a row")

@@ -409,12 +409,19 @@ def _clear_launch_env(monkeypatch):
         monkeypatch.delenv(var)
 
 
-def _mpi4py(monkeypatch, present: bool):
-    import importlib.util
+def _mpi4py(monkeypatch, present: bool, size: int = 8, rank: int = 5, rank0_sends=("node0", "29611")):
+    """mpi4py not installed, or a stand-in whose COMM_WORLD has ``size`` ranks, this one ``rank``; its bcast
+    gives rank 0 its own value and the others ``rank0_sends``."""
+    import types
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (object() if present else None) if name == "mpi4py" else real(name, *a))
+    if not present:
+        monkeypatch.setitem(sys.modules, "mpi4py", None)
+        return
+    comm = types.SimpleNamespace(Get_size=lambda: size, Get_rank=lambda: rank,
+                                 bcast=lambda value, root=0: value if rank == 0 else rank0_sends)
+    module = types.ModuleType("mpi4py")
+    module.MPI = types.SimpleNamespace(COMM_WORLD=comm)
+    monkeypatch.setitem(sys.modules, "mpi4py", module)
 
 
 @pytest.mark.parametrize("launcher", ["openmpi", "mvapich", "hydra", "srun"])
@@ -443,11 +450,12 @@ def test_mpirun_and_srun_ranks_are_adopted(monkeypatch, launcher):
     monkeypatch.setenv("MASTER_PORT", "29500")
     assert D.adopt_launcher_env() == 8
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
-    if launcher != "srun":
+    if launcher != "srun":  # with mpi4py: rank 0's address and port, whatever this rank's environment says
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             monkeypatch.delenv(var)
         _mpi4py(monkeypatch, True)
-        assert D.adopt_launcher_env() == 8 and "RANK" not in os.environ  # DeepSpeed's mpi_discovery decides
+        assert D.adopt_launcher_env() == 8
+        assert [os.environ[v] for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")] == ["5", "1", "node0", "29611"]
 
 
 def test_srun_with_the_pmi2_plugin_keeps_slurms_local_rank(monkeypatch):
@@ -503,37 +511,35 @@ def test_local_rank_indexes_the_gpus_the_process_sees(monkeypatch):
         D.adopt_launcher_env()
 
 
-def test_a_world_smaller_than_the_launch_is_refused(monkeypatch):
-    """mpirun of 8 with an mpi4py built for another MPI: each process sees an MPI world of one, DeepSpeed's
-    discovery makes each a world of one, and all 8 would train as rank 0 in one output_dir."""
+def test_mpirun_with_mpi4py_meets_at_rank_0s_address(monkeypatch):
+    """Under mpirun, remote ranks get only what -x forwards: rank 0's MASTER_ADDR / MASTER_PORT (or its own address
+    and 29500) reach every rank through MPI before any process group. An mpi4py built for another MPI (each
+    process alone in its MPI world) is refused before the ranks would each bind the same port, as is one that
+    does not load."""
     from declip_ds.config import ConfigError
     from declip_ds.train import dist as D
 
     _clear_launch_env(monkeypatch)
-    _mpi4py(monkeypatch, True)
-    for var, value in zip(D.LAUNCHER_VARS[0], ("5", "8", "1")):
+    for var, value in zip(D.LAUNCHER_VARS[0], ("0", "8", "0")):
         monkeypatch.setenv(var, value)
-    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)  # as after DeepSpeed's discovery
-    monkeypatch.setattr(D.dist, "get_world_size", lambda group=None: 1)
-    with pytest.raises(ConfigError, match="started 8 processes, but they formed a world of 1.*mpi4py"):
-        D.init_distributed()
+    _mpi4py(monkeypatch, True, rank=0)
+    monkeypatch.setattr(D, "_own_address", lambda: "10.1.2.3")
+    assert D.adopt_launcher_env() == 8
+    assert (os.environ["RANK"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("0", "10.1.2.3", "29500")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var)
+    _mpi4py(monkeypatch, True, size=1, rank=0)
+    with pytest.raises(ConfigError, match="as 8 processes.*mpi4py sees an MPI world of 1.*another MPI library"):
+        D.adopt_launcher_env()
+    assert "RANK" not in os.environ
 
+    class Broken:
+        def __getattr__(self, name):
+            raise RuntimeError("libmpi.so.40: cannot open shared object file")
 
-def test_a_plain_process_is_a_world_of_one_even_in_a_slurm_batch_script(monkeypatch):
-    """`python train.py` inside an sbatch script of 8 tasks (SLURM_PROCID and SLURM_NTASKS set, no job step) is
-    one process: a world of one on loopback, not a rank waiting for 7 others."""
-    from declip_ds.train import dist as D
-
-    _clear_launch_env(monkeypatch)
-    monkeypatch.setenv("SLURM_PROCID", "0")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    assert D.env_world_size() == 1
-    D.adopt_launcher_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
-    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun / the deepspeed launcher: RANK and WORLD_SIZE win
-    monkeypatch.setenv("RANK", "1")
-    D.adopt_launcher_env()
-    assert D.env_world_size() == 2 and os.environ["RANK"] == "1"
+    monkeypatch.setitem(sys.modules, "mpi4py", Broken())
+    with pytest.raises(ConfigError, match="mpi4py does not load.*libmpi.*uninstall it and export MASTER_ADDR"):
+        D.adopt_launcher_env()
 
 
 def test_the_process_group_outlasts_the_data_timeout():

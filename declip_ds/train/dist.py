@@ -82,18 +82,51 @@ def _nodes() -> int | None:
     return None
 
 
+def _own_address() -> str:
+    """This host's first address (``hostname -I``, as DeepSpeed's MPI discovery takes it), else its name's."""
+    import subprocess
+
+    try:
+        return subprocess.check_output(["hostname", "-I"], text=True, timeout=10).split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return socket.gethostbyname(socket.getfqdn())
+
+
+def _mpi_rendezvous(world: int, var: str) -> None:
+    """Under mpirun with mpi4py: MASTER_ADDR / MASTER_PORT from rank 0 to every rank (rank 0's own when set, else
+    its address and 29500), before any process group; nothing when mpi4py is not installed. An mpi4py whose MPI
+    world is not the launcher's (built for another MPI: every process alone) is refused here, before the ranks
+    bind one port each and fail on each other."""
+    from declip_ds.config import ConfigError
+
+    try:
+        from mpi4py import MPI
+    except ModuleNotFoundError:
+        return
+    except Exception as e:  # noqa: BLE001 (an install that cannot load its MPI library)
+        raise ConfigError(f"launched by mpirun ({var}={world}), but mpi4py does not load ({type(e).__name__}: {e}): "
+                          f"repair it (pip install --no-binary mpi4py mpi4py, against this MPI) or uninstall it and "
+                          f"export MASTER_ADDR / MASTER_PORT to every rank (mpirun -x).") from None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != world:
+        raise ConfigError(f"launched by mpirun as {world} processes ({var}={world}), but mpi4py sees an MPI world of "
+                          f"{comm.Get_size()}: it was built for another MPI library. Rebuild it for this one (pip "
+                          f"install --no-binary mpi4py mpi4py) or uninstall it and export MASTER_ADDR / MASTER_PORT "
+                          f"to every rank (mpirun -x).")
+    env = os.environ
+    mine = (env.get("MASTER_ADDR") or _own_address(), env.get("MASTER_PORT") or "29500") if comm.Get_rank() == 0 else None
+    env["MASTER_ADDR"], env["MASTER_PORT"] = comm.bcast(mine, root=0)
+
+
 def adopt_launcher_env(*, mpi4py: bool = True) -> int | None:
-    """Before DeepSpeed's init: RANK / WORLD_SIZE / LOCAL_RANK from the launcher. torchrun and the deepspeed
-    launcher export them; mpirun and srun export their own (``LAUNCHER_VARS``), which are copied (every process
-    would otherwise become a world of one, all on GPU 0, in one output_dir); a plain ``python train.py`` is a
-    world of one on loopback. The rendezvous address comes from MASTER_ADDR / MASTER_PORT; under mpirun with
-    mpi4py installed, every rank leaves it to DeepSpeed's discovery through MPI (rank 0's address, port
-    29500) whatever its own environment holds (mpirun gives remote ranks only what ``-x`` forwards, so ranks
-    deciding by their own MASTER_ADDR would take different paths and hang). Returns the launcher's world size
-    when its variables were adopted or left to the MPI discovery (``init_distributed`` checks the world that
-    forms against it), else None. ``mpi4py=False``: for a caller that initialises torch.distributed itself
-    (the evaluation scripts), which has no such discovery: MASTER_ADDR / MASTER_PORT are then required under
-    mpirun too."""
+    """Before torch.distributed's init: RANK / WORLD_SIZE / LOCAL_RANK from the launcher. torchrun and the
+    deepspeed launcher export them; mpirun and srun export their own (``LAUNCHER_VARS``), which are copied (every
+    process would otherwise become a world of one, all on GPU 0, in one output_dir); a plain ``python train.py``
+    is a world of one on loopback. The rendezvous address comes from MASTER_ADDR / MASTER_PORT; under mpirun with
+    mpi4py installed (``mpi4py=True``), from rank 0 through MPI (``_mpi_rendezvous``: rank 0's MASTER_ADDR /
+    MASTER_PORT when it has them, else its address and port 29500), the same on every rank whatever its own
+    environment holds (mpirun gives remote ranks only what ``-x`` forwards). Returns the launcher's world size
+    when its variables were adopted, else None."""
     from declip_ds.config import ConfigError
 
     env = os.environ
@@ -107,10 +140,7 @@ def adopt_launcher_env(*, mpi4py: bool = True) -> int | None:
     rank_, world, local, var = found
     mpi = not var.startswith("SLURM")
     if mpi and mpi4py:
-        import importlib.util
-
-        if importlib.util.find_spec("mpi4py") is not None:
-            return world  # DeepSpeed's init discovers ranks, local ranks and the address through mpi4py
+        _mpi_rendezvous(world, var)
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in env]
     if missing:
         raise ConfigError(
@@ -118,7 +148,7 @@ def adopt_launcher_env(*, mpi4py: bool = True) -> int | None:
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, so the ranks cannot find each "
             f"other. Export MASTER_ADDR and MASTER_PORT for every rank (e.g. MASTER_ADDR=<the first node's "
             f"hostname> MASTER_PORT=29500{'; mpirun forwards them with -x' if mpi else ''})"
-            f"{', or pip install mpi4py (matching your MPI)' if mpi and mpi4py else ''}, or launch with torchrun or the "
+            f"{', or pip install mpi4py (built for your MPI)' if mpi and mpi4py else ''}, or launch with torchrun or the "
             f"deepspeed launcher's default (pdsh) runner.")
     if env["MASTER_ADDR"] in LOOPBACK and (_nodes() or 1) > 1:
         raise ConfigError(f"MASTER_ADDR={env['MASTER_ADDR']} is a loopback address, but the {world} processes span "
@@ -153,7 +183,7 @@ def process_group_timeout_s(data_timeout_minutes: float) -> int:
 def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed; a lone process becomes a world of one."""
     use_cpu_accelerator_if_no_gpu()
-    expected = adopt_launcher_env()
+    adopt_launcher_env()
     import deepspeed
 
     if not dist.is_initialized():
@@ -161,14 +191,6 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
             _init_on_a_fresh_prefix(timedelta(seconds=timeout_s))  # torchrun: see there
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))  # joins an existing default group
         _release_shm_buffer()
-    if expected is not None and dist.get_world_size() != expected:
-        from declip_ds.config import ConfigError
-
-        raise ConfigError(
-            f"the launcher started {expected} processes, but they formed a world of {dist.get_world_size()}: under "
-            f"mpirun, DeepSpeed's discovery through mpi4py saw another MPI than the one that launched (mpi4py built "
-            f"against a different MPI library); rebuild mpi4py for this MPI (pip install --no-binary mpi4py "
-            f"mpi4py), or uninstall it and export MASTER_ADDR / MASTER_PORT to every rank (mpirun -x).")
     if torch.cuda.is_available():  # modulo: a launcher that gives each process one visible GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return dist.get_rank(), dist.get_world_size()
@@ -277,6 +299,19 @@ def _group_world(group) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 
 
+def _mark_shared(error: BaseException) -> None:
+    try:
+        error.shared_by_every_rank = True  # read by was_shared
+    except AttributeError:  # an exception type without a __dict__
+        pass
+
+
+def was_shared(error: BaseException) -> bool:
+    """Whether every rank of the group raised with ``error`` (``share_error``: this rank's own error after the
+    collective, or ``RankFailed`` for another rank's), so that every rank can take the same way on from it."""
+    return isinstance(error, RankFailed) or getattr(error, "shared_by_every_rank", False)
+
+
 def share_error(error: BaseException | None, group=None, *, values=(), op=dist.ReduceOp.SUM,
                 tensor_device=None) -> list[int]:
     """Collective over ``group`` (None: this process alone): all-reduce the integers ``values`` (``op`` SUM or MAX)
@@ -286,6 +321,8 @@ def share_error(error: BaseException | None, group=None, *, values=(), op=dist.R
     same point, the failed one included: catch the error, then call this instead of the next collective.
     ``tensor_device``: where the flags live (default: this rank's GPU, else the CPU)."""
     world = _group_world(group)
+    if error is not None:
+        _mark_shared(error)
     if world == 1:
         if error is not None:
             raise error
@@ -328,7 +365,7 @@ def join_eval_ranks(*, timeout_s: int = EVAL_TIMEOUT_S) -> tuple[int, int, objec
     call made the group, and its caller destroys it (``eval_ranks`` does)."""
     created = False
     if not dist.is_initialized() and env_world_size() > 1:
-        adopt_launcher_env(mpi4py=False)  # raises a ConfigError (a ValueError) naming what to export
+        adopt_launcher_env()  # raises a ConfigError (a ValueError) naming what to export
         created = True
     if torch.cuda.is_available():  # before the init: NCCL's communicators and gather_object use this device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())

@@ -355,8 +355,11 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
     try:
         for task in exp.eval.tasks:
             task_dir = root / task
-            if not (task_dir / "classnames.txt").is_file():
-                log.warning("zero-shot task '%s' skipped: %s/classnames.txt not found", task, task_dir)
+            seen = D.all_reduce_int(int((task_dir / "classnames.txt").is_file()))  # collective: skip on all or none
+            if seen < D.world_size():
+                log.warning("zero-shot task '%s' skipped: %s/classnames.txt not found%s", task, task_dir,
+                            f" on {D.world_size() - seen} of {D.world_size()} ranks (every rank must see the same "
+                            f"eval data: eval.data_root on a shared filesystem)" if seen else "")
                 continue
             try:
                 results[task] = evaluate_task_dir(
@@ -404,7 +407,8 @@ def evaluate_retrieval_sources(exp: Experiment, method, tok, group) -> dict:
     out = {}
     for path in exp.eval.retrieval:
         try:
-            source = resolve_source(path)
+            with D.errors_shared(group):  # a source missing on one rank only: skipped on every rank
+                source = resolve_source(path)
             name = source.name or dataset_name(path)
             out[name] = evaluate_retrieval(
                 method.model, tok, source, image_size=exp.model.vision.image_size, normalize=exp.data.normalize,
@@ -412,8 +416,12 @@ def evaluate_retrieval_sources(exp: Experiment, method, tok, group) -> dict:
                 rank=D.rank(), world_size=D.world_size(), group=group,
                 scoring=getattr(method.cfg, "zero_shot_scoring", "global"),
                 mask_padding=getattr(method.cfg, "mask_padding", True))
-        except (FileNotFoundError, ValueError) as e:  # the same on every rank (shared files): the run goes on
-            log.warning("retrieval on '%s' skipped: %s", path, e)
+        except Exception as e:  # noqa: BLE001 (only what every rank raised is skipped: the ranks must go on alike)
+            # shared by share_error (one rank's unreadable image or out-of-memory while scoring: its own error
+            # there, RankFailed on the others), or a missing / empty source, the same on every rank
+            if not (D.was_shared(e) or isinstance(e, (FileNotFoundError, ValueError))):
+                raise
+            log.warning("retrieval on '%s' skipped: %s: %s", path, type(e).__name__, e)
     return out
 
 
