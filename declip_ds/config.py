@@ -121,6 +121,8 @@ class DataConfig:
     # to (not equal to) a full decode + resize. false: decode in full, as the reference code does (shards
     # already resized to the training size, e.g. prepare --resize-shorter 256, are never drafted anyway)
     jpeg_draft: bool = True
+    # batches in page-locked host memory (a DataLoader thread), so the copies to the GPU overlap compute; CUDA only
+    pin_memory: bool = True
     normalize: str = "imagenet"  # imagenet | openai
     rrc_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     synthetic_root: str = "data/shapes"  # where the demo shards live (train/ and eval/)

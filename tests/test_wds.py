@@ -741,6 +741,25 @@ def test_training_jpeg_draft_can_be_switched_off(tmp_path, jpeg_draft):
     assert (built.dataset.draft_size is not None) == jpeg_draft
 
 
+def test_training_batches_are_pinned_on_cuda_only(tmp_path, monkeypatch):
+    """data.pin_memory (default true): the trainer's loader pins its batches (page-locked, so the copies to the GPU
+    overlap compute) where CUDA is, never on a CPU machine (DataLoader would warn) or when switched off."""
+    from declip_ds.config import from_dict
+    from declip_ds.registry import get_method
+    from declip_ds.train import engine
+
+    _write_tar(tmp_path / "00000.tar", [("a.jpg", _jpeg(1)), ("a.txt", b"a picture")])
+    seen = []
+    real = wds.build_train_loader
+    monkeypatch.setattr(wds, "build_train_loader", lambda *a, **k: seen.append(k["pin_memory"]) or real(*a, **k))
+    for cuda in (False, True):
+        monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: cuda)
+        for pin in (True, False):
+            exp = from_dict({"data": {"pin_memory": pin, "workers": 0, "num_samples": 1}, "train": {"batch_size": 1}})
+            engine.build_loader(exp, get_method("clip")(exp), [[str(tmp_path / "00000.tar")]], epoch=0)
+    assert seen == [False, False, True, False]
+
+
 # ----------------------------------------------------------------------------- eval
 
 

@@ -103,6 +103,7 @@ def build_loader(exp: Experiment, method, sources, epoch: int, start_batch: int 
         weights=d.train_weights or None, strict=d.strict, epoch=epoch, num_samples=num_samples,
         drop_last=True, start_batch=start_batch, cursors=cursors if start_batch else None,
         last_stream=last_stream if start_batch else None, jpeg_draft=d.jpeg_draft,
+        pin_memory=d.pin_memory and torch.cuda.is_available(),
     )
 
 
