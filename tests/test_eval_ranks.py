@@ -210,14 +210,26 @@ def _trainer_eval_sources(rank, world, tmp):
     logger = types.SimpleNamespace(scalars=lambda *a, **k: None)
     results = engine.evaluate(exp, method, 1, logger, root)
     done = sorted(sorted(json.loads(f.read_text())["results"]) for f in (root / "eval").glob("*.json")) if rank == 0 else None
-    return sorted(results), done, D.all_reduce_int(7)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    logger.scalars = disk_full  # rank 0 alone writes: its failure must reach rank 1, which would train on
+    try:
+        engine.evaluate(exp, method, 2, logger, root)
+        failed = None
+    except Exception as e:  # noqa: BLE001
+        failed = type(e).__name__
+    return sorted(results), done, failed, D.all_reduce_int(7)
 
 
 @pytest.mark.dist
 def test_the_trainers_evaluation_skips_a_source_on_every_rank_or_on_none(tmp_path):
     """A task or retrieval source that fails on one rank only is skipped on every rank: the ranks took different
     ways on (one skipped, the other went into the task's collectives; or the rank whose scoring ran out of memory
-    stopped while the other trained on) and their collectives paired wrongly."""
-    (r0, done, n0), (r1, _, n1) = run_ranks(_trainer_eval_sources, 2, (str(tmp_path),))
+    stopped while the other trained on) and their collectives paired wrongly. Rank 0's records failing to be
+    written stops every rank."""
+    (r0, done, failed0, n0), (r1, _, failed1, n1) = run_ranks(_trainer_eval_sources, 2, (str(tmp_path),))
     assert r0 == r1 == ["b"] and n0 == n1 == 14
     assert done == sorted([["b"], ["r3"]]), done
+    assert (failed0, failed1) == ("OSError", "RankFailed")  # rank 0's records cannot be written: both stop

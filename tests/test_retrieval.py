@@ -146,10 +146,24 @@ def _ranked_retrieval(rank, world, root, mask_padding):
         return out
 
     retrieval.gather_token_embeddings = recorded  # in this spawned process only
-    metrics = retrieval.evaluate_retrieval(model, Tokenizer(context_length=16), root, image_size=32, batch_size=2,
-                                           rank=rank, world_size=world, group=torch.distributed.group.WORLD,
-                                           scoring="token", mask_padding=mask_padding)
-    return metrics, held
+    run = lambda: retrieval.evaluate_retrieval(  # noqa: E731
+        model, Tokenizer(context_length=16), root, image_size=32, batch_size=2, rank=rank, world_size=world,
+        group=torch.distributed.group.WORLD, scoring="token", mask_padding=mask_padding)
+    metrics = run()
+
+    def out_of_memory(emb, group=None):  # rank 0's concatenation of the gathered parts (its memory peak) fails
+        out = gather(emb, group)
+        if out is not None:
+            raise MemoryError("concatenating the gathered gallery")
+        return out
+
+    retrieval.gather_token_embeddings = out_of_memory
+    try:
+        run()
+        failed = None
+    except Exception as e:  # noqa: BLE001
+        failed = type(e).__name__
+    return metrics, held, failed
 
 
 @pytest.mark.dist
@@ -164,9 +178,11 @@ def test_token_retrieval_on_two_ranks_equals_one_process(tmp_path):
     one = retrieval.evaluate_retrieval(model, Tokenizer(context_length=16), root, image_size=32, batch_size=2,
                                        scoring="token")
     assert (one["n_images"], one["n_texts"]) == (7, 10)
-    (m0, held0), (m1, held1) = run_ranks(_ranked_retrieval, 2, (root, True))
+    (m0, held0, failed0), (m1, held1, failed1) = run_ranks(_ranked_retrieval, 2, (root, True))
     assert m0 == pytest.approx(one) and m1 == pytest.approx(one)
     assert held0 == [7] and held1 == [None]
+    # rank 0 alone runs out of memory concatenating the gathered gallery: every rank raises (rank 1 used to wait)
+    assert (failed0, failed1) == ("MemoryError", "RankFailed")
 
 
 def _counted_embedding(rank, world, root, scoring):

@@ -417,11 +417,13 @@ def _mpi4py(monkeypatch, present: bool, size: int = 8, rank: int = 5, rank0_send
     if not present:
         monkeypatch.setitem(sys.modules, "mpi4py", None)
         return
+    calls = []
     comm = types.SimpleNamespace(Get_size=lambda: size, Get_rank=lambda: rank,
-                                 bcast=lambda value, root=0: value if rank == 0 else rank0_sends)
+                                 bcast=lambda value, root=0: calls.append("bcast") or (value if rank == 0 else rank0_sends))
     module = types.ModuleType("mpi4py")
-    module.MPI = types.SimpleNamespace(COMM_WORLD=comm)
+    module.MPI = types.SimpleNamespace(COMM_WORLD=comm, Finalize=lambda: calls.append("finalize"))
     monkeypatch.setitem(sys.modules, "mpi4py", module)
+    return calls
 
 
 @pytest.mark.parametrize("launcher", ["openmpi", "mvapich", "hydra", "srun"])
@@ -509,6 +511,10 @@ def test_local_rank_indexes_the_gpus_the_process_sees(monkeypatch):
         monkeypatch.setenv(var, value)
     with pytest.raises(ConfigError, match="MASTER_ADDR=127.0.0.1 is a loopback address.*several nodes"):
         D.adopt_launcher_env()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.1.1")  # Debian's /etc/hosts entry for the host's own name
+    with pytest.raises(ConfigError, match="is a loopback address"):
+        D.adopt_launcher_env()
+    assert not D._is_loopback("node1") and not D._is_loopback("10.0.0.1") and D._is_loopback("::1")
 
 
 def test_mpirun_with_mpi4py_meets_at_rank_0s_address(monkeypatch):
@@ -522,12 +528,23 @@ def test_mpirun_with_mpi4py_meets_at_rank_0s_address(monkeypatch):
     _clear_launch_env(monkeypatch)
     for var, value in zip(D.LAUNCHER_VARS[0], ("0", "8", "0")):
         monkeypatch.setenv(var, value)
-    _mpi4py(monkeypatch, True, rank=0)
+    calls = _mpi4py(monkeypatch, True, rank=0)
     monkeypatch.setattr(D, "_own_address", lambda: "10.1.2.3")
     assert D.adopt_launcher_env() == 8
     assert (os.environ["RANK"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("0", "10.1.2.3", "29500")
+    # MPI is finalised right after: left to mpi4py's exit handler, a rank exiting on an error would wait there
+    assert calls == ["bcast", "finalize"]
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var)
+
+    def unresolvable():
+        raise OSError("[Errno -2] Name or service not known")
+
+    calls = _mpi4py(monkeypatch, True, rank=0)  # rank 0 cannot tell its address: still sent, so no rank hangs
+    monkeypatch.setattr(D, "_own_address", unresolvable)
+    with pytest.raises(ConfigError, match="rank 0 cannot tell its own address.*export MASTER_ADDR"):
+        D.adopt_launcher_env()
+    assert calls == ["bcast", "finalize"] and "RANK" not in os.environ
     _mpi4py(monkeypatch, True, size=1, rank=0)
     with pytest.raises(ConfigError, match="as 8 processes.*mpi4py sees an MPI world of 1.*another MPI library"):
         D.adopt_launcher_env()

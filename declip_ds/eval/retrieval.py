@@ -573,13 +573,34 @@ def gather_token_embeddings(emb: TokenEmbeddings, group=None) -> TokenEmbeddings
     return TokenEmbeddings(image_tokens, text_tokens, text_mask, torch.cat(owners))
 
 
-def _scored_on_first(gathered, score: Callable, data, group) -> dict:
+def _gathered(embed: Callable, gather: Callable, group):
+    """(``gather(embed())``, None) or (None, the error): the gallery gathered on rank 0 of ``group``. An error
+    while this rank embeds its part (a local concatenation out of memory; the loop's own errors are already
+    shared) is shared before the gather, so that no rank waits in it alone; one in rank 0's concatenation of
+    the gathered parts (its memory peak) is returned, for ``_scored_on_first`` to share."""
+    from declip_ds.train.dist import share_error, was_shared
+
+    try:
+        part = embed()
+    except Exception as e:  # noqa: BLE001 (shared below, or already raised on every rank)
+        if was_shared(e):
+            raise
+        share_error(e, group)
+    share_error(None, group)  # every rank has its part: the gather starts together
+    try:
+        return gather(part), None
+    except Exception as e:  # noqa: BLE001 (after the collective: rank 0 alone concatenates)
+        return None, e
+
+
+def _scored_on_first(gathered, score: Callable, data, group, error: BaseException | None = None) -> dict:
     """``score(gathered)`` where the gathered gallery is (rank 0 of ``group``; the only process without one),
-    its metrics on every rank (broadcast), or its error raised on every rank (``RankFailed`` on the others)."""
+    its metrics on every rank (broadcast), or its error (or ``error``, from gathering) raised on every rank
+    (``RankFailed`` on the others)."""
     from declip_ds.train.dist import share_error
 
-    metrics, error = None, None
-    if gathered is not None:
+    metrics = None
+    if gathered is not None and error is None:
         try:
             if len(gathered[0]) == 0:
                 raise ValueError(f"No captioned image in '{data}'; nothing to evaluate.")
@@ -623,13 +644,15 @@ def evaluate_retrieval(model, tokenizer, data, *, image_size: int = 224, normali
         loader = build_loader(data, transform, batch_size, rank=rank, world_size=world_size, workers=workers,
                               split=split, images=images)
     if scoring == "token":
-        emb = gather_token_embeddings(embed_tokens(model, tokenizer, loader, mask_padding=mask_padding, group=group,
-                                                   image_size=image_size), group)
+        emb, error = _gathered(lambda: embed_tokens(model, tokenizer, loader, mask_padding=mask_padding, group=group,
+                                                    image_size=image_size),
+                               lambda part: gather_token_embeddings(part, group), group)
         device = next(model.parameters()).device
         return _scored_on_first(emb, lambda e: token_retrieval_metrics(
-            e.image_tokens, e.text_tokens, e.text_to_image, e.text_mask, ks=ks, device=device), data, group)
-    gathered = gather_embeddings(*embed(model, tokenizer, loader, group=group, image_size=image_size), group=group)
-    return _scored_on_first(gathered, lambda g: retrieval_metrics(*g, ks=ks), data, group)
+            e.image_tokens, e.text_tokens, e.text_to_image, e.text_mask, ks=ks, device=device), data, group, error)
+    gathered, error = _gathered(lambda: embed(model, tokenizer, loader, group=group, image_size=image_size),
+                                lambda part: gather_embeddings(*part, group=group), group)
+    return _scored_on_first(gathered, lambda g: retrieval_metrics(*g, ks=ks), data, group, error)
 
 
 def main(argv=None) -> int:

@@ -67,7 +67,16 @@ def env_world_size() -> int:
     return found[1] if found else 1
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+def _is_loopback(address: str) -> bool:
+    """localhost, 127.0.0.0/8 (Debian's 127.0.1.1 for the host's own name included), ::1 or 0.0.0.0."""
+    import ipaddress
+
+    if address.lower() in ("localhost", "0.0.0.0"):
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def _nodes() -> int | None:
@@ -114,8 +123,20 @@ def _mpi_rendezvous(world: int, var: str) -> None:
                           f"install --no-binary mpi4py mpi4py) or uninstall it and export MASTER_ADDR / MASTER_PORT "
                           f"to every rank (mpirun -x).")
     env = os.environ
-    mine = (env.get("MASTER_ADDR") or _own_address(), env.get("MASTER_PORT") or "29500") if comm.Get_rank() == 0 else None
-    env["MASTER_ADDR"], env["MASTER_PORT"] = comm.bcast(mine, root=0)
+    mine = None
+    if comm.Get_rank() == 0:
+        try:
+            mine = (env.get("MASTER_ADDR") or _own_address(), env.get("MASTER_PORT") or "29500")
+        except OSError as e:  # sent as an error: the others are waiting in the bcast
+            mine = ("error", f"rank 0 cannot tell its own address ({type(e).__name__}: {e})")
+    got = comm.bcast(mine, root=0)
+    # nothing later needs MPI; left initialised, mpi4py would finalise it at exit, where a rank that exits on an
+    # error waits for the others (which wait in torch's rendezvous for it) instead of leaving mpirun to end the job
+    MPI.Finalize()
+    if got[0] == "error":
+        raise ConfigError(f"launched by mpirun ({var}={world}): {got[1]}; export MASTER_ADDR (the first node's "
+                          f"address) and MASTER_PORT to every rank (mpirun -x).")
+    env["MASTER_ADDR"], env["MASTER_PORT"] = got
 
 
 def adopt_launcher_env(*, mpi4py: bool = True) -> int | None:
@@ -150,7 +171,7 @@ def adopt_launcher_env(*, mpi4py: bool = True) -> int | None:
             f"hostname> MASTER_PORT=29500{'; mpirun forwards them with -x' if mpi else ''})"
             f"{', or pip install mpi4py (built for your MPI)' if mpi and mpi4py else ''}, or launch with torchrun or the "
             f"deepspeed launcher's default (pdsh) runner.")
-    if env["MASTER_ADDR"] in LOOPBACK and (_nodes() or 1) > 1:
+    if _is_loopback(env["MASTER_ADDR"]) and (_nodes() or 1) > 1:
         raise ConfigError(f"MASTER_ADDR={env['MASTER_ADDR']} is a loopback address, but the {world} processes span "
                           f"several nodes: the other nodes' ranks would wait for it until the timeout. Set "
                           f"MASTER_ADDR to the first node's hostname or address.")

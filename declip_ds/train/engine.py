@@ -346,7 +346,7 @@ class StopRequest:
 
 def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) -> dict:
     """Zero-shot on the configured eval tasks, every rank scoring its shards; the sums are exact."""
-    from declip_ds.eval.zero_shot import NoEvalSamples, evaluate_task_dir, format_table, token_settings
+    from declip_ds.eval.zero_shot import NoEvalSamples, evaluate_task_dir, token_settings
 
     root = Path(exp.eval.data_root or Path(exp.data.synthetic_root) / "eval")
     tok = method.tokenizer()
@@ -376,6 +376,16 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
         method.train()
     # the live (DeepSpeed) module: bf16 / fp16 weights under those precisions, unlike the fp32 model.safetensors
     dtype = str(next(method.model.parameters()).dtype).removeprefix("torch.")
+    with D.errors_shared(group):  # rank 0's logs and files: a failure there (disk full) stops every rank together
+        _report_eval(exp, method, step, logger, run_dir, results, retrieval, dtype)
+    return results
+
+
+def _report_eval(exp: Experiment, method, step: int, logger: Logger, run_dir: Path, results: dict, retrieval: dict,
+                 dtype: str) -> None:
+    """Rank 0: the evaluation's log lines, scalars and eval/*_step_N.json records."""
+    from declip_ds.eval.zero_shot import format_table
+
     if D.rank() == 0 and retrieval:
         log.info("retrieval at step %d:\n%s", step, "\n".join(
             f"{name}: " + "  ".join(f"{k} {100 * v:.2f}" for k, v in r.items() if "@" in k)
@@ -396,7 +406,6 @@ def evaluate(exp: Experiment, method, step: int, logger: Logger, run_dir: Path) 
         record = {"step": step, "config_hash": config_hash(exp), "method": exp.method.name, "dtype": dtype,
                   "results": results}
         (run_dir / "eval" / f"zeroshot_step_{step:08d}.json").write_text(json.dumps(record, indent=2))
-    return results
 
 
 def evaluate_retrieval_sources(exp: Experiment, method, tok, group) -> dict:
@@ -419,8 +428,8 @@ def evaluate_retrieval_sources(exp: Experiment, method, tok, group) -> dict:
                 mask_padding=getattr(method.cfg, "mask_padding", True))
         except Exception as e:  # noqa: BLE001 (only what every rank raised is skipped: the ranks must go on alike)
             # shared by share_error (one rank's unreadable image or out-of-memory while scoring: its own error
-            # there, RankFailed on the others), or a missing / empty source, the same on every rank
-            if not (D.was_shared(e) or isinstance(e, (FileNotFoundError, ValueError))):
+            # there, RankFailed on the others; a missing or empty source); alone, a missing or empty source
+            if not (D.was_shared(e) or (D.world_size() == 1 and isinstance(e, (FileNotFoundError, ValueError)))):
                 raise
             log.warning("retrieval on '%s' skipped: %s: %s", path, type(e).__name__, e)
     return out
@@ -895,7 +904,10 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
         key_log.close()
     if exp.eval.at_end and not preempted:
         results = evaluate(exp, method, step, logger, run_dir)
-    logger.close()
+    # rank 0 flushes TensorBoard / W&B: a failure there reaches every rank, so that either all of them end
+    # normally (and train.py destroys the process group) or none does
+    with D.errors_shared(dist.group.WORLD if world > 1 else None):
+        logger.close()
     return {"last": last, "zeroshot": results, "step": step, "preempted": preempted}
 
 
