@@ -107,16 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)
 
-    from declip_ds.train.dist import eval_ranks
+    from declip_ds.train.dist import run_eval_script
 
-    rank = world = None
-    try:
-        with eval_ranks() as (rank, world, group):  # destroys the process group it made, however this ends
-            return run(args, rank, world, group)
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:  # on every rank (RankFailed on the others)
-        who = f"rank {rank} of {world}: " if world and world > 1 else ""
-        print(f"{who}error: {e}", file=sys.stderr)
-        return 2
+    return run_eval_script(lambda rank, world, group: run(args, rank, world, group))
 
 
 def run(args, rank: int, world: int, group) -> int:

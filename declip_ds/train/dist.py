@@ -409,6 +409,22 @@ def eval_ranks(*, timeout_s: int = EVAL_TIMEOUT_S):
             dist.destroy_process_group()
 
 
+def run_eval_script(work) -> int:
+    """An evaluation script's main: ``work(rank, world, group)`` inside ``eval_ranks`` (the group it made destroyed
+    however it ends); the errors raised on every rank together (a file or data error, RankFailed on the ranks
+    that did not fail) printed with the rank, exit code 2."""
+    import sys
+
+    rank_ = world = None
+    try:
+        with eval_ranks() as (rank_, world, group):
+            return work(rank_, world, group)
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:  # on every rank (RankFailed on the others)
+        who = f"rank {rank_} of {world}: " if world and world > 1 else ""
+        print(f"{who}error: {e}", file=sys.stderr)
+        return 2
+
+
 def one_process_only(what: str) -> bool:
     """For a script that runs in one process (the linear probe, the suite): True on a launcher's rank other than
     0, after saying so; such a rank returns at once, writing nothing, and rank 0 runs the work alone (several
