@@ -233,3 +233,48 @@ def test_the_trainers_evaluation_skips_a_source_on_every_rank_or_on_none(tmp_pat
     assert r0 == r1 == ["b"] and n0 == n1 == 14
     assert done == sorted([["b"], ["r3"]]), done
     assert (failed0, failed1) == ("OSError", "RankFailed")  # rank 0's records cannot be written: both stop
+
+
+def _forward_fails(rank, world):
+    """Zero-shot and retrieval forwards that run out of memory on rank 1 alone (its 2nd image batch); returns the
+    error each rank raised, then proves the ranks are still paired by one more collective."""
+    import torch.distributed as dist
+
+    from declip_ds.eval import retrieval, zero_shot
+    from declip_ds.train import dist as D
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.calls = torch.nn.Linear(3, 4), 0
+
+        def encode_image(self, x):  # (B, 3, H, W) -> (B, 4)
+            self.calls += 1
+            if rank == 1 and self.calls == 2:
+                raise MemoryError("CUDA out of memory (this rank's forward)")
+            return self.proj(x.mean(dim=(2, 3)))
+
+        def encode_text(self, ids):  # (n, L) -> (n, 4)
+            return self.proj(torch.ones(len(ids), 3))
+
+    batches = [(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))] * 3
+    failed = []
+    for run in (lambda: zero_shot.zero_shot_evaluate(Tower(), torch.eye(4)[:, :2], batches, group=dist.group.WORLD,
+                                                      image_size=8),
+                lambda: retrieval.embed(Tower(), lambda caps: torch.zeros(len(caps), 5, dtype=torch.long),
+                                        [(b[0], [["a caption"]] * 2) for b in batches], group=dist.group.WORLD,
+                                        image_size=8)):
+        try:
+            run()
+            failed.append(None)
+        except Exception as e:  # noqa: BLE001
+            failed.append(type(e).__name__)
+    return failed, D.all_reduce_int(7)
+
+
+@pytest.mark.dist
+def test_a_forward_that_fails_on_one_rank_stops_every_rank():
+    """Out of memory in one rank's forward (zero-shot, retrieval embedding) is shared at the next count of the
+    ranks with a batch, where the others are: they used to wait there for the process-group timeout."""
+    (f0, n0), (f1, n1) = run_ranks(_forward_fails, 2, ())
+    assert f0 == ["RankFailed"] * 2 and f1 == ["MemoryError"] * 2 and n0 == n1 == 14

@@ -441,31 +441,35 @@ def _encode_gallery(model, tokenizer, loader, encode_images: Callable, encode_te
     p = next(model.parameters())
     flag_device = p.device if p.device.type == "cuda" else torch.device("cpu")
     images_out, texts_out, owners, n_images = [], [], [], 0
-    it = iter(loader)
+    it, failed = iter(loader), None
     while True:
-        error = None
-        try:
-            batch = next(it, None)
-        except Exception as e:  # noqa: BLE001 (an unreadable image or shard: share_error raises it on every rank)
-            batch, error = None, e
+        error, batch = failed, None
+        if error is None:
+            try:
+                batch = next(it, None)
+            except Exception as e:  # noqa: BLE001 (an unreadable image or shard: share_error raises it on every rank)
+                error = e
         flat = [] if batch is None else [c for caps in batch[1] for c in caps]
         chunks = [flat[s:s + text_batch] for s in range(0, len(flat), text_batch)]
         busy, n_chunks = share_error(error, group, values=[int(batch is not None), len(chunks)],
                                      op=dist.ReduceOp.MAX, tensor_device=flag_device)
         if busy == 0:
             return images_out, texts_out, owners
-        if batch is None:  # out of data while another rank is not
-            encode_images(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
-        else:
-            images, captions = batch[0], batch[1]
-            images_out.append(encode_images(images.to(p.device, p.dtype)))
-            owners += [n_images + i for i, caps in enumerate(captions) for _ in caps]
-            n_images += len(images)
-        for c in range(n_chunks):
-            if c < len(chunks):
-                texts_out.append(encode_texts(tokenizer(chunks[c]).to(p.device)))
+        try:
+            if batch is None:  # out of data while another rank is not
+                encode_images(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
             else:
-                encode_texts(tokenizer([""]).to(p.device))
+                images, captions = batch[0], batch[1]
+                images_out.append(encode_images(images.to(p.device, p.dtype)))
+                owners += [n_images + i for i, caps in enumerate(captions) for _ in caps]
+                n_images += len(images)
+            for c in range(n_chunks):
+                if c < len(chunks):
+                    texts_out.append(encode_texts(tokenizer(chunks[c]).to(p.device)))
+                else:
+                    encode_texts(tokenizer([""]).to(p.device))
+        except Exception as e:  # noqa: BLE001 (out of memory in this rank's forward: shared in the next round's
+            failed = e          # collective, where the others are; a ZeRO-3 forward is itself collective)
 
 
 @torch.no_grad()

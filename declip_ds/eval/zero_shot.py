@@ -141,20 +141,26 @@ def _logits(model, images: torch.Tensor, W) -> torch.Tensor:
 def _synced(loader, group, device):
     """Yield the loader's batches; under a group, keep yielding ``None`` until every rank is done. An error in
     one rank's loader (an unreadable image, a vanished file) is raised on every rank (``RankFailed`` on the
-    others), shared in the collective that counts the ranks with a batch: the others would wait in it."""
+    others), shared in the collective that counts the ranks with a batch: the others would wait in it. An
+    error in the caller's work on a batch (out of memory in its forward), thrown into the generator
+    (``gen.throw``), is shared the same way at the next count."""
     from declip_ds.train.dist import share_error
 
-    it = iter(loader)
+    it, failed = iter(loader), None
     while True:
-        error = None
-        try:
-            batch = next(it, None)
-        except Exception as e:  # noqa: BLE001 (share_error re-raises it)
-            batch, error = None, e
+        error, batch = failed, None
+        if error is None:
+            try:
+                batch = next(it, None)
+            except Exception as e:  # noqa: BLE001 (share_error re-raises it)
+                error = e
         (busy,) = share_error(error, group, values=[int(batch is not None)], tensor_device=device)
         if busy == 0:
             return
-        yield batch
+        try:
+            yield batch
+        except Exception as e:  # noqa: BLE001 (the caller's error on this batch: shared at the next count)
+            failed = e
 
 
 @torch.no_grad()
@@ -170,15 +176,19 @@ def zero_shot_evaluate(model, W: torch.Tensor, loader, *, group=None, image_size
     correct1 = torch.zeros(C, dtype=torch.long, device=dev)
     total = torch.zeros(C, dtype=torch.long, device=dev)
     correct5 = torch.zeros((), dtype=torch.long, device=dev)
-    for batch in _synced(loader, group, dev):
-        if batch is None:  # this rank is out of data; others are not: a throwaway forward through the same
-            # modules as theirs (under ZeRO-3 every module's parameter gather is a collective, FILIP's token
-            # mapping included)
-            size = image_size or getattr(model, "image_size", 224)
-            _logits(model, torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype), W)
-            continue
-        images, labels = batch[0].to(p.device, p.dtype), batch[1].to(dev).long()
-        logits = _logits(model, images, W).to(dev)  # (B, C)
+    batches = _synced(loader, group, dev)
+    for batch in batches:
+        try:
+            if batch is None:  # this rank is out of data; others are not: a throwaway forward through the same
+                # modules as theirs (under ZeRO-3 every module's parameter gather is a collective, FILIP's token
+                # mapping included)
+                size = image_size or getattr(model, "image_size", 224)
+                _logits(model, torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype), W)
+                continue
+            images, labels = batch[0].to(p.device, p.dtype), batch[1].to(dev).long()
+            logits = _logits(model, images, W).to(dev)  # (B, C)
+        except Exception as e:  # noqa: BLE001 (out of memory in this rank's forward: raised on every rank at the
+            batches.throw(e)    # next count, where the others wait; a ZeRO-3 forward is itself collective)
         top = logits.topk(min(5, C), dim=-1).indices  # (B, k)
         hit1 = top[:, 0] == labels
         total += torch.bincount(labels, minlength=C)
