@@ -61,10 +61,7 @@ def env_rank() -> tuple[int, int]:
 
 def env_world_size() -> int:
     """World size announced by the launcher (1 for a plain ``python train.py``), before any init."""
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    found = launcher_ranks()
-    return found[1] if found else 1
+    return env_rank()[1]
 
 
 def _is_loopback(address: str) -> bool:
@@ -139,12 +136,12 @@ def _mpi_rendezvous(world: int, var: str) -> None:
     env["MASTER_ADDR"], env["MASTER_PORT"] = got
 
 
-def adopt_launcher_env(*, mpi4py: bool = True) -> int | None:
+def adopt_launcher_env() -> int | None:
     """Before torch.distributed's init: RANK / WORLD_SIZE / LOCAL_RANK from the launcher. torchrun and the
     deepspeed launcher export them; mpirun and srun export their own (``LAUNCHER_VARS``), which are copied (every
     process would otherwise become a world of one, all on GPU 0, in one output_dir); a plain ``python train.py``
     is a world of one on loopback. The rendezvous address comes from MASTER_ADDR / MASTER_PORT; under mpirun with
-    mpi4py installed (``mpi4py=True``), from rank 0 through MPI (``_mpi_rendezvous``: rank 0's MASTER_ADDR /
+    mpi4py installed, from rank 0 through MPI (``_mpi_rendezvous``: rank 0's MASTER_ADDR /
     MASTER_PORT when it has them, else its address and port 29500), the same on every rank whatever its own
     environment holds (mpirun gives remote ranks only what ``-x`` forwards). Returns the launcher's world size
     when its variables were adopted, else None."""
@@ -160,7 +157,7 @@ def adopt_launcher_env(*, mpi4py: bool = True) -> int | None:
         return None
     rank_, world, local, var = found
     mpi = not var.startswith("SLURM")
-    if mpi and mpi4py:
+    if mpi:
         _mpi_rendezvous(world, var)
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in env]
     if missing:
@@ -169,7 +166,7 @@ def adopt_launcher_env(*, mpi4py: bool = True) -> int | None:
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, so the ranks cannot find each "
             f"other. Export MASTER_ADDR and MASTER_PORT for every rank (e.g. MASTER_ADDR=<the first node's "
             f"hostname> MASTER_PORT=29500{'; mpirun forwards them with -x' if mpi else ''})"
-            f"{', or pip install mpi4py (built for your MPI)' if mpi and mpi4py else ''}, or launch with torchrun or the "
+            f"{', or pip install mpi4py (built for your MPI)' if mpi else ''}, or launch with torchrun or the "
             f"deepspeed launcher's default (pdsh) runner.")
     if _is_loopback(env["MASTER_ADDR"]) and (_nodes() or 1) > 1:
         raise ConfigError(f"MASTER_ADDR={env['MASTER_ADDR']} is a loopback address, but the {world} processes span "
@@ -413,8 +410,6 @@ def run_eval_script(work) -> int:
     """An evaluation script's main: ``work(rank, world, group)`` inside ``eval_ranks`` (the group it made destroyed
     however it ends); the errors raised on every rank together (a file or data error, RankFailed on the ranks
     that did not fail) printed with the rank, exit code 2."""
-    import sys
-
     rank_ = world = None
     try:
         with eval_ranks() as (rank_, world, group):
