@@ -94,5 +94,25 @@ def _stop_loader_workers() -> None:
         child.join(5)
 
 
+def _exit(code: int):
+    """End the process with ``code``. After an error the process group is still alive (``_leave_process_group``
+    destroys it only after a normal end), and gloo's worker threads may still be releasing the last collective's
+    tensors: if that happens while the interpreter shuts down, the thread's call for the GIL aborts the process
+    ("terminate called without an active exception", SIGABRT instead of ``code``; pytorch/pytorch#190489). So
+    then the process leaves without the interpreter's shutdown, once its output is flushed (engine.train has
+    closed the run's TensorBoard and W&B logs by then)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

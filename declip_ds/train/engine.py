@@ -288,11 +288,21 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+    def close(self, exit_code: int = 0) -> None:
+        tb, run, self.tb, self.wandb = self.tb, self.wandb, None, None  # closed once
+        if tb is not None:
+            tb.close()
+        if run is not None:
+            run.finish(exit_code=exit_code)
+
+    def close_after_error(self) -> None:
+        """When the run stops with an error: TensorBoard's buffered events (up to a couple of minutes' worth)
+        are written out and the W&B run is finished as failed; a failure here is logged, never raised over the
+        run's own error."""
+        try:
+            self.close(exit_code=1)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not close the run's logs after the error: %s: %s", type(e).__name__, e)
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -527,6 +537,16 @@ def fresh_start_message(run_dir: Path) -> str:
 
 def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto") -> dict:
     """Train ``exp``; returns the last logged losses and the final zero-shot results."""
+    opened: list[Logger] = []  # the run's logger once made: closed here if the run stops with an error
+    try:
+        return _train(exp, ds_config, resume, opened)
+    except BaseException:
+        for logger in opened:
+            logger.close_after_error()
+        raise
+
+
+def _train(exp: Experiment, ds_config: str | None, resume: str, opened: list) -> dict:
     from declip_ds.data.wds import SAMPLE_SKIP_KINDS, SKIP_KINDS, counted_cursors, read_cursors
 
     # 1. everything that can fail without a process group or a loader
@@ -649,6 +669,7 @@ def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto"
     config_yaml = yaml.safe_dump(to_dict(exp), sort_keys=False)
     data_iter = None  # built in fetch() from (epoch, epoch_batches, cursors, last_stream), where an error is shared
     logger, meter = Logger(exp, run_dir, rank), Meter()
+    opened.append(logger)
     bar = None
     if rank == 0:
         from tqdm import tqdm
