@@ -460,6 +460,37 @@ def test_mpirun_and_srun_ranks_are_adopted(monkeypatch, launcher):
         assert [os.environ[v] for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")] == ["5", "1", "node0", "29611"]
 
 
+def test_a_rank_left_over_in_the_shell_is_named_under_mpirun_or_srun(monkeypatch, capsys):
+    """RANK exported in the user's shell reaches mpirun's ranks on the first node only (which then skip the
+    rendezvous the others wait in) and every srun task: a RANK / WORLD_SIZE other than the launcher's own for the
+    process, with no launcher inside that sets them (torchrun, the deepspeed launcher), is used as it is (a
+    wrapper may set it on purpose) and named in a warning with the fix."""
+    from declip_ds.train import dist as D
+
+    for launcher, triple in (("mpirun", D.LAUNCHER_VARS[0]), ("srun", D.LAUNCHER_VARS[3])):
+        _clear_launch_env(monkeypatch)
+        for var, value in zip(triple, ("2", "8", "2")):
+            monkeypatch.setenv(var, value)
+        monkeypatch.setenv("RANK", "5")
+        assert D.adopt_launcher_env() is None and os.environ["RANK"] == "5"
+        err = capsys.readouterr().err
+        assert (f"warning: RANK=5 is set, but {launcher} made this process rank 2 of 8 ({triple[1]})"
+                in err and f"unset RANK, WORLD_SIZE and LOCAL_RANK before {launcher}" in err), err
+        for consistent in ({"RANK": "2", "WORLD_SIZE": "8"}, {"RANK": "5", "TORCHELASTIC_RUN_ID": "job1"},
+                           {"RANK": "5", "CROSS_RANK": "0"}):
+            for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "CROSS_RANK"):
+                monkeypatch.delenv(var, raising=False)
+            for var, value in consistent.items():
+                monkeypatch.setenv(var, value)
+            assert D.adopt_launcher_env() is None and capsys.readouterr().err == "", consistent
+        monkeypatch.setenv("RANK", "2")
+        monkeypatch.setenv("WORLD_SIZE", "4")  # this rank's number, another world size
+        monkeypatch.delenv("CROSS_RANK")
+        D.adopt_launcher_env()
+        assert "warning: RANK=2 WORLD_SIZE=4 is set, but" in capsys.readouterr().err
+        monkeypatch.delenv("WORLD_SIZE")
+
+
 def test_srun_with_the_pmi2_plugin_keeps_slurms_local_rank(monkeypatch):
     """Slurm's pmi2 plugin (MpiDefault=pmi2 on many clusters) sets PMI_RANK / PMI_SIZE in every task but no
     MPI_LOCALRANKID: the hydra entry matched first and every rank of a node took local rank 0 (GPU 0)."""

@@ -149,6 +149,7 @@ def adopt_launcher_env() -> int | None:
 
     env = os.environ
     if "RANK" in env:
+        _warn_if_rank_disagrees()
         return None
     found = launcher_ranks()
     if found is None or found[1] == 1:
@@ -189,6 +190,32 @@ def adopt_launcher_env() -> int | None:
         local %= torch.cuda.device_count()
     env.update(RANK=str(rank_), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     return world
+
+
+# set by a launcher run inside mpirun's or srun's processes (one per node): torchrun; the deepspeed launcher
+INNER_LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK")
+
+
+def _warn_if_rank_disagrees() -> None:
+    """RANK (or WORLD_SIZE) set, under mpirun or srun, to a value other than the launcher's own for this process,
+    and no launcher inside (torchrun, the deepspeed launcher) that would have set it: most likely left over in the
+    user's shell or job script. mpirun passes it to the ranks on the first node only, so they skip the rendezvous
+    that the others wait in (until the timeout, or for ever inside MPI); srun gives every rank the same one. It is
+    used as it is (a wrapper of the user's own may set it on purpose), with a warning on stderr that names it."""
+    env = os.environ
+    found = launcher_ranks()
+    if found is None or found[1] == 1 or any(v in env for v in INNER_LAUNCHER_VARS):
+        return
+    rank_, world, _, var = found
+    if env["RANK"] == str(rank_) and env.get("WORLD_SIZE", str(world)) == str(world):
+        return
+    launcher = "srun" if var.startswith("SLURM") else "mpirun"
+    print(f"warning: RANK={env['RANK']}" + (f" WORLD_SIZE={env['WORLD_SIZE']}" if "WORLD_SIZE" in env else "")
+          + f" is set, but {launcher} made this process rank {rank_} of {world} ({var}). RANK is used as it is; if it "
+          f"is left over in your shell or job script, unset RANK, WORLD_SIZE and LOCAL_RANK before {launcher}: "
+          + ("the ranks on other nodes do not get it and wait for these in the rendezvous until the timeout."
+             if launcher == "mpirun" else "every rank gets the same one, and the ranks cannot meet."),
+          file=sys.stderr, flush=True)
 
 
 def process_group_timeout_s(data_timeout_minutes: float) -> int:
