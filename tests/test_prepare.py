@@ -353,6 +353,68 @@ def test_shards_count_only_rows_that_reading_accepts(tmp_path):
     assert "input rows ``s * shard_size" not in prep.__doc__
 
 
+# ----------------------------------------------------------------------------- duplicates
+
+
+def test_duplicate_rows_are_counted_and_reported(tmp_path, capsys):
+    _images(tmp_path / "img", 4)
+    rows = [["img/0.jpg", "a cat"], ["img/1.jpg", "a dog"], ["img/0.jpg", "a cat"],  # 2 repeats 0
+            ["img/2.jpg", "a bird"], ["img/1.jpg", ""],  # 4: skipped while reading, not counted
+            ["img/./0.jpg", "a cat"],  # 5 repeats 0: the same file, spelled otherwise
+            ["img/0.jpg", "a black cat"],  # 6: the image of 0 with another caption
+            ["img/3.jpg", "a fish"], ["img/gone.jpg", "gone"], ["img/gone.jpg", "gone"]]  # 9 repeats 8 (missing)
+    table = _write_table(tmp_path / "t.csv", ["filepath", "caption"], rows)
+    out = tmp_path / "out"
+    assert prep.main(["--input", table, "--out", str(out), "--workers", "0", "--shard-size", "3"]) == 0
+    printed = capsys.readouterr().out
+    duplicates = json.loads((out / "prepare.json").read_text())["summary"]["duplicates"]
+    assert duplicates == {"same_image": 4, "same_image_and_caption": 3, "examples": [
+        {"index": 2, "first_index": 0, "source": "img/0.jpg"}, {"index": 5, "first_index": 0, "source": "img/./0.jpg"},
+        {"index": 9, "first_index": 8, "source": "img/gone.jpg"}]}
+    assert ("warning: 3 rows repeat an earlier row's image and caption exactly (e.g. row 2 = row 0, img/0.jpg); "
+            "1 more rows share an image with an earlier row with a different caption (exact repeats weight those "
+            f"samples more; several captions per image is fine). See duplicates in {out / 'prepare.json'}.") in printed
+    # counted, not dropped: every readable row is a sample, in the shards it had before
+    assert _read_back(out) == {f"{i:09d}": rows[i][1] for i in (0, 1, 2, 3, 5, 6, 7)}
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 3, "00002.tar": 1}
+
+
+def test_no_duplicates_and_several_captions_per_image(tmp_path, capsys):
+    _images(tmp_path, 3)
+    table = _write_table(tmp_path / "t.csv", ["filepath", "caption"], [[f"{i}.jpg", f"c{i}"] for i in range(3)])
+    assert prep.main(["--input", table, "--out", str(tmp_path / "out"), "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "prepare.json").read_text())["summary"]
+    assert summary["duplicates"] == {"same_image": 0, "same_image_and_caption": 0, "examples": []}
+    assert "repeat" not in printed and "share an image" not in printed and "warning" not in printed
+    # COCO style: a note, not a warning; the examples are the same-image rows
+    coco = _write_table(tmp_path / "coco.csv", ["filepath", "caption"],
+                        [["0.jpg", "a"], ["0.jpg", "b"], ["1.jpg", "c"], ["0.jpg", "d"], ["1.jpg", "e"]])
+    summary = _run(coco, tmp_path / "coco")
+    assert summary["duplicates"] == {"same_image": 3, "same_image_and_caption": 0, "examples": [
+        {"index": 1, "first_index": 0, "source": "0.jpg"}, {"index": 3, "first_index": 0, "source": "0.jpg"},
+        {"index": 4, "first_index": 2, "source": "1.jpg"}]}
+    line = prep._format_summary(summary, str(tmp_path / "coco")).splitlines()[-1]
+    assert line.startswith("note: 3 rows share an image with an earlier row with a different caption (e.g. row 1 = "
+                           "row 0, 0.jpg) (fine for several captions per image")
+
+
+def test_resume_counts_the_same_duplicates(tmp_path):
+    _images(tmp_path, 3)
+    rows = [["0.jpg", "a"], ["1.jpg", "b"], ["0.jpg", "a"], ["2.jpg", "c"], ["1.jpg", "x"], ["0.jpg", "a"]]
+    table = _write_table(tmp_path / "t.csv", ["filepath", "caption"], rows)
+    first = _run(table, tmp_path / "out", shard_size=2)
+    expected = {"same_image": 3, "same_image_and_caption": 2, "examples": [
+        {"index": 2, "first_index": 0, "source": "0.jpg"}, {"index": 5, "first_index": 0, "source": "0.jpg"}]}
+    assert first["duplicates"] == expected
+    second = _run(table, tmp_path / "out", shard_size=2)
+    assert second["shards_kept"] == 3 and second["duplicates"] == expected
+    (tmp_path / "out" / "00001.tar").unlink()
+    third = _run(table, tmp_path / "out", shard_size=2)
+    assert (third["shards_kept"], third["shards_written"]) == (2, 1) and third["duplicates"] == expected
+    assert json.loads((tmp_path / "out" / "prepare.json").read_text())["summary"]["duplicates"] == expected
+
+
 # ----------------------------------------------------------------------------- resume, errors, determinism
 
 

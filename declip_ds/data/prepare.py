@@ -51,7 +51,7 @@ Output (the layout ``build_train_loader`` reads)::
     DIR/00000.tar ...        <key>.jpg  <key>.txt  <key>.json    key = 9-digit input row index
     DIR/sizes.json           shard basename -> sample count   (written when all shards are done)
     DIR/skipped.jsonl        one line per skipped row: index, source, reason, detail
-    DIR/prepare.json         the arguments, then the summary
+    DIR/prepare.json         the arguments, then the summary (counts, skips, duplicates)
     DIR/.prepare/            per-shard records (count, skips, input hash) for resuming
 
 Shard ``s`` holds rows ``s * shard_size ... (s + 1) * shard_size - 1`` of the rows that
@@ -62,6 +62,17 @@ to skipped.jsonl and take no place, so shard ``s`` need not start at input row
 short. The trainer mixes samples only within a loader worker's shuffle buffer (a few thousand), so shuffle
 a table that is sorted or grouped (by uploader, date, source) first. ``key.json`` holds the source path, the stored and original sizes, whether the image
 was re-encoded and the row's other columns.
+
+Duplicates are counted, not dropped (several captions per image is legitimate, and shards
+keep their rows); the summary's ``duplicates`` holds, over the rows reading accepts (those
+skipped while writing included, table skips not): ``same_image``, rows whose image file (the
+path read: joined to --base-dir, normalised by ``os.path.normpath``, symlinks not followed) an
+earlier row also uses, whatever the captions; ``same_image_and_caption``, those of them that
+also repeat that earlier row's caption exactly (they weight the sample more); ``examples``,
+up to 5 ``{index, first_index, source}`` (row, the first row it repeats, its image path as
+the input names it) of the earliest exact repeats, or of the earliest same-image rows when
+there are none. A rerun that keeps shards reads every row again and counts the same. Rows are
+compared by 8-byte hashes: a collision (chance ~6e-6 at 15M rows) counts one row too many.
 
 Images: a JPEG whose shorter side is at most --resize-shorter (or with --resize-shorter 0,
 the default) and without an EXIF rotation is copied byte for byte after a test decode;
@@ -94,10 +105,13 @@ import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from urllib.parse import unquote_plus
 
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["PREPARE_VERSION", "FORMATS", "SKIP_REASONS", "PrepareError", "prepare", "clean_yfcc_text", "main"]
 
@@ -676,14 +690,17 @@ def _finished(job: _ShardJob) -> dict | None:
     return record
 
 
-def _jobs(rows: Iterable[_Row | _Skip], opts: dict, table_skips: list[dict], progress) -> Iterator[_ShardJob]:
-    """Group rows into shards of shard_size; skips found while reading go to table_skips."""
+def _jobs(rows: Iterable[_Row | _Skip], opts: dict, table_skips: list[dict], duplicates: _Duplicates,
+          progress) -> Iterator[_ShardJob]:
+    """Group rows into shards of shard_size; skips found while reading go to table_skips, the rows
+    it accepts to ``duplicates`` (every row, also under shards a rerun keeps)."""
     shard, chunk = 0, []
     for item in rows:
         if isinstance(item, _Skip):
             table_skips.append(item.record())
             progress.update(1)
             continue
+        duplicates.add(item)
         chunk.append(item)
         if len(chunk) == opts["shard_size"]:
             yield _job(opts, shard, chunk)
@@ -696,6 +713,84 @@ def _job(opts: dict, shard: int, rows: list[_Row]) -> _ShardJob:
     if shard >= 100000:
         raise PrepareError("More than 100,000 shards would not fit 5-digit names; raise --shard-size.")
     return _ShardJob(opts["out"], shard, rows, opts["resize_shorter"], opts["jpeg_quality"], _rows_sha256(rows))
+
+
+class _Duplicates:
+    """Rows (those reading accepts) that repeat an earlier row's image file, or its image and caption.
+
+    Memory: 16 bytes a row (+ up to 1/8 that bytearrays over-allocate), two 8-byte blake2b digests:
+    240 MB at 15M rows, where a set of the path strings would take ~1.5 GB. ``summary`` sorts each
+    once, needing ~16 bytes a row more for a moment (argsort indices and a sorted copy; ~4 s per
+    15M). Hashing costs ~3 us a row in the reading process. Two different paths (or pairs) sharing
+    a digest would count one row too many: the chance is ~n**2 / 2**65, 6e-6 at 15M rows.
+    """
+
+    def __init__(self):
+        self.paths, self.pairs = bytearray(), bytearray()  # row i of the accepted rows: bytes 8*i..8*i+7
+
+    def add(self, row: _Row) -> None:
+        h = hashlib.blake2b(_image_key(row), digest_size=8)
+        self.paths += h.digest()
+        # a path holds no NUL, so path + NUL + caption tells the pairs apart. Folder rows (caption None: read
+        # from the sidecar later) each have their own image and never repeat.
+        h.update(b"\0" + (row.caption or "").encode("utf-8", "surrogatepass"))
+        self.pairs += h.digest()
+
+    def summary(self, opts: dict) -> dict:
+        import numpy as np
+
+        paths, pairs = np.frombuffer(self.paths, dtype="<u8"), np.frombuffer(self.pairs, dtype="<u8")
+        same_image = _repeats(paths)
+        exact = _repeats(pairs) & same_image  # a subset, even were two pairs' digests to collide
+        shown, digests = (exact, pairs) if exact.any() else (same_image, paths)
+        positions = np.flatnonzero(shown)[:5].tolist()
+        firsts = [int(np.argmax(digests == digests[p])) for p in positions]  # argmax: the first True
+        return {"same_image": int(same_image.sum()), "same_image_and_caption": int(exact.sum()),
+                "examples": _duplicate_examples(opts, positions, firsts, paths)}
+
+
+def _image_key(row: _Row) -> bytes:
+    # normpath: img/./a.jpg and img//a.jpg are img/a.jpg (symlinks are not followed: no stat per row)
+    return os.path.normpath(row.path).encode("utf-8", "surrogatepass")
+
+
+def _repeats(digests: np.ndarray) -> np.ndarray:
+    """A boolean array: True where the digest occurred at an earlier position."""
+    import numpy as np
+
+    order = np.argsort(digests, kind="stable")  # stable: equal digests keep their positions' order
+    ordered = digests[order]
+    same = ordered[1:] == ordered[:-1]
+    del ordered
+    repeat = np.zeros(len(digests), dtype=bool)
+    repeat[order[1:][same]] = True
+    return repeat
+
+
+def _duplicate_examples(opts: dict, positions: list[int], firsts: list[int], paths: np.ndarray) -> list[dict]:
+    """{index, first_index, source} of the accepted rows at ``positions`` and of the earlier rows
+    they repeat (at ``firsts``). Rows are kept nowhere, so the input is read again, up to the last
+    of them: little, unless the earliest repeats come late (at worst one more read of the input,
+    no images). A row whose image digest differs now (the input changed during the run) gives no
+    example."""
+    wanted, found = set(positions) | set(firsts), {}
+    if not wanted:
+        return []
+    try:
+        for position, row in enumerate(item for item in _rows(opts) if isinstance(item, _Row)):
+            if position in wanted:
+                found[position] = row
+                if len(found) == len(wanted):
+                    break
+    except (OSError, PrepareError):  # the input went away since: the counts stand without examples
+        return []
+    examples = []
+    for p, first in zip(positions, firsts):
+        rows = [found.get(p), found.get(first)]
+        if all(r is not None and hashlib.blake2b(_image_key(r), digest_size=8).digest() == paths[i].tobytes()
+               for r, i in zip(rows, (p, first))):
+            examples.append({"index": rows[0].index, "first_index": rows[1].index, "source": rows[0].source})
+    return examples
 
 
 class _Progress:
@@ -850,7 +945,8 @@ def _remove_temp_files(out: str) -> None:
                 os.unlink(os.path.join(directory, name))
 
 
-def _finish(opts: dict, records: list[dict], table_skips: list[dict], kept: int, seconds: float) -> dict:
+def _finish(opts: dict, records: list[dict], table_skips: list[dict], duplicates: dict, kept: int,
+            seconds: float) -> dict:
     out = opts["out"]
     sizes = {r["shard"]: r["count"] for r in records}
     stale = sorted(n for n in os.listdir(out) if re.fullmatch(r"\d{5}\.tar", n) and n not in sizes)
@@ -876,6 +972,7 @@ def _finish(opts: dict, records: list[dict], table_skips: list[dict], kept: int,
         "empty_shards": [n for n, c in sizes.items() if c == 0],
         "skipped": len(skipped),
         "skipped_by_reason": dict(sorted(by_reason.items())),
+        "duplicates": duplicates,
         "pattern": os.path.join(out, names[0] if len(names) == 1 else f"{{{names[0][:-4]}..{names[-1][:-4]}}}.tar"),
         "seconds": round(seconds, 2),
     }
@@ -956,12 +1053,13 @@ def prepare(input: str, out: str, *, format: str = "auto", image_col: str | None
             _write_json(os.path.join(opts["out"], "prepare.json"), {"args": _manifest_args(opts)}, indent=1)
         _remove_temp_files(opts["out"])
         table_skips: list[dict] = []
+        duplicates = _Duplicates()
         bar = _Progress(None if opts["format"] == "folder" else _count_rows(opts), progress)
         try:
-            records, kept = _run_jobs(_jobs(rows, opts, table_skips, bar), opts["workers"], bar)
+            records, kept = _run_jobs(_jobs(rows, opts, table_skips, duplicates, bar), opts["workers"], bar)
         finally:
             bar.close()
-        return _finish(opts, records, table_skips, kept, time.perf_counter() - start)
+        return _finish(opts, records, table_skips, duplicates.summary(opts), kept, time.perf_counter() - start)
 
 
 def _format_summary(summary: dict, out: str) -> str:
@@ -976,6 +1074,18 @@ def _format_summary(summary: dict, out: str) -> str:
         lines.append("skipped 0 rows")
     if summary["empty_shards"]:
         lines.append(f"warning: shards without samples (every row skipped): {summary['empty_shards']}")
+    duplicates = summary["duplicates"]
+    exact, other = duplicates["same_image_and_caption"], duplicates["same_image"] - duplicates["same_image_and_caption"]
+    eg = next((f" (e.g. row {x['index']} = row {x['first_index']}, {x['source']})" for x in duplicates["examples"]), "")
+    see = f"See duplicates in {os.path.join(out, 'prepare.json')}."
+    if exact:
+        more = f"; {other} more rows share an image with an earlier row with a different caption" if other else ""
+        lines.append(f"warning: {exact} rows repeat an earlier row's image and caption exactly{eg}{more} (exact "
+                     f"repeats weight those samples more{'; several captions per image is fine' if other else ''}). "
+                     f"{see}")
+    elif other:
+        lines.append(f"note: {other} rows share an image with an earlier row with a different caption{eg} (fine for "
+                     f"several captions per image, as in COCO; otherwise those images weigh more). {see}")
     return "\n".join(lines)
 
 
