@@ -266,3 +266,22 @@ def test_every_rank_passes_over_the_same_recorded_batches(tmp_path):
 
     union = [(0, 3), (0, 7), (1, 2)]
     assert run_ranks(_known_after_agreement, 2, (str(tmp_path),)) == [(union, True), (union, False)]  # rank 0 warns
+
+
+def test_a_test_hook_before_the_process_group_knows_mpiruns_rank(monkeypatch):
+    """Hooks that fire before the process group exists (hide_newest, when --resume auto plans) read the rank the
+    launcher gives: under mpirun / srun that is its own variable (RANK is adopted only later), not rank 0 for all."""
+    from declip_ds.train import guard
+    from declip_ds.train.dist import LAUNCHER_VARS
+
+    for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT", *sum(LAUNCHER_VARS, ())):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in zip(LAUNCHER_VARS[0], ("1", "2", "1")):
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("DECLIP_DS_FAULTS", "hide_newest@4:1")
+    monkeypatch.setattr(guard, "_FIRED", {})
+    monkeypatch.setattr(guard, "_SEEN", {})
+    assert guard.fault("hide_newest", 4) and not guard.fault("hide_newest", 4)  # once, on rank 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    monkeypatch.setattr(guard, "_FIRED", {})
+    assert not guard.fault("hide_newest", 4)

@@ -44,8 +44,9 @@ _SEEN: dict[str, int] = {}
 
 
 def _rank() -> str:
-    """This process's rank, also before the process group exists (the launcher's RANK)."""
-    return str(D.rank()) if dist.is_initialized() else os.environ.get("RANK", "0")
+    """This process's rank, also before the process group exists (the launcher's RANK, or mpirun's / srun's own
+    rank variable before it is adopted)."""
+    return str(D.rank()) if dist.is_initialized() else str(D.env_rank()[0])
 
 
 def fault(kind: str, step: int) -> bool:
