@@ -107,12 +107,37 @@ def _exit(code: int):
         import logging
         import os
 
+        wandb = sys.modules.get("wandb")
+        try:  # a W&B run the trainer does not own (DeepSpeed's monitor: "wandb" in --ds_config) would end unfinished
+            if wandb is not None and getattr(wandb, "run", None) is not None:
+                wandb.finish(exit_code=code)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: could not finish the W&B run: {type(e).__name__}: {e}", file=sys.stderr)
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed or broken pipe: the exit code still counts
+                pass
         os._exit(code)
     sys.exit(code)
 
 
+def _run() -> int:
+    """``main()``'s exit code; Ctrl-C (130) and a SystemExit leave through ``_exit`` too, with the group alive."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        import traceback
+
+        traceback.print_exc()
+        return 130
+    except SystemExit as e:  # sys.exit(code) or sys.exit("message") below main()
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    _exit(main())
+    _exit(_run())

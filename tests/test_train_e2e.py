@@ -267,11 +267,20 @@ def test_the_cli_exits_without_the_interpreters_shutdown_while_a_process_group_i
     """After an error train.py leaves the process group alive (above), and a gloo worker thread that is still
     releasing the last collective's tensors while the interpreter shuts down aborts the process (SIGABRT instead
     of the exit code, seen in 1 of ~12 two-rank runs that stop on a shared error). So the exit code is then
-    given by os._exit, once the output is flushed; with no group (one process, or a normal end) sys.exit."""
+    given by os._exit, once the output is flushed and a W&B run the trainer does not own (DeepSpeed's monitor) is
+    finished; with no group (one process, or a normal end) sys.exit. Ctrl-C and a SystemExit go the same way."""
+    import logging
+    import types
+
     import torch.distributed as dist
 
     sys.path.insert(0, str(ROOT))
     import train
+
+    monkeypatch.setattr(logging, "shutdown", lambda: None)  # the session's own logging stays
+    finished = []
+    foreign = types.SimpleNamespace(run=object(), finish=lambda exit_code: finished.append(exit_code))
+    monkeypatch.setitem(sys.modules, "wandb", foreign)  # a run DeepSpeed's monitor started
 
     class Exited(Exception):
         pass
@@ -287,11 +296,21 @@ def test_the_cli_exits_without_the_interpreters_shutdown_while_a_process_group_i
     print("error: the data failed", file=sys.stderr)
     with pytest.raises(Exited):
         train._exit(2)
-    assert exits == [2] and "error: the data failed" in capsys.readouterr().err
+    assert exits == [2] and finished == [2] and "error: the data failed" in capsys.readouterr().err
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     with pytest.raises(SystemExit) as e:
         train._exit(3)
     assert e.value.code == 3 and exits == [2]
+
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "main", interrupted)
+    assert train._run() == 130
+    for code, expected in ((None, 0), (4, 4), ("stopped: a message", 1)):
+        monkeypatch.setattr(train, "main", lambda argv=None: sys.exit(code))
+        assert train._run() == expected
+    assert "stopped: a message" in capsys.readouterr().err
 
 
 def test_a_run_stopped_by_an_error_finishes_its_wandb_run_as_failed(monkeypatch, tmp_path, caplog):
@@ -312,6 +331,10 @@ def test_a_run_stopped_by_an_error_finishes_its_wandb_run_as_failed(monkeypatch,
             if len(finished) > 1:
                 raise OSError("W&B service unreachable")
 
+    class FullDisk:
+        def close(self):
+            raise OSError(28, "No space left on device")
+
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: Run()))
     exp = load_config(ROOT / "experiments/demo_shapes.yaml", ["train.wandb=true", f"train.output_dir={tmp_path}"])
 
@@ -325,4 +348,10 @@ def test_a_run_stopped_by_an_error_finishes_its_wandb_run_as_failed(monkeypatch,
             engine.train(exp)
         assert finished == expected
     assert "could not close the run's logs after the error: OSError: W&B service unreachable" in caplog.text
+    logger = engine.Logger(exp, tmp_path, 0)  # TensorBoard's write fails: W&B is finished all the same
+    logger.tb.close()
+    logger.tb = FullDisk()
+    finished.clear()
+    logger.close_after_error()
+    assert finished == [1] and "OSError: [Errno 28] No space left on device" in caplog.text
 

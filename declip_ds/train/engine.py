@@ -290,10 +290,12 @@ class Logger:
 
     def close(self, exit_code: int = 0) -> None:
         tb, run, self.tb, self.wandb = self.tb, self.wandb, None, None  # closed once
-        if tb is not None:
-            tb.close()
-        if run is not None:
-            run.finish(exit_code=exit_code)
+        try:
+            if tb is not None:
+                tb.close()
+        finally:  # W&B finished even when TensorBoard's write fails (disk full)
+            if run is not None:
+                run.finish(exit_code=exit_code)
 
     def close_after_error(self) -> None:
         """When the run stops with an error: TensorBoard's buffered events (up to a couple of minutes' worth)
@@ -668,7 +670,9 @@ def _train(exp: Experiment, ds_config: str | None, resume: str, opened: list) ->
     # 5. steps
     config_yaml = yaml.safe_dump(to_dict(exp), sort_keys=False)
     data_iter = None  # built in fetch() from (epoch, epoch_batches, cursors, last_stream), where an error is shared
-    logger, meter = Logger(exp, run_dir, rank), Meter()
+    with D.errors_shared(group):  # rank 0's wandb.init failing stops every rank
+        logger = Logger(exp, run_dir, rank)
+    meter = Meter()
     opened.append(logger)
     bar = None
     if rank == 0:
