@@ -464,7 +464,8 @@ def test_a_rank_left_over_in_the_shell_is_named_under_mpirun_or_srun(monkeypatch
     """RANK exported in the user's shell reaches mpirun's ranks on the first node only (which then skip the
     rendezvous the others wait in) and every srun task: a RANK / WORLD_SIZE other than the launcher's own for the
     process, with no launcher inside that sets them (torchrun, the deepspeed launcher), is used as it is (a
-    wrapper may set it on purpose) and named in a warning with the fix."""
+    wrapper may set it on purpose) and named in a warning with the fix. A RANK that agrees, without WORLD_SIZE /
+    LOCAL_RANK, takes those from the launcher."""
     from declip_ds.train import dist as D
 
     for launcher, triple in (("mpirun", D.LAUNCHER_VARS[0]), ("srun", D.LAUNCHER_VARS[3])):
@@ -476,9 +477,9 @@ def test_a_rank_left_over_in_the_shell_is_named_under_mpirun_or_srun(monkeypatch
         err = capsys.readouterr().err
         assert (f"warning: RANK=5 is set, but {launcher} made this process rank 2 of 8 ({triple[1]})"
                 in err and f"unset RANK, WORLD_SIZE and LOCAL_RANK before {launcher}" in err), err
-        for consistent in ({"RANK": "2", "WORLD_SIZE": "8"}, {"RANK": "5", "TORCHELASTIC_RUN_ID": "job1"},
-                           {"RANK": "5", "CROSS_RANK": "0"}):
-            for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "CROSS_RANK"):
+        for consistent in ({"RANK": "2", "WORLD_SIZE": "8", "LOCAL_RANK": "2"},
+                           {"RANK": "5", "TORCHELASTIC_RUN_ID": "job1"}, {"RANK": "5", "CROSS_RANK": "0"}):
+            for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "CROSS_RANK"):
                 monkeypatch.delenv(var, raising=False)
             for var, value in consistent.items():
                 monkeypatch.setenv(var, value)
@@ -489,6 +490,12 @@ def test_a_rank_left_over_in_the_shell_is_named_under_mpirun_or_srun(monkeypatch
         D.adopt_launcher_env()
         assert "warning: RANK=2 WORLD_SIZE=4 is set, but" in capsys.readouterr().err
         monkeypatch.delenv("WORLD_SIZE")
+        # RANK=$SLURM_PROCID from a wrapper, nothing else: the launcher's world size and local rank fill in the rest
+        monkeypatch.setenv("MASTER_ADDR", "node1")
+        monkeypatch.setenv("MASTER_PORT", "29500")
+        _mpi4py(monkeypatch, False)
+        assert D.adopt_launcher_env() == 8 and capsys.readouterr().err == ""
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("2", "8", "2")
 
 
 def test_srun_with_the_pmi2_plugin_keeps_slurms_local_rank(monkeypatch):

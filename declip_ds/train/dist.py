@@ -148,10 +148,15 @@ def adopt_launcher_env() -> int | None:
     from declip_ds.config import ConfigError
 
     env = os.environ
+    found = launcher_ranks()
     if "RANK" in env:
         _warn_if_rank_disagrees()
-        return None
-    found = launcher_ranks()
+        agrees = (found is not None and found[1] > 1 and env["RANK"] == str(found[0])
+                  and env.get("WORLD_SIZE", str(found[1])) == str(found[1]))
+        if not (agrees and ("WORLD_SIZE" not in env or "LOCAL_RANK" not in env)):
+            return None
+        # RANK=$SLURM_PROCID set by a wrapper without WORLD_SIZE / LOCAL_RANK: the launcher's fill them in (else
+        # DeepSpeed's init falls back to its MPI discovery, which needs mpi4py)
     if found is None or found[1] == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
@@ -211,11 +216,10 @@ def _warn_if_rank_disagrees() -> None:
         return
     launcher = "srun" if var.startswith("SLURM") else "mpirun"
     print(f"warning: RANK={env['RANK']}" + (f" WORLD_SIZE={env['WORLD_SIZE']}" if "WORLD_SIZE" in env else "")
-          + f" is set, but {launcher} made this process rank {rank_} of {world} ({var}). RANK is used as it is; if it "
-          f"is left over in your shell or job script, unset RANK, WORLD_SIZE and LOCAL_RANK before {launcher}: "
-          + ("the ranks on other nodes do not get it and wait for these in the rendezvous until the timeout."
-             if launcher == "mpirun" else "every rank gets the same one, and the ranks cannot meet."),
-          file=sys.stderr, flush=True)
+          + f" is set, but {launcher} made this process rank {rank_} of {world} ({var}). RANK is taken instead of the "
+          f"launcher's rank; if it is left over in your shell or job script, unset RANK, WORLD_SIZE and LOCAL_RANK "
+          f"before {launcher}: the ranks that inherit it do not take their own places, and the rendezvous waits "
+          f"until the timeout.", file=sys.stderr, flush=True)
 
 
 def process_group_timeout_s(data_timeout_minutes: float) -> int:
