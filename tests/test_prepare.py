@@ -372,8 +372,9 @@ def test_duplicate_rows_are_counted_and_reported(tmp_path, capsys):
         {"index": 2, "first_index": 0, "source": "img/0.jpg"}, {"index": 5, "first_index": 0, "source": "img/./0.jpg"},
         {"index": 9, "first_index": 8, "source": "img/gone.jpg"}]}
     assert ("warning: 3 rows repeat an earlier row's image and caption exactly (e.g. row 2 = row 0, img/0.jpg); "
-            "1 more rows share an image with an earlier row with a different caption (exact repeats weight those "
-            f"samples more; several captions per image is fine). See duplicates in {out / 'prepare.json'}.") in printed
+            "1 more row shares an image with an earlier row, with another caption. Exact repeats are trained on more "
+            f"often than the rest; several captions per image is fine. See duplicates in {out / 'prepare.json'}."
+            ) in printed
     # counted, not dropped: every readable row is a sample, in the shards it had before
     assert _read_back(out) == {f"{i:09d}": rows[i][1] for i in (0, 1, 2, 3, 5, 6, 7)}
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 3, "00002.tar": 1}
@@ -395,8 +396,8 @@ def test_no_duplicates_and_several_captions_per_image(tmp_path, capsys):
         {"index": 1, "first_index": 0, "source": "0.jpg"}, {"index": 3, "first_index": 0, "source": "0.jpg"},
         {"index": 4, "first_index": 2, "source": "1.jpg"}]}
     line = prep._format_summary(summary, str(tmp_path / "coco")).splitlines()[-1]
-    assert line.startswith("note: 3 rows share an image with an earlier row with a different caption (e.g. row 1 = "
-                           "row 0, 0.jpg) (fine for several captions per image")
+    assert line.startswith("note: 3 rows share an image with an earlier row, with another caption (e.g. row 1 = "
+                           "row 0, 0.jpg): fine for several captions per image")
 
 
 def test_resume_counts_the_same_duplicates(tmp_path):
@@ -413,6 +414,41 @@ def test_resume_counts_the_same_duplicates(tmp_path):
     third = _run(table, tmp_path / "out", shard_size=2)
     assert (third["shards_kept"], third["shards_written"]) == (2, 1) and third["duplicates"] == expected
     assert json.loads((tmp_path / "out" / "prepare.json").read_text())["summary"]["duplicates"] == expected
+
+
+
+def test_duplicate_examples_never_cost_the_shards_or_the_counts(tmp_path, monkeypatch):
+    """The examples re-read the input after the shards are written: an input that changed meanwhile (a caption
+    edited: no longer an exact repeat) gives no example for that row, and one that cannot be read again (a JSON
+    error, pyarrow's ArrowInvalid: ValueErrors) gives none at all; sizes.json and the counts are written all the
+    same."""
+    _images(tmp_path, 2)
+    rows = [["0.jpg", "a"], ["1.jpg", "b"], ["0.jpg", "a"], ["1.jpg", "b"]]
+    table = _write_table(tmp_path / "t.csv", ["filepath", "caption"], rows)
+    reads, real_rows = [], prep._rows
+
+    def rows_then_edited(opts):
+        reads.append(1)
+        for item in real_rows(opts):
+            if len(reads) > 1 and getattr(item, "index", None) == 3:  # row 3's caption, read again, differs
+                item = prep._Row(item.index, item.source, item.path, "b, edited", item.caption_file, item.meta)
+            yield item
+
+    monkeypatch.setattr(prep, "_rows", rows_then_edited)
+    summary = _run(table, tmp_path / "edited")
+    assert summary["duplicates"] == {"same_image": 2, "same_image_and_caption": 2,
+                                     "examples": [{"index": 2, "first_index": 0, "source": "0.jpg"}]}
+
+    def unreadable_the_second_time(opts):
+        reads.append(1)
+        if len(reads) > 3:
+            raise ValueError("Expecting value: line 1 column 1 (char 0)")
+        yield from real_rows(opts)
+
+    monkeypatch.setattr(prep, "_rows", unreadable_the_second_time)
+    summary = _run(table, tmp_path / "gone")
+    assert summary["duplicates"] == {"same_image": 2, "same_image_and_caption": 2, "examples": []}
+    assert json.loads((tmp_path / "gone" / "sizes.json").read_text()) == {"00000.tar": 4}
 
 
 # ----------------------------------------------------------------------------- resume, errors, determinism

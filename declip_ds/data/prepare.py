@@ -720,8 +720,8 @@ class _Duplicates:
 
     Memory: 16 bytes a row (+ up to 1/8 that bytearrays over-allocate), two 8-byte blake2b digests:
     240 MB at 15M rows, where a set of the path strings would take ~1.5 GB. ``summary`` sorts each
-    once, needing ~16 bytes a row more for a moment (argsort indices and a sorted copy; ~4 s per
-    15M). Hashing costs ~3 us a row in the reading process. Two different paths (or pairs) sharing
+    once, needing ~18 bytes a row more for a moment (int64 argsort indices, a sorted copy, two boolean
+    masks; 8 more per duplicate; ~4 s per 15M). Hashing costs ~2-3 us a row in the reading process. Two different paths (or pairs) sharing
     a digest would count one row too many: the chance is ~n**2 / 2**65, 6e-6 at 15M rows.
     """
 
@@ -729,14 +729,11 @@ class _Duplicates:
         self.paths, self.pairs = bytearray(), bytearray()  # row i of the accepted rows: bytes 8*i..8*i+7
 
     def add(self, row: _Row) -> None:
-        h = hashlib.blake2b(_image_key(row), digest_size=8)
-        self.paths += h.digest()
-        # a path holds no NUL, so path + NUL + caption tells the pairs apart. Folder rows (caption None: read
-        # from the sidecar later) each have their own image and never repeat.
-        h.update(b"\0" + (row.caption or "").encode("utf-8", "surrogatepass"))
-        self.pairs += h.digest()
+        path, pair = _digests(row)
+        self.paths += path
+        self.pairs += pair
 
-    def summary(self, opts: dict) -> dict:
+    def summary(self, opts: dict, progress: bool = False) -> dict:
         import numpy as np
 
         paths, pairs = np.frombuffer(self.paths, dtype="<u8"), np.frombuffer(self.pairs, dtype="<u8")
@@ -744,14 +741,23 @@ class _Duplicates:
         exact = _repeats(pairs) & same_image  # a subset, even were two pairs' digests to collide
         shown, digests = (exact, pairs) if exact.any() else (same_image, paths)
         positions = np.flatnonzero(shown)[:5].tolist()
+        if positions and progress:
+            print(f"{int(same_image.sum())} rows repeat an earlier row's image: reading the input again for a few "
+                  f"examples", file=sys.stderr, flush=True)
         firsts = [int(np.argmax(digests == digests[p])) for p in positions]  # argmax: the first True
         return {"same_image": int(same_image.sum()), "same_image_and_caption": int(exact.sum()),
-                "examples": _duplicate_examples(opts, positions, firsts, paths)}
+                "examples": _duplicate_examples(opts, positions, firsts, digests, exact.any())}
 
 
-def _image_key(row: _Row) -> bytes:
+def _digests(row: _Row) -> tuple[bytes, bytes]:
+    """8-byte digests of the row's image file and of (image file, caption)."""
     # normpath: img/./a.jpg and img//a.jpg are img/a.jpg (symlinks are not followed: no stat per row)
-    return os.path.normpath(row.path).encode("utf-8", "surrogatepass")
+    h = hashlib.blake2b(os.path.normpath(row.path).encode("utf-8", "surrogatepass"), digest_size=8)
+    path = h.digest()
+    # a path holds no NUL, so path + NUL + caption tells the pairs apart. Folder rows (caption None: read
+    # from the sidecar later) each have their own image and never repeat.
+    h.update(b"\0" + (row.caption or "").encode("utf-8", "surrogatepass"))
+    return path, h.digest()
 
 
 def _repeats(digests: np.ndarray) -> np.ndarray:
@@ -767,12 +773,14 @@ def _repeats(digests: np.ndarray) -> np.ndarray:
     return repeat
 
 
-def _duplicate_examples(opts: dict, positions: list[int], firsts: list[int], paths: np.ndarray) -> list[dict]:
+def _duplicate_examples(opts: dict, positions: list[int], firsts: list[int], digests: np.ndarray,
+                        exact: bool) -> list[dict]:
     """{index, first_index, source} of the accepted rows at ``positions`` and of the earlier rows
-    they repeat (at ``firsts``). Rows are kept nowhere, so the input is read again, up to the last
-    of them: little, unless the earliest repeats come late (at worst one more read of the input,
-    no images). A row whose image digest differs now (the input changed during the run) gives no
-    example."""
+    they repeat (at ``firsts``); ``digests`` are the pair digests if ``exact``, else the image ones.
+    Rows are kept nowhere, so the input is read again, up to the last of them: little, unless the
+    earliest repeats come late (at worst one more read of the input, no images). A row whose digest
+    differs now (the input changed during the run) gives no example; an input that cannot be read
+    again gives none at all (the counts stand)."""
     wanted, found = set(positions) | set(firsts), {}
     if not wanted:
         return []
@@ -782,13 +790,12 @@ def _duplicate_examples(opts: dict, positions: list[int], firsts: list[int], pat
                 found[position] = row
                 if len(found) == len(wanted):
                     break
-    except (OSError, PrepareError):  # the input went away since: the counts stand without examples
+    except Exception:  # noqa: BLE001 (gone or changed since: JSONDecodeError, ArrowInvalid...; examples are extra)
         return []
     examples = []
     for p, first in zip(positions, firsts):
         rows = [found.get(p), found.get(first)]
-        if all(r is not None and hashlib.blake2b(_image_key(r), digest_size=8).digest() == paths[i].tobytes()
-               for r, i in zip(rows, (p, first))):
+        if all(r is not None and _digests(r)[int(exact)] == digests[i].tobytes() for r, i in zip(rows, (p, first))):
             examples.append({"index": rows[0].index, "first_index": rows[1].index, "source": rows[0].source})
     return examples
 
@@ -945,14 +952,15 @@ def _remove_temp_files(out: str) -> None:
                 os.unlink(os.path.join(directory, name))
 
 
-def _finish(opts: dict, records: list[dict], table_skips: list[dict], duplicates: dict, kept: int,
-            seconds: float) -> dict:
+def _finish(opts: dict, records: list[dict], table_skips: list[dict], duplicates: _Duplicates, kept: int,
+            start: float, progress: bool) -> dict:
     out = opts["out"]
     sizes = {r["shard"]: r["count"] for r in records}
     stale = sorted(n for n in os.listdir(out) if re.fullmatch(r"\d{5}\.tar", n) and n not in sizes)
     if stale:
         raise PrepareError(f"{out} holds shards beyond the {len(sizes)} this input makes ({stale[:3]}...): the input "
                            "has fewer rows than when they were written. Use a new --out, or delete the directory.")
+    repeats = duplicates.summary(opts, progress)
     skipped = sorted(table_skips + [s for r in records for s in r["skipped"]], key=lambda s: s["index"])
     with open(os.path.join(out, "skipped.jsonl.tmp"), "w", encoding="utf-8") as f:
         for s in skipped:
@@ -972,9 +980,9 @@ def _finish(opts: dict, records: list[dict], table_skips: list[dict], duplicates
         "empty_shards": [n for n, c in sizes.items() if c == 0],
         "skipped": len(skipped),
         "skipped_by_reason": dict(sorted(by_reason.items())),
-        "duplicates": duplicates,
+        "duplicates": repeats,
         "pattern": os.path.join(out, names[0] if len(names) == 1 else f"{{{names[0][:-4]}..{names[-1][:-4]}}}.tar"),
-        "seconds": round(seconds, 2),
+        "seconds": round(time.perf_counter() - start, 2),
     }
     _write_json(os.path.join(out, "prepare.json"), {"args": _manifest_args(opts), "summary": summary}, indent=1)
     return summary
@@ -1059,7 +1067,7 @@ def prepare(input: str, out: str, *, format: str = "auto", image_col: str | None
             records, kept = _run_jobs(_jobs(rows, opts, table_skips, duplicates, bar), opts["workers"], bar)
         finally:
             bar.close()
-        return _finish(opts, records, table_skips, duplicates.summary(opts), kept, time.perf_counter() - start)
+        return _finish(opts, records, table_skips, duplicates, kept, start, progress)
 
 
 def _format_summary(summary: dict, out: str) -> str:
@@ -1078,14 +1086,19 @@ def _format_summary(summary: dict, out: str) -> str:
     exact, other = duplicates["same_image_and_caption"], duplicates["same_image"] - duplicates["same_image_and_caption"]
     eg = next((f" (e.g. row {x['index']} = row {x['first_index']}, {x['source']})" for x in duplicates["examples"]), "")
     see = f"See duplicates in {os.path.join(out, 'prepare.json')}."
+    def count(n: int, one: str, many: str) -> str:
+        return f"{n} {one if n == 1 else many}"
+
     if exact:
-        more = f"; {other} more rows share an image with an earlier row with a different caption" if other else ""
-        lines.append(f"warning: {exact} rows repeat an earlier row's image and caption exactly{eg}{more} (exact "
-                     f"repeats weight those samples more{'; several captions per image is fine' if other else ''}). "
-                     f"{see}")
+        more = (f"; {count(other, 'more row shares', 'more rows share')} an image with an earlier row, with another "
+                f"caption" if other else "")
+        lines.append(f"warning: {count(exact, 'row repeats', 'rows repeat')} an earlier row's image and caption "
+                     f"exactly{eg}{more}. Exact repeats are trained on more often than the rest"
+                     f"{'; several captions per image is fine' if other else ''}. {see}")
     elif other:
-        lines.append(f"note: {other} rows share an image with an earlier row with a different caption{eg} (fine for "
-                     f"several captions per image, as in COCO; otherwise those images weigh more). {see}")
+        lines.append(f"note: {count(other, 'row shares', 'rows share')} an image with an earlier row, with another "
+                     f"caption{eg}: fine for several captions per image, as in COCO; otherwise those images are "
+                     f"trained on more often. {see}")
     return "\n".join(lines)
 
 
