@@ -461,41 +461,45 @@ def test_mpirun_and_srun_ranks_are_adopted(monkeypatch, launcher):
 
 
 def test_a_rank_left_over_in_the_shell_is_named_under_mpirun_or_srun(monkeypatch, capsys):
-    """RANK exported in the user's shell reaches mpirun's ranks on the first node only (which then skip the
-    rendezvous the others wait in) and every srun task: a RANK / WORLD_SIZE other than the launcher's own for the
-    process, with no launcher inside that sets them (torchrun, the deepspeed launcher), is used as it is (a
-    wrapper may set it on purpose) and named in a warning with the fix. A RANK that agrees, without WORLD_SIZE /
-    LOCAL_RANK, takes those from the launcher."""
+    """RANK exported in the user's shell reaches mpirun's ranks on the first node (over ssh) or every rank (hydra,
+    srun). Alone (no WORLD_SIZE / LOCAL_RANK) it gives way to the launcher's rank on every rank, named in a
+    warning: whether a rank adopts the launcher's values depends only on which variables are set, never on their
+    values, so all ranks take one path (a RANK equal to one rank's own number once sent that rank alone into the
+    MPI rendezvous while the others waited in DeepSpeed's MPI discovery). With all three set (a wrapper may set
+    them on purpose) they are used as they are, with a warning when they differ from the launcher's; torchrun or
+    the deepspeed launcher inside sets them itself."""
     from declip_ds.train import dist as D
 
-    for launcher, triple in (("mpirun", D.LAUNCHER_VARS[0]), ("srun", D.LAUNCHER_VARS[3])):
+    def fresh(triple, rank, **values):
         _clear_launch_env(monkeypatch)
-        for var, value in zip(triple, ("2", "8", "2")):
+        for var in ("TORCHELASTIC_RUN_ID", "CROSS_RANK"):
+            monkeypatch.delenv(var, raising=False)
+        for var, value in zip(triple, (str(rank), "4", str(rank))):
             monkeypatch.setenv(var, value)
-        monkeypatch.setenv("RANK", "5")
+        for var, value in {"MASTER_ADDR": "node1", "MASTER_PORT": "29500", **values}.items():
+            monkeypatch.setenv(var, value)
+
+    _mpi4py(monkeypatch, False)
+    for launcher, triple in (("mpirun", D.LAUNCHER_VARS[0]), ("mpirun", D.LAUNCHER_VARS[2]),
+                             ("srun", D.LAUNCHER_VARS[3])):
+        for rank in range(4):  # RANK=0 left in the shell: every rank adopts its own
+            fresh(triple, rank, RANK="0")
+            assert D.adopt_launcher_env() == 4, (launcher, rank)
+            assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == (str(rank), "4", str(rank))
+            err = capsys.readouterr().err
+            assert (f"warning: RANK=0 is set without WORLD_SIZE / LOCAL_RANK; the launcher's rank {rank} of 4 "
+                    f"({triple[1]}) is used instead" in err) == (rank != 0), err
+        # all three set and different from the launcher's: used as they are, named
+        fresh(triple, 2, RANK="5", WORLD_SIZE="8", LOCAL_RANK="1")
         assert D.adopt_launcher_env() is None and os.environ["RANK"] == "5"
         err = capsys.readouterr().err
-        assert (f"warning: RANK=5 is set, but {launcher} made this process rank 2 of 8 ({triple[1]})"
-                in err and f"unset RANK, WORLD_SIZE and LOCAL_RANK before {launcher}" in err), err
-        for consistent in ({"RANK": "2", "WORLD_SIZE": "8", "LOCAL_RANK": "2"},
-                           {"RANK": "5", "TORCHELASTIC_RUN_ID": "job1"}, {"RANK": "5", "CROSS_RANK": "0"}):
-            for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "CROSS_RANK"):
-                monkeypatch.delenv(var, raising=False)
-            for var, value in consistent.items():
-                monkeypatch.setenv(var, value)
-            assert D.adopt_launcher_env() is None and capsys.readouterr().err == "", consistent
-        monkeypatch.setenv("RANK", "2")
-        monkeypatch.setenv("WORLD_SIZE", "4")  # this rank's number, another world size
-        monkeypatch.delenv("CROSS_RANK")
-        D.adopt_launcher_env()
-        assert "warning: RANK=2 WORLD_SIZE=4 is set, but" in capsys.readouterr().err
-        monkeypatch.delenv("WORLD_SIZE")
-        # RANK=$SLURM_PROCID from a wrapper, nothing else: the launcher's world size and local rank fill in the rest
-        monkeypatch.setenv("MASTER_ADDR", "node1")
-        monkeypatch.setenv("MASTER_PORT", "29500")
-        _mpi4py(monkeypatch, False)
-        assert D.adopt_launcher_env() == 8 and capsys.readouterr().err == ""
-        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("2", "8", "2")
+        assert (f"warning: RANK=5 WORLD_SIZE=8 is set, but {launcher} made this process rank 2 of 4 ({triple[1]})" in err
+                and f"unset RANK, WORLD_SIZE and LOCAL_RANK before {launcher}" in err), err
+        for same_path in ({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2"},  # what the launcher says
+                          {"RANK": "5", "TORCHELASTIC_RUN_ID": "job1"}, {"RANK": "5", "CROSS_RANK": "0"}):
+            fresh(triple, 2, **same_path)
+            assert D.adopt_launcher_env() is None and os.environ["RANK"] == same_path["RANK"]
+            assert capsys.readouterr().err == "", same_path
 
 
 def test_srun_with_the_pmi2_plugin_keeps_slurms_local_rank(monkeypatch):

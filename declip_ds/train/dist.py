@@ -150,13 +150,17 @@ def adopt_launcher_env() -> int | None:
     env = os.environ
     found = launcher_ranks()
     if "RANK" in env:
-        _warn_if_rank_disagrees()
-        agrees = (found is not None and found[1] > 1 and env["RANK"] == str(found[0])
-                  and env.get("WORLD_SIZE", str(found[1])) == str(found[1]))
-        if not (agrees and ("WORLD_SIZE" not in env or "LOCAL_RANK" not in env)):
+        multi = found is not None and found[1] > 1 and not any(v in env for v in INNER_LAUNCHER_VARS)
+        if not multi or ("WORLD_SIZE" in env and "LOCAL_RANK" in env):
+            _warn_if_rank_disagrees()
             return None
-        # RANK=$SLURM_PROCID set by a wrapper without WORLD_SIZE / LOCAL_RANK: the launcher's fill them in (else
-        # DeepSpeed's init falls back to its MPI discovery, which needs mpi4py)
+        # under mpirun / srun, RANK without WORLD_SIZE or LOCAL_RANK (a wrapper's RANK=$SLURM_PROCID, or RANK left
+        # in the shell): every rank takes the launcher's values, whatever RANK says, so that all of them take one
+        # path (DeepSpeed's init would otherwise replace them through its MPI discovery, which needs mpi4py)
+        if env["RANK"] != str(found[0]):
+            print(f"warning: RANK={env['RANK']} is set without WORLD_SIZE / LOCAL_RANK; the launcher's rank {found[0]} "
+                  f"of {found[1]} ({found[3]}) is used instead. Unset RANK before the launcher if it is left over in "
+                  f"your shell or job script.", file=sys.stderr, flush=True)
     if found is None or found[1] == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
@@ -202,11 +206,12 @@ INNER_LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK")
 
 
 def _warn_if_rank_disagrees() -> None:
-    """RANK (or WORLD_SIZE) set, under mpirun or srun, to a value other than the launcher's own for this process,
-    and no launcher inside (torchrun, the deepspeed launcher) that would have set it: most likely left over in the
-    user's shell or job script. mpirun passes it to the ranks on the first node only, so they skip the rendezvous
-    that the others wait in (until the timeout, or for ever inside MPI); srun gives every rank the same one. It is
-    used as it is (a wrapper of the user's own may set it on purpose), with a warning on stderr that names it."""
+    """RANK / WORLD_SIZE / LOCAL_RANK all set, under mpirun or srun, with a RANK (or WORLD_SIZE) other than the
+    launcher's own for this process, and no launcher inside (torchrun, the deepspeed launcher) that would have set
+    them: most likely left over in the user's shell or job script. Ranks that inherit them (mpirun over ssh: the
+    first node's; hydra, srun: every rank) do not take their own places, and the rendezvous waits (until the
+    timeout, or for ever inside MPI). They are used as they are (a wrapper of the user's own may set them on
+    purpose), with a warning on stderr that names them."""
     env = os.environ
     found = launcher_ranks()
     if found is None or found[1] == 1 or any(v in env for v in INNER_LAUNCHER_VARS):
@@ -219,7 +224,7 @@ def _warn_if_rank_disagrees() -> None:
           + f" is set, but {launcher} made this process rank {rank_} of {world} ({var}). RANK is taken instead of the "
           f"launcher's rank; if it is left over in your shell or job script, unset RANK, WORLD_SIZE and LOCAL_RANK "
           f"before {launcher}: the ranks that inherit it do not take their own places, and the rendezvous waits "
-          f"until the timeout.", file=sys.stderr, flush=True)
+          f"for ever or until the timeout.", file=sys.stderr, flush=True)
 
 
 def process_group_timeout_s(data_timeout_minutes: float) -> int:
