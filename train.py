@@ -101,9 +101,8 @@ def _exit(code: int):
     ("terminate called without an active exception", SIGABRT instead of ``code``; pytorch/pytorch#190489). So
     then the process leaves without the interpreter's shutdown, once its output is flushed (engine.train has
     closed the run's TensorBoard and W&B logs by then)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # not imported: no group (and Ctrl-C mid-import must not import it)
+    if dist is not None and dist.is_available() and dist.is_initialized():
         import logging
         import os
 

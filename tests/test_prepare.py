@@ -416,7 +416,6 @@ def test_resume_counts_the_same_duplicates(tmp_path):
     assert json.loads((tmp_path / "out" / "prepare.json").read_text())["summary"]["duplicates"] == expected
 
 
-
 def test_duplicate_examples_never_cost_the_shards_or_the_counts(tmp_path, monkeypatch):
     """The examples re-read the input after the shards are written: an input that changed meanwhile (a caption
     edited: no longer an exact repeat) gives no example for that row, and one that cannot be read again (a JSON

@@ -110,6 +110,17 @@ def test_config_error_exits_before_training(tmp_path, shapes):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_output_dir_that_cannot_be_made_is_named(tmp_path, shapes):
+    """train.output_dir that rank 0 cannot create or lock (read-only, below a file, a full disk) stops the run
+    before training with exit 2 naming it, on every rank (shared in the lock's gather, where the other ranks wait
+    for rank 0), instead of a traceback on rank 0 alone."""
+    (tmp_path / "a_file").write_text("")
+    run_dir = tmp_path / "a_file" / "run"
+    rc, out = run(train_cmd(run_dir, shapes, "train.steps=2"), tmp_path, timeout=120)
+    assert rc == 2 and f"error: cannot create or lock train.output_dir {run_dir}: " in out, out[-3000:]
+    assert "Give the run a directory this job can write to (train.output_dir=...)" in out and "Traceback" not in out
+
+
 def test_data_errors_exit_2_with_their_own_message(tmp_path, shapes):
     """An error raised in a DataLoader worker (no usable sample in a non-tar shard) exits 2 with its own
     message, not torch's worker traceback, and without the 30 s the workers would outlive the exit; too few

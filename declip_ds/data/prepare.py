@@ -742,8 +742,9 @@ class _Duplicates:
         shown, digests = (exact, pairs) if exact.any() else (same_image, paths)
         positions = np.flatnonzero(shown)[:5].tolist()
         if positions and progress:
-            print(f"{int(same_image.sum())} rows repeat an earlier row's image: reading the input again for a few "
-                  f"examples", file=sys.stderr, flush=True)
+            n = int(same_image.sum())
+            print(f"{n} {'row repeats' if n == 1 else 'rows repeat'} an earlier row's image: reading the input again "
+                  f"for a few examples", file=sys.stderr, flush=True)
         firsts = [int(np.argmax(digests == digests[p])) for p in positions]  # argmax: the first True
         return {"same_image": int(same_image.sum()), "same_image_and_caption": int(exact.sum()),
                 "examples": _duplicate_examples(opts, positions, firsts, digests, exact.any())}
@@ -1086,6 +1087,7 @@ def _format_summary(summary: dict, out: str) -> str:
     exact, other = duplicates["same_image_and_caption"], duplicates["same_image"] - duplicates["same_image_and_caption"]
     eg = next((f" (e.g. row {x['index']} = row {x['first_index']}, {x['source']})" for x in duplicates["examples"]), "")
     see = f"See duplicates in {os.path.join(out, 'prepare.json')}."
+
     def count(n: int, one: str, many: str) -> str:
         return f"{n} {one if n == 1 else many}"
 

@@ -273,7 +273,11 @@ class Logger:
         if exp.train.wandb:
             import wandb
 
-            self.wandb = wandb.init(project=exp.train.wandb_project, dir=str(run_dir), config=to_dict(exp))
+            try:
+                self.wandb = wandb.init(project=exp.train.wandb_project, dir=str(run_dir), config=to_dict(exp))
+            except BaseException:
+                self.tb.close()
+                raise
 
     def scalars(self, values: dict, step: int) -> None:
         """TensorBoard, wandb, and one JSON line per call in ``metrics.jsonl`` (exact float reprs,
@@ -566,7 +570,13 @@ def _train(exp: Experiment, ds_config: str | None, resume: str, opened: list) ->
     rank, world = D.init_distributed(D.process_group_timeout_s(exp.data.timeout_minutes))
     setup_logging(rank)
     run_dir = Path(exp.train.output_dir)
-    busy = C.lock_run_dir(run_dir) if rank == 0 else None  # first: another training there may be saving
+    busy = None
+    if rank == 0:  # first: another training there may be saving
+        try:
+            busy = C.lock_run_dir(run_dir)
+        except OSError as e:  # read-only, not a directory, no space: every rank stops with it, not rank 0 alone
+            busy = (f"cannot create or lock train.output_dir {run_dir}: {e}. Give the run a directory this job can "
+                    f"write to (train.output_dir=...).")
     busy = next((e for e in D.gather_objects(busy) if e), None)
     if busy:
         raise C.CheckpointError(busy)
@@ -575,8 +585,9 @@ def _train(exp: Experiment, ds_config: str | None, resume: str, opened: list) ->
 
     from declip_ds.registry import get_method
 
-    if rank == 0:
-        save_config(exp, run_dir / "config.yaml")
+    with D.errors_shared(dist.group.WORLD if world > 1 else None):  # rank 0's write failing stops every rank
+        if rank == 0:
+            save_config(exp, run_dir / "config.yaml")
     if sources is None:
         sources = synthetic_sources(exp)
 
