@@ -102,7 +102,8 @@ def _exit(code: int):
     then the process leaves without the interpreter's shutdown, once its output is flushed (engine.train has
     closed the run's TensorBoard and W&B logs by then)."""
     dist = sys.modules.get("torch.distributed")  # not imported: no group (and Ctrl-C mid-import must not import it)
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    alive = getattr(dist, "is_initialized", None)  # None also for a module whose import Ctrl-C cut short
+    if alive is not None and dist.is_available() and alive():
         import logging
         import os
 

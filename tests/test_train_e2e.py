@@ -111,7 +111,8 @@ def test_config_error_exits_before_training(tmp_path, shapes):
 
 
 def test_an_output_dir_that_cannot_be_made_is_named(tmp_path, shapes):
-    """train.output_dir that rank 0 cannot create or lock (read-only, below a file, a full disk) stops the run
+    """train.output_dir that rank 0 cannot create or lock (read-only, below a file), or a config.yaml it cannot
+    write (a full disk), stops the run
     before training with exit 2 naming it, on every rank (shared in the lock's gather, where the other ranks wait
     for rank 0), instead of a traceback on rank 0 alone."""
     (tmp_path / "a_file").write_text("")
@@ -119,6 +120,10 @@ def test_an_output_dir_that_cannot_be_made_is_named(tmp_path, shapes):
     rc, out = run(train_cmd(run_dir, shapes, "train.steps=2"), tmp_path, timeout=120)
     assert rc == 2 and f"error: cannot create or lock train.output_dir {run_dir}: " in out, out[-3000:]
     assert "Give the run a directory this job can write to (train.output_dir=...)" in out and "Traceback" not in out
+    (tmp_path / "run" / "config.yaml").mkdir(parents=True)  # config.yaml cannot be written (as on a full disk)
+    rc, out = run(train_cmd(tmp_path / "run", shapes, "train.steps=2"), tmp_path, timeout=120)
+    assert rc == 2 and f"error: cannot write {tmp_path / 'run' / 'config.yaml'}: " in out, out[-3000:]
+    assert "Traceback" not in out
 
 
 def test_data_errors_exit_2_with_their_own_message(tmp_path, shapes):

@@ -487,8 +487,15 @@ def test_a_rank_left_over_in_the_shell_is_named_under_mpirun_or_srun(monkeypatch
             assert D.adopt_launcher_env() == 4, (launcher, rank)
             assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == (str(rank), "4", str(rank))
             err = capsys.readouterr().err
-            assert (f"warning: RANK=0 is set without WORLD_SIZE / LOCAL_RANK; the launcher's rank {rank} of 4 "
-                    f"({triple[1]}) is used instead" in err) == (rank != 0), err
+            assert (f"warning: RANK=0 is set without WORLD_SIZE / LOCAL_RANK; the launcher made this process rank "
+                    f"{rank} of 4 ({triple[1]}), which is used instead" in err) == (rank != 0), err
+        # a WORLD_SIZE left over too: the DeepSpeed config and the resume plan, made before the adoption, see the
+        # launcher's world size as the run will (they used 8, then the run had 4 ranks)
+        fresh(triple, 1, RANK="1", WORLD_SIZE="8")
+        assert D.env_rank() == (1, 4) and D.env_world_size() == 4
+        assert D.adopt_launcher_env() == 4 and os.environ["WORLD_SIZE"] == "4"
+        assert "warning: RANK=1 WORLD_SIZE=8 is set without LOCAL_RANK; the launcher made this process rank 1 of 4" \
+            in capsys.readouterr().err
         # all three set and different from the launcher's: used as they are, named
         fresh(triple, 2, RANK="5", WORLD_SIZE="8", LOCAL_RANK="1")
         assert D.adopt_launcher_env() is None and os.environ["RANK"] == "5"

@@ -50,12 +50,24 @@ def launcher_ranks() -> tuple[int, int, int | None, str] | None:
     return partial
 
 
+def _adopts(found) -> bool:
+    """Whether ``adopt_launcher_env`` takes mpirun's / srun's values (``found``: ``launcher_ranks()``): under a
+    launcher of several ranks with no torchrun / deepspeed launcher inside (``INNER_LAUNCHER_VARS``), unless
+    RANK, WORLD_SIZE and LOCAL_RANK are all set. It depends on which variables are set, never on their values,
+    so that every rank of a launch decides alike (and DeepSpeed's init would replace an incomplete set itself)."""
+    env = os.environ
+    return (found is not None and found[1] > 1 and not any(v in env for v in INNER_LAUNCHER_VARS)
+            and not all(v in env for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")))
+
+
 def env_rank() -> tuple[int, int]:
-    """(rank, world size) announced by the launcher (RANK / WORLD_SIZE, else mpirun's or srun's own variables),
-    before any init; (0, 1) for a plain process."""
+    """(rank, world size) announced by the launcher (RANK / WORLD_SIZE, else mpirun's or srun's own variables,
+    as ``adopt_launcher_env`` will take them), before any init; (0, 1) for a plain process."""
+    found = launcher_ranks()
+    if _adopts(found):
+        return found[0], found[1]
     if "WORLD_SIZE" in os.environ:
         return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
-    found = launcher_ranks()
     return (found[0], found[1]) if found else (0, 1)
 
 
@@ -149,18 +161,18 @@ def adopt_launcher_env() -> int | None:
 
     env = os.environ
     found = launcher_ranks()
-    if "RANK" in env:
-        multi = found is not None and found[1] > 1 and not any(v in env for v in INNER_LAUNCHER_VARS)
-        if not multi or ("WORLD_SIZE" in env and "LOCAL_RANK" in env):
-            _warn_if_rank_disagrees()
-            return None
-        # under mpirun / srun, RANK without WORLD_SIZE or LOCAL_RANK (a wrapper's RANK=$SLURM_PROCID, or RANK left
-        # in the shell): every rank takes the launcher's values, whatever RANK says, so that all of them take one
-        # path (DeepSpeed's init would otherwise replace them through its MPI discovery, which needs mpi4py)
-        if env["RANK"] != str(found[0]):
-            print(f"warning: RANK={env['RANK']} is set without WORLD_SIZE / LOCAL_RANK; the launcher's rank {found[0]} "
-                  f"of {found[1]} ({found[3]}) is used instead. Unset RANK before the launcher if it is left over in "
-                  f"your shell or job script.", file=sys.stderr, flush=True)
+    adopts = _adopts(found)
+    if "RANK" in env and not adopts:
+        _warn_if_rank_disagrees()
+        return None
+    if adopts:  # some of RANK / WORLD_SIZE / LOCAL_RANK set (a wrapper's RANK=$SLURM_PROCID, or left in the shell)
+        if any(v in env and env[v] != str(x) for v, x in (("RANK", found[0]), ("WORLD_SIZE", found[1]))):
+            given = " ".join(f"{v}={env[v]}" for v in ("RANK", "WORLD_SIZE") if v in env)
+            missing = " / ".join(v for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if v not in env)
+            print(f"warning: {given} is set without {missing}; "
+                  f"the launcher made this process rank {found[0]} of {found[1]} ({found[3]}), which is used instead. "
+                  f"Unset them before the launcher if they are left over in your shell or job script.",
+                  file=sys.stderr, flush=True)
     if found is None or found[1] == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))

@@ -585,9 +585,15 @@ def _train(exp: Experiment, ds_config: str | None, resume: str, opened: list) ->
 
     from declip_ds.registry import get_method
 
-    with D.errors_shared(dist.group.WORLD if world > 1 else None):  # rank 0's write failing stops every rank
-        if rank == 0:
+    failed = None
+    if rank == 0:
+        try:
             save_config(exp, run_dir / "config.yaml")
+        except OSError as e:  # a full disk: every rank stops with it (exit 2), not rank 0 alone
+            failed = f"cannot write {run_dir / 'config.yaml'}: {e}. Free space in train.output_dir or choose another."
+    failed = next((e for e in D.gather_objects(failed) if e), None)
+    if failed:
+        raise C.CheckpointError(failed)
     if sources is None:
         sources = synthetic_sources(exp)
 
