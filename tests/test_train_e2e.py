@@ -112,9 +112,8 @@ def test_config_error_exits_before_training(tmp_path, shapes):
 
 def test_an_output_dir_that_cannot_be_made_is_named(tmp_path, shapes):
     """train.output_dir that rank 0 cannot create or lock (read-only, below a file), or a config.yaml it cannot
-    write (a full disk), stops the run
-    before training with exit 2 naming it, on every rank (shared in the lock's gather, where the other ranks wait
-    for rank 0), instead of a traceback on rank 0 alone."""
+    write (a full disk), stops the run before training with exit 2 naming it, on every rank (shared in a gather,
+    where the other ranks wait for rank 0), instead of a traceback on rank 0 alone."""
     (tmp_path / "a_file").write_text("")
     run_dir = tmp_path / "a_file" / "run"
     rc, out = run(train_cmd(run_dir, shapes, "train.steps=2"), tmp_path, timeout=120)

@@ -509,6 +509,24 @@ def test_a_rank_left_over_in_the_shell_is_named_under_mpirun_or_srun(monkeypatch
             assert capsys.readouterr().err == "", same_path
 
 
+def test_a_rank_left_over_without_a_launcher(monkeypatch, capsys):
+    """RANK left in the shell of a plain ``python train.py`` (no launcher, no WORLD_SIZE / LOCAL_RANK): DeepSpeed's
+    init would look for a launcher through MPI (mpi4py missing: a traceback); it runs as a world of one, with a
+    warning."""
+    from declip_ds.train import dist as D
+
+    _clear_launch_env(monkeypatch)
+    monkeypatch.setenv("RANK", "3")
+    assert D.adopt_launcher_env() is None and D.env_rank() == (0, 1)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
+    assert "warning: RANK=3 is set without WORLD_SIZE / LOCAL_RANK, and no launcher started this process: it runs " \
+        "as a world of one" in capsys.readouterr().err
+    _clear_launch_env(monkeypatch)
+    for var, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "node1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(var, value)  # a launch of one's own (the evaluation scripts need no LOCAL_RANK): as it is
+    assert D.adopt_launcher_env() is None and os.environ["RANK"] == "3" and capsys.readouterr().err == ""
+
+
 def test_srun_with_the_pmi2_plugin_keeps_slurms_local_rank(monkeypatch):
     """Slurm's pmi2 plugin (MpiDefault=pmi2 on many clusters) sets PMI_RANK / PMI_SIZE in every task but no
     MPI_LOCALRANKID: the hydra entry matched first and every rank of a node took local rank 0 (GPU 0)."""

@@ -163,8 +163,18 @@ def adopt_launcher_env() -> int | None:
     found = launcher_ranks()
     adopts = _adopts(found)
     if "RANK" in env and not adopts:
-        _warn_if_rank_disagrees()
-        return None
+        incomplete = [v for v in ("WORLD_SIZE", "LOCAL_RANK") if v not in env]
+        if ((found is None or found[1] == 1) and incomplete and int(env.get("WORLD_SIZE", "1")) == 1
+                and not any(v in env for v in INNER_LAUNCHER_VARS) and not dist.is_initialized()):
+            # no launcher started this process: DeepSpeed's init would look for one through MPI (mpi4py)
+            print(f"warning: RANK={env['RANK']} is set without {' / '.join(incomplete)}, and no launcher started this "
+                  f"process: it runs as a world of one. Unset RANK if it is left over in your shell.",
+                  file=sys.stderr, flush=True)
+            for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+                env.pop(v, None)
+        else:
+            _warn_if_rank_disagrees()
+            return None
     if adopts:  # some of RANK / WORLD_SIZE / LOCAL_RANK set (a wrapper's RANK=$SLURM_PROCID, or left in the shell)
         if any(v in env and env[v] != str(x) for v, x in (("RANK", found[0]), ("WORLD_SIZE", found[1]))):
             given = " ".join(f"{v}={env[v]}" for v in ("RANK", "WORLD_SIZE") if v in env)
