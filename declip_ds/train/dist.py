@@ -50,14 +50,17 @@ def launcher_ranks() -> tuple[int, int, int | None, str] | None:
     return partial
 
 
+def _under_launcher(found) -> bool:
+    """``found`` (``launcher_ranks()``) is mpirun's or srun's launch of several ranks, with no torchrun / deepspeed
+    launcher inside (``INNER_LAUNCHER_VARS``) that sets RANK / WORLD_SIZE / LOCAL_RANK itself."""
+    return found is not None and found[1] > 1 and not any(v in os.environ for v in INNER_LAUNCHER_VARS)
+
+
 def _adopts(found) -> bool:
-    """Whether ``adopt_launcher_env`` takes mpirun's / srun's values (``found``: ``launcher_ranks()``): under a
-    launcher of several ranks with no torchrun / deepspeed launcher inside (``INNER_LAUNCHER_VARS``), unless
-    RANK, WORLD_SIZE and LOCAL_RANK are all set. It depends on which variables are set, never on their values,
-    so that every rank of a launch decides alike (and DeepSpeed's init would replace an incomplete set itself)."""
-    env = os.environ
-    return (found is not None and found[1] > 1 and not any(v in env for v in INNER_LAUNCHER_VARS)
-            and not all(v in env for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")))
+    """Whether ``adopt_launcher_env`` takes mpirun's / srun's values: under such a launcher, unless RANK,
+    WORLD_SIZE and LOCAL_RANK are all set. It depends on which variables are set, never on their values, so that
+    every rank of a launch decides alike (and DeepSpeed's init would replace an incomplete set itself)."""
+    return _under_launcher(found) and not all(v in os.environ for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 def env_rank() -> tuple[int, int]:
@@ -173,16 +176,11 @@ def adopt_launcher_env() -> int | None:
             for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
                 env.pop(v, None)
         else:
-            _warn_if_rank_disagrees()
+            if _under_launcher(found):  # all three set
+                _warn_if_rank_differs(found, adopted=False)
             return None
     if adopts:  # some of RANK / WORLD_SIZE / LOCAL_RANK set (a wrapper's RANK=$SLURM_PROCID, or left in the shell)
-        if any(v in env and env[v] != str(x) for v, x in (("RANK", found[0]), ("WORLD_SIZE", found[1]))):
-            given = " ".join(f"{v}={env[v]}" for v in ("RANK", "WORLD_SIZE") if v in env)
-            missing = " / ".join(v for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if v not in env)
-            print(f"warning: {given} is set without {missing}; "
-                  f"the launcher made this process rank {found[0]} of {found[1]} ({found[3]}), which is used instead. "
-                  f"Unset them before the launcher if they are left over in your shell or job script.",
-                  file=sys.stderr, flush=True)
+        _warn_if_rank_differs(found, adopted=True)
     if found is None or found[1] == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
@@ -227,26 +225,29 @@ def adopt_launcher_env() -> int | None:
 INNER_LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK")
 
 
-def _warn_if_rank_disagrees() -> None:
-    """RANK / WORLD_SIZE / LOCAL_RANK all set, under mpirun or srun, with a RANK (or WORLD_SIZE) other than the
-    launcher's own for this process, and no launcher inside (torchrun, the deepspeed launcher) that would have set
-    them: most likely left over in the user's shell or job script. Ranks that inherit them (mpirun over ssh: the
-    first node's; hydra, srun: every rank) do not take their own places, and the rendezvous waits (until the
-    timeout, or for ever inside MPI). They are used as they are (a wrapper of the user's own may set them on
-    purpose), with a warning on stderr that names them."""
+def _warn_if_rank_differs(found, *, adopted: bool) -> None:
+    """Under mpirun / srun (``found``), a RANK or WORLD_SIZE set to a value other than the launcher's own for this
+    process is most likely left over in the user's shell or job script. Named in a warning on stderr, with what
+    happens: ``adopted`` (the set was incomplete), the launcher's values replace it; else (RANK, WORLD_SIZE and
+    LOCAL_RANK all set: a wrapper of the user's own may set them on purpose) they are used as they are, and ranks
+    that inherited them (mpirun over ssh: the first node's; hydra, srun: every rank) do not take their own places,
+    so the rendezvous waits (until the timeout, or for ever inside MPI)."""
     env = os.environ
-    found = launcher_ranks()
-    if found is None or found[1] == 1 or any(v in env for v in INNER_LAUNCHER_VARS):
-        return
     rank_, world, _, var = found
-    if env["RANK"] == str(rank_) and env.get("WORLD_SIZE", str(world)) == str(world):
+    if not any(v in env and env[v] != str(x) for v, x in (("RANK", rank_), ("WORLD_SIZE", world))):
         return
+    given = " ".join(f"{v}={env[v]}" for v in ("RANK", "WORLD_SIZE") if v in env)
     launcher = "srun" if var.startswith("SLURM") else "mpirun"
-    print(f"warning: RANK={env['RANK']}" + (f" WORLD_SIZE={env['WORLD_SIZE']}" if "WORLD_SIZE" in env else "")
-          + f" is set, but {launcher} made this process rank {rank_} of {world} ({var}). RANK is taken instead of the "
-          f"launcher's rank; if it is left over in your shell or job script, unset RANK, WORLD_SIZE and LOCAL_RANK "
-          f"before {launcher}: the ranks that inherit it do not take their own places, and the rendezvous waits "
-          f"for ever or until the timeout.", file=sys.stderr, flush=True)
+    if adopted:
+        missing = " / ".join(v for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if v not in env)
+        what = (f"is set without {missing}; the launcher made this process rank {rank_} of {world} ({var}), which is "
+                f"used instead. Unset them before the launcher if they are left over in your shell or job script.")
+    else:
+        what = (f"is set, but {launcher} made this process rank {rank_} of {world} ({var}). RANK is taken instead of "
+                f"the launcher's rank; if it is left over in your shell or job script, unset RANK, WORLD_SIZE and "
+                f"LOCAL_RANK before {launcher}: the ranks that inherit it do not take their own places, and the "
+                f"rendezvous waits for ever or until the timeout.")
+    print(f"warning: {given} {what}", file=sys.stderr, flush=True)
 
 
 def process_group_timeout_s(data_timeout_minutes: float) -> int:
