@@ -541,6 +541,14 @@ def fresh_start_message(run_dir: Path) -> str:
 # ----------------------------------------------------------------------------- the run
 
 
+def _on_rank_0(rank: int, work) -> None:
+    """Collective: ``work()`` on rank 0 alone (the run directory's files), which returns an error message or None;
+    every rank raises a CheckpointError with it (exit 2), rather than rank 0 alone while the others wait."""
+    error = next((e for e in D.gather_objects(work() if rank == 0 else None) if e), None)
+    if error:
+        raise C.CheckpointError(error)
+
+
 def train(exp: Experiment, *, ds_config: str | None = None, resume: str = "auto") -> dict:
     """Train ``exp``; returns the last logged losses and the final zero-shot results."""
     opened: list[Logger] = []  # the run's logger once made: closed here if the run stops with an error
@@ -570,30 +578,27 @@ def _train(exp: Experiment, ds_config: str | None, resume: str, opened: list) ->
     rank, world = D.init_distributed(D.process_group_timeout_s(exp.data.timeout_minutes))
     setup_logging(rank)
     run_dir = Path(exp.train.output_dir)
-    busy = None
-    if rank == 0:  # first: another training there may be saving
+    def lock() -> str | None:  # first: another training there may be saving
         try:
-            busy = C.lock_run_dir(run_dir)
-        except OSError as e:  # read-only, not a directory, no space: every rank stops with it, not rank 0 alone
-            busy = (f"cannot create or lock train.output_dir {run_dir}: {e}. Give the run a directory this job can "
+            return C.lock_run_dir(run_dir)
+        except OSError as e:  # read-only, not a directory, no space
+            return (f"cannot create or lock train.output_dir {run_dir}: {e}. Give the run a directory this job can "
                     f"write to (train.output_dir=...).")
-    busy = next((e for e in D.gather_objects(busy) if e), None)
-    if busy:
-        raise C.CheckpointError(busy)
+
+    def write_config() -> str | None:
+        try:
+            save_config(exp, run_dir / "config.yaml")
+        except OSError as e:  # a full disk
+            return f"cannot write {run_dir / 'config.yaml'}: {e}. Free space in train.output_dir or choose another."
+        return None
+
+    _on_rank_0(rank, lock)
     C.agree_on_target(target)  # before a rank without one builds a model and trains from step 0 alone
     import deepspeed
 
     from declip_ds.registry import get_method
 
-    failed = None
-    if rank == 0:
-        try:
-            save_config(exp, run_dir / "config.yaml")
-        except OSError as e:  # a full disk: every rank stops with it (exit 2), not rank 0 alone
-            failed = f"cannot write {run_dir / 'config.yaml'}: {e}. Free space in train.output_dir or choose another."
-    failed = next((e for e in D.gather_objects(failed) if e), None)
-    if failed:
-        raise C.CheckpointError(failed)
+    _on_rank_0(rank, write_config)
     if sources is None:
         sources = synthetic_sources(exp)
 
