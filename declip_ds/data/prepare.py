@@ -721,8 +721,9 @@ class _Duplicates:
     Memory: 16 bytes a row (+ up to 1/8 that bytearrays over-allocate), two 8-byte blake2b digests:
     240 MB at 15M rows, where a set of the path strings would take ~1.5 GB. ``summary`` sorts each
     once, needing ~18 bytes a row more for a moment (int64 argsort indices, a sorted copy, two boolean
-    masks; 8 more per duplicate; ~4 s per 15M). Hashing costs ~2-3 us a row in the reading process. Two different paths (or pairs) sharing
-    a digest would count one row too many: the chance is ~n**2 / 2**65, 6e-6 at 15M rows.
+    masks; 8 more per duplicate; ~4 s per 15M). Hashing costs ~2-3 us a row in the reading process.
+    Two different paths (or pairs) sharing a digest would count one row too many: the chance is
+    ~n**2 / 2**65, 6e-6 at 15M rows.
     """
 
     def __init__(self):
@@ -739,14 +740,14 @@ class _Duplicates:
         paths, pairs = np.frombuffer(self.paths, dtype="<u8"), np.frombuffer(self.pairs, dtype="<u8")
         same_image = _repeats(paths)
         exact = _repeats(pairs) & same_image  # a subset, even were two pairs' digests to collide
+        n = int(same_image.sum())
         shown, digests = (exact, pairs) if exact.any() else (same_image, paths)
         positions = np.flatnonzero(shown)[:5].tolist()
         if positions and progress:
-            n = int(same_image.sum())
             print(f"{n} {'row repeats' if n == 1 else 'rows repeat'} an earlier row's image: reading the input again "
                   f"for a few examples", file=sys.stderr, flush=True)
         firsts = [int(np.argmax(digests == digests[p])) for p in positions]  # argmax: the first True
-        return {"same_image": int(same_image.sum()), "same_image_and_caption": int(exact.sum()),
+        return {"same_image": n, "same_image_and_caption": int(exact.sum()),
                 "examples": _duplicate_examples(opts, positions, firsts, digests, exact.any())}
 
 
